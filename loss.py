@@ -195,6 +195,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
+# torch.compile runs this eagerly (one graph break): the rows to compute depend on the labels' values,
+# which dynamo cannot trace, and tracing around that would unroll and recompile the chunk loop per
+# number of chunks. The work is in the matmuls, which compiling would not speed up.
+@torch.compiler.disable
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=None):
     """F.cross_entropy(hidden @ weight.T, labels, ignore_index=ignore_index) without the full logits.
 
