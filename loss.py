@@ -187,7 +187,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        # The gradients are already computed for grad_loss = 1; scale them (e.g. by lm_weight).
+        # The gradients were computed for grad_loss = 1: hand them over as they are (no second [V, H]
+        # copy at the peak), or scale them, e.g. by lm_weight.
+        if grad_loss.item() == 1.0:
+            return grad_hidden, grad_weight, None, None, None, None, None
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
