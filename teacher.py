@@ -236,8 +236,9 @@ def _last_lines(text, n):
     return lines[-n:]
 
 
-def parse_annotation(text, json_mode=False):
-    """(score of Assistant 1, score of Assistant 2) from an annotate reply."""
+def parse_annotation(text, json_mode=False, answers=()):
+    """(score of Assistant 1, score of Assistant 2) from an annotate reply. With `answers`, final score
+    lines copied verbatim from an answer (a teacher fooled into echoing it) are a failure too."""
     if json_mode:
         obj = _json_object(text)
         if "assistant_1" not in obj or "assistant_2" not in obj:
@@ -247,6 +248,8 @@ def parse_annotation(text, json_mode=False):
     s1, s2 = _anchored(line_1, r"assistant\s*1"), _anchored(line_2, r"assistant\s*2")
     if s1 is None or s2 is None:
         raise ParseError("no_score", "last two lines are not 'Assistant 1: <score>' / 'Assistant 2: <score>'")
+    if any(re.search(rf"{re.escape(line_1)}\s*\n\s*{re.escape(line_2)}", a) for a in answers):
+        raise ParseError("echoed_scores", "the score lines are copied from an answer")
     return s1, s2
 
 
@@ -858,7 +861,8 @@ class Run:
             text = annotate_prompt(question, x, y, self.json_mode, tie_reask)
             body = self.body(cfg.teacher_model, [{"role": "user", "content": text}], cfg.annotate_temperature,
                              cfg.annotate_max_tokens, purpose=f"{order}:{text}", json_mode=self.json_mode)
-            s1, s2 = _parsed("annotate", parse_annotation, self.ask("annotate", self.teacher, body), self.json_mode)
+            reply = self.ask("annotate", self.teacher, body)
+            s1, s2 = _parsed("annotate", parse_annotation, reply, self.json_mode, (a, b))
             scores[order] = {"a": s1, "b": s2} if order == "a_first" else {"a": s2, "b": s1}
         return scores
 
