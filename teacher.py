@@ -556,10 +556,10 @@ class Client:
     """One OpenAI-compatible endpoint: bounded concurrency, rate limits, retries with backoff and jitter."""
 
     def __init__(self, url, api_key="", workers=8, limiter=None, timeout=120.0, max_retries=5,
-                 backoff_base=1.0, backoff_max=60.0, max_tokens_param="auto"):
+                 backoff_base=1.0, backoff_max=60.0, max_tokens_param="auto", slots=None):
         self.url, self.api_key, self.timeout = chat_url(url), api_key, timeout
         self.max_retries, self.backoff_base, self.backoff_max = max_retries, backoff_base, backoff_max
-        self.slots = threading.BoundedSemaphore(workers)
+        self.slots = slots or threading.BoundedSemaphore(workers)  # share one across clients for one bound
         self.limiter = limiter or RateLimiter()
         if max_tokens_param == "auto":
             max_tokens_param = "max_completion_tokens" if "api.openai.com" in url else "max_tokens"
@@ -587,17 +587,19 @@ class Client:
             wait, raw = None, ""
             try:
                 with self.slots:
-                    r = self._session().post(self.url, json=self._body(body), headers=headers, timeout=self.timeout)
+                    r = self._session().post(self.url, json=self._body(body), headers=headers, timeout=self.timeout,
+                                             stream=True)
+                    text = _read_body(r, time.monotonic() + self.timeout)
             except requests.Timeout:
                 reason = "timeout"
             except requests.RequestException as e:
                 reason, raw = "connection_error", str(e)[:500]
             else:
-                raw = r.text[:2000]
+                raw = text[:2000]
                 if r.status_code == 200:
                     try:  # a broken body is worth another try
-                        data = r.json()
-                    except ValueError:
+                        data = json.loads(text)
+                    except (ValueError, RecursionError):
                         reason = "not_json"
                     else:
                         try:
@@ -623,6 +625,25 @@ class Client:
             time.sleep(wait)
 
 
+MAX_BODY = 32 << 20
+
+
+def _read_body(r, deadline):
+    """The response text, read under one overall deadline and size cap (a server may drip or flood)."""
+    chunks, size = [], 0
+    try:
+        for chunk in r.iter_content(1 << 16):
+            chunks.append(chunk)
+            size += len(chunk)
+            if time.monotonic() > deadline:
+                raise requests.Timeout("reply body too slow")
+            if size > MAX_BODY:
+                raise requests.RequestException(f"reply body over {MAX_BODY} bytes")
+    finally:
+        r.close()
+    return b"".join(chunks).decode(r.encoding or "utf-8", errors="replace")
+
+
 def parse_completion(data):
     """A chat.completion body -> Reply; ValueError(reason) if it has no usable choice."""
     if not isinstance(data, dict):
@@ -631,6 +652,8 @@ def parse_completion(data):
     if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
         raise ValueError("error_body" if "error" in data else "no_choices")
     message = choices[0].get("message") or {}
+    if not isinstance(message, dict):
+        raise ValueError("no_choices")
     content = message.get("content")
     if isinstance(content, list):
         content = message_text(message)
@@ -733,11 +756,11 @@ class Run:
         self.cfg, self.lock, self.inflight = cfg, threading.Lock(), {}
         self.cache = Cache(cfg.cache or os.path.join(cfg.out, "cache.jsonl"))
         self.stop, self.fatal = threading.Event(), None
-        limiter = RateLimiter(cfg.rpm, cfg.tpm)
+        limiter, slots = RateLimiter(cfg.rpm, cfg.tpm), threading.BoundedSemaphore(cfg.workers)
 
         def client(url, key_env):
             return Client(url, os.environ.get(key_env, ""), cfg.workers, limiter, cfg.timeout, cfg.max_retries,
-                          cfg.backoff_base, cfg.backoff_max, cfg.max_tokens_param)
+                          cfg.backoff_base, cfg.backoff_max, cfg.max_tokens_param, slots)
         self.teacher = client(cfg.teacher_url, cfg.api_key_env)
         models, urls = _split(cfg.candidate_models), _split(cfg.candidate_urls) or [cfg.teacher_url]
         if len(urls) not in (1, len(models)):
@@ -746,7 +769,7 @@ class Run:
         clients = {u: client(u, cfg.candidate_api_key_env or cfg.api_key_env) for u in set(urls)}
         self.candidates = [(m, clients[urls[k % len(urls)]]) for k, m in enumerate(models)]
         self.stats = {s: {"sent": 0, "replies": 0, "cache_hits": 0, "failures": {}, "prompt_tokens": 0,
-                          "completion_tokens": 0, "first": None, "last": None} for s in STAGES}
+                          "completion_tokens": 0, "first": None, "last": None} for s in STAGES + ("internal",)}
         self.filter = {"kept": 0, "dropped": {}}
         self.bias = {"pairs": 0, "disagreements": 0}
         self.rows_done, self.json_mode = 0, False
@@ -926,6 +949,9 @@ class Run:
         except FatalError as e:
             self.fatal = self.fatal or e
             self.stop.set()
+        except Exception as e:  # noqa: BLE001 - a bug or a reply nobody foresaw: record it, keep the run going
+            out["failure"] = {"id": rid, "line": row["line"], "stage": "internal", "reason": type(e).__name__,
+                              "dropped": False, "attempts": 0, "raw": repr(e)[:2000]}
         with self.lock:
             self.rows_done += 1
             if "train" in out:
