@@ -631,14 +631,22 @@ MAX_BODY = 32 << 20
 def _read_body(r, deadline):
     """The response text, read under one overall deadline and size cap (a server may drip or flood)."""
     chunks, size = [], 0
+    read1 = getattr(r.raw, "read1", None)  # urllib3 2: returns what has arrived instead of waiting for 64 KiB
     try:
-        for chunk in r.iter_content(1 << 16):
+        while True:
+            chunk = read1(1 << 16, decode_content=True) if read1 else r.raw.read(1024, decode_content=True)
+            if not chunk:
+                break
             chunks.append(chunk)
             size += len(chunk)
             if time.monotonic() > deadline:
                 raise requests.Timeout("reply body too slow")
             if size > MAX_BODY:
                 raise requests.RequestException(f"reply body over {MAX_BODY} bytes")
+    except requests.RequestException:
+        raise
+    except Exception as e:  # urllib3's own errors while streaming (requests maps them only in iter_content)
+        raise (requests.Timeout if "Timeout" in type(e).__name__ else requests.ConnectionError)(str(e)) from None
     finally:
         r.close()
     return b"".join(chunks).decode(r.encoding or "utf-8", errors="replace")

@@ -29,6 +29,11 @@ def sleep(seconds):
     return {"sleep": seconds}
 
 
+def drip(seconds_per_byte):
+    """A correct reply whose body trickles out, one byte at a time."""
+    return {"drip": seconds_per_byte, "sleep": 0}
+
+
 def raw(text):
     return {"status": 200, "raw": text}
 
@@ -121,18 +126,18 @@ class FaultServer:
                 if body.get("response_format") and not server.json_mode and "status" not in action:
                     action = status(500, text='{"error": "response_format is not supported"}')
                 if "status" in action:
-                    return self.send(action["status"], action["raw"], action.get("headers", {}))
+                    return self.send(action["status"], None, action["raw"], action.get("headers", {}))
                 content = action["content"] if "content" in action else teacher_reply(body)
                 message = {"role": "assistant", "content": content}
                 if action.get("refusal"):
                     message["refusal"] = action["refusal"]
-                self.send(200, json.dumps({
+                self.send(200, action.get("drip"), json.dumps({
                     "id": "chatcmpl-test", "object": "chat.completion", "model": body.get("model"),
                     "choices": [{"index": 0, "message": message,
                                  "finish_reason": action.get("finish_reason", "stop")}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}))
 
-            def send(self, code, text, headers=None):
+            def send(self, code, drip_s, text, headers=None):
                 data = text.encode()
                 try:
                     self.send_response(code)
@@ -141,7 +146,10 @@ class FaultServer:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    for k in range(0, len(data), 1 if drip_s else len(data) or 1):
+                        self.wfile.write(data[k:k + 1] if drip_s else data)
+                        self.wfile.flush()
+                        time.sleep(drip_s or 0)
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
                     pass
 

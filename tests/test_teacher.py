@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import teacher  # noqa: E402
-from fault_server import (EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, quality, reply, sleep,  # noqa: E402
+from fault_server import (EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, reply, sleep,  # noqa: E402
                           status, tagged)
 from teacher import ParseError, parse_annotation, parse_refinement, parse_score  # noqa: E402
 
@@ -190,6 +190,8 @@ def test_clean_pair_goes_through_all_stages(tmp_path):
     (status(429), "http_429", 4),
     (sleep(2.0), "timeout", 4),
     (NOT_JSON, "not_json", 4),
+    (drip(0.05), "timeout", 4),                        # every byte in time, the whole body too late
+    (drip(1.0), "timeout", 4),                         # stalls mid-body
     (EMPTY_CHOICES, "no_choices", 4),
     (status(400, text="score 429"), "http_400", 1),    # not retryable; the body is never parsed as a reply
     (reply("Both answers are fine."), "no_score", 1),  # complete replies are not re-asked
