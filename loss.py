@@ -62,7 +62,7 @@ class _PairwiseLoss(torch.autograd.Function):
         dtype = torch.promote_types(torch.promote_types(chosen_rewards.dtype, rejected_rewards.dtype), torch.float32)
         z = chosen_rewards.to(dtype) - rejected_rewards.to(dtype)  # Δr
         if margins is not None:
-            z = z - margins.to(dtype)  # Δr - Δs
+            z = z - margins.to(device=z.device, dtype=dtype)  # Δr - Δs
         n = z.numel()
         if kind == "mse":
             loss = z.square().sum() / n
@@ -117,7 +117,7 @@ def _check_lm(hidden, weight, labels):
         raise TypeError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}; "
                         f"cast one so both match (as the LM head's matmul would need)")
     if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"linear_cross_entropy: labels must be int64 token ids, got {labels.dtype}")
+        raise TypeError(f"linear_cross_entropy: labels must be int64 (or int32) token ids, got {labels.dtype}")
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -126,7 +126,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         lead_shape, hidden_size = hidden.shape[:-1], hidden.shape[-1]
         vocab_size = weight.shape[0]
         hidden = hidden.reshape(-1, hidden_size)
-        labels = labels.reshape(-1)
+        labels = labels.reshape(-1).long()  # gather wants int64
         compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
 
         # Prompt and padding positions cost nothing: only the rows that have a target are computed.
@@ -209,7 +209,7 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=N
 
     hidden [..., H], weight [V, H], labels [...] int64 (shifted by the caller). Returns the mean over
     non-ignored tokens as an fp32 scalar; 0.0 with zero gradients if every token is ignored (where
-    F.cross_entropy gives NaN). chunk_size: tokens per chunk (default derived from N, H and V).
+    F.cross_entropy gives NaN). chunk_size: tokens per chunk (default: about 2**25 / V, a power of two).
     """
     _check_lm(hidden, weight, labels)
     if chunk_size is not None and chunk_size < 1:

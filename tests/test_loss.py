@@ -219,6 +219,17 @@ def test_lm_flat_input_no_ignored_tokens_and_scaled_backward():
         close(g, rg, torch.float32)
 
 
+def test_lm_backward_twice_with_retain_graph_accumulates():
+    """backward hands its saved gradients over when grad_output is 1; they must not alias .grad."""
+    hidden, weight, labels = lm_batch(*SHAPES[1])
+    loss = linear_cross_entropy(hidden, weight, labels.int(), chunk_size=9)  # int32 labels are fine too
+    loss.backward(retain_graph=True)
+    loss.backward()
+    ref_grads = torch.autograd.grad(naive_lm(hidden, weight, labels), (hidden, weight))
+    close(hidden.grad, 2 * ref_grads[0], torch.float32)
+    close(weight.grad, 2 * ref_grads[1], torch.float32)
+
+
 @pytest.mark.parametrize("frozen", ["hidden", "weight"])
 def test_lm_one_input_without_grad(frozen):
     hidden, weight, labels = lm_batch(*SHAPES[1])
