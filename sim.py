@@ -64,12 +64,12 @@ class WorldConfig:
     # Language Models are not Fair Evaluators") likewise find that swapping the order flips a large share of
     # GPT-4's verdicts. All these figures are approximate and come from open-ended questions.
     position_bias: float = 0.6
-    # Verbosity bias, in score points for the longest/fanciest answer (scaled by fanciness in [0, 1]). 0.6 makes
-    # the fancier of two equally correct answers win ~62% of decided verdicts (--stats), like Dubois et al. 2024
+    # Verbosity bias, in score points for the longest/fanciest answer (scaled by fanciness in [0, 1]). 0.8 makes
+    # the fancier of two equally correct answers win ~64% of decided verdicts (--stats), like Dubois et al. 2024
     # (length-controlled AlpacaEval: asking GPT-4 to be verbose raised its win rate against itself from 50% to
     # about 64%). Zheng et al. 2023 found GPT-4 fooled by a padded "repetitive list" answer in ~9% of cases,
     # GPT-3.5 and Claude-v1 in ~91%. Approximate.
-    verbosity_bias: float = 0.6
+    verbosity_bias: float = 0.8
     score_noise: float = 1.0     # std of the Gaussian noise on each annotation score (then rounded to 1-10)
     rescore_noise: float = 0.5   # std on the anchored re-score: one answer against a stated anchor is steadier
     malformed_rate: float = 0.03  # P(an annotate reply ignores the format); an assumption, no published figure
@@ -124,10 +124,10 @@ FAMILIES = {
 STYLE_TEMPLATES = {
     "terse": ["{v}"],
     "plain": ["{p}", "{e}"],
-    "padded": ["Great question! {e} So the answer is {v}. I hope this helps, let me know if you have more questions!",
-               "Sure, let me think about this carefully. {e} Therefore, the final answer is {v}. Hope that helps!"],
-    "markdown": ["### Answer\n\n**{v}**\n\n- {e}\n- Double-checked: the result is **{v}**.\n\n*Happy to help further!*",
-                 "## Solution\n\n1. {e}\n2. **Final answer:** `{v}`\n\n> Let me know if anything is unclear."],
+    "padded": ["Great question! {e} So the answer is {v}. Hope this helps!",
+               "Sure! Let me think. {e} The final answer is {v}. Happy to help!"],
+    "markdown": ["**Answer:** {v}\n\n- {e}\n- Final: **{v}**",
+                 "## Answer\n\n1. {e}\n2. **Result:** `{v}`"],
 }
 TEACHER_TEMPLATE = "{e} The answer is {v}."   # the teacher's own neutral style (generate)
 
@@ -274,7 +274,7 @@ def true_score(task, text):
 def fanciness(text):
     """0 for a bare answer, 1 for a long markdown one: what verbosity-biased judges reward."""
     markdown = any(m in text for m in ("**", "##", "\n- ", "\n1. ", "`", "> "))
-    return min(1.0, len(text) / 150.0) * 0.6 + (0.4 if markdown else 0.0)
+    return min(1.0, len(text) / 100.0) * 0.6 + (0.4 if markdown else 0.0)
 
 
 def wrong_value(task, rng):
