@@ -65,11 +65,11 @@ class _PairwiseLoss(torch.autograd.Function):
             z = z - margins.to(device=z.device, dtype=dtype)  # Δr - Δs
         n = z.numel()
         if kind == "mse":
-            loss = z.square().sum() / n
+            loss = z.square().mean()
             grad_z = z * (2.0 / n)
         else:
             # -log σ(z) = softplus(-z) and d/dz = -σ(-z): both stay finite for any |z|.
-            loss = F.softplus(-z).sum() / n
+            loss = F.softplus(-z).mean()
             grad_z = torch.sigmoid(-z) * (-1.0 / n)
         ctx.save_for_backward(grad_z)  # the only thing backward needs
         ctx.dtypes = (chosen_rewards.dtype, rejected_rewards.dtype,
