@@ -1,0 +1,229 @@
+"""ablation.py -- does each of the teacher's abilities make a better student? Measured in the simulated world.
+
+For each world seed: one distill run through the real pipeline (teacher.py) against the simulated teacher
+(sim.py), so every arm below has the same teacher-prompt budget; then the same tiny student, steps and evaluation
+sets for each arm, trained through rmd.py:
+
+    a  label distillation      bt   on the teacher-labelled original pairs (annotated.jsonl)
+    b  + scoring               mse  with the teacher's annotation scores, original pairs
+    c  + refinement            bt   on the refined pairs (train.jsonl)
+    d  refinement + scoring    mse  on the refined pairs
+    e  full method             d + LM regularization on the teacher answers (weight from a sweep on `valid`)
+    f  GRM-style               a + LM regularization (same weight)
+    g  both pair sets          mse  on refined and original pairs together + LM regularization (same weight)
+
+plus the teacher's own accuracy as a judge, and best-of-N (N candidates per held-out prompt, each arm's RM picks
+one, scored by the true quality of what it picks) standing in for the paper's RL result.
+
+    python ablation.py                                  # 3 seeds, the default world
+    python ablation.py --seeds=0,1,2 --steps=300 --verbosity-bias=1.5 --skills=0.6,0.6,0.6,0.6
+    python ablation.py --seeds=7 --arms=a,e --steps=5 --sweep=0.1   # a smoke test
+
+Writes <out>/results.json and <out>/table.md; every run's files stay under <out>/seed<S>/.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import sim
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ARMS = {  # name: (pairs, loss, LM regularization on?)
+    "a": ("original", "bt", False, "label distillation (bt, original pairs)"),
+    "b": ("original", "mse", False, "+ scoring (mse, original pairs)"),
+    "c": ("refined", "bt", False, "+ refinement (bt, refined pairs)"),
+    "d": ("refined", "mse", False, "refinement + scoring (mse, refined pairs)"),
+    "e": ("refined", "mse", True, "full method (d + LM reg)"),
+    "f": ("original", "bt", True, "GRM-style (a + LM reg)"),
+    "g": ("both", "mse", True, "refined + original pairs, mse + LM reg"),
+}
+
+
+def run_distill(world, data_paths, out_dir, workers):
+    """Distill the world's default input once, through teacher.py against the sim teacher."""
+    import teacher
+    if os.path.exists(os.path.join(out_dir, "summary.json")):
+        return json.load(open(os.path.join(out_dir, "summary.json")))
+    url, shutdown = sim.start_server(world, port=0)
+    try:
+        summary = teacher.distill(teacher.DistillConfig(
+            data=data_paths["distill"], out=out_dir, teacher_url=url, teacher_model=sim.TEACHER_MODEL,
+            workers=workers, seed=world.seed, progress=False))
+    finally:
+        shutdown()
+    return summary
+
+
+def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed):
+    """One training run through `rmd.py train` in a subprocess; returns its eval.json."""
+    if not os.path.exists(os.path.join(out_dir, "eval.json")):
+        cmd = [sys.executable, os.path.join(ROOT, "rmd.py"), "train", f"--data={pairs_file}",
+               f"--eval-data={eval_data}", f"--out={out_dir}", "--model=tiny", f"--loss={loss}",
+               f"--lm-weight={lm_weight}", f"--max-steps={args.steps}", f"--batch-size={args.batch_size}",
+               f"--lr={args.lr}", f"--seed={seed}", f"--max-len={args.max_len}", "--log-interval=50"]
+        t0 = time.time()
+        with open(os.path.join(os.path.dirname(out_dir), f"{os.path.basename(out_dir)}.log"), "w") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if proc.returncode:
+            raise SystemExit(f"error: training arm {name} failed (exit {proc.returncode}); see {log.name}\n"
+                             f"command: {' '.join(cmd)}")
+        print(f"  arm {name:<10} seed {seed}: {time.time() - t0:.0f}s", flush=True)
+    with open(os.path.join(out_dir, "eval.json")) as f:
+        return json.load(f)
+
+
+def best_of_n(model_dir, bon_path, max_len):
+    """Mean true quality and share of correct answers among the candidates the RM picks."""
+    import rmd
+    model = rmd.load_reward_model(model_dir)
+    rows = [json.loads(line) for line in open(bon_path)]
+    prompts = [r["prompt"] for r in rows for _ in r["responses"]]
+    answers = [a for r in rows for a in r["responses"]]
+    rewards = model.score(prompts, answers, batch_size=64, max_len=max_len)
+    quality, k = [], 0
+    for r in rows:
+        n = len(r["responses"])
+        pick = max(range(n), key=lambda i: rewards[k + i])
+        quality.append(r["true_quality"][pick])
+        k += n
+    return statistics.mean(q == 1.0 for q in quality)
+
+
+def fmt(values):
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated world and training seeds")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of a,b,c,d,e,f,g")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per training run")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-len", type=int, default=256)
+    parser.add_argument("--sweep", default="0.01,0.1,1.0", help="LM weights tried for arm e on the first seed")
+    parser.add_argument("--jobs", type=int, default=2, help="training runs in parallel (each gets cores/jobs threads)")
+    parser.add_argument("--workers", type=int, default=8, help="distill requests in flight")
+    parser.add_argument("--out", default="runs/ablation")
+    args = sim.add_world_args(parser).parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    arms = args.arms.split(",")
+    if unknown := [a for a in arms if a not in ARMS]:
+        raise SystemExit(f"error: unknown arm(s) {unknown}; choose from {','.join(ARMS)}")
+    sweep = [float(x) for x in args.sweep.split(",")]
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    t_start = time.time()
+
+    # 1. data and one distill run per world seed
+    worlds, runs = {}, []
+    for seed in seeds:
+        world = sim.world_from_args(args)
+        world.seed = seed
+        seed_dir = os.path.join(args.out, f"seed{seed}")
+        paths = sim.write_builtin_data(os.path.join(seed_dir, "data"), world)
+        t0 = time.time()
+        summary = run_distill(world, paths, os.path.join(seed_dir, "distill"), args.workers)
+        distill_dir = os.path.join(seed_dir, "distill")
+        both = os.path.join(distill_dir, "both.jsonl")
+        with open(both, "w") as f:
+            for name in ("train.jsonl", "annotated.jsonl"):
+                f.write(open(os.path.join(distill_dir, name)).read())
+        files = {"refined": os.path.join(distill_dir, "train.jsonl"),
+                 "original": os.path.join(distill_dir, "annotated.jsonl"), "both": both}
+        counts = {k: sum(1 for _ in open(v)) for k, v in files.items()}
+        print(f"seed {seed}: distill {time.time() - t0:.0f}s, {summary['rows']} rows -> {counts['refined']} refined "
+              f"pairs, {counts['original']} labelled original pairs", flush=True)
+        eval_data = ",".join(f"{s}={paths[s]}" for s in ("normal", "hard", "valid"))
+        worlds[seed] = dict(world=world, paths=paths, files=files, eval_data=eval_data, dir=seed_dir,
+                            counts=counts, summary=summary)
+
+    # 2. the LM-weight sweep: arm e on the first seed, chosen on the validation split (never normal/hard)
+    first = worlds[seeds[0]]
+    sweep_result = {}
+    jobs = [(f"sweep-{w:g}", first["files"]["refined"], "mse", w, first["eval_data"],
+             os.path.join(first["dir"], f"sweep_lm{w:g}"), seeds[0]) for w in sweep]
+    for job, res in zip(jobs, _run_parallel(jobs, args)):
+        sweep_result[job[3]] = res["accuracy"]["valid"]
+    lm_weight = max(sweep, key=lambda w: (sweep_result[w], -w))
+    print("sweep (arm e, seed %d, valid accuracy): " % seeds[0] +
+          ", ".join(f"lm_weight {w:g}: {100 * sweep_result[w]:.1f}" for w in sweep) + f" -> {lm_weight:g}", flush=True)
+
+    # 3. every arm, every seed
+    jobs = []
+    for seed in seeds:
+        wd = worlds[seed]
+        for arm in arms:
+            pairs, loss, lm, _ = ARMS[arm]
+            w = lm_weight if lm else 0.0
+            out = os.path.join(wd["dir"], f"sweep_lm{w:g}") if arm == "e" and seed == seeds[0] else \
+                os.path.join(wd["dir"], f"arm_{arm}")
+            jobs.append((arm, wd["files"][pairs], loss, w, wd["eval_data"], out, seed))
+    results = {}
+    for job, res in zip(jobs, _run_parallel(jobs, args)):
+        arm, seed, out = job[0], job[6], job[5]
+        bon = best_of_n(os.path.join(out, "model"), worlds[seed]["paths"]["bon"], args.max_len)
+        results.setdefault(arm, []).append({"seed": seed, **res["accuracy"], "bon": bon})
+
+    # 4. references: the teacher as a judge, and random / oracle picks for best-of-N
+    refs = {"teacher": [], "random": [], "oracle": []}
+    for seed in seeds:
+        wd = worlds[seed]
+        acc = {s: sim.teacher_judge_accuracy([json.loads(l) for l in open(wd["paths"][s])], wd["world"])
+               for s in ("normal", "hard")}
+        bon_rows = [json.loads(l) for l in open(wd["paths"]["bon"])]
+        refs["teacher"].append({"seed": seed, **acc})
+        refs["random"].append({"seed": seed, "bon": statistics.mean(
+            statistics.mean(q == 1.0 for q in r["true_quality"]) for r in bon_rows)})
+        refs["oracle"].append({"seed": seed, "bon": statistics.mean(max(r["true_quality"]) == 1.0 for r in bon_rows)})
+
+    # 5. the table
+    world0 = first["world"]
+    lines = [f"Seeds {seeds}; {args.steps} steps x {args.batch_size} pairs, lr {args.lr}, tiny student; LM weight "
+             f"{lm_weight:g} (sweep on valid: " + ", ".join(f"{w:g} -> {100 * sweep_result[w]:.1f}" for w in sweep) +
+             f"). Accuracy % on held-out truth-labelled pairs; BoN = % of best-of-{world0.bon_n} picks that are "
+             "correct. Mean ± std over seeds.", "",
+             "| arm | pairs | loss | LM reg | normal | hard | BoN |", "|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        pairs, loss, lm, label = ARMS[arm]
+        rs = results[arm]
+        lines.append(f"| {arm}. {label} | {pairs} | {loss} | {lm_weight if lm else 0:g} | "
+                     f"{fmt([r['normal'] for r in rs])} | {fmt([r['hard'] for r in rs])} | {fmt([r['bon'] for r in rs])} |")
+    lines.append(f"| teacher as judge (both orders) | - | - | - | {fmt([r['normal'] for r in refs['teacher']])} | "
+                 f"{fmt([r['hard'] for r in refs['teacher']])} | - |")
+    lines.append(f"| random pick / oracle pick | - | - | - | - | - | {fmt([r['bon'] for r in refs['random']])} / "
+                 f"{fmt([r['bon'] for r in refs['oracle']])} |")
+    counts = "; ".join(f"seed {s}: {worlds[s]['counts']['refined']} refined, {worlds[s]['counts']['original']} "
+                       f"original pairs, from {worlds[s]['summary']['rows']} prompts" for s in seeds)
+    lines += ["", f"Training pairs per distill run ({counts}). World: " +
+              " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(world0).items() if k != "seed"),
+              f"Total wall time {time.time() - t_start:.0f}s."]
+    table = "\n".join(lines)
+    print("\n" + table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "lm_weight": lm_weight, "sweep": sweep_result, "arms": results,
+                   "references": refs}, f, indent=1)
+    return results
+
+
+def _run_parallel(jobs, args):
+    """Run training jobs `args.jobs` at a time; results in job order."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = [pool.submit(train_arm, name, data, loss, w, ev, out, args, seed)
+                   for name, data, loss, w, ev, out, seed in jobs]
+        return [f.result() for f in futures]
+
+
+if __name__ == "__main__":
+    main()
