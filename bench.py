@@ -82,8 +82,9 @@ def lm_step(variant, hidden, weight, labels, chunk_size):
 
 def lm_worker(mode, hidden_size, vocab_size, n_tokens, reps, chunk_size):
     """Runs in a fresh process; prints JSON. mode "naive"/"fused": peak MiB of one forward+backward.
-    mode "time" ("time-fused"): seconds per forward+backward of both variants (only fused), alternated so that both see the same
-    load from whatever else runs on the machine (median of reps each).
+    mode "time": seconds per forward+backward of both variants, alternated so that both see the same
+    load from whatever else runs on the machine (median of reps each); "time-fused": fused only.
+    The peak includes the gradients themselves (hidden.grad, weight.grad), which both variants produce.
 
     Peak memory on CPU: PyTorch's CPU allocator has no peak counter, so we read the kernel's high-water
     mark of resident memory (VmHWM). Writing 5 to /proc/self/clear_refs resets it after the inputs exist,
