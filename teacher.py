@@ -12,8 +12,15 @@ Needs only the standard library, `requests` and (optionally) `tiktoken`.
     OPENAI_API_KEY=... python teacher.py --data pairs.jsonl --teacher-url https://api.openai.com/v1 \
         --teacher-model gpt-4o-mini --workers 16 --rpm 500
 
+Outputs in cfg.out, rows in input order: train.jsonl ({id, prompt, chosen: y_w*, rejected: y_l,
+chosen_score, rejected_score, teacher_response: y_T, provenance}), annotated.jsonl (the original pair
+as the teacher labelled it, for label-distillation baselines), failures.jsonl (one line per row that
+did not make it: id, line, stage, reason, raw reply, attempts; `dropped` marks filter decisions as
+opposed to errors), summary.json (the per-stage table), cache.jsonl (see Cache).
+
 Every request is cached by a hash of what determines its answer, so a killed run re-run with the
-same command sends no completed request twice and writes the same output.
+same command sends no completed request twice and writes the same output. Shards (--shard k/n, each
+with its own --out) merge into the single-run output by ordering rows on provenance.line.
 """
 
 # ----------------------------------------------------------------------------------------------
@@ -1098,3 +1105,5 @@ if __name__ == "__main__":
         distill(parse_overrides(DistillConfig(), sys.argv[1:]))
     except (ValueError, FatalError, OSError) as e:
         raise SystemExit(f"distill: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("distill: interrupted; finished requests are in the cache, run again to resume") from None

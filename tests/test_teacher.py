@@ -172,8 +172,11 @@ PAIR = {"id": "r1", "prompt": "What is 2+2?", "chosen": "good: 4", "rejected": "
 
 def test_clean_pair_goes_through_all_stages(tmp_path):
     with FaultServer() as server:
-        summary, train, annotated, failures = run_rows(server, [PAIR], tmp_path)
+        summary, train, annotated, failures = run_rows(server, [PAIR], tmp_path, price_prompt=1.0,
+                                                       price_completion=2.0)
     assert failures == [] and len(train) == 1 and len(server.bodies) == 5
+    assert summary["cost_usd"] == pytest.approx((5 * 10 * 1.0 + 5 * 5 * 2.0) / 1e6)  # usage: 10 + 5 per reply
+    assert summary["position_bias"] == {"pairs": 1, "disagreements": 0, "rate": 0.0}
     row = train[0]
     assert row["rejected"] == "bad: 5" and row["chosen"].startswith("bad: 5 Improved")
     assert (row["chosen_score"], row["rejected_score"]) == (9.0, 3.0)
@@ -363,3 +366,13 @@ def test_throughput_keeps_the_workers_busy(tmp_path):
     rate = (len(steady) - 1) / (steady[-1] - steady[0])
     print(f"throughput {rate:.1f} req/s, ideal {workers / latency:.0f}")
     assert rate >= 0.9 * workers / latency
+
+
+def test_position_bias_is_measured(tmp_path):
+    def first_wins(body, n):  # a judge that always prefers whatever it reads first
+        if body["messages"][0]["content"].startswith("[rmd:annotate]"):
+            return reply("Assistant 1: 8\nAssistant 2: 3")
+    with FaultServer(fault=first_wins) as server:
+        summary, train, annotated, failures = run_rows(server, [PAIR], tmp_path)
+    assert summary["position_bias"] == {"pairs": 1, "disagreements": 1, "rate": 1.0}
+    assert failures[0]["reason"] == "tie" and annotated == []  # 8 and 3 either way: the means tie
