@@ -1,0 +1,210 @@
+"""The simulated teacher: its world's ground truth, its replies through teacher.py's real parsers, a tiny distill
+against it, and a reduced ablation as a smoke test. Accuracy figures live in ablation.py, not here."""
+import difflib
+import json
+import os
+import random
+import sys
+
+import pytest
+import requests
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sim  # noqa: E402
+import teacher  # noqa: E402
+
+CLEAN = dict(teacher_skill=1.0, refine_miss_rate=0.0, refine_drift_rate=0.0, malformed_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def server():
+    url, shutdown = sim.start_server(sim.WorldConfig(**CLEAN), port=0)
+    yield url
+    shutdown()
+
+
+def chat(url, messages, json_mode=False, model=sim.TEACHER_MODEL):
+    body = {"model": model, "messages": messages, "temperature": 0.0, "max_tokens": 64}
+    if json_mode:
+        body["response_format"] = {"type": "json_object"}
+    r = requests.post(url + "/chat/completions", json=body, timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+# ------------------------------------------------------------------------------------------- the world's truth
+
+def test_prompts_and_answers_parse_back_to_the_truth():
+    cfg, rng = sim.WorldConfig(), random.Random(0)
+    for task in sim.all_tasks(cfg):
+        assert sim.task_from_prompt(task.prompt) == task
+        for model in range(len(sim.STYLES)):
+            text, value = sim.candidate_answer(task, model, cfg, rng)
+            assert sim.parse_answer(task, text)[0] == value
+            assert (sim.true_quality(task, text) == 1.0) == (value == task.answer)
+        assert sim.true_quality(task, sim.render(task, task.answer, "markdown", 1)) == 1.0
+        assert sim.true_quality(task, sim.render(task, sim.wrong_value(task, rng), "padded", 0)) < 1.0
+
+
+def test_better_models_are_more_often_right_and_fancier():
+    cfg, rng = sim.WorldConfig(), random.Random(1)
+    tasks = sim.all_tasks(cfg)
+    right, fancy = [], []
+    for model in range(len(sim.STYLES)):
+        picks = [rng.choice(tasks) for _ in range(600)]
+        answers = [sim.candidate_answer(t, model, cfg, rng) for t in picks]
+        right.append(sum(v == t.answer for (_, v), t in zip(answers, picks)) / len(picks))
+        fancy.append(sum(sim.fanciness(text) for text, _ in answers) / len(answers))
+    assert right == sorted(right) and fancy == sorted(fancy)
+
+
+def test_teacher_answers_are_correct():
+    cfg, rng = sim.WorldConfig(), random.Random(2)
+    tasks = sim.all_tasks(cfg)
+    right = [sim.true_quality(t, sim.teacher_generate(t, cfg, rng)) == 1.0 for t in tasks]
+    assert sum(right) / len(right) > 0.9
+    cfg = sim.WorldConfig(teacher_skill=1.0)
+    assert all(sim.true_quality(t, sim.teacher_generate(t, cfg, rng)) == 1.0 for t in tasks)
+
+
+def test_refine_fixes_the_answer_and_keeps_its_wording():
+    cfg, rng = sim.WorldConfig(**CLEAN), random.Random(3)
+    for task in sim.all_tasks(cfg)[::3]:
+        for style in ("plain", "padded", "markdown"):
+            wrong = sim.render(task, sim.wrong_value(task, rng), style, rng.randrange(4))
+            diagnosis, refined = sim.teacher_refine(task, wrong, cfg, rng)
+            assert sim.true_quality(task, refined) == 1.0, (wrong, refined)
+            assert sim.parse_answer(task, refined)[1:] == sim.parse_answer(task, wrong)[1:]  # same style, wording
+            assert difflib.SequenceMatcher(None, wrong, refined).ratio() > 0.7
+            assert task.answer in diagnosis
+        right = sim.render(task, task.answer, "padded", 0)
+        assert sim.teacher_refine(task, right, cfg, rng)[1] == right  # nothing to fix: unchanged (filtered later)
+
+
+def test_rescore_is_anchored_and_follows_the_true_improvement():
+    cfg, rng = sim.WorldConfig(**CLEAN), random.Random(4)
+    task = sim.task_from_prompt("What is 3 + 4?")
+    wrong, right = sim.render(task, "9", "padded", 0), sim.render(task, "7", "padded", 0)
+    up = [sim.teacher_rescore(task, 4.0, wrong, right, cfg, rng) for _ in range(200)]
+    same = [sim.teacher_rescore(task, 4.0, wrong, wrong, cfg, rng) for _ in range(200)]
+    assert 8 <= sum(up) / len(up) <= 10 and abs(sum(same) / len(same) - 4.0) < 0.3
+
+
+def test_eval_splits_are_labelled_by_truth():
+    cfg = sim.WorldConfig(n_eval=200)
+    heldout = {t.prompt for t in sim.split_tasks(cfg)[1]}
+    for row in sim.eval_pairs(cfg, "hard"):
+        task = sim.task_from_prompt(row["prompt"])
+        assert sim.true_quality(task, row["chosen"]) == 1.0 > sim.true_quality(task, row["rejected"])
+        assert sim.parse_answer(task, row["chosen"])[1] in ("terse", "plain")
+        assert sim.parse_answer(task, row["rejected"])[1] in ("padded", "markdown")
+        assert len(row["rejected"]) > len(row["chosen"])
+        assert sim.fanciness(row["rejected"]) > sim.fanciness(row["chosen"])
+    for row in sim.eval_pairs(cfg, "normal"):
+        task = sim.task_from_prompt(row["prompt"])
+        assert sim.true_quality(task, row["chosen"]) == 1.0 > sim.true_quality(task, row["rejected"])
+        assert row["prompt"] in heldout or task.family == "capital"
+
+
+def test_write_builtin_data(tmp_path):
+    cfg = sim.WorldConfig(n_distill=30, n_eval=20, n_bon=5)
+    paths = sim.write_builtin_data(str(tmp_path), cfg)
+    rows = {k: [json.loads(line) for line in open(p)] for k, p in paths.items()}
+    assert len(rows["distill"]) == 30 and all(len(r["responses"]) == 2 for r in rows["distill"])
+    assert len(rows["bon"]) == 5 and all(len(r["responses"]) == len(r["true_quality"]) == 8 for r in rows["bon"])
+    assert sim.write_builtin_data(str(tmp_path / "again"), cfg) and \
+        open(paths["hard"]).read() == open(tmp_path / "again" / "hard.jsonl").read()  # seeded: same files
+
+
+def test_judge_biases_near_the_cited_figures():
+    stats = sim.bias_stats(sim.WorldConfig(), n=1500)
+    assert 0.55 < stats["order_consistent"] < 0.75 and stats["biased_to_first"] > stats["biased_to_second"]
+    assert 0.55 < stats["fancier_wins_decided"] < 0.75
+
+
+# ------------------------------------------------------------------------------- replies through the real parsers
+
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_annotate_reply_parses(server, json_mode):
+    question = "What is the capital of Australia?"
+    a, b = "Canberra", "**Answer:** Sydney\n\n- The capital city of Australia is Sydney.\n- Final: **Sydney**"
+    reply = chat(server, [{"role": "user", "content": teacher.annotate_prompt(question, a, b, json_mode)}], json_mode)
+    s1, s2 = teacher.parse_annotation(reply["choices"][0]["message"]["content"], json_mode, (a, b))
+    assert s1 > s2
+    assert reply["usage"]["prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_refine_and_score_replies_parse(server, json_mode):
+    question, rejected = "Reverse the word 'lamp'.", "Reversed: pmla."
+    nonce, text = teacher.refine_prompt(question, "Reading 'lamp' backwards gives pmal. The answer is pmal.", rejected)
+    messages = [{"role": "user", "content": text}]
+    refine_reply = chat(server, messages)["choices"][0]["message"]["content"]
+    diagnosis, refined = teacher.parse_refinement(refine_reply, nonce)
+    assert refined == "Reversed: pmal." and "pmal" in diagnosis
+    messages += [{"role": "assistant", "content": refine_reply},
+                 {"role": "user", "content": teacher.score_prompt(nonce, 3.5, json_mode)}]
+    score = teacher.parse_score(chat(server, messages, json_mode)["choices"][0]["message"]["content"], json_mode)
+    assert score >= 6.5
+
+
+def test_generate_teacher_and_candidates(server):
+    messages = [{"role": "user", "content": "What is 6 + 7?"}]
+    assert chat(server, messages)["choices"][0]["message"]["content"] in (
+        "Adding 6 and 7 gives 13. The answer is 13.", "6 plus 7 makes 13. The answer is 13.")
+    models = requests.get(server + "/models", timeout=5).json()["data"]
+    assert {m["id"] for m in models} == {sim.TEACHER_MODEL, *sim.CANDIDATE_MODELS}
+    text = chat(server, messages, model="sim-markdown")["choices"][0]["message"]["content"]
+    assert sim.parse_answer(sim.task_from_prompt("What is 6 + 7?"), text) is not None
+
+
+def test_replies_are_deterministic(server):
+    body = [{"role": "user", "content": teacher.annotate_prompt("What is 2 + 2?", "4", "5")}]
+    assert chat(server, body) == chat(server, body)
+
+
+def test_malformed_replies_fail_the_parser():
+    url, shutdown = sim.start_server(sim.WorldConfig(malformed_rate=1.0), port=0)
+    try:
+        reply = chat(url, [{"role": "user", "content": teacher.annotate_prompt("What is 2 + 2?", "4", "5")}])
+        with pytest.raises(teacher.ParseError):
+            teacher.parse_annotation(reply["choices"][0]["message"]["content"], False, ("4", "5"))
+    finally:
+        shutdown()
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+def test_distill_end_to_end_with_retries(tmp_path):
+    cfg = sim.WorldConfig(n_distill=40, http_error_rate=0.2)
+    paths = sim.write_builtin_data(str(tmp_path / "data"), cfg)
+    url, shutdown = sim.start_server(cfg, port=0)
+    try:
+        summary = teacher.distill(teacher.DistillConfig(
+            data=paths["distill"], out=str(tmp_path / "distill"), teacher_url=url, teacher_model=sim.TEACHER_MODEL,
+            workers=4, backoff_base=0.01, backoff_max=0.05, progress=False))
+    finally:
+        shutdown()
+    assert summary["kept"] > 10
+    assert sum(st["sent"] for st in summary["stages"].values()) > sum(
+        st["replies"] for st in summary["stages"].values())  # some first tries failed and were retried
+    rows = [json.loads(line) for line in open(tmp_path / "distill" / "train.jsonl")]
+    better = 0
+    for row in rows:
+        task = sim.task_from_prompt(row["prompt"])
+        better += sim.true_quality(task, row["chosen"]) > sim.true_quality(task, row["rejected"])
+        assert row["chosen_score"] - row["rejected_score"] > 1
+    assert better >= 0.9 * len(rows)  # the rest: tasks on which the teacher itself is wrong (teacher_skill)
+
+
+def test_ablation_smoke(tmp_path):
+    rmd = pytest.importorskip("rmd")
+    if not hasattr(rmd, "train"):
+        pytest.skip("rmd.train not there yet")
+    import ablation
+    results = ablation.main(["--seeds=0", "--arms=a,e", "--steps=2", "--sweep=0.1", "--batch-size=4",
+                             "--n-distill=30", "--n-eval=10", "--n-bon=4", f"--out={tmp_path}"])
+    assert set(results) == {"a", "e"}
+    for rows in results.values():
+        assert all(0.0 <= rows[0][k] <= 1.0 for k in ("normal", "hard", "bon"))
+    assert (tmp_path / "table.md").exists()
