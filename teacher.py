@@ -1006,6 +1006,16 @@ class Run:
                 f"in flight {len(self.inflight)} | {sent / max(time.time() - t0, 1e-9):.1f} req/s")
 
 
+def _show_progress(run, total, t0, done):
+    """One updating line on a terminal, a line every 10 s otherwise."""
+    tty = sys.stderr.isatty()
+    while not done.wait(0.5 if tty else 10):
+        print(("\r" if tty else "") + run.progress_line(total, t0), end="" if tty else "\n", file=sys.stderr,
+              flush=True)
+    if tty:
+        print("\r" + run.progress_line(total, t0), file=sys.stderr)
+
+
 def print_report(summary, file=sys.stderr):
     head = f"{'stage':<11}{'sent':>7}{'cached':>8}{'prompt_tok':>12}{'compl_tok':>11}{'wall_s':>9}{'cost_$':>10}  failures"
     print(head, file=file)
@@ -1064,28 +1074,18 @@ def distill(cfg):
     try:
         run.json_mode = run.probe_json_mode()
         print(f"[distill] annotate/score replies: {'JSON mode' if run.json_mode else 'anchored text'}", file=sys.stderr)
-        tty, results = sys.stderr.isatty(), []
-        with ThreadPoolExecutor(2 * cfg.workers) as pool:  # more rows than slots keeps every slot busy
-            futures = [pool.submit(run.process_row, row) for row in rows]
-            last = time.time()
-            try:
-                for fut in futures:
-                    while True:
-                        try:
-                            results.append(fut.result(timeout=0.5))
-                            break
-                        except TimeoutError:
-                            pass
-                        if cfg.progress and time.time() - last >= (0.5 if tty else 10):
-                            last = time.time()
-                            print(("\r" if tty else "") + run.progress_line(len(rows), t0),
-                                  end="" if tty else "\n", file=sys.stderr, flush=True)
-            except BaseException:
-                run.stop.set()
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-        if cfg.progress and tty:
-            print("\r" + run.progress_line(len(rows), t0), file=sys.stderr)
+        done = threading.Event()
+        if cfg.progress:
+            threading.Thread(target=_show_progress, args=(run, len(rows), t0, done), daemon=True).start()
+        pool = ThreadPoolExecutor(2 * cfg.workers)  # more rows than request slots keeps every slot busy
+        try:
+            results = list(pool.map(run.process_row, rows))
+        except BaseException:  # Ctrl-C: rows stop at their next request; the cache keeps what finished
+            run.stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            done.set()
         if run.fatal:
             raise run.fatal
     finally:
