@@ -729,13 +729,16 @@ class Cache:
 
     def put(self, entry):
         with self.lock:
+            if self.file.closed:  # the run was interrupted while this request finished
+                return
             self.file.write(canonical(entry) + "\n")
             self.file.flush()
             os.fsync(self.file.fileno())
             self.entries[entry["key"]] = entry
 
     def close(self):
-        self.file.close()
+        with self.lock:
+            self.file.close()
 
 
 # ---------------------------------------------------------------------------- the pipeline

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import teacher  # noqa: E402
-from fault_server import (EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, reply, sleep,  # noqa: E402
+from fault_server import (EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep,  # noqa: E402
                           status, tagged)
 from teacher import ParseError, parse_annotation, parse_refinement, parse_score  # noqa: E402
 
@@ -376,3 +376,36 @@ def test_position_bias_is_measured(tmp_path):
         summary, train, annotated, failures = run_rows(server, [PAIR], tmp_path)
     assert summary["position_bias"] == {"pairs": 1, "disagreements": 1, "rate": 1.0}
     assert failures[0]["reason"] == "tie" and annotated == []  # 8 and 3 either way: the means tie
+
+
+def completion(message, finish_reason="stop"):
+    return raw(json.dumps({"choices": [{"index": 0, "message": message, "finish_reason": finish_reason}]}))
+
+
+@pytest.mark.parametrize("body,reason,requests", [
+    (raw('{"choices": [{"message": "hi"}]}'), "no_choices", 4),
+    (raw('{"error": {"message": "overloaded"}}'), "error_body", 4),
+    (raw("[" * 100000), "not_json", 4),
+    (raw('"just a string"'), "bad_body", 4),
+    (completion({"role": "assistant", "content": 5}), "empty_reply", 1),
+    (completion({"role": "assistant", "content": None, "reasoning_content": "Assistant 1: 9\nAssistant 2: 1"}),
+     "empty_reply", 1),  # reasoning fields are never read
+    (completion({"role": "assistant", "content": "Assistant 1: 9\nAssistant 2: 1"}, "content_filter"), "refusal", 1),
+])
+def test_hostile_bodies_are_failures_not_crashes(tmp_path, body, reason, requests):
+    with FaultServer(fault=lambda b, n: body) as server:
+        summary, train, _, failures = run_rows(server, [PAIR], tmp_path)
+    assert train == [] and len(server.bodies) == requests
+    assert (failures[0]["stage"], failures[0]["reason"]) == ("annotate", reason)
+
+
+def test_content_parts_and_reasoning_fields(tmp_path):
+    def fault(body, n):
+        if body["messages"][0]["content"].startswith("[rmd:annotate]"):
+            first_good = "good" in tagged(body["messages"][0]["content"], "assistant-1")[0]
+            text = f"Assistant 1: {8 if first_good else 2}\nAssistant 2: {2 if first_good else 8}"
+            return completion({"role": "assistant", "content": [{"type": "text", "text": text}],
+                               "reasoning_content": "Assistant 1: 1\nAssistant 2: 10"})
+    with FaultServer(fault=fault) as server:
+        _, train, annotated, failures = run_rows(server, [PAIR], tmp_path)
+    assert failures == [] and (annotated[0]["chosen_score"], annotated[0]["rejected_score"]) == (8.0, 2.0)
