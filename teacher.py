@@ -305,7 +305,7 @@ class DistillConfig:
     workers: int = 8                    # most requests in flight at once
     rpm: int = 0                        # requests per minute limit, 0 = unlimited
     tpm: int = 0                        # tokens per minute limit (prompt estimate + max tokens), 0 = unlimited
-    timeout: float = 120.0              # seconds per HTTP request
+    timeout: float = 300.0              # seconds per HTTP request (the whole reply, body included)
     max_retries: int = 5                # retries on 429, 5xx, timeouts, connection errors, broken bodies
     backoff_base: float = 1.0           # first backoff in seconds, doubled per retry, with jitter
     backoff_max: float = 60.0           # backoff cap in seconds (a server's Retry-After is honoured up to 600 s)
@@ -859,15 +859,15 @@ class Run:
         """Does the teacher server accept response_format json_object? Asked once, remembered in the cache."""
         if self.cfg.json_mode != "auto":
             return self.cfg.json_mode == "on"
-        body = self.body(self.cfg.teacher_model, [{"role": "user", "content": 'Reply with {"ok": true}'}],
-                         0.0, 16, json_mode=True)
+        body = self.body(self.cfg.teacher_model, [{"role": "user", "content": 'Reply with the JSON object {"ok": true}'}],
+                         0.0, 16, json_mode=True)  # OpenAI wants the word "JSON" in the messages
         key = "probe:" + request_key(body)
         if self.cache.get(key) is None:
             try:  # a 500 here is the usual "unsupported" answer (llama.cpp), not worth retrying
                 self.call("probe", self.teacher, body, retry_status=RETRY_STATUS - {500})
                 supported = True
             except TransportError as e:
-                if not e.reason.startswith("http_") or e.reason == "http_429":
+                if e.reason in ("timeout", "connection_error", "http_429"):
                     raise FatalError(f"teacher at {self.teacher.url} did not answer ({e.reason}); "
                                      "check --teacher-url, or set --json-mode on|off") from None
                 supported = False
