@@ -104,7 +104,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated world and training seeds")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of a,b,c,d,e,f,g")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per training run")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per training run")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-len", type=int, default=256)
