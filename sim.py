@@ -46,8 +46,9 @@ class WorldConfig:
     n_eval: int = 400           # pairs per evaluation split (normal, hard) and per validation split
     n_bon: int = 200            # best-of-N prompts
     bon_n: int = 8              # candidates per best-of-N prompt
-    heldout_frac: float = 0.3   # share of add/upper/reverse/count tasks kept out of the distill set (capital
-                                # facts are knowledge: every split asks about the same countries)
+    heldout_frac: float = 0.3   # share of add/upper/reverse/count tasks kept out of the distill set: normal, hard
+                                # and best-of-N ask only these unseen tasks. Capital facts are never held out (no
+                                # student can know a fact it never saw): they are trained on and appear in valid
     max_operand: int = 9        # add: operands 0..max_operand
     # candidate models: skill = P(correct); each writes its own style with P = style_purity, else a random one.
     # Better models write longer and fancier answers, as in real preference data (Singhal et al. 2023,
