@@ -61,6 +61,8 @@ def run_distill(world, data_paths, out_dir, workers):
 def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed):
     """One training run through `rmd.py train` in a subprocess; returns its eval.json."""
     if not os.path.exists(os.path.join(out_dir, "eval.json")):
+        if args.report:
+            return None
         cmd = [sys.executable, os.path.join(ROOT, "rmd.py"), "train", f"--data={pairs_file}",
                f"--eval-data={eval_data}", f"--out={out_dir}", "--model=tiny", f"--loss={loss}",
                f"--lm-weight={lm_weight}", f"--max-steps={args.steps}", f"--batch-size={args.batch_size}",
@@ -112,6 +114,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="training runs in parallel (each gets cores/jobs threads)")
     parser.add_argument("--workers", type=int, default=8, help="distill requests in flight")
     parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: tabulate the runs already finished under --out (a run resumes otherwise)")
     args = sim.add_world_args(parser).parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
@@ -151,7 +155,11 @@ def main(argv=None):
     jobs = [(f"sweep-{w:g}", first["files"]["refined"], "mse", w, first["eval_data"],
              os.path.join(first["dir"], f"sweep_lm{w:g}"), seeds[0]) for w in sweep]
     for job, res in zip(jobs, _run_parallel(jobs, args)):
-        sweep_result[job[3]] = res["accuracy"]["valid"]
+        if res is not None:
+            sweep_result[job[3]] = res["accuracy"]["valid"]
+    sweep = [w for w in sweep if w in sweep_result]
+    if not sweep:
+        raise SystemExit(f"error: no finished sweep run under {first['dir']}; run without --report first")
     lm_weight = max(sweep, key=lambda w: (sweep_result[w], -w))
     print("sweep (arm e, seed %d, valid accuracy): " % seeds[0] +
           ", ".join(f"lm_weight {w:g}: {100 * sweep_result[w]:.1f}" for w in sweep) + f" -> {lm_weight:g}", flush=True)
@@ -169,6 +177,8 @@ def main(argv=None):
     results = {}
     for job, res in zip(jobs, _run_parallel(jobs, args)):
         arm, seed, out = job[0], job[6], job[5]
+        if res is None:
+            continue
         bon = best_of_n(os.path.join(out, "model"), worlds[seed]["paths"]["bon"], args.max_len)
         results.setdefault(arm, []).append({"seed": seed, **res["accuracy"], "bon": bon})
 
@@ -186,14 +196,18 @@ def main(argv=None):
 
     # 5. the table
     world0 = first["world"]
-    lines = [f"Seeds {seeds}; {args.steps} steps x {args.batch_size} pairs, lr {args.lr}, tiny student; LM weight "
+    done = ", ".join(f"{a}: seeds {[r['seed'] for r in results[a]]}" for a in arms if a in results)
+    lines = ([f"Finished runs only (--report): {done}."] if args.report else []) + [
+             f"Seeds {seeds}; {args.steps} steps x {args.batch_size} pairs, lr {args.lr}, tiny student; LM weight "
              f"{lm_weight:g} (sweep on valid: " + ", ".join(f"{w:g} -> {100 * sweep_result[w]:.1f}" for w in sweep) +
              f"). Accuracy % on held-out truth-labelled pairs; BoN = % of best-of-{world0.bon_n} picks that are "
              "correct. Mean ± std over seeds.", "",
              "| arm | pairs | loss | LM reg | normal | hard | BoN |", "|---|---|---|---|---|---|---|"]
     for arm in arms:
         pairs, loss, lm, label = ARMS[arm]
-        rs = results[arm]
+        rs = results.get(arm)
+        if not rs:
+            continue
         lines.append(f"| {arm}. {label} | {pairs} | {loss} | {lm_weight if lm else 0:g} | "
                      f"{fmt([r['normal'] for r in rs])} | {fmt([r['hard'] for r in rs])} | {fmt([r['bon'] for r in rs])} |")
     lines.append(f"| teacher as judge (both orders) | - | - | - | {fmt([r['normal'] for r in refs['teacher']])} | "
