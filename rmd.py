@@ -379,6 +379,21 @@ def pack(sequences, bin_len):
     return bins
 
 
+def pack_tightly(sequences, target_padding=0.05):
+    """Bins as long as the longest sequence keep attention as cheap as plain padding; when that leaves more than
+    target_padding of the slots empty, longer bins (up to 2x) fill better. Shortest bins that reach the target win."""
+    longest, total = max(map(len, sequences)), sum(map(len, sequences))
+    best = None
+    for scale in (1 + k / 8 for k in range(9)):
+        bins = pack(sequences, int(longest * scale))
+        padding = 1 - total / (len(bins) * max(sum(len(sequences[i]) for i in b) for b in bins))
+        if best is None or padding < best[0]:
+            best = (padding, bins)
+        if padding <= target_padding:
+            break
+    return best[1]
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [bins, bin_len]
@@ -400,8 +415,7 @@ def collate(examples, pad_id, use_lm, with_margins):
         if ex.teacher is not None:
             lm_starts[len(sequences)] = len(ex.teacher[0])
             sequences.append(ex.teacher[0] + ex.teacher[1])
-    # Bins as long as the longest sequence: attention costs no more than plain padding, and short rows share bins.
-    bins = pack(sequences, max(len(s) for s in sequences))
+    bins = pack_tightly(sequences)
     bin_len = max(sum(len(sequences[i]) for i in b) for b in bins)
     input_ids = torch.full((len(bins), bin_len), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(bins), bin_len), dtype=torch.long)
@@ -683,8 +697,10 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
-def train(cfg: TrainConfig):
-    """Train a reward model; returns the final eval metrics ({split: accuracy})."""
+def train(cfg: TrainConfig, stop_after: int = 0):
+    """Train a reward model; returns the final eval metrics ({split: accuracy}).
+
+    stop_after > 0 checkpoints and returns {} after that step, as if the run had been cut there (for tests)."""
     validate(cfg)
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
@@ -786,8 +802,10 @@ def train(cfg: TrainConfig):
             log_line(window, step, total, optimizer, world, log, log_file)
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < total and eval_sets:
             log(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluate_all().items()))
-        if master and (step == total or (cfg.save_interval and step % cfg.save_interval == 0)):
+        if master and (step in (total, stop_after) or (cfg.save_interval and step % cfg.save_interval == 0)):
             save_checkpoint(ckpt_dir, model, optimizer, {"step": step, "config": dataclasses.asdict(cfg)})
+        if step == stop_after:
+            return {}
     metrics = evaluate_all()
     if master:
         save_reward_model(model, os.path.join(cfg.out, "model"), cfg)

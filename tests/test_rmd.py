@@ -1,0 +1,244 @@
+"""rmd.py train: data parsing, cutting, the packed reward model, the LM term, checkpoints and resume."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import rmd  # noqa: E402
+
+HH = "\n\nHuman: How do I bake bread?\n\nAssistant:"
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(row if isinstance(row, str) else json.dumps(row))
+            f.write("\n")
+    return str(path)
+
+
+def easy_rows(n, seed=0):
+    """A preference any student learns in a few steps: a complete sentence beats a terse fragment."""
+    import random
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a = rng.randint(0, 999)
+        rows.append({"prompt": f"Say something about {a}.", "chosen": f"{a} is a fine number, thanks.",
+                     "rejected": f"{a}??", "chosen_score": 8, "rejected_score": rng.choice([2, 3, 4]),
+                     "teacher_response": f"The number {a} is fine."})
+    return rows
+
+
+def tiny_model(seed=0, head="mlp", max_len=256):
+    torch.manual_seed(seed)
+    lm, tok = rmd.load_backbone("tiny", 0, max_len)
+    model = rmd.RewardModel(lm, tok, head=head, dropout=0.0)
+    model.max_len = max_len
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def test_row_forms_parse_to_the_same_example():
+    tok = rmd.ByteTokenizer()
+    forms = [
+        {"prompt": "How do I bake bread?", "chosen": "Knead it.", "rejected": "No."},
+        {"prompt": [{"role": "user", "content": "How do I bake bread?"}],
+         "chosen": [{"role": "assistant", "content": "Knead it."}], "rejected": "No."},
+        {"chosen": HH + " Knead it.", "rejected": HH + " No."},  # implicit prompt, HH-RLHF style
+        {"prompt": HH, "chosen": " Knead it.", "rejected": " No."},
+    ]
+    examples = [rmd.tokenize_example(tok, rmd.parse_row(r, "x:1", False), 256, rmd.DataStats()) for r in forms]
+    for ex in examples[1:]:
+        assert ex == examples[0]
+    text = tok.decode(examples[0].prompt[0] + examples[0].chosen)
+    assert text == HH + " Knead it."
+
+
+def test_implicit_prompt_splits_at_the_last_assistant_turn():
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Help me\n\nAssistant: Sure, here is how"
+    rejected = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Help me\n\nAssistant: Sure, no"
+    messages, c, r, margin, teacher = rmd.parse_row({"chosen": chosen, "rejected": rejected}, "x:1", False)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert (c, r) == (" Sure, here is how", " Sure, no")
+
+
+def test_margin_from_scores_or_field():
+    row = {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 7.5, "rejected_score": 3}
+    assert rmd.parse_row(row, "x:1", True)[3] == 4.5
+    assert rmd.parse_row({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2}, "x:1", True)[3] == 2.0
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "p", "chosen": "a"', "not valid JSON"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"prompt": "p", "chosen": "a"}', "missing field 'rejected'"),
+    ('{"prompt": 3, "chosen": "a", "rejected": "b", "margin": 1}', "field 'prompt'"),
+    ('{"prompt": "p", "chosen": 5, "rejected": "b", "margin": 1}', "field 'chosen'"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": "9", "rejected_score": 1}', "chosen_score"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b"}', "needs a preference strength"),
+])
+def test_bad_rows_stop_with_file_and_line(tmp_path, line, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1}, line])
+    with pytest.raises(rmd.DataError) as err:
+        rmd.load_pairs(path, rmd.ByteTokenizer(), 64, need_margin=True)
+    assert f"{path}:2:" in str(err.value) and message in str(err.value)
+
+
+def test_over_long_rows_are_cut_from_the_left_and_counted(tmp_path):
+    long_prompt = "x" * 300 + " the question?"
+    rows = [{"prompt": long_prompt, "chosen": "good answer", "rejected": "bad"},
+            {"prompt": "p", "chosen": "y" * 100 + " end A", "rejected": "y" * 100 + " end B"},
+            {"prompt": "q", "chosen": "same", "rejected": "same"}]
+    examples, stats = rmd.load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), rmd.ByteTokenizer(), 64)
+    assert stats.rows == 3 and stats.kept == 2 and stats.dropped == {"chosen == rejected": 1}
+    first = examples[0]
+    tok = rmd.ByteTokenizer()
+    for prompt, answer in ((first.prompt[0], first.chosen), (first.prompt[1], first.rejected)):
+        assert len(prompt) + len(answer) <= 64
+        assert answer[-1] == tok.eos_token_id
+        assert tok.decode(prompt).endswith("the question?\n\nAssistant:")  # the end of the prompt survives
+    second = examples[1]
+    assert tok.decode(second.chosen).endswith("end A") and len(second.prompt[0]) + len(second.chosen) == 64
+    assert stats.prompt_cut == 4 and stats.answer_cut == 2
+    assert "dropped: chosen == rejected: 1" in stats.summary("train")
+
+
+def test_rows_identical_after_cutting_are_dropped_and_counted(tmp_path):
+    rows = [{"prompt": "p", "chosen": "A" + "z" * 100, "rejected": "B" + "z" * 100}]
+    with pytest.raises(rmd.DataError, match="identical after cutting"):
+        rmd.load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), rmd.ByteTokenizer(), 32)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def padded(sequences, pad_id, left):
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span], mask[i, span] = torch.tensor(s), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_reward_is_independent_of_packing_padding_side_and_batch_size(tmp_path, pad_is_eos):
+    model = tiny_model().eval()
+    if pad_is_eos:
+        model.pad_id = model.tokenizer.eos_token_id
+    examples, _ = rmd.load_pairs(write_jsonl(tmp_path / "d.jsonl", easy_rows(6)), model.tokenizer, 256)
+    sequences = [ex.prompt[0] + ex.chosen for ex in examples] + [ex.prompt[1] + ex.rejected for ex in examples]
+    with torch.no_grad():
+        packed, _ = model(rmd.collate(examples, model.pad_id, False, False))
+        one_by_one = torch.cat([model.rewards(*padded([s], model.pad_id, False)) for s in sequences])
+        right = model.rewards(*padded(sequences, model.pad_id, left=False))
+        left = model.rewards(*padded(sequences, model.pad_id, left=True))
+    for other in (packed, right, left):
+        torch.testing.assert_close(other, one_by_one, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_lm_term_equals_full_logits_cross_entropy(tmp_path):
+    model = tiny_model().eval()
+    examples, _ = rmd.load_pairs(write_jsonl(tmp_path / "d.jsonl", easy_rows(5)), model.tokenizer, 256)
+    batch = rmd.collate(examples, model.pad_id, True, True)
+    _, lm_hidden = model(batch)
+    weight = model.lm.get_output_embeddings().weight
+    fused = rmd.linear_cross_entropy(lm_hidden, weight, batch.lm_target)
+    # reference: each prompt + teacher answer on its own, full logits, prompt positions masked
+    losses, count = 0.0, 0
+    for ex in examples:
+        prompt, answer = ex.teacher
+        ids = torch.tensor([prompt + answer])
+        logits = model.lm(input_ids=ids).logits[0, :-1]
+        labels = torch.tensor(prompt + answer)[1:].clone()
+        labels[:len(prompt) - 1] = -100
+        losses = losses + F.cross_entropy(logits, labels, reduction="sum")
+        count += len(answer)
+    torch.testing.assert_close(fused, losses / count, atol=1e-5, rtol=1e-4)
+    assert batch.n_pairs == 5 and len(batch.lm_target) == count
+
+
+def test_collate_packs_with_little_padding(tmp_path):
+    model = tiny_model()
+    examples, _ = rmd.load_pairs(write_jsonl(tmp_path / "d.jsonl", easy_rows(32)), model.tokenizer, 256)
+    batch = rmd.collate(examples, model.pad_id, True, True)
+    assert batch.real_tokens / batch.input_ids.numel() > 0.9
+    longest = max(len(ex.prompt[0]) + len(ex.chosen) for ex in examples)
+    assert longest <= batch.input_ids.shape[1] <= 2 * longest  # attention never costs more than 4x padding's
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def train_cfg(tmp_path, data, **kw):
+    base = dict(data=data, out=str(tmp_path / "out"), model="tiny", max_len=128, batch_size=8, lr=1e-3,
+                warmup=0.1, log_interval=1, seed=3)
+    base.update(kw)
+    return rmd.TrainConfig(**base)
+
+
+def log_losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [(r["step"], r["pair_loss"], r["lm_loss"]) for r in map(json.loads, f)]
+
+
+def test_training_learns_an_easy_preference_and_saves_a_loadable_model(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(160))
+    test = write_jsonl(tmp_path / "test.jsonl", easy_rows(40, seed=1))
+    cfg = train_cfg(tmp_path, data, eval_data=f"heldout={test}", max_steps=30, lm_weight=0.1, loss="bt-margin")
+    metrics = rmd.train(cfg)
+    assert metrics["heldout"] > 0.9
+    saved = json.load(open(os.path.join(cfg.out, "eval.json")))
+    assert saved["accuracy"] == metrics and saved["step"] == 30
+    losses = log_losses(cfg.out)
+    assert losses[-1][1] < losses[0][1] and losses[-1][2] < losses[0][2]
+    # the saved folder reproduces the rewards of the trained model
+    model = rmd.load_reward_model(os.path.join(cfg.out, "model"))
+    rows = easy_rows(4, seed=2)
+    rewards = model.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    trained = tiny_model()
+    rmd.load_checkpoint(os.path.join(cfg.out, "ckpt"), trained, torch.optim.AdamW(
+        [{"params": [p for p in trained.parameters() if p.dim() >= 2]},
+         {"params": [p for p in trained.parameters() if p.dim() < 2]}]))
+    examples, _ = rmd.load_pairs(write_jsonl(tmp_path / "s.jsonl", rows), trained.tokenizer, 128)
+    with torch.no_grad():
+        direct, _ = trained.eval()(rmd.collate(examples, trained.pad_id, False, False))
+    torch.testing.assert_close(torch.tensor(rewards), direct[:4], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(48))
+    straight = train_cfg(tmp_path / "a", data, max_steps=8, lm_weight=0.5, epochs=3)
+    rmd.train(straight)
+    first = train_cfg(tmp_path / "b", data, max_steps=8, lm_weight=0.5, epochs=3)
+    rmd.train(rmd.TrainConfig(**{**vars(first), "max_steps": 8}), stop_after=3)
+    rmd.train(rmd.TrainConfig(**{**vars(first), "resume": True}))
+    a, b = log_losses(straight.out), log_losses(first.out)
+    assert [s for s, *_ in b] == list(range(1, 9))
+    for (step_a, pair_a, lm_a), (step_b, pair_b, lm_b) in zip(a, b):
+        assert step_a == step_b and abs(pair_a - pair_b) < 1e-6 and abs(lm_a - lm_b) < 1e-6
+
+
+def test_cli_without_data_says_what_to_pass():
+    run = subprocess.run([sys.executable, "rmd.py", "train"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and "--data" in run.stderr
+    run = subprocess.run([sys.executable, "rmd.py", "train", "--data=x.jsonl", "--lernrate=1"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "unknown option --lernrate" in run.stderr
+
+
+def test_overrides_are_type_checked():
+    cfg = rmd.parse_overrides(rmd.TrainConfig(), ["--lr=3e-4", "--max-steps", "5", "--resume", "--loss=bt"])
+    assert (cfg.lr, cfg.max_steps, cfg.resume, cfg.loss) == (3e-4, 5, True, "bt")
+    with pytest.raises(SystemExit, match="takes a int"):
+        rmd.parse_overrides(rmd.TrainConfig(), ["--max-steps=many"])
