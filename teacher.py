@@ -659,6 +659,11 @@ def _read_body(r, deadline):
     return b"".join(chunks).decode(r.encoding or "utf-8", errors="replace")
 
 
+def chat(url, body, api_key="", **client_kw):
+    """One chat completion outside a run (no cache): (Reply, attempts). `client_kw` as for Client."""
+    return Client(url, api_key, **client_kw).chat(body)
+
+
 def parse_completion(data):
     """A chat.completion body -> Reply; ValueError(reason) if it has no usable choice."""
     if not isinstance(data, dict):

@@ -65,7 +65,8 @@ def test_kill_and_resume_sends_nothing_twice_and_gives_identical_output(tmp_path
             cached_at_kill, n_at_kill = set(cache_keys(cache)), len(server.bodies)
         keys_all = [teacher.request_key(b) for b in server.bodies]
         repeated = len(keys_all) - len(set(keys_all))
-        assert repeated <= 2 * 4, "only requests in flight at a kill (at most `workers` each) may repeat"
+        # only requests sent but not yet in the cache at a kill may repeat: at most one per row thread (2 x workers)
+        assert repeated <= 2 * 8
         print(f"{len(keys_all)} requests over 3 runs, {repeated} repeated (in flight at a kill)")
 
         n_before = len(server.bodies)
