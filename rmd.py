@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loss import linear_cross_entropy, pairwise_loss
+from teacher import parse_overrides
 
 HH_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
 ROLE_NAMES = {v: k for k, v in HH_ROLES.items()}
@@ -75,46 +76,6 @@ class TrainConfig:
     save_interval: int = 0  # checkpoint every N steps (0 = only at the end)
     eval_batch: int = 32  # pairs per forward pass at evaluation
     resume: bool = False  # continue from <out>/ckpt
-
-
-def parse_overrides(defaults, argv: list[str]):
-    """`--key=value` / `--key value` overrides of a dataclass, type-checked against the default's type."""
-    values = dataclasses.asdict(defaults)
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}; options look like --key=value")
-        key, eq, raw = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key not in values:
-            raise SystemExit(f"error: unknown option --{key.replace('_', '-')}; valid: "
-                             + ", ".join("--" + k.replace("_", "-") for k in values))
-        if not eq:
-            if isinstance(values[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-                raw = "true"
-            else:
-                i += 1
-                if i == len(argv):
-                    raise SystemExit(f"error: --{key} needs a value")
-                raw = argv[i]
-        values[key] = _convert(key, raw, values[key])
-        i += 1
-    return type(defaults)(**values)
-
-
-def _convert(key, raw, default):
-    kind = type(default)
-    if kind is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise SystemExit(f"error: --{key} takes true/false, got {raw!r}")
-    try:
-        return kind(raw)
-    except ValueError:
-        raise SystemExit(f"error: --{key} takes a {kind.__name__}, got {raw!r}") from None
 
 
 def validate(cfg: TrainConfig):
@@ -844,6 +805,43 @@ def log_line(window, step, total, optimizer, world, log, log_file):
 
 
 USAGE = __doc__
+DEMO_OUT = "out/distill"  # where `python rmd.py distill` writes when run on the built-in default
+# `python rmd.py train` with no --data: the built-in tiny student on the demo distill output, sized for a CPU
+DEMO_TRAIN = dict(data=f"{DEMO_OUT}/train.jsonl", eval_data=f"normal={DEMO_OUT}/builtin/normal.jsonl,"
+                  f"hard={DEMO_OUT}/builtin/hard.jsonl", model="tiny", lr=1e-3, max_len=256, max_steps=200,
+                  log_interval=25)
+
+
+def distill_command(argv):
+    """`rmd.py distill`: teacher.distill, or with no --teacher-url the simulated teacher on the built-in prompts."""
+    import teacher
+    cfg = parse_overrides(teacher.DistillConfig(out=DEMO_OUT), argv)
+    if cfg.teacher_url:
+        return teacher.distill(cfg)
+    import sim
+    world = sim.WorldConfig(seed=cfg.seed)
+    paths = sim.write_builtin_data(os.path.join(cfg.out, "builtin"), world)
+    url, shutdown = sim.start_server(world)
+    print(f"no --teacher-url: using the built-in simulated teacher at {url} (sim.py) on the built-in prompts "
+          f"({paths['distill']}); held-out eval splits in {os.path.dirname(paths['normal'])}", file=sys.stderr)
+    try:
+        return teacher.distill(dataclasses.replace(cfg, teacher_url=url, teacher_model=sim.TEACHER_MODEL,
+                                                   data=cfg.data or paths["distill"]))
+    finally:
+        shutdown()
+
+
+def train_command(argv):
+    demo = not any(a.replace("_", "-").startswith("--data") for a in argv)
+    cfg = parse_overrides(TrainConfig(**DEMO_TRAIN) if demo else TrainConfig(), argv)
+    if demo and not os.path.exists(cfg.data):
+        raise SystemExit(f"error: no --data given and no demo data at {cfg.data}: run `python rmd.py distill` "
+                         "first, or pass --data=pairs.jsonl (rows {prompt, chosen, rejected[, chosen_score, "
+                         "rejected_score, teacher_response]}; see README.md)")
+    try:
+        return train(cfg)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def main(argv=None):
@@ -853,16 +851,15 @@ def main(argv=None):
         return 0
     command, rest = argv[0], argv[1:]
     if command == "train":
-        cfg = parse_overrides(TrainConfig(), rest)
-        if not cfg.data:
-            raise SystemExit("error: pass --data=pairs.jsonl (rows {prompt, chosen, rejected[, chosen_score, "
-                             "rejected_score, teacher_response]}); see README.md")
-        try:
-            train(cfg)
-        except DataError as e:
-            raise SystemExit(f"error: {e}") from None
-        return 0
-    raise SystemExit(f"error: unknown command {command!r}; commands: distill, train, teacher-sim")
+        train_command(rest)
+    elif command == "distill":
+        distill_command(rest)
+    elif command == "teacher-sim":
+        import sim
+        return sim.main(rest)
+    else:
+        raise SystemExit(f"error: unknown command {command!r}; commands: distill, train, teacher-sim")
+    return 0
 
 
 if __name__ == "__main__":
