@@ -229,7 +229,7 @@ def _json_object(text):
     text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ParseError("bad_json_reply", text[:200]) from None
     if not isinstance(obj, dict):
         raise ParseError("bad_json_reply", "not a JSON object")

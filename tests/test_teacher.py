@@ -52,7 +52,8 @@ def test_annotation_json_mode():
     for text, reason in [('{"assistant_1": 8}', "no_score"), ('{"assistant_1": "8", "assistant_2": 6}', "no_score"),
                          ('{"assistant_1": true, "assistant_2": 6}', "no_score"), ("Assistant 1: 8", "bad_json_reply"),
                          ('{"assistant_1": NaN, "assistant_2": 6}', "no_score"), ("[8, 6]", "bad_json_reply"),
-                         ('{"assistant_1": 80, "assistant_2": 6}', "score_out_of_range")]:
+                         ('{"assistant_1": 80, "assistant_2": 6}', "score_out_of_range"),
+                         ("[" * 100000, "bad_json_reply"), ('{"assistant_1": 1e400, "assistant_2": 6}', "score_out_of_range")]:
         with pytest.raises(ParseError) as e:
             parse_annotation(text, json_mode=True)
         assert e.value.reason == reason, text
