@@ -757,11 +757,13 @@ class RowFailure(Exception):
         self.stage, self.reason, self.raw, self.attempts, self.dropped = stage, reason, raw, attempts, dropped
 
 
-def _parsed(stage, parse, text, *args):
+def _parsed(stage, parse, answer, *args):
+    """parse(answer text, *args), or RowFailure(stage, reason) with the text and its request's attempts."""
+    text, attempts = answer
     try:
         return parse(text, *args)
     except ParseError as e:
-        raise RowFailure(stage, e.reason, text) from None
+        raise RowFailure(stage, e.reason, text, attempts) from None
 
 
 def _sign(x):
@@ -819,7 +821,7 @@ class Run:
             st["last"] = now
 
     def call(self, stage, client, body, **chat_kw):
-        """Reply for `body`, from the cache or the server; one request per key even across threads."""
+        """(Reply, HTTP attempts) for `body`, from the cache or the server; one request per key at a time."""
         key = request_key(body)
         while True:
             with self.lock:
@@ -829,7 +831,7 @@ class Run:
                     break
             if entry is not None:
                 self._count(stage, cache_hits=1)
-                return Reply(**entry["reply"])
+                return Reply(**entry["reply"]), entry.get("attempts", 1)  # as first obtained: same failures.jsonl
             event.wait()  # the same request is in flight for another row: wait for its reply
         try:
             if self.stop.is_set():
@@ -842,23 +844,23 @@ class Run:
                 raise
             self._count(stage, sent=attempts, replies=1, prompt_tokens=reply.usage.get("prompt_tokens", 0),
                         completion_tokens=reply.usage.get("completion_tokens", 0))
-            self.cache.put({"key": key, "stage": stage, "reply": asdict(reply)})
-            return reply
+            self.cache.put({"key": key, "stage": stage, "attempts": attempts, "reply": asdict(reply)})
+            return reply, attempts
         finally:
             with self.lock:
                 del self.inflight[key]
             event.set()
 
     def ask(self, stage, client, body):
-        """The reply's text with reasoning removed, or RowFailure(stage, reason)."""
+        """(reply text with reasoning removed, HTTP attempts), or RowFailure(stage, reason)."""
         try:
-            reply = self.call(stage, client, body)
+            reply, attempts = self.call(stage, client, body)
         except TransportError as e:
             raise RowFailure(stage, e.reason, e.raw, e.attempts) from None
         problem = reply_problem(reply)
         if problem:
-            raise RowFailure(stage, problem, reply.content)
-        return strip_reasoning(reply.content)
+            raise RowFailure(stage, problem, reply.content, attempts)
+        return strip_reasoning(reply.content), attempts
 
     def probe_json_mode(self):
         """Does the teacher server accept response_format json_object? Asked once, remembered in the cache."""
@@ -897,7 +899,7 @@ class Run:
             model, client = self.candidates[pick]
             body = self.body(model, prompt_messages(row["prompt"]), cfg.gen_temperature, cfg.gen_max_tokens,
                              cfg.gen_top_p, purpose=f"{rid}:candidate:{k}")
-            texts.append(self.ask("candidates", client, body))
+            texts.append(self.ask("candidates", client, body)[0])
         return texts[0], texts[1], {"input": "prompt", "candidate_models": [self.candidates[p][0] for p in picks]}
 
     def annotate(self, question, a, b, tie_reask=False):
@@ -935,7 +937,7 @@ class Run:
             answer = {"a": a, "b": b}
             teacher_answer = self.ask("generate", self.teacher, self.body(
                 cfg.teacher_model, prompt_messages(row["prompt"]), cfg.gen_temperature, cfg.gen_max_tokens,
-                cfg.gen_top_p, purpose=f"{rid}:teacher"))
+                cfg.gen_top_p, purpose=f"{rid}:teacher"))[0]
             provenance = {"teacher_model": cfg.teacher_model, "template_version": TEMPLATE_VERSION,
                           "line": row["line"], "annotate_scores": scores, **source}
             label_agrees = winner == "a" if row["kind"] == "pair" else None
@@ -952,7 +954,7 @@ class Run:
             refine_reply = self.ask("refine", self.teacher, self.body(
                 cfg.teacher_model, messages, cfg.refine_temperature, cfg.refine_max_tokens, purpose=f"{rid}:refine"))
             diagnosis, refined = _parsed("refine", parse_refinement, refine_reply, nonce)
-            messages = messages + [{"role": "assistant", "content": refine_reply},
+            messages = messages + [{"role": "assistant", "content": refine_reply[0]},
                                    {"role": "user", "content": score_prompt(nonce, rejected_score, self.json_mode)}]
             score_reply = self.ask("score", self.teacher, self.body(
                 cfg.teacher_model, messages, cfg.annotate_temperature, cfg.score_max_tokens,

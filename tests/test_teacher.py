@@ -209,7 +209,7 @@ def test_persistent_faults_become_recorded_failures(tmp_path, fault, reason, req
     assert train == [] and annotated == []
     assert len(server.bodies) == requests  # bounded, and the row stops at its first failed stage
     (f,) = failures
-    assert (f["id"], f["stage"], f["reason"], f["dropped"]) == ("r1", "annotate", reason, False)
+    assert (f["id"], f["stage"], f["reason"], f["dropped"], f["attempts"]) == ("r1", "annotate", reason, False, requests)
     assert summary["stages"]["annotate"]["failures"] == {reason: 1}
 
 
