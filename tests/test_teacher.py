@@ -356,7 +356,7 @@ def test_rate_limit_is_respected(tmp_path):
 
 
 def test_throughput_keeps_the_workers_busy(tmp_path):
-    workers, latency = 32, 0.2
+    workers, latency = 32, 0.3
     rows = [{"id": f"r{i}", "prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(96)]
     arrivals = []
     with FaultServer(latency=latency, fault=lambda body, n: arrivals.append(time.time())) as server:
