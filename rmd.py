@@ -2,6 +2,9 @@
 
     python rmd.py distill [--key=value ...]   # teacher pipeline (teacher.py): prompts/pairs -> training pairs
     python rmd.py train   [--key=value ...]   # train the student reward model on those pairs
+    python rmd.py eval --model DIR --data F   # accuracy on pairs, RewardBench or RM-Bench files (evaluate.py)
+    python rmd.py bon --model DIR --data F    # best-of-N: every response's reward and the best one
+    python rmd.py serve --model DIR           # HTTP reward server (OpenRLHF --remote_rm_url compatible)
     python rmd.py teacher-sim --port=N        # the built-in simulated teacher (sim.py), standalone
 
 Every option is a field of a config dataclass below (TrainConfig for `train`); `--key=value` or `--key value`
@@ -857,8 +860,12 @@ def main(argv=None):
     elif command == "teacher-sim":
         import sim
         return sim.main(rest)
+    elif command in ("eval", "bon", "serve"):
+        import evaluate
+        {"eval": evaluate.eval_command, "bon": evaluate.bon_command, "serve": evaluate.serve_command}[command](rest)
     else:
-        raise SystemExit(f"error: unknown command {command!r}; commands: distill, train, teacher-sim")
+        raise SystemExit(f"error: unknown command {command!r}; commands: distill, train, eval, bon, serve, "
+                         "teacher-sim")
     return 0
 
 

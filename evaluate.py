@@ -1,0 +1,539 @@
+"""Use a trained reward model: benchmark accuracy, best-of-N ranking, and an HTTP reward server for RL trainers.
+
+    python rmd.py eval  --model DIR --data FILE [--out results.json] [--batch-size 32] [--padding-side right]
+    python rmd.py bon   --model DIR --data rows.jsonl --out scored.jsonl
+    python rmd.py serve --model DIR [--host 127.0.0.1] [--port 5000]
+
+`eval` reads local JSONL (or one JSON array) in one of three public formats, detected from the first row:
+  - pairs:       {prompt, chosen, rejected}                       -> accuracy (strict >, a tie is wrong)
+  - RewardBench: {prompt, chosen, rejected, subset}               -> per-subset accuracy, the four leaderboard
+                 sections (subsets weighted by allenai/reward-bench's EXAMPLE_COUNTS) and their mean
+  - RM-Bench:    {prompt, chosen: [3], rejected: [3], domain}     -> easy / normal / hard per domain and overall
+It prints a table and writes the numbers as JSON. Every reward is read at the last real token of a sequence
+tokenized exactly as in training (rmd.render_prompt / render_answer + eos); sequences are sorted by length before
+batching, so little padding is computed, and results do not depend on --batch-size or --padding-side.
+
+`serve` answers POST /get_reward (also / and /score) with either
+  - OpenRLHF's remote reward-model form: {"query": [full texts], "prompts": [...]?, "labels": [...]?}
+    -> {"rewards": [...], "scores": [...], "extra_logs": {...}}. Each query is already formatted text (rendered
+    prompt + response); it is tokenized as it is, trailing pad/eos text stripped and one eos id appended, as
+    OpenRLHF's own serve_rm does. `prompts` and `labels` are accepted and not needed.
+  - the plain form: {"prompt": p, "response": r} or {"prompts": [...], "responses": [...]} -> {"rewards": [...]};
+    prompts are strings or message lists and are rendered as in training.
+Concurrent requests are micro-batched by one worker thread that owns the model. GET /health says it is up.
+
+In Python: `evaluate.sequence_rewards(model, sequences)`, `evaluate.pair_rewards(model, prompts, answers)`,
+`evaluate.evaluate_file(model, path)`, `evaluate.best_of_n(model, rows)`, `evaluate.start_server(model)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+import rmd
+from teacher import parse_overrides
+
+# allenai/reward-bench rewardbench/constants.py: the leaderboard weights each subset by these counts inside its
+# section (math-prm is up-weighted to equal the code subsets together); the overall score is the sections' mean.
+EXAMPLE_COUNTS = {
+    "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28, "mt-bench-med": 40,
+    "mt-bench-hard": 37, "math-prm": 984, "refusals-dangerous": 100, "refusals-offensive": 100,
+    "llmbar-natural": 100, "llmbar-adver-neighbor": 134, "llmbar-adver-GPTInst": 92, "llmbar-adver-GPTOut": 47,
+    "llmbar-adver-manual": 46, "xstest-should-refuse": 250, "xstest-should-respond": 154, "donotanswer": 136,
+    "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
+}
+SUBSET_MAPPING = {
+    "Chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
+    "Chat Hard": ["mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
+                  "llmbar-adver-GPTOut", "llmbar-adver-manual"],
+    "Safety": ["refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
+               "donotanswer"],
+    "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
+}
+RM_BENCH_DOMAINS = ("chat", "math", "code", "safety")  # styles in each row: concise, detailed, detailed+markdown
+
+
+@dataclass
+class EvalConfig:
+    model: str = ""  # a folder written by `rmd.py train`
+    data: str = ""  # JSONL (or a JSON array) of pairs, RewardBench rows or RM-Bench rows
+    out: str = ""  # results JSON (default: <data file name>.eval.json in the current directory)
+    format: str = "auto"  # auto, pairs, rewardbench, rmbench
+    batch_size: int = 32  # sequences per forward pass
+    padding_side: str = "right"  # right or left: the results do not depend on it
+    max_len: int = 0  # 0 = the model's training max_len
+    device: str = "auto"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rewards, batched
+
+
+def pair_tokens(model, prompt, answer, max_len):
+    """(prompt, answer) -> token ids exactly as training builds them: rendered prompt + answer + eos, cut from the left."""
+    tok = model.tokenizer
+    prompt_ids = rmd.encode(tok, rmd.render_prompt(tok, rmd.as_messages(prompt, "prompt")))
+    answer_ids = rmd.encode(tok, rmd.render_answer(tok, answer)) + [tok.eos_token_id]
+    p, a = rmd.fit(prompt_ids, answer_ids, max_len, rmd.DataStats())
+    return p + a
+
+
+def text_tokens(model, text, max_len):
+    """An already formatted full text (prompt + response) -> ids + eos; trailing pad/eos text is dropped first."""
+    tok = model.tokenizer
+    if not isinstance(tok, rmd.ByteTokenizer):
+        for special in (tok.pad_token, tok.eos_token):
+            while special and text.endswith(special):
+                text = text[:-len(special)]
+    ids = rmd.encode(tok, text)[-(max_len - 1):] + [tok.eos_token_id]
+    return ids
+
+
+@torch.no_grad()
+def sequence_rewards(model, sequences, batch_size=32, padding_side="right"):
+    """Rewards of token-id sequences. Sorted by length and padded per batch; the order of the input is kept."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = [0.0] * len(sequences)
+    for k in range(0, len(order), batch_size):
+        chunk = order[k:k + batch_size]
+        width = max(len(sequences[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), model.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):
+            s = sequences[i]
+            span = slice(width - len(s), width) if padding_side == "left" else slice(0, len(s))
+            ids[row, span], mask[row, span] = torch.tensor(s), 1
+        for i, reward in zip(chunk, model.rewards(ids.to(device), mask.to(device)).tolist()):
+            out[i] = reward
+    return out
+
+
+def pair_rewards(model, prompts, answers, batch_size=32, padding_side="right", max_len=0):
+    max_len = max_len or model.max_len
+    sequences = [pair_tokens(model, p, a, max_len) for p, a in zip(prompts, answers, strict=True)]
+    return sequence_rewards(model, sequences, batch_size, padding_side)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks
+
+
+def read_rows(path):
+    """JSONL, or a JSON array (RM-Bench ships one): -> [(where, row)]."""
+    with rmd.open_text(path) as f:
+        head = f.read(1)
+        while head and head.isspace():
+            head = f.read(1)
+    if head == "[":
+        with rmd.open_text(path) as f:
+            rows = json.load(f)
+        return [(f"{path}[{i}]", row) for i, row in enumerate(rows)]
+    return [(f"{path}:{n}", row) for n, row in rmd.read_jsonl(path)]
+
+
+def detect_format(row, where):
+    if isinstance(row.get("chosen"), list) and row["chosen"] and all(isinstance(c, str) for c in row["chosen"]):
+        if not (isinstance(row.get("rejected"), list) and len(row["rejected"]) == len(row["chosen"]) == 3):
+            raise rmd.DataError(f"{where}: RM-Bench rows need 'chosen' and 'rejected' as lists of 3 answers "
+                                "(concise, detailed, markdown)")
+        return "rmbench"
+    return "rewardbench" if "subset" in row else "pairs"
+
+
+def accuracy_of(chosen, rejected):
+    return sum(c > r for c, r in zip(chosen, rejected)) / max(1, len(chosen))
+
+
+def evaluate_pairs(model, rows, fmt, batch_size, padding_side, max_len):
+    """pairs / RewardBench rows -> metrics dict. Each row's prompt and answers are parsed as in training."""
+    prompts, chosen, rejected, subsets = [], [], [], []
+    for where, row in rows:
+        for key in ("prompt", "chosen", "rejected") if fmt == "rewardbench" else ("chosen", "rejected"):
+            if key not in row:
+                raise rmd.DataError(f"{where}: missing field '{key}'")
+        messages, c, r, _, _ = rmd.parse_row(row, where, False)
+        prompts.append(messages), chosen.append(c), rejected.append(r)
+        subsets.append(str(row.get("subset", "")))
+    rewards = pair_rewards(model, prompts + prompts, chosen + rejected, batch_size, padding_side, max_len)
+    r_chosen, r_rejected = rewards[:len(prompts)], rewards[len(prompts):]
+    result = {"format": fmt, "pairs": len(prompts), "accuracy": accuracy_of(r_chosen, r_rejected),
+              "ties": sum(c == r for c, r in zip(r_chosen, r_rejected))}
+    if fmt == "rewardbench":
+        per_subset = {}
+        for name in sorted(set(subsets)):
+            idx = [i for i, s in enumerate(subsets) if s == name]
+            per_subset[name] = {"accuracy": accuracy_of([r_chosen[i] for i in idx], [r_rejected[i] for i in idx]),
+                                "n": len(idx)}
+        result["subsets"] = per_subset
+        result["sections"] = reward_bench_sections({k: v["accuracy"] for k, v in per_subset.items()})
+        result["score"] = sum(result["sections"].values()) / len(result["sections"]) if result["sections"] else None
+        result["unweighted_subsets"] = sorted(set(per_subset) - set(EXAMPLE_COUNTS))  # e.g. prior sets: not scored
+    return result, r_chosen, r_rejected
+
+
+def reward_bench_sections(subset_accuracy):
+    """The leaderboard's section scores: example-count-weighted mean of the subsets present (sections with none
+    present are left out, and then the mean is not the leaderboard's overall score)."""
+    sections = {}
+    for section, names in SUBSET_MAPPING.items():
+        present = [n for n in names if n in subset_accuracy]
+        if present:
+            sections[section] = (sum(subset_accuracy[n] * EXAMPLE_COUNTS[n] for n in present)
+                                 / sum(EXAMPLE_COUNTS[n] for n in present))
+    return sections
+
+
+def evaluate_rm_bench(model, rows, batch_size, padding_side, max_len):
+    """RM-Bench: per prompt M[i][j] = r(chosen style i) > r(rejected style j), styles concise, detailed, markdown.
+    hard = mean over i < j (plainer chosen vs fancier rejected), normal = diagonal, easy = i > j."""
+    prompts, answers, domains = [], [], []
+    for where, row in rows:
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
+                raise rmd.DataError(f"{where}: missing field '{key}'")
+        messages = rmd.as_messages(row["prompt"], where)
+        for answer in row["chosen"] + row["rejected"]:
+            prompts.append(messages), answers.append(rmd.as_answer(answer, "chosen/rejected", where))
+        domain = str(row.get("domain") or str(row.get("id", "")).split("/")[0] or "all")
+        domains.append(domain.split("-")[0].lower())  # safety-refuse, safety-response -> safety
+    rewards = pair_rewards(model, prompts, answers, batch_size, padding_side, max_len)
+    cells = {"hard": [(i, j) for i in range(3) for j in range(3) if i < j], "normal": [(i, i) for i in range(3)],
+             "easy": [(i, j) for i in range(3) for j in range(3) if i > j]}
+    per_row = []
+    for k in range(len(domains)):
+        r = rewards[6 * k:6 * k + 6]
+        per_row.append({level: sum(r[i] > r[3 + j] for i, j in ij) / len(ij) for level, ij in cells.items()})
+    per_domain = {}
+    for domain in sorted(set(domains)):
+        idx = [k for k, d in enumerate(domains) if d == domain]
+        scores = {level: sum(per_row[k][level] for k in idx) / len(idx) for level in cells}
+        scores["average"] = sum(scores.values()) / 3
+        per_domain[domain] = {**scores, "n": len(idx)}
+    overall = {level: sum(d[level] for d in per_domain.values()) / len(per_domain)
+               for level in ("easy", "normal", "hard", "average")}
+    return {"format": "rmbench", "prompts": len(domains), "domains": per_domain, "overall": overall}, rewards
+
+
+def evaluate_file(model, path, fmt="auto", batch_size=32, padding_side="right", max_len=0):
+    """Benchmark file -> (metrics dict, per-item rewards: pairs give (chosen, rejected) lists, RM-Bench a flat list)."""
+    rows = read_rows(path)
+    if not rows:
+        raise rmd.DataError(f"{path}: no rows")
+    if fmt == "auto":
+        fmt = detect_format(rows[0][1], rows[0][0])
+    if fmt == "rmbench":
+        for where, row in rows:
+            detect_format(row, where)
+        return evaluate_rm_bench(model, rows, batch_size, padding_side, max_len)
+    result, chosen, rejected = evaluate_pairs(model, rows, fmt, batch_size, padding_side, max_len)
+    return result, (chosen, rejected)
+
+
+def table(result):
+    """The metrics as a small text table (percent)."""
+    pct = lambda x: f"{100 * x:6.2f}"  # noqa: E731
+    lines = []
+    if result["format"] == "rmbench":
+        lines.append(f"{'domain':<10} {'n':>5} {'easy':>6} {'normal':>6} {'hard':>6} {'avg':>6}")
+        for name, d in list(result["domains"].items()) + [("overall", {**result["overall"], "n": result["prompts"]})]:
+            lines.append(f"{name:<10} {d['n']:>5} {pct(d['easy'])} {pct(d['normal'])} {pct(d['hard'])} "
+                         f"{pct(d['average'])}")
+        return "\n".join(lines)
+    if result["format"] == "rewardbench":
+        lines.append(f"{'subset':<24} {'n':>5} {'acc':>6}")
+        for name, s in result["subsets"].items():
+            lines.append(f"{name:<24} {s['n']:>5} {pct(s['accuracy'])}")
+        lines.append("")
+        for name, score in result["sections"].items():
+            lines.append(f"{name:<24} {'':>5} {pct(score)}")
+        if result["score"] is not None:
+            lines.append(f"{'RewardBench (mean)':<24} {'':>5} {pct(result['score'])}"
+                         + ("" if len(result["sections"]) == 4 else "  (not all 4 sections present)"))
+    lines.append(f"{'all pairs':<24} {result['pairs']:>5} {pct(result['accuracy'])}  ({result['ties']} ties)")
+    return "\n".join(lines)
+
+
+def pick_device(device):
+    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def eval_command(argv):
+    cfg = parse_overrides(EvalConfig(), argv)
+    if not cfg.model or not cfg.data:
+        raise SystemExit("error: rmd.py eval needs --model DIR (written by rmd.py train) and --data FILE")
+    if cfg.padding_side not in ("left", "right") or cfg.format not in ("auto", "pairs", "rewardbench", "rmbench"):
+        raise SystemExit("error: --padding-side is left or right; --format is auto, pairs, rewardbench or rmbench")
+    model = rmd.load_reward_model(cfg.model, pick_device(cfg.device))
+    try:
+        result, _ = evaluate_file(model, cfg.data, cfg.format, cfg.batch_size, cfg.padding_side, cfg.max_len)
+    except rmd.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    result = {"model": cfg.model, "data": cfg.data, **result}
+    print(table(result))
+    out = cfg.out or os.path.basename(cfg.data).split(".")[0] + ".eval.json"
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"results: {out}", file=sys.stderr)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# best-of-N
+
+
+def best_of_n(model, rows, batch_size=32, max_len=0):
+    """[{prompt, responses: [...]}] -> the same rows with rewards, best (first highest index) and best_response."""
+    prompts, answers = [], []
+    for where, row in rows:
+        responses = row.get("responses")
+        if "prompt" not in row or not isinstance(responses, list) or not responses:
+            raise rmd.DataError(f"{where}: best-of-N rows need 'prompt' and a non-empty list 'responses'")
+        messages = rmd.as_messages(row["prompt"], where)
+        for response in responses:
+            prompts.append(messages), answers.append(rmd.as_answer(response, "responses", where))
+    rewards = pair_rewards(model, prompts, answers, batch_size, max_len=max_len)
+    out, k = [], 0
+    for _, row in rows:
+        mine = rewards[k:k + len(row["responses"])]
+        k += len(mine)
+        best = max(range(len(mine)), key=lambda i: (mine[i], -i))
+        out.append({**row, "rewards": mine, "best": best, "best_response": row["responses"][best]})
+    return out
+
+
+@dataclass
+class BonConfig:
+    model: str = ""
+    data: str = ""  # rows {prompt, responses: [...]}
+    out: str = ""  # default: <data>.scored.jsonl
+    batch_size: int = 32
+    max_len: int = 0
+    device: str = "auto"
+
+
+def bon_command(argv):
+    cfg = parse_overrides(BonConfig(), argv)
+    if not cfg.model or not cfg.data:
+        raise SystemExit("error: rmd.py bon needs --model DIR and --data rows.jsonl ({prompt, responses: [...]})")
+    model = rmd.load_reward_model(cfg.model, pick_device(cfg.device))
+    try:
+        scored = best_of_n(model, read_rows(cfg.data), cfg.batch_size, cfg.max_len)
+    except rmd.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    out = cfg.out or cfg.data.rsplit(".jsonl", 1)[0] + ".scored.jsonl"
+    with open(out, "w") as f:
+        for row in scored:
+            f.write(json.dumps(row) + "\n")
+    print(f"{len(scored)} rows, {sum(len(r['rewards']) for r in scored)} responses scored: {out}", file=sys.stderr)
+    return scored
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reward server
+
+
+class BadRequest(ValueError):
+    def __init__(self, reason, status=400):
+        super().__init__(reason)
+        self.status = status
+
+
+def request_sequences(model, body, max_items, max_len):
+    """A parsed JSON request -> (token sequences, OpenRLHF form?). Raises BadRequest with the reason."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+
+    def strings(key):
+        value = body[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise BadRequest(f"'{key}' must be a list of strings")
+        return value
+
+    def check_count(n):
+        if n == 0:
+            raise BadRequest("nothing to score: the list is empty")
+        if n > max_items:
+            raise BadRequest(f"{n} items in one request; at most {max_items}", 413)
+
+    if "query" in body:
+        queries = strings("query")
+        check_count(len(queries))
+        return [text_tokens(model, q, max_len) for q in queries], True
+    if "response" in body and "prompt" in body:
+        prompts, responses = [body["prompt"]], [body["response"]]
+    elif "responses" in body and "prompts" in body:
+        prompts, responses = body["prompts"], body["responses"]
+        if not isinstance(prompts, list) or not isinstance(responses, list) or len(prompts) != len(responses):
+            raise BadRequest("'prompts' and 'responses' must be lists of the same length")
+    else:
+        raise BadRequest("expected {\"query\": [texts]} (OpenRLHF), {\"prompt\", \"response\"} or "
+                         "{\"prompts\": [...], \"responses\": [...]}")
+    check_count(len(prompts))
+    sequences = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if not isinstance(r, str):
+            raise BadRequest(f"response {i} must be a string")
+        try:
+            sequences.append(pair_tokens(model, p, r, max_len))
+        except rmd.DataError as e:
+            raise BadRequest(f"prompt {i}: {str(e).split(': ', 1)[-1]}") from None
+    return sequences, False
+
+
+class Scorer:
+    """One worker thread owns the model; requests queue up and are scored together (micro-batching)."""
+
+    def __init__(self, model, batch_size=32, max_batch_items=512):
+        self.model, self.batch_size, self.max_batch_items = model, batch_size, max_batch_items
+        self.jobs = queue.Queue()
+        self.thread = threading.Thread(target=self.work, daemon=True)
+        self.thread.start()
+
+    def score(self, sequences):
+        job = {"sequences": sequences, "done": threading.Event()}
+        self.jobs.put(job)
+        job["done"].wait()
+        if "error" in job:
+            raise job["error"]
+        return job["rewards"]
+
+    def work(self):
+        while True:
+            jobs = [self.jobs.get()]
+            if jobs[0] is None:
+                return
+            total = len(jobs[0]["sequences"])
+            while total < self.max_batch_items:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.jobs.put(None)
+                    break
+                jobs.append(job)
+                total += len(job["sequences"])
+            try:
+                rewards = sequence_rewards(self.model, [s for j in jobs for s in j["sequences"]], self.batch_size)
+                k = 0
+                for job in jobs:
+                    job["rewards"] = rewards[k:k + len(job["sequences"])]
+                    k += len(job["sequences"])
+            except Exception as e:  # noqa: BLE001 - reported to every waiting request as a 500
+                for job in jobs:
+                    job["error"] = e
+            for job in jobs:
+                job["done"].set()
+
+    def close(self):
+        self.jobs.put(None)
+
+
+def start_server(model, host="127.0.0.1", port=0, batch_size=32, max_items=256, max_body=8 << 20, max_len=0):
+    """Serve in a background thread -> (url, shutdown function)."""
+    scorer = Scorer(model, batch_size)
+    max_len = max_len or model.max_len
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def reply(self, status, payload):
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path.split("?")[0] == "/health":
+                return self.reply(200, {"status": "ok"})
+            self.reply(404, {"error": f"unknown path {self.path}; POST /get_reward, GET /health"})
+
+        def do_POST(self):
+            if self.path.split("?")[0] not in ("/", "/get_reward", "/score"):
+                self.discard_body()
+                return self.reply(404, {"error": f"unknown path {self.path}; POST /get_reward or /score"})
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self.close_connection = True
+                return self.reply(411, {"error": "a Content-Length header is required"})
+            if length > max_body:
+                self.close_connection = True  # the unread body would be taken for the next request
+                return self.reply(413, {"error": f"request body of {length} bytes; at most {max_body}"})
+            try:
+                body = json.loads(self.rfile.read(length))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return self.reply(400, {"error": f"request body is not valid JSON: {e}"})
+            try:
+                sequences, openrlhf = request_sequences(model, body, max_items, max_len)
+            except BadRequest as e:
+                return self.reply(e.status, {"error": str(e)})
+            try:
+                rewards = scorer.score(sequences)
+            except Exception as e:  # noqa: BLE001
+                return self.reply(500, {"error": f"scoring failed: {type(e).__name__}: {e}"})
+            if openrlhf:
+                return self.reply(200, {"rewards": rewards, "scores": rewards, "extra_logs": {"reward": rewards}})
+            self.reply(200, {"rewards": rewards})
+
+        def discard_body(self):
+            try:
+                length = int(self.headers.get("Content-Length", "0"))
+            except ValueError:
+                length = 0
+            if 0 < length <= max_body:
+                self.rfile.read(length)
+            else:
+                self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def shutdown():
+        server.shutdown()
+        server.server_close()
+        scorer.close()
+
+    return f"http://{server.server_address[0]}:{server.server_address[1]}", shutdown
+
+
+@dataclass
+class ServeConfig:
+    model: str = ""
+    host: str = "127.0.0.1"  # 0.0.0.0 to accept other machines
+    port: int = 5000
+    batch_size: int = 32  # sequences per forward pass
+    max_items: int = 256  # sequences per request
+    max_body_mb: float = 8.0
+    max_len: int = 0
+    device: str = "auto"
+
+
+def serve_command(argv):
+    cfg = parse_overrides(ServeConfig(), argv)
+    if not cfg.model:
+        raise SystemExit("error: rmd.py serve needs --model DIR")
+    model = rmd.load_reward_model(cfg.model, pick_device(cfg.device))
+    url, shutdown = start_server(model, cfg.host, cfg.port, cfg.batch_size, cfg.max_items,
+                                 int(cfg.max_body_mb * (1 << 20)), cfg.max_len)
+    print(f"reward server at {url}/get_reward (OpenRLHF --remote_rm_url) and {url}/score", file=sys.stderr)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        shutdown()
