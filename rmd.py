@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gzip
 import json
 import math
@@ -39,10 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loss import linear_cross_entropy, pairwise_loss
-from teacher import parse_overrides
+from teacher import answer_text, parse_dialogue, parse_overrides, read_jsonl_rows, split_implicit_prompt
 
-HH_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
-ROLE_NAMES = {v: k for k, v in HH_ROLES.items()}
+ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,50 +99,6 @@ class DataError(ValueError):
     pass
 
 
-def open_text(path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
-
-
-def read_jsonl(path):
-    """Yields (line_no, dict); a malformed line stops with `file:line: what is wrong`."""
-    with open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            yield line_no, row
-
-
-def parse_dialogue(text):
-    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> chat messages; None when the text is not in that form."""
-    if not text.lstrip().startswith(("Human:", "System:")):
-        return None
-    messages, role, start = [], None, 0
-    i = 0
-    while i <= len(text):
-        hit = next((name for name in HH_ROLES if text.startswith(f"\n\n{name}:", i)), None)
-        if i == 0 and hit is None:
-            hit = next(name for name in HH_ROLES if text.lstrip().startswith(f"{name}:"))
-            text = "\n\n" + text.lstrip()
-        if hit is not None or i == len(text):
-            if role is not None:
-                messages.append({"role": HH_ROLES[role], "content": text[start:i].strip()})
-            if hit is None:
-                break
-            role, i = hit, i + len(hit) + 3
-            start = i
-            continue
-        i += 1
-    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-        messages.pop()  # the trailing "Assistant:" that opens the answer
-    return messages
-
-
 def as_messages(prompt, where):
     if isinstance(prompt, str):
         return parse_dialogue(prompt) or [{"role": "user", "content": prompt}]
@@ -152,31 +108,6 @@ def as_messages(prompt, where):
         return [{"role": m["role"], "content": m["content"]} for m in prompt]
     raise DataError(f"{where}: field 'prompt' must be a string or a non-empty list of "
                     "{role, content} messages")
-
-
-def as_answer(value, name, where):
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant" \
-            and isinstance(value[-1].get("content"), str):
-        return value[-1]["content"]
-    raise DataError(f"{where}: field '{name}' must be a string or a message list ending in an assistant message")
-
-
-def split_implicit_prompt(chosen, rejected, where):
-    """Rows without a prompt hold whole dialogues; their shared prefix (up to the last 'Assistant:') is the prompt."""
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        n = 0
-        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-            n += 1
-        return chosen[:n], chosen[n:], rejected[n:]
-    if not (isinstance(chosen, str) and isinstance(rejected, str)):
-        raise DataError(f"{where}: without 'prompt', 'chosen' and 'rejected' must both be strings or both lists")
-    n = len(os.path.commonprefix([chosen, rejected]))
-    marker = chosen.rfind("\n\nAssistant:", 0, n)
-    if marker >= 0:
-        n = marker + len("\n\nAssistant:")
-    return chosen[:n], chosen[n:], rejected[n:]
 
 
 def number(row, key, where):
@@ -195,11 +126,17 @@ def parse_row(row, where, need_margin):
     if "prompt" in row:
         prompt = row["prompt"]
     else:
-        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, where)
-        if isinstance(prompt, str) and not prompt.strip():
+        try:
+            prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
+        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
             raise DataError(f"{where}: no 'prompt' field and chosen/rejected share no prompt prefix")
     messages = as_messages(prompt, where)
-    chosen, rejected = as_answer(chosen, "chosen", where), as_answer(rejected, "rejected", where)
+    chosen, rejected = answer_text(chosen), answer_text(rejected)
+    if chosen is None or rejected is None:
+        bad = "chosen" if chosen is None else "rejected"
+        raise DataError(f"{where}: field '{bad}' must be a string or a message list ending in an assistant message")
     margin = None
     if "margin" in row:
         margin = number(row, "margin", where)
@@ -313,7 +250,11 @@ def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data"):
     for path in paths.split(","):
         if not os.path.exists(path):
             raise DataError(f"{path}: no such file")
-        for line_no, row in read_jsonl(path):
+        try:
+            rows = list(read_jsonl_rows(path))
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        for line_no, row in rows:
             stats.rows += 1
             example = tokenize_example(tokenizer, parse_row(row, f"{path}:{line_no}", need_margin), max_len, stats)
             if example is not None:
@@ -527,16 +468,65 @@ class RewardModel(nn.Module):
 # saving and loading (safetensors only)
 
 
+def export_pad_id(tokenizer, vocab_rows):
+    """A pad id that never occurs in a real sequence: HF's sequence-classification head reads the reward at the
+    rightmost token that is not config.pad_token_id, so pad == eos (answers end with eos) would read the wrong one.
+    Keeps the tokenizer's pad if it is distinct from eos; else an unused special token; else a spare embedding row."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if pad is not None and pad != eos:
+        return pad
+    probe = [{"role": "user", "content": "hi"}]
+    used = set(encode(tokenizer, render_prompt(tokenizer, probe) + render_answer(tokenizer, "ok"))) | {eos}
+    used.add(getattr(tokenizer, "bos_token_id", None))
+    spare = [i for i in getattr(tokenizer, "all_special_ids", []) if i not in used]
+    if spare:
+        return spare[0]
+    return len(tokenizer) if vocab_rows > len(tokenizer) else None
+
+
 def save_reward_model(model: RewardModel, path, cfg: TrainConfig):
-    from safetensors.torch import save_file
+    """Safetensors folder for load_reward_model. With the linear head it is also a standard HF sequence classifier:
+    AutoModelForSequenceClassification.from_pretrained(path) gives the same rewards (the value head is `score.weight`
+    in model.safetensors; the config's pad_token_id never occurs in real text, see export_pad_id; feed it what rmd
+    feeds: rendered prompt + answer + eos). The LM head stays in the folder for load_reward_model (HF warns that it
+    is unused)."""
+    import copy
+    from safetensors.torch import load_file, save_file
     os.makedirs(path, exist_ok=True)
     model.lm.save_pretrained(path, safe_serialization=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.value_head.state_dict().items()},
-              os.path.join(path, "value_head.safetensors"))
-    if not isinstance(model.tokenizer, ByteTokenizer):
-        model.tokenizer.save_pretrained(path)
+    head = {k: v.detach().contiguous().cpu() for k, v in model.value_head.state_dict().items()}
+    save_file(head, os.path.join(path, "value_head.safetensors"))
+    tokenizer, hf_export = model.tokenizer, None
+    if model.head_kind == "linear":
+        pad = export_pad_id(tokenizer, model.lm.get_input_embeddings().weight.shape[0])
+        arch = type(model.lm).__name__.replace("ForCausalLM", "ForSequenceClassification")
+        import transformers
+        if pad is not None and hasattr(transformers, arch):
+            weights = os.path.join(path, "model.safetensors")
+            if os.path.exists(weights):
+                tensors = load_file(weights)
+                tensors["score.weight"] = head["1.weight"]
+                save_file(tensors, weights, metadata={"format": "pt"})
+            else:  # sharded: the score in a file of its own, listed in the index
+                save_file({"score.weight": head["1.weight"]}, os.path.join(path, "score.safetensors"),
+                          metadata={"format": "pt"})
+                with open(os.path.join(path, "model.safetensors.index.json")) as f:
+                    index = json.load(f)
+                index["weight_map"]["score.weight"] = "score.safetensors"
+                with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+                    json.dump(index, f, indent=2)
+            config = copy.deepcopy(model.lm.config)
+            config.architectures, config.num_labels, config.pad_token_id = [arch], 1, pad
+            config.save_pretrained(path)
+            hf_export = {"architecture": arch, "pad_token_id": pad}
+            if not isinstance(tokenizer, ByteTokenizer) and tokenizer.pad_token_id != pad:
+                tokenizer = copy.deepcopy(tokenizer)  # so that tokenizer(..., padding=True) pads with that id
+                tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
+    if not isinstance(tokenizer, ByteTokenizer):
+        tokenizer.save_pretrained(path)
     meta = {"head": model.head_kind, "dropout": cfg.dropout, "max_len": cfg.max_len,
-            "tokenizer": "bytes" if isinstance(model.tokenizer, ByteTokenizer) else "hf", "format": "rmd-1"}
+            "tokenizer": "bytes" if isinstance(model.tokenizer, ByteTokenizer) else "hf", "format": "rmd-1",
+            "hf_sequence_classification": hf_export}
     with open(os.path.join(path, "rmd.json"), "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -668,7 +658,7 @@ def train(cfg: TrainConfig, stop_after: int = 0):
     validate(cfg)
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     lm, tokenizer = load_backbone(cfg.model, cfg.layers, cfg.max_len)
