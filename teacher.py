@@ -169,8 +169,10 @@ def message_text(message):
 
 
 def prompt_messages(prompt):
-    """The prompt as chat messages, for generation."""
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    """The prompt as chat messages, for generation (HH-style dialogue strings become their turns)."""
+    if isinstance(prompt, str):
+        return parse_dialogue(prompt) or [{"role": "user", "content": prompt}]
+    return list(prompt)
 
 
 def annotate_prompt(question, answer_1, answer_2, json_mode=False, tie_reask=False):
@@ -373,14 +375,62 @@ def _convert(key, value, kind):
 # ---------------------------------------------------------------------------- input rows
 
 def read_jsonl_rows(path):
-    """Yield (line_no, obj) for each non-blank line; a line that is not JSON is a `file:line` error."""
-    with open(path, encoding="utf-8") as f:
+    """Yield (line_no, obj) for each non-blank line of a .jsonl or .jsonl.gz file; a line that is not a JSON
+    object is a `file:line` error."""
+    import gzip
+    with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
         for line_no, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield line_no, json.loads(line)
+                    obj = json.loads(line)
                 except ValueError as e:
                     raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+                yield line_no, obj
+
+
+HH_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
+
+
+def parse_dialogue(text):
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' (HH-RLHF) -> chat messages; None when the text is not in that form.
+    A trailing empty 'Assistant:' turn (the one that opens the answer) is dropped."""
+    if not isinstance(text, str) or not text.lstrip().startswith(tuple(f"{name}:" for name in HH_ROLES)):
+        return None
+    pattern = "|".join(HH_ROLES)
+    parts = re.split(rf"(?:^|\n\n)({pattern}):", "\n\n" + text.lstrip())
+    messages = [{"role": HH_ROLES[name], "content": content.strip()} for name, content in zip(parts[1::2], parts[2::2])]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
+
+
+def answer_text(value):
+    """An answer given as a string or as a message list ending in an assistant message -> its text (else None)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant" \
+            and isinstance(value[-1].get("content"), str):
+        return value[-1]["content"]
+    return None
+
+
+def split_implicit_prompt(chosen, rejected):
+    """Rows without a prompt hold whole dialogues: the shared prefix, up to the last 'Assistant:' turn (or the
+    shared leading messages), is the prompt. Returns (prompt, chosen, rejected)."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    if not (isinstance(chosen, str) and isinstance(rejected, str)):
+        raise ValueError("without 'prompt', 'chosen' and 'rejected' must both be strings or both message lists")
+    n = len(os.path.commonprefix([chosen, rejected]))
+    marker = chosen.rfind("\n\nAssistant:", 0, n)
+    if marker >= 0:
+        n = marker + len("\n\nAssistant:")
+    return chosen[:n], chosen[n:], rejected[n:]
 
 
 def canonical(obj):
@@ -410,20 +460,33 @@ def _check_prompt(prompt):
     return None
 
 
-def _check_row(row):
-    if not isinstance(row, dict):
-        return "row must be a JSON object"
+def _normalize_row(row):
+    """A row in any accepted form -> (row with prompt and string answers, None) or (None, what is wrong)."""
     if "prompt" not in row:
-        return "missing field 'prompt'"
+        if "chosen" not in row or "rejected" not in row:
+            return None, "missing field 'prompt'"
+        try:
+            prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
+        except ValueError as e:
+            return None, str(e)
+        if not prompt:
+            return None, "no 'prompt' field and 'chosen'/'rejected' share no prompt prefix"
+        row = {**row, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if "chosen" in row or "rejected" in row:
+        answers = {k: answer_text(row.get(k)) for k in ("chosen", "rejected")}
+        if None in answers.values():
+            return None, "pair rows need 'chosen' and 'rejected' as strings or message lists ending in an assistant message"
+        row = {**row, **answers}
+    return row, None
+
+
+def _check_row(row):
     problem = _check_prompt(row["prompt"])
     if problem:
         return problem
     if isinstance(row.get("id"), (bool, dict, list)):
         return "id must be a string or an integer"
-    if "chosen" in row or "rejected" in row:
-        if not all(isinstance(row.get(k), str) for k in ("chosen", "rejected")):
-            return "pair rows need string fields 'chosen' and 'rejected'"
-    elif "responses" in row:
+    if "chosen" not in row and "responses" in row:
         r = row["responses"]
         if not isinstance(r, list) or len(r) < 2 or not all(isinstance(x, str) for x in r):
             return "'responses' must be a list of at least two strings"
@@ -435,7 +498,8 @@ def load_rows(path, limit=0, shard=""):
     rows, errors, seen = [], [], {}
     for line_no, row in read_jsonl_rows(path):
         where = f"{path}:{line_no}"
-        problem = _check_row(row)
+        row, problem = _normalize_row(row)
+        problem = problem or _check_row(row)
         if problem:
             errors.append(f"{where}: {problem}")
             continue

@@ -243,3 +243,14 @@ def test_overrides_are_type_checked():
     assert (cfg.lr, cfg.max_steps, cfg.resume, cfg.loss) == (3e-4, 5, True, "bt")
     with pytest.raises(SystemExit, match="expected int"):
         rmd.parse_overrides(rmd.TrainConfig(), ["--max-steps=many"])
+
+
+def test_example_files_in_data_are_read_by_train_and_distill():
+    import teacher
+    tok = rmd.ByteTokenizer()
+    for name, need_margin in (("pairs", False), ("distilled", True), ("hh_style", False)):
+        examples, stats = rmd.load_pairs(os.path.join(ROOT, "data", f"{name}.jsonl"), tok, 512, need_margin)
+        assert stats.kept == stats.rows > 0
+    kinds = {name: {r["kind"] for r in teacher.load_rows(os.path.join(ROOT, "data", f"{name}.jsonl"))}
+             for name in ("pairs", "pools", "prompts", "hh_style")}
+    assert kinds == {"pairs": {"pair"}, "pools": {"pool"}, "prompts": {"prompt"}, "hh_style": {"pair"}}
