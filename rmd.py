@@ -629,7 +629,7 @@ def step_loss(model, batch, cfg, pairs_in_step, lm_tokens_in_step):
     pair = pairwise_loss(chosen, rejected, batch.margins, kind=cfg.loss) * (batch.n_pairs / pairs_in_step)
     lm = torch.zeros((), device=rewards.device)
     if cfg.lm_weight > 0 and len(batch.lm_target):
-        weight = model.lm.get_output_embeddings().weight
+        weight = getattr(model, "module", model).lm.get_output_embeddings().weight  # model may be DDP-wrapped
         lm = linear_cross_entropy(lm_hidden, weight, batch.lm_target) * (len(batch.lm_target) / lm_tokens_in_step)
     correct = (chosen.detach() > rejected.detach()).sum().item()
     return pair, lm, correct
@@ -732,6 +732,7 @@ def train(cfg: TrainConfig, stop_after: int = 0):
         mine = step_examples[rank * micro * accum:(rank + 1) * micro * accum]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, cfg)
+        totals = torch.zeros(4, dtype=torch.float64)  # pair loss, lm loss, correct, pairs of this step
         for k in range(accum):
             batch = to_device(collate(mine[k * micro:(k + 1) * micro], model.pad_id, use_lm, cfg.loss != "bt"),
                               device)
@@ -740,12 +741,14 @@ def train(cfg: TrainConfig, stop_after: int = 0):
                 with autocast:
                     pair, lm, correct = step_loss(forward_model, batch, cfg, cfg.batch_size, max(1, lm_tokens))
                 (pair + cfg.lm_weight * lm).mul(world).backward()  # DDP averages over processes; we want the sum
-            window["pair"] += pair.item() * world
-            window["lm"] += lm.item() * world
-            window["correct"] += correct
-            window["pairs"] += batch.n_pairs
+            totals += torch.tensor([pair.item(), lm.item(), correct, batch.n_pairs], dtype=torch.float64)
             window["tokens"] += batch.real_tokens
             window["slots"] += batch.input_ids.numel()
+        if world > 1:  # the step's loss over all processes, not rank 0's share
+            totals = totals.to(device)
+            torch.distributed.all_reduce(totals)
+        for key, value in zip(("pair", "lm", "correct", "pairs"), totals.tolist()):
+            window[key] += int(value) if key in ("correct", "pairs") else value
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
