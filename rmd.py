@@ -494,6 +494,12 @@ def save_reward_model(model: RewardModel, path, cfg: TrainConfig):
     import copy
     from safetensors.torch import load_file, save_file
     os.makedirs(path, exist_ok=True)
+    quantizer = getattr(model.lm, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if str(getattr(method, "value", method)) == "gguf":  # GGUF weights were dequantized to float when loaded
+        model.lm.hf_quantizer = None  # else save_pretrained refuses ("quantized with gguf, not serializable")
+        if getattr(model.lm.config, "quantization_config", None) is not None:
+            del model.lm.config.quantization_config
     model.lm.save_pretrained(path, safe_serialization=True)
     head = {k: v.detach().contiguous().cpu() for k, v in model.value_head.state_dict().items()}
     save_file(head, os.path.join(path, "value_head.safetensors"))
