@@ -254,3 +254,17 @@ def test_example_files_in_data_are_read_by_train_and_distill():
     kinds = {name: {r["kind"] for r in teacher.load_rows(os.path.join(ROOT, "data", f"{name}.jsonl"))}
              for name in ("pairs", "pools", "prompts", "hh_style")}
     assert kinds == {"pairs": {"pair"}, "pools": {"pool"}, "prompts": {"prompt"}, "hh_style": {"pair"}}
+
+
+def test_demo_commands_run_on_the_embedded_default(tmp_path):
+    """README's main job, shortened: distill against the built-in simulated teacher, then train on its output."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "rmd.py"), "distill", "--limit=60", "--progress=false"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "simulated teacher" in run.stderr and os.path.exists(tmp_path / "out/distill/train.jsonl")
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "rmd.py"), "train", "--max-steps=2", "--batch-size=4"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    metrics = json.load(open(tmp_path / "out/train/eval.json"))["accuracy"]
+    assert set(metrics) >= {"normal", "hard"} and all(0 <= v <= 1 for v in metrics.values())
+    assert "final eval: normal" in run.stdout
