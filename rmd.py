@@ -79,6 +79,9 @@ class TrainConfig:
     save_interval: int = 0  # checkpoint every N steps (0 = only at the end)
     eval_batch: int = 32  # pairs per forward pass at evaluation
     resume: bool = False  # continue from <out>/ckpt
+    # shard parameters, gradients and optimizer state over processes with FSDP2 fully_shard: each transformer layer
+    # and the root; for models too big for one GPU; needs torchrun (a single process trains unsharded)
+    fsdp: bool = False
 
 
 def validate(cfg: TrainConfig):
@@ -485,7 +488,7 @@ def export_pad_id(tokenizer, vocab_rows):
     return len(tokenizer) if vocab_rows > len(tokenizer) else None
 
 
-def save_reward_model(model: RewardModel, path, cfg: TrainConfig):
+def save_reward_model(model: RewardModel, path, cfg: TrainConfig, weights=None):
     """Safetensors folder for load_reward_model. With the linear head it is also a standard HF sequence classifier:
     AutoModelForSequenceClassification.from_pretrained(path) gives the same rewards (the value head is `score.weight`
     in model.safetensors; the config's pad_token_id never occurs in real text, see export_pad_id; feed it what rmd
@@ -500,8 +503,11 @@ def save_reward_model(model: RewardModel, path, cfg: TrainConfig):
         model.lm.hf_quantizer = None  # else save_pretrained refuses ("quantized with gguf, not serializable")
         if getattr(model.lm.config, "quantization_config", None) is not None:
             del model.lm.config.quantization_config
-    model.lm.save_pretrained(path, safe_serialization=True)
-    head = {k: v.detach().contiguous().cpu() for k, v in model.value_head.state_dict().items()}
+    # weights: under FSDP, full_state(model), gathered by every process (the model's own tensors are shards)
+    lm_weights = None if weights is None else {k[3:]: v for k, v in weights.items() if k.startswith("lm.")}
+    model.lm.save_pretrained(path, safe_serialization=True, state_dict=lm_weights)
+    weights = model.state_dict() if weights is None else weights
+    head = {k[11:]: v.detach().contiguous().cpu() for k, v in weights.items() if k.startswith("value_head.")}
     save_file(head, os.path.join(path, "value_head.safetensors"))
     tokenizer, hf_export = model.tokenizer, None
     if model.head_kind == "linear":
@@ -555,13 +561,42 @@ def load_reward_model(path, device="cpu") -> RewardModel:
     return model.to(device).eval()
 
 
-def save_checkpoint(path, model, optimizer, state):
-    """Everything --resume needs: weights, AdamW moments, RNG and data position. Written to a temp dir, then swapped."""
+def param_names(model, optimizer):
+    """The optimizer's parameters by name, in its order: the names FSDP's state-dict functions key them by."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_state(model, optimizer=None):
+    """FSDP: the unsharded weights (and optimizer state) on CPU, in rank 0's hands (empty on the others). Every
+    process must call it: the shards are gathered with collectives. Tied weights appear once, under one name."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    own = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    weights = {k: v for k, v in weights.items() if k in own}  # named_parameters lists a tied weight once
+    if optimizer is None:
+        return weights
+    opt = get_optimizer_state_dict(model, optimizer, options=options)
+    index = {name: i for i, name in enumerate(param_names(model, optimizer))}  # the unsharded checkpoint's ids
+    opt = {"state": {index[name]: s for name, s in opt.get("state", {}).items()},
+           "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in opt.get("param_groups", [])]}
+    return weights, opt
+
+
+def save_checkpoint(path, model, optimizer, state, full=None):
+    """Everything --resume needs: weights, AdamW moments, RNG and data position. Written to a temp dir, then swapped.
+    Under FSDP, full = full_state(model, optimizer), gathered by every process; the files are the same either way."""
     from safetensors.torch import save_file, save_model
     tmp = path + ".tmp"
     os.makedirs(tmp, exist_ok=True)
-    save_model(model, os.path.join(tmp, "model.safetensors"))
-    opt = optimizer.state_dict()
+    if full:
+        save_file({k: v.contiguous() for k, v in full[0].items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        save_model(model, os.path.join(tmp, "model.safetensors"))
+    opt = full[1] if full else optimizer.state_dict()
     tensors = {f"{i}.{k}": v.contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()}
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -577,9 +612,16 @@ def save_checkpoint(path, model, optimizer, state):
         shutil.rmtree(path + ".old")
 
 
-def load_checkpoint(path, model, optimizer):
+def load_checkpoint(path, model, optimizer, sharded=False):
+    """Restore save_checkpoint's files; sharded: into an FSDP model and its optimizer (every process calls it)."""
     from safetensors.torch import load_file, load_model
-    load_model(model, os.path.join(path, "model.safetensors"))
+    if sharded:  # each process reads the full tensors and keeps its own shard
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        load_model(model, os.path.join(path, "model.safetensors"))
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
@@ -588,7 +630,14 @@ def load_checkpoint(path, model, optimizer):
         if not key.startswith("rng."):
             i, name = key.split(".", 1)
             opt_state.setdefault(int(i), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    opt = {"state": opt_state, "param_groups": state.pop("param_groups")}
+    if sharded:  # FSDP's functions key the state by parameter name
+        names = param_names(model, optimizer)
+        opt = {"state": {names[i]: s for i, s in opt_state.items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, opt, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(opt)
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -701,6 +750,15 @@ def train(cfg: TrainConfig, stop_after: int = 0):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32")
     autocast = torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16,
                               enabled=dtype == "bfloat16")
+    sharded = cfg.fsdp and world > 1
+    if sharded:  # before the optimizer is built: fully_shard swaps each parameter for this process's DTensor shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        bf16 = cuda and dtype == "bfloat16"  # bf16 weights in the forward, fp32 gradient reduction
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
+        for layer in model.lm.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)  # the root: embeddings, LM head, value head
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -711,10 +769,10 @@ def train(cfg: TrainConfig, stop_after: int = 0):
     if cfg.resume:
         if not os.path.exists(os.path.join(ckpt_dir, "state.json")):
             raise SystemExit(f"error: --resume but no checkpoint in {ckpt_dir}")
-        step = load_checkpoint(ckpt_dir, model, optimizer)["step"]
+        step = load_checkpoint(ckpt_dir, model, optimizer, sharded)["step"]
         log(f"resumed from {ckpt_dir} at step {step}")
     forward_model = model
-    if world > 1:
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
         forward_model = DDP(model, device_ids=[device] if cuda else None, find_unused_parameters=use_lm is False)
     if cfg.compile == "on" or (cfg.compile == "auto" and cuda):
@@ -766,13 +824,16 @@ def train(cfg: TrainConfig, stop_after: int = 0):
             log_line(window, step, total, optimizer, world, log, log_file)
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < total and eval_sets:
             log(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluate_all().items()))
-        if master and (step in (total, stop_after) or (cfg.save_interval and step % cfg.save_interval == 0)):
-            save_checkpoint(ckpt_dir, model, optimizer, {"step": step, "config": dataclasses.asdict(cfg)})
+        if step in (total, stop_after) or (cfg.save_interval and step % cfg.save_interval == 0):
+            full = full_state(model, optimizer) if sharded else None  # all processes gather, rank 0 writes
+            if master:
+                save_checkpoint(ckpt_dir, model, optimizer, {"step": step, "config": dataclasses.asdict(cfg)}, full)
         if step == stop_after:
             return {}
     metrics = evaluate_all()
+    weights = full_state(model) if sharded else None
     if master:
-        save_reward_model(model, os.path.join(cfg.out, "model"), cfg)
+        save_reward_model(model, os.path.join(cfg.out, "model"), cfg, weights)
         result = {"step": step, "accuracy": metrics, "train_data": dataclasses.asdict(stats),
                   "eval_pairs": {k: len(v) for k, v in eval_sets.items()}}
         with open(os.path.join(cfg.out, "eval.json"), "w") as f:
