@@ -42,6 +42,47 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert os.path.exists(tmp_path / "two" / "model" / "model.safetensors")
 
 
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+def test_two_process_fsdp_matches_one_process(tmp_path):
+    import rmd
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(32))
+    run([sys.executable] + train_args(data, tmp_path / "one"))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run(torchrun + train_args(data, tmp_path / "fsdp") + ["--fsdp"])
+    one, fsdp = log_losses(tmp_path / "one"), log_losses(tmp_path / "fsdp")
+    assert [s for s, *_ in one] == [s for s, *_ in fsdp] == [1, 2, 3, 4]
+    # FSDP2's reduce-scatter averages like DDP's all-reduce: same tolerances as the DDP test (measured: step 1
+    # equal to 1e-7, step 4 pair loss 1e-4 apart)
+    assert one[0][1:] == pytest.approx(fsdp[0][1:], rel=1e-5)
+    for (_, pair_1, lm_1), (_, pair_2, lm_2) in zip(one, fsdp):
+        assert pair_2 == pytest.approx(pair_1, rel=1e-3) and lm_2 == pytest.approx(lm_1, rel=1e-3)
+    # the saved folder holds full (gathered) weights: it loads in one process and scores like the 1-process model
+    prompts, answers = ["What is 2+2?", "Name a colour."], ["4", "blue"]
+    rewards_one = rmd.load_reward_model(str(tmp_path / "one" / "model")).score(prompts, answers)
+    rewards_fsdp = rmd.load_reward_model(str(tmp_path / "fsdp" / "model")).score(prompts, answers)
+    assert rewards_fsdp == pytest.approx(rewards_one, rel=1e-2, abs=1e-2)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+def test_fsdp_resumes_from_an_unsharded_checkpoint(tmp_path):
+    """A 1-process checkpoint at step 2, continued sharded, logs the 1-process steps 3 and 4 (same file format)."""
+    import rmd
+    from teacher import parse_overrides
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(32))
+    rmd.train(parse_overrides(rmd.TrainConfig(), train_args(data, tmp_path / "one")[2:]))
+    cut = tmp_path / "cut"
+    rmd.train(parse_overrides(rmd.TrainConfig(), train_args(data, cut)[2:]), stop_after=2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run(torchrun + train_args(data, cut) + ["--fsdp", "--resume"])
+    one = log_losses(tmp_path / "one")
+    resumed = log_losses(cut)
+    assert [s for s, *_ in resumed] == [1, 2, 3, 4]
+    for (_, pair_1, lm_1), (_, pair_2, lm_2) in zip(one[2:], resumed[2:]):
+        assert pair_2 == pytest.approx(pair_1, rel=1e-3) and lm_2 == pytest.approx(lm_1, rel=1e-3)
+
+
 def test_distill_shards_merge_into_a_single_run(tmp_path):
     import sim
     import teacher
