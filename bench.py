@@ -5,7 +5,7 @@ both see the same load from whatever else runs on the machine.
     python bench.py                      # every CPU section (a few tens of minutes on 2 cores)
     python bench.py --only lm            # one section: lm, pairwise, train, lm-train, padding, teacher, compile
     python bench.py --only lm --reps 1 --tokens 8192 --vocab 49152
-    python bench.py --only train --layers 4 --batch 8 --max-len 512 --steps 4 --rounds 2
+    python bench.py --only train --layers 4 --batch 8 --max-len 512 --steps 6
     python bench_gpu.py                  # the GPU table (H100/H200), see its docstring
 
 Sections "train" (vs TRL's RewardTrainer), "lm-train" (vs the official trainer's layout), "padding" and
@@ -21,11 +21,13 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -253,29 +255,63 @@ def ms(seconds):
 
 # ----------------------------------------------------------------------------- section "train" (vs TRL)
 
-def run_rmd_train(args, folder, out):
-    """`rmd.py train` with BT loss, LM term off, linear head, no dropout: per-step (seconds, real tokens, slots)."""
+class Turns:
+    """Two threads take turns step by step: each calls handoff(me) at the end of every step and waits until the
+    other has done a step (or finished), so the two tools never run at once and both see the same machine load."""
+
+    def __init__(self, names):
+        self.names, self.turn, self.done = names, None, set()
+        self.cond = threading.Condition()
+
+    def other(self, me):
+        return next(n for n in self.names if n != me)
+
+    def handoff(self, me):
+        with self.cond:
+            self.turn = self.other(me)
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.turn == me or self.other(me) in self.done)
+
+    def finish(self, me):
+        with self.cond:
+            self.done.add(me)
+            self.cond.notify_all()
+
+
+class HandoffAtLogLine(io.StringIO):
+    """rmd.train prints one line per logged step (log_interval=1), after timing the step: hand off there."""
+
+    def __init__(self, turns):
+        super().__init__()
+        self.turns = turns
+
+    def write(self, text):
+        if re.match(r"step \d+/\d+ \|", text):
+            self.turns.handoff("rmd")
+        return super().write(text)
+
+
+def run_rmd_train(args, folder, out, turns):
+    """`rmd.py train` with BT loss, LM term off, linear head, no dropout: per-step (seconds, real tokens, slots)
+    from its own log.jsonl (each step timed by rmd from data to optimizer step)."""
     import rmd
-    shutil.rmtree(out, ignore_errors=True)
     cfg = rmd.TrainConfig(data=args.data, out=out, model=folder, head="linear", dropout=0.0, loss="bt",
                           lm_weight=0.0, max_len=args.max_len, batch_size=args.batch, lr=1e-5, warmup=0.0,
                           max_steps=args.warmup + args.steps, log_interval=1, device="cpu", compile="off")
-    with contextlib.redirect_stdout(io.StringIO()):
-        rmd.train(cfg)
+    rmd.train(cfg)
     with open(os.path.join(out, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
     return [(r["ms_per_step"] / 1000, r["tokens_per_s"] * r["ms_per_step"] / 1000,
              r["tokens_per_s"] * r["ms_per_step"] / 1000 / (1 - r["padding"])) for r in records]
 
 
-def run_trl_train(args, folder, out, pairs):
+def run_trl_train(args, folder, out, pairs, turns):
     """TRL's RewardTrainer on the same pairs, already tokenized exactly as rmd tokenizes them (so both see the same
     token ids; TRL would otherwise drop over-long pairs instead of cutting them). Per-step (seconds, real tokens,
-    slots), each step timed from the previous step's end, so the data loader and callbacks count, as they do."""
+    slots), each step timed from the end of the previous one, so TRL's data loader and callbacks count."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import RewardConfig, RewardTrainer
-    shutil.rmtree(out, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
     dataset = Dataset.from_dict({"chosen_ids": [ex.prompt[0] + ex.chosen for ex in pairs],
@@ -295,10 +331,11 @@ def run_trl_train(args, folder, out, pairs):
             self.last = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            now = time.perf_counter()
             tokens = trainer._total_train_tokens  # TRL's own count: attention_mask.sum() of the batches
-            self.steps.append((now - self.last, tokens - self.tokens))
-            self.last, self.tokens = now, tokens
+            self.steps.append((time.perf_counter() - self.last, tokens - self.tokens))
+            self.tokens = tokens
+            turns.handoff("trl")
+            self.last = time.perf_counter()
 
     timer = StepTimes()
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -311,20 +348,20 @@ def run_trl_train(args, folder, out, pairs):
         slots.append(batch["input_ids"].numel())
         return batch
     trainer.data_collator = counting_collator
-    with contextlib.redirect_stdout(io.StringIO()):
-        trainer.train()
+    trainer.train()
     return [(s, t, n) for (s, t), n in zip(timer.steps, slots)]
 
 
 def summarize_steps(steps, warmup):
-    """Per-step (seconds, tokens, slots) of every round -> (tokens/s, median ms/step, padding) after warm-up."""
+    """Per-step (seconds, tokens, slots) of every run -> (tokens/s, median ms/step, padding, steps) after warm-up."""
     timed = [s for run in steps for s in run[warmup:]]
     seconds, tokens, slots = (sum(s[i] for s in timed) for i in range(3))
     return tokens / seconds, statistics.median(s[0] for s in timed), 1 - tokens / slots, len(timed)
 
 
 def bench_train(args):
-    """rmd.py train (BT loss, LM term off) vs TRL's RewardTrainer: same backbone, pairs, batch, max length, steps."""
+    """rmd.py train (BT loss, LM term off) vs TRL's RewardTrainer: same backbone, pairs, batch, max length, steps.
+    Both run in this process, in two threads that take turns step by step (class Turns)."""
     import rmd
     try:
         import trl
@@ -337,25 +374,35 @@ def bench_train(args):
     batches = rmd.epoch_batches(examples, args.batch, 1337, 0)[:steps]  # the pairs `rmd.py train` will take
     pairs = [examples[i] for b in batches for i in b]
     work = tempfile.mkdtemp(prefix="rmd-bench-train-")
-    runs = {"rmd": [], "trl": []}
+    runs, errors = {"rmd": [], "trl": []}, []
+    turns = Turns(("rmd", "trl"))
+
+    def run(tool, fn, *fn_args):
+        try:
+            runs[tool].append(fn(args, folder, os.path.join(work, tool), *fn_args, turns))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+        finally:
+            turns.finish(tool)
     try:
-        for r in range(args.rounds):  # alternate the tools, so that both see the same machine load
-            for tool in ("rmd", "trl") if r % 2 == 0 else ("trl", "rmd"):
-                t0 = time.perf_counter()
-                if tool == "rmd":
-                    runs[tool].append(run_rmd_train(args, folder, os.path.join(work, tool)))
-                else:
-                    runs[tool].append(run_trl_train(args, folder, os.path.join(work, tool), pairs))
-                print(f"  round {r + 1}: {tool} {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        with contextlib.redirect_stdout(HandoffAtLogLine(turns)):
+            threads = [threading.Thread(target=run, args=("rmd", run_rmd_train)),
+                       threading.Thread(target=run, args=("trl", run_trl_train, pairs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if errors:
+        raise errors[0]
     result = {tool: summarize_steps(run, args.warmup) for tool, run in runs.items()}
     rows = [[tool, f"{tps:.0f}", ms(step), f"{100 * pad:.1f}", n, f"{tps / result['trl'][0]:.2f}"]
             for tool, (tps, step, pad, n) in result.items()]
     print_table(f"train: rmd.py train vs TRL {trl.__version__} RewardTrainer; SmolLM2-135M cut to {args.layers} "
                 f"layers, fp32, BT loss, LM term off, {args.batch} pairs/step, max_len {args.max_len}, "
-                f"{args.steps} timed steps after {args.warmup} warm-up x {args.rounds} rounds (same pairs); "
-                "tokens = real (non-pad) tokens",
+                f"{args.steps} timed steps after {args.warmup} warm-up (same pairs; the tools take turns step by "
+                "step); tokens = real (non-pad) tokens",
                 ["tool", "tokens/s", "ms/step (median)", "padding %", "steps", "speed vs TRL"], rows)
 
 
@@ -590,9 +637,9 @@ def main():
     parser.add_argument("--lm-batch", type=int, default=4,
                         help="lm-train: pairs per step (the official layout's logits: 16 x batch x max_len x 49152 B)")
     parser.add_argument("--pad-batch", type=int, default=16, help="padding: pairs per batch")
-    parser.add_argument("--steps", type=int, default=4, help="train, lm-train: timed steps per run")
+    parser.add_argument("--steps", type=int, default=6, help="train, lm-train: timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="train, lm-train: untimed steps first")
-    parser.add_argument("--rounds", type=int, default=2, help="train, compile: alternating rounds")
+    parser.add_argument("--rounds", type=int, default=2, help="compile: alternating rounds")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--compile-batches", type=int, default=3, help="compile: distinct batches")
     parser.add_argument("--latency", type=float, default=0.2, help="teacher: server latency, seconds")
