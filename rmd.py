@@ -686,7 +686,7 @@ def step_loss(model, batch, cfg, pairs_in_step, lm_tokens_in_step):
     if cfg.lm_weight > 0 and len(batch.lm_target):
         weight = getattr(model, "module", model).lm.get_output_embeddings().weight  # model may be DDP-wrapped
         lm = linear_cross_entropy(lm_hidden, weight, batch.lm_target) * (len(batch.lm_target) / lm_tokens_in_step)
-    correct = (chosen.detach() > rejected.detach()).sum().item()
+    correct = (chosen.detach() > rejected.detach()).sum()
     return pair, lm, correct
 
 
@@ -796,20 +796,22 @@ def train(cfg: TrainConfig, stop_after: int = 0):
         mine = step_examples[rank * micro * accum:(rank + 1) * micro * accum]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, cfg)
-        totals = torch.zeros(4, dtype=torch.float64)  # pair loss, lm loss, correct, pairs of this step
+        totals = torch.zeros(4, dtype=torch.float64, device=device)  # pair loss, lm loss, correct, pairs
         for k in range(accum):
             batch = to_device(collate(mine[k * micro:(k + 1) * micro], model.pad_id, use_lm, cfg.loss != "bt"),
                               device)
             sync = world == 1 or k == accum - 1
-            with (forward_model.no_sync() if not sync and hasattr(forward_model, "no_sync") else contextlib.nullcontext()):
+            no_sync = not sync and hasattr(forward_model, "no_sync")
+            with forward_model.no_sync() if no_sync else contextlib.nullcontext():
                 with autocast:
                     pair, lm, correct = step_loss(forward_model, batch, cfg, cfg.batch_size, max(1, lm_tokens))
                 (pair + cfg.lm_weight * lm).mul(world).backward()  # DDP averages over processes; we want the sum
-            totals += torch.tensor([pair.item(), lm.item(), correct, batch.n_pairs], dtype=torch.float64)
+            # kept on the device: one host sync per step (at the all-reduce / tolist), not per micro-batch
+            totals += torch.stack([pair.detach().double(), lm.detach().double(), correct.double(),
+                                   totals.new_tensor(batch.n_pairs)])
             window["tokens"] += batch.real_tokens
             window["slots"] += batch.input_ids.numel()
         if world > 1:  # the step's loss over all processes, not rank 0's share
-            totals = totals.to(device)
             torch.distributed.all_reduce(totals)
         for key, value in zip(("pair", "lm", "correct", "pairs"), totals.tolist()):
             window[key] += int(value) if key in ("correct", "pairs") else value
