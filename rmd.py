@@ -53,6 +53,7 @@ ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 class TrainConfig:
     data: str = ""  # training JSONL (.jsonl or .jsonl.gz); several files comma-separated
     eval_data: str = ""  # held-out pairs: "file" or "name=file,name=file"
+    holdout: int = 0  # also hold out the last N usable pairs of --data as the eval split "heldout"
     out: str = "out/train"  # where the model, checkpoints, log.jsonl and eval.json go
     model: str = "tiny"  # "tiny" (built-in config, byte tokenizer, from scratch) or a local HF causal-LM folder/.gguf
     layers: int = 0  # keep only the first N transformer layers of the backbone (0 = all)
@@ -729,6 +730,11 @@ def train(cfg: TrainConfig, stop_after: int = 0):
         name, _, path = spec.rpartition("=")
         eval_sets[name or "eval"], eval_stats = load_pairs(path, tokenizer, cfg.max_len, name=name or "eval")
         log(eval_stats.summary(name or "eval"))
+    if cfg.holdout:
+        if cfg.holdout >= len(examples):
+            raise SystemExit(f"error: --holdout {cfg.holdout} leaves no training pairs ({len(examples)} usable)")
+        examples, eval_sets["heldout"] = examples[:-cfg.holdout], examples[-cfg.holdout:]
+        log(f"holding out the last {cfg.holdout} pairs of --data as eval split 'heldout'")
     use_lm = cfg.lm_weight > 0
     if use_lm and not any(ex.teacher for ex in examples):
         raise SystemExit("error: --lm-weight > 0 but no training row has a 'teacher_response' (or use --lm-weight=0)")

@@ -195,11 +195,13 @@ def log_losses(out):
 def test_training_learns_an_easy_preference_and_saves_a_loadable_model(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(160))
     test = write_jsonl(tmp_path / "test.jsonl", easy_rows(40, seed=1))
-    cfg = train_cfg(tmp_path, data, eval_data=f"heldout={test}", max_steps=30, lm_weight=0.1, loss="bt-margin")
+    cfg = train_cfg(tmp_path, data, eval_data=f"test={test}", max_steps=30, lm_weight=0.1, loss="bt-margin",
+                    holdout=20)
     metrics = rmd.train(cfg)
-    assert metrics["heldout"] > 0.9
+    assert metrics["test"] > 0.9 and metrics["heldout"] > 0.9
     saved = json.load(open(os.path.join(cfg.out, "eval.json")))
     assert saved["accuracy"] == metrics and saved["step"] == 30
+    assert saved["eval_pairs"] == {"test": 40, "heldout": 20}
     losses = log_losses(cfg.out)
     assert losses[-1][1] < losses[0][1] and losses[-1][2] < losses[0][2]
     # the saved folder reproduces the rewards of the trained model
