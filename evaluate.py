@@ -78,12 +78,8 @@ class EvalConfig:
 
 
 def pair_tokens(model, prompt, answer, max_len):
-    """(prompt, answer) -> token ids exactly as training builds them: rendered prompt + answer + eos, cut from the left."""
-    tok = model.tokenizer
-    prompt_ids = rmd.encode(tok, rmd.render_prompt(tok, rmd.as_messages(prompt, "prompt")))
-    answer_ids = rmd.encode(tok, rmd.render_answer(tok, answer)) + [tok.eos_token_id]
-    p, a = rmd.fit(prompt_ids, answer_ids, max_len, rmd.DataStats())
-    return p + a
+    """(prompt, answer) -> token ids exactly as training builds them (rmd.RewardModel.tokens)."""
+    return model.tokens(prompt, answer, max_len)
 
 
 def text_tokens(model, text, max_len):
@@ -97,25 +93,9 @@ def text_tokens(model, text, max_len):
     return ids
 
 
-@torch.no_grad()
 def sequence_rewards(model, sequences, batch_size=32, padding_side="right"):
-    """Rewards of token-id sequences. Sorted by length and padded per batch; the order of the input is kept."""
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out = [0.0] * len(sequences)
-    for k in range(0, len(order), batch_size):
-        chunk = order[k:k + batch_size]
-        width = max(len(sequences[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), model.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):
-            s = sequences[i]
-            span = slice(width - len(s), width) if padding_side == "left" else slice(0, len(s))
-            ids[row, span], mask[row, span] = torch.tensor(s), 1
-        for i, reward in zip(chunk, model.rewards(ids.to(device), mask.to(device)).tolist()):
-            out[i] = reward
-    return out
+    """Rewards of token-id sequences, sorted by length and padded per batch (rmd.RewardModel.sequence_rewards)."""
+    return model.sequence_rewards(sequences, batch_size, padding_side)
 
 
 def pair_rewards(model, prompts, answers, batch_size=32, padding_side="right", max_len=0):

@@ -440,30 +440,40 @@ class RewardModel(nn.Module):
         last = (attention_mask * positions).argmax(-1)
         return self.value_head(hidden[torch.arange(len(last)), last]).squeeze(-1).float()
 
-    @torch.no_grad()
-    def score(self, prompts, answers, batch_size=32, max_len=None):
-        """Rewards for (prompt, answer) pairs; prompts are strings or message lists, as in the training data."""
-        max_len = max_len or self.max_len
-        stats, sequences = DataStats(), []
+    def tokens(self, prompt, answer, max_len=None):
+        """(prompt, answer) -> token ids exactly as training builds them: rendered prompt + answer + eos, cut."""
         eos = [self.tokenizer.eos_token_id]
-        for prompt, answer in zip(prompts, answers, strict=True):
-            prompt_ids = encode(self.tokenizer, render_prompt(self.tokenizer, as_messages(prompt, "score")))
-            answer_ids = encode(self.tokenizer, render_answer(self.tokenizer, answer)) + eos
-            p, a = fit(prompt_ids, answer_ids, max_len, stats)
-            sequences.append(p + a)
+        prompt_ids = encode(self.tokenizer, render_prompt(self.tokenizer, as_messages(prompt, "prompt")))
+        answer_ids = encode(self.tokenizer, render_answer(self.tokenizer, answer)) + eos
+        p, a = fit(prompt_ids, answer_ids, max_len or self.max_len, DataStats())
+        return p + a
+
+    @torch.no_grad()
+    def sequence_rewards(self, sequences, batch_size=32, padding_side="right"):
+        """Rewards of token-id sequences, in input order; batched by length so little padding is computed."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        out = []
-        for k in range(0, len(sequences), batch_size):
-            chunk = sequences[k:k + batch_size]
-            ids = torch.full((len(chunk), max(map(len, chunk))), self.pad_id, dtype=torch.long)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        out = [0.0] * len(sequences)
+        for k in range(0, len(order), batch_size):
+            chunk = order[k:k + batch_size]
+            width = max(len(sequences[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
-            for i, s in enumerate(chunk):
-                ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-            out.extend(self.rewards(ids.to(device), mask.to(device)).tolist())
+            for row, i in enumerate(chunk):
+                span = slice(width - len(sequences[i]), width) if padding_side == "left" else \
+                    slice(0, len(sequences[i]))
+                ids[row, span], mask[row, span] = torch.tensor(sequences[i]), 1
+            for i, reward in zip(chunk, self.rewards(ids.to(device), mask.to(device)).tolist()):
+                out[i] = reward
         self.train(was_training)
         return out
+
+    def score(self, prompts, answers, batch_size=32, max_len=None, padding_side="right"):
+        """Rewards for (prompt, answer) pairs; prompts are strings or message lists, as in the training data."""
+        sequences = [self.tokens(p, a, max_len) for p, a in zip(prompts, answers, strict=True)]
+        return self.sequence_rewards(sequences, batch_size, padding_side)
 
     max_len = 1024
 
