@@ -25,13 +25,16 @@ def run(command):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@needs_torchrun
 def test_two_process_ddp_matches_one_process(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(32))
     run([sys.executable] + train_args(data, tmp_path / "one"))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    run(torchrun + train_args(data, tmp_path / "two"))
+    run(TORCHRUN + train_args(data, tmp_path / "two"))
     one, two = log_losses(tmp_path / "one"), log_losses(tmp_path / "two")
     assert [s for s, *_ in one] == [s for s, *_ in two] == [1, 2, 3, 4]
     # step 1 starts from the same weights: equal up to float summation order (the two processes pack their pairs
@@ -42,14 +45,12 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert os.path.exists(tmp_path / "two" / "model" / "model.safetensors")
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+@needs_torchrun
 def test_two_process_fsdp_matches_one_process(tmp_path):
     import rmd
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(32))
     run([sys.executable] + train_args(data, tmp_path / "one"))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    run(torchrun + train_args(data, tmp_path / "fsdp") + ["--fsdp"])
+    run(TORCHRUN + train_args(data, tmp_path / "fsdp") + ["--fsdp"])
     one, fsdp = log_losses(tmp_path / "one"), log_losses(tmp_path / "fsdp")
     assert [s for s, *_ in one] == [s for s, *_ in fsdp] == [1, 2, 3, 4]
     # FSDP2's reduce-scatter averages like DDP's all-reduce: same tolerances as the DDP test (measured: step 1
@@ -64,8 +65,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     assert rewards_fsdp == pytest.approx(rewards_one, rel=1e-2, abs=1e-2)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+@needs_torchrun
 def test_fsdp_resumes_from_an_unsharded_checkpoint(tmp_path):
     """A 1-process checkpoint at step 2, continued sharded, logs the 1-process steps 3 and 4 (same file format)."""
     import rmd
@@ -74,8 +74,7 @@ def test_fsdp_resumes_from_an_unsharded_checkpoint(tmp_path):
     rmd.train(parse_overrides(rmd.TrainConfig(), train_args(data, tmp_path / "one")[2:]))
     cut = tmp_path / "cut"
     rmd.train(parse_overrides(rmd.TrainConfig(), train_args(data, cut)[2:]), stop_after=2)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    run(torchrun + train_args(data, cut) + ["--fsdp", "--resume"])
+    run(TORCHRUN + train_args(data, cut) + ["--fsdp", "--resume"])
     one = log_losses(tmp_path / "one")
     resumed = log_losses(cut)
     assert [s for s, *_ in resumed] == [1, 2, 3, 4]
