@@ -310,6 +310,18 @@ def best_of_n(model, rows, batch_size=32, max_len=0):
     return out
 
 
+def bon_quality(scored):
+    """For scored best-of-N rows that carry `true_quality` (one per response, 1.0 = correct): the share of picks that
+    are correct, and the same for a random pick and an oracle pick, as references."""
+    rows = [r for r in scored if isinstance(r.get("true_quality"), list) and len(r["true_quality"]) == len(r["rewards"])]
+    if not rows:
+        return None
+    n = len(rows)
+    return {"rows": n, "picked_correct": sum(r["true_quality"][r["best"]] == 1.0 for r in rows) / n,
+            "random_correct": sum(sum(q == 1.0 for q in r["true_quality"]) / len(r["true_quality"]) for r in rows) / n,
+            "oracle_correct": sum(max(r["true_quality"]) == 1.0 for r in rows) / n}
+
+
 @dataclass
 class BonConfig:
     model: str = ""

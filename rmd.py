@@ -55,7 +55,7 @@ class TrainConfig:
     eval_data: str = ""  # held-out pairs: "file" or "name=file,name=file"
     holdout: int = 0  # also hold out the last N usable pairs of --data as the eval split "heldout"
     out: str = "out/train"  # where the model, checkpoints, log.jsonl and eval.json go
-    model: str = "tiny"  # "tiny" (built-in config, byte tokenizer, from scratch) or a local HF causal-LM folder/.gguf
+    model: str = "tiny"  # "tiny" (built-in, pretrained on the sim world), "tiny-scratch", or an HF folder/.gguf
     layers: int = 0  # keep only the first N transformer layers of the backbone (0 = all)
     head: str = "mlp"  # value head: "mlp" (dropout, Linear(H,1024), ReLU, Linear(1024,1)) or "linear"
     dropout: float = 0.1  # value-head dropout
@@ -248,7 +248,7 @@ def tokenize_example(tokenizer, parsed, max_len, stats):
                    teacher=teacher_pair)
 
 
-def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data"):
+def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", keep_ties=True):
     """JSONL file(s) -> tokenized Examples and the DataStats of what was cut or dropped."""
     stats, examples = DataStats(), []
     for path in paths.split(","):
@@ -260,7 +260,11 @@ def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data"):
             raise DataError(str(e)) from None
         for line_no, row in rows:
             stats.rows += 1
-            example = tokenize_example(tokenizer, parse_row(row, f"{path}:{line_no}", need_margin), max_len, stats)
+            parsed = parse_row(row, f"{path}:{line_no}", need_margin)
+            if parsed[3] == 0 and not keep_ties:  # "equally good": only a margin loss (mse) can learn it
+                stats.drop("margin 0 (style-equivalence pair; only --loss=mse learns it)")
+                continue
+            example = tokenize_example(tokenizer, parsed, max_len, stats)
             if example is not None:
                 examples.append(example)
     stats.kept = len(examples)
@@ -380,12 +384,63 @@ def tiny_config(tokenizer, max_len):
                        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
 
 
+def world_sequences(tokenizer, pairs):
+    """(prompt, answer) texts -> token ids as the student reads them: rendered prompt, answer, eos."""
+    return [encode(tokenizer, render_prompt(tokenizer, as_messages(p, "world")) + render_answer(tokenizer, a))
+            + [tokenizer.eos_token_id] for p, a in pairs]
+
+
+def world_knowledge(tokenizer, world):
+    """A probe of what an LM knows about the world: for every task and candidate style, does it give the correct
+    answer a higher likelihood than a wrong one written the same way? Returns probe(lm) -> accuracy per family."""
+    import sim
+    from tiny_lm import answer_logprobs
+    rng, rows = random.Random(0), []
+    for task in sim.all_tasks(world):
+        for style in sim.STYLES:
+            variant = rng.randrange(4)
+            rows.append((task.family, sim.render(task, task.answer, style, variant),
+                         sim.render(task, sim.wrong_value(task, rng), style, variant), task.prompt))
+    prompt = [encode(tokenizer, render_prompt(tokenizer, as_messages(r[3], "world"))) for r in rows]
+    right, wrong = ([encode(tokenizer, render_answer(tokenizer, r[k])) + [tokenizer.eos_token_id] for r in rows]
+                    for k in (1, 2))
+
+    def probe(lm):
+        good = answer_logprobs(lm, prompt, right, tokenizer.pad_token_id)
+        bad = answer_logprobs(lm, prompt, wrong, tokenizer.pad_token_id)
+        result = {}
+        for fam in sim.FAMILIES:
+            wins = [g > b for r, g, b in zip(rows, good, bad) if r[0] == fam]
+            result[fam] = round(sum(wins) / len(wins), 4)
+        result["all"] = round(sum(g > b for g, b in zip(good, bad)) / len(rows), 4)
+        return {"correct_beats_wrong_same_style": result, "pairs": len(rows)}
+    return probe
+
+
+def tiny_backbone(world=None, log=print):
+    """The HF folder of the tiny student pretrained on `world`'s text (sim.WorldConfig; default world if None)."""
+    import sim
+    import tiny_lm
+    world, tokenizer = world or sim.WorldConfig(), ByteTokenizer()
+    sequences = world_sequences(tokenizer, sim.world_corpus(world))
+    return tiny_lm.pretrained(sequences, tiny_config(tokenizer, 1024), tokenizer.pad_token_id, log=log,
+                              probe=world_knowledge(tokenizer, world))
+
+
 def load_backbone(name, layers=0, max_len=1024):
-    """'tiny' or a local HF causal-LM folder (or a .gguf file) -> (causal LM, tokenizer)."""
+    """'tiny' (pretrained on the simulated world's text), 'tiny-scratch' (random init), or a local HF causal-LM
+    folder (or a .gguf file) -> (causal LM, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from tiny_lm import BYTE_TOKENIZER
     if name == "tiny":
+        name = tiny_backbone(log=functools.partial(print, flush=True))
+    if name == "tiny-scratch":
         tokenizer = ByteTokenizer()
         lm = LlamaForCausalLM(tiny_config(tokenizer, max_len))
+    elif os.path.exists(os.path.join(name, BYTE_TOKENIZER)):  # a tiny student pretrained by tiny_lm.py
+        tokenizer = ByteTokenizer()
+        lm = LlamaForCausalLM.from_pretrained(name, dtype=torch.float32)
+        lm.config.max_position_embeddings = max(max_len, lm.config.max_position_embeddings)
     else:
         folder, gguf = name, {}
         if name.endswith(".gguf"):
@@ -733,7 +788,8 @@ def train(cfg: TrainConfig, stop_after: int = 0):
     model.max_len = cfg.max_len
     log("config: " + json.dumps(dataclasses.asdict(cfg)))
 
-    examples, stats = load_pairs(cfg.data, tokenizer, cfg.max_len, need_margin=cfg.loss != "bt", name="train")
+    examples, stats = load_pairs(cfg.data, tokenizer, cfg.max_len, need_margin=cfg.loss != "bt", name="train",
+                                 keep_ties=cfg.loss == "mse")
     log(stats.summary("train"))
     eval_sets = {}
     for spec in filter(None, cfg.eval_data.split(",")):
@@ -921,9 +977,30 @@ def train_command(argv):
                          "first, or pass --data=pairs.jsonl (rows {prompt, chosen, rejected[, chosen_score, "
                          "rejected_score, teacher_response]}; see README.md)")
     try:
-        return train(cfg)
+        metrics = train(cfg)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
+    if demo and metrics:
+        explain_demo(cfg, metrics)
+    return metrics
+
+
+def explain_demo(cfg, metrics):
+    """The demo's last lines: what its numbers mean, and best-of-N with the trained model."""
+    import evaluate
+    bon_path = os.path.join(os.path.dirname(cfg.data), "builtin", "bon.jsonl")
+    rows = [(f"{bon_path}:{i + 1}", json.loads(line)) for i, line in enumerate(open(bon_path))]
+    model = load_reward_model(os.path.join(cfg.out, "model"))
+    bon = evaluate.bon_quality(evaluate.best_of_n(model, rows, max_len=cfg.max_len))
+    n = len(rows[0][1]["responses"])
+    print(f"\nWhat the numbers mean (held-out tasks the preference data never asked; chance = 50%):\n"
+          f"  normal {100 * metrics['normal']:.1f}%: a correct and a wrong answer from the natural candidate pool\n"
+          f"  hard   {100 * metrics['hard']:.1f}%: a correct plain answer against a wrong, fancier one (style trap)\n"
+          f"  best-of-{n} {100 * bon['picked_correct']:.1f}%: share of correct picks among {n} candidates for "
+          f"{bon['rows']} prompts (random pick {100 * bon['random_correct']:.1f}%, oracle "
+          f"{100 * bon['oracle_correct']:.1f}%)\n"
+          "Label distillation on the same teacher (ablation.py, arm a) is the baseline to beat: see README.md.",
+          flush=True)
 
 
 def main(argv=None):

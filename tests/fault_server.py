@@ -82,6 +82,9 @@ def teacher_reply(body):
         rejected, nonce = tagged(first, "non-preferred-answer")
         return (f"[REASONING-{nonce}]\nIt lacks detail.\n[MODIFIED-ANSWER-{nonce}]\n{rejected} "
                 f"Improved with detail {_h(rejected) % 100}.")
+    if first.startswith("[rmd:restyle]"):
+        answer, nonce = tagged(first, "answer")
+        return f"[RESTYLED-ANSWER-{nonce}]\nIn other words: {answer}"
     if body.get("response_format"):
         return '{"ok": true}'
     return f"{body['model']} answer {_h(json.dumps(body, sort_keys=True)) % 10000} to: {last[:40]}"

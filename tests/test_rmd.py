@@ -38,7 +38,7 @@ def easy_rows(n, seed=0):
 
 def tiny_model(seed=0, head="mlp", max_len=256):
     torch.manual_seed(seed)
-    lm, tok = rmd.load_backbone("tiny", 0, max_len)
+    lm, tok = rmd.load_backbone("tiny-scratch", 0, max_len)
     model = rmd.RewardModel(lm, tok, head=head, dropout=0.0)
     model.max_len = max_len
     return model
@@ -181,7 +181,7 @@ def test_collate_packs_with_little_padding(tmp_path):
 
 
 def train_cfg(tmp_path, data, **kw):
-    base = dict(data=data, out=str(tmp_path / "out"), model="tiny", max_len=128, batch_size=8, lr=1e-3,
+    base = dict(data=data, out=str(tmp_path / "out"), model="tiny-scratch", max_len=128, batch_size=8, lr=1e-3,
                 warmup=0.1, log_interval=1, seed=3)
     base.update(kw)
     return rmd.TrainConfig(**base)
@@ -270,3 +270,4 @@ def test_demo_commands_run_on_the_embedded_default(tmp_path):
     metrics = json.load(open(tmp_path / "out/train/eval.json"))["accuracy"]
     assert set(metrics) >= {"normal", "hard"} and all(0 <= v <= 1 for v in metrics.values())
     assert "final eval: normal" in run.stdout
+    assert "best-of-8" in run.stdout and "random pick" in run.stdout  # the demo explains its numbers

@@ -189,7 +189,17 @@ def test_distill_end_to_end_with_retries(tmp_path):
     assert sum(st["sent"] for st in summary["stages"].values()) > sum(
         st["replies"] for st in summary["stages"].values())  # some first tries failed and were retried
     rows = [json.loads(line) for line in open(tmp_path / "distill" / "train.jsonl")]
-    better = 0
+    by_source = {}
+    for row in rows:
+        by_source.setdefault(row["provenance"]["source"], []).append(row)
+    assert set(by_source) == {"refined", "restyled", "equivalent"}
+    for row in by_source["equivalent"]:  # the restyled y_w* against y_w*: margin 0, same content (bar drift)
+        assert row["chosen_score"] == row["rejected_score"] and row["chosen"] != row["rejected"]
+        assert row["id"].endswith(":equivalent") and row["rejected"] in {r["chosen"] for r in by_source["refined"]}
+    same = sum(sim.true_quality(sim.task_from_prompt(r["prompt"]), r["chosen"]) ==
+               sim.true_quality(sim.task_from_prompt(r["prompt"]), r["rejected"]) for r in by_source["equivalent"])
+    assert same >= 0.8 * len(by_source["equivalent"])  # restyle_drift_rate 0.05 changes a few
+    rows, better = by_source["refined"], 0
     for row in rows:
         task = sim.task_from_prompt(row["prompt"])
         better += sim.true_quality(task, row["chosen"]) > sim.true_quality(task, row["rejected"])
