@@ -977,8 +977,8 @@ def train(cfg: TrainConfig, stop_after: int = 0):
         with open(os.path.join(cfg.out, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)
         log("final eval: " + (eval_text(metrics, fits) or "no --eval-data given"))
-        log(f"model: {os.path.join(cfg.out, 'model')}  checkpoint: {ckpt_dir}  metrics: "
-            f"{os.path.join(cfg.out, 'eval.json')}")
+        ckpt = ckpt_dir if os.path.exists(ckpt_dir) else "none (no step trained)"
+        log(f"model: {os.path.join(cfg.out, 'model')}  checkpoint: {ckpt}  metrics: {os.path.join(cfg.out, 'eval.json')}")
         log_file.close()
     if world > 1:
         torch.distributed.destroy_process_group()
