@@ -978,7 +978,8 @@ def train(cfg: TrainConfig, stop_after: int = 0):
             json.dump(result, f, indent=2)
         log("final eval: " + (eval_text(metrics, fits) or "no --eval-data given"))
         ckpt = ckpt_dir if os.path.exists(ckpt_dir) else "none (no step trained)"
-        log(f"model: {os.path.join(cfg.out, 'model')}  checkpoint: {ckpt}  metrics: {os.path.join(cfg.out, 'eval.json')}")
+        log(f"model: {os.path.join(cfg.out, 'model')}  checkpoint: {ckpt}  metrics: "
+            f"{os.path.join(cfg.out, 'eval.json')}")
         log_file.close()
     if world > 1:
         torch.distributed.destroy_process_group()
