@@ -5,13 +5,15 @@
     python rmd.py serve --model DIR [--host 127.0.0.1] [--port 5000]
 
 `eval` reads local JSONL (or one JSON array) in one of three public formats, detected from the first row:
-  - pairs:       {prompt, chosen, rejected}                       -> accuracy (strict >, a tie is wrong)
+  - pairs:       {prompt, chosen, rejected}                       -> accuracy (strict >, a tie is wrong); with
+                 chosen_score/rejected_score or margin also the margin fit (Pearson r and MSE of Δr against Δs)
   - RewardBench: {prompt, chosen, rejected, subset}               -> per-subset accuracy, the four leaderboard
                  sections (subsets weighted by allenai/reward-bench's EXAMPLE_COUNTS) and their mean
   - RM-Bench:    {prompt, chosen: [3], rejected: [3], domain}     -> easy / normal / hard per domain and overall
 It prints a table and writes the numbers as JSON. Every reward is read at the last real token of a sequence
-tokenized exactly as in training (rmd.render_prompt / render_answer + eos); sequences are sorted by length before
-batching, so little padding is computed, and results do not depend on --batch-size or --padding-side.
+tokenized and cut exactly as in training (rmd.render_prompt / render_answer + eos, rmd.fit: the prompt's end is
+always kept, then the answer's beginning); the cuts are counted in the results. Sequences are sorted by length
+before batching, so little padding is computed, and results do not depend on --batch-size or --padding-side.
 
 `serve` answers POST /get_reward (also / and /score) with either
   - OpenRLHF's remote reward-model form: {"query": [full texts], "prompts": [...]?, "labels": [...]?}
@@ -77,9 +79,10 @@ class EvalConfig:
 # rewards, batched
 
 
-def pair_tokens(model, prompt, answer, max_len):
-    """(prompt, answer) -> token ids exactly as training builds them (rmd.RewardModel.tokens)."""
-    return model.tokens(prompt, answer, max_len)
+def pair_tokens(model, prompt, answer, max_len, cuts=None):
+    """(prompt, answer) -> token ids exactly as training builds and cuts them (rmd.RewardModel.tokens); the cut is
+    counted in cuts (an rmd.CutCounts) when given."""
+    return model.tokens(prompt, answer, max_len, cuts)
 
 
 def text_tokens(model, text, max_len):
@@ -98,9 +101,9 @@ def sequence_rewards(model, sequences, batch_size=32, padding_side="right"):
     return model.sequence_rewards(sequences, batch_size, padding_side)
 
 
-def pair_rewards(model, prompts, answers, batch_size=32, padding_side="right", max_len=0):
+def pair_rewards(model, prompts, answers, batch_size=32, padding_side="right", max_len=0, cuts=None):
     max_len = max_len or model.max_len
-    sequences = [pair_tokens(model, p, a, max_len) for p, a in zip(prompts, answers, strict=True)]
+    sequences = [pair_tokens(model, p, a, max_len, cuts) for p, a in zip(prompts, answers, strict=True)]
     return sequence_rewards(model, sequences, batch_size, padding_side)
 
 
@@ -155,18 +158,21 @@ def accuracy_of(chosen, rejected):
 
 def evaluate_pairs(model, rows, fmt, batch_size, padding_side, max_len):
     """pairs / RewardBench rows -> metrics dict. Each row's prompt and answers are parsed as in training."""
-    prompts, chosen, rejected, subsets = [], [], [], []
+    prompts, chosen, rejected, subsets, margins = [], [], [], [], []
     for where, row in rows:
         for key in ("prompt", "chosen", "rejected") if fmt == "rewardbench" else ("chosen", "rejected"):
             if key not in row:
                 raise rmd.DataError(f"{where}: missing field '{key}'")
-        messages, c, r, _, _ = rmd.parse_row(row, where, False)
-        prompts.append(messages), chosen.append(c), rejected.append(r)
+        messages, c, r, margin, _ = rmd.parse_row(row, where, False)
+        prompts.append(messages), chosen.append(c), rejected.append(r), margins.append(margin)
         subsets.append(str(row.get("subset", "")))
-    rewards = pair_rewards(model, prompts + prompts, chosen + rejected, batch_size, padding_side, max_len)
+    cuts = rmd.CutCounts()
+    rewards = pair_rewards(model, prompts + prompts, chosen + rejected, batch_size, padding_side, max_len, cuts=cuts)
     r_chosen, r_rejected = rewards[:len(prompts)], rewards[len(prompts):]
     result = {"format": fmt, "pairs": len(prompts), "accuracy": accuracy_of(r_chosen, r_rejected),
-              "ties": sum(c == r for c, r in zip(r_chosen, r_rejected))}
+              "ties": sum(c == r for c, r in zip(r_chosen, r_rejected)), **cut_report(cuts, max_len)}
+    if all(m is not None for m in margins):  # pairs with chosen_score/rejected_score or margin
+        result["margin_fit"] = rmd.margin_fit([c - r for c, r in zip(r_chosen, r_rejected)], margins)
     if fmt == "rewardbench":
         per_subset = {}
         for name in sorted(set(subsets)):
@@ -205,7 +211,8 @@ def evaluate_rm_bench(model, rows, batch_size, padding_side, max_len):
             prompts.append(messages), answers.append(answer_of(answer, "chosen/rejected", where))
         domain = str(row.get("domain") or str(row.get("id", "")).split("/")[0] or "all")
         domains.append(domain.split("-")[0].lower())  # safety-refuse, safety-response -> safety
-    rewards = pair_rewards(model, prompts, answers, batch_size, padding_side, max_len)
+    cuts = rmd.CutCounts()
+    rewards = pair_rewards(model, prompts, answers, batch_size, padding_side, max_len, cuts=cuts)
     cells = {"hard": [(i, j) for i in range(3) for j in range(3) if i < j], "normal": [(i, i) for i in range(3)],
              "easy": [(i, j) for i in range(3) for j in range(3) if i > j]}
     per_row = []
@@ -220,7 +227,14 @@ def evaluate_rm_bench(model, rows, batch_size, padding_side, max_len):
         per_domain[domain] = {**scores, "n": len(idx)}
     overall = {level: sum(d[level] for d in per_domain.values()) / len(per_domain)
                for level in ("easy", "normal", "hard", "average")}
-    return {"format": "rmbench", "prompts": len(domains), "domains": per_domain, "overall": overall}, rewards
+    return {"format": "rmbench", "prompts": len(domains), "domains": per_domain, "overall": overall,
+            **cut_report(cuts, max_len)}, rewards
+
+
+def cut_report(cuts, max_len):
+    """The cut counts of the scored sequences (rmd.fit's rule, as in training) and the warning, for the results."""
+    return {"max_len": max_len, "cuts": {"reward": vars(cuts).copy()},
+            "warnings": rmd.cut_warnings("eval", {"reward": cuts}, max_len)}
 
 
 def evaluate_file(model, path, fmt="auto", batch_size=32, padding_side="right", max_len=0):
@@ -228,6 +242,7 @@ def evaluate_file(model, path, fmt="auto", batch_size=32, padding_side="right", 
     rows = read_rows(path)
     if not rows:
         raise rmd.DataError(f"{path}: no rows")
+    max_len = max_len or getattr(model, "max_len", 0)
     if fmt == "auto":
         fmt = detect_format(rows[0][1], rows[0][0])
     if fmt == "rmbench":
@@ -247,7 +262,7 @@ def table(result):
         for name, d in list(result["domains"].items()) + [("overall", {**result["overall"], "n": result["prompts"]})]:
             lines.append(f"{name:<10} {d['n']:>5} {pct(d['easy'])} {pct(d['normal'])} {pct(d['hard'])} "
                          f"{pct(d['average'])}")
-        return "\n".join(lines)
+        return "\n".join(lines + cut_lines(result))
     if result["format"] == "rewardbench":
         lines.append(f"{'subset':<24} {'n':>5} {'acc':>6}")
         for name, s in result["subsets"].items():
@@ -259,7 +274,16 @@ def table(result):
             lines.append(f"{'RewardBench (mean)':<24} {'':>5} {pct(result['score'])}"
                          + ("" if len(result["sections"]) == 4 else "  (not all 4 sections present)"))
     lines.append(f"{'all pairs':<24} {result['pairs']:>5} {pct(result['accuracy'])}  ({result['ties']} ties)")
-    return "\n".join(lines)
+    if "margin_fit" in result:
+        lines.append(rmd.fit_text(result["margin_fit"]))
+    return "\n".join(lines + cut_lines(result))
+
+
+def cut_lines(result):
+    if "cuts" not in result:
+        return []
+    counts = rmd.CutCounts(**result["cuts"]["reward"])
+    return [f"cut to --max-len={result['max_len']}: {counts.summary('sequences')}", *result["warnings"]]
 
 
 def pick_device(device):
@@ -290,23 +314,31 @@ def eval_command(argv):
 # best-of-N
 
 
-def best_of_n(model, rows, batch_size=32, max_len=0):
-    """[{prompt, responses: [...]}] -> the same rows with rewards, best (first highest index) and best_response."""
-    prompts, answers = [], []
+def best_of_n(model, rows, batch_size=32, max_len=0, cuts=None):
+    """[{prompt, responses: [...]}] -> the same rows with rewards, best (first highest index), best_response and
+    cuts (how many of the row's responses were cut to max_len, by rmd.fit's kind; {} when none). The cuts of all
+    rows are added to cuts (an rmd.CutCounts) when given."""
+    max_len = max_len or model.max_len
+    sequences, row_cuts = [], []
     for where, row in rows:
         responses = row.get("responses")
         if "prompt" not in row or not isinstance(responses, list) or not responses:
             raise rmd.DataError(f"{where}: best-of-N rows need 'prompt' and a non-empty list 'responses'")
-        messages = rmd.as_messages(row["prompt"], where)
+        messages, mine = rmd.as_messages(row["prompt"], where), rmd.CutCounts()
         for response in responses:
-            prompts.append(messages), answers.append(answer_of(response, "responses", where))
-    rewards = pair_rewards(model, prompts, answers, batch_size, max_len=max_len)
+            sequences.append(pair_tokens(model, messages, answer_of(response, "responses", where), max_len, mine))
+        row_cuts.append(mine)
+    rewards = sequence_rewards(model, sequences, batch_size)
     out, k = [], 0
-    for _, row in rows:
+    for (_, row), mine_cuts in zip(rows, row_cuts):
         mine = rewards[k:k + len(row["responses"])]
         k += len(mine)
         best = max(range(len(mine)), key=lambda i: (mine[i], -i))
-        out.append({**row, "rewards": mine, "best": best, "best_response": row["responses"][best]})
+        cut = {kind: getattr(mine_cuts, kind) for kind in rmd.CUT_KINDS if getattr(mine_cuts, kind)}
+        out.append({**row, "rewards": mine, "best": best, "best_response": row["responses"][best], "cuts": cut})
+        if cuts is not None:
+            for name, value in vars(mine_cuts).items():
+                setattr(cuts, name, getattr(cuts, name) + value)
     return out
 
 
@@ -337,8 +369,9 @@ def bon_command(argv):
     if not cfg.model or not cfg.data:
         raise SystemExit("error: rmd.py bon needs --model DIR and --data rows.jsonl ({prompt, responses: [...]})")
     model = rmd.load_reward_model(cfg.model, pick_device(cfg.device))
+    cuts = rmd.CutCounts()
     try:
-        scored = best_of_n(model, read_rows(cfg.data), cfg.batch_size, cfg.max_len)
+        scored = best_of_n(model, read_rows(cfg.data), cfg.batch_size, cfg.max_len, cuts)
     except rmd.DataError as e:
         raise SystemExit(f"error: {e}") from None
     out = cfg.out or cfg.data.rsplit(".jsonl", 1)[0] + ".scored.jsonl"
@@ -346,6 +379,7 @@ def bon_command(argv):
         for row in scored:
             f.write(json.dumps(row) + "\n")
     print(f"{len(scored)} rows, {sum(len(r['rewards']) for r in scored)} responses scored: {out}", file=sys.stderr)
+    print("\n".join(cut_lines(cut_report(cuts, cfg.max_len or model.max_len))), file=sys.stderr)
     return scored
 
 

@@ -61,7 +61,7 @@ class TrainConfig:
     dropout: float = 0.1  # value-head dropout
     loss: str = "mse"  # pairwise loss: mse (margin regression), bt-margin, bt
     lm_weight: float = 0.1  # lambda of the LM term on the teacher answers (0 = off)
-    max_len: int = 1024  # tokens per sequence; longer ones are cut from the left of the prompt
+    max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
     batch_size: int = 16  # pairs per optimizer step, over all processes and micro-batches
     micro_batch: int = 0  # pairs per forward pass per process (0 = batch_size / processes)
     lr: float = 1e-5
@@ -69,7 +69,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup: float = 0.03  # fraction of steps with linear warm-up
     epochs: int = 1
-    max_steps: int = 0  # stop after this many optimizer steps (0 = run the epochs)
+    max_steps: int = -1  # -1 = run --epochs; 0 = evaluate only (step-0 baseline); N = stop after N optimizer steps
     grad_clip: float = 1.0  # 0 = off
     seed: int = 1337
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
@@ -91,8 +91,9 @@ def validate(cfg: TrainConfig):
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"error: --{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
-    if cfg.batch_size < 1 or cfg.max_len < 8 or cfg.lm_weight < 0:
-        raise SystemExit("error: need --batch-size >= 1, --max-len >= 8, --lm-weight >= 0")
+    if cfg.batch_size < 1 or cfg.max_len < 8 or cfg.lm_weight < 0 or cfg.max_steps < -1:
+        raise SystemExit("error: need --batch-size >= 1, --max-len >= 8, --lm-weight >= 0, --max-steps >= -1 "
+                         "(-1 = run --epochs, 0 = evaluate only)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,71 +186,144 @@ def render_answer(tokenizer, answer):
     return answer.strip() if getattr(tokenizer, "chat_template", None) else " " + answer.strip()
 
 
+def answer_ids(tokenizer, answer):
+    """An answer -> its token ids as every sequence ends: rendered answer + eos (the token the reward is read at)."""
+    return encode(tokenizer, render_answer(tokenizer, answer)) + [tokenizer.eos_token_id]
+
+
 @dataclass
 class Example:
     prompt: tuple  # (prompt ids of the chosen row, of the rejected row): cut to fit each row
-    chosen: list  # answer token ids, eos included
+    chosen: list  # answer token ids, eos included unless the answer's end was cut
     rejected: list
     margin: float | None
-    teacher: tuple | None  # (prompt ids, teacher answer ids with eos): the LM target
+    teacher: tuple | None  # (prompt ids, teacher answer ids): the LM target
+    prompt_len: int = 0  # tokens of the whole rendered prompt, before cutting
+    cuts: tuple = (None, None, None)  # fit()'s cut kind of the chosen, rejected and teacher-answer sequence
+
+
+# A sequence over --max-len keeps the end of its prompt (the question and the assistant header the answer
+# follows), then as much of the answer as fits. The one rule for every kind of sequence (reward rows, teacher
+# answers) and every command (train, eval, bon, serve's prompt/response form), in fit():
+#  1. the prompt loses tokens from its start, down to its floor: its last min(len, max(32, max_len // 4),
+#     max_len // 2) tokens (32 tokens hold the last words of the question plus any chat template's assistant
+#     header; a quarter of the budget keeps more of it for long --max-len; half the budget at most leaves the rest
+#     to the answer);
+#  2. only then the answer loses its end, EOS included. An answer cut at its end must not pretend to be complete:
+#     its sequence stops at the last token that fits, with no EOS, and the reward is read there. Reward rows keep
+#     the answer's beginning rather than its end: the question then runs straight into the answer, as when it
+#     was written (cutting the start would glue the question to a mid-sentence fragment); the teacher answer (the
+#     LM target) must stay the continuation of its prompt anyway, so one rule serves both kinds; and the
+#     decisive part of many answers (a refusal, a direct answer) comes first.
+CUT_KINDS = ("prompt_left", "prompt_min", "answer_end")
+MOST_PROMPT_LOST_WARN = 0.10  # warn when more than this share of sequences keep under half of their prompt
+
+
+def prompt_floor(prompt_len, max_len):
+    """How many of the prompt's last tokens every sequence keeps (all of them for a short prompt)."""
+    return min(prompt_len, max(32, max_len // 4), max_len // 2)
+
+
+def fit(prompt, answer, max_len):
+    """Cut prompt + answer ids to max_len tokens (see the rule above) -> (prompt, answer, cut kind): None when
+    nothing was cut; 'prompt_left': the prompt lost its start, the answer is whole; 'prompt_min': the prompt was cut
+    to its floor and the answer lost its end; 'answer_end': the answer lost its end, the (short) prompt is whole."""
+    if len(prompt) + len(answer) <= max_len:
+        return prompt, answer, None
+    floor = prompt_floor(len(prompt), max_len)
+    if len(answer) <= max_len - floor:
+        return prompt[len(prompt) - (max_len - len(answer)):], answer, "prompt_left"
+    return (prompt[len(prompt) - floor:], answer[:max_len - floor],
+            "prompt_min" if floor < len(prompt) else "answer_end")
+
+
+@dataclass
+class CutCounts:
+    """How the sequences of one kind were cut to --max-len. Each sequence counts once, under exactly one of
+    whole, prompt_left, prompt_min, answer_end (they add up to sequences); most_prompt_lost overlaps them."""
+    sequences: int = 0
+    whole: int = 0
+    prompt_left: int = 0  # the prompt lost tokens from its start; the whole answer kept
+    prompt_min: int = 0  # the prompt kept only its floor (its last tokens) and the answer lost its end and EOS
+    answer_end: int = 0  # the answer lost its end and EOS; the prompt, shorter than its floor, kept whole
+    most_prompt_lost: int = 0  # kept under half of the prompt's tokens
+
+    def add(self, kind, kept_prompt, prompt_len):
+        self.sequences += 1
+        setattr(self, kind or "whole", getattr(self, kind or "whole") + 1)
+        self.most_prompt_lost += kept_prompt < prompt_len / 2
+
+    def summary(self, what):
+        return (f"{self.sequences} {what}: {self.whole} whole, {self.prompt_left} prompt cut from the left, "
+                f"{self.prompt_min} prompt cut to its floor + answer end cut, {self.answer_end} answer end cut "
+                f"(prompt whole); {self.most_prompt_lost} kept under half of their prompt")
+
+
+ROW_KINDS = {"reward": "chosen/rejected sequences", "teacher": "teacher-answer sequences"}
+
+
+def count_cuts(examples, teacher):
+    """The cuts of the sequences a run uses: both reward rows of every pair, and the teacher-answer rows only
+    when the LM term trains on them (teacher=True; never in eval splits)."""
+    cuts = {"reward": CutCounts(), **({"teacher": CutCounts()} if teacher else {})}
+    for ex in examples:
+        cuts["reward"].add(ex.cuts[0], len(ex.prompt[0]), ex.prompt_len)
+        cuts["reward"].add(ex.cuts[1], len(ex.prompt[1]), ex.prompt_len)
+        if teacher and ex.teacher is not None:
+            cuts["teacher"].add(ex.cuts[2], len(ex.teacher[0]), ex.prompt_len)
+    return cuts
+
+
+def cut_warnings(name, cuts, max_len):
+    """A warning per kind of sequence of which more than MOST_PROMPT_LOST_WARN kept under half of their prompt."""
+    out = []
+    for kind, counts in cuts.items():
+        if counts.sequences and counts.most_prompt_lost > MOST_PROMPT_LOST_WARN * counts.sequences:
+            out.append(f"warning: {name}: {counts.most_prompt_lost} of {counts.sequences} {ROW_KINDS[kind]} "
+                       f"({100 * counts.most_prompt_lost / counts.sequences:.0f}%) keep under half of their prompt "
+                       f"at --max-len={max_len}; a larger --max-len keeps more of the question")
+    return out
 
 
 @dataclass
 class DataStats:
-    rows: int = 0
-    kept: int = 0
-    prompt_cut: int = 0  # sequences whose prompt lost tokens from the left
-    answer_cut: int = 0  # sequences whose answer alone was over-long (start of the answer cut)
+    rows: int = 0  # rows read
+    kept: int = 0  # usable pairs
     dropped: dict = field(default_factory=dict)  # reason -> count
+    cuts: dict = field(default_factory=dict)  # "reward" / "teacher" -> CutCounts (count_cuts)
 
     def drop(self, reason):
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
     def summary(self, name):
         drops = ", ".join(f"{k}: {v}" for k, v in self.dropped.items()) or "none"
-        return (f"{name}: {self.rows} rows, {self.kept} kept; cut: {self.prompt_cut} prompts (from the left), "
-                f"{self.answer_cut} answers (from the start); dropped: {drops}")
-
-
-def fit(prompt, answer, max_len, stats):
-    """Cut an over-long sequence from the left of the prompt, keeping the end of the answer and its eos."""
-    if len(prompt) + len(answer) <= max_len:
-        return prompt, answer
-    stats.prompt_cut += 1
-    keep = max_len - len(answer)
-    if keep >= 1:
-        return prompt[len(prompt) - keep:], answer
-    stats.answer_cut += 1
-    return prompt[-1:], answer[len(answer) - (max_len - 1):]
+        cuts = "".join(f"\n  {counts.summary(ROW_KINDS[kind])}" for kind, counts in self.cuts.items())
+        return f"{name}: {self.rows} rows, {self.kept} kept; dropped: {drops}" + cuts
 
 
 def tokenize_example(tokenizer, parsed, max_len, stats):
     messages, chosen, rejected, margin, teacher = parsed
-    eos = [tokenizer.eos_token_id]
     prompt = encode(tokenizer, render_prompt(tokenizer, messages))
-    chosen_ids = encode(tokenizer, render_answer(tokenizer, chosen)) + eos
-    rejected_ids = encode(tokenizer, render_answer(tokenizer, rejected)) + eos
+    chosen_ids, rejected_ids = answer_ids(tokenizer, chosen), answer_ids(tokenizer, rejected)
     if chosen_ids == rejected_ids:
         stats.drop("chosen == rejected")
         return None
-    p_c, chosen_ids = fit(prompt, chosen_ids, max_len, stats)
-    p_r, rejected_ids = fit(prompt, rejected_ids, max_len, stats)
+    p_c, chosen_ids, chosen_cut = fit(prompt, chosen_ids, max_len)
+    p_r, rejected_ids, rejected_cut = fit(prompt, rejected_ids, max_len)
     if p_c + chosen_ids == p_r + rejected_ids:
         stats.drop("identical after cutting to max_len")
         return None
-    teacher_pair = None
+    teacher_pair, teacher_cut = None, None
     if teacher and teacher.strip():
-        answer = encode(tokenizer, render_answer(tokenizer, teacher)) + eos
-        if len(answer) > max_len - 1:
-            stats.answer_cut += 1  # an LM target keeps its beginning: the continuation of the prompt
-            answer = answer[:max_len - 1]
-        teacher_pair = fit(prompt, answer, max_len, stats)
+        p_t, teacher_ids, teacher_cut = fit(prompt, answer_ids(tokenizer, teacher), max_len)
+        teacher_pair = (p_t, teacher_ids)
     return Example(prompt=(p_c, p_r), chosen=chosen_ids, rejected=rejected_ids, margin=margin,
-                   teacher=teacher_pair)
+                   teacher=teacher_pair, prompt_len=len(prompt), cuts=(chosen_cut, rejected_cut, teacher_cut))
 
 
-def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", keep_ties=True):
-    """JSONL file(s) -> tokenized Examples and the DataStats of what was cut or dropped."""
+def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teacher=False, keep_ties=True):
+    """JSONL file(s) -> tokenized Examples and the DataStats of what was dropped and cut (teacher: count the
+    teacher-answer rows too, for a run that trains on them; keep_ties=False drops margin-0 pairs)."""
     stats, examples = DataStats(), []
     for path in paths.split(","):
         if not os.path.exists(path):
@@ -270,6 +344,7 @@ def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", keep_t
     stats.kept = len(examples)
     if not examples:
         raise DataError(f"{paths}: no usable pairs ({stats.summary(name)})")
+    stats.cuts = count_cuts(examples, teacher)
     return examples, stats
 
 
@@ -495,12 +570,13 @@ class RewardModel(nn.Module):
         last = (attention_mask * positions).argmax(-1)
         return self.value_head(hidden[torch.arange(len(last)), last]).squeeze(-1).float()
 
-    def tokens(self, prompt, answer, max_len=None):
-        """(prompt, answer) -> token ids exactly as training builds them: rendered prompt + answer + eos, cut."""
-        eos = [self.tokenizer.eos_token_id]
+    def tokens(self, prompt, answer, max_len=None, cuts=None):
+        """(prompt, answer) -> token ids exactly as training builds them: rendered prompt + answer + eos, cut by
+        fit(); the cut is counted in cuts (a CutCounts) when given."""
         prompt_ids = encode(self.tokenizer, render_prompt(self.tokenizer, as_messages(prompt, "prompt")))
-        answer_ids = encode(self.tokenizer, render_answer(self.tokenizer, answer)) + eos
-        p, a = fit(prompt_ids, answer_ids, max_len or self.max_len, DataStats())
+        p, a, kind = fit(prompt_ids, answer_ids(self.tokenizer, answer), max_len or self.max_len)
+        if cuts is not None:
+            cuts.add(kind, len(p), len(prompt_ids))
         return p + a
 
     @torch.no_grad()
@@ -716,19 +792,43 @@ def load_checkpoint(path, model, optimizer, sharded=False):
 # evaluation and training
 
 
+def margin_fit(reward_margins, teacher_margins):
+    """How well the student's Δr = r(chosen) − r(rejected) follows the teacher's Δs on held-out pairs: the Pearson
+    correlation (None when either side is constant) and the mean squared error of Δr − Δs (what --loss=mse
+    minimises; on another scale under the bt losses, where only the correlation compares)."""
+    n = len(reward_margins)
+    mean_r, mean_s = sum(reward_margins) / n, sum(teacher_margins) / n
+    cov = sum((r - mean_r) * (s - mean_s) for r, s in zip(reward_margins, teacher_margins, strict=True))
+    var_r = sum((r - mean_r) ** 2 for r in reward_margins)
+    var_s = sum((s - mean_s) ** 2 for s in teacher_margins)
+    pearson = cov / math.sqrt(var_r * var_s) if var_r > 0 and var_s > 0 else None
+    mse = sum((r - s) ** 2 for r, s in zip(reward_margins, teacher_margins)) / n
+    return {"pairs": n, "pearson": pearson, "mse": mse}
+
+
 @torch.no_grad()
 def evaluate(model, examples, batch_pairs, device, autocast):
-    """Pair accuracy: the fraction of pairs with r(chosen) > r(rejected); a tie counts as wrong."""
+    """-> (pair accuracy: the fraction of pairs with r(chosen) > r(rejected), a tie counts as wrong;
+    margin_fit of Δr to Δs when every pair has a margin, else None)."""
     was_training = model.training
     model.eval()
-    correct = 0
+    reward_margins = []
     for k in range(0, len(examples), batch_pairs):
         batch = to_device(collate(examples[k:k + batch_pairs], model.pad_id, False, False), device)
         with autocast:
             rewards, _ = model(batch)
-        correct += (rewards[:batch.n_pairs] > rewards[batch.n_pairs:]).sum().item()
+        reward_margins += (rewards[:batch.n_pairs] - rewards[batch.n_pairs:]).tolist()
     model.train(was_training)
-    return correct / len(examples)
+    accuracy = sum(m > 0 for m in reward_margins) / len(examples)
+    teacher_margins = [ex.margin for ex in examples]
+    if any(m is None for m in teacher_margins):
+        return accuracy, None
+    return accuracy, margin_fit(reward_margins, teacher_margins)
+
+
+def fit_text(fit):
+    pearson = "n/a (constant)" if fit["pearson"] is None else f"{fit['pearson']:.3f}"
+    return f"margin fit: pearson {pearson}, mse {fit['mse']:.4f}"
 
 
 def to_device(batch, device):
@@ -788,20 +888,31 @@ def train(cfg: TrainConfig, stop_after: int = 0):
     model.max_len = cfg.max_len
     log("config: " + json.dumps(dataclasses.asdict(cfg)))
 
+    use_lm = cfg.lm_weight > 0
+    if use_lm and cfg.layers and not cfg.model.startswith("tiny") and len(lm.model.layers) == cfg.layers:
+        log(f"warning: --layers={cfg.layers} cuts the backbone and --lm-weight={cfg.lm_weight} > 0: the pretrained LM "
+            "head on a cut backbone starts worse than uniform (SmolLM2-135M, 4 of 30 layers: 19.4 nats per "
+            "teacher-answer token, 4.0 uncut, 10.8 uniform), so the LM term relearns language modelling rather "
+            "than keeping it; consider --lm-weight=0 or more layers")
+
     examples, stats = load_pairs(cfg.data, tokenizer, cfg.max_len, need_margin=cfg.loss != "bt", name="train",
                                  keep_ties=cfg.loss == "mse")
-    log(stats.summary("train"))
-    eval_sets = {}
+    eval_sets, eval_stats = {}, {}
     for spec in filter(None, cfg.eval_data.split(",")):
         name, _, path = spec.rpartition("=")
-        eval_sets[name or "eval"], eval_stats = load_pairs(path, tokenizer, cfg.max_len, name=name or "eval")
-        log(eval_stats.summary(name or "eval"))
+        eval_sets[name or "eval"], eval_stats[name or "eval"] = load_pairs(path, tokenizer, cfg.max_len,
+                                                                           name=name or "eval")
     if cfg.holdout:
         if cfg.holdout >= len(examples):
             raise SystemExit(f"error: --holdout {cfg.holdout} leaves no training pairs ({len(examples)} usable)")
         examples, eval_sets["heldout"] = examples[:-cfg.holdout], examples[-cfg.holdout:]
+        eval_stats["heldout"] = DataStats(cfg.holdout, cfg.holdout, cuts=count_cuts(eval_sets["heldout"], False))
         log(f"holding out the last {cfg.holdout} pairs of --data as eval split 'heldout'")
-    use_lm = cfg.lm_weight > 0
+    stats.cuts = count_cuts(examples, use_lm)  # only the rows this run trains on
+    for name, data_stats in {"train": stats, **eval_stats}.items():
+        log(data_stats.summary(name))
+        for line in cut_warnings(name, data_stats.cuts, cfg.max_len):
+            log(line)
     if use_lm and not any(ex.teacher for ex in examples):
         raise SystemExit("error: --lm-weight > 0 but no training row has a 'teacher_response' (or use --lm-weight=0)")
 
@@ -811,9 +922,11 @@ def train(cfg: TrainConfig, stop_after: int = 0):
                          f"({micro} x {world})")
     accum = cfg.batch_size // (micro * world)
     steps_per_epoch = len(examples) // cfg.batch_size
-    if steps_per_epoch == 0:
+    total = cfg.max_steps if cfg.max_steps >= 0 else cfg.epochs * steps_per_epoch
+    if steps_per_epoch == 0 and total:
         raise SystemExit(f"error: {len(examples)} usable pairs is fewer than one batch of {cfg.batch_size}")
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    if total == 0:
+        log("--max-steps=0: evaluating only (the step-0 baseline of the untrained value head)")
     leftover = len(examples) - steps_per_epoch * cfg.batch_size
     log(f"{len(examples)} pairs, {steps_per_epoch} steps per epoch ({leftover} pairs left over per epoch, reshuffled "
         f"next epoch), {total} steps; {world} process(es) x {accum} micro-batch(es) x {micro} pairs")
@@ -856,7 +969,13 @@ def train(cfg: TrainConfig, stop_after: int = 0):
     log_file = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
 
     def evaluate_all():
-        return {name: evaluate(model, data, cfg.eval_batch, device, autocast) for name, data in eval_sets.items()}
+        """-> ({split: accuracy}, {split: margin_fit} for the splits whose pairs all have margins)."""
+        results = {name: evaluate(model, data, cfg.eval_batch, device, autocast) for name, data in eval_sets.items()}
+        return ({name: acc for name, (acc, _) in results.items()},
+                {name: fit for name, (_, fit) in results.items() if fit is not None})
+
+    def eval_text(metrics, fits):
+        return ", ".join(f"{k} {v:.4f}" + (f" ({fit_text(fits[k])})" if k in fits else "") for k, v in metrics.items())
 
     model.train()
     window = {"pair": 0.0, "lm": 0.0, "correct": 0, "pairs": 0, "tokens": 0, "slots": 0, "time": 0.0, "steps": 0}
@@ -897,23 +1016,25 @@ def train(cfg: TrainConfig, stop_after: int = 0):
         if step % cfg.log_interval == 0 or step == total:
             log_line(window, step, total, optimizer, world, log, log_file)
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < total and eval_sets:
-            log(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluate_all().items()))
+            log(f"step {step} eval: " + eval_text(*evaluate_all()))
         if step in (total, stop_after) or (cfg.save_interval and step % cfg.save_interval == 0):
             full = full_state(model, optimizer) if sharded else None  # all processes gather, rank 0 writes
             if master:
                 save_checkpoint(ckpt_dir, model, optimizer, {"step": step, "config": dataclasses.asdict(cfg)}, full)
         if step == stop_after:
             return {}
-    metrics = evaluate_all()
+    metrics, fits = evaluate_all()
     weights = full_state(model) if sharded else None
     if master:
         save_reward_model(model, os.path.join(cfg.out, "model"), cfg, weights)
-        result = {"step": step, "accuracy": metrics, "train_data": dataclasses.asdict(stats),
+        result = {"step": step, "accuracy": metrics, "margin_fit": fits, "train_data": dataclasses.asdict(stats),
+                  "eval_data": {k: dataclasses.asdict(v) for k, v in eval_stats.items()},
                   "eval_pairs": {k: len(v) for k, v in eval_sets.items()}}
         with open(os.path.join(cfg.out, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)
-        log("final eval: " + (", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no --eval-data given"))
-        log(f"model: {os.path.join(cfg.out, 'model')}  checkpoint: {ckpt_dir}  metrics: "
+        log("final eval: " + (eval_text(metrics, fits) or "no --eval-data given"))
+        ckpt = ckpt_dir if os.path.exists(ckpt_dir) else "none (no step trained)"
+        log(f"model: {os.path.join(cfg.out, 'model')}  checkpoint: {ckpt}  metrics: "
             f"{os.path.join(cfg.out, 'eval.json')}")
         log_file.close()
     if world > 1:

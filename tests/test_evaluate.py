@@ -40,7 +40,7 @@ def model():
 @pytest.fixture
 def number_rewards(monkeypatch):
     """Rewards read off the answers: answer "3" gets reward 3.0, so each metric can be computed by hand."""
-    def fake(model, prompts, answers, batch_size=32, padding_side="right", max_len=0):
+    def fake(model, prompts, answers, batch_size=32, padding_side="right", max_len=0, cuts=None):
         return [float(a) for a in answers]
     monkeypatch.setattr(evaluate, "pair_rewards", fake)
 
@@ -59,6 +59,45 @@ def test_pair_accuracy_counts_a_tie_as_wrong(tmp_path, number_rewards):
     rows = [{"prompt": "p", "chosen": c, "rejected": r} for c, r in (("2", "1"), ("1", "1"), ("0", "1"), ("5", "4"))]
     result, _ = evaluate.evaluate_file(None, write_jsonl(tmp_path / "p.jsonl", rows))
     assert result["format"] == "pairs" and result["accuracy"] == 0.5 and result["ties"] == 1
+
+
+def test_pairs_with_margins_report_the_margin_fit(tmp_path, number_rewards):
+    # dr = 2-1, 1-1, 0-1, 5-2 = 1, 0, -1, 3; ds = 2, 1, 0, 1: means 0.75 and 1
+    # cov = (0.25)(1) + (-0.75)(0) + (-1.75)(-1) + (2.25)(0) = 2; var_r = 0.0625+0.5625+3.0625+5.0625 = 8.75; var_s = 2
+    # pearson = 2 / sqrt(17.5); mse = ((1-2)^2 + (0-1)^2 + (-1-0)^2 + (3-1)^2) / 4 = 7/4
+    rows = [{"prompt": "p", "chosen": c, "rejected": r, "chosen_score": cs, "rejected_score": rs}
+            for c, r, cs, rs in (("2", "1", 7, 5), ("1", "1", 6, 5), ("0", "1", 5, 5), ("5", "2", 9, 8))]
+    result, _ = evaluate.evaluate_file(None, write_jsonl(tmp_path / "m.jsonl", rows))
+    assert result["margin_fit"] == {"pairs": 4, "pearson": pytest.approx(2 / 17.5 ** 0.5), "mse": pytest.approx(1.75)}
+    assert "margin fit: pearson 0.478, mse 1.7500" in evaluate.table(result)
+    plain, _ = evaluate.evaluate_file(None, write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "1",
+                                                                                 "rejected": "0"}]))
+    assert "margin_fit" not in plain  # no scores, no fit
+
+
+def test_eval_and_bon_count_cuts_as_training_does(tmp_path, model, capsys):
+    long_prompt = "x " * 100 + "the question?"
+    rows = [{"prompt": "q", "chosen": "fine", "rejected": "bad"},
+            {"prompt": long_prompt, "chosen": "fine", "rejected": "a " * 80},
+            {"prompt": "q", "chosen": "a " * 80, "rejected": "b"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    result, _ = evaluate.evaluate_file(model, path, max_len=64)
+    _, stats = rmd.load_pairs(path, model.tokenizer, 64)  # what train counts on the same split
+    assert result["cuts"] == {"reward": vars(stats.cuts["reward"])}
+    cuts = result["cuts"]["reward"]
+    assert (cuts["sequences"], cuts["whole"], cuts["prompt_left"], cuts["prompt_min"], cuts["answer_end"]) == \
+        (6, 3, 1, 1, 1)
+    assert len(result["warnings"]) == 1 and "2 of 6 chosen/rejected sequences (33%)" in result["warnings"][0]
+    assert "cut to --max-len=64: 6 sequences: 3 whole" in evaluate.table(result)
+    folder = str(tmp_path / "m")
+    rmd.save_reward_model(model, folder, rmd.TrainConfig(head="linear", dropout=0.0, max_len=64))
+    bon = write_jsonl(tmp_path / "bon.jsonl", [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]]}
+                                               for r in rows])
+    out = str(tmp_path / "scored.jsonl")
+    rmd.main(["bon", "--model", folder, "--data", bon, "--out", out])
+    assert [json.loads(line)["cuts"] for line in open(out)] == [{}, {"prompt_left": 1, "prompt_min": 1},
+                                                               {"answer_end": 1}]
+    assert "cut to --max-len=64: 6 sequences: 3 whole" in capsys.readouterr().err
 
 
 def test_reward_bench_sections_use_the_leaderboard_weights(tmp_path, number_rewards):

@@ -93,10 +93,103 @@ def test_bad_rows_stop_with_file_and_line(tmp_path, line, message):
     assert f"{path}:2:" in str(err.value) and message in str(err.value)
 
 
-def test_over_long_rows_are_cut_from_the_left_and_counted(tmp_path):
+def chatml_tokenizer():
+    """A small byte-level BPE tokenizer with a ChatML chat template (as SmolLM2's), built in memory."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([f"Question {i}: the question? good bad answer x y" for i in range(50)], vocab_size=300,
+                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def full_ids(tok, prompt, answer):
+    return (rmd.encode(tok, rmd.render_prompt(tok, rmd.as_messages(prompt, "x"))), rmd.answer_ids(tok, answer))
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "chatml"])
+def test_cutting_keeps_the_question_end_then_the_answer_start(tokenizer):
+    tok = rmd.ByteTokenizer() if tokenizer == "bytes" else chatml_tokenizer()
+    header = "\n\nAssistant:" if tokenizer == "bytes" else "<|im_start|>assistant\n"
+    max_len = 128
+    long_prompt, long_answer = "x " * 400 + "the question?", "good answer " * 60 + "bad end"
+    cases = {  # (prompt, answer) -> cut kind
+        "whole": ("the question?", "good answer"),
+        "prompt_left": (long_prompt, "good answer"),
+        "prompt_min": (long_prompt, long_answer),
+        "answer_end": ("q?", long_answer),
+    }
+    for kind, (prompt_text, answer_text) in cases.items():
+        prompt, answer = full_ids(tok, prompt_text, answer_text)
+        p, a, cut = rmd.fit(prompt, answer, max_len)
+        assert (cut or "whole") == kind
+        assert len(p) + len(a) <= max_len and p == prompt[len(prompt) - len(p):]  # the prompt's end, in one piece
+        assert tok.decode(p).endswith(header)
+        floor = rmd.prompt_floor(len(prompt), max_len)
+        assert len(p) >= floor == min(len(prompt), 32)  # at --max-len=128: the last 32 tokens of the question
+        if kind in ("whole", "prompt_left"):
+            assert a == answer and a[-1] == tok.eos_token_id  # a whole answer ends with its eos
+        else:  # the answer's beginning, no eos: a cut answer does not pretend to be complete
+            assert len(p) + len(a) == max_len and a == answer[:len(a)] and tok.eos_token_id not in a
+            assert len(p) == (floor if kind == "prompt_min" else len(prompt))
+        if kind == "prompt_left":
+            assert len(p) + len(a) == max_len and len(p) > floor
+
+
+def test_every_command_cuts_the_same_way_and_teacher_answers_keep_their_prompt():
+    """tokenize_example (train) and RewardModel.tokens (eval, bon, serve) build the same sequences; a teacher answer
+    over the budget keeps the prompt's floor and its own beginning, never just the prompt's last token."""
+    model = tiny_model(max_len=64)
+    tok = model.tokenizer
+    row = {"prompt": "x" * 300 + " the question?", "chosen": "yes " * 40, "rejected": "no " * 40,
+           "teacher_response": "The answer is " + "long " * 60}
+    ex = rmd.tokenize_example(tok, rmd.parse_row(row, "x:1", False), 64, rmd.DataStats())
+    assert ex.prompt[0] + ex.chosen == model.tokens(row["prompt"], row["chosen"], 64)
+    assert ex.prompt[1] + ex.rejected == model.tokens(row["prompt"], row["rejected"], 64)
+    assert ex.cuts == ("prompt_min", "prompt_min", "prompt_min")
+    prompt, answer = ex.teacher
+    assert len(prompt) == rmd.prompt_floor(ex.prompt_len, 64) == 32 and tok.decode(prompt).endswith(
+        "question?\n\nAssistant:")
+    assert tok.decode(answer).startswith(" The answer is") and len(prompt) + len(answer) == 64
+
+
+def test_cut_counts_add_up_and_count_only_the_rows_a_run_uses(tmp_path):
+    long_prompt = "x " * 100 + "the question?"
+    rows = [{"prompt": "q", "chosen": "fine", "rejected": "bad", "teacher_response": "fine too"},  # nothing cut
+            {"prompt": long_prompt, "chosen": "fine", "rejected": "bad", "teacher_response": "t " * 80},
+            {"prompt": long_prompt, "chosen": "a " * 80, "rejected": "b", "teacher_response": "t"},
+            {"prompt": "q", "chosen": "a " * 80, "rejected": "b " * 80},  # no teacher answer
+            {"prompt": "q", "chosen": "same", "rejected": "same", "teacher_response": "t " * 80}]  # dropped
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    _, stats = rmd.load_pairs(path, rmd.ByteTokenizer(), 64, teacher=True)
+    assert stats.rows == 5 and stats.kept == 4 and stats.dropped == {"chosen == rejected": 1}
+    reward, teacher = stats.cuts["reward"], stats.cuts["teacher"]
+    assert (reward.sequences, reward.whole, reward.prompt_left, reward.prompt_min, reward.answer_end) == (8, 2, 3, 1, 2)
+    assert (teacher.sequences, teacher.whole, teacher.prompt_left, teacher.prompt_min) == (3, 1, 1, 1)
+    for counts in (reward, teacher):
+        assert counts.whole + sum(getattr(counts, k) for k in rmd.CUT_KINDS) == counts.sequences
+        assert counts.most_prompt_lost <= counts.sequences
+    assert reward.sequences == 2 * stats.kept and teacher.sequences <= stats.kept
+    assert reward.most_prompt_lost == 4 and teacher.most_prompt_lost == 2  # the long prompt keeps < half
+    _, eval_stats = rmd.load_pairs(path, rmd.ByteTokenizer(), 64)  # an eval split, or --lm-weight=0
+    assert set(eval_stats.cuts) == {"reward"} and eval_stats.cuts["reward"] == reward
+    summary = stats.summary("train")
+    assert "8 chosen/rejected sequences: 2 whole, 3 prompt cut from the left, 1 prompt cut to its floor" \
+        in summary and "3 teacher-answer sequences" in summary
+    warnings = rmd.cut_warnings("train", stats.cuts, 64)
+    assert len(warnings) == 2 and "--max-len=64" in warnings[0]
+    assert "4 of 8 chosen/rejected sequences (50%)" in warnings[0] and "2 of 3 teacher-answer" in warnings[1]
+    _, short = rmd.load_pairs(write_jsonl(tmp_path / "s.jsonl", rows[:1] * 10 + rows[1:2]), rmd.ByteTokenizer(), 64)
+    assert short.cuts["reward"].most_prompt_lost == 2 and not rmd.cut_warnings("x", short.cuts, 64)  # 2 of 22
+
+
+def test_over_long_rows_are_cut_and_counted(tmp_path):
     long_prompt = "x" * 300 + " the question?"
     rows = [{"prompt": long_prompt, "chosen": "good answer", "rejected": "bad"},
-            {"prompt": "p", "chosen": "y" * 100 + " end A", "rejected": "y" * 100 + " end B"},
+            {"prompt": "p", "chosen": "A " + "y" * 100, "rejected": "B " + "y" * 100},
             {"prompt": "q", "chosen": "same", "rejected": "same"}]
     examples, stats = rmd.load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), rmd.ByteTokenizer(), 64)
     assert stats.rows == 3 and stats.kept == 2 and stats.dropped == {"chosen == rejected": 1}
@@ -107,15 +200,25 @@ def test_over_long_rows_are_cut_from_the_left_and_counted(tmp_path):
         assert answer[-1] == tok.eos_token_id
         assert tok.decode(prompt).endswith("the question?\n\nAssistant:")  # the end of the prompt survives
     second = examples[1]
-    assert tok.decode(second.chosen).endswith("end A") and len(second.prompt[0]) + len(second.chosen) == 64
-    assert stats.prompt_cut == 4 and stats.answer_cut == 2
+    assert tok.decode(second.prompt[0] + second.chosen) == "\n\nHuman: p\n\nAssistant: A " + "y" * 39
+    cuts = stats.cuts["reward"]
+    assert (cuts.prompt_left, cuts.answer_end, cuts.whole) == (2, 2, 0)
     assert "dropped: chosen == rejected: 1" in stats.summary("train")
 
 
 def test_rows_identical_after_cutting_are_dropped_and_counted(tmp_path):
-    rows = [{"prompt": "p", "chosen": "A" + "z" * 100, "rejected": "B" + "z" * 100}]
+    rows = [{"prompt": "p", "chosen": "z" * 100 + "A", "rejected": "z" * 100 + "B"}]
     with pytest.raises(rmd.DataError, match="identical after cutting"):
         rmd.load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), rmd.ByteTokenizer(), 32)
+
+
+def test_margin_fit_matches_a_hand_computation():
+    # dr = 1 2 3, ds = 1 3 2: means 2 and 2; cov = (-1)(-1) + 0 + 0 = 1; var = 2 and 2 -> r = 1/2
+    # mse = (0^2 + 1^2 + 1^2) / 3 = 2/3
+    fit = rmd.margin_fit([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
+    assert fit["pairs"] == 3 and fit["pearson"] == pytest.approx(0.5) and fit["mse"] == pytest.approx(2 / 3)
+    # a constant side has no correlation; mse = ((1-2)^2 + (1-5)^2) / 2 = 8.5
+    assert rmd.margin_fit([1.0, 1.0], [2.0, 5.0]) == {"pairs": 2, "pearson": None, "mse": pytest.approx(8.5)}
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -202,6 +305,9 @@ def test_training_learns_an_easy_preference_and_saves_a_loadable_model(tmp_path)
     saved = json.load(open(os.path.join(cfg.out, "eval.json")))
     assert saved["accuracy"] == metrics and saved["step"] == 30
     assert saved["eval_pairs"] == {"test": 40, "heldout": 20}
+    assert set(saved["margin_fit"]) == {"test", "heldout"} and saved["margin_fit"]["test"]["pairs"] == 40
+    assert saved["train_data"]["cuts"]["teacher"]["sequences"] == 140  # the 160 rows less the 20 held out
+    assert saved["eval_data"]["heldout"]["cuts"] == {"reward": dict(vars(rmd.CutCounts()), sequences=40, whole=40)}
     losses = log_losses(cfg.out)
     assert losses[-1][1] < losses[0][1] and losses[-1][2] < losses[0][2]
     # the saved folder reproduces the rewards of the trained model
@@ -216,6 +322,54 @@ def test_training_learns_an_easy_preference_and_saves_a_loadable_model(tmp_path)
     with torch.no_grad():
         direct, _ = trained.eval()(rmd.collate(examples, trained.pad_id, False, False))
     torch.testing.assert_close(torch.tensor(rewards), direct[:4], atol=1e-5, rtol=1e-4)
+
+
+def test_max_steps_zero_evaluates_the_untrained_model_only(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(12))
+    rows = easy_rows(6, seed=1)
+    test = write_jsonl(tmp_path / "test.jsonl", rows)
+    nomargin = write_jsonl(tmp_path / "nm.jsonl", [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    cfg = train_cfg(tmp_path, data, eval_data=f"test={test},plain={nomargin}", max_steps=0, lm_weight=0.0,
+                    batch_size=16)  # fewer pairs than one batch is fine when nothing is trained
+    metrics = rmd.train(cfg)
+    out = capsys.readouterr().out
+    assert "evaluating only" in out and "final eval: test" in out and "margin fit: pearson" in out
+    saved = json.load(open(os.path.join(cfg.out, "eval.json")))
+    assert saved["step"] == 0 and saved["accuracy"] == metrics and set(metrics) == {"test", "plain"}
+    assert set(saved["margin_fit"]) == {"test"}  # only splits whose pairs have margins
+    assert set(saved["train_data"]["cuts"]) == {"reward"}  # --lm-weight=0: teacher answers are not used
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    assert not os.path.exists(log_path) or not open(log_path).read()  # no training step
+    # the step-0 numbers are the saved (untrained) model's: margin fit by hand from its rewards
+    model = rmd.load_reward_model(os.path.join(cfg.out, "model"))
+    chosen = model.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    rejected = model.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    dr = [c - r for c, r in zip(chosen, rejected)]
+    ds = [r["chosen_score"] - r["rejected_score"] for r in rows]
+    mr, ms = sum(dr) / 6, sum(ds) / 6
+    pearson = sum((a - mr) * (b - ms) for a, b in zip(dr, ds)) / (
+        sum((a - mr) ** 2 for a in dr) * sum((b - ms) ** 2 for b in ds)) ** 0.5
+    fit = saved["margin_fit"]["test"]
+    assert fit["pearson"] == pytest.approx(pearson, abs=1e-4)
+    assert fit["mse"] == pytest.approx(sum((a - b) ** 2 for a, b in zip(dr, ds)) / 6, rel=1e-4)
+    assert metrics["test"] == sum(d > 0 for d in dr) / 6
+    assert rmd.TrainConfig().max_steps == -1  # the default runs the epochs
+
+
+def test_cut_backbone_with_lm_term_warns(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = chatml_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    folder = str(tmp_path / "backbone")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(8))
+    rmd.train(train_cfg(tmp_path, data, model=folder, layers=1, lm_weight=0.1, max_steps=0))
+    assert "warning: --layers=1 cuts the backbone and --lm-weight=0.1 > 0" in capsys.readouterr().out
+    rmd.train(train_cfg(tmp_path, data, model=folder, layers=1, lm_weight=0.0, max_steps=0))
+    assert "warning: --layers" not in capsys.readouterr().out
 
 
 def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path):
