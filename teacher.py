@@ -462,10 +462,8 @@ def _convert(key, value, kind):
             return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
         return kind(value)
     except (KeyError, ValueError):
-        expected = "true or false" if kind is bool else {"int": "an integer", "float": "a number"}.get(
-            kind.__name__, kind.__name__)
-        raise SystemExit(f"error: --{key.replace('_', '-')}={value!r}: expected {expected} "
-                         f"({kind.__name__})") from None
+        expected = {"bool": "bool (true or false)", "float": "float (a number)"}.get(kind.__name__, kind.__name__)
+        raise SystemExit(f"error: --{key.replace('_', '-')}={value!r}: expected {expected}") from None
 
 
 # ---------------------------------------------------------------------------- input rows
@@ -628,7 +626,7 @@ def check_messages(messages):
     non-empty list of {role, content}, role one of CHAT_ROLES, content a string or a list of text parts.
     Returns what is wrong, or None."""
     if not isinstance(messages, list) or not messages:
-        return "prompt must be a string or a non-empty list of chat messages"
+        return "field 'prompt' must be a string or a non-empty list of chat messages {role, content}"
     for k, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             return f"prompt[{k}] must be a message {{role, content}}"
