@@ -52,7 +52,7 @@ ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # training JSONL (.jsonl or .jsonl.gz); several files comma-separated
+    data: str = ""  # training data (.jsonl, .jsonl.gz, a .json array or .parquet); several files comma-separated
     eval_data: str = ""  # held-out pairs: "file" or "name=file,name=file"
     holdout: int = 0  # also hold out the last N usable pairs of --data as the eval split "heldout"
     out: str = "out/train"  # where the model, checkpoints, log.jsonl and eval.json go
@@ -236,10 +236,9 @@ def parse_row(row, where, need_margin):
     elif "chosen_score" in row or "rejected_score" in row:
         margin = number(row, "chosen_score", where) - number(row, "rejected_score", where)
     if need_margin and margin is None:
-        label_only = "" if "teacher_response" in row else \
-            " (label-only pairs, without scores or teacher_response: train with --loss=bt --lm-weight=0)"
+        fix = "--loss=bt" if "teacher_response" in row else "--loss=bt --lm-weight=0 (no teacher_response either)"
         raise DataError(f"{where}: this loss needs a preference strength: give chosen_score and rejected_score, "
-                        f"or margin, or train with --loss=bt{label_only}")
+                        f"or margin; for label-only pairs train with {fix}")
     teacher = row.get("teacher_response")
     if teacher is not None and not isinstance(teacher, str):
         raise DataError(f"{where}: field 'teacher_response' must be a string")
@@ -999,7 +998,7 @@ ABOUT = {
     "distill": "The teacher pipeline (teacher.py): pairs, pools or bare prompts -> refined training pairs. With no "
                "--teacher-url: the built-in simulated teacher on the built-in prompts (the demo).",
     "train": "Train the student reward model on preference pairs (what `rmd.py distill` writes, or your own). With no "
-             "--data: the demo (tiny student on out/distill/).",
+             "--data: the demo, " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in DEMO_TRAIN.items()) + ".",
 }
 
 
@@ -1074,7 +1073,8 @@ def say_what_distill_wrote(cfg, summary, demo):
 
 
 def train_command(argv):
-    demo = not any(a.replace("_", "-").startswith(("--data", "--dataset", "--train-file")) for a in argv)
+    demo = not any(a.replace("_", "-").startswith(("--data", "--dataset", "--train-file", "-h", "--help"))
+                   for a in argv)
     cfg = parse_overrides(TrainConfig(**DEMO_TRAIN) if demo else TrainConfig(), argv, "python rmd.py train",
                           ABOUT["train"])
     if demo and not os.path.exists(cfg.data):
