@@ -449,3 +449,20 @@ def test_a_hub_model_id_is_passed_to_transformers_and_offline_is_one_line(monkey
     assert "\n" not in message and "Hugging Face Hub" in message and "couldn't connect" in message
     with pytest.raises(SystemExit, match="no such folder or file"):
         rmd.check_model("a/b/c")
+
+
+def test_train_reads_json_arrays_and_trl_preference_formats(tmp_path):
+    """A .json array (file:line errors point into it) and TRL's standard / conversational rows, unchanged."""
+    q = [{"role": "user", "content": "How do I bake bread?"}]
+    rows = [{"prompt": "How do I bake bread?", "chosen": "Knead it.", "rejected": "No."},  # TRL standard
+            {"prompt": q, "chosen": [{"role": "assistant", "content": "Knead it."}],  # conversational
+             "rejected": [{"role": "assistant", "content": "No."}]},
+            {"chosen": q + [{"role": "assistant", "content": "Knead it."}],  # conversational, implicit prompt
+             "rejected": q + [{"role": "assistant", "content": "No."}]}]
+    path = tmp_path / "d.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+    examples, stats = rmd.load_pairs(str(path), rmd.ByteTokenizer(), 128)
+    assert stats.kept == 3 and examples[0] == examples[1] == examples[2]
+    path.write_text("[\n" + json.dumps(rows[0]) + ",\n" + json.dumps({"prompt": "p", "chosen": "a"}) + "\n]")
+    with pytest.raises(rmd.DataError, match=r"d.json:3: missing field 'rejected'"):
+        rmd.load_pairs(str(path), rmd.ByteTokenizer(), 128)

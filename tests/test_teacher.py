@@ -482,3 +482,21 @@ def test_content_parts_and_reasoning_fields(tmp_path):
     with FaultServer(fault=fault) as server:
         _, train, annotated, failures = run_rows(server, [PAIR], tmp_path)
     assert failures == [] and (annotated[0]["chosen_score"], annotated[0]["rejected_score"]) == (8.0, 2.0)
+
+
+def test_parquet_rows_or_a_one_line_error_naming_pyarrow(tmp_path, monkeypatch):
+    path = str(tmp_path / "in.parquet")
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        pass
+    else:
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"prompt": "a", "chosen": "x", "rejected": "y"}] * 2),
+                                    path)
+        assert [(r["line"], r["kind"]) for r in teacher.load_rows(path)] == [(1, "pair"), (2, "pair")]
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ValueError, match=r"^[^\n]*in.parquet: reading Parquet needs the pyarrow package "
+                                         r"\(pip install pyarrow\)$"):
+        teacher.load_rows(path)
