@@ -1,15 +1,17 @@
 """Use a trained reward model: benchmark accuracy, best-of-N ranking, and an HTTP reward server for RL trainers.
 
     python rmd.py eval  --model DIR --data FILE [--out results.json] [--batch-size 32] [--padding-side right]
-    python rmd.py bon   --model DIR --data rows.jsonl --out scored.jsonl
+    python rmd.py bon   --model DIR --data rows.jsonl [--out scored.jsonl]
     python rmd.py serve --model DIR [--host 127.0.0.1] [--port 5000]
+    python rmd.py COMMAND --help                # every option, its type, default and meaning
 
 `eval` reads local JSONL (or one JSON array) in one of three public formats, detected from the first row:
   - pairs:       {prompt, chosen, rejected}                       -> accuracy (strict >, a tie is wrong)
   - RewardBench: {prompt, chosen, rejected, subset}               -> per-subset accuracy, the four leaderboard
                  sections (subsets weighted by allenai/reward-bench's EXAMPLE_COUNTS) and their mean
   - RM-Bench:    {prompt, chosen: [3], rejected: [3], domain}     -> easy / normal / hard per domain and overall
-It prints a table and writes the numbers as JSON. Every reward is read at the last real token of a sequence
+It prints a table and writes the numbers as JSON (default: under out/eval/, never next to the input). `bon` writes
+the scored rows under out/bon/; rows with a `true_quality` list also get the picks scored against it. Every reward is read at the last real token of a sequence
 tokenized exactly as in training (rmd.render_prompt / render_answer + eos); sequences are sorted by length before
 batching, so little padding is computed, and results do not depend on --batch-size or --padding-side.
 

@@ -9,6 +9,8 @@
 
 Every option is a field of a config dataclass below (TrainConfig for `train`); `--key=value` or `--key value`
 overrides it, dashes or underscores, type-checked against the default. The whole config is printed and saved.
+`python rmd.py COMMAND --help` lists a command's options with type, default and meaning (the field comments).
+A mistake (a bad row, a missing file, a wrong option, an unreachable teacher) is one line starting with `error:`.
 
 In Python:
     import rmd
@@ -1085,6 +1087,8 @@ def train_command(argv):
         metrics = train(cfg)
     except (DataError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks
+        return metrics
     model = os.path.join(cfg.out, "model")
     bon = os.path.join(DEMO_OUT, "builtin", "bon.jsonl")
     if demo and os.path.exists(bon):
