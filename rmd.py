@@ -1020,8 +1020,10 @@ def distill_command(argv):
             demo = False
         else:
             summary, cfg, demo = distill_builtin(cfg), dataclasses.replace(cfg, data="builtin"), True
-    except (ValueError, OSError, FatalError, TransportError) as e:
+    except ValueError as e:  # bad input rows: all of them, one per line
         raise SystemExit(f"error: {e}") from None
+    except (OSError, FatalError, TransportError) as e:  # a server's reply may hold an HTML page: one line
+        raise SystemExit("error: " + " ".join(str(e).split())) from None
     except KeyboardInterrupt:
         raise SystemExit("error: interrupted; finished requests are in the cache: run the same command again to "
                          "resume") from None
