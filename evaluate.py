@@ -11,9 +11,10 @@
                  sections (subsets weighted by allenai/reward-bench's EXAMPLE_COUNTS) and their mean
   - RM-Bench:    {prompt, chosen: [3], rejected: [3], domain}     -> easy / normal / hard per domain and overall
 It prints a table and writes the numbers as JSON (default: under out/eval/, never next to the input). `bon` writes
-the scored rows under out/bon/; rows with a `true_quality` list also get the picks scored against it. Every reward is read at the last real token of a sequence
-tokenized exactly as in training (rmd.render_prompt / render_answer + eos); sequences are sorted by length before
-batching, so little padding is computed, and results do not depend on --batch-size or --padding-side.
+the scored rows under out/bon/; rows with a `true_quality` list also get the picks scored against it. Every reward
+is read at the last real token of a sequence tokenized exactly as in training (rmd.render_prompt / render_answer +
+eos); sequences are sorted by length before batching, so little padding is computed, and results do not depend on
+--batch-size or --padding-side.
 
 `serve` answers POST /get_reward (also / and /score) with either
   - OpenRLHF's remote reward-model form: {"query": [full texts], "prompts": [...]?, "labels": [...]?}
@@ -65,7 +66,7 @@ RM_BENCH_DOMAINS = ("chat", "math", "code", "safety")  # styles in each row: con
 @dataclass
 class EvalConfig:
     model: str = ""  # a folder written by `rmd.py train` (its model/ subfolder)
-    data: str = ""  # JSONL, .jsonl.gz or a JSON array of pairs, RewardBench rows or RM-Bench rows
+    data: str = ""  # pairs, RewardBench rows or RM-Bench rows: .jsonl, .jsonl.gz, a .json array or .parquet
     out: str = ""  # results JSON (default: out/eval/<data file name>.json)
     format: str = "auto"  # auto, pairs, rewardbench, rmbench
     batch_size: int = 32  # sequences per forward pass
@@ -281,6 +282,7 @@ def eval_command(argv):
         raise SystemExit("error: --padding-side is left or right; --format is auto, pairs, rewardbench or rmbench")
     if not cfg.data:
         raise SystemExit("error: rmd.py eval needs --data=FILE (pairs, RewardBench or RM-Bench rows)")
+    rmd.check_data_file("data", cfg.data)
     model = load_model("eval", cfg)
     try:
         result, _ = evaluate_file(model, cfg.data, cfg.format, cfg.batch_size, cfg.padding_side, cfg.max_len)
@@ -342,6 +344,7 @@ def bon_command(argv):
                           "pick; with a true_quality field, how good the picks are.")
     if not cfg.data:
         raise SystemExit("error: rmd.py bon needs --data=rows.jsonl ({prompt, responses: [...]})")
+    rmd.check_data_file("data", cfg.data)
     model = load_model("bon", cfg)
     try:
         rows = read_rows(cfg.data)
