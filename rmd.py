@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -112,14 +113,13 @@ def validate(cfg: TrainConfig):
 
 def check_data_file(option, path):
     if os.path.isdir(path):
-        raise SystemExit(f"error: --{option}={path} is a folder; give a data file (.jsonl, .jsonl.gz, .json)")
+        raise SystemExit(f"error: --{option}={path} is a folder; give a data file (.jsonl, .jsonl.gz, .json, .parquet)")
     if not os.path.isfile(path):
         raise SystemExit(f"error: --{option}={path}: no such file")
 
 
 def is_hub_id(name):
     """'org/name' that is not a local path: a Hugging Face Hub model id, fetched into transformers' cache."""
-    import re
     return not os.path.exists(name) and not name.endswith(".gguf") and \
         re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
 
