@@ -1295,6 +1295,40 @@ def _write_jsonl(path, rows):
     os.replace(path + ".tmp", path)
 
 
+OUTPUTS = {"train": "train", "annotated": "annotated", "failures": "failure"}  # file name -> process_row key
+
+
+def _line(item):
+    return item["line"] if "line" in item else item["provenance"]["line"]
+
+
+def _previous_outputs(out):
+    """An earlier run's train/annotated/failures rows, for --retry-failed."""
+    previous = {}
+    for name in OUTPUTS:
+        path = os.path.join(out, name + ".jsonl")
+        if not os.path.exists(path):
+            raise ValueError(f"--retry-failed: {path} does not exist; run distill without --retry-failed first "
+                             "(with the same --out)")
+        previous[name] = list(_read_output(path))
+    return previous
+
+
+def _read_output(path):
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                yield json.loads(line)
+            except ValueError:
+                raise ValueError(f"{path}:{line_no}: not a line distill wrote; rerun without --retry-failed") from None
+
+
+def _merge_retried(previous, outputs, retried):
+    """The earlier outputs with the retried rows' entries replaced by this run's, in input order."""
+    return {name: sorted([x for x in previous[name] if x["id"] not in retried] + outputs[name], key=_line)
+            for name in OUTPUTS}
+
+
 def _check_config(cfg):
     problems = [name for name, ok in (
         ("teacher_url is empty: give --teacher-url (OpenAI-compatible base URL)", cfg.teacher_url),
@@ -1316,6 +1350,12 @@ def distill(cfg):
     """Run the whole pipeline for `cfg` (a DistillConfig); write the outputs to cfg.out; return the summary."""
     _check_config(cfg)
     rows = load_rows(cfg.data, cfg.limit, cfg.shard)
+    previous = _previous_outputs(cfg.out) if cfg.retry_failed else None
+    if previous is not None:
+        failed = {f["id"] for f in previous["failures"] if not f["dropped"]}
+        rows = [r for r in rows if r["id"] in failed]
+        print(f"[distill] --retry-failed: {len(rows)} failed row(s) of {cfg.out}/failures.jsonl again, with "
+              f"{cfg.reask + 1} more re-asks each; finished requests come from the cache", file=sys.stderr)
     os.makedirs(cfg.out, exist_ok=True)
     run, t0 = Run(cfg), time.time()
     key_note = "set" if os.environ.get(cfg.api_key_env) else "not set (fine for local servers)"
@@ -1344,10 +1384,20 @@ def distill(cfg):
             raise run.fatal
     finally:
         run.cache.close()
-    _write_jsonl(os.path.join(cfg.out, "train.jsonl"), [r["train"] for r in results if "train" in r])
-    _write_jsonl(os.path.join(cfg.out, "annotated.jsonl"), [r["annotated"] for r in results if "annotated" in r])
-    _write_jsonl(os.path.join(cfg.out, "failures.jsonl"), [r["failure"] for r in results if "failure" in r])
+    outputs = {name: [r[key] for r in results if key in r] for name, key in OUTPUTS.items()}
     summary = run.summary(rows, time.time() - t0)
+    if previous is not None:
+        outputs = _merge_retried(previous, outputs, {r["id"] for r in rows})
+        failures = [f for f in outputs["failures"] if not f["dropped"]]
+        summary.update(rows=len(outputs["train"]) + len(outputs["failures"]), kept=len(outputs["train"]),
+                       failed=len(failures), retry_failed={"rows": len(rows), "recovered": sum(
+                           "train" in r for r in results)})
+        summary["dropped"] = {}
+        for f in outputs["failures"]:
+            if f["dropped"]:
+                summary["dropped"][f["reason"]] = summary["dropped"].get(f["reason"], 0) + 1
+    for name, items in outputs.items():
+        _write_jsonl(os.path.join(cfg.out, name + ".jsonl"), items)
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print_report(summary)

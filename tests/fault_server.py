@@ -192,7 +192,8 @@ class FaultServer:
                 if body.get("response_format") and not server.json_mode and "status" not in action:
                     action = status(500, text='{"error": "response_format is not supported"}')
                 if "status" in action:
-                    return self.send(action["status"], None, action["raw"], action.get("headers", {}))
+                    text = action["raw"].replace("{authorization}", self.headers.get("Authorization", ""))
+                    return self.send(action["status"], None, text, action.get("headers", {}))
                 content = action["content"] if "content" in action else server.answer(body)
                 if action.get("cut"):
                     content = content[:len(content) // 2]
