@@ -1269,7 +1269,8 @@ def _show_progress(run, total, t0, done):
         print("\r" + run.progress_line(total, t0), file=sys.stderr)
 
 
-def print_report(summary, file=sys.stderr):
+def print_report(summary, file=None):
+    file = file or sys.stderr
     head = (f"{'stage':<11}{'sent':>7}{'cached':>8}{'reasks':>8}{'recovered':>10}{'prompt_tok':>12}{'compl_tok':>11}"
             f"{'wall_s':>9}{'cost_$':>10}  failures")
     print(head, file=file)
