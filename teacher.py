@@ -239,8 +239,9 @@ def strip_reasoning(text):
     return text.strip()
 
 
-_REFUSAL = re.compile(r"(?:I'm sorry|I am sorry|Sorry|I apologi[sz]e)?[,.!]?\s*(?:but\s+)?(?:I\s+)?(?:can(?:no|')t|"
-                      r"cannot|am unable to|'m unable to|won't|will not)\s+(?:help|assist|comply|provide|answer|do that)"
+_REFUSAL = re.compile(r"(?:I'm sorry|I am sorry|Sorry|I apologi[sz]e)?[,.!]?\s*(?:but\s+)?(?:I\s+)?"
+                      r"(?:can(?:no|')t|cannot|am unable to|'m unable to|won't|will not)\s+"
+                      r"(?:help|assist|comply|provide|answer|do that)"
                       r"|As an AI(?: language model)?,? I (?:can(?:no|')t|cannot|am unable)", re.I)
 _JUNK_WORDS = {"nan", "null", "none", "undefined", "inf", "-inf", "infinity", "error", "n/a"}
 
@@ -1049,8 +1050,8 @@ class Run:
         return self._ask(stage, client, body, parse, *args)[:2]
 
     def _ask(self, stage, client, body, parse, *args):
-        """(parse(text, *args), text, HTTP attempts) for a stage's request. A reply that is no answer, or that `parse` rejects
-        with ParseError, is re-asked up to cfg.reask times (see reask_body), each attempt cached; the last
+        """(parse(text, *args), text, HTTP attempts) for a stage's request. A reply that is no answer, or that
+        `parse` rejects with ParseError, is re-asked up to cfg.reask times (see reask_body), each attempt cached; the last
         failure is a RowFailure carrying every reply. HTTP-level failures were already retried by the client:
         they fail at once. `parse` None: the text only has to be an answer (check_answer for generations)."""
         replies, sent, request = [], 0, body

@@ -127,8 +127,8 @@ def test_connection_threads_are_bounded(serve):
 
 
 @pytest.mark.parametrize("raw", [b'{"prompt": "p", "response": "\\ud800"}', b'{"query": ["\\udfff x"]}',
-                                 b"[" * 200_000 + b"]" * 200_000, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-                                 b"\xff\xfe{}"])
+                                 b"[" * 200_000 + b"]" * 200_000,
+                                 b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"\xff\xfe{}"])
 def test_unencodable_or_deeply_nested_json_gets_a_400(serve, raw):
     address = serve()
     status, body, _ = post(address, raw)

@@ -127,7 +127,7 @@ def test_degenerate_and_refused_answers_are_detected(text, reason):
 
 
 @pytest.mark.parametrize("text", ["4", "The answer is 4.", "巴黎是法国的首都。", "Sorry to hear that! Here is how: ...",
-                                  "**Paris**", "x = [1, 2, 3]"])
+                                  "**Paris**", "x = [1, 2, 3]", "I can't stress this enough: check the units."])
 def test_ordinary_answers_pass(text):
     assert check_answer(text) == text
 
@@ -224,3 +224,21 @@ def test_the_api_key_is_redacted_from_error_bodies(tmp_path, monkeypatch, capsys
             assert "sk-secret-456" not in (folder / name).read_text()
     captured = capsys.readouterr()
     assert "sk-secret-456" not in captured.out + captured.err
+
+
+def test_a_stage_using_ask_and_parsed_gets_reasks_for_free(tmp_path):
+    """A new stage written as `_parsed(stage, parse, run.ask(stage, client, body), ...)` is re-asked too."""
+    def parse_restyled(text, marker):
+        if marker not in text:
+            raise ParseError("missing_section", f"no {marker}")
+        return text.split(marker, 1)[1].strip()
+    replies = iter([reply("no marker here"), reply("still nothing"), reply("[OUT] restyled answer")])
+    with FaultServer(fault=lambda b, n: next(replies)) as server:
+        cfg = teacher.DistillConfig(out=str(tmp_path), teacher_url=server.url, teacher_model="m", **FAST)
+        run = teacher.Run(cfg)
+        body = run.body("m", [{"role": "user", "content": "[rmd:restyle] rewrite this"}], 0.0, 64)
+        assert teacher._parsed("refine", parse_restyled, run.ask("refine", run.teacher, body), "[OUT]") == \
+            "restyled answer"
+        run.cache.close()
+    assert len(server.bodies) == 3 and run.stats["refine"]["reasks"] == 2
+    assert server.bodies[1]["messages"][1:][0] == {"role": "assistant", "content": "no marker here"}
