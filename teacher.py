@@ -939,8 +939,9 @@ def _parsed(stage, parse, answer, *args):
     try:
         return parse(text, *args)
     except ParseError as e:
-        if answer.ask_again is not None if isinstance(answer, Answer) else False:
-            return answer.ask_again(parse, *args)[0]
+        ask_again = getattr(answer, "ask_again", None)
+        if ask_again is not None:
+            return ask_again(parse, *args)[0]
         raise RowFailure(stage, e.reason, bounded(text), attempts) from None
 
 
@@ -1075,7 +1076,8 @@ class Run:
                     (check_answer(text) if stage in ("generate", "candidates") else text)
             except ParseError as e:
                 replies.append({"reason": e.reason, "detail": bounded(str(e), 300),
-                                "chars": reply.content_chars or len(reply.content), "text": bounded(reply.content)})
+                                "chars": reply.content_chars or len(reply.content),
+                                "text": bounded(reply.content or reply.refusal)})
                 continue
             if k:
                 self._count(stage, recovered=1)
@@ -1095,7 +1097,8 @@ class Run:
         last = replies[-1]
         note = REASK_TEMPLATE.format(problem=last["detail"] or last["reason"],
                                      length_note=REASK_LENGTH_NOTE if last["reason"] == "length" else "")
-        body["messages"] = list(body["messages"]) + [{"role": "assistant", "content": last["text"]},
+        said = last["text"] or f"({last['reason']}: no content)"  # some servers refuse an empty assistant turn
+        body["messages"] = list(body["messages"]) + [{"role": "assistant", "content": said},
                                                      {"role": "user", "content": note}]
         if k > 1:  # each re-ask is a new key even when the same reply comes back
             body["messages"][-1]["content"] += f" (attempt {k + 1})"
