@@ -15,11 +15,14 @@ Needs only the standard library, `requests` and (optionally) `tiktoken`.
 Outputs in cfg.out, rows in input order: train.jsonl ({id, prompt, chosen: y_w*, rejected: y_l,
 chosen_score, rejected_score, teacher_response: y_T, provenance}), annotated.jsonl (the original pair
 as the teacher labelled it, for label-distillation baselines), failures.jsonl (one line per row that
-did not make it: id, line, stage, reason, raw reply, attempts; `dropped` marks filter decisions as
-opposed to errors), summary.json (the per-stage table), cache.jsonl (see Cache).
+did not make it: id, line, stage, reason, raw reply, attempts, and every reply of a re-asked stage;
+`dropped` marks filter decisions as opposed to errors), summary.json (the per-stage table), cache.jsonl
+(see Cache). A reply that is no answer is re-asked (--reask, see Run.ask_parsed); --retry-failed reruns
+only the failed rows of an earlier run and merges them in.
 
 Every request is cached by a hash of what determines its answer, so a killed run re-run with the
-same command sends no completed request twice and writes the same output. Shards (--shard k/n, each
+same command sends no completed request twice and writes the same output (except for requests that had
+no complete reply yet: they are sent again, so those rows' outcome and attempts may differ). Shards (--shard k/n, each
 with its own --out) merge into the single-run output by ordering rows on provenance.line.
 """
 
@@ -873,8 +876,9 @@ def request_key(body):
 
 class Cache:
     """Finished requests, one JSON line each, flushed and fsynced per line. Every complete reply is
-    kept, including ones that are not answers (finish_reason length, refusals): re-sending them costs
-    money and gives the same failure. HTTP errors and timeouts are not kept; the next run retries them."""
+    kept, including ones that are not answers (finish_reason length, refusals): a rerun replays them and
+    their re-asks instead of paying again. A content over REPLY_MAX_CHARS is kept as a prefix and its length.
+    HTTP errors and timeouts are not kept; the next run retries them."""
 
     def __init__(self, path):
         self.path, self.lock, self.entries, self.skipped = path, threading.Lock(), {}, 0

@@ -242,3 +242,17 @@ def test_a_stage_using_ask_and_parsed_gets_reasks_for_free(tmp_path):
         run.cache.close()
     assert len(server.bodies) == 3 and run.stats["refine"]["reasks"] == 2
     assert server.bodies[1]["messages"][1:][0] == {"role": "assistant", "content": "no marker here"}
+
+
+def test_the_simulated_teacher_with_http_errors_still_gets_json_mode(tmp_path):
+    """issue 10: teacher-sim --http-error-rate made the probe's first 500 switch the whole run to text mode."""
+    import sim
+    url, stop = sim.start_server(sim.WorldConfig(http_error_rate=1.0))  # every first try of a request fails
+    try:
+        run = teacher.Run(teacher.DistillConfig(out=str(tmp_path), teacher_url=url, teacher_model="judge",
+                                                json_mode="auto", backoff_base=0.01, backoff_max=0.02))
+        # (with model "judge", sim's first answer to the probe is a 500 "simulated overload", not a 429)
+        assert run.probe_json_mode() is True and run.stats["probe"]["sent"] == 2
+        run.cache.close()
+    finally:
+        stop()
