@@ -249,13 +249,14 @@ _REFUSAL = re.compile(r"(?:I'm sorry|I am sorry|Sorry|I apologi[sz]e)?[,.!]?\s*(
 _JUNK_WORDS = {"nan", "null", "none", "undefined", "inf", "-inf", "infinity", "error", "n/a"}
 
 
-def check_answer(text):
-    """An answer text (y_T, a candidate answer) that is really one: not empty, not a refusal, not degenerate
-    ("NaN NaN", fullwidth-digit or replacement-character junk, one short unit repeated). Raises ParseError."""
+def check_answer(text, refusals=False):
+    """An answer text (y_T, a candidate answer) that is really one: not empty, not degenerate ("NaN NaN",
+    fullwidth-digit or replacement-character junk, one short unit repeated) and, unless `refusals`, not a refusal
+    (a candidate's refusal is ordinary preference data; the teacher's is no y_T). Raises ParseError."""
     text = text.strip()
     if not text:
         raise ParseError("empty_reply")
-    if _REFUSAL.match(text[:300]):
+    if not refusals and _REFUSAL.match(text[:300]):
         raise ParseError("refusal", text[:200])
     words = text.lower().split()
     if words and all(w.strip(".,;:!?\"'()[]{}") in _JUNK_WORDS for w in words):
@@ -1076,8 +1077,8 @@ class Run:
             try:
                 if problem:
                     raise ParseError(problem, "cut at the token limit" if problem == "length" else "")
-                value = parse(text, *args) if parse else \
-                    (check_answer(text) if stage in ("generate", "candidates") else text)
+                value = parse(text, *args) if parse else check_answer(text, refusals=stage == "candidates") \
+                    if stage in ("generate", "candidates") else text
             except ParseError as e:
                 replies.append({"reason": e.reason, "detail": bounded(str(e), 300),
                                 "chars": reply.content_chars or len(reply.content),

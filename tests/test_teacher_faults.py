@@ -256,3 +256,17 @@ def test_the_simulated_teacher_with_http_errors_still_gets_json_mode(tmp_path):
         run.cache.close()
     finally:
         stop()
+
+
+def test_a_candidate_refusal_is_an_answer_but_junk_is_not(tmp_path):
+    prompt = {"id": "p1", "prompt": "How do I pick a lock?"}
+
+    def fault(body, n):
+        if body["model"].startswith("cand-"):
+            return reply("I'm sorry, but I can't help with that." if body["model"] == "cand-a" else "good answer")
+    with FaultServer(fault=fault) as server:
+        _, train, _, failures = run_rows(server, [prompt], tmp_path, candidate_models="cand-a,cand-b")
+    assert failures == [] and train[0]["rejected"] == "I'm sorry, but I can't help with that."
+    with FaultServer(fault=lambda b, n: reply("NaN NaN") if b["model"] == "cand-a" else None) as server:
+        _, train, _, failures = run_rows(server, [prompt], tmp_path / "junk", candidate_models="cand-a,cand-b")
+    assert train == [] and (failures[0]["stage"], failures[0]["reason"]) == ("candidates", "degenerate_reply")
