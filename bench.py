@@ -3,7 +3,8 @@ people would use instead, and prints a table. Ratios are measured in the same ru
 both see the same load from whatever else runs on the machine.
 
     python bench.py                      # every CPU section (a few tens of minutes on 2 cores)
-    python bench.py --only lm            # one section: lm, pairwise, train, lm-train, padding, teacher, compile
+    python bench.py --only lm            # one section: lm, pairwise, train, lm-train, padding, teacher, yield, compile
+    python bench.py --only yield --rows 200 --fault-rate 0.3   # distill yield under a flaky teacher (~30 s)
     python bench.py --only lm --reps 1 --tokens 8192 --vocab 49152
     python bench.py --only train --layers 4 --batch 8 --max-len 512 --steps 6
     python bench_gpu.py                  # the GPU table (H100/H200), see its docstring
@@ -568,6 +569,36 @@ def bench_teacher(args):
                  "req/s (steady)", "steady % of ideal"], rows)
 
 
+# ----------------------------------------------------------------------------- section "yield"
+
+def bench_yield(args):
+    """distill through a server that makes --fault-rate of all replies faulty (429/5xx, stalls, empty,
+    finish_reason length, garbage, refusals, huge bodies; tests/fault_server.py:flaky) in front of sim.py's
+    teacher, vs a clean pass-through in front of the same teacher, on the same rows."""
+    sys.path.insert(0, os.path.join(HERE, "tests"))
+    from fault_server import yield_comparison
+    rows = []
+    for seed in args.fault_seeds or [0, 1, 2]:
+        work = tempfile.mkdtemp(prefix="rmd-bench-yield-")
+        try:
+            r = yield_comparison(args.rows, work, rate=args.fault_rate, seed=seed)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        failed = ", ".join(f"{k} {v}" for k, v in sorted(r["failed"].items())) or "-"
+        rows.append([seed, r["rows"], sum(r["faults"].values()), r["clean_kept"], r["faulty_kept"],
+                     f"{100 * r['yield']:.1f}", r["clean_requests"], r["faulty_requests"],
+                     f"{r['requests_ratio']:.2f}", r["unaccounted"], r["identical"], r["differ_after_reask"],
+                     r["labels_changed"], r["invented"], sum(r["reasks"].values()), failed])
+        print(f"  done seed={seed}: faults {r['faults']}, re-asks {r['reasks']}", file=sys.stderr, flush=True)
+    print_table(f"yield: distill of sim.py's first {args.rows} rows, clean vs {100 * args.fault_rate:.0f}% faulty "
+                "replies (default --reask); identical = kept pair equal to the clean run's; differ = a re-ask "
+                "gave another valid answer; labels changed / invented: the rejected answer or its score differs "
+                "from the clean run's / differs with no re-ask to explain it",
+                ["fault seed", "rows", "faults", "clean kept", "faulty kept", "yield %", "clean req", "faulty req",
+                 "req ratio", "unaccounted", "identical", "differ (re-ask)", "labels changed", "invented",
+                 "re-asks", "failed"], rows)
+
+
 # ----------------------------------------------------------------------------- section "compile"
 
 def bench_compile(args):
@@ -619,7 +650,7 @@ def bench_compile(args):
 
 
 SECTIONS = {"lm": bench_lm, "pairwise": bench_pairwise, "train": bench_train, "lm-train": bench_lm_train,
-            "padding": bench_padding, "teacher": bench_teacher, "compile": bench_compile}
+            "padding": bench_padding, "teacher": bench_teacher, "yield": bench_yield, "compile": bench_compile}
 
 
 def main():
@@ -644,6 +675,9 @@ def main():
     parser.add_argument("--compile-batches", type=int, default=3, help="compile: distinct batches")
     parser.add_argument("--latency", type=float, default=0.2, help="teacher: server latency, seconds")
     parser.add_argument("--workers", type=int, action="append", help="teacher: worker counts (default 1 8 32 128)")
+    parser.add_argument("--rows", type=int, default=200, help="yield: sim.py distill rows")
+    parser.add_argument("--fault-rate", type=float, default=0.3, help="yield: share of faulty replies")
+    parser.add_argument("--fault-seeds", type=int, action="append", help="yield: fault seeds (default 0 1 2)")
     parser.add_argument("--lm-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.lm_worker:

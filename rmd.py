@@ -830,9 +830,11 @@ def full_state(model, optimizer=None):
 def save_checkpoint(path, model, optimizer, state, full=None):
     """Everything --resume needs: weights, AdamW moments, RNG and data position. Written to a temp dir, then swapped.
     Under FSDP, full = full_state(model, optimizer), gathered by every process; the files are the same either way."""
+    import shutil
     from safetensors.torch import save_file, save_model
-    tmp = path + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way: start clean
+    os.makedirs(tmp)
     if full:
         save_file({k: v.contiguous() for k, v in full[0].items()}, os.path.join(tmp, "model.safetensors"),
                   metadata={"format": "pt"})
@@ -844,14 +846,46 @@ def save_checkpoint(path, model, optimizer, state, full=None):
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
+    with open(os.path.join(tmp, "state.json.part"), "w") as f:  # state.json last: its presence marks a whole copy
         json.dump({**state, "param_groups": opt["param_groups"], "rng_python": random.getstate()}, f)
+    os.replace(os.path.join(tmp, "state.json.part"), os.path.join(tmp, "state.json"))
+    # Every kill point leaves a whole copy that checkpoint_dir finds: path, or (between the renames) tmp and old.
     if os.path.exists(path):
-        os.replace(path, path + ".old")
+        shutil.rmtree(old, ignore_errors=True)  # left by a kill before its removal; path is whole here
+        os.replace(path, old)
     os.replace(tmp, path)
-    if os.path.exists(path + ".old"):
-        import shutil
-        shutil.rmtree(path + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(path):
+    """The folder --resume loads: `path`, or after a save killed between its two renames the whole copy beside
+    it (path.tmp, the newer, else path.old); None if there is none. Reads only, so every process may call it."""
+    for candidate in (path, path + ".tmp", path + ".old"):
+        try:
+            with open(os.path.join(candidate, "state.json")) as f:
+                json.load(f)
+            return candidate
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def truncate_log(path, step):
+    """Keep only log.jsonl records up to `step` (those after it are repeated by the resumed run)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, AttributeError):
+            pass  # a line torn by a kill
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path, model, optimizer, sharded=False):
@@ -1054,10 +1088,13 @@ def train(cfg: TrainConfig, stop_after: int = 0):
     ckpt_dir = os.path.join(cfg.out, "ckpt")
     step = 0
     if cfg.resume:
-        if not os.path.exists(os.path.join(ckpt_dir, "state.json")):
+        found = checkpoint_dir(ckpt_dir)
+        if found is None:
             raise SystemExit(f"error: --resume but no checkpoint in {ckpt_dir}")
-        step = load_checkpoint(ckpt_dir, model, optimizer, sharded)["step"]
-        log(f"resumed from {ckpt_dir} at step {step}")
+        step = load_checkpoint(found, model, optimizer, sharded)["step"]
+        log(f"resumed from {found} at step {step}")
+        if master:
+            truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
     forward_model = model
     if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP

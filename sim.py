@@ -539,11 +539,18 @@ def reply_for(body, cfg):
     """The sim teacher's reply text to one chat-completions request body (a dict). Deterministic: the rng is
     seeded by the world seed and the request itself."""
     from teacher import ANNOTATE_TIE_NOTE, RESTYLE_STYLES, STAGE_HEADERS  # teacher.py: the protocol's source
-    digest = hashlib.sha256(json.dumps([cfg.seed, body], sort_keys=True).encode()).hexdigest()
-    rng = random.Random(digest)
     messages = body.get("messages") or []
     if not messages:
         raise ValueError("request has no messages")
+    format_digest = hashlib.sha256(json.dumps([cfg.seed, body], sort_keys=True).encode()).hexdigest()
+    while len(messages) >= 3 and messages[-2].get("role") == "assistant" and \
+            _text(messages[-1]).startswith(STAGE_HEADERS["reask"]):  # a re-ask: answer the request before it
+        messages = messages[:-2]
+    # A re-ask gets the judgement of the request before it (greedy decoding: the same verdict), but its own
+    # chance of ignoring the format again; a re-ask with a new seed (sampled stages) is a new sample.
+    digest = hashlib.sha256(json.dumps([cfg.seed, {**body, "messages": messages}], sort_keys=True).encode()).hexdigest()
+    rng = random.Random(digest)
+    format_rng = rng if digest == format_digest else random.Random(format_digest)
     json_mode = (body.get("response_format") or {}).get("type") in ("json_object", "json_schema")
     last = _text(messages[-1])
     if last.startswith(STAGE_HEADERS["annotate"]):
@@ -552,7 +559,7 @@ def reply_for(body, cfg):
         if a1 is None or a2 is None:
             raise ValueError("annotate request without <assistant-1-N>/<assistant-2-N> sections")
         s1, s2 = teacher_judge(task, a1, a2, cfg, rng, avoid_tie=ANNOTATE_TIE_NOTE in last)
-        if rng.random() < cfg.malformed_rate:  # the format ignored, as judges now and then do
+        if format_rng.random() < cfg.malformed_rate:  # the format ignored, as judges now and then do
             return rng.choice([f"Both assistants answer the question. Assistant {1 if s1 >= s2 else 2} is better.",
                                f"Assistant 1 gets {s1}", f"Scores: {s1}/10 and {s2}/10."])
         if json_mode:

@@ -8,6 +8,16 @@
 Without a fault, it answers like a well-behaved teacher, as a deterministic function of the request
 (recognising the stage by the template headers of teacher.py), so reruns give identical output.
 Every request body is recorded in `server.bodies`.
+
+In front of another teacher (the yield benchmark and its test):
+
+    url, stop = sim.start_server(sim.WorldConfig())
+    server = FaultServer(answer=forward(url), fault=flaky(rate=0.3)).start()
+
+`forward(url)` takes the answers from that server; `flaky(rate)` makes each attempt of each request
+(the n-th time one body arrives) faulty with probability `rate`, decided by a hash of the body and n, so
+a run is reproducible whatever the timing: 429/5xx, stalls, empty content, finish_reason length,
+garbage, refusals, huge bodies (`flaky(...).counts` says how many of each).
 """
 
 import hashlib
@@ -15,7 +25,7 @@ import json
 import re
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # -- faults: each is a dict the handler turns into a response
@@ -40,6 +50,11 @@ def raw(text):
 
 def reply(content, finish_reason="stop", refusal=None):
     return {"content": content, "finish_reason": finish_reason, "refusal": refusal}
+
+
+def cut():
+    """The real reply cut in half, finish_reason length (max_tokens reached)."""
+    return {"cut": True, "finish_reason": "length"}
 
 
 EMPTY_CHOICES = {"status": 200, "raw": json.dumps({"id": "x", "object": "chat.completion", "choices": []})}
@@ -69,6 +84,8 @@ def quality(answer):
 def teacher_reply(body):
     """What a well-behaved teacher would say to this request (a deterministic function of it)."""
     messages = body["messages"]
+    while len(messages) >= 3 and messages[-1]["content"].startswith("[rmd:reask]"):  # answer the request before it
+        messages = messages[:-2]
     first, last = messages[0]["content"], messages[-1]["content"]
     json_mode = (body.get("response_format") or {}).get("type") == "json_object"
     if last.startswith("[rmd:score]"):
@@ -90,9 +107,58 @@ def teacher_reply(body):
     return f"{body['model']} answer {_h(json.dumps(body, sort_keys=True)) % 10000} to: {last[:40]}"
 
 
+GARBAGE = ["NaN NaN", "\uff11\uff12\uff13\uff14\uff15\uff16\uff17\uff18", "\ufffd\ufffd\ufffd\ufffd", "}{ ][ ,, ;;"]
+
+
+def flaky(rate=0.3, seed=0, stall=0.2, huge_chars=200_000):
+    """fault(body, n) for FaultServer: the k-th arrival of each body is faulty with probability `rate`, with
+    one of the kinds below, chosen by a hash of (seed, body, k) only."""
+    seen, lock, counts = Counter(), threading.Lock(), Counter()
+    kinds = {
+        "http_429": lambda h: status(429, retry_after="0" if h % 2 else None),
+        "http_5xx": lambda h: status((500, 502, 503)[h % 3]),
+        "stall": lambda h: sleep(stall),
+        "empty": lambda h: reply(""),
+        "length": lambda h: cut(),
+        "garbage": lambda h: reply(GARBAGE[h % len(GARBAGE)]),
+        "refusal": lambda h: REFUSAL if h % 2 else reply("I'm sorry, but I can't help with that request."),
+        "huge": lambda h: reply("lorem ipsum dolor sit amet " * (huge_chars // 27 + 1)),
+    }
+    names = sorted(kinds)
+
+    def fault(body, n):
+        text = json.dumps(body, sort_keys=True)
+        with lock:
+            k = seen[text]
+            seen[text] += 1
+        h = _h(f"{seed}:{k}:{text}")
+        if h % 10_000 >= rate * 10_000:
+            return None
+        name = names[(h // 10_000) % len(names)]
+        with lock:
+            counts[name] += 1
+        return kinds[name](h // 100_000)
+    fault.counts = counts
+    return fault
+
+
+def forward(url, timeout=60):
+    """answer(body) for FaultServer: the reply content that the chat-completions server at `url` gives."""
+    import requests
+    local = threading.local()
+
+    def answer(body):
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        r = local.session.post(url.rstrip("/") + "/chat/completions", json=body, timeout=timeout)
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"]
+    return answer
+
+
 class FaultServer:
-    def __init__(self, latency=0.0, json_mode=True, fault=None):
-        self.latency, self.json_mode, self.fault = latency, json_mode, fault
+    def __init__(self, latency=0.0, json_mode=True, fault=None, answer=teacher_reply):
+        self.latency, self.json_mode, self.fault, self.answer = latency, json_mode, fault, answer
         self.queue, self.bodies, self.lock = deque(), [], threading.Lock()
         self.active = self.max_active = 0
 
@@ -129,8 +195,11 @@ class FaultServer:
                 if body.get("response_format") and not server.json_mode and "status" not in action:
                     action = status(500, text='{"error": "response_format is not supported"}')
                 if "status" in action:
-                    return self.send(action["status"], None, action["raw"], action.get("headers", {}))
-                content = action["content"] if "content" in action else teacher_reply(body)
+                    text = action["raw"].replace("{authorization}", self.headers.get("Authorization", ""))
+                    return self.send(action["status"], None, text, action.get("headers", {}))
+                content = action["content"] if "content" in action else server.answer(body)
+                if action.get("cut"):
+                    content = content[:len(content) // 2]
                 message = {"role": "assistant", "content": content}
                 if action.get("refusal"):
                     message["refusal"] = action["refusal"]
@@ -175,3 +244,78 @@ class FaultServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+# -- the yield comparison: the same rows distilled through a clean and a flaky server in front of sim.py
+
+def _outputs(out):
+    import os
+    read = lambda name: [json.loads(x) for x in open(os.path.join(out, name), encoding="utf-8")]  # noqa: E731
+    return read("train.jsonl"), read("failures.jsonl")
+
+
+def _pair(row):
+    """What a kept pair says, without the bookkeeping of how it was obtained."""
+    return {k: row[k] for k in ("prompt", "chosen", "rejected", "chosen_score", "rejected_score", "teacher_response")}
+
+
+def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
+    """Distill the first `n_rows` rows of sim.py's world through a clean pass-through server and through
+    flaky(rate, seed), both in front of sim.start_server; returns a dict of counts (see bench.py --only yield)."""
+    import contextlib
+    import io
+    import os
+    import sim
+    import teacher
+    world = world or sim.WorldConfig()
+    rows = sim.distill_rows(world)[:n_rows]
+    os.makedirs(work, exist_ok=True)
+    data = os.path.join(work, "in.jsonl")
+    with open(data, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    url, stop = sim.start_server(world)
+    runs = {}
+    try:
+        for name, fault in (("clean", None), ("faulty", flaky(rate, seed, **overrides.pop("flaky", {})))):
+            with FaultServer(answer=forward(url), fault=fault) as server:
+                cfg = teacher.DistillConfig(data=data, out=os.path.join(work, name), teacher_url=server.url,
+                                            teacher_model=sim.TEACHER_MODEL, progress=False,
+                                            **{"workers": 8, "backoff_base": 0.01, "backoff_max": 0.05,
+                                               "timeout": 30.0, **overrides})
+                with contextlib.redirect_stderr(io.StringIO()):
+                    summary = teacher.distill(cfg)
+                train, failures = _outputs(cfg.out)
+                runs[name] = {"summary": summary, "train": {r["id"]: r for r in train}, "failures": failures,
+                              "requests": len(server.bodies), "faults": dict(fault.counts) if fault else {}}
+    finally:
+        stop()
+    clean, faulty = runs["clean"], runs["faulty"]
+    ids = [teacher.row_id(r) for r in rows]
+    accounted = [*faulty["train"], *(f["id"] for f in faulty["failures"])]
+    responses = {teacher.row_id(r): r["responses"] for r in rows}
+    identical = same_after_reask = invented = 0
+    for rid, row in faulty["train"].items():
+        other = clean["train"].get(rid)
+        reasked = "reasks" in row["provenance"] or (other is not None and "reasks" in other["provenance"])
+        if row["rejected"] not in responses[rid]:
+            invented += 1
+        elif other is not None and _pair(other) == _pair(row):
+            identical += 1
+        elif reasked:
+            same_after_reask += 1
+        else:
+            invented += 1
+    both = [rid for rid in faulty["train"] if rid in clean["train"]]
+    labels_changed = sum((clean["train"][r]["rejected"], clean["train"][r]["rejected_score"]) !=
+                         (faulty["train"][r]["rejected"], faulty["train"][r]["rejected_score"]) for r in both)
+    reasks = {s: st.get("reasks", 0) for s, st in faulty["summary"]["stages"].items()}
+    return {"rows": len(rows), "clean_kept": len(clean["train"]), "faulty_kept": len(faulty["train"]),
+            "yield": len(faulty["train"]) / max(1, len(clean["train"])),
+            "clean_requests": clean["requests"], "faulty_requests": faulty["requests"],
+            "requests_ratio": faulty["requests"] / max(1, clean["requests"]),
+            "unaccounted": len(set(ids) - set(accounted)) + (len(accounted) - len(set(accounted))),
+            "identical": identical, "differ_after_reask": same_after_reask, "invented": invented,
+            "labels_changed": labels_changed, "faults": faulty["faults"], "reasks": reasks,
+            "failed": {f["reason"]: sum(g["reason"] == f["reason"] for g in faulty["failures"] if not g["dropped"])
+                       for f in faulty["failures"] if not f["dropped"]},
+            "clean_failed": sum(not f["dropped"] for f in clean["failures"])}

@@ -69,6 +69,14 @@ def test_teacher_section():
     assert workers == 2 and requests >= 5 * rows  # every row went through all five stages
 
 
+def test_yield_section():
+    out = run("bench.py", "--only", "yield", "--rows", "20", "--fault-seeds", "0")
+    (row,) = table_rows(out, "yield")
+    seed, rows, faults, clean_kept, faulty_kept = map(int, row.split()[:5])
+    assert (seed, rows) == (0, 20) and faults > 0 and faulty_kept > 0 and clean_kept > 0
+    assert int(row.split()[9]) == 0  # no row unaccounted
+
+
 def test_gpu_script_cpu_path():
     out = run("bench_gpu.py", "--device", "cpu", "--tiny", "--seq", "32", "--steps", "1", "--warmup", "1",
               "--no-compile")

@@ -192,10 +192,15 @@ def test_distill_end_to_end_with_retries(tmp_path):
     by_source = {}
     for row in rows:
         by_source.setdefault(row["provenance"]["source"], []).append(row)
-    assert set(by_source) == {"refined", "restyled", "equivalent"}
-    for row in by_source["equivalent"]:  # the restyled y_w* against y_w*: margin 0, same content (bar drift)
+    assert set(by_source) == {"refined", "restyled", "crossed", "equivalent"}
+    originals = {r["chosen"] for r in by_source["refined"]} | {r["rejected"] for r in by_source["refined"]}
+    for row in by_source["equivalent"]:  # a restyled y_w* or y_l against itself: margin 0, same content (bar drift)
         assert row["chosen_score"] == row["rejected_score"] and row["chosen"] != row["rejected"]
-        assert row["id"].endswith(":equivalent") and row["rejected"] in {r["chosen"] for r in by_source["refined"]}
+        assert ":equivalent:" in row["id"] and row["rejected"] in originals
+    for row in by_source["restyled"] + by_source["crossed"]:  # the refined pair's margin, some style changed
+        assert row["chosen_score"] - row["rejected_score"] > 1
+    fancier = [sim.fanciness(r["chosen"]) > sim.fanciness(r["rejected"]) for r in by_source["crossed"]]
+    assert 0.3 < sum(fancier) / len(fancier) < 0.7  # crossed pairs put the fancier answer on either side
     same = sum(sim.true_quality(sim.task_from_prompt(r["prompt"]), r["chosen"]) ==
                sim.true_quality(sim.task_from_prompt(r["prompt"]), r["rejected"]) for r in by_source["equivalent"])
     assert same >= 0.8 * len(by_source["equivalent"])  # restyle_drift_rate 0.05 changes a few

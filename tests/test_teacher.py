@@ -229,6 +229,8 @@ def test_distill_refuses_an_empty_teacher_url(tmp_path):
 
 # ---------------------------------------------------------------------------- end to end through faults
 
+ASKS = 1 + teacher.DistillConfig().reask  # a complete reply that is no answer: the first ask and its re-asks
+
 def run_rows(server, rows, tmp_path, **overrides):
     data = tmp_path / "in.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
@@ -270,10 +272,10 @@ def test_clean_pair_goes_through_all_stages(tmp_path):
     (drip(1.0), "timeout", 4),                         # stalls mid-body
     (EMPTY_CHOICES, "no_choices", 4),
     (status(400, text="score 429"), "http_400", 1),    # not retryable; the body is never parsed as a reply
-    (reply("Both answers are fine."), "no_score", 1),  # complete replies are not re-asked
-    (reply("Assistant 1: 9\nAssistant 2:", finish_reason="length"), "length", 1),
-    (REFUSAL, "refusal", 1),
-    (reply("<think>Assistant 1: 9\nAssistant 2: 1"), "empty_reply", 1),
+    (reply("Both answers are fine."), "no_score", ASKS),  # complete replies are re-asked --reask times
+    (reply("Assistant 1: 9\nAssistant 2:", finish_reason="length"), "length", ASKS),
+    (REFUSAL, "refusal", ASKS),
+    (reply("<think>Assistant 1: 9\nAssistant 2: 1"), "empty_reply", ASKS),
 ])
 def test_persistent_faults_become_recorded_failures(tmp_path, fault, reason, requests):
     with FaultServer(fault=lambda body, n: fault) as server:
@@ -283,6 +285,11 @@ def test_persistent_faults_become_recorded_failures(tmp_path, fault, reason, req
     (f,) = failures
     assert (f["id"], f["stage"], f["reason"], f["dropped"], f["attempts"]) == ("r1", "annotate", reason, False, requests)
     assert summary["stages"]["annotate"]["failures"] == {reason: 1}
+    if not reason.startswith(("http", "timeout", "not_json", "no_choices")):  # complete replies: re-asked
+        # every unusable reply is recorded, and each re-ask was a different request
+        assert [r["reason"] for r in f["replies"]] == [reason] * ASKS
+        assert len({teacher.request_key(b) for b in server.bodies}) == ASKS
+        assert summary["stages"]["annotate"]["reasks"] == ASKS - 1
 
 
 def test_transient_faults_are_retried_and_retry_after_is_honoured(tmp_path):
@@ -460,10 +467,10 @@ def completion(message, finish_reason="stop"):
     (raw('{"error": {"message": "overloaded"}}'), "error_body", 4),
     (raw("[" * 100000), "not_json", 4),
     (raw('"just a string"'), "bad_body", 4),
-    (completion({"role": "assistant", "content": 5}), "empty_reply", 1),
+    (completion({"role": "assistant", "content": 5}), "empty_reply", ASKS),  # complete replies: re-asked
     (completion({"role": "assistant", "content": None, "reasoning_content": "Assistant 1: 9\nAssistant 2: 1"}),
-     "empty_reply", 1),  # reasoning fields are never read
-    (completion({"role": "assistant", "content": "Assistant 1: 9\nAssistant 2: 1"}, "content_filter"), "refusal", 1),
+     "empty_reply", ASKS),  # reasoning fields are never read
+    (completion({"role": "assistant", "content": "Assistant 1: 9\nAssistant 2: 1"}, "content_filter"), "refusal", ASKS),
 ])
 def test_hostile_bodies_are_failures_not_crashes(tmp_path, body, reason, requests):
     with FaultServer(fault=lambda b, n: body) as server:
