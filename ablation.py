@@ -48,7 +48,7 @@ ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
 }
 DEFAULT_ARM = "h"
 DEFAULT_ARMS = "a,b,c,d,e,h,i,j,k,l"
-PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "equivalent")}  # train.jsonl rows kept
+PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "crossed", "equivalent")}  # train.jsonl rows
 
 
 def run_distill(world, data_paths, out_dir, workers):
