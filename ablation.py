@@ -1,25 +1,34 @@
 """ablation.py -- does each of the teacher's abilities make a better student? Measured in the simulated world.
 
 For each world seed: one distill run through the real pipeline (teacher.py) against the simulated teacher
-(sim.py), so every arm below has the same teacher-prompt budget; then the same tiny student, steps and evaluation
-sets for each arm, trained through rmd.py:
+(sim.py), so every arm below shares its teacher requests; then the same student, steps and evaluation sets for each
+arm, trained through rmd.py. The student is the built-in tiny model after LM pretraining on the world's text
+(rmd.tiny_backbone: it knows the tasks' answers, as a real pretrained student knows facts), except in arms k and l:
 
     a  label distillation      bt   on the teacher-labelled original pairs (annotated.jsonl)
     b  + scoring               mse  with the teacher's annotation scores, original pairs
-    c  + refinement            bt   on the refined pairs (train.jsonl)
+    c  + refinement            bt   on the refined pairs (the 'refined' rows of train.jsonl)
     d  refinement + scoring    mse  on the refined pairs
-    e  full method             d + LM regularization on the teacher answers (weight from a sweep on `valid`)
-    f  GRM-style               a + LM regularization (same weight)
-    g  both pair sets          mse  on refined and original pairs together + LM regularization (same weight)
+    e  the paper's recipe      d + LM regularization on the teacher answers
+    f  GRM-style               a + LM regularization
+    g  both pair sets          mse  on refined and original pairs together + LM regularization
+    h  rmd's default recipe    e + the restyle ability: y_w* and y_l rewritten in one other style, giving
+                               restyled, crossed (restyled answer on either side) and margin-0 style-equivalence pairs
+    i  h without LM regularization (what generation adds)
+    j  h with bt (what scoring adds; bt cannot learn the margin-0 pairs, they are dropped)
+    k  h with the from-scratch tiny student (what pretraining adds)
+    l  a with the from-scratch tiny student
 
-plus the teacher's own accuracy as a judge, and best-of-N (N candidates per held-out prompt, each arm's RM picks
-one, scored by the true quality of what it picks) standing in for the paper's RL result.
+The LM weight of every LM-regularized arm comes from a sweep of arm h on the `valid` split (training tasks, fresh
+answers), never from normal/hard/best-of-N. Also: the teacher's own accuracy as a judge, and best-of-N (N
+candidates per held-out prompt, each arm's RM picks one, scored by the true quality of what it picks; rmd.py bon's
+scoring path) standing in for the paper's RL result.
 
     python ablation.py                                  # 3 seeds, the default world
-    python ablation.py --seeds=0,1,2 --steps=300 --verbosity-bias=1.5 --skills=0.6,0.6,0.6,0.6
-    python ablation.py --seeds=7 --arms=a,e --steps=5 --sweep=0.1   # a smoke test
+    python ablation.py --seeds=0,1,2 --verbosity-bias=1.6 --out=runs/ablation-verbose
+    python ablation.py --seeds=7 --arms=a,h --steps=5 --sweep=0.1   # a smoke test
 
-Writes <out>/results.json and <out>/table.md; every run's files stay under <out>/seed<S>/.
+Writes <out>/results.json (with "default_arm") and <out>/table.md; every run's files stay under <out>/seed<S>/.
 """
 import argparse
 import json
