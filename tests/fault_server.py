@@ -251,7 +251,8 @@ class FaultServer:
 def _outputs(out):
     import os
     read = lambda name: [json.loads(x) for x in open(os.path.join(out, name), encoding="utf-8")]  # noqa: E731
-    return read("train.jsonl"), read("failures.jsonl")
+    # one refined pair per kept row; the restyle stage's extra pairs ride on it (their yield is the refined row's)
+    return [r for r in read("train.jsonl") if r["provenance"]["source"] == "refined"], read("failures.jsonl")
 
 
 def _pair(row):
