@@ -9,6 +9,7 @@ a hash of the token sequences, the model config and the settings below. Needs to
     path = tiny_lm.pretrained(sequences, config, log=print)     # build (minutes on a CPU) or reuse
     lm = LlamaForCausalLM.from_pretrained(path)
 """
+import copy
 import hashlib
 import json
 import math
@@ -120,7 +121,7 @@ def pretrained(sequences, config, pad_id, settings=SETTINGS, log=print, probe=No
     log(f"[tiny_lm] pretraining the tiny student on the world's text ({len(sequences)} texts, {n_tokens} tokens, "
         f"{settings['steps']} steps of {settings['batch_size']}); once, cached in {path}")
     torch.manual_seed(settings["seed"])
-    lm = LlamaForCausalLM(config)
+    lm = LlamaForCausalLM(copy.deepcopy(config))  # building a model edits its config, which is part of the key
     t0 = time.time()
     pretrain(lm, sequences, pad_id, settings, log)
     info = {"key": key, "settings": settings, "texts": len(sequences), "tokens": n_tokens, "wall_s": round(time.time() - t0, 1),
