@@ -222,9 +222,11 @@ def test_ablation_smoke(tmp_path):
     if not hasattr(rmd, "train"):
         pytest.skip("rmd.train not there yet")
     import ablation
-    results = ablation.main(["--seeds=0", "--arms=a,e", "--steps=2", "--sweep=0.1", "--batch-size=4",
+    results = ablation.main(["--seeds=0", "--arms=a,h", "--steps=2", "--sweep=0.1", "--batch-size=4",
                              "--n-distill=30", "--n-eval=10", "--n-bon=4", f"--out={tmp_path}"])
-    assert set(results) == {"a", "e"}
+    assert set(results) == {"a", "h"}
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["default_arm"] == "h" and set(saved["arms"]["h"][0]) >= {"seed", "normal", "hard", "bon"}
     for rows in results.values():
         assert all(0.0 <= rows[0][k] <= 1.0 for k in ("normal", "hard", "bon"))
     assert (tmp_path / "table.md").exists()
