@@ -64,7 +64,7 @@ class TrainConfig:
     head: str = "mlp"  # value head: "mlp" (dropout, Linear(H,1024), ReLU, Linear(1024,1)) or "linear"
     dropout: float = 0.1  # value-head dropout
     loss: str = "mse"  # pairwise loss: mse (margin regression), bt-margin, bt
-    lm_weight: float = 1.0  # lambda of the LM term on the teacher answers (0 = off); 1.0 chosen on valid (README)
+    lm_weight: float = 0.1  # lambda of the LM term on the teacher answers (0 = off); 0.1 chosen on valid (README)
     max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
     batch_size: int = 16  # pairs per optimizer step, over all processes and micro-batches
     micro_batch: int = 0  # pairs per forward pass per process (0 = batch_size / processes)
