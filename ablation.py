@@ -260,17 +260,17 @@ def main(argv=None):
 
 
 def verdict(results, arm, baseline):
-    """The issue's bar, spelled out: `arm` within one std of `baseline` or better on normal and BoN, and 20 points
-    better on hard (std: the larger of the two arms' seed std; one seed: no std, plain comparison)."""
+    """The bar, spelled out: `arm` within one std of `baseline` or better on normal and BoN, and 20 points better on
+    hard (std: the baseline's std over seeds; one seed: no std, a plain comparison)."""
     if arm not in results or baseline not in results:
         return ""
     parts = []
     for split in ("normal", "hard", "bon"):
         x, y = ([100 * r[split] for r in results[k]] for k in (arm, baseline))
         diff = statistics.mean(x) - statistics.mean(y)
-        std = max(statistics.stdev(x), statistics.stdev(y)) if min(len(x), len(y)) > 1 else 0.0
+        std = statistics.stdev(y) if len(y) > 1 else 0.0
         ok = diff >= 20 if split == "hard" else diff >= -std
-        parts.append(f"{split} {diff:+.1f} (std {std:.1f}: {'meets' if ok else 'misses'} the bar)")
+        parts.append(f"{split} {diff:+.1f} ({baseline}'s std {std:.1f}: {'meets' if ok else 'misses'} the bar)")
     return f"Arm {arm} vs arm {baseline}: " + ", ".join(parts) + "."
 
 
