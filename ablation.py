@@ -1,25 +1,34 @@
 """ablation.py -- does each of the teacher's abilities make a better student? Measured in the simulated world.
 
 For each world seed: one distill run through the real pipeline (teacher.py) against the simulated teacher
-(sim.py), so every arm below has the same teacher-prompt budget; then the same tiny student, steps and evaluation
-sets for each arm, trained through rmd.py:
+(sim.py), so every arm below shares its teacher requests; then the same student, steps and evaluation sets for each
+arm, trained through rmd.py. The student is the built-in tiny model after LM pretraining on the world's text
+(rmd.tiny_backbone: it knows the tasks' answers, as a real pretrained student knows facts), except in arms k and l:
 
     a  label distillation      bt   on the teacher-labelled original pairs (annotated.jsonl)
     b  + scoring               mse  with the teacher's annotation scores, original pairs
-    c  + refinement            bt   on the refined pairs (train.jsonl)
+    c  + refinement            bt   on the refined pairs (the 'refined' rows of train.jsonl)
     d  refinement + scoring    mse  on the refined pairs
-    e  full method             d + LM regularization on the teacher answers (weight from a sweep on `valid`)
-    f  GRM-style               a + LM regularization (same weight)
-    g  both pair sets          mse  on refined and original pairs together + LM regularization (same weight)
+    e  the paper's recipe      d + LM regularization on the teacher answers
+    f  GRM-style               a + LM regularization
+    g  both pair sets          mse  on refined and original pairs together + LM regularization
+    h  rmd's default recipe    e + the restyle ability: y_w* and y_l rewritten in one other style, giving
+                               restyled, crossed (restyled answer on either side) and margin-0 style-equivalence pairs
+    i  h without LM regularization (what generation adds)
+    j  h with bt (what scoring adds; bt cannot learn the margin-0 pairs, they are dropped)
+    k  h with the from-scratch tiny student (what pretraining adds)
+    l  a with the from-scratch tiny student
 
-plus the teacher's own accuracy as a judge, and best-of-N (N candidates per held-out prompt, each arm's RM picks
-one, scored by the true quality of what it picks) standing in for the paper's RL result.
+The LM weight of every LM-regularized arm comes from a sweep of arm h on the `valid` split (training tasks, fresh
+answers), never from normal/hard/best-of-N. Also: the teacher's own accuracy as a judge, and best-of-N (N
+candidates per held-out prompt, each arm's RM picks one, scored by the true quality of what it picks; rmd.py bon's
+scoring path) standing in for the paper's RL result.
 
     python ablation.py                                  # 3 seeds, the default world
-    python ablation.py --seeds=0,1,2 --steps=300 --verbosity-bias=1.5 --skills=0.6,0.6,0.6,0.6
-    python ablation.py --seeds=7 --arms=a,e --steps=5 --sweep=0.1   # a smoke test
+    python ablation.py --seeds=0,1,2 --verbosity-bias=1.6 --out=runs/ablation-verbose
+    python ablation.py --seeds=7 --arms=a,h --steps=5 --sweep=0.1   # a smoke test
 
-Writes <out>/results.json and <out>/table.md; every run's files stay under <out>/seed<S>/.
+Writes <out>/results.json (with "default_arm") and <out>/table.md; every run's files stay under <out>/seed<S>/.
 """
 import argparse
 import json
@@ -32,15 +41,23 @@ import time
 import sim
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ARMS = {  # name: (pairs, loss, LM regularization on?)
-    "a": ("original", "bt", False, "label distillation (bt, original pairs)"),
-    "b": ("original", "mse", False, "+ scoring (mse, original pairs)"),
-    "c": ("refined", "bt", False, "+ refinement (bt, refined pairs)"),
-    "d": ("refined", "mse", False, "refinement + scoring (mse, refined pairs)"),
-    "e": ("refined", "mse", True, "full method (d + LM reg)"),
-    "f": ("original", "bt", True, "GRM-style (a + LM reg)"),
-    "g": ("both", "mse", True, "refined + original pairs, mse + LM reg"),
+ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
+    "a": ("original", "bt", False, "tiny", "label distillation (bt, original pairs)"),
+    "b": ("original", "mse", False, "tiny", "+ scoring (mse, original pairs)"),
+    "c": ("refined", "bt", False, "tiny", "+ refinement (bt, refined pairs)"),
+    "d": ("refined", "mse", False, "tiny", "refinement + scoring (mse, refined pairs)"),
+    "e": ("refined", "mse", True, "tiny", "paper's full method (d + LM reg)"),
+    "f": ("original", "bt", True, "tiny", "GRM-style (a + LM reg)"),
+    "g": ("both", "mse", True, "tiny", "refined + original pairs, mse + LM reg"),
+    "h": ("full", "mse", True, "tiny", "rmd default: e + restyled & style-equivalence pairs"),
+    "i": ("full", "mse", False, "tiny", "h without LM reg (no generation)"),
+    "j": ("full", "bt", True, "tiny", "h with bt (no scoring: margin-0 pairs dropped)"),
+    "k": ("full", "mse", True, "scratch", "h with the from-scratch student"),
+    "l": ("original", "bt", False, "scratch", "a with the from-scratch student"),
 }
+DEFAULT_ARM = "h"
+DEFAULT_ARMS = "a,c,e,h,i,j,k"  # b, d, f, g, l on request (--arms): a 2-core CPU runs these in ~35 min
+PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "crossed", "equivalent")}  # train.jsonl rows
 
 
 def run_distill(world, data_paths, out_dir, workers):
@@ -58,15 +75,16 @@ def run_distill(world, data_paths, out_dir, workers):
     return summary
 
 
-def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed):
+def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed, model):
     """One training run through `rmd.py train` in a subprocess; returns its eval.json."""
     if not os.path.exists(os.path.join(out_dir, "eval.json")):
         if args.report:
             return None
         cmd = [sys.executable, os.path.join(ROOT, "rmd.py"), "train", f"--data={pairs_file}",
-               f"--eval-data={eval_data}", f"--out={out_dir}", "--model=tiny", f"--loss={loss}",
+               f"--eval-data={eval_data}", f"--out={out_dir}", f"--model={model}", f"--loss={loss}",
                f"--lm-weight={lm_weight}", f"--max-steps={args.steps}", f"--batch-size={args.batch_size}",
-               f"--lr={args.lr}", f"--seed={seed}", f"--max-len={args.max_len}", "--log-interval=50"]
+               f"--lr={args.lr}", f"--seed={seed}", f"--max-len={args.max_len}", "--log-interval=50",
+               f"--layers={args.layers if model == args.student else 0}"]
         t0 = time.time()
         with open(os.path.join(os.path.dirname(out_dir), f"{os.path.basename(out_dir)}.log"), "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -79,20 +97,12 @@ def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed)
 
 
 def best_of_n(model_dir, bon_path, max_len):
-    """Mean true quality and share of correct answers among the candidates the RM picks."""
+    """Share of correct answers among the candidates the RM picks (rmd.py bon's own scoring path)."""
+    import evaluate
     import rmd
-    model = rmd.load_reward_model(model_dir)
-    rows = [json.loads(line) for line in open(bon_path)]
-    prompts = [r["prompt"] for r in rows for _ in r["responses"]]
-    answers = [a for r in rows for a in r["responses"]]
-    rewards = model.score(prompts, answers, batch_size=64, max_len=max_len)
-    quality, k = [], 0
-    for r in rows:
-        n = len(r["responses"])
-        pick = max(range(n), key=lambda i: rewards[k + i])
-        quality.append(r["true_quality"][pick])
-        k += n
-    return statistics.mean(q == 1.0 for q in quality)
+    rows = evaluate.read_rows(bon_path)
+    scored = evaluate.best_of_n(rmd.load_reward_model(model_dir), rows, batch_size=64, max_len=max_len)
+    return evaluate.pick_quality(rows, scored)["picked"]["correct"]
 
 
 def fmt(values):
@@ -105,12 +115,17 @@ def fmt(values):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated world and training seeds")
-    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of a,b,c,d,e,f,g")
+    parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated subset of {','.join(ARMS)}")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per training run")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-len", type=int, default=256)
-    parser.add_argument("--sweep", default="0.01,0.1,1.0", help="LM weights tried for arm e on the first seed")
+    parser.add_argument("--student", default="",
+                        help="the pretrained student of arms a-j (default: the tiny model pretrained on this world's "
+                             "text); e.g. a SmolLM2 .gguf with --layers")
+    parser.add_argument("--layers", type=int, default=0, help="keep the first N layers of --student (0 = all)")
+    parser.add_argument("--sweep", default="0.1,1.0",
+                        help=f"LM weights tried for the default arm ({DEFAULT_ARM}) on the first seed, chosen on valid")
     parser.add_argument("--jobs", type=int, default=2, help="training runs in parallel (each gets cores/jobs threads)")
     parser.add_argument("--workers", type=int, default=8, help="distill requests in flight")
     parser.add_argument("--out", default="runs/ablation")
@@ -126,34 +141,39 @@ def main(argv=None):
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     t_start = time.time()
 
+    # 0. the pretrained student: the tiny model after LM pretraining on this world's text (built once, cached)
+    import rmd
+    world_args = sim.world_from_args(args)
+    args.student = args.student or rmd.tiny_backbone(world_args)
+    students = {"tiny": args.student, "scratch": "tiny-scratch"}
+    info = os.path.join(args.student, "pretrain.json")
+    knowledge = json.load(open(info))["knowledge"] if os.path.exists(info) else None
+
     # 1. data and one distill run per world seed
-    worlds, runs = {}, []
+    worlds = {}
     for seed in seeds:
         world = sim.world_from_args(args)
         world.seed = seed
         seed_dir = os.path.join(args.out, f"seed{seed}")
         paths = sim.write_builtin_data(os.path.join(seed_dir, "data"), world)
         t0 = time.time()
-        summary = run_distill(world, paths, os.path.join(seed_dir, "distill"), args.workers)
         distill_dir = os.path.join(seed_dir, "distill")
-        both = os.path.join(distill_dir, "both.jsonl")
-        with open(both, "w") as f:
-            for name in ("train.jsonl", "annotated.jsonl"):
-                f.write(open(os.path.join(distill_dir, name)).read())
-        files = {"refined": os.path.join(distill_dir, "train.jsonl"),
-                 "original": os.path.join(distill_dir, "annotated.jsonl"), "both": both}
+        summary = run_distill(world, paths, distill_dir, args.workers)
+        files = pair_files(distill_dir)
         counts = {k: sum(1 for _ in open(v)) for k, v in files.items()}
         print(f"seed {seed}: distill {time.time() - t0:.0f}s, {summary['rows']} rows -> {counts['refined']} refined "
-              f"pairs, {counts['original']} labelled original pairs", flush=True)
+              f"pairs ({counts['full']} with the restyled and style-equivalence pairs), {counts['original']} "
+              f"labelled original pairs", flush=True)
         eval_data = ",".join(f"{s}={paths[s]}" for s in ("normal", "hard", "valid"))
         worlds[seed] = dict(world=world, paths=paths, files=files, eval_data=eval_data, dir=seed_dir,
                             counts=counts, summary=summary)
 
-    # 2. the LM-weight sweep: arm e on the first seed, chosen on the validation split (never normal/hard)
+    # 2. the LM-weight sweep: the default arm on the first seed, chosen on the validation split (never normal/hard)
     first = worlds[seeds[0]]
+    pairs0, loss0, _, student0, _ = ARMS[DEFAULT_ARM]
     sweep_result = {}
-    jobs = [(f"sweep-{w:g}", first["files"]["refined"], "mse", w, first["eval_data"],
-             os.path.join(first["dir"], f"sweep_lm{w:g}"), seeds[0]) for w in sweep]
+    jobs = [(f"sweep-{w:g}", first["files"][pairs0], loss0, w, first["eval_data"],
+             os.path.join(first["dir"], f"sweep_lm{w:g}"), seeds[0], students[student0]) for w in sweep]
     for job, res in zip(jobs, _run_parallel(jobs, args)):
         if res is not None:
             sweep_result[job[3]] = res["accuracy"]["valid"]
@@ -161,7 +181,7 @@ def main(argv=None):
     if not sweep:
         raise SystemExit(f"error: no finished sweep run under {first['dir']}; run without --report first")
     lm_weight = max(sweep, key=lambda w: (sweep_result[w], -w))
-    print("sweep (arm e, seed %d, valid accuracy): " % seeds[0] +
+    print(f"sweep (arm {DEFAULT_ARM}, seed {seeds[0]}, valid accuracy): " +
           ", ".join(f"lm_weight {w:g}: {100 * sweep_result[w]:.1f}" for w in sweep) + f" -> {lm_weight:g}", flush=True)
 
     # 3. every arm, every seed
@@ -169,11 +189,11 @@ def main(argv=None):
     for seed in seeds:
         wd = worlds[seed]
         for arm in arms:
-            pairs, loss, lm, _ = ARMS[arm]
+            pairs, loss, lm, student, _ = ARMS[arm]
             w = lm_weight if lm else 0.0
-            out = os.path.join(wd["dir"], f"sweep_lm{w:g}") if arm == "e" and seed == seeds[0] else \
+            out = os.path.join(wd["dir"], f"sweep_lm{w:g}") if arm == DEFAULT_ARM and seed == seeds[0] else \
                 os.path.join(wd["dir"], f"arm_{arm}")
-            jobs.append((arm, wd["files"][pairs], loss, w, wd["eval_data"], out, seed))
+            jobs.append((arm, wd["files"][pairs], loss, w, wd["eval_data"], out, seed, students[student]))
     results = {}
     for job, res in zip(jobs, _run_parallel(jobs, args)):
         arm, seed, out = job[0], job[6], job[5]
@@ -197,27 +217,36 @@ def main(argv=None):
     # 5. the table
     world0 = first["world"]
     done = ", ".join(f"{a}: seeds {[r['seed'] for r in results[a]]}" for a in arms if a in results)
+    known = (knowledge or {}).get("correct_beats_wrong_same_style", {})
     lines = ([f"Finished runs only (--report): {done}."] if args.report else []) + [
-             f"Seeds {seeds}; {args.steps} steps x {args.batch_size} pairs, lr {args.lr}, tiny student; LM weight "
-             f"{lm_weight:g} (sweep on valid: " + ", ".join(f"{w:g} -> {100 * sweep_result[w]:.1f}" for w in sweep) +
-             f"). Accuracy % on held-out truth-labelled pairs; BoN = % of best-of-{world0.bon_n} picks that are "
-             "correct. Mean ± std over seeds.", "",
-             "| arm | pairs | loss | LM reg | normal | hard | BoN |", "|---|---|---|---|---|---|---|"]
+             f"Seeds {seeds}; {args.steps} steps x {args.batch_size} pairs, lr {args.lr}; LM weight {lm_weight:g} "
+             f"(sweep of arm {DEFAULT_ARM} on valid: " +
+             ", ".join(f"{w:g} -> {100 * sweep_result[w]:.1f}" for w in sweep) +
+             f"). Accuracy % on held-out truth-labelled pairs ({world0.n_eval} per split and seed); BoN = % of "
+             f"best-of-{world0.bon_n} picks that are correct ({world0.n_bon} prompts per seed). Mean ± std over seeds.",
+             "", "| arm | pairs | loss | LM reg | student | normal | hard | BoN |", "|---|---|---|---|---|---|---|---|"]
     for arm in arms:
-        pairs, loss, lm, label = ARMS[arm]
+        pairs, loss, lm, student, label = ARMS[arm]
         rs = results.get(arm)
         if not rs:
             continue
-        lines.append(f"| {arm}. {label} | {pairs} | {loss} | {lm_weight if lm else 0:g} | "
+        name = f"**{arm}. {label}**" if arm == DEFAULT_ARM else f"{arm}. {label}"
+        lines.append(f"| {name} | {pairs} | {loss} | {lm_weight if lm else 0:g} | {student} | "
                      f"{fmt([r['normal'] for r in rs])} | {fmt([r['hard'] for r in rs])} | {fmt([r['bon'] for r in rs])} |")
-    lines.append(f"| teacher as judge (both orders) | - | - | - | {fmt([r['normal'] for r in refs['teacher']])} | "
+    lines.append(f"| teacher as judge (both orders) | - | - | - | - | {fmt([r['normal'] for r in refs['teacher']])} | "
                  f"{fmt([r['hard'] for r in refs['teacher']])} | - |")
-    lines.append(f"| random pick / oracle pick | - | - | - | - | - | {fmt([r['bon'] for r in refs['random']])} / "
+    lines.append(f"| random pick / oracle pick | - | - | - | - | - | - | {fmt([r['bon'] for r in refs['random']])} / "
                  f"{fmt([r['bon'] for r in refs['oracle']])} |")
-    counts = "; ".join(f"seed {s}: {worlds[s]['counts']['refined']} refined, {worlds[s]['counts']['original']} "
-                       f"original pairs, from {worlds[s]['summary']['rows']} prompts" for s in seeds)
-    lines += ["", f"Training pairs per distill run ({counts}). World: " +
-              " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(world0).items() if k != "seed"),
+    counts = "; ".join(f"seed {s}: {worlds[s]['counts']['refined']} refined, {worlds[s]['counts']['full']} full, "
+                       f"{worlds[s]['counts']['original']} original pairs, from {worlds[s]['summary']['rows']} prompts"
+                       for s in seeds)
+    lines += ["", f"Training pairs per distill run ({counts}).",
+              f"Student: {args.student}" + (f" (first {args.layers} layers)" if args.layers else "") +
+              ("; before any preference data it ranks the correct answer above a wrong one in the same style by LM "
+               "likelihood on: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in known.items()) + " of tasks."
+               if known else "."),
+              verdict(results, DEFAULT_ARM, "a"),
+              "World: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(world0).items() if k != "seed"),
               f"Total wall time {time.time() - t_start:.0f}s."]
     table = "\n".join(lines)
     print("\n" + table)
@@ -225,17 +254,47 @@ def main(argv=None):
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "lm_weight": lm_weight, "sweep": sweep_result, "arms": results,
-                   "references": refs}, f, indent=1)
+        json.dump({"default_arm": DEFAULT_ARM, "args": vars(args), "lm_weight": lm_weight, "sweep": sweep_result,
+                   "arms": results, "references": refs, "student_knowledge": knowledge}, f, indent=1)
     return results
+
+
+def verdict(results, arm, baseline):
+    """The issue's bar, spelled out: `arm` within one std of `baseline` or better on normal and BoN, and 20 points
+    better on hard (std: the larger of the two arms' seed std; one seed: no std, plain comparison)."""
+    if arm not in results or baseline not in results:
+        return ""
+    parts = []
+    for split in ("normal", "hard", "bon"):
+        x, y = ([100 * r[split] for r in results[k]] for k in (arm, baseline))
+        diff = statistics.mean(x) - statistics.mean(y)
+        std = max(statistics.stdev(x), statistics.stdev(y)) if min(len(x), len(y)) > 1 else 0.0
+        ok = diff >= 20 if split == "hard" else diff >= -std
+        parts.append(f"{split} {diff:+.1f} (std {std:.1f}: {'meets' if ok else 'misses'} the bar)")
+    return f"Arm {arm} vs arm {baseline}: " + ", ".join(parts) + "."
+
+
+def pair_files(distill_dir):
+    """The pair sets the arms train on, from one distill run: original (annotated.jsonl), refined (the refined rows of
+    train.jsonl), full (all of train.jsonl: refined, restyled and style-equivalence rows), both (refined + original)."""
+    rows = [json.loads(line) for line in open(os.path.join(distill_dir, "train.jsonl"))]
+    files = {"original": os.path.join(distill_dir, "annotated.jsonl")}
+    for name, sources in PAIR_SOURCES.items():
+        files[name] = os.path.join(distill_dir, f"pairs_{name}.jsonl")
+        sim.write_jsonl(files[name], [r for r in rows if r["provenance"]["source"] in sources])
+    files["both"] = os.path.join(distill_dir, "pairs_both.jsonl")
+    with open(files["both"], "w") as f:
+        for name in (files["refined"], files["original"]):
+            f.write(open(name).read())
+    return files
 
 
 def _run_parallel(jobs, args):
     """Run training jobs `args.jobs` at a time; results in job order."""
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = [pool.submit(train_arm, name, data, loss, w, ev, out, args, seed)
-                   for name, data, loss, w, ev, out, seed in jobs]
+        futures = [pool.submit(train_arm, name, data, loss, w, ev, out, args, seed, model)
+                   for name, data, loss, w, ev, out, seed, model in jobs]
         return [f.result() for f in futures]
 
 

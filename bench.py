@@ -609,7 +609,7 @@ def bench_compile(args):
     for name in ("tiny", "smollm2"):
         torch.manual_seed(0)
         if name == "tiny":
-            lm, tokenizer = rmd.load_backbone("tiny", 0, args.max_len)
+            lm, tokenizer = rmd.load_backbone("tiny-scratch", 0, args.max_len)
             examples = [rmd.Example(prompt=(p, p), chosen=c, rejected=c[::-1], margin=None, teacher=None)
                         for p, c in ((list(range(1, 60 + k % 50)), list(range(100, 140 + k % 90)))
                                      for k in range(64))]

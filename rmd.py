@@ -59,12 +59,12 @@ class TrainConfig:
     eval_data: str = ""  # held-out pairs: "file" or "name=file,name=file"
     holdout: int = 0  # also hold out the last N usable pairs of --data as the eval split "heldout"
     out: str = "out/train"  # where the model, checkpoints, log.jsonl and eval.json go
-    model: str = "tiny"  # "tiny" (built-in config, byte tokenizer, from scratch) or a local HF causal-LM folder/.gguf
+    model: str = "tiny"  # "tiny" (built-in, pretrained on the sim world), "tiny-scratch", or an HF folder/.gguf
     layers: int = 0  # keep only the first N transformer layers of the backbone (0 = all)
     head: str = "mlp"  # value head: "mlp" (dropout, Linear(H,1024), ReLU, Linear(1024,1)) or "linear"
     dropout: float = 0.1  # value-head dropout
     loss: str = "mse"  # pairwise loss: mse (margin regression), bt-margin, bt
-    lm_weight: float = 0.1  # lambda of the LM term on the teacher answers (0 = off)
+    lm_weight: float = 1.0  # lambda of the LM term on the teacher answers (0 = off); 1.0 chosen on valid (README)
     max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
     batch_size: int = 16  # pairs per optimizer step, over all processes and micro-batches
     micro_batch: int = 0  # pairs per forward pass per process (0 = batch_size / processes)
@@ -413,9 +413,9 @@ def tokenize_example(tokenizer, parsed, max_len, stats):
                    teacher=teacher_pair, prompt_len=len(prompt), cuts=(chosen_cut, rejected_cut, teacher_cut))
 
 
-def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teacher=False):
+def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teacher=False, keep_ties=True):
     """JSONL file(s) -> tokenized Examples and the DataStats of what was dropped and cut (teacher: count the
-    teacher-answer rows too, for a run that trains on them)."""
+    teacher-answer rows too, for a run that trains on them; keep_ties=False drops margin-0 pairs)."""
     stats, examples = DataStats(), []
     for path in paths.split(","):
         if not os.path.exists(path):
@@ -426,7 +426,11 @@ def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teache
             raise DataError(str(e)) from None
         for line_no, row in rows:
             stats.rows += 1
-            example = tokenize_example(tokenizer, parse_row(row, f"{path}:{line_no}", need_margin), max_len, stats)
+            parsed = parse_row(row, f"{path}:{line_no}", need_margin)
+            if parsed[3] == 0 and not keep_ties:  # "equally good": only a margin loss (mse) can learn it
+                stats.drop("margin 0 (style-equivalence pair; only --loss=mse learns it)")
+                continue
+            example = tokenize_example(tokenizer, parsed, max_len, stats)
             if example is not None:
                 examples.append(example)
     stats.kept = len(examples)
@@ -547,12 +551,63 @@ def tiny_config(tokenizer, max_len):
                        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
 
 
+def world_sequences(tokenizer, pairs):
+    """(prompt, answer) texts -> token ids as the student reads them: rendered prompt, answer, eos."""
+    return [encode(tokenizer, render_prompt(tokenizer, as_messages(p, "world")) + render_answer(tokenizer, a))
+            + [tokenizer.eos_token_id] for p, a in pairs]
+
+
+def world_knowledge(tokenizer, world):
+    """A probe of what an LM knows about the world: for every task and candidate style, does it give the correct
+    answer a higher likelihood than a wrong one written the same way? Returns probe(lm) -> accuracy per family."""
+    import sim
+    from tiny_lm import answer_logprobs
+    rng, rows = random.Random(0), []
+    for task in sim.all_tasks(world):
+        for style in sim.STYLES:
+            variant = rng.randrange(4)
+            rows.append((task.family, sim.render(task, task.answer, style, variant),
+                         sim.render(task, sim.wrong_value(task, rng), style, variant), task.prompt))
+    prompt = [encode(tokenizer, render_prompt(tokenizer, as_messages(r[3], "world"))) for r in rows]
+    right, wrong = ([encode(tokenizer, render_answer(tokenizer, r[k])) + [tokenizer.eos_token_id] for r in rows]
+                    for k in (1, 2))
+
+    def probe(lm):
+        good = answer_logprobs(lm, prompt, right, tokenizer.pad_token_id)
+        bad = answer_logprobs(lm, prompt, wrong, tokenizer.pad_token_id)
+        result = {}
+        for fam in sim.FAMILIES:
+            wins = [g > b for r, g, b in zip(rows, good, bad) if r[0] == fam]
+            result[fam] = round(sum(wins) / len(wins), 4)
+        result["all"] = round(sum(g > b for g, b in zip(good, bad)) / len(rows), 4)
+        return {"correct_beats_wrong_same_style": result, "pairs": len(rows)}
+    return probe
+
+
+def tiny_backbone(world=None, log=print):
+    """The HF folder of the tiny student pretrained on `world`'s text (sim.WorldConfig; default world if None)."""
+    import sim
+    import tiny_lm
+    world, tokenizer = world or sim.WorldConfig(), ByteTokenizer()
+    sequences = world_sequences(tokenizer, sim.world_corpus(world))
+    return tiny_lm.pretrained(sequences, tiny_config(tokenizer, 1024), tokenizer.pad_token_id, log=log,
+                              probe=world_knowledge(tokenizer, world))
+
+
 def load_backbone(name, layers=0, max_len=1024):
-    """'tiny', a local HF causal-LM folder, a .gguf file or a Hub id (org/name) -> (causal LM, tokenizer)."""
+    """'tiny' (pretrained on the simulated world's text), 'tiny-scratch' (random init), a local HF causal-LM folder,
+    a .gguf file or a Hub id (org/name) -> (causal LM, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from tiny_lm import BYTE_TOKENIZER
     if name == "tiny":
+        name = tiny_backbone(log=functools.partial(print, flush=True))
+    if name == "tiny-scratch":
         tokenizer = ByteTokenizer()
         lm = LlamaForCausalLM(tiny_config(tokenizer, max_len))
+    elif os.path.exists(os.path.join(name, BYTE_TOKENIZER)):  # a tiny student pretrained by tiny_lm.py
+        tokenizer = ByteTokenizer()
+        lm = LlamaForCausalLM.from_pretrained(name, dtype=torch.float32)
+        lm.config.max_position_embeddings = max(max_len, lm.config.max_position_embeddings)
     else:
         folder, gguf = name, {}
         if name.endswith(".gguf"):
@@ -967,13 +1022,14 @@ def train(cfg: TrainConfig, stop_after: int = 0):
     model.max_len = cfg.max_len
 
     use_lm = cfg.lm_weight > 0
-    if use_lm and cfg.layers and cfg.model != "tiny" and len(lm.model.layers) == cfg.layers:
+    if use_lm and cfg.layers and not cfg.model.startswith("tiny") and len(lm.model.layers) == cfg.layers:
         log(f"warning: --layers={cfg.layers} cuts the backbone and --lm-weight={cfg.lm_weight} > 0: the pretrained LM "
             "head on a cut backbone starts worse than uniform (SmolLM2-135M, 4 of 30 layers: 19.4 nats per "
             "teacher-answer token, 4.0 uncut, 10.8 uniform), so the LM term relearns language modelling rather "
             "than keeping it; consider --lm-weight=0 or more layers")
 
-    examples, stats = load_pairs(cfg.data, tokenizer, cfg.max_len, need_margin=cfg.loss != "bt", name="train")
+    examples, stats = load_pairs(cfg.data, tokenizer, cfg.max_len, need_margin=cfg.loss != "bt", name="train",
+                                 keep_ties=cfg.loss == "mse")
     eval_sets, eval_stats = {}, {}
     for spec in filter(None, cfg.eval_data.split(",")):
         name, _, path = spec.rpartition("=")
@@ -1250,11 +1306,28 @@ def train_command(argv):
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks
         return metrics
     model = os.path.join(cfg.out, "model")
-    bon = os.path.join(DEMO_OUT, "builtin", "bon.jsonl")
-    if demo and os.path.exists(bon):
+    bon = os.path.join(os.path.dirname(cfg.data), "builtin", "bon.jsonl")
+    if demo and metrics and os.path.exists(bon):
+        explain_demo(cfg, metrics, bon)
         print(f"next: python rmd.py bon --model={model} --data={bon}   (best-of-N against the true quality)")
     print(f"next: python rmd.py eval --model={model} --data=PAIRS.jsonl | python rmd.py serve --model={model}")
     return metrics
+
+
+def explain_demo(cfg, metrics, bon_path):
+    """The demo's last lines: what its numbers mean, and best-of-N with the trained model."""
+    import evaluate
+    rows = evaluate.read_rows(bon_path)
+    scored = evaluate.best_of_n(load_reward_model(os.path.join(cfg.out, "model")), rows, max_len=cfg.max_len)
+    bon, n = evaluate.pick_quality(rows, scored), len(rows[0][1]["responses"])
+    print(f"\nWhat the numbers mean (held-out tasks the preference data never asked; chance = 50%):\n"
+          f"  normal {100 * metrics['normal']:.1f}%: a correct and a wrong answer from the natural candidate pool\n"
+          f"  hard   {100 * metrics['hard']:.1f}%: a correct plain answer against a wrong, fancier one (style trap)\n"
+          f"  best-of-{n} {100 * bon['picked']['correct']:.1f}%: share of correct picks among {n} candidates for "
+          f"{bon['rows']} prompts (random pick {100 * bon['random']['correct']:.1f}%, oracle "
+          f"{100 * bon['oracle']['correct']:.1f}%)\n"
+          "Label distillation on the same teacher (ablation.py, arm a) is the baseline to beat: see README.md.",
+          flush=True)
 
 
 def main(argv=None):

@@ -76,6 +76,11 @@ class WorldConfig:
     malformed_rate: float = 0.03  # P(an annotate reply ignores the format); an assumption, no published figure
     refine_miss_rate: float = 0.05  # P(refine misses the error and returns the answer unchanged); assumption
     refine_drift_rate: float = 0.1  # P(refine also rewords more than it must); assumption
+    # Restyle (style-equivalence pairs): the teacher rewrites an answer in another style, keeping its content.
+    # Rewrites are not always faithful: style-transfer and paraphrase outputs are known to lose or change content now
+    # and then (e.g. Krishna et al. 2020, "Reformulating Unsupervised Style Transfer as Paraphrase Generation").
+    # 0.05 is an assumption of the same size as refine_miss_rate, not a measured figure.
+    restyle_drift_rate: float = 0.05  # P(the rewrite also changes the answer's value: a margin-0 pair that lies)
     http_error_rate: float = 0.0  # P(the first try of a request gets HTTP 429/500): exercises the client's retries
 
     def skill_list(self):
@@ -363,6 +368,21 @@ def teacher_refine(task, rejected, cfg, rng):
     return diagnosis, render(task, believed.answer, style, variant)
 
 
+WORLD_STYLE = {"terse": "terse", "plain": "plain", "chatty": "padded", "markdown": "markdown"}  # restyle target -> world
+
+
+def teacher_restyle(task, answer, target, cfg, rng):
+    """The answer rewritten in world style `target`, content kept (except with P = restyle_drift_rate). A text the
+    teacher cannot read as a world answer comes back unchanged (the pipeline drops unchanged rewrites)."""
+    parsed = parse_answer(task, answer)
+    if parsed is None:
+        return answer
+    value, style, variant = parsed
+    if rng.random() < cfg.restyle_drift_rate:
+        value = wrong_value(task, rng) if value == task.answer else task.answer
+    return render(task, value, target, rng.randrange(4))
+
+
 def teacher_rescore(task, anchor_score, rejected, refined, cfg, rng):
     """The refined answer's score, anchored on the stated score of the answer it was made from."""
     believed = _believed_task(task, cfg)
@@ -442,6 +462,22 @@ def write_builtin_data(out_dir, cfg=None):
     return paths
 
 
+def world_corpus(cfg):
+    """The student's pretraining text: every task of the world (held-out ones too: a real student knows facts no
+    preference pair mentions) with its correct answer in every candidate style and the teacher's. Never the
+    preference pairs or evaluation pairs themselves, and no wrong answer. Returns [(prompt, answer)] in a fixed order."""
+    docs = []
+    for task in all_tasks(cfg):
+        seen = set()
+        for style in STYLES + ("teacher",):
+            for variant in range(_n_variants(task, style)):
+                answer = render(task, task.answer, style, variant)
+                if answer not in seen:
+                    seen.add(answer)
+                    docs.append((task.prompt, answer))
+    return docs
+
+
 def teacher_judge_accuracy(pairs, cfg):
     """The simulated teacher's own accuracy as a judge: both orders, scores averaged, a tie counts as wrong."""
     right = 0
@@ -502,7 +538,7 @@ def _text(message):
 def reply_for(body, cfg):
     """The sim teacher's reply text to one chat-completions request body (a dict). Deterministic: the rng is
     seeded by the world seed and the request itself."""
-    from teacher import ANNOTATE_TIE_NOTE, STAGE_HEADERS  # teacher.py is the source of truth for the protocol
+    from teacher import ANNOTATE_TIE_NOTE, RESTYLE_STYLES, STAGE_HEADERS  # teacher.py: the protocol's source
     messages = body.get("messages") or []
     if not messages:
         raise ValueError("request has no messages")
@@ -557,6 +593,14 @@ def reply_for(body, cfg):
         else:
             s = teacher_rescore(task, anchor, rejected, refined, cfg, rng)
         return json.dumps({"score": s}) if json_mode else f"Score: {s}"
+    if last.startswith(STAGE_HEADERS["restyle"]):
+        answer, nonce = _tagged(last, "answer"), re.search(r"<question-([0-9a-f]+)>", last)
+        style = next((name for name, ask in RESTYLE_STYLES.items() if ask in last), None)
+        if answer is None or nonce is None or style is None:
+            raise ValueError("restyle request without <answer-N> or a known target style")
+        task = task_from_prompt(_tagged(last, "question") or "")
+        restyled = answer if task is None else teacher_restyle(task, answer, WORLD_STYLE[style], cfg, rng)
+        return f"[RESTYLED-ANSWER-{nonce.group(1)}]\n{restyled}"
     # generate: the prompt's own messages; the question is the last user turn
     question = next((_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
     task = task_from_prompt(question)

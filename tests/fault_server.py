@@ -99,6 +99,9 @@ def teacher_reply(body):
         rejected, nonce = tagged(first, "non-preferred-answer")
         return (f"[REASONING-{nonce}]\nIt lacks detail.\n[MODIFIED-ANSWER-{nonce}]\n{rejected} "
                 f"Improved with detail {_h(rejected) % 100}.")
+    if first.startswith("[rmd:restyle]"):
+        answer, nonce = tagged(first, "answer")
+        return f"[RESTYLED-ANSWER-{nonce}]\nIn other words: {answer}"
     if body.get("response_format"):
         return '{"ok": true}'
     return f"{body['model']} answer {_h(json.dumps(body, sort_keys=True)) % 10000} to: {last[:40]}"
@@ -248,7 +251,8 @@ class FaultServer:
 def _outputs(out):
     import os
     read = lambda name: [json.loads(x) for x in open(os.path.join(out, name), encoding="utf-8")]  # noqa: E731
-    return read("train.jsonl"), read("failures.jsonl")
+    # one refined pair per kept row; the restyle stage's extra pairs ride on it (their yield is the refined row's)
+    return [r for r in read("train.jsonl") if r["provenance"]["source"] == "refined"], read("failures.jsonl")
 
 
 def _pair(row):

@@ -14,7 +14,7 @@ from test_rmd import easy_rows, log_losses, write_jsonl  # noqa: E402
 
 
 def train_args(data, out):
-    return ["rmd.py", "train", f"--data={data}", f"--out={out}", "--model=tiny", "--dropout=0", "--batch-size=8",
+    return ["rmd.py", "train", f"--data={data}", f"--out={out}", "--model=tiny-scratch", "--dropout=0", "--batch-size=8",
             "--max-steps=4", "--lr=1e-3", "--warmup=0.25", "--log-interval=1", "--max-len=96", "--compile=off",
             "--lm-weight=0.1", "--seed=5"]
 

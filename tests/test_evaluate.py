@@ -23,7 +23,7 @@ def write_jsonl(path, rows):
 
 def tiny_model(head="linear", seed=0, max_len=128):
     torch.manual_seed(seed)
-    lm, tok = rmd.load_backbone("tiny", 0, max_len)
+    lm, tok = rmd.load_backbone("tiny-scratch", 0, max_len)
     model = rmd.RewardModel(lm, tok, head=head, dropout=0.0)
     model.max_len = max_len
     if head == "linear":  # a random linear head gives near-equal rewards; spread them so decisions are clear

@@ -40,7 +40,7 @@ def easy_rows(n, seed=0):
 
 def tiny_model(seed=0, head="mlp", max_len=256):
     torch.manual_seed(seed)
-    lm, tok = rmd.load_backbone("tiny", 0, max_len)
+    lm, tok = rmd.load_backbone("tiny-scratch", 0, max_len)
     model = rmd.RewardModel(lm, tok, head=head, dropout=0.0)
     model.max_len = max_len
     return model
@@ -286,7 +286,7 @@ def test_collate_packs_with_little_padding(tmp_path):
 
 
 def train_cfg(tmp_path, data, **kw):
-    base = dict(data=data, out=str(tmp_path / "out"), model="tiny", max_len=128, batch_size=8, lr=1e-3,
+    base = dict(data=data, out=str(tmp_path / "out"), model="tiny-scratch", max_len=128, batch_size=8, lr=1e-3,
                 warmup=0.1, log_interval=1, seed=3)
     base.update(kw)
     return rmd.TrainConfig(**base)
@@ -426,6 +426,7 @@ def test_demo_commands_run_on_the_embedded_default(tmp_path):
     metrics = json.load(open(tmp_path / "out/train/eval.json"))["accuracy"]
     assert set(metrics) >= {"normal", "hard"} and all(0 <= v <= 1 for v in metrics.values())
     assert "final eval: normal" in run.stdout
+    assert "best-of-8" in run.stdout and "random pick" in run.stdout  # the demo explains its numbers
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -620,3 +621,49 @@ def test_train_reads_json_arrays_and_trl_preference_formats(tmp_path):
     path.write_text("[\n" + json.dumps(rows[0]) + ",\n" + json.dumps({"prompt": "p", "chosen": "a"}) + "\n]")
     with pytest.raises(rmd.DataError, match=r"d.json:3: missing field 'rejected'"):
         rmd.load_pairs(str(path), rmd.ByteTokenizer(), 128)
+
+
+# ------------------------------------------------------------------------------------------------ the tiny student
+
+
+def test_shipped_tiny_student_is_the_one_the_code_would_build():
+    """data/tiny-world-lm is used only if its key matches: a change to the world's text, the rendering or the
+    pretraining settings must come with `python tiny_lm.py` (or every first run pretrains for minutes)."""
+    import sim
+    import tiny_lm
+    tok = rmd.ByteTokenizer()
+    sequences = rmd.world_sequences(tok, sim.world_corpus(sim.WorldConfig()))
+    assert tiny_lm.cache_key(sequences, rmd.tiny_config(tok, 1024), tiny_lm.SETTINGS) == tiny_lm.shipped_key()
+    info = json.load(open(os.path.join(tiny_lm.SHIPPED, "pretrain.json")))
+    assert info["knowledge"]["correct_beats_wrong_same_style"]["all"] >= 0.9
+    lm, tokenizer = rmd.load_backbone("tiny", 0, 256)
+    assert isinstance(tokenizer, rmd.ByteTokenizer) and lm.config.num_hidden_layers == 4
+
+
+def test_tiny_pretraining_is_cached_by_what_determines_it(tmp_path, monkeypatch):
+    import tiny_lm
+    monkeypatch.setattr(tiny_lm, "CACHE", str(tmp_path))
+    tok = rmd.ByteTokenizer()
+    sequences = rmd.world_sequences(tok, [("What is 1 + 1?", "2"), ("What is 2 + 2?", "2 + 2 = 4.")])
+    config = rmd.tiny_config(tok, 1024)
+    settings = dict(tiny_lm.SETTINGS, steps=2, batch_size=2, warmup=1)
+    path = tiny_lm.pretrained(sequences, config, tok.pad_token_id, settings, log=lambda *a: None,
+                              probe=lambda lm: {"probed": True})
+    info = json.load(open(os.path.join(path, "pretrain.json")))
+    assert info["knowledge"] == {"probed": True} and info["key"] == os.path.basename(path)
+    lm, tokenizer = rmd.load_backbone(path, 0, 2048)  # a byte-tokenizer folder; positions grow to max_len
+    assert isinstance(tokenizer, rmd.ByteTokenizer) and lm.config.max_position_embeddings == 2048
+    monkeypatch.setattr(tiny_lm, "pretrain", lambda *a, **k: pytest.fail("pretrained twice"))
+    assert tiny_lm.pretrained(sequences, config, tok.pad_token_id, settings, log=lambda *a: None) == path
+    other = dict(settings, lr=1e-4)
+    assert tiny_lm.cache_key(sequences, config, other) != tiny_lm.cache_key(sequences, config, settings)
+
+
+def test_margin_zero_pairs_need_the_mse_loss(tmp_path):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 5, "rejected_score": 5},
+            {"prompt": "p", "chosen": "a", "rejected": "c", "chosen_score": 7, "rejected_score": 2}]
+    path = write_jsonl(tmp_path / "eq.jsonl", rows)
+    examples, stats = rmd.load_pairs(path, rmd.ByteTokenizer(), 64, need_margin=True, keep_ties=False)
+    assert len(examples) == 1 and list(stats.dropped.values()) == [1]
+    examples, _ = rmd.load_pairs(path, rmd.ByteTokenizer(), 64, need_margin=True, keep_ties=True)
+    assert [ex.margin for ex in examples] == [0.0, 5.0]

@@ -189,7 +189,27 @@ def test_distill_end_to_end_with_retries(tmp_path):
     assert sum(st["sent"] for st in summary["stages"].values()) > sum(
         st["replies"] for st in summary["stages"].values())  # some first tries failed and were retried
     rows = [json.loads(line) for line in open(tmp_path / "distill" / "train.jsonl")]
-    better = 0
+    by_source = {}
+    for row in rows:
+        by_source.setdefault(row["provenance"]["source"], []).append(row)
+    assert set(by_source) == {"refined", "restyled", "crossed", "equivalent"}
+    originals = {r["chosen"] for r in by_source["refined"]} | {r["rejected"] for r in by_source["refined"]}
+    for row in by_source["equivalent"]:  # a restyled y_w* or y_l against itself: margin 0, same content (bar drift)
+        assert row["chosen_score"] == row["rejected_score"] and row["chosen"] != row["rejected"]
+        assert ":equivalent:" in row["id"] and row["rejected"] in originals
+    for row in by_source["restyled"] + by_source["crossed"]:  # the refined pair's margin, some style changed
+        assert row["chosen_score"] - row["rejected_score"] > 1
+    refined = {r["id"]: r for r in by_source["refined"]}
+    sides = {"chosen": 0, "rejected": 0}  # which side of a crossed pair keeps the original style
+    for row in by_source["crossed"]:
+        base = refined[row["id"].split(":")[0]]
+        assert (row["chosen"] == base["chosen"]) != (row["rejected"] == base["rejected"])
+        sides["chosen" if row["chosen"] == base["chosen"] else "rejected"] += 1
+    assert sides["chosen"] > 0 and sides["rejected"] > 0  # the restyled answer sits on both sides
+    same = sum(sim.true_quality(sim.task_from_prompt(r["prompt"]), r["chosen"]) ==
+               sim.true_quality(sim.task_from_prompt(r["prompt"]), r["rejected"]) for r in by_source["equivalent"])
+    assert same >= 0.8 * len(by_source["equivalent"])  # restyle_drift_rate 0.05 changes a few
+    rows, better = by_source["refined"], 0
     for row in rows:
         task = sim.task_from_prompt(row["prompt"])
         better += sim.true_quality(task, row["chosen"]) > sim.true_quality(task, row["rejected"])
@@ -202,9 +222,11 @@ def test_ablation_smoke(tmp_path):
     if not hasattr(rmd, "train"):
         pytest.skip("rmd.train not there yet")
     import ablation
-    results = ablation.main(["--seeds=0", "--arms=a,e", "--steps=2", "--sweep=0.1", "--batch-size=4",
+    results = ablation.main(["--seeds=0", "--arms=a,h", "--steps=2", "--sweep=0.1", "--batch-size=4",
                              "--n-distill=30", "--n-eval=10", "--n-bon=4", f"--out={tmp_path}"])
-    assert set(results) == {"a", "e"}
+    assert set(results) == {"a", "h"}
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["default_arm"] == "h" and set(saved["arms"]["h"][0]) >= {"seed", "normal", "hard", "bon"}
     for rows in results.values():
         assert all(0.0 <= rows[0][k] <= 1.0 for k in ("normal", "hard", "bon"))
     assert (tmp_path / "table.md").exists()

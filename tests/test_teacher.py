@@ -17,7 +17,9 @@ from fault_server import (EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, q
                           status, tagged)
 from teacher import ParseError, parse_annotation, parse_refinement, parse_score  # noqa: E402
 
-FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=0.5, max_retries=3, json_mode="off", progress=False)
+# restyle off: these tests count the requests of the paper's five stages; test_restyle_* turn it on
+FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=0.5, max_retries=3, json_mode="off", progress=False,
+            restyle=False)
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -263,6 +265,35 @@ def test_clean_pair_goes_through_all_stages(tmp_path):
     assert summary["stages"]["annotate"]["sent"] == 2 and summary["kept"] == 1
 
 
+def test_restyle_adds_pairs_with_the_restyled_answer_on_either_side(tmp_path):
+    with FaultServer() as server:
+        summary, train, _, failures = run_rows(server, [PAIR], tmp_path, restyle=True)
+    assert failures == [] and len(server.bodies) == 7  # the five stages, then y_w* and y_l restyled
+    refined, extra = train[0], train[1:]
+    chosen_s, rejected_s = "In other words: " + refined["chosen"], "In other words: " + refined["rejected"]
+    assert {(r["provenance"]["source"], r["chosen"], r["rejected"]) for r in extra} == {
+        ("restyled", chosen_s, rejected_s), ("crossed", chosen_s, refined["rejected"]),
+        ("crossed", refined["chosen"], rejected_s), ("equivalent", chosen_s, refined["chosen"]),
+        ("equivalent", rejected_s, refined["rejected"])}
+    for r in extra:
+        margin = r["chosen_score"] - r["rejected_score"]
+        assert margin == (0 if r["provenance"]["source"] == "equivalent" else 6.0)
+        assert "teacher_response" not in r  # the LM target once per row, on the refined pair
+    assert summary["kept"] == 1 and summary["restyle"] == {"rows": 1, "pairs": 5, "unchanged": 0, "failed": 0}
+
+
+def test_a_failed_restyle_keeps_the_refined_pair(tmp_path):
+    def fault(body, n):  # every restyle reply ignores the format, re-asks included
+        if teacher.STAGE_HEADERS["restyle"] in body["messages"][0]["content"]:
+            return reply("Sure, here it is, restyled.")
+    with FaultServer(fault=fault) as server:
+        summary, train, _, failures = run_rows(server, [PAIR], tmp_path, restyle=True)
+    assert failures == [] and len(train) == 1 and train[0]["provenance"]["restyle"]["failed"] == "missing_section"
+    assert summary["kept"] == 1 and summary["failed"] == 0 and summary["restyle"]["failed"] == 1
+    assert summary["stages"]["restyle"]["failures"] == {"missing_section": 1}
+    assert summary["stages"]["restyle"]["reasks"] == teacher.DistillConfig().reask
+
+
 @pytest.mark.parametrize("fault,reason,requests", [
     (status(500), "http_500", 4),                      # 1 + max_retries, then a recorded failure
     (status(429), "http_429", 4),
@@ -437,15 +468,12 @@ def test_rate_limit_is_respected(tmp_path):
 def test_throughput_keeps_the_workers_busy(tmp_path):
     workers, latency = 32, 0.3
     rows = [{"id": f"r{i}", "prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(96)]
-    arrivals = []
-    with FaultServer(latency=latency, fault=lambda body, n: arrivals.append(time.time())) as server:
+    with FaultServer(latency=latency) as server:
         run_rows(server, rows, tmp_path, workers=workers)
     # the server counts a request until its handler returns, a moment after the client has its reply
     assert workers <= server.max_active <= workers + 2
-    steady = arrivals[: int(len(arrivals) * 0.8)]  # leave out the tail, where rows run out
-    rate = (len(steady) - 1) / (steady[-1] - steady[0])
-    print(f"throughput {rate:.1f} req/s, ideal {workers / latency:.0f}")
-    assert rate >= 0.9 * workers / latency
+    # The request rate itself is a timing, measured by `python bench.py --only teacher`, never asserted here: on a
+    # loaded 2-core machine it depends on the load, not on the client.
 
 
 def test_position_bias_is_measured(tmp_path):

@@ -77,4 +77,5 @@ def test_kill_and_resume_sends_nothing_twice_and_gives_identical_output(tmp_path
         assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
     train = (out / "train.jsonl").read_text().splitlines()
     failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
-    assert len(train) == 36 and [f["reason"] for f in failures] == ["no_score"] * 4
+    refined = [r for r in train if json.loads(r)["provenance"]["source"] == "refined"]
+    assert len(refined) == 36 and [f["reason"] for f in failures] == ["no_score"] * 4

@@ -1,0 +1,165 @@
+"""tiny_lm.py -- language-model pretraining for the built-in tiny student, cached on disk by what determines it.
+
+A reward model is a pretrained LM that learns preferences; it can only reward a correct answer it can recognise. The
+built-in tiny student (rmd.py --model=tiny) therefore first learns the simulated world's text (sim.world_corpus:
+every task with its correct answer, in every style) by plain next-token prediction. That run is deterministic given
+its inputs, so it is done once and kept under out/tiny_lm/<key>/ as an ordinary HF causal-LM folder, where <key> is
+a hash of the token sequences, the model config and the settings below. Needs torch and transformers.
+
+    path = tiny_lm.pretrained(sequences, config, log=print)     # build (minutes on a CPU) or reuse
+    lm = LlamaForCausalLM.from_pretrained(path)
+"""
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CACHE = os.path.join(ROOT, "out", "tiny_lm")
+BYTE_TOKENIZER = "byte_tokenizer.json"  # marks a folder whose tokenizer is rmd's ByteTokenizer (no HF files)
+# Enough passes for the 4-layer student to know the world's answers (measured: see the README's ablation section).
+SETTINGS = {"steps": 1200, "batch_size": 32, "lr": 3e-3, "warmup": 100, "weight_decay": 0.01, "seed": 0,
+            "version": 1}
+# The default world's pretrained student ships with rmd (data/tiny-world-lm, 3.5 MB of fp32 safetensors): building it
+# costs ~10 CPU-minutes (13 min on the loaded 2-core development machine), longer than the whole demo. `python
+# tiny_lm.py` rebuilds it. It is used only when its key matches what the code would build now, so a changed world,
+# rendering or setting never loads a stale model: it is then built once under out/tiny_lm/<key>/.
+SHIPPED = os.path.join(ROOT, "data", "tiny-world-lm")
+
+
+def cache_key(sequences, config, settings):
+    digest = hashlib.sha256(json.dumps([sequences, config.to_dict(), settings], sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def batches(sequences, batch_size, rng):
+    """Random batches of whole sequences, padded to the longest (they are short: no packing needed)."""
+    order = list(range(len(sequences)))
+    while True:
+        rng.shuffle(order)
+        for k in range(0, len(order) - batch_size + 1, batch_size):
+            yield [sequences[i] for i in order[k:k + batch_size]]
+
+
+def collate(seqs, pad_id):
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)], mask[row, :len(s)] = torch.tensor(s), 1
+    return ids, mask
+
+
+def lm_loss(lm, ids, mask):
+    """Mean next-token NLL over the real tokens."""
+    logits = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+
+
+def pretrain(lm, sequences, pad_id, settings=SETTINGS, log=print):
+    """Next-token training of `lm` on token-id `sequences`, in place (AdamW, warm-up then cosine)."""
+    torch.manual_seed(settings["seed"])
+    rng = random.Random(settings["seed"])
+    decay = [p for p in lm.parameters() if p.dim() >= 2]
+    rest = [p for p in lm.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings["weight_decay"]},
+                             {"params": rest, "weight_decay": 0.0}], lr=settings["lr"], betas=(0.9, 0.95))
+    lm.train()
+    steps, t0, window = settings["steps"], time.time(), []
+    for step, seqs in zip(range(steps), batches(sequences, settings["batch_size"], rng)):
+        warm = settings["warmup"]
+        scale = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / (steps - warm)))
+        for g in opt.param_groups:
+            g["lr"] = settings["lr"] * scale
+        loss = lm_loss(lm, *collate(seqs, pad_id))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        window.append(loss.item())
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            log(f"[tiny_lm] step {step + 1}/{steps} | lm loss {sum(window) / len(window):.4f} | "
+                f"{time.time() - t0:.0f}s")
+            window = []
+    lm.eval()
+    return lm
+
+
+@torch.no_grad()
+def answer_logprobs(lm, prompts, answers, pad_id, batch_size=128):
+    """Sum of log p(answer tokens | prompt) for token-id prompt/answer lists (a pure LM's judgment of an answer)."""
+    out = []
+    for k in range(0, len(prompts), batch_size):
+        seqs = [p + a for p, a in zip(prompts[k:k + batch_size], answers[k:k + batch_size])]
+        ids, mask = collate(seqs, pad_id)
+        logp = torch.log_softmax(lm(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+        for row, (p, a) in enumerate(zip(prompts[k:k + batch_size], answers[k:k + batch_size])):
+            positions = torch.arange(len(p) - 1, len(p) + len(a) - 1)
+            out.append(logp[row, positions, torch.tensor(a)].sum().item())
+    return out
+
+
+def pretrained(sequences, config, pad_id, settings=SETTINGS, log=print, probe=None):
+    """Path of the HF folder of `config`'s model pretrained on `sequences`; built once, then reused.
+    probe(lm) -> dict of what the model knows, saved in the folder's pretrain.json and printed."""
+    from transformers import LlamaForCausalLM
+    key = cache_key(sequences, config, settings)
+    if shipped_key() == key:
+        return SHIPPED
+    path = os.path.join(CACHE, key)
+    if os.path.exists(os.path.join(path, "pretrain.json")):
+        return path
+    n_tokens = sum(map(len, sequences))
+    log(f"[tiny_lm] pretraining the tiny student on the world's text ({len(sequences)} texts, {n_tokens} tokens, "
+        f"{settings['steps']} steps of {settings['batch_size']}); once, cached in {path}")
+    torch.manual_seed(settings["seed"])
+    lm = LlamaForCausalLM(copy.deepcopy(config))  # building a model edits its config, which is part of the key
+    t0 = time.time()
+    pretrain(lm, sequences, pad_id, settings, log)
+    info = {"key": key, "settings": settings, "texts": len(sequences), "tokens": n_tokens, "wall_s": round(time.time() - t0, 1),
+            "knowledge": probe(lm) if probe else None}
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(tmp, safe_serialization=True)
+    with open(os.path.join(tmp, BYTE_TOKENIZER), "w") as f:
+        json.dump({"tokenizer": "bytes"}, f)
+    with open(os.path.join(tmp, "pretrain.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished the same folder first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    if info["knowledge"]:
+        log("[tiny_lm] what the pretrained student knows: " + json.dumps(info["knowledge"]))
+    return path
+
+
+def shipped_key():
+    try:
+        with open(os.path.join(SHIPPED, "pretrain.json")) as f:
+            return json.load(f)["key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def main():
+    """Rebuild the shipped default-world student (data/tiny-world-lm) with the code and settings as they are now."""
+    import rmd  # the top module renders the world's text exactly as training reads it
+    torch.set_num_threads(1)  # one thread is faster than two on a loaded 2-core machine (measured: ~4x)
+    shutil.rmtree(SHIPPED, ignore_errors=True)
+    path = rmd.tiny_backbone()
+    if path != SHIPPED:
+        shutil.copytree(path, SHIPPED)
+    print(f"shipped: {SHIPPED} (key {shipped_key()})")
+
+
+if __name__ == "__main__":
+    main()
