@@ -18,7 +18,7 @@ import evaluate  # noqa: E402
 class FakeModel:
     max_len = 64
 
-    def tokens(self, prompt, answer, max_len):
+    def tokens(self, prompt, answer, max_len=None, cuts=None):  # rmd.RewardModel.tokens' signature
         return list(range(len(answer) % 50 + 1))
 
 
