@@ -1280,7 +1280,9 @@ def say_what_distill_wrote(cfg, summary, demo):
         raise SystemExit(f"error: no pair was kept from {summary['rows']} row(s) (dropped or failed: {why}); every "
                          f"row's reason and the teacher's replies are in {failures}")
     train_file = os.path.join(cfg.out, "train.jsonl")
-    print(f"wrote {train_file} ({summary['kept']} refined pairs), {os.path.join(cfg.out, 'annotated.jsonl')} "
+    extra = (summary.get("restyle") or {}).get("pairs", 0)
+    extra = f" + {extra} from the restyle stage" if extra else ""
+    print(f"wrote {train_file} ({summary['kept']} refined pairs{extra}), {os.path.join(cfg.out, 'annotated.jsonl')} "
           f"(the teacher-labelled input pairs), {failures} (rows not kept, with reasons), "
           f"{os.path.join(cfg.out, 'summary.json')}", file=sys.stderr)
     if demo and cfg.out == DEMO_OUT:
