@@ -518,7 +518,7 @@ def test_distill_turns_teacher_http_errors_into_one_line(tmp_path):
     common = [f"--data={data}", "--teacher-model=sim-teacher", "--max-retries=0", "--progress=false",
               f"--out={tmp_path / 'o'}"]
     message = one_line_error(["distill", f"--teacher-url=http://127.0.0.1:{closed}/v1"] + common)
-    assert f"127.0.0.1:{closed}" in message and "did not answer" in message
+    assert f"127.0.0.1:{closed}" in message and "connection_error" in message and "unreachable" in message
     url, shutdown = sim.start_server(sim.WorldConfig())
     try:
         assert "HTTP 404" in one_line_error(["distill", f"--teacher-url={url}/wrong"] + common)
