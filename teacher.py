@@ -446,7 +446,7 @@ class DistillConfig:
     refine_max_tokens: int = 2048       # reply length cap for the refinement (diagnosis + edited answer)
     score_max_tokens: int = 256         # reply length cap for the self-calibrated score
     min_delta: float = 1.0              # keep a pair only if s(y_w*) - s(y_l) > min_delta
-    restyle: bool = True                # also ask for y_w* in another style: restyled and style-equivalence pairs
+    restyle: bool = True                # rewrite y_w* and y_l in one other style: restyled, crossed, style-equivalence pairs
     restyle_temperature: float = 0.0    # restyle is greedy: a faithful rewrite, not a sample
     tie_policy: str = "drop"            # drop | reask (once, asking to avoid equal scores)
     reask: int = 3                      # re-ask a reply that is not an answer (unparseable, empty, cut, refusal) N times
