@@ -231,7 +231,8 @@ def main(argv=None):
         if not rs:
             continue
         name = f"**{arm}. {label}**" if arm == DEFAULT_ARM else f"{arm}. {label}"
-        lines.append(f"| {name} | {pairs} | {loss} | {lm_weight if lm else 0:g} | {student} | "
+        shown = "scratch" if student == "scratch" else os.path.basename(args.student.rstrip("/"))  # which student
+        lines.append(f"| {name} | {pairs} | {loss} | {lm_weight if lm else 0:g} | {shown} | "
                      f"{fmt([r['normal'] for r in rs])} | {fmt([r['hard'] for r in rs])} | {fmt([r['bon'] for r in rs])} |")
     lines.append(f"| teacher as judge (both orders) | - | - | - | - | {fmt([r['normal'] for r in refs['teacher']])} | "
                  f"{fmt([r['hard'] for r in refs['teacher']])} | - |")
