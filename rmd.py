@@ -591,7 +591,7 @@ def tiny_backbone(world=None, log=print):
     world, tokenizer = world or sim.WorldConfig(), ByteTokenizer()
     sequences = world_sequences(tokenizer, sim.world_corpus(world))
     return tiny_lm.pretrained(sequences, tiny_config(tokenizer, 1024), tokenizer.pad_token_id, log=log,
-                              probe=world_knowledge(tokenizer, world))
+                              probe=lambda lm: world_knowledge(tokenizer, world)(lm))  # built only if it pretrains
 
 
 def load_backbone(name, layers=0, max_len=1024):
