@@ -206,15 +206,8 @@ def test_linear_head_exports_to_auto_model_for_sequence_classification(tmp_path,
 
 def hf_tokenizer_pad_is_eos():
     """A small byte-level BPE tokenizer with a ChatML template whose pad token is its eos (as SmolLM2's)."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([f"Question {i}: good bad x answer" for i in range(50)], vocab_size=300,
-                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token="<|im_end|>")
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return tok
+    from test_rmd import chatml_tokenizer
+    return chatml_tokenizer(pad="<|im_end|>", words="good bad x answer")
 
 
 def test_export_picks_a_pad_that_is_not_eos(tmp_path):

@@ -95,14 +95,15 @@ def test_bad_rows_stop_with_file_and_line(tmp_path, line, message):
     assert f"{path}:2:" in str(err.value) and message in str(err.value)
 
 
-def chatml_tokenizer():
-    """A small byte-level BPE tokenizer with a ChatML chat template (as SmolLM2's), built in memory."""
+def chatml_tokenizer(pad="<|endoftext|>", words="the question? good bad answer x y"):
+    """A small byte-level BPE tokenizer with a ChatML chat template (as SmolLM2's), built in memory; pad="<|im_end|>"
+    makes its pad token its eos, as SmolLM2's is."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([f"Question {i}: the question? good bad answer x y" for i in range(50)], vocab_size=300,
+    bpe.train_from_iterator([f"Question {i}: {words}" for i in range(50)], vocab_size=300,
                             special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token=pad)
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     return tok
