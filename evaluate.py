@@ -46,7 +46,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 import rmd
-from teacher import answer_text, parse_overrides, read_jsonl_rows
+from cli import parse_overrides
+from formats import DataError, answer_of, as_messages, detect_format, parse_row, read_rows
 
 # allenai/reward-bench rewardbench/constants.py: the leaderboard weights each subset by these counts inside its
 # section (math-prm is up-weighted to equal the code subsets together); the overall score is the sections' mean.
@@ -116,30 +117,6 @@ def pair_rewards(model, prompts, answers, batch_size=32, padding_side="right", m
 # benchmarks
 
 
-def read_rows(path):
-    """JSONL (.jsonl or .jsonl.gz), one JSON array (RM-Bench ships one) or Parquet: -> [(file:line, row)]."""
-    try:
-        return [(f"{path}:{n}", row) for n, row in read_jsonl_rows(path)]
-    except ValueError as e:
-        raise rmd.DataError(str(e)) from None
-
-
-def answer_of(value, name, where):
-    text = answer_text(value)
-    if text is None:
-        raise rmd.DataError(f"{where}: '{name}' must be a string or a message list ending in an assistant message")
-    return text
-
-
-def detect_format(row, where):
-    if isinstance(row.get("chosen"), list) and row["chosen"] and all(isinstance(c, str) for c in row["chosen"]):
-        if not (isinstance(row.get("rejected"), list) and len(row["rejected"]) == len(row["chosen"]) == 3):
-            raise rmd.DataError(f"{where}: RM-Bench rows need 'chosen' and 'rejected' as lists of 3 answers "
-                                "(concise, detailed, markdown)")
-        return "rmbench"
-    return "rewardbench" if "subset" in row else "pairs"
-
-
 def accuracy_of(chosen, rejected):
     return sum(c > r for c, r in zip(chosen, rejected)) / max(1, len(chosen))
 
@@ -150,8 +127,8 @@ def evaluate_pairs(model, rows, fmt, batch_size, padding_side, max_len):
     for where, row in rows:
         for key in ("prompt", "chosen", "rejected") if fmt == "rewardbench" else ("chosen", "rejected"):
             if key not in row:
-                raise rmd.DataError(f"{where}: missing field '{key}'")
-        messages, c, r, margin, _ = rmd.parse_row(row, where, False)
+                raise DataError(f"{where}: missing field '{key}'")
+        messages, c, r, margin, _ = parse_row(row, where, False)
         prompts.append(messages), chosen.append(c), rejected.append(r), margins.append(margin)
         subsets.append(str(row.get("subset", "")))
     cuts = rmd.CutCounts()
@@ -193,8 +170,8 @@ def evaluate_rm_bench(model, rows, batch_size, padding_side, max_len):
     for where, row in rows:
         for key in ("prompt", "chosen", "rejected"):
             if key not in row:
-                raise rmd.DataError(f"{where}: missing field '{key}'")
-        messages = rmd.as_messages(row["prompt"], where)
+                raise DataError(f"{where}: missing field '{key}'")
+        messages = as_messages(row["prompt"], where)
         for answer in row["chosen"] + row["rejected"]:
             prompts.append(messages), answers.append(answer_of(answer, "chosen/rejected", where))
         domain = str(row.get("domain") or str(row.get("id", "")).split("/")[0] or "all")
@@ -229,7 +206,7 @@ def evaluate_file(model, path, fmt="auto", batch_size=32, padding_side="right", 
     """Benchmark file -> (metrics dict, per-item rewards: pairs give (chosen, rejected) lists, RM-Bench a flat list)."""
     rows = read_rows(path)
     if not rows:
-        raise rmd.DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows")
     max_len = max_len or getattr(model, "max_len", 0)
     if fmt == "auto":
         fmt = detect_format(rows[0][1], rows[0][0])
@@ -313,7 +290,7 @@ def eval_command(argv):
     model = load_model("eval", cfg)
     try:
         result, _ = evaluate_file(model, cfg.data, cfg.format, cfg.batch_size, cfg.padding_side, cfg.max_len)
-    except rmd.DataError as e:
+    except DataError as e:
         raise SystemExit(f"error: {e}") from None
     result = {"model": cfg.model, "data": cfg.data, **result}
     print(table(result))
@@ -345,8 +322,8 @@ def best_of_n(model, rows, batch_size=32, max_len=0, cuts=None):
     for where, row in rows:
         responses = row.get("responses")
         if "prompt" not in row or not isinstance(responses, list) or not responses:
-            raise rmd.DataError(f"{where}: best-of-N rows need 'prompt' and a non-empty list 'responses'")
-        messages, mine = rmd.as_messages(row["prompt"], where), rmd.CutCounts()
+            raise DataError(f"{where}: best-of-N rows need 'prompt' and a non-empty list 'responses'")
+        messages, mine = as_messages(row["prompt"], where), rmd.CutCounts()
         for response in responses:
             sequences.append(pair_tokens(model, messages, answer_of(response, "responses", where), max_len, mine))
         row_cuts.append(mine)
@@ -386,7 +363,7 @@ def bon_command(argv):
         rows = read_rows(cfg.data)
         scored = best_of_n(model, rows, cfg.batch_size, cfg.max_len, cuts)
         quality = pick_quality(rows, scored)
-    except rmd.DataError as e:
+    except DataError as e:
         raise SystemExit(f"error: {e}") from None
     out = cfg.out or default_out("bon", cfg.data, ".scored.jsonl")
     write_file(out, "".join(json.dumps(row) + "\n" for row in scored))
@@ -410,7 +387,7 @@ def pick_quality(rows, scored):
             continue
         if not isinstance(quality, list) or len(quality) != len(row["responses"]) or not all(
                 isinstance(q, (int, float)) and not isinstance(q, bool) for q in quality):
-            raise rmd.DataError(f"{where}: 'true_quality' must be a list of numbers, one per response")
+            raise DataError(f"{where}: 'true_quality' must be a list of numbers, one per response")
         rated.append((quality, out["best"]))
     if not rated:
         return {}
@@ -480,7 +457,7 @@ def request_sequences(model, body, max_items, max_len):
             raise BadRequest(f"response {i} must be a string")
         try:
             sequences.append(pair_tokens(model, p, r, max_len))
-        except rmd.DataError as e:
+        except DataError as e:
             raise BadRequest(f"prompt {i}: {str(e).split(': ', 1)[-1]}") from None
     return sequences, False
 

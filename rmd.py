@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import gzip
 import json
 import math
 import os
@@ -40,11 +39,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from loss import linear_cross_entropy, pairwise_loss
-from teacher import (FatalError, TransportError, answer_text, check_messages, message_text, parse_dialogue,
-                     parse_overrides, read_jsonl_rows, split_implicit_prompt)
+from cli import parse_overrides
+from formats import DataError, as_messages, parse_row, read_jsonl_rows
+from teacher import FatalError, TransportError
 
 ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
@@ -191,61 +190,6 @@ def check_resume(cfg):
 
 # ----------------------------------------------------------------------------------------------------------------
 # data: rows -> prompt messages + answers -> token ids
-
-
-class DataError(ValueError):
-    pass
-
-
-def as_messages(prompt, where):
-    if isinstance(prompt, str):
-        return parse_dialogue(prompt) or [{"role": "user", "content": prompt}]
-    problem = check_messages(prompt)  # the same rule as distill's (teacher.check_messages)
-    if problem:
-        raise DataError(f"{where}: {problem}")
-    return [{"role": m["role"], "content": message_text(m)} for m in prompt]
-
-
-def number(row, key, where):
-    value = row[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"{where}: field '{key}' must be a finite number, got {value!r}")
-    return float(value)
-
-
-def parse_row(row, where, need_margin):
-    """One JSONL object -> (messages, chosen, rejected, margin, teacher_response)."""
-    for key in ("chosen", "rejected"):
-        if key not in row:
-            raise DataError(f"{where}: missing field '{key}' (rows need prompt, chosen, rejected)")
-    chosen, rejected = row["chosen"], row["rejected"]
-    if "prompt" in row:
-        prompt = row["prompt"]
-    else:
-        try:
-            prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
-        except ValueError as e:
-            raise DataError(f"{where}: {e}") from None
-        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
-            raise DataError(f"{where}: no 'prompt' field and chosen/rejected share no prompt prefix")
-    messages = as_messages(prompt, where)
-    chosen, rejected = answer_text(chosen), answer_text(rejected)
-    if chosen is None or rejected is None:
-        bad = "chosen" if chosen is None else "rejected"
-        raise DataError(f"{where}: field '{bad}' must be a string or a message list ending in an assistant message")
-    margin = None
-    if "margin" in row:
-        margin = number(row, "margin", where)
-    elif "chosen_score" in row or "rejected_score" in row:
-        margin = number(row, "chosen_score", where) - number(row, "rejected_score", where)
-    if need_margin and margin is None:
-        fix = "--loss=bt" if "teacher_response" in row else "--loss=bt --lm-weight=0 (no teacher_response either)"
-        raise DataError(f"{where}: this loss needs a preference strength: give chosen_score and rejected_score, "
-                        f"or margin; for label-only pairs train with {fix}")
-    teacher = row.get("teacher_response")
-    if teacher is not None and not isinstance(teacher, str):
-        raise DataError(f"{where}: field 'teacher_response' must be a string")
-    return messages, chosen, rejected, margin, teacher
 
 
 class ByteTokenizer:

@@ -268,6 +268,7 @@ def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
     import os
     import sim
     import teacher
+    from formats import row_id
     world = world or sim.WorldConfig()
     rows = sim.distill_rows(world)[:n_rows]
     os.makedirs(work, exist_ok=True)
@@ -291,9 +292,9 @@ def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
     finally:
         stop()
     clean, faulty = runs["clean"], runs["faulty"]
-    ids = [teacher.row_id(r) for r in rows]
+    ids = [row_id(r) for r in rows]
     accounted = [*faulty["train"], *(f["id"] for f in faulty["failures"])]
-    responses = {teacher.row_id(r): r["responses"] for r in rows}
+    responses = {row_id(r): r["responses"] for r in rows}
     identical = same_after_reask = invented = 0
     for rid, row in faulty["train"].items():
         other = clean["train"].get(rid)

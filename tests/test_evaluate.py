@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
 import rmd  # noqa: E402
+import formats  # noqa: E402
 
 
 def write_jsonl(path, rows):
@@ -281,10 +282,10 @@ def post(url, payload, raw=None):
 def test_server_answers_concurrent_clients_in_both_protocols(model):
     url, shutdown = evaluate.start_server(model, port=0, max_items=16, max_body=1 << 16)
     try:
-        rows = pairs(24, 3)
-        expected = model.score([r["prompt"] for r in rows], [r["chosen"] for r in rows], batch_size=1)
-        texts = [rmd.render_prompt(model.tokenizer, rmd.as_messages(r["prompt"], "")) + " " + r["chosen"].strip()
-                 for r in rows]
+        items = pairs(24, 3)
+        expected = model.score([r["prompt"] for r in items], [r["chosen"] for r in items], batch_size=1)
+        texts = [rmd.render_prompt(model.tokenizer, formats.as_messages(r["prompt"], "")) + " " + r["chosen"].strip()
+                 for r in items]
         results, errors = {}, []
 
         def client(k):
@@ -293,8 +294,8 @@ def test_server_answers_concurrent_clients_in_both_protocols(model):
                     status, body = post(url + "/get_reward", {"query": texts[k:k + 3], "prompts": ["x"] * 3})
                     assert set(body) == {"rewards", "scores", "extra_logs"}
                 else:
-                    status, body = post(url + "/score", {"prompts": [r["prompt"] for r in rows[k:k + 3]],
-                                                         "responses": [r["chosen"] for r in rows[k:k + 3]]})
+                    status, body = post(url + "/score", {"prompts": [r["prompt"] for r in items[k:k + 3]],
+                                                         "responses": [r["chosen"] for r in items[k:k + 3]]})
                 assert status == 200
                 results[k] = body["rewards"]
             except Exception as e:  # noqa: BLE001
@@ -351,7 +352,7 @@ def test_bon_scores_picks_against_true_quality_and_eval_writes_under_out(tmp_pat
 
 def test_one_role_rule_in_eval_and_serve(tmp_path, model):
     wizard = [{"role": "wizard", "content": "hi"}, {"role": "user", "content": "q"}]
-    with pytest.raises(rmd.DataError, match=r"w.jsonl:1: prompt\[0\] has role 'wizard'"):
+    with pytest.raises(formats.DataError, match=r"w.jsonl:1: prompt\[0\] has role 'wizard'"):
         evaluate.evaluate_file(model, write_jsonl(tmp_path / "w.jsonl", [{"prompt": wizard, "chosen": "a",
                                                                           "rejected": "b"}]))
     url, shutdown = evaluate.start_server(model, port=0)

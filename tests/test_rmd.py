@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cli  # noqa: E402
 import rmd  # noqa: E402
+import formats  # noqa: E402
 
 HH = "\n\nHuman: How do I bake bread?\n\nAssistant:"
 
@@ -58,7 +60,7 @@ def test_row_forms_parse_to_the_same_example():
         {"chosen": HH + " Knead it.", "rejected": HH + " No."},  # implicit prompt, HH-RLHF style
         {"prompt": HH, "chosen": " Knead it.", "rejected": " No."},
     ]
-    examples = [rmd.tokenize_example(tok, rmd.parse_row(r, "x:1", False), 256, rmd.DataStats()) for r in forms]
+    examples = [rmd.tokenize_example(tok, formats.parse_row(r, "x:1", False), 256, rmd.DataStats()) for r in forms]
     for ex in examples[1:]:
         assert ex == examples[0]
     text = tok.decode(examples[0].prompt[0] + examples[0].chosen)
@@ -68,15 +70,15 @@ def test_row_forms_parse_to_the_same_example():
 def test_implicit_prompt_splits_at_the_last_assistant_turn():
     chosen = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Help me\n\nAssistant: Sure, here is how"
     rejected = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Help me\n\nAssistant: Sure, no"
-    messages, c, r, margin, teacher = rmd.parse_row({"chosen": chosen, "rejected": rejected}, "x:1", False)
+    messages, c, r, margin, teacher = formats.parse_row({"chosen": chosen, "rejected": rejected}, "x:1", False)
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert (c, r) == (" Sure, here is how", " Sure, no")
 
 
 def test_margin_from_scores_or_field():
     row = {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 7.5, "rejected_score": 3}
-    assert rmd.parse_row(row, "x:1", True)[3] == 4.5
-    assert rmd.parse_row({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2}, "x:1", True)[3] == 2.0
+    assert formats.parse_row(row, "x:1", True)[3] == 4.5
+    assert formats.parse_row({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2}, "x:1", True)[3] == 2.0
 
 
 @pytest.mark.parametrize("line, message", [
@@ -90,7 +92,7 @@ def test_margin_from_scores_or_field():
 ])
 def test_bad_rows_stop_with_file_and_line(tmp_path, line, message):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1}, line])
-    with pytest.raises(rmd.DataError) as err:
+    with pytest.raises(formats.DataError) as err:
         rmd.load_pairs(path, rmd.ByteTokenizer(), 64, need_margin=True)
     assert f"{path}:2:" in str(err.value) and message in str(err.value)
 
@@ -110,7 +112,7 @@ def chatml_tokenizer(pad="<|endoftext|>", words="the question? good bad answer x
 
 
 def full_ids(tok, prompt, answer):
-    return (rmd.encode(tok, rmd.render_prompt(tok, rmd.as_messages(prompt, "x"))), rmd.answer_ids(tok, answer))
+    return (rmd.encode(tok, rmd.render_prompt(tok, formats.as_messages(prompt, "x"))), rmd.answer_ids(tok, answer))
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "chatml"])
@@ -149,7 +151,7 @@ def test_every_command_cuts_the_same_way_and_teacher_answers_keep_their_prompt()
     tok = model.tokenizer
     row = {"prompt": "x" * 300 + " the question?", "chosen": "yes " * 40, "rejected": "no " * 40,
            "teacher_response": "The answer is " + "long " * 60}
-    ex = rmd.tokenize_example(tok, rmd.parse_row(row, "x:1", False), 64, rmd.DataStats())
+    ex = rmd.tokenize_example(tok, formats.parse_row(row, "x:1", False), 64, rmd.DataStats())
     assert ex.prompt[0] + ex.chosen == model.tokens(row["prompt"], row["chosen"], 64)
     assert ex.prompt[1] + ex.rejected == model.tokens(row["prompt"], row["rejected"], 64)
     assert ex.cuts == ("prompt_min", "prompt_min", "prompt_min")
@@ -211,7 +213,7 @@ def test_over_long_rows_are_cut_and_counted(tmp_path):
 
 def test_rows_identical_after_cutting_are_dropped_and_counted(tmp_path):
     rows = [{"prompt": "p", "chosen": "z" * 100 + "A", "rejected": "z" * 100 + "B"}]
-    with pytest.raises(rmd.DataError, match="identical after cutting"):
+    with pytest.raises(formats.DataError, match="identical after cutting"):
         rmd.load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), rmd.ByteTokenizer(), 32)
 
 
@@ -398,19 +400,18 @@ def test_cli_without_data_says_what_to_pass(tmp_path):
 
 
 def test_overrides_are_type_checked():
-    cfg = rmd.parse_overrides(rmd.TrainConfig(), ["--lr=3e-4", "--max-steps", "5", "--resume", "--loss=bt"])
+    cfg = cli.parse_overrides(rmd.TrainConfig(), ["--lr=3e-4", "--max-steps", "5", "--resume", "--loss=bt"])
     assert (cfg.lr, cfg.max_steps, cfg.resume, cfg.loss) == (3e-4, 5, True, "bt")
     with pytest.raises(SystemExit, match="expected int"):
-        rmd.parse_overrides(rmd.TrainConfig(), ["--max-steps=many"])
+        cli.parse_overrides(rmd.TrainConfig(), ["--max-steps=many"])
 
 
 def test_example_files_in_data_are_read_by_train_and_distill():
-    import teacher
     tok = rmd.ByteTokenizer()
     for name, need_margin in (("pairs", False), ("distilled", True), ("hh_style", False)):
         examples, stats = rmd.load_pairs(os.path.join(ROOT, "data", f"{name}.jsonl"), tok, 512, need_margin)
         assert stats.kept == stats.rows > 0
-    kinds = {name: {r["kind"] for r in teacher.load_rows(os.path.join(ROOT, "data", f"{name}.jsonl"))}
+    kinds = {name: {r["kind"] for r in formats.load_rows(os.path.join(ROOT, "data", f"{name}.jsonl"))}
              for name in ("pairs", "pools", "prompts", "hh_style")}
     assert kinds == {"pairs": {"pair"}, "pools": {"pool"}, "prompts": {"prompt"}, "hh_style": {"pair"}}
 
@@ -448,7 +449,7 @@ def test_every_command_has_help_generated_from_its_config(capsys):
     configs = {"distill": teacher.DistillConfig, "train": rmd.TrainConfig, "eval": evaluate.EvalConfig,
                "bon": evaluate.BonConfig, "serve": evaluate.ServeConfig}
     for command, config in configs.items():
-        comments = teacher.field_comments(config)
+        comments = cli.field_comments(config)
         for flag in ("--help", "-h"):
             with pytest.raises(SystemExit) as e:
                 rmd.main([command, "--data=x.jsonl", flag])
@@ -466,7 +467,7 @@ def test_every_command_has_help_generated_from_its_config(capsys):
 
 
 def test_trl_and_hf_option_names():
-    cfg = rmd.parse_overrides(rmd.TrainConfig(), ["--learning-rate=3e-4", "--num-train-epochs", "2", "--output-dir=o",
+    cfg = cli.parse_overrides(rmd.TrainConfig(), ["--learning-rate=3e-4", "--num-train-epochs", "2", "--output-dir=o",
                                                   "--model-name-or-path=m", "--max-length=128", "--warmup-ratio=0.1"])
     assert (cfg.lr, cfg.epochs, cfg.out, cfg.model, cfg.max_len, cfg.warmup) == (3e-4, 2, "o", "m", 128, 0.1)
     message = one_line_error(["train", "--data=x.jsonl", "--per-device-train-batch-size=8"])
@@ -620,7 +621,7 @@ def test_train_reads_json_arrays_and_trl_preference_formats(tmp_path):
     examples, stats = rmd.load_pairs(str(path), rmd.ByteTokenizer(), 128)
     assert stats.kept == 3 and examples[0] == examples[1] == examples[2]
     path.write_text("[\n" + json.dumps(rows[0]) + ",\n" + json.dumps({"prompt": "p", "chosen": "a"}) + "\n]")
-    with pytest.raises(rmd.DataError, match=r"d.json:3: missing field 'rejected'"):
+    with pytest.raises(formats.DataError, match=r"d.json:3: missing field 'rejected'"):
         rmd.load_pairs(str(path), rmd.ByteTokenizer(), 128)
 
 

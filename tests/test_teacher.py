@@ -12,6 +12,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # noqa: E402
+import formats  # noqa: E402
 import teacher  # noqa: E402
 from fault_server import (EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep,  # noqa: E402
                           status, tagged)
@@ -122,13 +124,13 @@ def test_render_question():
 # ---------------------------------------------------------------------------- config, input
 
 def test_parse_overrides():
-    cfg = teacher.parse_overrides(teacher.DistillConfig(), ["--workers", "3", "--min-delta=2", "--disable_thinking",
+    cfg = cli.parse_overrides(teacher.DistillConfig(), ["--workers", "3", "--min-delta=2", "--disable_thinking",
                                                             "--json-mode", "off", "--keep-label-disagreements=0"])
     assert (cfg.workers, cfg.min_delta, cfg.disable_thinking, cfg.json_mode) == (3, 2.0, True, "off")
     with pytest.raises(SystemExit, match=r"^error: unknown option --wrokers; did you mean --workers\?"):
-        teacher.parse_overrides(teacher.DistillConfig(), ["--wrokers=3"])
+        cli.parse_overrides(teacher.DistillConfig(), ["--wrokers=3"])
     with pytest.raises(SystemExit, match="^error: --workers='many': expected int"):
-        teacher.parse_overrides(teacher.DistillConfig(), ["--workers=many"])
+        cli.parse_overrides(teacher.DistillConfig(), ["--workers=many"])
 
 
 @dataclasses.dataclass
@@ -143,7 +145,7 @@ class HelpCfg:
 
 def test_help_is_generated_from_the_config_comments(capsys):
     with pytest.raises(SystemExit) as e:
-        teacher.parse_overrides(HelpCfg(), ["--lr=1", "--help"], "python rmd.py x")
+        cli.parse_overrides(HelpCfg(), ["--lr=1", "--help"], "python rmd.py x")
     assert e.value.code == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "usage: python rmd.py x [--key=value ...]"
@@ -153,20 +155,20 @@ def test_help_is_generated_from_the_config_comments(capsys):
     assert row["--out"] == ["str", "out/x", "where it goes"]
     # every option of the real configs has a meaning (a new field needs its comment)
     for cfg in (teacher.DistillConfig(),):
-        comments = teacher.field_comments(type(cfg))
+        comments = cli.field_comments(type(cfg))
         assert all(comments.get(f.name) for f in dataclasses.fields(cfg)), comments
 
 
 def test_trl_names_are_aliases_or_answered_with_the_rmd_name():
-    cfg = teacher.parse_overrides(HelpCfg(), ["--learning-rate=3e-4", "--output-dir", "o", "--train_batch_size=8"])
+    cfg = cli.parse_overrides(HelpCfg(), ["--learning-rate=3e-4", "--output-dir", "o", "--train_batch_size=8"])
     assert (cfg.lr, cfg.out, cfg.batch_size) == (3e-4, "o", 8)
     with pytest.raises(SystemExit, match=r"^error: unknown option --per-device-train-batch-size .*--batch-size.*"
                                          r"--micro-batch"):
-        teacher.parse_overrides(HelpCfg(), ["--per-device-train-batch-size=4"])
+        cli.parse_overrides(HelpCfg(), ["--per-device-train-batch-size=4"])
     with pytest.raises(SystemExit, match=r"did you mean --lr\?"):
-        teacher.parse_overrides(HelpCfg(), ["--lerning-rate=1"])
+        cli.parse_overrides(HelpCfg(), ["--lerning-rate=1"])
     with pytest.raises(SystemExit, match=r"^error: unexpected argument 'x'") as e:
-        teacher.parse_overrides(HelpCfg(), ["x"])
+        cli.parse_overrides(HelpCfg(), ["x"])
     assert "\n" not in str(e.value)
 
 
@@ -174,24 +176,24 @@ def test_input_files_from_other_tools_are_read(tmp_path):
     """A BOM and CRLF are accepted; a non-UTF-8 byte, a folder, a missing or empty file are file:line errors."""
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n\r\n{"prompt": "b"}\r\n')
-    assert [(r["line"], r["prompt"]) for r in teacher.load_rows(str(path))] == [(1, "a"), (3, "b")]
+    assert [(r["line"], r["prompt"]) for r in formats.load_rows(str(path))] == [(1, "a"), (3, "b")]
     path.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"in.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
-        teacher.load_rows(str(path))
+        formats.load_rows(str(path))
     for text in ("", "\n  \n\t\n"):
         path.write_text(text)
         with pytest.raises(ValueError, match=r"in.jsonl: no rows"):
-            teacher.load_rows(str(path))
+            formats.load_rows(str(path))
     with pytest.raises(ValueError, match=r"is a folder"):
-        teacher.load_rows(str(tmp_path))
+        formats.load_rows(str(tmp_path))
     with pytest.raises(ValueError, match=r"nope.jsonl: no such file"):
-        teacher.load_rows(str(tmp_path / "nope.jsonl"))
+        formats.load_rows(str(tmp_path / "nope.jsonl"))
     array = tmp_path / "in.json"  # one JSON array: each element's line is its file:line
     array.write_text('[\n  {"prompt": "a"},\n  {"prompt": "b",\n   "id": 7}\n]\n')
-    assert [(r["line"], r["id"]) for r in teacher.load_rows(str(array))][1] == (3, "7")
+    assert [(r["line"], r["id"]) for r in formats.load_rows(str(array))][1] == (3, "7")
     array.write_text('[\n  {"prompt": "a"},\n  {"prompt": 5}\n]')
     with pytest.raises(ValueError, match=r"in.json:3: field 'prompt' must be"):
-        teacher.load_rows(str(array))
+        formats.load_rows(str(array))
 
 
 def test_unknown_chat_role_is_rejected_with_file_line(tmp_path):
@@ -199,18 +201,18 @@ def test_unknown_chat_role_is_rejected_with_file_line(tmp_path):
     path.write_text(json.dumps({"prompt": [{"role": "wizard", "content": "hi"}, {"role": "user", "content": "x"}],
                                 "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(ValueError, match=r"in.jsonl:1: prompt\[0\] has role 'wizard'; a role is one of system, "):
-        teacher.load_rows(str(path))
+        formats.load_rows(str(path))
 
 
 def test_bad_rows_get_file_line_errors(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text('{"prompt": "ok", "chosen": "a", "rejected": "b"}\n\n{"prompt": 5}\n{not json\n')
     with pytest.raises(ValueError, match=r"in.jsonl:4: not valid JSON"):
-        teacher.load_rows(str(path))
+        formats.load_rows(str(path))
     path.write_text('{"prompt": "ok", "chosen": "a"}\n{"prompt": [{"role": "user"}]}\n{"id": 1, "prompt": "x"}\n'
                     '{"id": 1, "prompt": "y"}\n{"prompt": "p", "responses": ["one"]}\n')
     with pytest.raises(ValueError) as e:
-        teacher.load_rows(str(path))
+        formats.load_rows(str(path))
     for line in (1, 2, 4, 5):
         assert f"in.jsonl:{line}:" in str(e.value)
 
@@ -218,9 +220,9 @@ def test_bad_rows_get_file_line_errors(tmp_path):
 def test_row_ids_are_stable_and_shards_partition(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"p{i % 5}"}) + "\n" for i in range(10)))
-    rows = teacher.load_rows(str(path))
-    assert len({r["id"] for r in rows}) == 10 and rows[0]["id"] == teacher.row_id({"prompt": "p0"})
-    shards = [teacher.load_rows(str(path), shard=f"{k}/3") for k in range(3)]
+    loaded = formats.load_rows(str(path))
+    assert len({r["id"] for r in loaded}) == 10 and loaded[0]["id"] == formats.row_id({"prompt": "p0"})
+    shards = [formats.load_rows(str(path), shard=f"{k}/3") for k in range(3)]
     assert sorted(r["line"] for s in shards for r in s) == list(range(1, 11))
 
 
@@ -529,9 +531,9 @@ def test_parquet_rows_or_a_one_line_error_naming_pyarrow(tmp_path, monkeypatch):
     else:
         pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"prompt": "a", "chosen": "x", "rejected": "y"}] * 2),
                                     path)
-        assert [(r["line"], r["kind"]) for r in teacher.load_rows(path)] == [(1, "pair"), (2, "pair")]
+        assert [(r["line"], r["kind"]) for r in formats.load_rows(path)] == [(1, "pair"), (2, "pair")]
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ValueError, match=r"^[^\n]*in.parquet: reading Parquet needs the pyarrow package "
                                          r"\(pip install pyarrow\)$"):
-        teacher.load_rows(path)
+        formats.load_rows(path)

@@ -1,0 +1,141 @@
+"""cli.py: one command-line style for every rmd command and tool, read from a config dataclass.
+
+Each option is a field of a dataclass; `--key=value` or `--key value` (dashes or underscores) overrides its
+default, type-checked against it; `--help` lists every option with its type, default and meaning, the meaning
+being the field's `# comment` in the source, so the help never drifts from the code. A typo gets "did you mean",
+names people bring from TRL/transformers/OpenRLHF are accepted (ALIASES) or answered with the rmd name (HINTS),
+and every mistake is one line starting with `error:`. Standard library only.
+
+    cfg = parse_overrides(TrainConfig(), sys.argv[1:], prog="python rmd.py train")
+"""
+import ast
+import difflib
+import inspect
+import io
+import os
+import sys
+import textwrap
+import tokenize
+from dataclasses import asdict, fields
+
+
+# Names people bring from TRL / transformers / OpenRLHF: accepted for the rmd option they mean exactly (used only
+# where the config has that field) ...
+ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "max_epochs": "epochs", "output_dir": "out",
+           "save_path": "out", "model_name_or_path": "model", "pretrain": "model", "max_length": "max_len",
+           "warmup_ratio": "warmup", "max_grad_norm": "grad_clip", "logging_steps": "log_interval",
+           "eval_steps": "eval_interval", "save_steps": "save_interval", "dataset": "data", "train_file": "data",
+           "train_batch_size": "batch_size", "micro_train_batch_size": "micro_batch",
+           "per_device_eval_batch_size": "eval_batch"}
+# ... or answered with the rmd way to say it where the meaning differs: {name: (the rmd field it concerns, answer)}
+HINTS = {"per_device_train_batch_size": ("micro_batch", "rmd's batches are global: --batch-size is pairs per "
+                                         "optimizer step over all processes, --micro-batch pairs per forward pass "
+                                         "per process (TRL's per-device size); accumulation follows"),
+         "gradient_accumulation_steps": ("micro_batch", "give --batch-size (pairs per optimizer step, all "
+                                         "processes) and --micro-batch (pairs per forward pass): accumulation follows"),
+         "warmup_steps": ("warmup", "--warmup is a fraction of the steps, e.g. --warmup=0.03"),
+         "bf16": ("dtype", "use --dtype=bfloat16 (the default, auto, uses it on CUDA)"),
+         "lr_scheduler_type": ("min_lr", "rmd's schedule is linear warm-up (--warmup), then cosine down to --min-lr")}
+
+
+def field_comments(cls):
+    """{field: its comment} read from the dataclass's source: the `# ...` on the field's line, else the comment
+    lines right above it. --help is generated from it, so the help says what a reader of the class sees."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (e.g. defined interactively): help without meanings
+        return {}
+    trailing, own_line = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            (own_line if tok.line.lstrip().startswith("#") else trailing)[tok.start[0]] = text
+    comments = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = next((trailing[n] for n in range(node.lineno, node.end_lineno + 1) if n in trailing), None)
+            if text is None:
+                above, n = [], node.lineno - 1
+                while n in own_line:
+                    above.insert(0, own_line[n])
+                    n -= 1
+                text = " ".join(above)
+            comments[node.target.id] = text
+    return comments
+
+
+def option_help(defaults, prog="", about=""):
+    """The --help text of a config dataclass: every option with its type, default and meaning."""
+    meanings = field_comments(type(defaults))
+    names = [f.name for f in fields(defaults)]
+    show = {bool: lambda v: str(v).lower(), str: lambda v: v if v else '""'}
+    rows = [(f"--{n.replace('_', '-')}", type(getattr(defaults, n)).__name__,
+             show.get(type(getattr(defaults, n)), str)(getattr(defaults, n)), meanings.get(n, "")) for n in names]
+    width = [max(len(r[k]) for r in rows) for k in range(3)]
+    lines = [f"usage: {prog or 'python ' + os.path.basename(sys.argv[0])} [--key=value ...]"]
+    if about:
+        lines += ["", about]
+    lines += ["", "options (--key=value or --key value; dashes or underscores; bools: --flag, --flag=false):",
+              f"  {'option':<{width[0]}}  {'type':<{width[1]}}  {'default':<{width[2]}}  meaning"]
+    lines += [f"  {a:<{width[0]}}  {b:<{width[1]}}  {c:<{width[2]}}  {d}".rstrip() for a, b, c, d in rows]
+    aliases = [f"--{a.replace('_', '-')} (= --{t.replace('_', '-')})" for a, t in ALIASES.items() if t in names]
+    if aliases:
+        lines += ["", "also accepted (TRL / transformers / OpenRLHF names): " + ", ".join(aliases)]
+    return "\n".join(lines)
+
+
+def parse_overrides(defaults, argv, prog="", about=""):
+    """A copy of dataclass `defaults` with --key=value / --key value overrides, type-checked against the defaults.
+    --help / -h prints option_help and exits 0; mistakes exit with one line that starts with 'error:'."""
+    if "--help" in argv or "-h" in argv:
+        print(option_help(defaults, prog, about))
+        raise SystemExit(0)
+    types = {f.name: type(getattr(defaults, f.name)) for f in fields(defaults)}
+    aliases = {a: t for a, t in ALIASES.items() if t in types}
+    hints = {a: text for a, (t, text) in HINTS.items() if t in types}
+    see = f"`{prog} --help` lists the options" if prog else "--help lists the options"
+    values, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: unexpected argument {arg!r}; options are --key=value ({see})")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        key = aliases.get(key, key)
+        if key not in types:
+            raise SystemExit(f"error: unknown option --{key.replace('_', '-')}{_suggest(key, types, aliases, hints)} ({see})")
+        if not eq:
+            if types[key] is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                value = "true"
+            elif i + 1 < len(argv):
+                i, value = i + 1, argv[i + 1]
+            else:
+                raise SystemExit(f"error: --{key.replace('_', '-')} needs a value")
+        values[key] = _convert(key, value, types[key])
+        i += 1
+    return type(defaults)(**{**asdict(defaults), **values})
+
+
+def _suggest(key, types, aliases, hints):
+    """'; did you mean --x?' for a typo (difflib), or the rmd way to say a TRL/HF option."""
+    if key in hints:
+        return f" (a TRL/HF name): {hints[key]}"
+    match = difflib.get_close_matches(key, list(types) + list(aliases) + list(hints), n=1, cutoff=0.6)
+    if not match:
+        return ""
+    name = match[0]
+    if name in hints:
+        return f"; {hints[name]}"
+    target = aliases.get(name, name).replace("_", "-")
+    return f"; did you mean --{target}?"
+
+
+def _convert(key, value, kind):
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
+        return kind(value)
+    except (KeyError, ValueError):
+        expected = {"bool": "bool (true or false)", "float": "float (a number)"}.get(kind.__name__, kind.__name__)
+        raise SystemExit(f"error: --{key.replace('_', '-')}={value!r}: expected {expected}") from None
+

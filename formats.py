@@ -1,0 +1,358 @@
+"""formats.py: the rows every command reads and writes -- one reader, one validator, one JSONL writer.
+
+Data files are JSONL (.jsonl, .jsonl.gz), one JSON array (.json) or Parquet (.parquet, needs pyarrow); rows are
+objects in one of the accepted forms:
+  - pairs       {prompt, chosen, rejected} (+ chosen_score/rejected_score or margin, teacher_response)
+  - implicit    {chosen, rejected} whole dialogues sharing the prompt (HH-RLHF, TRL's implicit-prompt format)
+  - TRL conversational: prompt/chosen/rejected as chat-message lists
+  - pools       {prompt, responses: [...]}   and bare prompts {prompt}   (distill's inputs)
+  - RM-Bench    {prompt, chosen: [3], rejected: [3], domain}   RewardBench {prompt, chosen, rejected, subset}
+A prompt is a string (an HH-style "\n\nHuman: ... \n\nAssistant:" dialogue becomes its turns) or chat messages.
+Every error names `file:line` and what to do. Standard library only (pyarrow for Parquet when asked).
+"""
+import hashlib
+import json
+import math
+import os
+import re
+
+
+class DataError(ValueError):
+    """A bad data file or row: the message names file:line and what is wrong."""
+
+
+def _lines(path):
+    """(line_no, text) of a UTF-8 file (.gz by suffix): a BOM is dropped and CRLF read as LF; a missing file, a
+    folder or a byte that is not UTF-8 is a ValueError naming the file (and line)."""
+    import gzip  # only for .gz files
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder; give a data file (.jsonl, .jsonl.gz, .json or .parquet)")
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM (Windows tools)
+                    raw = raw[3:]
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    column = len(raw[:e.start].decode("utf-8", "replace")) + 1
+                    raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                     f"{column}); save the file as UTF-8") from None
+                yield line_no, text.rstrip("\r\n")
+    except (OSError, EOFError) as e:  # unreadable, or a broken / truncated .gz
+        raise ValueError(f"{path}: cannot be read ({e})") from None
+
+
+def _json_array_rows(path, lines):
+    """The elements of one JSON array, each with the line it starts on."""
+    import bisect
+    text = "\n".join(t for _, t in lines)
+    starts = [0]
+    for _, t in lines:
+        starts.append(starts[-1] + len(t) + 1)
+    decoder, i = json.JSONDecoder(), text.index("[") + 1
+    skip = re.compile(r"\s*")
+    while True:
+        i = skip.match(text, i).end()
+        if text.startswith("]", i):
+            break
+        start = i
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{bisect.bisect(starts, i)}: JSON nested too deeply") from None
+        yield bisect.bisect(starts, start), obj
+        i = skip.match(text, i).end()
+        if text.startswith(",", i):
+            i += 1
+        elif not text.startswith("]", i):
+            raise ValueError(f"{path}:{bisect.bisect(starts, i)}: not valid JSON (expected ',' or ']' in the array)")
+    if text[i + 1:].strip():
+        raise ValueError(f"{path}:{bisect.bisect(starts, i + 1)}: not valid JSON (text after the array)")
+
+
+def _parquet_rows(path):
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet needs the pyarrow package (pip install pyarrow)") from None
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's own error types
+        raise ValueError(f"{path}: cannot be read as Parquet ({e})") from None
+    return enumerate(table.to_pylist(), 1)
+
+
+def read_jsonl_rows(path):
+    """Yield (line_no, obj) for each row of a data file: JSONL (.jsonl, .jsonl.gz: one object per non-blank line),
+    one JSON array (line_no = the line its element starts on) or Parquet (line_no = the row number). UTF-8 with or
+    without a BOM, LF or CRLF. Anything else, or a row that is not a JSON object, is a `file:line` ValueError."""
+    if path.endswith(".parquet"):
+        numbered = _parquet_rows(path)
+    else:
+        lines = list(_lines(path))
+        first = next((t.lstrip() for _, t in lines if t.strip()), "")
+        numbered = _json_array_rows(path, lines) if first.startswith("[") else _jsonl_rows(path, lines)
+    for line_no, obj in numbered:
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+        yield line_no, obj
+
+
+def _jsonl_rows(path, lines):
+    for line_no, line in lines:
+        if line.strip():
+            try:
+                yield line_no, json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{line_no}: JSON nested too deeply") from None
+
+
+HH_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
+
+
+def parse_dialogue(text):
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' (HH-RLHF) -> chat messages; None when the text is not in that form.
+    A trailing empty 'Assistant:' turn (the one that opens the answer) is dropped."""
+    if not isinstance(text, str) or not text.lstrip().startswith(tuple(f"{name}:" for name in HH_ROLES)):
+        return None
+    pattern = "|".join(HH_ROLES)
+    parts = re.split(rf"(?:^|\n\n)({pattern}):", "\n\n" + text.lstrip())
+    messages = [{"role": HH_ROLES[name], "content": content.strip()} for name, content in zip(parts[1::2], parts[2::2])]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
+
+
+def answer_text(value):
+    """An answer given as a string or as a message list ending in an assistant message -> its text (else None)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant" \
+            and isinstance(value[-1].get("content"), str):
+        return value[-1]["content"]
+    return None
+
+
+def split_implicit_prompt(chosen, rejected):
+    """Rows without a prompt hold whole dialogues: the shared prefix, up to the last 'Assistant:' turn (or the
+    shared leading messages), is the prompt. Returns (prompt, chosen, rejected)."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    if not (isinstance(chosen, str) and isinstance(rejected, str)):
+        raise ValueError("without 'prompt', 'chosen' and 'rejected' must both be strings or both message lists")
+    n = len(os.path.commonprefix([chosen, rejected]))
+    marker = chosen.rfind("\n\nAssistant:", 0, n)
+    if marker >= 0:
+        n = marker + len("\n\nAssistant:")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def canonical(obj):
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def row_id(row):
+    """The row's own `id`, or a hash of its content (stable across runs, shards and reorderings)."""
+    if row.get("id") is not None:
+        return str(row["id"])
+    content = {k: row.get(k) for k in ("prompt", "chosen", "rejected", "responses")}
+    return "h" + hashlib.sha256(canonical(content).encode()).hexdigest()[:16]
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+def check_messages(messages):
+    """The one rule for a prompt given as chat messages, in every command (distill, train, eval, bon, serve): a
+    non-empty list of {role, content}, role one of CHAT_ROLES, content a string or a list of text parts.
+    Returns what is wrong, or None."""
+    if not isinstance(messages, list) or not messages:
+        return "field 'prompt' must be a string or a non-empty list of chat messages {role, content}"
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return f"prompt[{k}] must be a message {{role, content}}"
+        if m["role"] not in CHAT_ROLES:
+            return f"prompt[{k}] has role {m['role']!r}; a role is one of {', '.join(CHAT_ROLES)}"
+        if not isinstance(m.get("content"), (str, list)):
+            return f"prompt[{k}].content must be a string or a list of text parts"
+    return None
+
+
+def _check_prompt(prompt):
+    """distill's prompt rule: check_messages, plus what generation needs (text, and a last turn by the user)."""
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "prompt is empty"
+    problem = check_messages(prompt)
+    if problem:
+        return problem
+    if prompt[-1]["role"] != "user":
+        return "the last prompt message must have role 'user'"
+    return None
+
+
+def _normalize_row(row):
+    """A row in any accepted form -> (row with prompt and string answers, None) or (None, what is wrong)."""
+    if "prompt" not in row:
+        if "chosen" not in row or "rejected" not in row:
+            return None, "missing field 'prompt'"
+        try:
+            prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
+        except ValueError as e:
+            return None, str(e)
+        if not prompt:
+            return None, "no 'prompt' field and 'chosen'/'rejected' share no prompt prefix"
+        row = {**row, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if "chosen" in row or "rejected" in row:
+        answers = {k: answer_text(row.get(k)) for k in ("chosen", "rejected")}
+        if None in answers.values():
+            return None, "pair rows need 'chosen' and 'rejected' as strings or message lists ending in an assistant message"
+        row = {**row, **answers}
+    return row, None
+
+
+def _check_row(row):
+    problem = _check_prompt(row["prompt"])
+    if problem:
+        return problem
+    if isinstance(row.get("id"), (bool, dict, list)):
+        return "id must be a string or an integer"
+    if "chosen" not in row and "responses" in row:
+        r = row["responses"]
+        if not isinstance(r, list) or len(r) < 2 or not all(isinstance(x, str) for x in r):
+            return "'responses' must be a list of at least two strings"
+    return None
+
+
+def load_rows(path, limit=0, shard=""):
+    """Validated rows in input order, each with `id`, `line` and `kind` (pair|pool|prompt); all errors at once."""
+    rows, errors, seen = [], [], {}
+    for line_no, row in read_jsonl_rows(path):
+        where = f"{path}:{line_no}"
+        row, problem = _normalize_row(row)
+        problem = problem or _check_row(row)
+        if problem:
+            errors.append(f"{where}: {problem}")
+            continue
+        rid = row_id(row)
+        if rid in seen:
+            if row.get("id") is not None:
+                errors.append(f"{where}: duplicate id {rid!r} (first at line {seen[rid]}); ids must be unique")
+                continue
+            rid = f"{rid}#{sum(1 for k in seen if k.split('#')[0] == rid) + 1}"  # repeated content, no id
+        seen[rid] = line_no
+        kind = "pair" if "chosen" in row else "pool" if "responses" in row else "prompt"
+        rows.append({**row, "id": rid, "line": line_no, "kind": kind})
+    if errors:
+        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise ValueError(f"{len(errors)} bad input row(s):\n" + "\n".join(errors[:20]) + more)
+    if not rows:
+        raise ValueError(f"{path}: no rows (the file is empty or blank)")
+    if limit:
+        rows = rows[:limit]
+    if shard:
+        k, n = (int(x) for x in shard.split("/"))
+        rows = [r for i, r in enumerate(rows) if i % n == k]
+    return rows
+
+
+def message_text(message):
+    content = message.get("content")
+    if isinstance(content, list):  # OpenAI content parts: keep the text parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content or ""
+
+
+def as_messages(prompt, where):
+    if isinstance(prompt, str):
+        return parse_dialogue(prompt) or [{"role": "user", "content": prompt}]
+    problem = check_messages(prompt)  # the same rule as distill's (teacher.check_messages)
+    if problem:
+        raise DataError(f"{where}: {problem}")
+    return [{"role": m["role"], "content": message_text(m)} for m in prompt]
+
+
+def number(row, key, where):
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: field '{key}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def parse_row(row, where, need_margin):
+    """One JSONL object -> (messages, chosen, rejected, margin, teacher_response)."""
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise DataError(f"{where}: missing field '{key}' (rows need prompt, chosen, rejected)")
+    chosen, rejected = row["chosen"], row["rejected"]
+    if "prompt" in row:
+        prompt = row["prompt"]
+    else:
+        try:
+            prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
+        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+            raise DataError(f"{where}: no 'prompt' field and chosen/rejected share no prompt prefix")
+    messages = as_messages(prompt, where)
+    chosen, rejected = answer_text(chosen), answer_text(rejected)
+    if chosen is None or rejected is None:
+        bad = "chosen" if chosen is None else "rejected"
+        raise DataError(f"{where}: field '{bad}' must be a string or a message list ending in an assistant message")
+    margin = None
+    if "margin" in row:
+        margin = number(row, "margin", where)
+    elif "chosen_score" in row or "rejected_score" in row:
+        margin = number(row, "chosen_score", where) - number(row, "rejected_score", where)
+    if need_margin and margin is None:
+        fix = "--loss=bt" if "teacher_response" in row else "--loss=bt --lm-weight=0 (no teacher_response either)"
+        raise DataError(f"{where}: this loss needs a preference strength: give chosen_score and rejected_score, "
+                        f"or margin; for label-only pairs train with {fix}")
+    teacher = row.get("teacher_response")
+    if teacher is not None and not isinstance(teacher, str):
+        raise DataError(f"{where}: field 'teacher_response' must be a string")
+    return messages, chosen, rejected, margin, teacher
+
+
+def read_rows(path):
+    """JSONL (.jsonl or .jsonl.gz), one JSON array (RM-Bench ships one) or Parquet: -> [(file:line, row)]."""
+    try:
+        return [(f"{path}:{n}", row) for n, row in read_jsonl_rows(path)]
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def answer_of(value, name, where):
+    text = answer_text(value)
+    if text is None:
+        raise DataError(f"{where}: '{name}' must be a string or a message list ending in an assistant message")
+    return text
+
+
+def detect_format(row, where):
+    if isinstance(row.get("chosen"), list) and row["chosen"] and all(isinstance(c, str) for c in row["chosen"]):
+        if not (isinstance(row.get("rejected"), list) and len(row["rejected"]) == len(row["chosen"]) == 3):
+            raise DataError(f"{where}: RM-Bench rows need 'chosen' and 'rejected' as lists of 3 answers "
+                                "(concise, detailed, markdown)")
+        return "rmbench"
+    return "rewardbench" if "subset" in row else "pairs"
+
+
+def write_jsonl(path, rows):
+    """Write rows as JSONL atomically (a temporary file, then a rename): a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
