@@ -2,14 +2,12 @@
 resumed run's log.jsonl has each step once."""
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import rmd  # noqa: E402
-from test_rmd import easy_rows, log_losses, train_cfg, write_jsonl  # noqa: E402
+import rmd
+from test_rmd import easy_rows, log_losses, train_cfg, write_jsonl
 
 
 def model_and_optimizer(seed):

@@ -8,9 +8,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from test_rmd import easy_rows, log_losses, write_jsonl  # noqa: E402
+from test_rmd import easy_rows, log_losses, write_jsonl
 
 
 def train_args(data, out):

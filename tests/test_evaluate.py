@@ -1,7 +1,6 @@
 """evaluate.py: benchmark metrics, batch/padding invariance, standard export, best-of-N and the reward server."""
 import json
 import os
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -10,10 +9,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import evaluate  # noqa: E402
-import rmd  # noqa: E402
-import formats  # noqa: E402
+import evaluate
+import rmd
+import formats
 
 
 def write_jsonl(path, rows):

@@ -2,15 +2,12 @@
 
 Run: python -m pytest -q tests/test_loss.py
 """
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from loss import PAIRWISE_KINDS, linear_cross_entropy, pairwise_loss  # noqa: E402
+from loss import PAIRWISE_KINDS, linear_cross_entropy, pairwise_loss
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=5e-4), torch.bfloat16: dict(atol=5e-3, rtol=5e-2)}
 

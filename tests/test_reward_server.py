@@ -3,16 +3,13 @@ too many connections, lone surrogates, deep nesting, other methods. A fake model
 about HTTP, the scoring itself is tested in test_evaluate.py."""
 import http.client
 import json
-import os
 import socket
-import sys
 import time
 from urllib.parse import urlparse
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluate  # noqa: E402
+import evaluate
 
 
 class FakeModel:

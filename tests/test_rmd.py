@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import cli  # noqa: E402
-import rmd  # noqa: E402
-import formats  # noqa: E402
+import cli
+import rmd
+import formats
 
 HH = "\n\nHuman: How do I bake bread?\n\nAssistant:"
 

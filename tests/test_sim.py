@@ -2,16 +2,13 @@
 against it, and a reduced ablation as a smoke test. Accuracy figures live in ablation.py, not here."""
 import difflib
 import json
-import os
 import random
-import sys
 
 import pytest
 import requests
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sim  # noqa: E402
-import teacher  # noqa: E402
+import sim
+import teacher
 
 CLEAN = dict(teacher_skill=1.0, refine_miss_rate=0.0, refine_drift_rate=0.0, malformed_rate=0.0)
 

@@ -9,15 +9,13 @@ import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cli  # noqa: E402
-import formats  # noqa: E402
-import teacher  # noqa: E402
-from fault_server import (EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep,  # noqa: E402
+import cli
+import formats
+import teacher
+from fault_server import (EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep,
                           status, tagged)
-from teacher import ParseError, parse_annotation, parse_refinement, parse_score  # noqa: E402
+from teacher import ParseError, parse_annotation, parse_refinement, parse_score
 
 # restyle off: these tests count the requests of the paper's five stages; test_restyle_* turn it on
 FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=0.5, max_retries=3, json_mode="off", progress=False,

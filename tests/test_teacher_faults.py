@@ -1,20 +1,17 @@
 """Issue 10: yield under a flaky teacher (re-asks, --retry-failed) and the teacher client's fault handling."""
 import json
 import os
-import sys
 import threading
 import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import teacher  # noqa: E402
-from fault_server import REFUSAL, FaultServer, reply, status, tagged, yield_comparison  # noqa: E402
-from teacher import ParseError, check_answer, parse_annotation, parse_score, strip_reasoning  # noqa: E402
-from test_teacher import FAST, PAIR, run_rows  # noqa: E402
+import teacher
+from fault_server import REFUSAL, FaultServer, reply, status, tagged, yield_comparison
+from teacher import ParseError, check_answer, parse_annotation, parse_score, strip_reasoning
+from test_teacher import FAST, PAIR, run_rows
 
 
 # ---------------------------------------------------------------------------- section 1: yield

@@ -16,9 +16,8 @@ import pytest
 import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import teacher  # noqa: E402
+import teacher
 
 
 def smollm2_gguf():

@@ -7,12 +7,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import teacher  # noqa: E402
-from fault_server import FaultServer, reply, tagged  # noqa: E402
+import teacher
+from fault_server import FaultServer, reply, tagged
 
 
 def no_number_for_some_rows(body, n):
