@@ -89,11 +89,51 @@ def _parquet_rows(path):
     return enumerate(table.to_pylist(), 1)
 
 
+HUB_PREFIX = "hf:"  # --data=hf:owner/name[/config][:split] reads a Hugging Face Hub dataset (needs `datasets`)
+
+
+def hub_spec(spec):
+    """'hf:owner/name[/config][:split]' -> (name or local folder, config or None, split); split defaults to train.
+    A local dataset folder (what `huggingface-cli download` or a git clone gives) may stand for the name."""
+    rest = spec[len(HUB_PREFIX):]
+    if os.path.isdir(rest):
+        return rest, None, "train"
+    name, _, split = rest.partition(":")
+    if os.path.isdir(name):
+        return name, None, split or "train"
+    parts = name.split("/")
+    if len(parts) not in (2, 3) or not all(parts) or not re.fullmatch(r"[\w.\-\[\]%:]*", split):
+        raise ValueError(f"{spec}: a Hub dataset is hf:owner/name[/config][:split], e.g. "
+                         "hf:trl-lib/ultrafeedback_binarized:test")
+    return "/".join(parts[:2]), parts[2] if len(parts) == 3 else None, split or "train"
+
+
+def _hub_rows(spec):
+    """The rows of a Hub dataset split through `datasets` (its own cache; offline it uses what is cached)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{spec}: reading a Hub dataset needs the datasets package (pip install datasets)") from None
+    name, config, split = hub_spec(spec)
+    try:
+        table = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types (network, missing split, bad files)
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        network = any(word in str(e).lower() for word in ("reach", "connect", "offline", "resolve"))
+        offline = " (no network? with HF_HUB_OFFLINE=1 a cached copy is used; or download the files and give " \
+                  "them as --data)" if network else ""
+        raise ValueError(f"{spec}: cannot load {name!r} split {split!r}: {detail[:300]}{offline}") from None
+    return enumerate(table, 1)
+
+
 def read_jsonl_rows(path):
     """Yield (line_no, obj) for each row of a data file: JSONL (.jsonl, .jsonl.gz: one object per non-blank line),
-    one JSON array (line_no = the line its element starts on) or Parquet (line_no = the row number). UTF-8 with or
+    one JSON array (line_no = the line its element starts on), Parquet or a Hub dataset `hf:owner/name[:split]`
+    (line_no = the row number). UTF-8 with or
     without a BOM, LF or CRLF. Anything else, or a row that is not a JSON object, is a `file:line` ValueError."""
-    if path.endswith(".parquet"):
+    if path.startswith(HUB_PREFIX):
+        numbered = _hub_rows(path)
+    elif path.endswith(".parquet"):
         numbered = _parquet_rows(path)
     else:
         lines = list(_lines(path))

@@ -1,0 +1,63 @@
+"""formats.py: data files and Hub datasets read into rows, with errors that name where and what."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import formats
+from conftest import ROOT
+
+
+def parquet_dataset(folder, splits):
+    """A dataset folder laid out as on the Hub (data/<split>-00000-of-00001.parquet), readable offline."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
+    for split, rows in splits.items():
+        pq.write_table(pa.Table.from_pylist(rows), os.path.join(folder, "data", f"{split}-00000-of-00001.parquet"))
+    return str(folder)
+
+
+def test_hub_dataset_rows_come_through_datasets_with_their_split(tmp_path):
+    pytest.importorskip("datasets")
+    train = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(4)]
+    test = [{"prompt": "t", "chosen": "yes", "rejected": "no"}]  # splits share one schema (datasets requires it)
+    folder = parquet_dataset(tmp_path / "ds", {"train": train, "test": test})
+    assert list(formats.read_jsonl_rows(f"hf:{folder}")) == list(enumerate(train, 1))  # split defaults to train
+    assert [r["prompt"] for r in formats.load_rows(f"hf:{folder}:test")] == ["t"]  # distill's reader
+    assert formats.read_rows(f"hf:{folder}:test")[0][0] == f"hf:{folder}:test:1"  # eval's reader: where = spec:row
+
+
+def test_hub_spec_names_owner_name_config_and_split():
+    assert formats.hub_spec("hf:trl-lib/ultrafeedback_binarized") == ("trl-lib/ultrafeedback_binarized", None, "train")
+    assert formats.hub_spec("hf:allenai/reward-bench/filtered:test") == ("allenai/reward-bench", "filtered", "test")
+    for bad in ("hf:just-a-name", "hf:a/b/c/d", "hf:a//b", "hf:a/b:te st"):
+        with pytest.raises(ValueError, match="hf:owner/name"):
+            formats.hub_spec(bad)
+
+
+def test_hub_dataset_without_the_datasets_package_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(ValueError, match=r"needs the datasets package \(pip install datasets\)"):
+        list(formats.read_jsonl_rows("hf:trl-lib/ultrafeedback_binarized"))
+
+
+def test_hub_dataset_offline_is_one_line_that_says_so(tmp_path):
+    pytest.importorskip("datasets")
+    code = "import formats\ntry:\n    list(formats.read_jsonl_rows('hf:nobody-rmd/no-such-set:test'))\n" \
+           "except ValueError as e:\n    print('ERR', e)\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    line = next(l for l in out.stdout.splitlines() if l.startswith("ERR"))
+    assert "hf:nobody-rmd/no-such-set:test: cannot load 'nobody-rmd/no-such-set' split 'test'" in line
+    assert "HF_HUB_OFFLINE" in line
+
+
+def test_write_jsonl_is_atomic_and_reads_back(tmp_path):
+    path = tmp_path / "sub" / "out.jsonl"
+    rows = [{"prompt": "é", "chosen": "a", "rejected": "b"}, {"id": 2}]
+    formats.write_jsonl(str(path), rows)
+    assert [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()] == rows
+    assert not os.path.exists(str(path) + ".tmp")
