@@ -15,6 +15,7 @@ import io
 import os
 import sys
 import textwrap
+import time
 import tokenize
 from dataclasses import asdict, fields
 
@@ -139,3 +140,36 @@ def _convert(key, value, kind):
         expected = {"bool": "bool (true or false)", "float": "float (a number)"}.get(kind.__name__, kind.__name__)
         raise SystemExit(f"error: --{key.replace('_', '-')}={value!r}: expected {expected}") from None
 
+
+
+def clock(seconds):
+    """Seconds as h:mm:ss or m:ss."""
+    seconds = int(max(0, seconds))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """Progress of a job with a known size, with elapsed time and ETA: one bar redrawn in place on a terminal, plain
+    lines (at most one per `every` seconds, and the last one) in a log. ETA = elapsed / done * left (0 done: '?')."""
+
+    def __init__(self, total, label, file=None, every=10.0, width=24):
+        self.total, self.label, self.file = max(1, total), label, file or sys.stderr
+        self.every, self.width, self.t0, self.last = every, width, time.time(), float("-inf")
+        self.tty = hasattr(self.file, "isatty") and self.file.isatty()
+
+    def line(self, done, text="", now=None):
+        elapsed = (now if now is not None else time.time()) - self.t0
+        eta = clock(elapsed / done * (self.total - done)) if done else "?"
+        frac = min(1.0, done / self.total)
+        bar = f"|{'#' * round(frac * self.width):<{self.width}}| " if self.tty else ""
+        return (f"[{self.label}] {bar}{done}/{self.total} ({100 * frac:.0f}%) {clock(elapsed)} elapsed, "
+                f"ETA {eta}" + (f" | {text}" if text else ""))
+
+    def update(self, done, text="", final=False):
+        now = time.time()
+        if not (self.tty or final or now - self.last >= self.every):
+            return
+        self.last = now
+        end = "\n" if final or not self.tty else ""
+        print(("\r\033[K" if self.tty else "") + self.line(done, text, now), end=end, file=self.file, flush=True)

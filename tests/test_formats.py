@@ -61,3 +61,29 @@ def test_write_jsonl_is_atomic_and_reads_back(tmp_path):
     formats.write_jsonl(str(path), rows)
     assert [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()] == rows
     assert not os.path.exists(str(path) + ".tmp")
+
+
+def test_progress_gives_elapsed_and_eta_as_a_bar_on_a_terminal_and_lines_in_a_log():
+    import io
+
+    import cli
+    log = io.StringIO()
+    progress = cli.Progress(200, "train", file=log, every=3600)
+    progress.t0 -= 30  # 30 s in
+    assert progress.line(50, "pair 0.5", now=progress.t0 + 30) == \
+        "[train] 50/200 (25%) 0:30 elapsed, ETA 1:30 | pair 0.5"
+    assert progress.line(0, now=progress.t0).endswith("ETA ?")
+    progress.update(1)
+    progress.update(2)  # within `every` of the last line: not printed in a log
+    progress.update(200, final=True)
+    lines = log.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["1/200", "200/200"] and "\r" not in log.getvalue()
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    bar = cli.Progress(4, "distill", file=term)
+    bar.update(2)
+    assert term.getvalue().startswith("\r\033[K[distill] |" + "#" * 12 + " " * 12 + "| 2/4 (50%)")
+    assert cli.clock(3725) == "1:02:05"
