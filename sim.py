@@ -538,7 +538,7 @@ def _text(message):
 def reply_for(body, cfg):
     """The sim teacher's reply text to one chat-completions request body (a dict). Deterministic: the rng is
     seeded by the world seed and the request itself."""
-    from teacher import ANNOTATE_TIE_NOTE, RESTYLE_STYLES, STAGE_HEADERS  # teacher.py: the protocol's source
+    from protocol import ANNOTATE_TIE_NOTE, RESTYLE_STYLES, STAGE_HEADERS
     messages = body.get("messages") or []
     if not messages:
         raise ValueError("request has no messages")

@@ -266,8 +266,8 @@ def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
     import contextlib
     import io
     import os
+    import distill
     import sim
-    import teacher
     from formats import row_id
     world = world or sim.WorldConfig()
     rows = sim.distill_rows(world)[:n_rows]
@@ -280,12 +280,12 @@ def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
     try:
         for name, fault in (("clean", None), ("faulty", flaky(rate, seed, **overrides.pop("flaky", {})))):
             with FaultServer(answer=forward(url), fault=fault) as server:
-                cfg = teacher.DistillConfig(data=data, out=os.path.join(work, name), teacher_url=server.url,
+                cfg = distill.DistillConfig(data=data, out=os.path.join(work, name), teacher_url=server.url,
                                             teacher_model=sim.TEACHER_MODEL, progress=False,
                                             **{"workers": 8, "backoff_base": 0.01, "backoff_max": 0.05,
                                                "timeout": 30.0, **overrides})
                 with contextlib.redirect_stderr(io.StringIO()):
-                    summary = teacher.distill(cfg)
+                    summary = distill.distill(cfg)
                 train, failures = _outputs(cfg.out)
                 runs[name] = {"summary": summary, "train": {r["id"]: r for r in train}, "failures": failures,
                               "requests": len(server.bodies), "faults": dict(fault.counts) if fault else {}}

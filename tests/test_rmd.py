@@ -444,8 +444,8 @@ def one_line_error(argv):
 
 def test_every_command_has_help_generated_from_its_config(capsys):
     import evaluate
-    import teacher
-    configs = {"distill": teacher.DistillConfig, "train": rmd.TrainConfig, "eval": evaluate.EvalConfig,
+    import distill
+    configs = {"distill": distill.DistillConfig, "train": rmd.TrainConfig, "eval": evaluate.EvalConfig,
                "bon": evaluate.BonConfig, "serve": evaluate.ServeConfig}
     for command, config in configs.items():
         comments = cli.field_comments(config)
