@@ -1200,9 +1200,10 @@ def check_bare_prompts(cfg, rows):
 def distill_builtin(cfg):
     import distill
     import sim
+    import sim_server
     world = sim.WorldConfig(seed=cfg.seed)
     paths = sim.write_builtin_data(os.path.join(cfg.out, "builtin"), world)
-    url, shutdown = sim.start_server(world)
+    url, shutdown = sim_server.start_server(world)
     print(f"no --teacher-url: using the built-in simulated teacher at {url} (sim.py) on the built-in prompts "
           f"({paths['distill']}); held-out eval splits in {os.path.dirname(paths['normal'])}", file=sys.stderr)
     try:
@@ -1287,8 +1288,8 @@ def main(argv=None):
     elif command == "distill":
         distill_command(rest)
     elif command == "teacher-sim":
-        import sim
-        return sim.main(rest)
+        import sim_server
+        return sim_server.main(rest, "python rmd.py teacher-sim")
     elif command in ("eval", "bon", "serve"):
         import evaluate
         {"eval": evaluate.eval_command, "bon": evaluate.bon_command, "serve": evaluate.serve_command}[command](rest)

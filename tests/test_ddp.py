@@ -82,10 +82,11 @@ def test_fsdp_resumes_from_an_unsharded_checkpoint(tmp_path):
 
 def test_distill_shards_merge_into_a_single_run(tmp_path):
     import sim
+    import sim_server
     from distill import DistillConfig, distill as run_distill
     world = sim.WorldConfig()
     paths = sim.write_builtin_data(str(tmp_path / "builtin"), world)
-    url, shutdown = sim.start_server(world)
+    url, shutdown = sim_server.start_server(world)
     try:
         def distill(out, shard=""):
             run_distill(DistillConfig(data=paths["distill"], out=str(out), teacher_url=url,

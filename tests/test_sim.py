@@ -10,13 +10,14 @@ import requests
 import distill
 import protocol
 import sim
+import sim_server
 
 CLEAN = dict(teacher_skill=1.0, refine_miss_rate=0.0, refine_drift_rate=0.0, malformed_rate=0.0)
 
 
 @pytest.fixture(scope="module")
 def server():
-    url, shutdown = sim.start_server(sim.WorldConfig(**CLEAN), port=0)
+    url, shutdown = sim_server.start_server(sim.WorldConfig(**CLEAN), port=0)
     yield url
     shutdown()
 
@@ -162,7 +163,7 @@ def test_replies_are_deterministic(server):
 
 
 def test_malformed_replies_fail_the_parser():
-    url, shutdown = sim.start_server(sim.WorldConfig(malformed_rate=1.0), port=0)
+    url, shutdown = sim_server.start_server(sim.WorldConfig(malformed_rate=1.0), port=0)
     try:
         reply = chat(url, [{"role": "user", "content": protocol.annotate_prompt("What is 2 + 2?", "4", "5")}])
         with pytest.raises(protocol.ParseError):
@@ -176,7 +177,7 @@ def test_malformed_replies_fail_the_parser():
 def test_distill_end_to_end_with_retries(tmp_path):
     cfg = sim.WorldConfig(n_distill=40, http_error_rate=0.2)
     paths = sim.write_builtin_data(str(tmp_path / "data"), cfg)
-    url, shutdown = sim.start_server(cfg, port=0)
+    url, shutdown = sim_server.start_server(cfg, port=0)
     try:
         summary = distill.distill(distill.DistillConfig(
             data=paths["distill"], out=str(tmp_path / "distill"), teacher_url=url, teacher_model=sim.TEACHER_MODEL,

@@ -11,13 +11,12 @@ import pytest
 
 
 import cli
-import formats
 import distill
+import formats
 import protocol
 import teacher
-from fault_server import (EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep,
-                          status, tagged)
-from protocol import ParseError, parse_annotation, parse_refinement, parse_score
+from fault_server import EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep, status
+from protocol import ParseError, parse_annotation, parse_refinement, parse_score, tagged
 
 # restyle off: these tests count the requests of the paper's five stages; test_restyle_* turn it on
 FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=0.5, max_retries=3, json_mode="off", progress=False,
@@ -119,6 +118,102 @@ def test_render_question():
     assert protocol.render_question([{"role": "user", "content": "hi"}]) == "hi"
     msgs = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     assert protocol.render_question(msgs) == "System: Be brief\n\nUser: hi"
+
+
+# ---------------------------------------------------------------------------- the protocol's server side
+
+def _conversation(json_mode=False):
+    """Every stage's request as distill builds it (protocol's builders), for a world question the sim can judge."""
+    question, worse, better = "What is 2 + 3?", "2 + 3 = 6.", "Adding 2 and 3 gives 5. The answer is 5."
+    annotate = protocol.annotate_prompt(question, better, worse, json_mode, tie_reask=True)
+    nonce, refine = protocol.refine_prompt(question, better, worse)
+    _, restyle = protocol.restyle_prompt(question, worse, "markdown")
+    return question, worse, nonce, annotate, refine, restyle
+
+
+def _ask_servers(body):
+    import sim
+    import sim_server
+    from fault_server import teacher_reply
+    return [sim_server.reply_for(body, sim.WorldConfig(malformed_rate=0.0)), teacher_reply(body)]
+
+
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_the_servers_read_requests_with_the_protocols_own_templates(monkeypatch, json_mode):
+    """A renamed tag or stage header flows from protocol.py to sim_server.py and tests/fault_server.py: both still
+    answer every stage of prompts built by protocol's builders in the format its parsers read, with no copy edited."""
+    for name in ("ANNOTATE_TEMPLATE", "REFINE_TEMPLATE", "SCORE_TEMPLATE", "RESTYLE_TEMPLATE", "REASK_TEMPLATE"):
+        renamed = getattr(protocol, name).replace("<question-", "<query-").replace("</question-", "</query-") \
+            .replace("non-preferred-answer-", "worse-answer-").replace("[rmd:", "[distill:")
+        monkeypatch.setattr(protocol, name, renamed)
+    question, worse, nonce, annotate, refine, restyle = _conversation(json_mode)
+    assert "<query-" in annotate and "<question-" not in annotate and annotate.startswith("[distill:annotate]")
+    rf = {"type": "json_object"} if json_mode else None
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    for text in _ask_servers({"model": "sim-teacher", "messages": [user(annotate)], "response_format": rf}):
+        s1, s2 = parse_annotation(text, json_mode)
+        assert 1 <= s1 <= 10 and 1 <= s2 <= 10
+    for text in _ask_servers({"model": "sim-teacher", "messages": [user(refine)]}):
+        diagnosis, refined = parse_refinement(text, nonce)
+        score = [user(refine), {"role": "assistant", "content": text},
+                 user(protocol.score_prompt(nonce, 3.0, json_mode))]
+        assert 1 <= parse_score(_ask_servers({"model": "sim-teacher", "messages": score, "response_format": rf})[0],
+                                json_mode) <= 10
+    assert "5" in parse_refinement(_ask_servers({"model": "m", "messages": [user(refine)]})[0], nonce)[1]
+    restyle_nonce = tagged(restyle, "query")[1]
+    reask = [user(restyle), {"role": "assistant", "content": "?"},
+             user(protocol.REASK_TEMPLATE.format(problem="no marker", length_note=""))]
+    for messages in ([user(restyle)], reask):  # a re-ask is answered as the request before it
+        for text in _ask_servers({"model": "sim-teacher", "messages": messages}):
+            assert protocol.parse_restyle(text, restyle_nonce)
+    stage, fields = protocol.read_request({"messages": reask})
+    assert (stage, fields["reasks"], fields["question"], fields["answer"]) == ("restyle", 1, question, worse)
+
+
+def test_read_request_gives_each_stage_its_fields():
+    question, worse, nonce, annotate, refine, restyle = _conversation()
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    stage, f = protocol.read_request({"messages": [user(annotate)]})
+    assert stage == "annotate" and (f["question"], f["answer_2"], f["tie_reask"]) == (question, worse, True)
+    stage, f = protocol.read_request({"messages": [user(refine)]})
+    assert stage == "refine" and (f["non_preferred"], f["nonce"]) == (worse, nonce)
+    messages = [user(refine), {"role": "assistant", "content": protocol.refine_reply(nonce, "why", "fixed")},
+                user(protocol.score_prompt(nonce, 3.5))]
+    stage, f = protocol.read_request({"messages": messages})
+    assert stage == "score" and (f["rejected_score"], f["modified"], f["question"]) == (3.5, "fixed", question)
+    stage, f = protocol.read_request({"messages": [user(restyle)]})
+    assert stage == "restyle" and f["style"] == "markdown"
+    assert protocol.read_request({"messages": [user(protocol.PROBE_TEXT)]})[0] == "probe"
+    assert protocol.read_request({"messages": [user("What is 2 + 3?")]})[0] == "generate"
+    with pytest.raises(ValueError, match="annotate request"):
+        protocol.read_request({"messages": [user(annotate.replace("</question-", "</q-"))]})
+    assert parse_annotation(protocol.annotate_reply(7, 3)) == (7.0, 3.0)
+    assert parse_score(protocol.score_reply(8, True), True) == 8.0
+
+
+def test_the_servers_retype_no_tag_or_header():
+    """sim.py, sim_server.py and tests/fault_server.py take every tag, header and reply marker from protocol.py."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in ("sim.py", "sim_server.py", "tests/fault_server.py"):
+        text = open(os.path.join(root, path), encoding="utf-8").read()
+        for literal in ("<question-", "<assistant-", "answer-{", "[rmd:", "[REASONING-", "[MODIFIED-ANSWER-",
+                        "[RESTYLED-ANSWER-", "Assistant 1:", "Score:"):
+            assert literal not in text, f"{path} re-types the protocol's {literal!r}: import it from protocol.py"
+
+
+def test_the_teacher_side_imports_no_torch_and_the_client_stands_alone():
+    """distill.py, protocol.py and teacher.py run without torch; teacher.py needs only the standard library,
+    requests and (optionally) tiktoken, so it can be copied alone."""
+    import ast
+    import subprocess
+    code = "import sys, distill, protocol, teacher; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = ast.parse(open(os.path.join(root, "teacher.py"), encoding="utf-8").read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported - sys.stdlib_module_names <= {"requests", "tiktoken"}, imported - sys.stdlib_module_names
 
 
 # ---------------------------------------------------------------------------- config, input

@@ -10,8 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import distill
 import teacher
-from fault_server import REFUSAL, FaultServer, reply, status, tagged, yield_comparison
-from protocol import ParseError, check_answer, parse_annotation, parse_score, strip_reasoning
+from fault_server import REFUSAL, FaultServer, reply, status, yield_comparison
+from protocol import ParseError, check_answer, parse_annotation, parse_score, strip_reasoning, tagged
 from test_teacher import FAST, PAIR, run_rows
 
 
@@ -244,7 +244,8 @@ def test_a_stage_using_ask_with_a_parser_gets_reasks_for_free(tmp_path):
 def test_the_simulated_teacher_with_http_errors_still_gets_json_mode(tmp_path):
     """issue 10: teacher-sim --http-error-rate made the probe's first 500 switch the whole run to text mode."""
     import sim
-    url, stop = sim.start_server(sim.WorldConfig(http_error_rate=1.0))  # every first try of a request fails
+    import sim_server
+    url, stop = sim_server.start_server(sim.WorldConfig(http_error_rate=1.0))  # every first try of a request fails
     try:
         asker = distill.Asker(distill.DistillConfig(out=str(tmp_path), teacher_url=url, teacher_model="judge",
                                                     json_mode="auto", backoff_base=0.01, backoff_max=0.02))
