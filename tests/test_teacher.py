@@ -312,6 +312,26 @@ def test_bad_rows_get_file_line_errors(tmp_path):
         assert f"in.jsonl:{line}:" in str(e.value)
 
 
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "chosen": 5, "rejected": "b"}, "field 'chosen' must be a string or a message list ending in an "
+                                                      "assistant message"),
+    ({"prompt": "p", "chosen": "a"}, "missing field 'rejected' (rows need prompt, chosen, rejected)"),
+    ({"chosen": "Hi there", "rejected": "Bye"}, "no 'prompt' field and chosen/rejected share no prompt prefix"),
+])
+def test_distill_train_and_eval_say_the_same_about_the_same_bad_pair(tmp_path, row, message):
+    """One validator (formats.split_pair) and one message per problem for every command."""
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError) as distill_error:
+        formats.load_rows(str(path))
+    with pytest.raises(formats.DataError) as train_error:
+        formats.parse_row(row, f"{path}:1", False)
+    assert f"{path}:1: {message}" in str(distill_error.value) and str(train_error.value) == f"{path}:1: {message}"
+    if row.get("chosen") == 5:
+        with pytest.raises(formats.DataError, match="field 'chosen' must be a string or a message list"):
+            formats.answer_of(5, "chosen", f"{path}:1")
+
+
 def test_row_ids_are_stable_and_shards_partition(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"p{i % 5}"}) + "\n" for i in range(10)))
