@@ -10,22 +10,17 @@ request cache teacher.py's. No torch: the command is `python rmd.py distill`, or
                                     teacher_model="Qwen/Qwen3-8B", disable_thinking=True))
 
 The layers, bottom up: teacher.Client.post sends one HTTP request (retries, backoff, Retry-After); Asker.request
-adds the cache (exactly once) and the counts; Asker.ask adds the parse and the re-asks of a reply that is no answer;
-Run's stage methods (answers, annotate, refine_and_score, restyled_pairs) ask what METHOD.md asks; distill() runs
+adds the cache (exactly once) and the counts; Asker.ask adds the parse and the re-asks of a reply that is no answer
+(--reask); Run's stages (answers, judge, refine_and_score, restyled_pairs) ask what METHOD.md asks; distill() runs
 the rows and writes the outputs.
 
-Outputs in cfg.out, rows in input order: train.jsonl ({id, prompt, chosen: y_w*, rejected: y_l,
-chosen_score, rejected_score, teacher_response: y_T, provenance}), annotated.jsonl (the original pair
-as the teacher labelled it, for label-distillation baselines), failures.jsonl (one line per row that
-did not make it: id, line, stage, reason, raw reply, attempts, and every reply of a re-asked stage;
-`dropped` marks filter decisions as opposed to errors), summary.json (the per-stage table), cache.jsonl
-(see teacher.Cache). A reply that is no answer is re-asked (--reask, see Asker.ask); --retry-failed reruns
-only the failed rows of an earlier run and merges them in.
-
-Every request is cached by a hash of what determines its answer, so a killed run re-run with the
-same command sends no completed request twice and writes the same output (except for requests that had
-no complete reply yet: they are sent again, so those rows' outcome and attempts may differ). Shards (--shard k/n,
-each with its own --out) merge into the single-run output by ordering rows on provenance.line.
+Outputs in cfg.out, rows in input order: train.jsonl ({id, prompt, chosen: y_w*, rejected: y_l, chosen_score,
+rejected_score, teacher_response: y_T, provenance}), annotated.jsonl (the original pair as the teacher labelled it,
+for label-distillation baselines), failures.jsonl (one line per row that did not make it: id, line, stage, reason,
+raw reply, attempts, every reply of a re-asked stage; `dropped` marks filter decisions as opposed to errors),
+summary.json (the per-stage table), cache.jsonl (teacher.Cache: a killed run re-run with the same command sends no
+finished request twice and writes the same output). --retry-failed reruns only the failed rows of an earlier run
+and merges them in; shards (--shard k/n, each with its own --out) merge by ordering rows on provenance.line.
 """
 import hashlib
 import json
@@ -38,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from formats import canonical, load_rows, write_jsonl
+from formats import canonical, load_rows, read_jsonl_rows, write_jsonl
 from protocol import (PROBE_TEXT, REASK_LENGTH_NOTE, REASK_TEMPLATE, RESTYLE_STYLES, TEMPLATE_VERSION, ParseError,
                       annotate_prompt, check_answer, parse_annotation, parse_refinement, parse_restyle, parse_score,
                       prompt_messages, refine_prompt, render_question, restyle_prompt, score_prompt, strip_reasoning)
@@ -575,17 +570,8 @@ def _previous_outputs(out):
         if not os.path.exists(path):
             raise ValueError(f"--retry-failed: {path} does not exist; run distill without --retry-failed first "
                              "(with the same --out)")
-        previous[name] = list(_read_output(path))
+        previous[name] = [row for _, row in read_jsonl_rows(path)]
     return previous
-
-
-def _read_output(path):
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            try:
-                yield json.loads(line)
-            except ValueError:
-                raise ValueError(f"{path}:{line_no}: not a line distill wrote; rerun without --retry-failed") from None
 
 
 def _outputs(results):
