@@ -150,6 +150,74 @@ def forward(url, timeout=60):
     return answer
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # a killed or timed-out client: expected here
+
+
+def _handler(server):
+    """The request handler of FaultServer `server`: its scripted or decided fault, else its answer."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            with server.lock:
+                server.bodies.append(body)
+                n = len(server.bodies)
+                server.active += 1
+                server.max_active = max(server.max_active, server.active)
+                action = server.queue.popleft() if server.queue else None
+            try:
+                if action is None and server.fault:
+                    action = server.fault(body, n)
+                self.respond(body, action or {})
+            finally:
+                with server.lock:
+                    server.active -= 1
+
+        def respond(self, body, action):
+            time.sleep(action.get("sleep", server.latency))
+            if body.get("response_format") and not server.json_mode and "status" not in action:
+                action = status(500, text='{"error": "response_format is not supported"}')
+            if "status" in action:
+                text = action["raw"].replace("{authorization}", self.headers.get("Authorization", ""))
+                return self.send(action["status"], None, text, action.get("headers", {}))
+            content = action["content"] if "content" in action else server.answer(body)
+            if action.get("cut"):
+                content = content[:len(content) // 2]
+            message = {"role": "assistant", "content": content}
+            if action.get("refusal"):
+                message["refusal"] = action["refusal"]
+            self.send(200, action.get("drip"), json.dumps({
+                "id": "chatcmpl-test", "object": "chat.completion", "model": body.get("model"),
+                "choices": [{"index": 0, "message": message,
+                             "finish_reason": action.get("finish_reason", "stop")}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}))
+
+        def send(self, code, drip_s, text, headers=None):
+            data = text.encode()
+            try:
+                self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                for k in range(0, len(data), 1 if drip_s else len(data) or 1):
+                    self.wfile.write(data[k:k + 1] if drip_s else data)
+                    self.wfile.flush()
+                    time.sleep(drip_s or 0)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
+                pass
+
+    return Handler
+
+
 class FaultServer:
     def __init__(self, latency=0.0, json_mode=True, fault=None, answer=teacher_reply):
         self.latency, self.json_mode, self.fault, self.answer = latency, json_mode, fault, answer
@@ -160,70 +228,7 @@ class FaultServer:
         self.queue.extend(faults)
 
     def start(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                with server.lock:
-                    server.bodies.append(body)
-                    n = len(server.bodies)
-                    server.active += 1
-                    server.max_active = max(server.max_active, server.active)
-                    action = server.queue.popleft() if server.queue else None
-                try:
-                    if action is None and server.fault:
-                        action = server.fault(body, n)
-                    self.respond(body, action or {})
-                finally:
-                    with server.lock:
-                        server.active -= 1
-
-            def respond(self, body, action):
-                time.sleep(action.get("sleep", server.latency))
-                if body.get("response_format") and not server.json_mode and "status" not in action:
-                    action = status(500, text='{"error": "response_format is not supported"}')
-                if "status" in action:
-                    text = action["raw"].replace("{authorization}", self.headers.get("Authorization", ""))
-                    return self.send(action["status"], None, text, action.get("headers", {}))
-                content = action["content"] if "content" in action else server.answer(body)
-                if action.get("cut"):
-                    content = content[:len(content) // 2]
-                message = {"role": "assistant", "content": content}
-                if action.get("refusal"):
-                    message["refusal"] = action["refusal"]
-                self.send(200, action.get("drip"), json.dumps({
-                    "id": "chatcmpl-test", "object": "chat.completion", "model": body.get("model"),
-                    "choices": [{"index": 0, "message": message,
-                                 "finish_reason": action.get("finish_reason", "stop")}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}))
-
-            def send(self, code, drip_s, text, headers=None):
-                data = text.encode()
-                try:
-                    self.send_response(code)
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    for k in range(0, len(data), 1 if drip_s else len(data) or 1):
-                        self.wfile.write(data[k:k + 1] if drip_s else data)
-                        self.wfile.flush()
-                        time.sleep(drip_s or 0)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
-                    pass
-
-        class Server(ThreadingHTTPServer):
-            def handle_error(self, request, client_address):
-                pass  # a killed or timed-out client: expected here
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -254,18 +259,15 @@ def _pair(row):
     return {k: row[k] for k in ("prompt", "chosen", "rejected", "chosen_score", "rejected_score", "teacher_response")}
 
 
-def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
-    """Distill the first `n_rows` rows of sim.py's world through a clean pass-through server and through
-    flaky(rate, seed), both in front of sim_server.start_server; returns a dict of counts (see bench.py --only yield)."""
+def _distill_clean_and_faulty(rows, work, rate, seed, world, overrides):
+    """The same rows distilled through a clean pass-through server and through flaky(rate, seed), both in front of
+    sim_server.start_server(world) -> {name: {summary, train, failures, requests, faults}}."""
     import contextlib
     import io
     import os
     import distill
     import sim
     import sim_server
-    from formats import row_id
-    world = world or sim.WorldConfig()
-    rows = sim.distill_rows(world)[:n_rows]
     os.makedirs(work, exist_ok=True)
     data = os.path.join(work, "in.jsonl")
     with open(data, "w", encoding="utf-8") as f:
@@ -286,6 +288,18 @@ def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
                               "requests": len(server.bodies), "faults": dict(fault.counts) if fault else {}}
     finally:
         stop()
+    return runs
+
+
+def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
+    """Distill the first `n_rows` rows of sim.py's world through a clean pass-through server and through
+    flaky(rate, seed), both in front of sim_server.start_server; returns a dict of counts (see bench.py --only
+    yield)."""
+    import sim
+    from formats import row_id
+    world = world or sim.WorldConfig()
+    rows = sim.distill_rows(world)[:n_rows]
+    runs = _distill_clean_and_faulty(rows, work, rate, seed, world, overrides)
     clean, faulty = runs["clean"], runs["faulty"]
     ids = [row_id(r) for r in rows]
     accounted = [*faulty["train"], *(f["id"] for f in faulty["failures"])]
