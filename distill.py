@@ -119,7 +119,7 @@ class Asker:
     per-stage counts. request() adds the cache to Client.post; ask() adds the parse and the re-asks."""
 
     def __init__(self, cfg):
-        self.cfg, self.lock, self.inflight = cfg, threading.Lock(), {}
+        self.cfg, self.lock = cfg, threading.Lock()
         self.cache = Cache(cfg.cache or os.path.join(cfg.out, "cache.jsonl"))
         self.stop, self.json_mode = threading.Event(), False
         limiter, slots = RateLimiter(cfg.rpm, cfg.tpm), threading.BoundedSemaphore(cfg.workers)
@@ -166,19 +166,8 @@ class Asker:
             failures[reason] = failures.get(reason, 0) + 1
 
     def request(self, stage, client, body, **post_kw):
-        """(Reply, HTTP attempts) for `body`, from the cache or the server; one request per key at a time."""
-        key = cache_key(body)
-        while True:
-            with self.lock:
-                entry, event = self.cache.get(key), self.inflight.get(key)
-                if entry is None and event is None:
-                    self.inflight[key] = event = threading.Event()
-                    break
-            if entry is not None:
-                self.count(stage, cache_hits=1)
-                return Reply(**entry["reply"]), entry.get("attempts", 1)  # as first obtained: same failures.jsonl
-            event.wait()  # the same request is in flight for another row: wait for its reply
-        try:
+        """(Reply, HTTP attempts) for `body`: from the cache, or posted once (Cache.fetch) and counted."""
+        def send():
             if self.stop.is_set():
                 raise FatalError("run stopped")
             self.count(stage)
@@ -189,12 +178,11 @@ class Asker:
                 raise
             self.count(stage, sent=attempts, replies=1, prompt_tokens=reply.usage.get("prompt_tokens", 0),
                        completion_tokens=reply.usage.get("completion_tokens", 0))
-            self.cache.put({"key": key, "stage": stage, "attempts": attempts, "reply": asdict(reply)})
-            return reply, attempts
-        finally:
-            with self.lock:
-                del self.inflight[key]
-            event.set()
+            return {"stage": stage, "attempts": attempts, "reply": asdict(reply)}
+        entry, cached = self.cache.fetch(cache_key(body), send)
+        if cached:
+            self.count(stage, cache_hits=1)
+        return Reply(**entry["reply"]), entry.get("attempts", 1)  # as first obtained: the same failures.jsonl
 
     def ask(self, stage, client, body, parse=None, *args):
         """(parse(text, *args), text) for a stage's request, text with the reasoning removed. A reply that is no
@@ -516,7 +504,7 @@ def progress_line(run, total, t0):
     hits = sum(st["cache_hits"] for st in stats.values())
     return (f"[distill] rows {run.rows_done}/{total}  kept {run.filter['kept']}  failed {failed_rows(stats)}  "
             f"dropped {sum(run.filter['dropped'].values())} | requests sent {sent}  cached {hits}  "
-            f"in flight {len(run.asker.inflight)} | {sent / max(time.time() - t0, 1e-9):.1f} req/s")
+            f"in flight {len(run.asker.cache.inflight)} | {sent / max(time.time() - t0, 1e-9):.1f} req/s")
 
 
 def _show_progress(run, total, t0, done):

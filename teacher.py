@@ -330,13 +330,14 @@ def request_key(body, version=""):
 
 
 class Cache:
-    """Finished requests, one JSON line each, flushed and fsynced per line. Every complete reply is
-    kept, including ones that are not answers (finish_reason length, refusals): a rerun replays them and
-    their re-asks instead of paying again. A content over REPLY_MAX_CHARS is kept as a prefix and its length.
-    HTTP errors and timeouts are not kept; the next run retries them."""
+    """Finished requests, one JSON line each, flushed and fsynced per line; fetch() sends each key once. Every
+    complete reply is kept, including ones that are not answers (finish_reason length, refusals): a rerun replays
+    them and their re-asks instead of paying again. A content over REPLY_MAX_CHARS is kept as a prefix and its
+    length. HTTP errors and timeouts are not kept; the next run retries them."""
 
     def __init__(self, path):
         self.path, self.lock, self.entries, self.skipped = path, threading.Lock(), {}, 0
+        self.inflight = {}  # key -> Event set when the one request for it is done
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if os.path.exists(path):
             with open(path, "rb") as f:
@@ -358,6 +359,27 @@ class Cache:
 
     def get(self, key):
         return self.entries.get(key)
+
+    def fetch(self, key, send):
+        """(entry, True) from the cache, or (send() stored under `key`, False): exactly once per key, as threads
+        asking for a key that is in flight wait for its entry. send() raising stores nothing (the next asks again)."""
+        while True:
+            with self.lock:
+                entry, event = self.entries.get(key), self.inflight.get(key)
+                if entry is None and event is None:
+                    self.inflight[key] = event = threading.Event()
+                    break
+            if entry is not None:
+                return entry, True
+            event.wait()
+        try:
+            entry = {"key": key, **send()}
+            self.put(entry)
+            return entry, False
+        finally:
+            with self.lock:
+                del self.inflight[key]
+            event.set()
 
     def put(self, entry):
         with self.lock:
