@@ -7,9 +7,9 @@ only the standard library, `requests` and (optionally, for token estimates) `tik
     reply, attempts = client.post({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64})
     reply.content, reply.finish_reason, reply_problem(reply)      # None: the reply is an answer
 
-    cache = Cache("out/cache.jsonl")                                # a killed run re-run sends no finished request
-    key = request_key(body, "my-templates-1")                       # what determines the reply
-    cache.get(key) or cache.put({"key": key, "reply": dataclasses.asdict(reply)})
+    cache = Cache("out/cache.jsonl")                 # a killed run re-run sends no finished request again
+    entry, cached = cache.fetch(request_key(body, "my-templates-1"),   # the key: what determines the reply
+                                lambda: {"reply": dataclasses.asdict(client.post(body)[0])})
 
 Client.post retries 429, 5xx, timeouts, connection errors and broken bodies with backoff and jitter, honours
 Retry-After (pausing every request of the client), bounds concurrency, rates (RateLimiter) and reply sizes, and

@@ -216,6 +216,34 @@ def test_the_teacher_side_imports_no_torch_and_the_client_stands_alone():
     assert imported - sys.stdlib_module_names <= {"requests", "tiktoken"}, imported - sys.stdlib_module_names
 
 
+def test_teacher_py_copied_alone_posts_and_caches(tmp_path):
+    """teacher.py in a folder of its own (no other rmd module importable) runs its docstring's example."""
+    import shutil
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(root, "teacher.py"), alone / "teacher.py")
+    code = f"""
+import dataclasses, sys
+sys.path.insert(0, {str(alone)!r})
+from teacher import Cache, Client, RateLimiter, reply_problem, request_key
+body = {{"model": "m", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 64}}
+client = Client(sys.argv[1], workers=2, limiter=RateLimiter(rpm=500))
+reply, attempts = client.post(body)
+assert reply_problem(reply) is None and attempts == 1, reply
+cache = Cache({str(alone / "cache.jsonl")!r})
+for expect_cached in (False, True):
+    entry, cached = cache.fetch(request_key(body, "v1"), lambda: {{"reply": dataclasses.asdict(client.post(body)[0])}})
+    assert cached == expect_cached and entry["reply"]["content"] == reply.content
+for name in ("protocol", "distill", "formats", "cli"):
+    assert name not in sys.modules, name
+"""
+    with FaultServer() as server:
+        subprocess.run([sys.executable, "-I", "-c", code, server.url], check=True, cwd=alone)
+        assert len(server.bodies) == 2  # the cached fetch sent nothing
+
+
 # ---------------------------------------------------------------------------- config, input
 
 def test_parse_overrides():
