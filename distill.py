@@ -40,6 +40,7 @@ from protocol import (PROBE_TEXT, REASK_LENGTH_NOTE, REASK_TEMPLATE, RESTYLE_STY
 from teacher import (RETRY_STATUS, Cache, Client, FatalError, RateLimiter, Reply, TransportError, bounded,
                      reply_problem, request_key, token_estimator_name)
 
+
 # ---------------------------------------------------------------------------- config
 
 @dataclass
@@ -84,7 +85,6 @@ class DistillConfig:
     price_prompt: float = 0.0           # USD per 1M prompt tokens, for the cost estimate
     price_completion: float = 0.0       # USD per 1M completion tokens
     progress: bool = True               # progress line on stderr
-
 
 
 # ---------------------------------------------------------------------------- asking the teacher
@@ -265,6 +265,7 @@ class Asker:
                 supported = False
             self.cache.put({"key": key, "supported": supported})
         return self.cache.get(key)["supported"]
+
 
 # ---------------------------------------------------------------------------- the stages
 
@@ -466,9 +467,11 @@ class Run:
 
     def restyle_answer(self, rid, which, question, answer, style):
         nonce, text = restyle_prompt(question, answer, style)
-        body = self.asker.body(self.cfg.teacher_model, [{"role": "user", "content": text}],
-                               self.cfg.restyle_temperature, self.cfg.refine_max_tokens, purpose=f"{rid}:restyle:{which}")
+        cfg = self.cfg
+        body = self.asker.body(cfg.teacher_model, [{"role": "user", "content": text}], cfg.restyle_temperature,
+                               cfg.refine_max_tokens, purpose=f"{rid}:restyle:{which}")
         return self.asker.ask("restyle", self.asker.teacher, body, parse_restyle, nonce)[0]
+
 
 # ---------------------------------------------------------------------------- the report
 
@@ -538,7 +541,6 @@ def print_report(summary, file=None):
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(summary["dropped"].items())) or "none"
     print(f"rows: {summary['rows']} in, {summary['kept']} kept, dropped: {dropped}, failed: {summary['failed']} | "
           f"wall {summary['wall_s']:.1f}s, est. cost ${summary['cost_usd']:.4f}", file=file)
-
 
 
 # ---------------------------------------------------------------------------- outputs and --retry-failed

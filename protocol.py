@@ -13,6 +13,7 @@ Both sides of one conversation, standard library only (plus formats.py for messa
     stage, fields = read_request({"messages": [{"role": "user", "content": text}]})   # ("refine", {...})
 """
 
+
 # ----------------------------------------------------------------------------------------------
 # Notes for people writing a (simulated) teacher server for these prompts.
 #
@@ -394,8 +395,6 @@ def parse_restyle(text, nonce):
     if not restyled:
         raise ParseError("missing_section", "empty restyled answer")
     return restyled
-
-
 
 
 # ---------------------------------------------------------------------------- the server side

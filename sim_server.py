@@ -27,6 +27,7 @@ from formats import message_text
 from protocol import (PROBE_REPLY, annotate_reply, read_request, refine_reply, restyle_reply, score_reply)
 from sim import CANDIDATE_MODELS, TEACHER_MODEL, WORLD_STYLE, WorldConfig, task_from_prompt
 
+
 # -----------------------------------------------------------------------------
 # replies
 
@@ -85,6 +86,7 @@ def _generate(body, fields, cfg, rng):
     if model in CANDIDATE_MODELS:
         return sim.candidate_answer(task, CANDIDATE_MODELS.index(model), cfg, rng)[0]
     return sim.teacher_generate(task, cfg, rng)
+
 
 # -----------------------------------------------------------------------------
 # the HTTP server
@@ -156,6 +158,7 @@ def start_server(cfg=None, port=0, host="127.0.0.1"):
         server.server_close()
         thread.join()
     return f"http://{host}:{server.server_address[1]}/v1", shutdown
+
 
 # -----------------------------------------------------------------------------
 # command line

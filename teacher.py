@@ -260,7 +260,6 @@ class _Retry(Exception):
         self.reason, self.raw, self.wait = reason, raw, wait
 
 
-
 MAX_BODY = 32 << 20
 
 
