@@ -32,6 +32,9 @@ Both sides of one conversation, standard library only (plus formats.py for messa
 #   score     3 messages: the refine request, the assistant's refine reply, and a user message
 #             starting with "[rmd:score]" that says "scored <s> out of 10". Expected reply: a last
 #             non-empty line "Score: <score>" (or just the number); JSON mode: {"score": x}.
+#   restyle   1 user message starting with "[rmd:restyle]"; tags <question-N>, <answer-N>; the target style
+#             is one of RESTYLE_STYLES' descriptions. Expected reply: a line "[RESTYLED-ANSWER-N]", then the
+#             rewritten answer and nothing else.
 #   generate  anything else: the row's prompt as chat messages, unchanged (teacher answer y_T, or a
 #             candidate answer when `model` is one of the candidate models).
 #   probe     with json_mode auto, once per run: PROBE_TEXT ('Reply with the JSON object {"ok": true}') with
@@ -49,7 +52,6 @@ Both sides of one conversation, standard library only (plus formats.py for messa
 # *_reply functions write replies the parsers accept: a server built on them follows any template change.
 # tests/fault_server.py:teacher_reply() is a small reference implementation of these rules; sim_server.py another.
 # ----------------------------------------------------------------------------------------------
-
 
 import hashlib
 import json
