@@ -292,7 +292,8 @@ class Run:
         self.bias = {"pairs": 0, "disagreements": 0}
         self.rows_done = 0
 
-    def generation(self, model, row, purpose):
+    def generate_body(self, model, row, purpose):
+        """A sampled generation of `model`'s answer to the row's prompt (y_T, or a candidate answer)."""
         cfg = self.cfg
         return self.asker.body(model, prompt_messages(row["prompt"]), cfg.gen_temperature, cfg.gen_max_tokens,
                                cfg.gen_top_p, purpose=purpose)
@@ -310,7 +311,7 @@ class Run:
         picks = [0, 0] if len(candidates) == 1 else \
             random.Random(f"{cfg.seed}:{rid}:candidates").sample(range(len(candidates)), 2)
         texts = [self.asker.ask("candidates", candidates[pick][1],
-                                self.generation(candidates[pick][0], row, f"{rid}:candidate:{k}"))[0]
+                                self.generate_body(candidates[pick][0], row, f"{rid}:candidate:{k}"))[0]
                  for k, pick in enumerate(picks)]
         return texts[0], texts[1], {"input": "prompt", "candidate_models": [candidates[p][0] for p in picks]}
 
@@ -372,7 +373,7 @@ class Run:
         winner, loser = ("a", "b") if mean["a"] > mean["b"] else ("b", "a")
         answer = {"a": a, "b": b}
         teacher_answer = self.asker.ask("generate", self.asker.teacher,
-                                        self.generation(cfg.teacher_model, row, f"{rid}:teacher"))[0]
+                                        self.generate_body(cfg.teacher_model, row, f"{rid}:teacher"))[0]
         provenance = {"teacher_model": cfg.teacher_model, "template_version": TEMPLATE_VERSION,
                       "line": row["line"], "annotate_scores": scores, **source}
         label_agrees = winner == "a" if row["kind"] == "pair" else None

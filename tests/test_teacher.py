@@ -1,5 +1,6 @@
-"""teacher.py: parsing (adversarial answers included), the HTTP client under injected faults, the
-pipeline end to end through tests/fault_server.py, the cache, throughput, and input errors."""
+"""The teacher side: protocol.py's parsing (adversarial answers included) and its server side, teacher.py's HTTP
+client under injected faults and its cache, distill.py's pipeline end to end through tests/fault_server.py,
+throughput, input errors, and the import rules (no torch; teacher.py stands alone)."""
 
 import dataclasses
 import json
