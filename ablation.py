@@ -39,6 +39,7 @@ import sys
 import time
 
 import sim
+import sim_server
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
@@ -62,12 +63,12 @@ PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "crosse
 
 def run_distill(world, data_paths, out_dir, workers):
     """Distill the world's default input once, through teacher.py against the sim teacher."""
-    import teacher
+    import distill
     if os.path.exists(os.path.join(out_dir, "summary.json")):
         return json.load(open(os.path.join(out_dir, "summary.json")))
-    url, shutdown = sim.start_server(world, port=0)
+    url, shutdown = sim_server.start_server(world, port=0)
     try:
-        summary = teacher.distill(teacher.DistillConfig(
+        summary = distill.distill(distill.DistillConfig(
             data=data_paths["distill"], out=out_dir, teacher_url=url, teacher_model=sim.TEACHER_MODEL,
             workers=workers, seed=world.seed, progress=False))
     finally:

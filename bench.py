@@ -530,7 +530,7 @@ def bench_teacher(args):
     """teacher.distill against a local server that answers every request after a fixed latency: achieved
     requests/s vs the ideal workers / latency (every request slot busy all the time)."""
     sys.path.insert(0, os.path.join(HERE, "tests"))
-    import teacher
+    import distill
     from fault_server import FaultServer
     rows = []
     for workers in args.workers or [1, 8, 32, 128]:
@@ -545,12 +545,12 @@ def bench_teacher(args):
         try:
             with FaultServer(latency=args.latency, fault=lambda body, n: arrivals.append(time.perf_counter())) \
                     as server:
-                cfg = teacher.DistillConfig(data=data, out=os.path.join(work, "out"), teacher_url=server.url,
+                cfg = distill.DistillConfig(data=data, out=os.path.join(work, "out"), teacher_url=server.url,
                                             teacher_model="teacher", workers=workers, progress=False,
                                             json_mode="off")
                 t0 = time.perf_counter()
                 with contextlib.redirect_stderr(io.StringIO()):
-                    summary = teacher.distill(cfg)
+                    summary = distill.distill(cfg)
                 wall = time.perf_counter() - t0
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -41,7 +41,16 @@ HINTS = {"per_device_train_batch_size": ("micro_batch", "rmd's batches are globa
 
 def field_comments(cls):
     """{field: its comment} read from the dataclass's source: the `# ...` on the field's line, else the comment
-    lines right above it. --help is generated from it, so the help says what a reader of the class sees."""
+    lines right above it; a subclass's fields over its bases'. --help is generated from it, so the help says what
+    a reader of the class sees."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if "__dataclass_fields__" in vars(klass):
+            comments.update(_own_field_comments(klass))
+    return comments
+
+
+def _own_field_comments(cls):
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # no source (e.g. defined interactively): help without meanings

@@ -242,23 +242,42 @@ def _check_prompt(prompt):
     return None
 
 
+def answer_problem(name):
+    """The one message for an answer field that is no answer, in every command."""
+    return f"field '{name}' must be a string or a message list ending in an assistant message"
+
+
+def split_pair(row):
+    """The one reading of a pair row, for every command (distill, train, eval): (prompt, chosen, rejected) with
+    string answers. Without 'prompt', chosen and rejected are whole dialogues and their shared start is the prompt.
+    A ValueError says what is wrong; the caller adds where (file:line)."""
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise ValueError(f"missing field '{key}' (rows need prompt, chosen, rejected)")
+    chosen, rejected = row["chosen"], row["rejected"]
+    if "prompt" in row:
+        prompt = row["prompt"]
+    else:
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
+        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+            raise ValueError("no 'prompt' field and chosen/rejected share no prompt prefix")
+    texts = {"chosen": answer_text(chosen), "rejected": answer_text(rejected)}
+    for key, text in texts.items():
+        if text is None:
+            raise ValueError(answer_problem(key))
+    return prompt, texts["chosen"], texts["rejected"]
+
+
 def _normalize_row(row):
     """A row in any accepted form -> (row with prompt and string answers, None) or (None, what is wrong)."""
-    if "prompt" not in row:
-        if "chosen" not in row or "rejected" not in row:
-            return None, "missing field 'prompt'"
+    if "prompt" not in row and ("chosen" not in row or "rejected" not in row):
+        return None, "missing field 'prompt'"
+    if "chosen" in row or "rejected" in row:
         try:
-            prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
+            prompt, chosen, rejected = split_pair(row)
         except ValueError as e:
             return None, str(e)
-        if not prompt:
-            return None, "no 'prompt' field and 'chosen'/'rejected' share no prompt prefix"
         row = {**row, "prompt": prompt, "chosen": chosen, "rejected": rejected}
-    if "chosen" in row or "rejected" in row:
-        answers = {k: answer_text(row.get(k)) for k in ("chosen", "rejected")}
-        if None in answers.values():
-            return None, "pair rows need 'chosen' and 'rejected' as strings or message lists ending in an assistant message"
-        row = {**row, **answers}
     return row, None
 
 
@@ -317,7 +336,7 @@ def message_text(message):
 def as_messages(prompt, where):
     if isinstance(prompt, str):
         return parse_dialogue(prompt) or [{"role": "user", "content": prompt}]
-    problem = check_messages(prompt)  # the same rule as distill's (teacher.check_messages)
+    problem = check_messages(prompt)  # the same rule as distill's (_check_prompt)
     if problem:
         raise DataError(f"{where}: {problem}")
     return [{"role": m["role"], "content": message_text(m)} for m in prompt]
@@ -332,24 +351,11 @@ def number(row, key, where):
 
 def parse_row(row, where, need_margin):
     """One JSONL object -> (messages, chosen, rejected, margin, teacher_response)."""
-    for key in ("chosen", "rejected"):
-        if key not in row:
-            raise DataError(f"{where}: missing field '{key}' (rows need prompt, chosen, rejected)")
-    chosen, rejected = row["chosen"], row["rejected"]
-    if "prompt" in row:
-        prompt = row["prompt"]
-    else:
-        try:
-            prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
-        except ValueError as e:
-            raise DataError(f"{where}: {e}") from None
-        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
-            raise DataError(f"{where}: no 'prompt' field and chosen/rejected share no prompt prefix")
+    try:
+        prompt, chosen, rejected = split_pair(row)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
     messages = as_messages(prompt, where)
-    chosen, rejected = answer_text(chosen), answer_text(rejected)
-    if chosen is None or rejected is None:
-        bad = "chosen" if chosen is None else "rejected"
-        raise DataError(f"{where}: field '{bad}' must be a string or a message list ending in an assistant message")
     margin = None
     if "margin" in row:
         margin = number(row, "margin", where)
@@ -376,7 +382,7 @@ def read_rows(path):
 def answer_of(value, name, where):
     text = answer_text(value)
     if text is None:
-        raise DataError(f"{where}: '{name}' must be a string or a message list ending in an assistant message")
+        raise DataError(f"{where}: {answer_problem(name)}")
     return text
 
 

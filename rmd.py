@@ -1164,8 +1164,8 @@ ABOUT = {
 
 def distill_command(argv):
     """`rmd.py distill`: teacher.distill, or with no --teacher-url the simulated teacher on the built-in prompts."""
-    import teacher
-    cfg = parse_overrides(teacher.DistillConfig(out=DEMO_OUT), argv, "python rmd.py distill", ABOUT["distill"])
+    import distill
+    cfg = parse_overrides(distill.DistillConfig(out=DEMO_OUT), argv, "python rmd.py distill", ABOUT["distill"])
     if not cfg.teacher_url and cfg.data:
         raise SystemExit(f"error: --data={cfg.data} needs a teacher: pass --teacher-url=URL (an OpenAI-compatible "
                          "server) and --teacher-model=NAME; the simulated teacher (no --teacher-url) only runs the "
@@ -1173,8 +1173,8 @@ def distill_command(argv):
                          "--teacher-url=http://127.0.0.1:8000/v1 --teacher-model=sim-teacher")
     try:
         if cfg.teacher_url:
-            check_bare_prompts(cfg, teacher.load_rows(cfg.data, cfg.limit, cfg.shard) if cfg.data else [])
-            summary = teacher.distill(cfg)
+            check_bare_prompts(cfg, distill.load_rows(cfg.data, cfg.limit, cfg.shard) if cfg.data else [])
+            summary = distill.distill(cfg)
             demo = False
         else:
             summary, cfg, demo = distill_builtin(cfg), dataclasses.replace(cfg, data="builtin"), True
@@ -1198,15 +1198,16 @@ def check_bare_prompts(cfg, rows):
 
 
 def distill_builtin(cfg):
+    import distill
     import sim
-    import teacher
+    import sim_server
     world = sim.WorldConfig(seed=cfg.seed)
     paths = sim.write_builtin_data(os.path.join(cfg.out, "builtin"), world)
-    url, shutdown = sim.start_server(world)
+    url, shutdown = sim_server.start_server(world)
     print(f"no --teacher-url: using the built-in simulated teacher at {url} (sim.py) on the built-in prompts "
           f"({paths['distill']}); held-out eval splits in {os.path.dirname(paths['normal'])}", file=sys.stderr)
     try:
-        return teacher.distill(dataclasses.replace(cfg, teacher_url=url, teacher_model=sim.TEACHER_MODEL,
+        return distill.distill(dataclasses.replace(cfg, teacher_url=url, teacher_model=sim.TEACHER_MODEL,
                                                    data=paths["distill"]))
     finally:
         shutdown()
@@ -1287,8 +1288,8 @@ def main(argv=None):
     elif command == "distill":
         distill_command(rest)
     elif command == "teacher-sim":
-        import sim
-        return sim.main(rest)
+        import sim_server
+        return sim_server.main(rest, "python rmd.py teacher-sim")
     elif command in ("eval", "bon", "serve"):
         import evaluate
         {"eval": evaluate.eval_command, "bon": evaluate.bon_command, "serve": evaluate.serve_command}[command](rest)

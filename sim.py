@@ -1,16 +1,17 @@
-"""sim.py -- a built-in simulated teacher, in a world where every answer's true quality is known.
+"""sim.py -- a built-in simulated teacher's world, in which every answer's true quality is known.
 
 No strong teacher LLM is reachable from a CPU box, and a first-time user has none configured. This module is
-the stand-in: a small world of verifiable tasks, several simulated candidate models of different skill and
-style, and a teacher with the flaws measured in real LLM judges, served behind the same OpenAI-compatible
-protocol teacher.py speaks. Because the truth is known, it also writes the held-out evaluation splits.
+the stand-in's world: a small world of verifiable tasks, several simulated candidate models of different skill and
+style, and a teacher with the flaws measured in real LLM judges; sim_server.py serves it behind the same
+OpenAI-compatible protocol distill.py speaks (protocol.py). Because the truth is known, it also writes the
+held-out evaluation splits.
 
     python sim.py --port 8000                  # serve the simulated teacher alone (also: rmd.py teacher-sim)
     python sim.py --write-data data/builtin    # write distill input, eval splits and best-of-N set
     python sim.py --stats                      # measure the teacher's biases against the published figures
 
-    import sim
-    url, stop = sim.start_server(sim.WorldConfig(), port=0)   # loopback, background thread
+    import sim, sim_server
+    url, stop = sim_server.start_server(sim.WorldConfig(), port=0)   # loopback, background thread
     paths = sim.write_builtin_data("out/data", sim.WorldConfig())
 
 The world (all of it seeded by WorldConfig.seed; every default is documented in WorldConfig):
@@ -23,10 +24,8 @@ The world (all of it seeded by WorldConfig.seed; every default is documented in 
   now and then a malformed reply (annotate); fixes only the wrong value in the weaker answer, keeping its wording
   (refine); re-scores anchored on the stated earlier score (score).
 """
-import argparse
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import random
@@ -34,28 +33,32 @@ import re
 import sys
 from dataclasses import dataclass
 
+from cli import field_comments
+from formats import write_jsonl
+
 # -----------------------------------------------------------------------------
 # the world's options
 
 
 @dataclass
 class WorldConfig:
-    seed: int = 0
+    seed: int = 0               # seeds the whole world: the task split, the candidates' answers, the teacher's flaws
     # data sizes
     n_distill: int = 800        # distill input rows {prompt, responses: [a, b]} (two candidate models per prompt)
     n_eval: int = 400           # pairs per evaluation split (normal, hard) and per validation split
     n_bon: int = 200            # best-of-N prompts
     bon_n: int = 8              # candidates per best-of-N prompt
-    heldout_frac: float = 0.3   # share of add/upper/reverse/count tasks kept out of the distill set: normal, hard
-                                # and best-of-N ask only these unseen tasks. Capital facts are never held out (no
-                                # student can know a fact it never saw): they are trained on and appear in valid
+    # share of add/upper/reverse/count tasks kept out of the distill set: normal, hard and best-of-N ask only these
+    # unseen tasks. Capital facts are never held out (no student can know a fact it never saw): they are trained on
+    # and appear in valid
+    heldout_frac: float = 0.3
     max_operand: int = 9        # add: operands 0..max_operand
     # candidate models: skill = P(correct); each writes its own style with P = style_purity, else a random one.
     # Better models write longer and fancier answers, as in real preference data (Singhal et al. 2023,
     # "A Long Way to Go: Investigating Length Correlations in RLHF"; Dubois et al. 2024). Set all skills equal
     # to remove the correlation.
-    skills: str = "0.35,0.55,0.7,0.85"   # for the styles terse, plain, padded, markdown
-    style_purity: float = 0.8
+    skills: str = "0.35,0.55,0.7,0.85"   # P(correct) of the candidate models sim-terse, -plain, -padded, -markdown
+    style_purity: float = 0.8   # P(a candidate model writes in its own style; else in a random one)
     # teacher
     teacher_skill: float = 0.97  # P(the teacher knows a task's answer); it is consistently wrong on the rest
     # Position bias, in score points added to Assistant 1. With the other defaults, 0.6 gives 65% order-consistent
@@ -92,6 +95,8 @@ class WorldConfig:
 
 
 STYLES = ("terse", "plain", "padded", "markdown")
+TEACHER_MODEL = "sim-teacher"
+CANDIDATE_MODELS = tuple(f"sim-{style}" for style in STYLES)  # generate with one of these: a candidate's answer
 
 # -----------------------------------------------------------------------------
 # tasks
@@ -442,13 +447,6 @@ def bon_rows(cfg):
     return rows
 
 
-def write_jsonl(path, rows):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
 def write_builtin_data(out_dir, cfg=None):
     """Write distill input, eval splits (normal, hard, valid) and the best-of-N set; returns {name: path}."""
     cfg = cfg or WorldConfig()
@@ -517,180 +515,16 @@ def bias_stats(cfg, n=4000):
             "fancier_wins_decided": fancy_wins / max(1, decided), "tie_rate_fancy_vs_plain": 1 - decided / n}
 
 # -----------------------------------------------------------------------------
-# the OpenAI-compatible server: reads exactly the prompts teacher.py sends
-
-TEACHER_MODEL = "sim-teacher"
-CANDIDATE_MODELS = tuple(f"sim-{style}" for style in STYLES)  # generate with one of these: a candidate's answer
-
-
-def _tagged(text, tag):
-    m = re.search(r"<" + tag + r"-([0-9a-f]+)>\n(.*?)\n</" + tag + r"-\1>", text, flags=re.S)
-    return m.group(2) if m else None
-
-
-def _text(message):
-    content = message.get("content")
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return content or ""
-
-
-def reply_for(body, cfg):
-    """The sim teacher's reply text to one chat-completions request body (a dict). Deterministic: the rng is
-    seeded by the world seed and the request itself."""
-    from teacher import ANNOTATE_TIE_NOTE, RESTYLE_STYLES, STAGE_HEADERS  # teacher.py: the protocol's source
-    messages = body.get("messages") or []
-    if not messages:
-        raise ValueError("request has no messages")
-    format_digest = hashlib.sha256(json.dumps([cfg.seed, body], sort_keys=True).encode()).hexdigest()
-    while len(messages) >= 3 and messages[-2].get("role") == "assistant" and \
-            _text(messages[-1]).startswith(STAGE_HEADERS["reask"]):  # a re-ask: answer the request before it
-        messages = messages[:-2]
-    # A re-ask gets the judgement of the request before it (greedy decoding: the same verdict), but its own
-    # chance of ignoring the format again; a re-ask with a new seed (sampled stages) is a new sample.
-    digest = hashlib.sha256(json.dumps([cfg.seed, {**body, "messages": messages}], sort_keys=True).encode()).hexdigest()
-    rng = random.Random(digest)
-    format_rng = rng if digest == format_digest else random.Random(format_digest)
-    json_mode = (body.get("response_format") or {}).get("type") in ("json_object", "json_schema")
-    last = _text(messages[-1])
-    if last.startswith(STAGE_HEADERS["annotate"]):
-        task = task_from_prompt(_tagged(last, "question") or "")
-        a1, a2 = _tagged(last, "assistant-1"), _tagged(last, "assistant-2")
-        if a1 is None or a2 is None:
-            raise ValueError("annotate request without <assistant-1-N>/<assistant-2-N> sections")
-        s1, s2 = teacher_judge(task, a1, a2, cfg, rng, avoid_tie=ANNOTATE_TIE_NOTE in last)
-        if format_rng.random() < cfg.malformed_rate:  # the format ignored, as judges now and then do
-            return rng.choice([f"Both assistants answer the question. Assistant {1 if s1 >= s2 else 2} is better.",
-                               f"Assistant 1 gets {s1}", f"Scores: {s1}/10 and {s2}/10."])
-        if json_mode:
-            return json.dumps({"assistant_1": s1, "assistant_2": s2})
-        return f"Assistant 1: {s1}\nAssistant 2: {s2}"
-    if last.startswith(STAGE_HEADERS["refine"]):
-        question, rejected = _tagged(last, "question") or "", _tagged(last, "non-preferred-answer")
-        if rejected is None:
-            raise ValueError("refine request without a <non-preferred-answer-N> section")
-        nonce = re.search(r"<question-([0-9a-f]+)>", last).group(1)
-        task = task_from_prompt(question)
-        if task is None:
-            diagnosis, refined = "The question is outside what I can check; I keep the preferred answer.", \
-                _tagged(last, "preferred-answer") or rejected
-        else:
-            diagnosis, refined = teacher_refine(task, rejected, cfg, rng)
-        return f"[REASONING-{nonce}]\n{diagnosis}\n[MODIFIED-ANSWER-{nonce}]\n{refined}"
-    if last.startswith(STAGE_HEADERS["score"]):
-        if len(messages) < 3:
-            raise ValueError("score request needs the refine request and reply before it")
-        refine_req, refine_reply = _text(messages[-3]), _text(messages[-2])
-        m = re.search(r"scored (\d+(?:\.\d+)?) out of 10", last)
-        if m is None:
-            raise ValueError("score request does not state the earlier score ('scored <s> out of 10')")
-        anchor = float(m.group(1))
-        refined = re.split(r"\[MODIFIED-ANSWER-[0-9a-f]+\]\n", refine_reply)[-1]
-        rejected = _tagged(refine_req, "non-preferred-answer") or ""
-        task = task_from_prompt(_tagged(refine_req, "question") or "")
-        if task is None:
-            s = int(min(10, max(1, round(anchor + rng.gauss(0.0, cfg.rescore_noise)))))
-        else:
-            s = teacher_rescore(task, anchor, rejected, refined, cfg, rng)
-        return json.dumps({"score": s}) if json_mode else f"Score: {s}"
-    if last.startswith(STAGE_HEADERS["restyle"]):
-        answer, nonce = _tagged(last, "answer"), re.search(r"<question-([0-9a-f]+)>", last)
-        style = next((name for name, ask in RESTYLE_STYLES.items() if ask in last), None)
-        if answer is None or nonce is None or style is None:
-            raise ValueError("restyle request without <answer-N> or a known target style")
-        task = task_from_prompt(_tagged(last, "question") or "")
-        restyled = answer if task is None else teacher_restyle(task, answer, WORLD_STYLE[style], cfg, rng)
-        return f"[RESTYLED-ANSWER-{nonce.group(1)}]\n{restyled}"
-    # generate: the prompt's own messages; the question is the last user turn
-    question = next((_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
-    task = task_from_prompt(question)
-    if task is None:
-        return "I can only answer the built-in world's questions (arithmetic, capitals, spelling)."
-    model = body.get("model", TEACHER_MODEL)
-    if model in CANDIDATE_MODELS:
-        return candidate_answer(task, CANDIDATE_MODELS.index(model), cfg, rng)[0]
-    return teacher_generate(task, cfg, rng)
-
-
-def make_handler(cfg):
-    from http.server import BaseHTTPRequestHandler
-    first_tries, lock = set(), __import__("threading").Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):  # quiet: a distill run sends thousands of requests
-            pass
-
-        def _send(self, code, obj):
-            data = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            if self.path.rstrip("/") in ("/v1/models", "/models"):
-                return self._send(200, {"object": "list", "data": [
-                    {"id": m, "object": "model", "owned_by": "rmd-sim"} for m in (TEACHER_MODEL,) + CANDIDATE_MODELS]})
-            if self.path.rstrip("/") in ("/health", "/v1/health"):
-                return self._send(200, {"status": "ok"})
-            self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
-
-        def do_POST(self):
-            if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
-                return self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
-            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            try:
-                body = json.loads(raw)
-                if cfg.http_error_rate > 0:
-                    key = hashlib.sha256(raw).hexdigest()
-                    with lock:
-                        first = key not in first_tries
-                        first_tries.add(key)
-                    if first and random.Random(key).random() < cfg.http_error_rate:
-                        code = random.Random(key + "code").choice([429, 500])
-                        return self._send(code, {"error": {"message": "simulated overload", "type": "server_error"}})
-                content = reply_for(body, cfg)
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                return self._send(400, {"error": {"message": f"bad request: {e}", "type": "invalid_request_error"}})
-            prompt_chars = sum(len(_text(m)) for m in body.get("messages", []))
-            self._send(200, {
-                "id": "chatcmpl-" + hashlib.sha256(raw).hexdigest()[:24], "object": "chat.completion",
-                "created": 0, "model": body.get("model", TEACHER_MODEL),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": prompt_chars // 4 + 1, "completion_tokens": len(content) // 4 + 1,
-                          "total_tokens": prompt_chars // 4 + len(content) // 4 + 2}})
-
-    return Handler
-
-
-def start_server(cfg=None, port=0, host="127.0.0.1"):
-    """Serve the sim teacher in a background thread. Returns (base_url ending in /v1, shutdown function)."""
-    import threading
-    from http.server import ThreadingHTTPServer
-    server = ThreadingHTTPServer((host, port), make_handler(cfg or WorldConfig()))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True, name="rmd-sim-teacher")
-    thread.start()
-
-    def shutdown():
-        server.shutdown()
-        server.server_close()
-        thread.join()
-    return f"http://{host}:{server.server_address[1]}/v1", shutdown
-
-# -----------------------------------------------------------------------------
 # command line
 
 
 def add_world_args(parser):
-    """--key=value options for every WorldConfig field (used by sim.py and ablation.py)."""
+    """argparse options for every WorldConfig field, for ablation.py (sim_server.py's command line uses
+    cli.parse_overrides; so will ablation.py)."""
+    meanings = field_comments(WorldConfig)
     for f in dataclasses.fields(WorldConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=f.default,
-                            help=f"world option (default {f.default})")
+                            help=f"{meanings.get(f.name, 'world option')} (default {f.default})".replace("%", "%%"))
     return parser
 
 
@@ -698,33 +532,6 @@ def world_from_args(args):
     return WorldConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WorldConfig)})
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="The simulated teacher: serve it, write its data, or measure it.")
-    parser.add_argument("--port", type=int, default=8000, help="port to serve on (0: any free port)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--write-data", metavar="DIR", help="write distill input, eval splits and best-of-N set")
-    parser.add_argument("--stats", action="store_true", help="print the teacher's measured biases and exit")
-    args = add_world_args(parser).parse_args(argv)
-    cfg = world_from_args(args)
-    if args.stats:
-        stats = bias_stats(cfg)
-        for split in ("normal", "hard"):
-            stats[f"teacher_accuracy_{split}"] = teacher_judge_accuracy(eval_pairs(cfg, split), cfg)
-        print(json.dumps(stats, indent=1))
-        return 0
-    if args.write_data:
-        for name, path in write_builtin_data(args.write_data, cfg).items():
-            print(f"{name}: {path}")
-        return 0
-    url, shutdown = start_server(cfg, port=args.port, host=args.host)
-    print(f"sim teacher serving at {url} (models: {TEACHER_MODEL}, {', '.join(CANDIDATE_MODELS)}); Ctrl-C stops",
-          flush=True)
-    try:
-        __import__("threading").Event().wait()
-    except KeyboardInterrupt:
-        shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python sim.py ...`: the command line lives with the server
+    import sim_server
+    sys.exit(sim_server.main())

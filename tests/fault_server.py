@@ -6,12 +6,13 @@
     ...; server.stop()
 
 Without a fault, it answers like a well-behaved teacher, as a deterministic function of the request
-(recognising the stage by the template headers of teacher.py), so reruns give identical output.
+(read with protocol.read_request: the stage and the tagged texts, from protocol.py's own templates), so reruns
+give identical output.
 Every request body is recorded in `server.bodies`.
 
 In front of another teacher (the yield benchmark and its test):
 
-    url, stop = sim.start_server(sim.WorldConfig())
+    url, stop = sim_server.start_server(sim.WorldConfig())
     server = FaultServer(answer=forward(url), fault=flaky(rate=0.3)).start()
 
 `forward(url)` takes the answers from that server; `flaky(rate)` makes each attempt of each request
@@ -22,11 +23,13 @@ garbage, refusals, huge bodies (`flaky(...).counts` says how many of each).
 
 import hashlib
 import json
-import re
 import threading
 import time
 from collections import Counter, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from formats import message_text
+from protocol import PROBE_REPLY, annotate_reply, read_request, refine_reply, restyle_reply, score_reply
 
 # -- faults: each is a dict the handler turns into a response
 
@@ -66,12 +69,6 @@ def _h(text):
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
-def tagged(text, tag):
-    """The text between <tag-NONCE> and </tag-NONCE>, and the nonce."""
-    m = re.search(rf"<{tag}-(\w+)>\n(.*?)\n</{tag}-\1>", text, re.S)
-    return (m.group(2), m.group(1)) if m else (None, None)
-
-
 def quality(answer):
     """The simulated teacher's opinion of an answer: 'good' answers 8, 'bad' ones 3, others by hash."""
     if "good" in answer.lower():
@@ -82,28 +79,25 @@ def quality(answer):
 
 
 def teacher_reply(body):
-    """What a well-behaved teacher would say to this request (a deterministic function of it)."""
-    messages = body["messages"]
-    while len(messages) >= 3 and messages[-1]["content"].startswith("[rmd:reask]"):  # answer the request before it
-        messages = messages[:-2]
-    first, last = messages[0]["content"], messages[-1]["content"]
-    json_mode = (body.get("response_format") or {}).get("type") == "json_object"
-    if last.startswith("[rmd:score]"):
-        return '{"score": 9}' if json_mode else "The modified answer is much better.\nScore: 9"
-    if first.startswith("[rmd:annotate]"):
-        s1, s2 = (quality(tagged(first, f"assistant-{k}")[0]) for k in (1, 2))
+    """What a well-behaved teacher would say to this request (a deterministic function of it), read with
+    protocol.read_request and written with protocol's *_reply writers: no tag name is re-typed here."""
+    stage, fields = read_request(body)
+    json_mode = fields["json_mode"]
+    if stage == "score":
+        return score_reply(9, True) if json_mode else "The modified answer is much better.\n" + score_reply(9)
+    if stage == "annotate":
+        s1, s2 = quality(fields["answer_1"]), quality(fields["answer_2"])
         if json_mode:
-            return json.dumps({"assistant_1": s1, "assistant_2": s2})
-        return f"Assistant 1 is {'better' if s1 > s2 else 'worse'}.\nAssistant 1: {s1}\nAssistant 2: {s2}"
-    if first.startswith("[rmd:refine]"):
-        rejected, nonce = tagged(first, "non-preferred-answer")
-        return (f"[REASONING-{nonce}]\nIt lacks detail.\n[MODIFIED-ANSWER-{nonce}]\n{rejected} "
-                f"Improved with detail {_h(rejected) % 100}.")
-    if first.startswith("[rmd:restyle]"):
-        answer, nonce = tagged(first, "answer")
-        return f"[RESTYLED-ANSWER-{nonce}]\nIn other words: {answer}"
+            return annotate_reply(s1, s2, True)
+        return f"Assistant 1 is {'better' if s1 > s2 else 'worse'}.\n" + annotate_reply(s1, s2)
+    if stage == "refine":
+        rejected = fields["non_preferred"]
+        return refine_reply(fields["nonce"], "It lacks detail.", f"{rejected} Improved with detail {_h(rejected) % 100}.")
+    if stage == "restyle":
+        return restyle_reply(fields["nonce"], f"In other words: {fields['answer']}")
     if body.get("response_format"):
-        return '{"ok": true}'
+        return PROBE_REPLY
+    last = message_text(fields["messages"][-1])
     return f"{body['model']} answer {_h(json.dumps(body, sort_keys=True)) % 10000} to: {last[:40]}"
 
 
@@ -156,6 +150,74 @@ def forward(url, timeout=60):
     return answer
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # a killed or timed-out client: expected here
+
+
+def _handler(server):
+    """The request handler of FaultServer `server`: its scripted or decided fault, else its answer."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            with server.lock:
+                server.bodies.append(body)
+                n = len(server.bodies)
+                server.active += 1
+                server.max_active = max(server.max_active, server.active)
+                action = server.queue.popleft() if server.queue else None
+            try:
+                if action is None and server.fault:
+                    action = server.fault(body, n)
+                self.respond(body, action or {})
+            finally:
+                with server.lock:
+                    server.active -= 1
+
+        def respond(self, body, action):
+            time.sleep(action.get("sleep", server.latency))
+            if body.get("response_format") and not server.json_mode and "status" not in action:
+                action = status(500, text='{"error": "response_format is not supported"}')
+            if "status" in action:
+                text = action["raw"].replace("{authorization}", self.headers.get("Authorization", ""))
+                return self.send(action["status"], None, text, action.get("headers", {}))
+            content = action["content"] if "content" in action else server.answer(body)
+            if action.get("cut"):
+                content = content[:len(content) // 2]
+            message = {"role": "assistant", "content": content}
+            if action.get("refusal"):
+                message["refusal"] = action["refusal"]
+            self.send(200, action.get("drip"), json.dumps({
+                "id": "chatcmpl-test", "object": "chat.completion", "model": body.get("model"),
+                "choices": [{"index": 0, "message": message,
+                             "finish_reason": action.get("finish_reason", "stop")}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}))
+
+        def send(self, code, drip_s, text, headers=None):
+            data = text.encode()
+            try:
+                self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                for k in range(0, len(data), 1 if drip_s else len(data) or 1):
+                    self.wfile.write(data[k:k + 1] if drip_s else data)
+                    self.wfile.flush()
+                    time.sleep(drip_s or 0)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
+                pass
+
+    return Handler
+
+
 class FaultServer:
     def __init__(self, latency=0.0, json_mode=True, fault=None, answer=teacher_reply):
         self.latency, self.json_mode, self.fault, self.answer = latency, json_mode, fault, answer
@@ -166,70 +228,7 @@ class FaultServer:
         self.queue.extend(faults)
 
     def start(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                with server.lock:
-                    server.bodies.append(body)
-                    n = len(server.bodies)
-                    server.active += 1
-                    server.max_active = max(server.max_active, server.active)
-                    action = server.queue.popleft() if server.queue else None
-                try:
-                    if action is None and server.fault:
-                        action = server.fault(body, n)
-                    self.respond(body, action or {})
-                finally:
-                    with server.lock:
-                        server.active -= 1
-
-            def respond(self, body, action):
-                time.sleep(action.get("sleep", server.latency))
-                if body.get("response_format") and not server.json_mode and "status" not in action:
-                    action = status(500, text='{"error": "response_format is not supported"}')
-                if "status" in action:
-                    text = action["raw"].replace("{authorization}", self.headers.get("Authorization", ""))
-                    return self.send(action["status"], None, text, action.get("headers", {}))
-                content = action["content"] if "content" in action else server.answer(body)
-                if action.get("cut"):
-                    content = content[:len(content) // 2]
-                message = {"role": "assistant", "content": content}
-                if action.get("refusal"):
-                    message["refusal"] = action["refusal"]
-                self.send(200, action.get("drip"), json.dumps({
-                    "id": "chatcmpl-test", "object": "chat.completion", "model": body.get("model"),
-                    "choices": [{"index": 0, "message": message,
-                                 "finish_reason": action.get("finish_reason", "stop")}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}))
-
-            def send(self, code, drip_s, text, headers=None):
-                data = text.encode()
-                try:
-                    self.send_response(code)
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    for k in range(0, len(data), 1 if drip_s else len(data) or 1):
-                        self.wfile.write(data[k:k + 1] if drip_s else data)
-                        self.wfile.flush()
-                        time.sleep(drip_s or 0)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
-                    pass
-
-        class Server(ThreadingHTTPServer):
-            def handle_error(self, request, client_address):
-                pass  # a killed or timed-out client: expected here
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -260,37 +259,47 @@ def _pair(row):
     return {k: row[k] for k in ("prompt", "chosen", "rejected", "chosen_score", "rejected_score", "teacher_response")}
 
 
-def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
-    """Distill the first `n_rows` rows of sim.py's world through a clean pass-through server and through
-    flaky(rate, seed), both in front of sim.start_server; returns a dict of counts (see bench.py --only yield)."""
+def _distill_clean_and_faulty(rows, work, rate, seed, world, overrides):
+    """The same rows distilled through a clean pass-through server and through flaky(rate, seed), both in front of
+    sim_server.start_server(world) -> {name: {summary, train, failures, requests, faults}}."""
     import contextlib
     import io
     import os
+    import distill
     import sim
-    import teacher
-    from formats import row_id
-    world = world or sim.WorldConfig()
-    rows = sim.distill_rows(world)[:n_rows]
+    import sim_server
     os.makedirs(work, exist_ok=True)
     data = os.path.join(work, "in.jsonl")
     with open(data, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    url, stop = sim.start_server(world)
+    url, stop = sim_server.start_server(world)
     runs = {}
     try:
         for name, fault in (("clean", None), ("faulty", flaky(rate, seed, **overrides.pop("flaky", {})))):
             with FaultServer(answer=forward(url), fault=fault) as server:
-                cfg = teacher.DistillConfig(data=data, out=os.path.join(work, name), teacher_url=server.url,
+                cfg = distill.DistillConfig(data=data, out=os.path.join(work, name), teacher_url=server.url,
                                             teacher_model=sim.TEACHER_MODEL, progress=False,
                                             **{"workers": 8, "backoff_base": 0.01, "backoff_max": 0.05,
                                                "timeout": 30.0, **overrides})
                 with contextlib.redirect_stderr(io.StringIO()):
-                    summary = teacher.distill(cfg)
+                    summary = distill.distill(cfg)
                 train, failures = _outputs(cfg.out)
                 runs[name] = {"summary": summary, "train": {r["id"]: r for r in train}, "failures": failures,
                               "requests": len(server.bodies), "faults": dict(fault.counts) if fault else {}}
     finally:
         stop()
+    return runs
+
+
+def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
+    """Distill the first `n_rows` rows of sim.py's world through a clean pass-through server and through
+    flaky(rate, seed), both in front of sim_server.start_server; returns a dict of counts (see bench.py --only
+    yield)."""
+    import sim
+    from formats import row_id
+    world = world or sim.WorldConfig()
+    rows = sim.distill_rows(world)[:n_rows]
+    runs = _distill_clean_and_faulty(rows, work, rate, seed, world, overrides)
     clean, faulty = runs["clean"], runs["faulty"]
     ids = [row_id(r) for r in rows]
     accounted = [*faulty["train"], *(f["id"] for f in faulty["failures"])]

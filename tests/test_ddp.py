@@ -67,7 +67,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
 def test_fsdp_resumes_from_an_unsharded_checkpoint(tmp_path):
     """A 1-process checkpoint at step 2, continued sharded, logs the 1-process steps 3 and 4 (same file format)."""
     import rmd
-    from teacher import parse_overrides
+    from cli import parse_overrides
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(32))
     rmd.train(parse_overrides(rmd.TrainConfig(), train_args(data, tmp_path / "one")[2:]))
     cut = tmp_path / "cut"
@@ -82,15 +82,15 @@ def test_fsdp_resumes_from_an_unsharded_checkpoint(tmp_path):
 
 def test_distill_shards_merge_into_a_single_run(tmp_path):
     import sim
-    import teacher
+    import sim_server
+    from distill import DistillConfig, distill as run_distill
     world = sim.WorldConfig()
     paths = sim.write_builtin_data(str(tmp_path / "builtin"), world)
-    url, shutdown = sim.start_server(world)
+    url, shutdown = sim_server.start_server(world)
     try:
         def distill(out, shard=""):
-            teacher.distill(teacher.DistillConfig(data=paths["distill"], out=str(out), teacher_url=url,
-                                                  teacher_model=sim.TEACHER_MODEL, shard=shard, limit=40,
-                                                  progress=False))
+            run_distill(DistillConfig(data=paths["distill"], out=str(out), teacher_url=url,
+                                      teacher_model=sim.TEACHER_MODEL, shard=shard, limit=40, progress=False))
             with open(os.path.join(out, "train.jsonl")) as f:
                 return [json.loads(line) for line in f]
         single = distill(tmp_path / "single")

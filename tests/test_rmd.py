@@ -444,8 +444,8 @@ def one_line_error(argv):
 
 def test_every_command_has_help_generated_from_its_config(capsys):
     import evaluate
-    import teacher
-    configs = {"distill": teacher.DistillConfig, "train": rmd.TrainConfig, "eval": evaluate.EvalConfig,
+    import distill
+    configs = {"distill": distill.DistillConfig, "train": rmd.TrainConfig, "eval": evaluate.EvalConfig,
                "bon": evaluate.BonConfig, "serve": evaluate.ServeConfig}
     for command, config in configs.items():
         comments = cli.field_comments(config)
@@ -512,6 +512,7 @@ def test_ordinary_mistakes_are_one_line_errors_in_every_command(tmp_path):
 
 def test_distill_turns_teacher_http_errors_into_one_line(tmp_path):
     import sim
+    import sim_server
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6"}])
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -520,7 +521,7 @@ def test_distill_turns_teacher_http_errors_into_one_line(tmp_path):
               f"--out={tmp_path / 'o'}"]
     message = one_line_error(["distill", f"--teacher-url=http://127.0.0.1:{closed}/v1"] + common)
     assert f"127.0.0.1:{closed}" in message and "connection_error" in message and "unreachable" in message
-    url, shutdown = sim.start_server(sim.WorldConfig())
+    url, shutdown = sim_server.start_server(sim.WorldConfig())
     try:
         assert "HTTP 404" in one_line_error(["distill", f"--teacher-url={url}/wrong"] + common)
     finally:
@@ -533,9 +534,10 @@ def test_distill_turns_teacher_http_errors_into_one_line(tmp_path):
 
 def test_distill_that_keeps_nothing_fails_and_says_why(tmp_path):
     import sim
+    import sim_server
     data = write_jsonl(tmp_path / "outside.jsonl",  # questions the simulated teacher cannot judge or refine
                        [{"prompt": "Why is the sky blue?", "chosen": "Rayleigh scattering.", "rejected": "Paint."}])
-    url, shutdown = sim.start_server(sim.WorldConfig())
+    url, shutdown = sim_server.start_server(sim.WorldConfig())
     try:
         message = one_line_error(["distill", f"--data={data}", f"--teacher-url={url}", "--teacher-model=sim-teacher",
                                   "--progress=false", f"--out={tmp_path / 'o'}"])
@@ -555,11 +557,12 @@ def data_readme_commands():
 def test_every_data_example_runs_as_its_readme_line_says(tmp_path, monkeypatch):
     """data/README.md's commands, shortened (1 step, outputs in tmp), against the in-process simulated teacher."""
     import sim
+    import sim_server
     commands = data_readme_commands()
     covered = {a.split("=")[1] for argv in commands for a in argv if a.startswith("--data=")}
     assert covered == {f"data/{f}" for f in os.listdir(os.path.join(ROOT, "data")) if f.endswith(".jsonl")}
     monkeypatch.chdir(ROOT)
-    url, shutdown = sim.start_server(sim.WorldConfig())
+    url, shutdown = sim_server.start_server(sim.WorldConfig())
     try:
         for k, argv in enumerate(commands):
             argv = [a for a in argv if not a.startswith("--out=")] + [f"--out={tmp_path / str(k)}"]

@@ -1,4 +1,4 @@
-"""The simulated teacher: its world's ground truth, its replies through teacher.py's real parsers, a tiny distill
+"""The simulated teacher: its world's ground truth, its replies through protocol.py's real parsers, a tiny distill
 against it, and a reduced ablation as a smoke test. Accuracy figures live in ablation.py, not here."""
 import difflib
 import json
@@ -7,15 +7,17 @@ import random
 import pytest
 import requests
 
+import distill
+import protocol
 import sim
-import teacher
+import sim_server
 
 CLEAN = dict(teacher_skill=1.0, refine_miss_rate=0.0, refine_drift_rate=0.0, malformed_rate=0.0)
 
 
 @pytest.fixture(scope="module")
 def server():
-    url, shutdown = sim.start_server(sim.WorldConfig(**CLEAN), port=0)
+    url, shutdown = sim_server.start_server(sim.WorldConfig(**CLEAN), port=0)
     yield url
     shutdown()
 
@@ -125,8 +127,8 @@ def test_judge_biases_near_the_cited_figures():
 def test_annotate_reply_parses(server, json_mode):
     question = "What is the capital of Australia?"
     a, b = "Canberra", "**Answer:** Sydney\n\n- The capital city of Australia is Sydney.\n- Final: **Sydney**"
-    reply = chat(server, [{"role": "user", "content": teacher.annotate_prompt(question, a, b, json_mode)}], json_mode)
-    s1, s2 = teacher.parse_annotation(reply["choices"][0]["message"]["content"], json_mode, (a, b))
+    reply = chat(server, [{"role": "user", "content": protocol.annotate_prompt(question, a, b, json_mode)}], json_mode)
+    s1, s2 = protocol.parse_annotation(reply["choices"][0]["message"]["content"], json_mode, (a, b))
     assert s1 > s2
     assert reply["usage"]["prompt_tokens"] > 0
 
@@ -134,14 +136,14 @@ def test_annotate_reply_parses(server, json_mode):
 @pytest.mark.parametrize("json_mode", [False, True])
 def test_refine_and_score_replies_parse(server, json_mode):
     question, rejected = "Reverse the word 'lamp'.", "Reversed: pmla."
-    nonce, text = teacher.refine_prompt(question, "Reading 'lamp' backwards gives pmal. The answer is pmal.", rejected)
+    nonce, text = protocol.refine_prompt(question, "Reading 'lamp' backwards gives pmal. The answer is pmal.", rejected)
     messages = [{"role": "user", "content": text}]
     refine_reply = chat(server, messages)["choices"][0]["message"]["content"]
-    diagnosis, refined = teacher.parse_refinement(refine_reply, nonce)
+    diagnosis, refined = protocol.parse_refinement(refine_reply, nonce)
     assert refined == "Reversed: pmal." and "pmal" in diagnosis
     messages += [{"role": "assistant", "content": refine_reply},
-                 {"role": "user", "content": teacher.score_prompt(nonce, 3.5, json_mode)}]
-    score = teacher.parse_score(chat(server, messages, json_mode)["choices"][0]["message"]["content"], json_mode)
+                 {"role": "user", "content": protocol.score_prompt(nonce, 3.5, json_mode)}]
+    score = protocol.parse_score(chat(server, messages, json_mode)["choices"][0]["message"]["content"], json_mode)
     assert score >= 6.5
 
 
@@ -156,16 +158,16 @@ def test_generate_teacher_and_candidates(server):
 
 
 def test_replies_are_deterministic(server):
-    body = [{"role": "user", "content": teacher.annotate_prompt("What is 2 + 2?", "4", "5")}]
+    body = [{"role": "user", "content": protocol.annotate_prompt("What is 2 + 2?", "4", "5")}]
     assert chat(server, body) == chat(server, body)
 
 
 def test_malformed_replies_fail_the_parser():
-    url, shutdown = sim.start_server(sim.WorldConfig(malformed_rate=1.0), port=0)
+    url, shutdown = sim_server.start_server(sim.WorldConfig(malformed_rate=1.0), port=0)
     try:
-        reply = chat(url, [{"role": "user", "content": teacher.annotate_prompt("What is 2 + 2?", "4", "5")}])
-        with pytest.raises(teacher.ParseError):
-            teacher.parse_annotation(reply["choices"][0]["message"]["content"], False, ("4", "5"))
+        reply = chat(url, [{"role": "user", "content": protocol.annotate_prompt("What is 2 + 2?", "4", "5")}])
+        with pytest.raises(protocol.ParseError):
+            protocol.parse_annotation(reply["choices"][0]["message"]["content"], False, ("4", "5"))
     finally:
         shutdown()
 
@@ -175,9 +177,9 @@ def test_malformed_replies_fail_the_parser():
 def test_distill_end_to_end_with_retries(tmp_path):
     cfg = sim.WorldConfig(n_distill=40, http_error_rate=0.2)
     paths = sim.write_builtin_data(str(tmp_path / "data"), cfg)
-    url, shutdown = sim.start_server(cfg, port=0)
+    url, shutdown = sim_server.start_server(cfg, port=0)
     try:
-        summary = teacher.distill(teacher.DistillConfig(
+        summary = distill.distill(distill.DistillConfig(
             data=paths["distill"], out=str(tmp_path / "distill"), teacher_url=url, teacher_model=sim.TEACHER_MODEL,
             workers=4, backoff_base=0.01, backoff_max=0.05, progress=False))
     finally:

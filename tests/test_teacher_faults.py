@@ -8,9 +8,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import distill
 import teacher
-from fault_server import REFUSAL, FaultServer, reply, status, tagged, yield_comparison
-from teacher import ParseError, check_answer, parse_annotation, parse_score, strip_reasoning
+from fault_server import REFUSAL, FaultServer, reply, status, yield_comparison
+from protocol import ParseError, check_answer, parse_annotation, parse_score, strip_reasoning, tagged
 from test_teacher import FAST, PAIR, run_rows
 
 
@@ -46,12 +47,12 @@ def test_retry_failed_reruns_only_failed_rows_and_sends_nothing_twice(tmp_path):
         summary, train, annotated, failures = run_rows(server, rows, tmp_path, reask=0)
         assert [(f["id"], f["reason"], f["dropped"]) for f in failures] == [("r2", "no_score", False),
                                                                              ("r4", "tie", True)]
-        first = {teacher.request_key(b) for b in server.bodies}
+        first = {distill.cache_key(b) for b in server.bodies}
         n = len(server.bodies)
         summary, train, annotated, failures = run_rows(server, rows, tmp_path, reask=0, retry_failed=True)
         again = server.bodies[n:]
     assert again and all("question 2" in json.dumps(b) for b in again)  # only the failed row, not the tie
-    assert not {teacher.request_key(b) for b in again} & first  # nothing that succeeded is sent again
+    assert not {distill.cache_key(b) for b in again} & first  # nothing that succeeded is sent again
     assert [r["id"] for r in train] == ["r0", "r1", "r2", "r3", "r5"]  # merged in input order
     assert [r["id"] for r in annotated] == ["r0", "r1", "r2", "r3", "r5"]
     assert [(f["id"], f["reason"]) for f in failures] == [("r4", "tie")]
@@ -135,7 +136,7 @@ def test_a_refused_teacher_answer_is_reasked_then_recorded(tmp_path):
         _, train, annotated, failures = run_rows(server, [PAIR], tmp_path)
     assert train == [] and annotated == []
     (f,) = failures
-    assert (f["stage"], f["reason"], len(f["replies"])) == ("generate", "refusal", 1 + teacher.DistillConfig().reask)
+    assert (f["stage"], f["reason"], len(f["replies"])) == ("generate", "refusal", 1 + distill.DistillConfig().reask)
     junk = lambda b, n: reply("NaN NaN") if not b["messages"][0]["content"].startswith("[rmd:") else None  # noqa
     with FaultServer(fault=junk) as server:
         _, train, _, failures = run_rows(server, [PAIR], tmp_path / "junk")
@@ -185,7 +186,7 @@ def test_retry_after_holds_for_requests_already_waiting_for_a_slot():
     with FaultServer(fault=fault) as server:
         client = teacher.Client(server.url, workers=1, backoff_base=0.01, backoff_max=0.02, timeout=10)
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-        threads = [threading.Thread(target=client.chat, args=(body,)) for _ in range(3)]
+        threads = [threading.Thread(target=client.post, args=(body,)) for _ in range(3)]
         for t in threads:
             t.start()
         for t in threads:
@@ -223,34 +224,34 @@ def test_the_api_key_is_redacted_from_error_bodies(tmp_path, monkeypatch, capsys
     assert "sk-secret-456" not in captured.out + captured.err
 
 
-def test_a_stage_using_ask_and_parsed_gets_reasks_for_free(tmp_path):
-    """A new stage written as `_parsed(stage, parse, run.ask(stage, client, body), ...)` is re-asked too."""
+def test_a_stage_using_ask_with_a_parser_gets_reasks_for_free(tmp_path):
+    """A new stage written as `asker.ask(stage, client, body, parse, ...)` is re-asked too."""
     def parse_restyled(text, marker):
         if marker not in text:
             raise ParseError("missing_section", f"no {marker}")
         return text.split(marker, 1)[1].strip()
     replies = iter([reply("no marker here"), reply("still nothing"), reply("[OUT] restyled answer")])
     with FaultServer(fault=lambda b, n: next(replies)) as server:
-        cfg = teacher.DistillConfig(out=str(tmp_path), teacher_url=server.url, teacher_model="m", **FAST)
-        run = teacher.Run(cfg)
-        body = run.body("m", [{"role": "user", "content": "[rmd:restyle] rewrite this"}], 0.0, 64)
-        assert teacher._parsed("refine", parse_restyled, run.ask("refine", run.teacher, body), "[OUT]") == \
-            "restyled answer"
-        run.cache.close()
-    assert len(server.bodies) == 3 and run.stats["refine"]["reasks"] == 2
+        cfg = distill.DistillConfig(out=str(tmp_path), teacher_url=server.url, teacher_model="m", **FAST)
+        asker = distill.Asker(cfg)
+        body = asker.body("m", [{"role": "user", "content": "[rmd:restyle] rewrite this"}], 0.0, 64)
+        assert asker.ask("refine", asker.teacher, body, parse_restyled, "[OUT]")[0] == "restyled answer"
+        asker.cache.close()
+    assert len(server.bodies) == 3 and asker.stats["refine"]["reasks"] == 2
     assert server.bodies[1]["messages"][1:][0] == {"role": "assistant", "content": "no marker here"}
 
 
 def test_the_simulated_teacher_with_http_errors_still_gets_json_mode(tmp_path):
     """issue 10: teacher-sim --http-error-rate made the probe's first 500 switch the whole run to text mode."""
     import sim
-    url, stop = sim.start_server(sim.WorldConfig(http_error_rate=1.0))  # every first try of a request fails
+    import sim_server
+    url, stop = sim_server.start_server(sim.WorldConfig(http_error_rate=1.0))  # every first try of a request fails
     try:
-        run = teacher.Run(teacher.DistillConfig(out=str(tmp_path), teacher_url=url, teacher_model="judge",
-                                                json_mode="auto", backoff_base=0.01, backoff_max=0.02))
+        asker = distill.Asker(distill.DistillConfig(out=str(tmp_path), teacher_url=url, teacher_model="judge",
+                                                    json_mode="auto", backoff_base=0.01, backoff_max=0.02))
         # (with model "judge", sim's first answer to the probe is a 500 "simulated overload", not a 429)
-        assert run.probe_json_mode() is True and run.stats["probe"]["sent"] == 2
-        run.cache.close()
+        assert asker.probe_json_mode() is True and asker.stats["probe"]["sent"] == 2
+        asker.cache.close()
     finally:
         stop()
 

@@ -17,7 +17,7 @@ import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import teacher
+import distill
 
 
 def smollm2_gguf():
@@ -120,14 +120,14 @@ def test_small_distill_run_against_llama_cpp(llama_server, tmp_path):
             {"id": "bare", "prompt": "Say hello in French."}]
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = teacher.DistillConfig(
+    cfg = distill.DistillConfig(
         data=str(data), out=str(tmp_path / "out"), teacher_url=llama_server.url, teacher_model="smollm2",
         candidate_models="smollm2", workers=2, timeout=120, max_retries=1, backoff_base=0.2,
         gen_max_tokens=48, annotate_max_tokens=48, refine_max_tokens=128, score_max_tokens=16,
         disable_thinking=True, progress=False, price_prompt=0.1, price_completion=0.4)
     t0 = time.time()
     try:
-        summary = teacher.distill(cfg)
+        summary = distill.distill(cfg)
     finally:
         llama_server.check()  # a server that died mid-run is a crash, not the teacher's connection errors
     wall = time.time() - t0
@@ -139,7 +139,7 @@ def test_small_distill_run_against_llama_cpp(llama_server, tmp_path):
     # every row ends as an output row or a recorded failure with its reason
     assert sorted([r["id"] for r in train] + [f["id"] for f in failures]) == sorted(r["id"] for r in rows)
     for f in failures:
-        assert f["reason"] and f["stage"] in teacher.STAGES + ("filter",)
+        assert f["reason"] and f["stage"] in distill.STAGES + ("filter",)
         assert not f["reason"].startswith("http_"), f  # the server itself must work with our requests
     assert summary["stages"]["annotate"]["sent"] >= 2 and summary["stages"]["candidates"]["sent"] >= 1
     assert summary["stages"]["annotate"]["prompt_tokens"] > 0  # usage is read
@@ -148,7 +148,7 @@ def test_small_distill_run_against_llama_cpp(llama_server, tmp_path):
     # a rerun is answered from the cache alone
     before = {k: v["sent"] for k, v in summary["stages"].items()}
     try:
-        again = teacher.distill(cfg)
+        again = distill.distill(cfg)
     finally:
         llama_server.check()
     assert sum(v["sent"] for v in again["stages"].values()) == 0 and sum(before.values()) > 0

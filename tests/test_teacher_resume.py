@@ -1,4 +1,4 @@
-"""Kill-and-resume: `python teacher.py` is SIGKILLed mid-run (twice) and run again with the same command.
+"""Kill-and-resume: `python rmd.py distill` is SIGKILLed mid-run (twice) and run again with the same command.
 No request whose reply reached the cache is sent again, and the output equals an uninterrupted run's."""
 
 import json
@@ -9,10 +9,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import teacher
-from fault_server import FaultServer, reply, tagged
-
-
+import distill
+from fault_server import FaultServer, reply
+from protocol import tagged
 def no_number_for_some_rows(body, n):
     """A deterministic content fault, so failures.jsonl is part of the comparison too."""
     text = body["messages"][0]["content"]
@@ -38,7 +37,7 @@ def test_kill_and_resume_sends_nothing_twice_and_gives_identical_output(tmp_path
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with FaultServer(latency=0.03, fault=no_number_for_some_rows) as server:
         def command(out):
-            return [sys.executable, os.path.join(ROOT, "teacher.py"), "--data", str(data), "--out", str(out),
+            return [sys.executable, os.path.join(ROOT, "rmd.py"), "distill", "--data", str(data), "--out", str(out),
                     "--teacher-url", server.url, "--teacher-model", "teacher", "--workers", "4",
                     "--json-mode", "off", "--backoff-base", "0.01", "--progress", "false"]
 
@@ -57,11 +56,11 @@ def test_kill_and_resume_sends_nothing_twice_and_gives_identical_output(tmp_path
             proc.wait()
             log.close()
             assert proc.returncode == (-9 if kill_at else 0), (tmp_path / f"log{kill_at}.txt").read_text()
-            sent = [teacher.request_key(b) for b in server.bodies[n_at_kill:]]
+            sent = [distill.cache_key(b) for b in server.bodies[n_at_kill:]]
             assert not set(sent) & cached_at_kill, "a request already in the cache was sent again"
             assert len(sent) == len(set(sent))
             cached_at_kill, n_at_kill = set(cache_keys(cache)), len(server.bodies)
-        keys_all = [teacher.request_key(b) for b in server.bodies]
+        keys_all = [distill.cache_key(b) for b in server.bodies]
         repeated = len(keys_all) - len(set(keys_all))
         # only requests sent but not yet in the cache at a kill may repeat: at most one per row thread (2 x workers)
         assert repeated <= 2 * 8

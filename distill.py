@@ -1,0 +1,669 @@
+"""distill.py: the RM-Distiller data pipeline -- preference pairs, answer pools or bare prompts -> training rows.
+
+Takes each row through the five stages of METHOD.md by asking a teacher LLM over the OpenAI chat-completions API:
+generate y_T, annotate (both orders), refine y_l into y_w*, self-calibrated score s(y_w*), filter; then restyle
+(rmd's style-equivalence pairs, see README). The prompts and parsers are protocol.py's, the HTTP client and the
+request cache teacher.py's. No torch: the command is `python rmd.py distill`, or from Python:
+
+    from distill import DistillConfig, distill
+    summary = distill(DistillConfig(data="pairs.jsonl", teacher_url="http://127.0.0.1:8000/v1",
+                                    teacher_model="Qwen/Qwen3-8B", disable_thinking=True))
+
+The layers, bottom up: teacher.Client.post sends one HTTP request (retries, backoff, Retry-After); Asker.request
+adds the cache (exactly once) and the counts; Asker.ask adds the parse and the re-asks of a reply that is no answer
+(--reask); Run's stages (answers, judge, refine_and_score, restyled_pairs) ask what METHOD.md asks; distill() runs
+the rows and writes the outputs.
+
+Outputs in cfg.out, rows in input order: train.jsonl ({id, prompt, chosen: y_w*, rejected: y_l, chosen_score,
+rejected_score, teacher_response: y_T, provenance}), annotated.jsonl (the original pair as the teacher labelled it,
+for label-distillation baselines), failures.jsonl (one line per row that did not make it: id, line, stage, reason,
+raw reply, attempts, every reply of a re-asked stage; `dropped` marks filter decisions as opposed to errors),
+summary.json (the per-stage table), cache.jsonl (teacher.Cache: a killed run re-run with the same command sends no
+finished request twice and writes the same output). --retry-failed reruns only the failed rows of an earlier run
+and merges them in; shards (--shard k/n, each with its own --out) merge by ordering rows on provenance.line.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+from formats import canonical, load_rows, read_jsonl_rows, write_jsonl
+from protocol import (PROBE_TEXT, REASK_LENGTH_NOTE, REASK_TEMPLATE, RESTYLE_STYLES, TEMPLATE_VERSION, ParseError,
+                      annotate_prompt, check_answer, parse_annotation, parse_refinement, parse_restyle, parse_score,
+                      prompt_messages, refine_prompt, render_question, restyle_prompt, score_prompt, strip_reasoning)
+from teacher import (RETRY_STATUS, Cache, Client, FatalError, RateLimiter, Reply, TransportError, bounded,
+                     reply_problem, request_key, token_estimator_name)
+
+
+# ---------------------------------------------------------------------------- config
+
+@dataclass
+class DistillConfig:
+    data: str = ""                      # input JSONL: {prompt, chosen, rejected} | {prompt, responses: [...]} | {prompt}
+    out: str = "out/distill"            # output dir: train.jsonl, annotated.jsonl, failures.jsonl, summary.json
+    cache: str = ""                     # request cache, one JSON line per finished request; "" = <out>/cache.jsonl
+    teacher_url: str = ""               # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
+    teacher_model: str = ""             # the `model` field sent to the teacher
+    api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key (the key itself is never stored)
+    candidate_urls: str = ""            # comma-separated, for bare prompts; "" = teacher_url; one URL serves all models
+    candidate_models: str = ""          # comma-separated candidate models; two are drawn per prompt (seeded)
+    candidate_api_key_env: str = ""     # "" = api_key_env
+    workers: int = 8                    # most requests in flight at once
+    rpm: int = 0                        # requests per minute limit, 0 = unlimited
+    tpm: int = 0                        # tokens per minute limit (prompt estimate + max tokens), 0 = unlimited
+    timeout: float = 300.0              # seconds per HTTP request (the whole reply, body included)
+    max_retries: int = 5                # retries on 429, 5xx, timeouts, connection errors, broken bodies
+    backoff_base: float = 1.0           # first backoff in seconds, doubled per retry, with jitter
+    backoff_max: float = 60.0           # backoff cap in seconds (a server's Retry-After is honoured up to 600 s)
+    max_tokens_param: str = "auto"      # auto | max_tokens | max_completion_tokens (auto: the latter for api.openai.com)
+    disable_thinking: bool = False      # send chat_template_kwargs {"enable_thinking": false} (vLLM, SGLang: Qwen3 etc.)
+    json_mode: str = "auto"             # auto | on | off: response_format json_object for annotate/score (auto: probe once)
+    gen_temperature: float = 0.7        # y_T and candidate answers
+    gen_top_p: float = 0.8              # nucleus sampling for y_T and candidate answers
+    gen_max_tokens: int = 1024          # reply length cap for y_T and candidate answers
+    annotate_temperature: float = 0.0   # annotate and score (greedy)
+    annotate_max_tokens: int = 512      # reply length cap for annotation
+    refine_temperature: float = 0.7     # sampling temperature of the refinement
+    refine_max_tokens: int = 2048       # reply length cap for the refinement (diagnosis + edited answer)
+    score_max_tokens: int = 256         # reply length cap for the self-calibrated score
+    min_delta: float = 1.0              # keep a pair only if s(y_w*) - s(y_l) > min_delta
+    restyle: bool = True                # rewrite y_w* and y_l in one other style: restyled, crossed, style-equivalence pairs
+    restyle_temperature: float = 0.0    # restyle is greedy: a faithful rewrite, not a sample
+    tie_policy: str = "drop"            # drop | reask (once, asking to avoid equal scores)
+    reask: int = 3                      # re-ask a reply that is not an answer (unparseable, empty, cut, refusal) N times
+    retry_failed: bool = False          # rerun only the rows in <out>/failures.jsonl that failed (not the dropped ones)
+    keep_label_disagreements: bool = False  # keep pairs whose input label the teacher contradicts
+    seed: int = 0                       # pool sampling, candidate choice, sampled-call seeds
+    limit: int = 0                      # process only the first N rows, 0 = all
+    shard: str = ""                     # "k/n": only rows with index % n == k (rows are independent)
+    price_prompt: float = 0.0           # USD per 1M prompt tokens, for the cost estimate
+    price_completion: float = 0.0       # USD per 1M completion tokens
+    progress: bool = True               # progress line on stderr
+
+
+# ---------------------------------------------------------------------------- asking the teacher
+
+STAGES = ("probe", "candidates", "generate", "annotate", "refine", "score", "restyle")
+
+
+class RowFailure(Exception):
+    def __init__(self, stage, reason, raw="", attempts=0, dropped=False, replies=None):
+        super().__init__(f"{stage}: {reason}")
+        self.stage, self.reason, self.raw, self.attempts, self.dropped = stage, reason, raw, attempts, dropped
+        self.replies = replies  # every unusable reply of a re-asked stage: [{reason, chars, text}]
+
+
+def _unsupported(status, text):
+    """A server's definite "response_format is not supported" (llama.cpp answers 500 with such a body)."""
+    return status in (400, 422) or (status == 500 and bool(
+        re.search(r"response_format|json_object|json_schema|not supported|unsupported", text or "", re.I)))
+
+
+def _split(csv):
+    return [x.strip() for x in csv.split(",") if x.strip()]
+
+
+def cache_key(body):
+    """The cache key of a request body: teacher.request_key with this protocol's TEMPLATE_VERSION."""
+    return request_key(body, TEMPLATE_VERSION)
+
+
+class Asker:
+    """How a run asks: the clients (one rate limit and one bound on requests in flight for all), the cache, the
+    per-stage counts. request() adds the cache to Client.post; ask() adds the parse and the re-asks."""
+
+    def __init__(self, cfg):
+        self.cfg, self.lock = cfg, threading.Lock()
+        self.cache = Cache(cfg.cache or os.path.join(cfg.out, "cache.jsonl"))
+        self.stop, self.json_mode = threading.Event(), False
+        limiter, slots = RateLimiter(cfg.rpm, cfg.tpm), threading.BoundedSemaphore(cfg.workers)
+
+        def client(url, key_env):
+            return Client(url, os.environ.get(key_env, ""), cfg.workers, limiter, cfg.timeout, cfg.max_retries,
+                          cfg.backoff_base, cfg.backoff_max, cfg.max_tokens_param, slots)
+        self.teacher = client(cfg.teacher_url, cfg.api_key_env)
+        models, urls = _split(cfg.candidate_models), _split(cfg.candidate_urls) or [cfg.teacher_url]
+        if len(urls) not in (1, len(models)):
+            raise ValueError(f"candidate_urls has {len(urls)} URLs for {len(models)} candidate_models: give one URL, "
+                             "or one per model")
+        clients = {u: client(u, cfg.candidate_api_key_env or cfg.api_key_env) for u in set(urls)}
+        self.candidates = [(m, clients[urls[k % len(urls)]]) for k, m in enumerate(models)]
+        self.stats = {s: {"sent": 0, "replies": 0, "cache_hits": 0, "reasks": 0, "recovered": 0, "failures": {},
+                          "prompt_tokens": 0, "completion_tokens": 0, "first": None, "last": None}
+                      for s in STAGES + ("internal",)}
+        self.row_local = threading.local()  # re-asks of the row this thread is working on
+
+    def body(self, model, messages, temperature, max_tokens, top_p=None, purpose=None, json_mode=False):
+        """A chat-completions request body with the run's settings; `purpose` names a sample (its seed)."""
+        body = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
+        if top_p is not None:
+            body["top_p"] = top_p
+        if temperature > 0 and purpose is not None:  # a seed per sample makes samples distinct cache keys
+            body["seed"] = int(hashlib.sha256(f"{self.cfg.seed}:{purpose}".encode()).hexdigest()[:7], 16)
+        if json_mode:
+            body["response_format"] = {"type": "json_object"}
+        if self.cfg.disable_thinking:
+            body["chat_template_kwargs"] = {"enable_thinking": False}
+        return body
+
+    def count(self, stage, **add):
+        with self.lock:
+            st, now = self.stats[stage], time.time()
+            for k, v in add.items():
+                st[k] += v
+            st["first"] = st["first"] or now
+            st["last"] = now
+
+    def count_failure(self, stage, reason):
+        with self.lock:
+            failures = self.stats[stage]["failures"]
+            failures[reason] = failures.get(reason, 0) + 1
+
+    def request(self, stage, client, body, **post_kw):
+        """(Reply, HTTP attempts) for `body`: from the cache, or posted once (Cache.fetch) and counted."""
+        def send():
+            if self.stop.is_set():
+                raise FatalError("run stopped")
+            self.count(stage)
+            try:
+                reply, attempts = client.post(body, **post_kw)
+            except TransportError as e:
+                self.count(stage, sent=e.attempts)
+                raise
+            self.count(stage, sent=attempts, replies=1, prompt_tokens=reply.usage.get("prompt_tokens", 0),
+                       completion_tokens=reply.usage.get("completion_tokens", 0))
+            return {"stage": stage, "attempts": attempts, "reply": asdict(reply)}
+        entry, cached = self.cache.fetch(cache_key(body), send)
+        if cached:
+            self.count(stage, cache_hits=1)
+        return Reply(**entry["reply"]), entry.get("attempts", 1)  # as first obtained: the same failures.jsonl
+
+    def ask(self, stage, client, body, parse=None, *args):
+        """(parse(text, *args), text) for a stage's request, text with the reasoning removed. A reply that is no
+        answer, or that `parse` rejects with ParseError, is re-asked up to cfg.reask times (see reask_body), each
+        attempt cached; the last failure is a RowFailure carrying every reply. HTTP-level failures were already
+        retried by the client: they fail at once. `parse` None: the text only has to be an answer (check_answer
+        for generations)."""
+        replies, sent, request = [], 0, body
+        budget = self.cfg.reask + (self.cfg.reask + 1 if self.cfg.retry_failed else 0)
+        for k in range(budget + 1):
+            if k:
+                request = self.reask_body(stage, body, replies, k)
+                self.count(stage, reasks=1)
+                row_reasks = getattr(self.row_local, "reasks", {})
+                row_reasks[stage] = row_reasks.get(stage, 0) + 1
+            try:
+                reply, attempts = self.request(stage, client, request)
+            except TransportError as e:
+                raise RowFailure(stage, e.reason, e.raw, sent + e.attempts, replies=replies or None) from None
+            sent += attempts
+            text = strip_reasoning(reply.content)
+            try:
+                value = self._read(stage, reply, text, parse, *args)
+            except ParseError as e:
+                replies.append({"reason": e.reason, "detail": bounded(str(e), 300),
+                                "chars": reply.content_chars or len(reply.content),
+                                "text": bounded(reply.content or reply.refusal)})
+                continue
+            if k:
+                self.count(stage, recovered=1)
+            return value, text
+        last = replies[-1]
+        raise RowFailure(stage, last["reason"], last["text"], sent, replies=replies)
+
+    @staticmethod
+    def _read(stage, reply, text, parse, *args):
+        """What a reply says, or ParseError: why it is no answer."""
+        problem = reply_problem(reply) or (None if text else "empty_reply")  # reasoning alone is no answer either
+        if problem:
+            raise ParseError(problem, "cut at the token limit" if problem == "length" else "")
+        if parse:
+            return parse(text, *args)
+        return check_answer(text, refusals=stage == "candidates") if stage in ("generate", "candidates") else text
+
+    def reask_body(self, stage, body, replies, k):
+        """The k-th re-ask of `body`: a request that differs, so that a deterministic server does not repeat
+        itself. Sampled generations get a new seed only (y_T stays an answer to the prompt alone); every other
+        call keeps the conversation and adds the unusable reply and a turn that says what was wrong."""
+        body = dict(body)
+        if "seed" in body:
+            body["seed"] = int(hashlib.sha256(f"{body['seed']}:reask:{k}".encode()).hexdigest()[:7], 16)
+            if stage in ("generate", "candidates"):
+                return body
+        last = replies[-1]
+        note = REASK_TEMPLATE.format(problem=last["detail"] or last["reason"],
+                                     length_note=REASK_LENGTH_NOTE if last["reason"] == "length" else "")
+        said = last["text"] or f"({last['reason']}: no content)"  # some servers refuse an empty assistant turn
+        body["messages"] = list(body["messages"]) + [{"role": "assistant", "content": said},
+                                                     {"role": "user", "content": note}]
+        if k > 1:  # each re-ask is a new key even when the same reply comes back
+            body["messages"][-1]["content"] += f" (attempt {k + 1})"
+        return body
+
+    def probe_json_mode(self):
+        """Does the teacher server accept response_format json_object? Asked once, remembered in the cache."""
+        if self.cfg.json_mode != "auto":
+            return self.cfg.json_mode == "on"
+        body = self.body(self.cfg.teacher_model, [{"role": "user", "content": PROBE_TEXT}], 0.0, 16, json_mode=True)
+        key = "probe:" + cache_key(body)
+        if self.cache.get(key) is None:
+            try:  # retried like any request; only a definite "unsupported" answer turns JSON mode off
+                self.request("probe", self.teacher, body, final=_unsupported)
+                supported = True
+            except TransportError as e:
+                status = int(e.reason[5:]) if e.reason.startswith("http_") else None
+                if status is None or (status in RETRY_STATUS and not _unsupported(status, e.raw)):
+                    raise FatalError(f"the JSON-mode probe to {self.teacher.url} kept failing ({e.reason} after "
+                                     f"{e.attempts} attempts): the teacher is unreachable or overloaded; retry "
+                                     "later, or set --json-mode on|off to skip the probe") from None
+                supported = False
+            self.cache.put({"key": key, "supported": supported})
+        return self.cache.get(key)["supported"]
+
+
+# ---------------------------------------------------------------------------- the stages
+
+def _norm(text):
+    return " ".join(text.split())
+
+
+def _sign(x):
+    return (x > 0) - (x < 0)
+
+
+def _mean(scores):
+    return {k: (scores["a_first"][k] + scores["b_first"][k]) / 2 for k in "ab"}
+
+
+class Run:
+    """One distill run: what is asked of the teacher for each row (the stages, through an Asker), and the tallies
+    of what came of it; `process_row` takes a row through every stage."""
+
+    def __init__(self, cfg):
+        self.cfg, self.asker, self.lock, self.fatal = cfg, Asker(cfg), threading.Lock(), None
+        self.filter = {"kept": 0, "dropped": {}}
+        self.restyle = {"rows": 0, "pairs": 0, "unchanged": 0, "failed": 0}  # rows that gave extra pairs, and how many
+        self.bias = {"pairs": 0, "disagreements": 0}
+        self.rows_done = 0
+
+    def generate_body(self, model, row, purpose):
+        """A sampled generation of `model`'s answer to the row's prompt (y_T, or a candidate answer)."""
+        cfg = self.cfg
+        return self.asker.body(model, prompt_messages(row["prompt"]), cfg.gen_temperature, cfg.gen_max_tokens,
+                               cfg.gen_top_p, purpose=purpose)
+
+    def answers(self, row):
+        """The two candidate answers (a, b) and where they came from."""
+        rid, cfg, candidates = row["id"], self.cfg, self.asker.candidates
+        if row["kind"] == "pair":
+            return row["chosen"], row["rejected"], {"input": "pair"}
+        if row["kind"] == "pool":
+            i, j = random.Random(f"{cfg.seed}:{rid}").sample(range(len(row["responses"])), 2)
+            return row["responses"][i], row["responses"][j], {"input": "pool", "responses": [i, j]}
+        if not candidates:
+            raise RowFailure("candidates", "no_candidate_models", "bare prompts need --candidate-models")
+        picks = [0, 0] if len(candidates) == 1 else \
+            random.Random(f"{cfg.seed}:{rid}:candidates").sample(range(len(candidates)), 2)
+        texts = [self.asker.ask("candidates", candidates[pick][1],
+                                self.generate_body(candidates[pick][0], row, f"{rid}:candidate:{k}"))[0]
+                 for k, pick in enumerate(picks)]
+        return texts[0], texts[1], {"input": "prompt", "candidate_models": [candidates[p][0] for p in picks]}
+
+    def annotate(self, question, a, b, tie_reask=False):
+        """Order-wise scores {a_first: {a, b}, b_first: {a, b}} from two greedy annotate calls."""
+        cfg, asker, scores = self.cfg, self.asker, {}
+        for order, (x, y) in (("a_first", (a, b)), ("b_first", (b, a))):
+            text = annotate_prompt(question, x, y, asker.json_mode, tie_reask)
+            body = asker.body(cfg.teacher_model, [{"role": "user", "content": text}], cfg.annotate_temperature,
+                              cfg.annotate_max_tokens, purpose=f"{order}:{text}", json_mode=asker.json_mode)
+            s1, s2 = asker.ask("annotate", asker.teacher, body, parse_annotation, asker.json_mode, (a, b))[0]
+            scores[order] = {"a": s1, "b": s2} if order == "a_first" else {"a": s2, "b": s1}
+        return scores
+
+    def judge(self, question, a, b):
+        """Annotate both orders (again, asking to avoid a tie, under --tie-policy=reask) -> (scores, mean scores);
+        a tie is a dropped row."""
+        scores = self.annotate(question, a, b)
+        with self.lock:
+            self.bias["pairs"] += 1
+            o1, o2 = scores["a_first"], scores["b_first"]
+            self.bias["disagreements"] += _sign(o1["a"] - o1["b"]) != _sign(o2["a"] - o2["b"])
+        mean = _mean(scores)
+        if mean["a"] == mean["b"] and self.cfg.tie_policy == "reask":
+            scores["tie_reask"] = True
+            scores.update(self.annotate(question, a, b, tie_reask=True))
+            mean = _mean(scores)
+        if mean["a"] == mean["b"]:
+            raise RowFailure("annotate", "tie", canonical(scores), dropped=True)
+        scores["mean"] = mean
+        return scores, mean
+
+    def refine_and_score(self, rid, question, teacher_answer, rejected, rejected_score):
+        """Refine y_l towards y_T, then score y_w* in the same conversation, anchored on s(y_l), and filter:
+        (diagnosis, y_w*, s(y_w*)), or a dropped row."""
+        cfg, asker = self.cfg, self.asker
+        nonce, refine_text = refine_prompt(question, teacher_answer, rejected)
+        messages = [{"role": "user", "content": refine_text}]
+        (diagnosis, refined), refine_reply = asker.ask("refine", asker.teacher, asker.body(
+            cfg.teacher_model, messages, cfg.refine_temperature, cfg.refine_max_tokens, purpose=f"{rid}:refine"),
+            parse_refinement, nonce)
+        messages = messages + [{"role": "assistant", "content": refine_reply},
+                               {"role": "user", "content": score_prompt(nonce, rejected_score, asker.json_mode)}]
+        refined_score = asker.ask("score", asker.teacher, asker.body(
+            cfg.teacher_model, messages, cfg.annotate_temperature, cfg.score_max_tokens,
+            purpose=f"{rid}:score", json_mode=asker.json_mode), parse_score, asker.json_mode, (rejected, refined))[0]
+        if _norm(refined) == _norm(rejected):
+            raise RowFailure("filter", "unchanged", refined, dropped=True)
+        if not refined_score - rejected_score > cfg.min_delta:
+            raise RowFailure("filter", "small_delta", f"{refined_score:g} - {rejected_score:g}", dropped=True)
+        return diagnosis, refined, refined_score
+
+    def distill_row(self, row, out):
+        """The stages for one row: fills out["annotated"], out["train"] (and out["extra"]), or raises RowFailure."""
+        cfg, rid = self.cfg, row["id"]
+        question = render_question(row["prompt"])
+        a, b, source = self.answers(row)
+        scores, mean = self.judge(question, a, b)
+        winner, loser = ("a", "b") if mean["a"] > mean["b"] else ("b", "a")
+        answer = {"a": a, "b": b}
+        teacher_answer = self.asker.ask("generate", self.asker.teacher,
+                                        self.generate_body(cfg.teacher_model, row, f"{rid}:teacher"))[0]
+        provenance = {"teacher_model": cfg.teacher_model, "template_version": TEMPLATE_VERSION,
+                      "line": row["line"], "annotate_scores": scores, **source}
+        label_agrees = winner == "a" if row["kind"] == "pair" else None
+        out["annotated"] = {"id": rid, "prompt": row["prompt"], "chosen": answer[winner], "rejected": answer[loser],
+                            "chosen_score": mean[winner], "rejected_score": mean[loser],
+                            "teacher_response": teacher_answer,
+                            "provenance": {**provenance, "source": "annotated", "label_agrees": label_agrees}}
+        if label_agrees is False and not cfg.keep_label_disagreements:
+            raise RowFailure("annotate", "label_disagreement", canonical(scores), dropped=True)
+        rejected, rejected_score = answer[loser], mean[loser]
+        diagnosis, refined, refined_score = self.refine_and_score(rid, question, teacher_answer, rejected,
+                                                                  rejected_score)
+        out["train"] = {"id": rid, "prompt": row["prompt"], "chosen": refined, "rejected": rejected,
+                        "chosen_score": refined_score, "rejected_score": rejected_score,
+                        "teacher_response": teacher_answer,
+                        "provenance": {**provenance, "diagnosis": diagnosis, "source": "refined"}}
+        reasks = self.asker.row_local.reasks
+        if reasks:  # stages answered only after a re-ask: their answers may differ from a first reply's
+            out["train"]["provenance"]["reasks"] = dict(reasks)
+        if cfg.restyle:
+            out["extra"] = self.restyled_pairs(out["train"], question)
+
+    def process_row(self, row):
+        """One row through every stage -> {train?, annotated?, failure?}; every row gets a train row or a failure."""
+        rid, out = row["id"], {}
+        self.asker.row_local.reasks = {}
+        try:
+            self.distill_row(row, out)
+        except RowFailure as f:
+            out["failure"] = {"id": rid, "line": row["line"], "stage": f.stage, "reason": f.reason,
+                              "dropped": f.dropped, "attempts": f.attempts, "raw": bounded(f.raw)}
+            if f.replies:
+                out["failure"]["replies"] = f.replies
+        except FatalError as e:
+            self.fatal = self.fatal or e
+            self.asker.stop.set()
+        except Exception as e:  # noqa: BLE001 - a bug or a reply nobody foresaw: record it, keep the run going
+            out["failure"] = {"id": rid, "line": row["line"], "stage": "internal", "reason": type(e).__name__,
+                              "dropped": False, "attempts": 0, "raw": repr(e)[:2000]}
+        self.tally(out)
+        return out
+
+    def tally(self, out):
+        with self.lock:
+            self.rows_done += 1
+            if "train" in out:
+                self.filter["kept"] += 1
+        if "failure" in out and "train" not in out:
+            f = out["failure"]
+            if f["dropped"]:
+                with self.lock:
+                    self.filter["dropped"][f["reason"]] = self.filter["dropped"].get(f["reason"], 0) + 1
+            else:
+                self.asker.count_failure(f["stage"], f["reason"])
+
+    def restyled_pairs(self, refined_row, question):
+        """y_w* and y_l rewritten in one style S drawn per row (seeded) -> pairs in which every style sits on both
+        sides: (y_w*S, y_lS), and the crossed (y_w*S, y_l) and (y_w*, y_lS), with the refined pair's margin; the
+        style-equivalence pairs (y_w*S, y_w*) and (y_lS, y_l) with margin 0. A rewrite that changes nothing only
+        removes the pairs it would duplicate. A failure costs the row its extra pairs, not its refined pair: it is
+        counted and noted in the refined row's provenance."""
+        rid, cfg = refined_row["id"], self.cfg
+        chosen, rejected = refined_row["chosen"], refined_row["rejected"]
+        style = random.Random(f"{cfg.seed}:{rid}:restyle").choice(sorted(RESTYLE_STYLES))
+        note = refined_row["provenance"]["restyle"] = {"style": style}
+        try:
+            chosen_s, rejected_s = (self.restyle_answer(rid, which, question, answer, style)
+                                    for which, answer in (("chosen", chosen), ("rejected", rejected)))
+        except RowFailure as f:
+            note["failed"] = f.reason
+            with self.lock:
+                self.restyle["failed"] += 1
+            self.asker.count_failure("restyle", f.reason)
+            return []
+        high, low = refined_row["chosen_score"], refined_row["rejected_score"]
+        candidates = [("restyled", chosen_s, rejected_s, high, low), ("crossed", chosen_s, rejected, high, low),
+                      ("crossed", chosen, rejected_s, high, low), ("equivalent", chosen_s, chosen, high, high),
+                      ("equivalent", rejected_s, rejected, low, low)]
+        seen, pairs = {(_norm(chosen), _norm(rejected))}, []
+        provenance = {k: v for k, v in refined_row["provenance"].items() if k != "diagnosis"}
+        for source, c, r, sc, sr in candidates:
+            if _norm(c) == _norm(r) or (_norm(c), _norm(r)) in seen:
+                continue  # an unchanged rewrite: nothing new to learn from this pair
+            seen.add((_norm(c), _norm(r)))
+            pairs.append({"id": f"{rid}:{source}:{len(pairs)}", "prompt": refined_row["prompt"], "chosen": c,
+                          "rejected": r, "chosen_score": sc, "rejected_score": sr,
+                          "provenance": {**provenance, "source": source}})
+        with self.lock:
+            self.restyle["rows" if pairs else "unchanged"] += 1
+            self.restyle["pairs"] += len(pairs)
+        return pairs
+
+    def restyle_answer(self, rid, which, question, answer, style):
+        nonce, text = restyle_prompt(question, answer, style)
+        cfg = self.cfg
+        body = self.asker.body(cfg.teacher_model, [{"role": "user", "content": text}], cfg.restyle_temperature,
+                               cfg.refine_max_tokens, purpose=f"{rid}:restyle:{which}")
+        return self.asker.ask("restyle", self.asker.teacher, body, parse_restyle, nonce)[0]
+
+
+# ---------------------------------------------------------------------------- the report
+
+def summarize(run, rows, wall_s):
+    """summary.json: the per-stage table (requests, cache hits, re-asks, tokens, cost), the row outcomes."""
+    cfg, stages = run.cfg, {}
+    for name, st in run.asker.stats.items():
+        if not (st["sent"] or st["cache_hits"] or st["failures"]):
+            continue
+        cost = (st["prompt_tokens"] * cfg.price_prompt + st["completion_tokens"] * cfg.price_completion) / 1e6
+        stages[name] = {k: st[k] for k in ("sent", "replies", "cache_hits", "reasks", "recovered", "failures",
+                                           "prompt_tokens", "completion_tokens")}
+        stages[name]["wall_s"] = round((st["last"] or 0) - (st["first"] or 0), 3)
+        stages[name]["cost_usd"] = round(cost, 6)
+    n = run.bias["pairs"]
+    return {"teacher_url": cfg.teacher_url, "teacher_model": cfg.teacher_model,
+            "template_version": TEMPLATE_VERSION, "json_mode": run.asker.json_mode, "rows": len(rows),
+            "kept": run.filter["kept"], "dropped": run.filter["dropped"], "failed": failed_rows(run.asker.stats),
+            "restyle": dict(run.restyle),
+            "position_bias": {**run.bias, "rate": round(run.bias["disagreements"] / n, 4) if n else None},
+            "stages": stages, "wall_s": round(wall_s, 3),
+            "cost_usd": round(sum(s["cost_usd"] for s in stages.values()), 6), "config": asdict(cfg)}
+
+
+def failed_rows(stats):
+    """Rows lost to a failure. A restyle failure costs a row its extra pairs only, so it is not one of them."""
+    return sum(sum(st["failures"].values()) for name, st in stats.items() if name != "restyle")
+
+
+def progress_line(run, total, t0):
+    stats = run.asker.stats
+    sent = sum(st["sent"] for st in stats.values())
+    hits = sum(st["cache_hits"] for st in stats.values())
+    return (f"[distill] rows {run.rows_done}/{total}  kept {run.filter['kept']}  failed {failed_rows(stats)}  "
+            f"dropped {sum(run.filter['dropped'].values())} | requests sent {sent}  cached {hits}  "
+            f"in flight {len(run.asker.cache.inflight)} | {sent / max(time.time() - t0, 1e-9):.1f} req/s")
+
+
+def _show_progress(run, total, t0, done):
+    """One updating line on a terminal, a line every 10 s otherwise."""
+    tty = sys.stderr.isatty()
+    while not done.wait(0.5 if tty else 10):
+        print(("\r" if tty else "") + progress_line(run, total, t0), end="" if tty else "\n", file=sys.stderr,
+              flush=True)
+    if tty:
+        print("\r" + progress_line(run, total, t0), file=sys.stderr)
+
+
+def print_report(summary, file=None):
+    file = file or sys.stderr
+    head = (f"{'stage':<11}{'sent':>7}{'cached':>8}{'reasks':>8}{'recovered':>10}{'prompt_tok':>12}{'compl_tok':>11}"
+            f"{'wall_s':>9}{'cost_$':>10}  failures")
+    print(head, file=file)
+    for name, st in summary["stages"].items():
+        fails = ", ".join(f"{k} {v}" for k, v in sorted(st["failures"].items())) or "-"
+        print(f"{name:<11}{st['sent']:>7}{st['cache_hits']:>8}{st.get('reasks', 0):>8}{st.get('recovered', 0):>10}"
+              f"{st['prompt_tokens']:>12}{st['completion_tokens']:>11}"
+              f"{st['wall_s']:>9.1f}{st['cost_usd']:>10.4f}  {fails}", file=file)
+    pb = summary["position_bias"]
+    rate = "n/a" if pb["rate"] is None else f"{100 * pb['rate']:.1f}%"
+    print(f"position bias: the two orders disagree on {pb['disagreements']}/{pb['pairs']} pairs ({rate})", file=file)
+    rs = summary.get("restyle")
+    if rs and any(rs.values()):
+        print(f"restyle: {rs['rows']} rows gave {rs['pairs']} restyled, crossed and style-equivalence pairs; "
+              f"{rs['unchanged']} rows' rewrites changed nothing, {rs['failed']} failed (their refined pairs are kept)",
+              file=file)
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(summary["dropped"].items())) or "none"
+    print(f"rows: {summary['rows']} in, {summary['kept']} kept, dropped: {dropped}, failed: {summary['failed']} | "
+          f"wall {summary['wall_s']:.1f}s, est. cost ${summary['cost_usd']:.4f}", file=file)
+
+
+# ---------------------------------------------------------------------------- outputs and --retry-failed
+
+OUTPUTS = {"train": "train", "annotated": "annotated", "failures": "failure"}  # file name -> process_row key
+
+
+def _line(item):
+    return item["line"] if "line" in item else item["provenance"]["line"]
+
+
+def _previous_outputs(out):
+    """An earlier run's train/annotated/failures rows, for --retry-failed."""
+    previous = {}
+    for name in OUTPUTS:
+        path = os.path.join(out, name + ".jsonl")
+        if not os.path.exists(path):
+            raise ValueError(f"--retry-failed: {path} does not exist; run distill without --retry-failed first "
+                             "(with the same --out)")
+        previous[name] = [row for _, row in read_jsonl_rows(path)]
+    return previous
+
+
+def _outputs(results):
+    """{file name: rows} of this run's results, in input order (a kept row's extra restyle pairs after it)."""
+    outputs = {name: [r[key] for r in results if key in r] for name, key in OUTPUTS.items()}
+    outputs["train"] = [t for r in results if "train" in r for t in (r["train"], *r.get("extra", []))]
+    return outputs
+
+
+def _merge_retried(previous, outputs, summary, retried, results):
+    """The earlier outputs with the entries of the `retried` row ids replaced by this run's, in input order; the
+    summary's row counts made those of the merged outputs."""
+    merged = {name: sorted([x for x in previous[name] if x["id"] not in retried] + outputs[name], key=_line)
+              for name in OUTPUTS}
+    kept = sum(t["provenance"]["source"] == "refined" for t in merged["train"])  # rows, not extra pairs
+    dropped = {}
+    for f in merged["failures"]:
+        if f["dropped"]:
+            dropped[f["reason"]] = dropped.get(f["reason"], 0) + 1
+    summary.update(rows=kept + len(merged["failures"]), kept=kept, dropped=dropped,
+                   failed=sum(not f["dropped"] for f in merged["failures"]),
+                   retry_failed={"rows": len(results), "recovered": sum("train" in r for r in results)})
+    return merged
+
+
+def _check_config(cfg):
+    problems = [name for name, ok in (
+        ("teacher_url is empty: give --teacher-url (OpenAI-compatible base URL)", cfg.teacher_url),
+        ("teacher_model is empty: give --teacher-model", cfg.teacher_model),
+        ("data is empty: give --data (a JSONL file)", cfg.data),
+        ("json_mode must be auto, on or off", cfg.json_mode in ("auto", "on", "off")),
+        ("tie_policy must be drop or reask", cfg.tie_policy in ("drop", "reask")),
+        ("max_tokens_param must be auto, max_tokens or max_completion_tokens",
+         cfg.max_tokens_param in ("auto", "max_tokens", "max_completion_tokens")),
+        ("workers must be >= 1", cfg.workers >= 1),
+        ("shard must look like k/n with 0 <= k < n", not cfg.shard or re.fullmatch(r"\d+/\d+", cfg.shard)
+         and int(cfg.shard.split("/")[0]) < int(cfg.shard.split("/")[1])),
+    ) if not ok]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------- the run
+
+def _say_start(cfg, run, rows):
+    key_note = "set" if os.environ.get(cfg.api_key_env) else "not set (fine for local servers)"
+    print(f"[distill] {len(rows)} rows from {cfg.data} -> {cfg.out} | teacher {cfg.teacher_model} at "
+          f"{run.asker.teacher.url} (${cfg.api_key_env} {key_note})\n[distill] limits: workers {cfg.workers}, "
+          f"rpm {cfg.rpm or 'unlimited'}, tpm {cfg.tpm or 'unlimited'}, timeout {cfg.timeout}s, "
+          f"retries {cfg.max_retries} (backoff {cfg.backoff_base}s..{cfg.backoff_max}s), "
+          f"token estimates: {token_estimator_name()}, cache {run.asker.cache.path} "
+          f"({len(run.asker.cache.entries)} entries)", file=sys.stderr)
+
+
+def _run_rows(run, rows, t0):
+    """Every row through process_row, 2 x workers rows at a time -> results in input order. A FatalError or a
+    Ctrl-C stops the run; the cache keeps what finished."""
+    cfg = run.cfg
+    try:
+        run.asker.json_mode = run.asker.probe_json_mode()
+        print(f"[distill] annotate/score replies: {'JSON mode' if run.asker.json_mode else 'anchored text'}",
+              file=sys.stderr)
+        done = threading.Event()
+        if cfg.progress:
+            threading.Thread(target=_show_progress, args=(run, len(rows), t0, done), daemon=True).start()
+        pool = ThreadPoolExecutor(2 * cfg.workers)  # more rows than request slots keeps every slot busy
+        try:
+            results = list(pool.map(run.process_row, rows))
+        except BaseException:  # Ctrl-C: rows stop at their next request; the cache keeps what finished
+            run.asker.stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            done.set()
+        if run.fatal:
+            raise run.fatal
+    finally:
+        run.asker.cache.close()
+    return results
+
+
+def distill(cfg):
+    """Run the whole pipeline for `cfg` (a DistillConfig); write the outputs to cfg.out; return the summary."""
+    _check_config(cfg)
+    rows = load_rows(cfg.data, cfg.limit, cfg.shard)
+    previous = _previous_outputs(cfg.out) if cfg.retry_failed else None
+    if previous is not None:
+        failed = {f["id"] for f in previous["failures"] if not f["dropped"]}
+        rows = [r for r in rows if r["id"] in failed]
+        print(f"[distill] --retry-failed: {len(rows)} failed row(s) of {cfg.out}/failures.jsonl again, with "
+              f"{cfg.reask + 1} more re-asks each; finished requests come from the cache", file=sys.stderr)
+    os.makedirs(cfg.out, exist_ok=True)
+    run, t0 = Run(cfg), time.time()
+    _say_start(cfg, run, rows)
+    results = _run_rows(run, rows, t0)
+    outputs, summary = _outputs(results), summarize(run, rows, time.time() - t0)
+    if previous is not None:
+        outputs = _merge_retried(previous, outputs, summary, {r["id"] for r in rows}, results)
+    for name, items in outputs.items():
+        write_jsonl(os.path.join(cfg.out, name + ".jsonl"), items)
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print_report(summary)
+    return summary
