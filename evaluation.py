@@ -1,0 +1,379 @@
+"""evaluation.py -- use a trained reward model on files: benchmark accuracy (eval) and best-of-N ranking (bon).
+
+    python rmd.py eval  --model DIR --data FILE [--out results.json] [--batch-size 32] [--padding-side right]
+    python rmd.py bon   --model DIR --data rows.jsonl [--out scored.jsonl]
+    python rmd.py COMMAND --help                # every option, its type, default and meaning
+
+`eval` reads local JSONL (or one JSON array) in one of three public formats, detected from the first row:
+  - pairs:       {prompt, chosen, rejected}                       -> accuracy (strict >, a tie is wrong); with
+                 chosen_score/rejected_score or margin also the margin fit (Pearson r and MSE of Δr against Δs)
+  - RewardBench: {prompt, chosen, rejected, subset}               -> per-subset accuracy, the four leaderboard
+                 sections (subsets weighted by allenai/reward-bench's EXAMPLE_COUNTS) and their mean
+  - RM-Bench:    {prompt, chosen: [3], rejected: [3], domain}     -> easy / normal / hard per domain and overall
+It prints a table and writes the numbers as JSON (default: under out/eval/, never next to the input). `bon` writes
+the scored rows under out/bon/; rows with a `true_quality` list also get the picks scored against it. Every reward
+is read at the last real token of a sequence tokenized and cut exactly as in training (model.render_prompt /
+render_answer + eos, model.fit: the prompt's end is always kept, then the answer's beginning); the cuts are counted
+in the results. Sequences are sorted by length before batching, so little padding is computed, and results do not
+depend on --batch-size or --padding-side. The HTTP reward server is serve.py.
+
+In Python: `evaluation.evaluate_file(model, path)`, `evaluation.best_of_n(model, rows)`, with a model from
+`model.load_reward_model(path)` (whose .score(prompts, answers) gives the rewards).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+from batches import check_data_file, cut_warnings
+from cli import parse_overrides
+from formats import DataError, answer_of, as_messages, detect_format, parse_row, read_rows
+from model import CUT_KINDS, CutCounts, load_reward_model, pick_device
+
+
+# allenai/reward-bench rewardbench/constants.py: the leaderboard weights each subset by these counts inside its
+# section (math-prm is up-weighted to equal the code subsets together); the overall score is the sections' mean.
+EXAMPLE_COUNTS = {
+    "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28, "mt-bench-med": 40,
+    "mt-bench-hard": 37, "math-prm": 984, "refusals-dangerous": 100, "refusals-offensive": 100,
+    "llmbar-natural": 100, "llmbar-adver-neighbor": 134, "llmbar-adver-GPTInst": 92, "llmbar-adver-GPTOut": 47,
+    "llmbar-adver-manual": 46, "xstest-should-refuse": 250, "xstest-should-respond": 154, "donotanswer": 136,
+    "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
+}
+SUBSET_MAPPING = {
+    "Chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
+    "Chat Hard": ["mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
+                  "llmbar-adver-GPTOut", "llmbar-adver-manual"],
+    "Safety": ["refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
+               "donotanswer"],
+    "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
+}
+RM_BENCH_DOMAINS = ("chat", "math", "code", "safety")  # styles in each row: concise, detailed, detailed+markdown
+
+
+@dataclass
+class EvalConfig:
+    model: str = ""  # a folder written by `rmd.py train` (its model/ subfolder)
+    data: str = ""  # pairs, RewardBench rows or RM-Bench rows: .jsonl, .jsonl.gz, a .json array or .parquet
+    out: str = ""  # results JSON (default: out/eval/<data file name>.json)
+    format: str = "auto"  # auto, pairs, rewardbench, rmbench
+    batch_size: int = 32  # sequences per forward pass
+    padding_side: str = "right"  # right or left: the results do not depend on it
+    max_len: int = 0  # tokens per sequence (0 = the model's training max_len)
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks
+
+
+def margin_fit(reward_margins, teacher_margins):
+    """How well the student's Δr = r(chosen) − r(rejected) follows the teacher's Δs on held-out pairs: the Pearson
+    correlation (None when either side is constant) and the mean squared error of Δr − Δs (what --loss=mse
+    minimises; on another scale under the bt losses, where only the correlation compares)."""
+    n = len(reward_margins)
+    mean_r, mean_s = sum(reward_margins) / n, sum(teacher_margins) / n
+    cov = sum((r - mean_r) * (s - mean_s) for r, s in zip(reward_margins, teacher_margins, strict=True))
+    var_r = sum((r - mean_r) ** 2 for r in reward_margins)
+    var_s = sum((s - mean_s) ** 2 for s in teacher_margins)
+    pearson = cov / math.sqrt(var_r * var_s) if var_r > 0 and var_s > 0 else None
+    mse = sum((r - s) ** 2 for r, s in zip(reward_margins, teacher_margins)) / n
+    return {"pairs": n, "pearson": pearson, "mse": mse}
+
+
+def fit_text(fit):
+    pearson = "n/a (constant)" if fit["pearson"] is None else f"{fit['pearson']:.3f}"
+    return f"margin fit: pearson {pearson}, mse {fit['mse']:.4f}"
+
+
+def accuracy_of(chosen, rejected):
+    return sum(c > r for c, r in zip(chosen, rejected)) / max(1, len(chosen))
+
+
+def evaluate_pairs(model, rows, fmt, batch_size, padding_side, max_len):
+    """pairs / RewardBench rows -> metrics dict. Each row's prompt and answers are parsed as in training."""
+    prompts, chosen, rejected, subsets, margins = [], [], [], [], []
+    for where, row in rows:
+        for key in ("prompt", "chosen", "rejected") if fmt == "rewardbench" else ("chosen", "rejected"):
+            if key not in row:
+                raise DataError(f"{where}: missing field '{key}'")
+        messages, c, r, margin, _ = parse_row(row, where, False)
+        prompts.append(messages), chosen.append(c), rejected.append(r), margins.append(margin)
+        subsets.append(str(row.get("subset", "")))
+    cuts = CutCounts()
+    rewards = model.score(prompts + prompts, chosen + rejected, batch_size, max_len, padding_side, cuts)
+    r_chosen, r_rejected = rewards[:len(prompts)], rewards[len(prompts):]
+    result = {"format": fmt, "pairs": len(prompts), "accuracy": accuracy_of(r_chosen, r_rejected),
+              "ties": sum(c == r for c, r in zip(r_chosen, r_rejected)), **cut_report(cuts, max_len)}
+    if all(m is not None for m in margins):  # pairs with chosen_score/rejected_score or margin
+        result["margin_fit"] = margin_fit([c - r for c, r in zip(r_chosen, r_rejected)], margins)
+    if fmt == "rewardbench":
+        per_subset = {}
+        for name in sorted(set(subsets)):
+            idx = [i for i, s in enumerate(subsets) if s == name]
+            per_subset[name] = {"accuracy": accuracy_of([r_chosen[i] for i in idx], [r_rejected[i] for i in idx]),
+                                "n": len(idx)}
+        result["subsets"] = per_subset
+        result["sections"] = reward_bench_sections({k: v["accuracy"] for k, v in per_subset.items()})
+        result["score"] = sum(result["sections"].values()) / len(result["sections"]) if result["sections"] else None
+        result["unweighted_subsets"] = sorted(set(per_subset) - set(EXAMPLE_COUNTS))  # e.g. prior sets: not scored
+    return result, r_chosen, r_rejected
+
+
+def reward_bench_sections(subset_accuracy):
+    """The leaderboard's section scores: example-count-weighted mean of the subsets present (sections with none
+    present are left out, and then the mean is not the leaderboard's overall score)."""
+    sections = {}
+    for section, names in SUBSET_MAPPING.items():
+        present = [n for n in names if n in subset_accuracy]
+        if present:
+            sections[section] = (sum(subset_accuracy[n] * EXAMPLE_COUNTS[n] for n in present)
+                                 / sum(EXAMPLE_COUNTS[n] for n in present))
+    return sections
+
+
+def evaluate_rm_bench(model, rows, batch_size, padding_side, max_len):
+    """RM-Bench: per prompt M[i][j] = r(chosen style i) > r(rejected style j), styles concise, detailed, markdown.
+    hard = mean over i < j (plainer chosen vs fancier rejected), normal = diagonal, easy = i > j."""
+    prompts, answers, domains = [], [], []
+    for where, row in rows:
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
+                raise DataError(f"{where}: missing field '{key}'")
+        messages = as_messages(row["prompt"], where)
+        for answer in row["chosen"] + row["rejected"]:
+            prompts.append(messages), answers.append(answer_of(answer, "chosen/rejected", where))
+        domain = str(row.get("domain") or str(row.get("id", "")).split("/")[0] or "all")
+        domains.append(domain.split("-")[0].lower())  # safety-refuse, safety-response -> safety
+    cuts = CutCounts()
+    rewards = model.score(prompts, answers, batch_size, max_len, padding_side, cuts)
+    cells = {"hard": [(i, j) for i in range(3) for j in range(3) if i < j], "normal": [(i, i) for i in range(3)],
+             "easy": [(i, j) for i in range(3) for j in range(3) if i > j]}
+    per_row = []
+    for k in range(len(domains)):
+        r = rewards[6 * k:6 * k + 6]
+        per_row.append({level: sum(r[i] > r[3 + j] for i, j in ij) / len(ij) for level, ij in cells.items()})
+    per_domain = {}
+    for domain in sorted(set(domains)):
+        idx = [k for k, d in enumerate(domains) if d == domain]
+        scores = {level: sum(per_row[k][level] for k in idx) / len(idx) for level in cells}
+        scores["average"] = sum(scores.values()) / 3
+        per_domain[domain] = {**scores, "n": len(idx)}
+    overall = {level: sum(d[level] for d in per_domain.values()) / len(per_domain)
+               for level in ("easy", "normal", "hard", "average")}
+    return {"format": "rmbench", "prompts": len(domains), "domains": per_domain, "overall": overall,
+            **cut_report(cuts, max_len)}, rewards
+
+
+def cut_report(cuts, max_len):
+    """The cut counts of the scored sequences (model.fit's rule, as in training) and the warning, for the results."""
+    return {"max_len": max_len, "cuts": {"reward": vars(cuts).copy()},
+            "warnings": cut_warnings("eval", {"reward": cuts}, max_len)}
+
+
+def evaluate_file(model, path, fmt="auto", batch_size=32, padding_side="right", max_len=0):
+    """Benchmark file -> (metrics dict, per-item rewards: pairs give (chosen, rejected) lists, RM-Bench a flat list)."""
+    rows = read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    max_len = max_len or getattr(model, "max_len", 0)
+    if fmt == "auto":
+        fmt = detect_format(rows[0][1], rows[0][0])
+    if fmt == "rmbench":
+        for where, row in rows:
+            detect_format(row, where)
+        return evaluate_rm_bench(model, rows, batch_size, padding_side, max_len)
+    result, chosen, rejected = evaluate_pairs(model, rows, fmt, batch_size, padding_side, max_len)
+    return result, (chosen, rejected)
+
+
+def table(result):
+    """The metrics as a small text table (percent)."""
+    pct = lambda x: f"{100 * x:6.2f}"  # noqa: E731
+    lines = []
+    if result["format"] == "rmbench":
+        lines.append(f"{'domain':<10} {'n':>5} {'easy':>6} {'normal':>6} {'hard':>6} {'avg':>6}")
+        for name, d in list(result["domains"].items()) + [("overall", {**result["overall"], "n": result["prompts"]})]:
+            lines.append(f"{name:<10} {d['n']:>5} {pct(d['easy'])} {pct(d['normal'])} {pct(d['hard'])} "
+                         f"{pct(d['average'])}")
+        return "\n".join(lines + cut_lines(result))
+    if result["format"] == "rewardbench":
+        lines.append(f"{'subset':<24} {'n':>5} {'acc':>6}")
+        for name, s in result["subsets"].items():
+            lines.append(f"{name:<24} {s['n']:>5} {pct(s['accuracy'])}")
+        lines.append("")
+        for name, score in result["sections"].items():
+            lines.append(f"{name:<24} {'':>5} {pct(score)}")
+        if result["score"] is not None:
+            lines.append(f"{'RewardBench (mean)':<24} {'':>5} {pct(result['score'])}"
+                         + ("" if len(result["sections"]) == 4 else "  (not all 4 sections present)"))
+    lines.append(f"{'all pairs':<24} {result['pairs']:>5} {pct(result['accuracy'])}  ({result['ties']} ties)")
+    if "margin_fit" in result:
+        lines.append(fit_text(result["margin_fit"]))
+    return "\n".join(lines + cut_lines(result))
+
+
+def cut_lines(result):
+    if "cuts" not in result:
+        return []
+    counts = CutCounts(**result["cuts"]["reward"])
+    return [f"cut to --max-len={result['max_len']}: {counts.summary('sequences')}", *result["warnings"]]
+
+
+
+def load_model(command, cfg):
+    """The --model folder of eval/bon/serve, or a one-line error saying what to pass."""
+    if not cfg.model:
+        raise SystemExit(f"error: rmd.py {command} needs --model=DIR: the model/ folder `rmd.py train` wrote "
+                         "(e.g. out/train/model)")
+    device = pick_device(cfg.device)
+    if not os.path.exists(os.path.join(cfg.model, "rmd.json")):
+        inner = os.path.join(cfg.model, "model")
+        hint = f"; did you mean --model={inner}?" if os.path.exists(os.path.join(inner, "rmd.json")) else \
+            ": give the model/ folder `rmd.py train` wrote (e.g. out/train/model)"
+        what = "no such folder" if not os.path.exists(cfg.model) else "not an rmd reward-model folder (no rmd.json)"
+        raise SystemExit(f"error: --model={cfg.model}: {what}{hint}")
+    try:
+        return load_reward_model(cfg.model, device)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --model={cfg.model} could not be loaded: {str(e).splitlines()[0]}") from None
+
+
+def default_out(command, data, suffix):
+    """Where eval/bon write when --out is not given: under out/<command>/, never next to the input."""
+    return os.path.join("out", command, os.path.basename(data).split(".")[0] + suffix)
+
+
+def eval_command(argv):
+    cfg = parse_overrides(EvalConfig(), argv, "python rmd.py eval", "Accuracy of a trained reward model on pairs, "
+                          "RewardBench or RM-Bench rows.")
+    if cfg.padding_side not in ("left", "right") or cfg.format not in ("auto", "pairs", "rewardbench", "rmbench"):
+        raise SystemExit("error: --padding-side is left or right; --format is auto, pairs, rewardbench or rmbench")
+    if not cfg.data:
+        raise SystemExit("error: rmd.py eval needs --data=FILE (pairs, RewardBench or RM-Bench rows)")
+    check_data_file("data", cfg.data)
+    model = load_model("eval", cfg)
+    try:
+        result, _ = evaluate_file(model, cfg.data, cfg.format, cfg.batch_size, cfg.padding_side, cfg.max_len)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    result = {"model": cfg.model, "data": cfg.data, **result}
+    print(table(result))
+    out = cfg.out or default_out("eval", cfg.data, ".json")
+    write_file(out, json.dumps(result, indent=2) + "\n")
+    print(f"results: {out}", file=sys.stderr)
+    return result
+
+
+def write_file(path, text):
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write --out={path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# best-of-N
+
+
+def best_of_n(model, rows, batch_size=32, max_len=0, cuts=None):
+    """[{prompt, responses: [...]}] -> the same rows with rewards, best (first highest index), best_response and
+    cuts (how many of the row's responses were cut to max_len, by model.fit's kind; {} when none). The cuts of all
+    rows are added to cuts (an CutCounts) when given."""
+    max_len = max_len or model.max_len
+    sequences, row_cuts = [], []
+    for where, row in rows:
+        responses = row.get("responses")
+        if "prompt" not in row or not isinstance(responses, list) or not responses:
+            raise DataError(f"{where}: best-of-N rows need 'prompt' and a non-empty list 'responses'")
+        messages, mine = as_messages(row["prompt"], where), CutCounts()
+        for response in responses:
+            sequences.append(model.tokens(messages, answer_of(response, "responses", where), max_len, mine))
+        row_cuts.append(mine)
+    rewards = model.sequence_rewards(sequences, batch_size)
+    out, k = [], 0
+    for (_, row), mine_cuts in zip(rows, row_cuts):
+        mine = rewards[k:k + len(row["responses"])]
+        k += len(mine)
+        best = max(range(len(mine)), key=lambda i: (mine[i], -i))
+        cut = {kind: getattr(mine_cuts, kind) for kind in CUT_KINDS if getattr(mine_cuts, kind)}
+        out.append({**row, "rewards": mine, "best": best, "best_response": row["responses"][best], "cuts": cut})
+        if cuts is not None:
+            for name, value in vars(mine_cuts).items():
+                setattr(cuts, name, getattr(cuts, name) + value)
+    return out
+
+
+@dataclass
+class BonConfig:
+    model: str = ""  # a folder written by `rmd.py train` (its model/ subfolder)
+    data: str = ""  # rows {prompt, responses: [...]} (+ true_quality: [...] to score the picks)
+    out: str = ""  # scored rows (default: out/bon/<data file name>.scored.jsonl; the summary beside it)
+    batch_size: int = 32  # sequences per forward pass
+    max_len: int = 0  # tokens per sequence (0 = the model's training max_len)
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+
+
+def bon_command(argv):
+    cfg = parse_overrides(BonConfig(), argv, "python rmd.py bon", "Best-of-N: every response's reward and the "
+                          "pick; with a true_quality field, how good the picks are.")
+    if not cfg.data:
+        raise SystemExit("error: rmd.py bon needs --data=rows.jsonl ({prompt, responses: [...]})")
+    check_data_file("data", cfg.data)
+    model = load_model("bon", cfg)
+    cuts = CutCounts()
+    try:
+        rows = read_rows(cfg.data)
+        scored = best_of_n(model, rows, cfg.batch_size, cfg.max_len, cuts)
+        quality = pick_quality(rows, scored)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    out = cfg.out or default_out("bon", cfg.data, ".scored.jsonl")
+    write_file(out, "".join(json.dumps(row) + "\n" for row in scored))
+    print(f"{len(scored)} rows, {sum(len(r['rewards']) for r in scored)} responses scored: {out}", file=sys.stderr)
+    print("\n".join(cut_lines(cut_report(cuts, cfg.max_len or model.max_len))), file=sys.stderr)
+    if quality:
+        summary = out.rsplit(".jsonl", 1)[0] + ".summary.json"
+        write_file(summary, json.dumps({"model": cfg.model, "data": cfg.data, **quality}, indent=2) + "\n")
+        print(quality_table(quality))
+        print(f"summary: {summary}", file=sys.stderr)
+    return scored
+
+
+def pick_quality(rows, scored):
+    """Rows carrying true_quality (one number per response): the mean true quality of the reward model's picks and
+    the share of correct picks (quality 1.0), beside a random pick's (expected) and the oracle's. {} without it."""
+    rated = []
+    for (where, row), out in zip(rows, scored):
+        quality = row.get("true_quality")
+        if quality is None:
+            continue
+        if not isinstance(quality, list) or len(quality) != len(row["responses"]) or not all(
+                isinstance(q, (int, float)) and not isinstance(q, bool) for q in quality):
+            raise DataError(f"{where}: 'true_quality' must be a list of numbers, one per response")
+        rated.append((quality, out["best"]))
+    if not rated:
+        return {}
+    n = len(rated)
+    mean = lambda xs: sum(xs) / n  # noqa: E731
+    return {"rows": n, "rows_without_true_quality": len(rows) - n,
+            "picked": {"mean_quality": mean([q[b] for q, b in rated]),
+                       "correct": mean([q[b] == 1.0 for q, b in rated])},
+            "random": {"mean_quality": mean([sum(q) / len(q) for q, _ in rated]),
+                       "correct": mean([sum(x == 1.0 for x in q) / len(q) for q, _ in rated])},
+            "oracle": {"mean_quality": mean([max(q) for q, _ in rated]),
+                       "correct": mean([max(q) == 1.0 for q, _ in rated])}}
+
+
+def quality_table(quality):
+    lines = [f"best-of-N on {quality['rows']} rows with true_quality (correct = quality 1.0)",
+             f"{'pick':<16} {'mean quality':>12} {'correct':>8}"]
+    for name, label in (("picked", "reward model"), ("random", "random pick"), ("oracle", "oracle pick")):
+        lines.append(f"{label:<16} {quality[name]['mean_quality']:>12.3f} {100 * quality[name]['correct']:>7.1f}%")
+    return "\n".join(lines)
