@@ -182,6 +182,16 @@ class GpuBenchConfig:
     peak_tflops: float = 0.0  # peak dense bf16 TFLOPS (0 = by card)
 
 
+def trl_importable():
+    try:
+        import trl  # noqa: F401
+        import datasets  # noqa: F401
+        return True
+    except ImportError:
+        print("TRL or datasets not importable: the TRL row is skipped")
+        return False
+
+
 def main():
     args = parse_overrides(GpuBenchConfig(), sys.argv[1:], "python bench_gpu.py", "rmd's training step on one GPU: "
                            "eager/compiled, fused/naive/no LM term, and TRL's RewardTrainer.")
@@ -207,13 +217,7 @@ def main():
     lm = Qwen2ForCausalLM(config)
     model = RewardModel(lm, StubTokenizer(), "mlp", 0.0).to(args.device)
     n_params = sum(p.numel() for p in lm.parameters())
-    try:
-        import trl  # noqa: F401
-        import datasets  # noqa: F401
-        have_trl = not args.no_trl
-    except ImportError:
-        have_trl = False
-        print("TRL or datasets not importable: the TRL row is skipped")
+    have_trl = not args.no_trl and trl_importable()
     rows = []
     t_start = time.perf_counter()
     for seq in seqs:
@@ -245,6 +249,11 @@ def main():
             rows.append([seq, f"{mode}/{'LM ' + lm_variant if lm_variant != 'off' else 'LM off'}", tokens,
                          f"{tokens / seconds:.0f}", f"{1000 * seconds:.0f}", mfu, f"{peak:.1f}",
                          f"{ref / seconds:.2f}"])
+    print_table(args, n_params, cuda, card, rows)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+
+
+def print_table(args, n_params, cuda, card, rows):
     title = (f"bench_gpu: rmd training step, {'tiny Qwen2' if args.tiny else 'Qwen2.5-0.5B-shaped'} "
              f"({n_params / 1e6:.1f}M params, random weights), {'bf16 autocast' if cuda else 'fp32'}, {args.pairs} pairs + {args.pairs} "
              f"teacher rows/step, median of {args.steps} steps after {args.warmup} warm-up, on {card}; "
@@ -256,7 +265,6 @@ def main():
         print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

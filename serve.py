@@ -123,6 +123,149 @@ class Scorer:
     def close(self):
         self.jobs.put(None)
 
+class RewardHandler(BaseHTTPRequestHandler):
+    """One HTTP connection; the settings and the scorer are the server's (RewardServer)."""
+    protocol_version = "HTTP/1.1"
+
+    @property
+    def timeout(self):  # socket timeout for every read: a half-sent request cannot hold a thread for good
+        return self.server.idle_timeout
+
+    def reply(self, status, payload, headers=()):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers:
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's HTML error pages (bad request line, unknown method...) as JSON."""
+        self.close_connection = True
+        if code == 501:  # a method nobody implements here
+            return self.not_allowed()
+        self.reply(code, {"error": message or self.responses.get(code, ("error",))[0]})
+
+    def not_allowed(self):
+        self.close_connection = True  # a body may follow, unread
+        self.reply(405, {"error": f"method {self.command} not allowed; POST /get_reward or /score, GET /health"},
+                   headers=[("Allow", "GET, POST")])
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_TRACE = do_CONNECT = not_allowed
+
+    def do_GET(self):
+        if self.path.split("?")[0] == "/health":
+            return self.reply(200, {"status": "ok"})
+        if self.path.split("?")[0] in ("/", "/get_reward", "/score"):
+            return self.reply(405, {"error": f"{self.path} takes POST with a JSON body"})
+        self.reply(404, {"error": f"unknown path {self.path}; POST /get_reward, GET /health"})
+
+    def do_POST(self):
+        try:
+            self.post()
+        except (socket.timeout, ConnectionError):
+            self.close_connection = True  # the client stalled or left: nobody to answer
+        except Exception as e:  # noqa: BLE001 - answer every request, never just drop the connection
+            self.close_connection = True
+            self.reply(500, {"error": f"internal error: {type(e).__name__}"})
+
+    def body_length(self):
+        """The declared body length, or an error reply (then the body is never read)."""
+        if self.headers.get("Transfer-Encoding"):
+            return None, (411, "chunked bodies are not accepted; send a Content-Length header")
+        value = self.headers.get("Content-Length")
+        if value is None:
+            return None, (411, "a Content-Length header is required")
+        if not re.fullmatch(r"[0-9]{1,15}", value.strip()):
+            return None, (400, f"invalid Content-Length {value[:40]!r}")
+        length = int(value)
+        if length > self.server.max_body:
+            return None, (413, f"request body of {length} bytes; at most {self.server.max_body}")
+        return length, None
+
+    def read_body(self, length):
+        """Exactly `length` bytes, under an overall deadline (a client may drip them)."""
+        deadline, chunks, left = time.monotonic() + 4 * self.server.idle_timeout, [], length
+        while left:
+            chunk = self.rfile.read1(min(left, 1 << 16))
+            if not chunk:
+                raise ConnectionError("client closed the connection mid-body")
+            chunks.append(chunk)
+            left -= len(chunk)
+            if time.monotonic() > deadline:
+                raise socket.timeout("request body too slow")
+        return b"".join(chunks)
+
+    def post(self):
+        length, problem = self.body_length()
+        if problem:
+            self.close_connection = True  # the unread body would be taken for the next request
+            return self.reply(problem[0], {"error": problem[1]})
+        if self.path.split("?")[0] not in ("/", "/get_reward", "/score"):
+            self.read_body(length)
+            return self.reply(404, {"error": f"unknown path {self.path}; POST /get_reward or /score"})
+        try:
+            body = json.loads(self.read_body(length))
+            json.dumps(body, ensure_ascii=False).encode("utf-8")  # lone surrogates ("\ud800") fail here
+        except (ValueError, UnicodeError) as e:
+            return self.reply(400, {"error": f"request body is not valid JSON text: {str(e)[:200]}"})
+        except RecursionError:
+            return self.reply(400, {"error": "request body is nested too deeply"})
+        try:
+            sequences, openrlhf = request_sequences(self.server.model, body, self.server.max_items,
+                                                          self.server.max_len)
+        except BadRequest as e:
+            return self.reply(e.status, {"error": str(e)})
+        try:
+            rewards = self.server.scorer.score(sequences)
+        except Exception as e:  # noqa: BLE001
+            return self.reply(500, {"error": f"scoring failed: {type(e).__name__}: {e}"})
+        if openrlhf:
+            return self.reply(200, {"rewards": rewards, "scores": rewards, "extra_logs": {"reward": rewards}})
+        self.reply(200, {"rewards": rewards})
+
+    def log_message(self, *args):
+        pass
+
+
+class RewardServer(ThreadingHTTPServer):
+    """Serves RewardHandler connections, at most max_connections at once (more get a 503 and are closed); holds the
+    settings the handler reads."""
+    daemon_threads = True
+
+    def __init__(self, address, scorer, max_items, max_body, max_len, idle_timeout, max_connections):
+        super().__init__(address, RewardHandler)
+        self.scorer, self.model, self.max_items, self.max_body = scorer, scorer.model, max_items, max_body
+        self.max_len, self.idle_timeout = max_len, idle_timeout
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):  # over the bound: answer at once, without a thread
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: 40\r\nConnection: close\r\n\r\n"
+                                b'{"error": "too many connections, retry"}')
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        pass  # a client that vanished mid-request
+
 
 def start_server(model, host="127.0.0.1", port=0, batch_size=32, max_items=256, max_body=8 << 20, max_len=0,
                  idle_timeout=30.0, max_connections=64):
@@ -131,138 +274,11 @@ def start_server(model, host="127.0.0.1", port=0, batch_size=32, max_items=256, 
     max_connections are served at once (more get a 503 and are closed)."""
     scorer = Scorer(model, batch_size)
     max_len = max_len or model.max_len
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = idle_timeout  # socket timeout for every read: a half-sent request cannot hold a thread for good
-
-        def reply(self, status, payload, headers=()):
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in headers:
-                self.send_header(k, v)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-
-        def send_error(self, code, message=None, explain=None):
-            """The standard library's HTML error pages (bad request line, unknown method...) as JSON."""
-            self.close_connection = True
-            if code == 501:  # a method nobody implements here
-                return self.not_allowed()
-            self.reply(code, {"error": message or self.responses.get(code, ("error",))[0]})
-
-        def not_allowed(self):
-            self.close_connection = True  # a body may follow, unread
-            self.reply(405, {"error": f"method {self.command} not allowed; POST /get_reward or /score, GET /health"},
-                       headers=[("Allow", "GET, POST")])
-
-        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_TRACE = do_CONNECT = not_allowed
-
-        def do_GET(self):
-            if self.path.split("?")[0] == "/health":
-                return self.reply(200, {"status": "ok"})
-            if self.path.split("?")[0] in ("/", "/get_reward", "/score"):
-                return self.reply(405, {"error": f"{self.path} takes POST with a JSON body"})
-            self.reply(404, {"error": f"unknown path {self.path}; POST /get_reward, GET /health"})
-
-        def do_POST(self):
-            try:
-                self.post()
-            except (socket.timeout, ConnectionError):
-                self.close_connection = True  # the client stalled or left: nobody to answer
-            except Exception as e:  # noqa: BLE001 - answer every request, never just drop the connection
-                self.close_connection = True
-                self.reply(500, {"error": f"internal error: {type(e).__name__}"})
-
-        def body_length(self):
-            """The declared body length, or an error reply (then the body is never read)."""
-            if self.headers.get("Transfer-Encoding"):
-                return None, (411, "chunked bodies are not accepted; send a Content-Length header")
-            value = self.headers.get("Content-Length")
-            if value is None:
-                return None, (411, "a Content-Length header is required")
-            if not re.fullmatch(r"[0-9]{1,15}", value.strip()):
-                return None, (400, f"invalid Content-Length {value[:40]!r}")
-            length = int(value)
-            if length > max_body:
-                return None, (413, f"request body of {length} bytes; at most {max_body}")
-            return length, None
-
-        def read_body(self, length):
-            """Exactly `length` bytes, under an overall deadline (a client may drip them)."""
-            deadline, chunks, left = time.monotonic() + 4 * idle_timeout, [], length
-            while left:
-                chunk = self.rfile.read1(min(left, 1 << 16))
-                if not chunk:
-                    raise ConnectionError("client closed the connection mid-body")
-                chunks.append(chunk)
-                left -= len(chunk)
-                if time.monotonic() > deadline:
-                    raise socket.timeout("request body too slow")
-            return b"".join(chunks)
-
-        def post(self):
-            length, problem = self.body_length()
-            if problem:
-                self.close_connection = True  # the unread body would be taken for the next request
-                return self.reply(problem[0], {"error": problem[1]})
-            if self.path.split("?")[0] not in ("/", "/get_reward", "/score"):
-                self.read_body(length)
-                return self.reply(404, {"error": f"unknown path {self.path}; POST /get_reward or /score"})
-            try:
-                body = json.loads(self.read_body(length))
-                json.dumps(body, ensure_ascii=False).encode("utf-8")  # lone surrogates ("\ud800") fail here
-            except (ValueError, UnicodeError) as e:
-                return self.reply(400, {"error": f"request body is not valid JSON text: {str(e)[:200]}"})
-            except RecursionError:
-                return self.reply(400, {"error": "request body is nested too deeply"})
-            try:
-                sequences, openrlhf = request_sequences(model, body, max_items, max_len)
-            except BadRequest as e:
-                return self.reply(e.status, {"error": str(e)})
-            try:
-                rewards = scorer.score(sequences)
-            except Exception as e:  # noqa: BLE001
-                return self.reply(500, {"error": f"scoring failed: {type(e).__name__}: {e}"})
-            if openrlhf:
-                return self.reply(200, {"rewards": rewards, "scores": rewards, "extra_logs": {"reward": rewards}})
-            self.reply(200, {"rewards": rewards})
-
-        def log_message(self, *args):
-            pass
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        slots = threading.BoundedSemaphore(max_connections)
-
-        def process_request(self, request, client_address):
-            if not self.slots.acquire(blocking=False):  # over the bound: answer at once, without a thread
-                try:
-                    request.settimeout(1.0)
-                    request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                    b"Content-Length: 40\r\nConnection: close\r\n\r\n"
-                                    b'{"error": "too many connections, retry"}')
-                except OSError:
-                    pass
-                self.shutdown_request(request)
-                return
-            super().process_request(request, client_address)
-
-        def process_request_thread(self, request, client_address):
-            try:
-                super().process_request_thread(request, client_address)
-            finally:
-                self.slots.release()
-
-        def handle_error(self, request, client_address):
-            pass  # a client that vanished mid-request
-
-    server = Server((host, port), Handler)
+    try:
+        server = RewardServer((host, port), scorer, max_items, max_body, max_len, idle_timeout, max_connections)
+    except OSError:
+        scorer.close()
+        raise
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
 

@@ -256,12 +256,12 @@ def test_collate_packs_with_little_padding(tmp_path):
 def test_training_learns_an_easy_preference_and_saves_a_loadable_model(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(160))
     test = write_jsonl(tmp_path / "test.jsonl", easy_rows(40, seed=1))
-    cfg = train_cfg(tmp_path, data, eval_data=f"test={test}", max_steps=30, lm_weight=0.1, loss="bt-margin",
+    cfg = train_cfg(tmp_path, data, eval_data=f"test={test}", max_steps=12, lm_weight=0.1, loss="bt-margin",
                     holdout=20)
     metrics = train.train(cfg)
     assert metrics["test"] > 0.9 and metrics["heldout"] > 0.9
     saved = json.load(open(os.path.join(cfg.out, "eval.json")))
-    assert saved["accuracy"] == metrics and saved["step"] == 30
+    assert saved["accuracy"] == metrics and saved["step"] == 12
     assert saved["eval_pairs"] == {"test": 40, "heldout": 20}
     assert set(saved["margin_fit"]) == {"test", "heldout"} and saved["margin_fit"]["test"]["pairs"] == 40
     assert saved["train_data"]["cuts"]["teacher"]["sequences"] == 140  # the 160 rows less the 20 held out
