@@ -47,7 +47,7 @@ class TrainConfig:
     layers: int = 0  # keep only the first N transformer layers of the backbone (0 = all)
     head: str = "mlp"  # value head: "mlp" (dropout, Linear(H,1024), ReLU, Linear(1024,1)) or "linear"
     dropout: float = 0.1  # value-head dropout
-    loss: str = "mse"  # pairwise loss: mse (margin regression), bt-margin, bt (loss.PAIRWISE_KINDS)
+    loss: str = "mse"  # pairwise loss: mse (margin regression), bt-margin, bt
     lm_weight: float = 0.1  # lambda of the LM term on the teacher answers (0 = off); 0.1 chosen on valid (README)
     max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
     batch_size: int = 16  # pairs per optimizer step, over all processes and micro-batches
