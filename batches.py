@@ -34,8 +34,6 @@ class Example:
     cuts: tuple = (None, None, None)  # fit()'s cut kind of the chosen, rejected and teacher-answer sequence
 
 
-
-
 ROW_KINDS = {"reward": "chosen/rejected sequences", "teacher": "teacher-answer sequences"}
 
 

@@ -3,8 +3,9 @@
     python bench_gpu.py                       # Qwen2.5-0.5B-shaped student (random weights), bf16, 1k and 2k tokens
     python bench_gpu.py --device cpu --tiny   # the same code paths at a toy size (checks the script, not the GPU)
 
-Needs only torch and transformers (plus model.py, batches.py, train.py and loss.py from this folder); TRL's RewardTrainer is timed too
-when `trl` and `datasets` import (carry their wheels, `pip install --no-deps`, if the image lacks them).
+Needs only torch and transformers (plus model.py, batches.py, train.py and loss.py from this folder); TRL's
+RewardTrainer is timed too when `trl` and `datasets` import (carry their wheels, `pip install --no-deps`, if the
+image lacks them).
 
 Each step is rmd's training step: 4 pairs + their 4 teacher-answer rows (synthetic token ids, each row `seq` tokens,
 one sequence per row so there is no padding), bf16 autocast over fp32 weights, pairwise MSE loss + lm_weight * LM

@@ -66,7 +66,6 @@ class EvalConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # benchmarks
 
@@ -222,7 +221,6 @@ def cut_lines(result):
         return []
     counts = CutCounts(**result["cuts"]["reward"])
     return [f"cut to --max-len={result['max_len']}: {counts.summary('sequences')}", *result["warnings"]]
-
 
 
 def load_model(command, cfg):

@@ -122,7 +122,6 @@ class CutCounts:
                 f"(prompt whole); {self.most_prompt_lost} kept under half of their prompt")
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # backbone
 
@@ -143,12 +142,10 @@ def pick_device(device):
     return device
 
 
-
 def is_hub_id(name):
     """'org/name' that is not a local path: a Hugging Face Hub model id, fetched into transformers' cache."""
     return not os.path.exists(name) and not name.endswith(".gguf") and \
         re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
-
 
 
 def load_backbone(name, layers=0, max_len=1024):

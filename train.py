@@ -145,7 +145,6 @@ def check_resume(cfg):
                          f"Pass the same values to continue it, or give a new --out for a new run")
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # one step
 

@@ -64,7 +64,8 @@ def test_every_kill_point_leaves_a_loadable_checkpoint_and_the_next_save_works(t
     for a, b in zip(model.parameters(), restored.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(optimizer.state[a]["exp_avg"], restored_opt.state[b]["exp_avg"], rtol=0, atol=0)
-    distributed.save_checkpoint(ckpt, restored, restored_opt, {"step": 4})  # used to fail: [Errno 39] Directory not empty
+    # used to fail: [Errno 39] Directory not empty
+    distributed.save_checkpoint(ckpt, restored, restored_opt, {"step": 4})
     assert sorted(os.listdir(tmp_path)) == ["ckpt"] and distributed.checkpoint_dir(ckpt) == ckpt
 
 

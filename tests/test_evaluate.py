@@ -1,4 +1,5 @@
-"""evaluation.py and serve.py: benchmark metrics, batch/padding invariance, standard export, best-of-N and the reward server."""
+"""evaluation.py and serve.py: benchmark metrics, batch/padding invariance, standard export, best-of-N and the
+reward server."""
 import json
 import os
 import threading
@@ -65,8 +66,8 @@ def test_pairs_with_margins_report_the_margin_fit(tmp_path, number_rewards):
     result, _ = evaluation.evaluate_file(number_rewards, write_jsonl(tmp_path / "m.jsonl", rows))
     assert result["margin_fit"] == {"pairs": 4, "pearson": pytest.approx(2 / 17.5 ** 0.5), "mse": pytest.approx(1.75)}
     assert "margin fit: pearson 0.478, mse 1.7500" in evaluation.table(result)
-    plain, _ = evaluation.evaluate_file(number_rewards, write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "1",
-                                                                                 "rejected": "0"}]))
+    plain, _ = evaluation.evaluate_file(number_rewards, write_jsonl(tmp_path / "p.jsonl",
+                                                                    [{"prompt": "p", "chosen": "1", "rejected": "0"}]))
     assert "margin_fit" not in plain  # no scores, no fit
 
 

@@ -1,4 +1,5 @@
-"""rmd.py train (train.py, batches.py, model.py): data parsing, cutting, the packed reward model, the LM term, checkpoints and resume."""
+"""rmd.py train (train.py, batches.py, model.py): data parsing, cutting, the packed reward model, the LM term,
+checkpoints and resume."""
 import dataclasses
 import json
 import os
@@ -39,7 +40,8 @@ def test_row_forms_parse_to_the_same_example():
         {"chosen": HH + " Knead it.", "rejected": HH + " No."},  # implicit prompt, HH-RLHF style
         {"prompt": HH, "chosen": " Knead it.", "rejected": " No."},
     ]
-    examples = [batches.tokenize_example(tok, formats.parse_row(r, "x:1", False), 256, batches.DataStats()) for r in forms]
+    examples = [batches.tokenize_example(tok, formats.parse_row(r, "x:1", False), 256, batches.DataStats())
+                for r in forms]
     for ex in examples[1:]:
         assert ex == examples[0]
     text = tok.decode(examples[0].prompt[0] + examples[0].chosen)
