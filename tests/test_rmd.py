@@ -361,6 +361,15 @@ def test_overrides_are_type_checked():
         cli.parse_overrides(train.TrainConfig(), ["--max-steps=many"])
 
 
+def test_one_list_of_loss_kinds_for_the_check_and_the_help(tmp_path):
+    """--loss is checked against loss.PAIRWISE_KINDS, and --help names every kind in it."""
+    help_text = cli.field_comments(train.TrainConfig)["loss"]
+    assert all(kind in help_text for kind in loss.PAIRWISE_KINDS)
+    data = write_jsonl(tmp_path / "d.jsonl", easy_rows(2))
+    with pytest.raises(SystemExit, match="--loss must be one of " + ", ".join(loss.PAIRWISE_KINDS)):
+        train.validate(train.TrainConfig(data=data, loss="hinge"))
+
+
 def test_example_files_in_data_are_read_by_train_and_distill():
     tok = ByteTokenizer()
     for name, need_margin in (("pairs", False), ("distilled", True), ("hh_style", False)):
