@@ -3,7 +3,7 @@
 For each world seed: one distill run through the real pipeline (teacher.py) against the simulated teacher
 (sim.py), so every arm below shares its teacher requests; then the same student, steps and evaluation sets for each
 arm, trained through rmd.py. The student is the built-in tiny model after LM pretraining on the world's text
-(rmd.tiny_backbone: it knows the tasks' answers, as a real pretrained student knows facts), except in arms k and l:
+(tiny_lm.tiny_backbone: it knows the tasks' answers, as a real pretrained student knows facts), except in arms k and l:
 
     a  label distillation      bt   on the teacher-labelled original pairs (annotated.jsonl)
     b  + scoring               mse  with the teacher's annotation scores, original pairs
@@ -99,11 +99,12 @@ def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed,
 
 def best_of_n(model_dir, bon_path, max_len):
     """Share of correct answers among the candidates the RM picks (rmd.py bon's own scoring path)."""
-    import evaluate
-    import rmd
-    rows = evaluate.read_rows(bon_path)
-    scored = evaluate.best_of_n(rmd.load_reward_model(model_dir), rows, batch_size=64, max_len=max_len)
-    return evaluate.pick_quality(rows, scored)["picked"]["correct"]
+    import evaluation
+    from formats import read_rows
+    from model import load_reward_model
+    rows = read_rows(bon_path)
+    scored = evaluation.best_of_n(load_reward_model(model_dir), rows, batch_size=64, max_len=max_len)
+    return evaluation.pick_quality(rows, scored)["picked"]["correct"]
 
 
 def fmt(values):
@@ -143,9 +144,9 @@ def main(argv=None):
     t_start = time.time()
 
     # 0. the pretrained student: the tiny model after LM pretraining on this world's text (built once, cached)
-    import rmd
+    import tiny_lm
     world_args = sim.world_from_args(args)
-    args.student = args.student or rmd.tiny_backbone(world_args)
+    args.student = args.student or tiny_lm.tiny_backbone(world_args)
     students = {"tiny": args.student, "scratch": "tiny-scratch"}
     info = os.path.join(args.student, "pretrain.json")
     knowledge = json.load(open(info))["knowledge"] if os.path.exists(info) else None

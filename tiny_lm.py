@@ -1,29 +1,36 @@
-"""tiny_lm.py -- language-model pretraining for the built-in tiny student, cached on disk by what determines it.
+"""tiny_lm.py -- the built-in tiny student (--model=tiny, tiny-scratch) and its pretraining, cached on disk.
 
 A reward model is a pretrained LM that learns preferences; it can only reward a correct answer it can recognise. The
-built-in tiny student (rmd.py --model=tiny) therefore first learns the simulated world's text (sim.world_corpus:
+built-in tiny student (rmd.py train --model=tiny) therefore first learns the simulated world's text (sim.world_corpus:
 every task with its correct answer, in every style) by plain next-token prediction. That run is deterministic given
 its inputs, so it is done once and kept under out/tiny_lm/<key>/ as an ordinary HF causal-LM folder, where <key> is
 a hash of the token sequences, the model config and the settings below. Needs torch and transformers.
 
     path = tiny_lm.pretrained(sequences, config, log=print)     # build (minutes on a CPU) or reuse
     lm = LlamaForCausalLM.from_pretrained(path)
+    lm, tokenizer = tiny_lm.load_tiny("tiny")                    # what train.py loads for --model=tiny
 """
 import copy
+import functools
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from cli import parse_overrides
+from formats import as_messages
+from model import BYTE_TOKENIZER, ByteTokenizer, cut_layers, encode, load_backbone, render_answer, render_prompt
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(ROOT, "out", "tiny_lm")
-BYTE_TOKENIZER = "byte_tokenizer.json"  # marks a folder whose tokenizer is rmd's ByteTokenizer (no HF files)
 # Enough passes for the 4-layer student to know the world's answers (measured: see the README's ablation section).
 SETTINGS = {"steps": 1200, "batch_size": 32, "lr": 3e-3, "warmup": 100, "weight_decay": 0.01, "seed": 0,
             "version": 1}
@@ -150,12 +157,82 @@ def shipped_key():
         return None
 
 
-def main():
+def tiny_config(tokenizer, max_len):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(max_len, 1024),
+                       tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+
+
+def world_sequences(tokenizer, pairs):
+    """(prompt, answer) texts -> token ids as the student reads them: rendered prompt, answer, eos."""
+    return [encode(tokenizer, render_prompt(tokenizer, as_messages(p, "world")) + render_answer(tokenizer, a))
+            + [tokenizer.eos_token_id] for p, a in pairs]
+
+
+def world_knowledge(tokenizer, world):
+    """A probe of what an LM knows about the world: for every task and candidate style, does it give the correct
+    answer a higher likelihood than a wrong one written the same way? Returns probe(lm) -> accuracy per family."""
+    import sim
+    rng, rows = random.Random(0), []
+    for task in sim.all_tasks(world):
+        for style in sim.STYLES:
+            variant = rng.randrange(4)
+            rows.append((task.family, sim.render(task, task.answer, style, variant),
+                         sim.render(task, sim.wrong_value(task, rng), style, variant), task.prompt))
+    prompt = [encode(tokenizer, render_prompt(tokenizer, as_messages(r[3], "world"))) for r in rows]
+    right, wrong = ([encode(tokenizer, render_answer(tokenizer, r[k])) + [tokenizer.eos_token_id] for r in rows]
+                    for k in (1, 2))
+
+    def probe(lm):
+        good = answer_logprobs(lm, prompt, right, tokenizer.pad_token_id)
+        bad = answer_logprobs(lm, prompt, wrong, tokenizer.pad_token_id)
+        result = {}
+        for fam in sim.FAMILIES:
+            wins = [g > b for r, g, b in zip(rows, good, bad) if r[0] == fam]
+            result[fam] = round(sum(wins) / len(wins), 4)
+        result["all"] = round(sum(g > b for g, b in zip(good, bad)) / len(rows), 4)
+        return {"correct_beats_wrong_same_style": result, "pairs": len(rows)}
+    return probe
+
+
+def tiny_backbone(world=None, log=print):
+    """The HF folder of the tiny student pretrained on `world`'s text (sim.WorldConfig; default world if None)."""
+    import sim
+    world, tokenizer = world or sim.WorldConfig(), ByteTokenizer()
+    sequences = world_sequences(tokenizer, sim.world_corpus(world))
+    return pretrained(sequences, tiny_config(tokenizer, 1024), tokenizer.pad_token_id, log=log,
+                              probe=lambda lm: world_knowledge(tokenizer, world)(lm))  # built only if it pretrains
+
+
+TINY_NAMES = ("tiny", "tiny-scratch")
+
+
+def load_tiny(name, layers=0, max_len=1024):
+    """--model=tiny (the student pretrained on the default world's text, built once) or tiny-scratch (random init)
+    -> (causal LM, ByteTokenizer), like model.load_backbone."""
+    from transformers import LlamaForCausalLM
+    if name == "tiny":
+        return load_backbone(tiny_backbone(log=functools.partial(print, flush=True)), layers, max_len)
+    if name != "tiny-scratch":
+        raise ValueError(f"load_tiny: {name!r} is not one of {TINY_NAMES}")
+    tokenizer = ByteTokenizer()
+    return cut_layers(LlamaForCausalLM(tiny_config(tokenizer, max_len)), layers), tokenizer
+
+
+@dataclass
+class RebuildConfig:
+    threads: int = 1  # torch threads (one is faster than two on a loaded 2-core machine, measured ~4x)
+
+
+def main(argv=None):
     """Rebuild the shipped default-world student (data/tiny-world-lm) with the code and settings as they are now."""
-    import rmd  # the top module renders the world's text exactly as training reads it
-    torch.set_num_threads(1)  # one thread is faster than two on a loaded 2-core machine (measured: ~4x)
+    cfg = parse_overrides(RebuildConfig(), sys.argv[1:] if argv is None else argv, "python tiny_lm.py",
+                          "Rebuild the shipped default-world tiny student (data/tiny-world-lm).")
+    torch.set_num_threads(cfg.threads)
     shutil.rmtree(SHIPPED, ignore_errors=True)
-    path = rmd.tiny_backbone()
+    path = tiny_backbone()
     if path != SHIPPED:
         shutil.copytree(path, SHIPPED)
     print(f"shipped: {SHIPPED} (key {shipped_key()})")

@@ -1,5 +1,7 @@
 """Shared test set-up: the repository root and tests/ on sys.path (so tests import rmd's modules and
-fault_server by name), and the fixtures more than one test file uses."""
+fault_server by name), and the builders more than one test file uses (`from conftest import tiny_model, ...`):
+row files, a tiny random reward model, an in-memory ChatML tokenizer, a small training config."""
+import json
 import os
 import sys
 
@@ -7,3 +9,63 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, "tests")):
     if path not in sys.path:
         sys.path.insert(0, path)
+
+
+def write_jsonl(path, rows):
+    """Rows (dicts, or raw strings written as they are) -> a JSONL file; returns its path as a string."""
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(row if isinstance(row, str) else json.dumps(row))
+            f.write("\n")
+    return str(path)
+
+
+def easy_rows(n, seed=0):
+    """A preference any student learns in a few steps: a complete sentence beats a terse fragment."""
+    import random
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a = rng.randint(0, 999)
+        rows.append({"prompt": f"Say something about {a}.", "chosen": f"{a} is a fine number, thanks.",
+                     "rejected": f"{a}??", "chosen_score": 8, "rejected_score": rng.choice([2, 3, 4]),
+                     "teacher_response": f"The number {a} is fine."})
+    return rows
+
+
+def tiny_model(seed=0, head="mlp", max_len=256):
+    """The built-in tiny student with random weights (tiny-scratch) and a value head, in train mode."""
+    import torch
+    import tiny_lm
+    from model import RewardModel
+    torch.manual_seed(seed)
+    lm, tok = tiny_lm.load_tiny("tiny-scratch", 0, max_len)
+    return RewardModel(lm, tok, head=head, dropout=0.0, max_len=max_len)
+
+
+def chatml_tokenizer(pad="<|endoftext|>", words="the question? good bad answer x y"):
+    """A small byte-level BPE tokenizer with a ChatML chat template (as SmolLM2's), built in memory; pad="<|im_end|>"
+    makes its pad token its eos, as SmolLM2's is."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([f"Question {i}: {words}" for i in range(50)], vocab_size=300,
+                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token=pad)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def train_cfg(tmp_path, data, **kw):
+    """A few-second training run of the tiny random student."""
+    import train
+    base = dict(data=data, out=str(tmp_path / "out"), model="tiny-scratch", max_len=128, batch_size=8, lr=1e-3,
+                warmup=0.1, log_interval=1, seed=3)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def log_losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [(r["step"], r["pair_loss"], r["lm_loss"]) for r in map(json.loads, f)]

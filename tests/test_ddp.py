@@ -8,7 +8,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from test_rmd import easy_rows, log_losses, write_jsonl
+from conftest import easy_rows, log_losses, write_jsonl
 
 
 def train_args(data, out):
@@ -45,7 +45,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 @needs_torchrun
 def test_two_process_fsdp_matches_one_process(tmp_path):
-    import rmd
+    from model import load_reward_model
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(32))
     run([sys.executable] + train_args(data, tmp_path / "one"))
     run(TORCHRUN + train_args(data, tmp_path / "fsdp") + ["--fsdp"])
@@ -58,20 +58,20 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
         assert pair_2 == pytest.approx(pair_1, rel=1e-3) and lm_2 == pytest.approx(lm_1, rel=1e-3)
     # the saved folder holds full (gathered) weights: it loads in one process and scores like the 1-process model
     prompts, answers = ["What is 2+2?", "Name a colour."], ["4", "blue"]
-    rewards_one = rmd.load_reward_model(str(tmp_path / "one" / "model")).score(prompts, answers)
-    rewards_fsdp = rmd.load_reward_model(str(tmp_path / "fsdp" / "model")).score(prompts, answers)
+    rewards_one = load_reward_model(str(tmp_path / "one" / "model")).score(prompts, answers)
+    rewards_fsdp = load_reward_model(str(tmp_path / "fsdp" / "model")).score(prompts, answers)
     assert rewards_fsdp == pytest.approx(rewards_one, rel=1e-2, abs=1e-2)
 
 
 @needs_torchrun
 def test_fsdp_resumes_from_an_unsharded_checkpoint(tmp_path):
     """A 1-process checkpoint at step 2, continued sharded, logs the 1-process steps 3 and 4 (same file format)."""
-    import rmd
+    import train
     from cli import parse_overrides
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(32))
-    rmd.train(parse_overrides(rmd.TrainConfig(), train_args(data, tmp_path / "one")[2:]))
+    train.train(parse_overrides(train.TrainConfig(), train_args(data, tmp_path / "one")[2:]))
     cut = tmp_path / "cut"
-    rmd.train(parse_overrides(rmd.TrainConfig(), train_args(data, cut)[2:]), stop_after=2)
+    train.train(parse_overrides(train.TrainConfig(), train_args(data, cut)[2:]), stop_after=2)
     run(TORCHRUN + train_args(data, cut) + ["--fsdp", "--resume"])
     one = log_losses(tmp_path / "one")
     resumed = log_losses(cut)

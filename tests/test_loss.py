@@ -162,7 +162,10 @@ def test_pairwise_under_torch_compile():
     def step(c, r, m):
         return pairwise_loss(c * 2.0, r, m, "bt-margin") + pairwise_loss(c, r, m, "mse")
 
-    compiled = torch.compile(step)
+    # fullgraph: dynamo traces the autograd.Function with no graph break, and AOTAutograd builds its forward and
+    # backward graphs. aot_eager runs those graphs without inductor's code generation, which cost ~50 s cold on a
+    # CPU for these few elementwise ops; inductor itself is exercised by test_lm_under_torch_compile.
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     loss = compiled(chosen_rewards, rejected_rewards, margins)
     grads = torch.autograd.grad(loss, (chosen_rewards, rejected_rewards))
     ref = naive_pairwise(chosen_rewards * 2.0, rejected_rewards, margins, "bt-margin") + \

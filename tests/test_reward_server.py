@@ -1,4 +1,4 @@
-"""Issue 10, section 5: the reward server (evaluate.start_server) under abuse: bad Content-Length, slow-loris,
+"""Issue 10, section 5: the reward server (serve.start_server) under abuse: bad Content-Length, slow-loris,
 too many connections, lone surrogates, deep nesting, other methods. A fake model keeps it fast: these tests are
 about HTTP, the scoring itself is tested in test_evaluate.py."""
 import http.client
@@ -9,23 +9,25 @@ from urllib.parse import urlparse
 
 import pytest
 
-import evaluate
+from serve import start_server
 
 
 class FakeModel:
     max_len = 64
 
-    def tokens(self, prompt, answer, max_len=None, cuts=None):  # rmd.RewardModel.tokens' signature
+    def tokens(self, prompt, answer, max_len=None, cuts=None):  # RewardModel.tokens' signature
         return list(range(len(answer) % 50 + 1))
+
+    def sequence_rewards(self, sequences, batch_size=32, padding_side="right"):
+        return [float(len(s)) for s in sequences]
 
 
 @pytest.fixture
-def serve(monkeypatch):
-    monkeypatch.setattr(evaluate, "sequence_rewards", lambda model, seqs, batch_size=32: [float(len(s)) for s in seqs])
+def serve():
     stops = []
 
     def start(**kw):
-        url, stop = evaluate.start_server(FakeModel(), port=0, **{"max_body": 1 << 20, **kw})
+        url, stop = start_server(FakeModel(), port=0, **{"max_body": 1 << 20, **kw})
         stops.append(stop)
         u = urlparse(url)
         return u.hostname, u.port

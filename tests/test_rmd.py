@@ -1,4 +1,5 @@
-"""rmd.py train: data parsing, cutting, the packed reward model, the LM term, checkpoints and resume."""
+"""rmd.py train (train.py, batches.py, model.py): data parsing, cutting, the packed reward model, the LM term,
+checkpoints and resume."""
 import dataclasses
 import json
 import os
@@ -10,48 +11,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import batches
 import cli
-import rmd
+import distributed
+import evaluation
 import formats
+import loss
+import rmd
+import serve
+import tiny_lm
+import train
+from conftest import ROOT, chatml_tokenizer, easy_rows, log_losses, tiny_model, train_cfg, write_jsonl
+from model import (CUT_KINDS, ByteTokenizer, CutCounts, answer_ids, encode, fit, load_backbone, load_reward_model,
+                   prompt_floor, render_prompt)
 
 HH = "\n\nHuman: How do I bake bread?\n\nAssistant:"
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(row if isinstance(row, str) else json.dumps(row))
-            f.write("\n")
-    return str(path)
-
-
-def easy_rows(n, seed=0):
-    """A preference any student learns in a few steps: a complete sentence beats a terse fragment."""
-    import random
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a = rng.randint(0, 999)
-        rows.append({"prompt": f"Say something about {a}.", "chosen": f"{a} is a fine number, thanks.",
-                     "rejected": f"{a}??", "chosen_score": 8, "rejected_score": rng.choice([2, 3, 4]),
-                     "teacher_response": f"The number {a} is fine."})
-    return rows
-
-
-def tiny_model(seed=0, head="mlp", max_len=256):
-    torch.manual_seed(seed)
-    lm, tok = rmd.load_backbone("tiny-scratch", 0, max_len)
-    model = rmd.RewardModel(lm, tok, head=head, dropout=0.0)
-    model.max_len = max_len
-    return model
 
 
 # ------------------------------------------------------------------------------------------------ data
 
 
 def test_row_forms_parse_to_the_same_example():
-    tok = rmd.ByteTokenizer()
+    tok = ByteTokenizer()
     forms = [
         {"prompt": "How do I bake bread?", "chosen": "Knead it.", "rejected": "No."},
         {"prompt": [{"role": "user", "content": "How do I bake bread?"}],
@@ -59,7 +40,8 @@ def test_row_forms_parse_to_the_same_example():
         {"chosen": HH + " Knead it.", "rejected": HH + " No."},  # implicit prompt, HH-RLHF style
         {"prompt": HH, "chosen": " Knead it.", "rejected": " No."},
     ]
-    examples = [rmd.tokenize_example(tok, formats.parse_row(r, "x:1", False), 256, rmd.DataStats()) for r in forms]
+    examples = [batches.tokenize_example(tok, formats.parse_row(r, "x:1", False), 256, batches.DataStats())
+                for r in forms]
     for ex in examples[1:]:
         assert ex == examples[0]
     text = tok.decode(examples[0].prompt[0] + examples[0].chosen)
@@ -92,31 +74,17 @@ def test_margin_from_scores_or_field():
 def test_bad_rows_stop_with_file_and_line(tmp_path, line, message):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1}, line])
     with pytest.raises(formats.DataError) as err:
-        rmd.load_pairs(path, rmd.ByteTokenizer(), 64, need_margin=True)
+        batches.load_pairs(path, ByteTokenizer(), 64, need_margin=True)
     assert f"{path}:2:" in str(err.value) and message in str(err.value)
 
 
-def chatml_tokenizer(pad="<|endoftext|>", words="the question? good bad answer x y"):
-    """A small byte-level BPE tokenizer with a ChatML chat template (as SmolLM2's), built in memory; pad="<|im_end|>"
-    makes its pad token its eos, as SmolLM2's is."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([f"Question {i}: {words}" for i in range(50)], vocab_size=300,
-                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token=pad)
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return tok
-
-
 def full_ids(tok, prompt, answer):
-    return (rmd.encode(tok, rmd.render_prompt(tok, formats.as_messages(prompt, "x"))), rmd.answer_ids(tok, answer))
+    return (encode(tok, render_prompt(tok, formats.as_messages(prompt, "x"))), answer_ids(tok, answer))
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "chatml"])
 def test_cutting_keeps_the_question_end_then_the_answer_start(tokenizer):
-    tok = rmd.ByteTokenizer() if tokenizer == "bytes" else chatml_tokenizer()
+    tok = ByteTokenizer() if tokenizer == "bytes" else chatml_tokenizer()
     header = "\n\nAssistant:" if tokenizer == "bytes" else "<|im_start|>assistant\n"
     max_len = 128
     long_prompt, long_answer = "x " * 400 + "the question?", "good answer " * 60 + "bad end"
@@ -128,11 +96,11 @@ def test_cutting_keeps_the_question_end_then_the_answer_start(tokenizer):
     }
     for kind, (prompt_text, answer_text) in cases.items():
         prompt, answer = full_ids(tok, prompt_text, answer_text)
-        p, a, cut = rmd.fit(prompt, answer, max_len)
+        p, a, cut = fit(prompt, answer, max_len)
         assert (cut or "whole") == kind
         assert len(p) + len(a) <= max_len and p == prompt[len(prompt) - len(p):]  # the prompt's end, in one piece
         assert tok.decode(p).endswith(header)
-        floor = rmd.prompt_floor(len(prompt), max_len)
+        floor = prompt_floor(len(prompt), max_len)
         assert len(p) >= floor == min(len(prompt), 32)  # at --max-len=128: the last 32 tokens of the question
         if kind in ("whole", "prompt_left"):
             assert a == answer and a[-1] == tok.eos_token_id  # a whole answer ends with its eos
@@ -150,12 +118,12 @@ def test_every_command_cuts_the_same_way_and_teacher_answers_keep_their_prompt()
     tok = model.tokenizer
     row = {"prompt": "x" * 300 + " the question?", "chosen": "yes " * 40, "rejected": "no " * 40,
            "teacher_response": "The answer is " + "long " * 60}
-    ex = rmd.tokenize_example(tok, formats.parse_row(row, "x:1", False), 64, rmd.DataStats())
+    ex = batches.tokenize_example(tok, formats.parse_row(row, "x:1", False), 64, batches.DataStats())
     assert ex.prompt[0] + ex.chosen == model.tokens(row["prompt"], row["chosen"], 64)
     assert ex.prompt[1] + ex.rejected == model.tokens(row["prompt"], row["rejected"], 64)
     assert ex.cuts == ("prompt_min", "prompt_min", "prompt_min")
     prompt, answer = ex.teacher
-    assert len(prompt) == rmd.prompt_floor(ex.prompt_len, 64) == 32 and tok.decode(prompt).endswith(
+    assert len(prompt) == prompt_floor(ex.prompt_len, 64) == 32 and tok.decode(prompt).endswith(
         "question?\n\nAssistant:")
     assert tok.decode(answer).startswith(" The answer is") and len(prompt) + len(answer) == 64
 
@@ -168,26 +136,26 @@ def test_cut_counts_add_up_and_count_only_the_rows_a_run_uses(tmp_path):
             {"prompt": "q", "chosen": "a " * 80, "rejected": "b " * 80},  # no teacher answer
             {"prompt": "q", "chosen": "same", "rejected": "same", "teacher_response": "t " * 80}]  # dropped
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    _, stats = rmd.load_pairs(path, rmd.ByteTokenizer(), 64, teacher=True)
+    _, stats = batches.load_pairs(path, ByteTokenizer(), 64, teacher=True)
     assert stats.rows == 5 and stats.kept == 4 and stats.dropped == {"chosen == rejected": 1}
     reward, teacher = stats.cuts["reward"], stats.cuts["teacher"]
     assert (reward.sequences, reward.whole, reward.prompt_left, reward.prompt_min, reward.answer_end) == (8, 2, 3, 1, 2)
     assert (teacher.sequences, teacher.whole, teacher.prompt_left, teacher.prompt_min) == (3, 1, 1, 1)
     for counts in (reward, teacher):
-        assert counts.whole + sum(getattr(counts, k) for k in rmd.CUT_KINDS) == counts.sequences
+        assert counts.whole + sum(getattr(counts, k) for k in CUT_KINDS) == counts.sequences
         assert counts.most_prompt_lost <= counts.sequences
     assert reward.sequences == 2 * stats.kept and teacher.sequences <= stats.kept
     assert reward.most_prompt_lost == 4 and teacher.most_prompt_lost == 2  # the long prompt keeps < half
-    _, eval_stats = rmd.load_pairs(path, rmd.ByteTokenizer(), 64)  # an eval split, or --lm-weight=0
+    _, eval_stats = batches.load_pairs(path, ByteTokenizer(), 64)  # an eval split, or --lm-weight=0
     assert set(eval_stats.cuts) == {"reward"} and eval_stats.cuts["reward"] == reward
     summary = stats.summary("train")
     assert "8 chosen/rejected sequences: 2 whole, 3 prompt cut from the left, 1 prompt cut to its floor" \
         in summary and "3 teacher-answer sequences" in summary
-    warnings = rmd.cut_warnings("train", stats.cuts, 64)
+    warnings = batches.cut_warnings("train", stats.cuts, 64)
     assert len(warnings) == 2 and "--max-len=64" in warnings[0]
     assert "4 of 8 chosen/rejected sequences (50%)" in warnings[0] and "2 of 3 teacher-answer" in warnings[1]
-    _, short = rmd.load_pairs(write_jsonl(tmp_path / "s.jsonl", rows[:1] * 10 + rows[1:2]), rmd.ByteTokenizer(), 64)
-    assert short.cuts["reward"].most_prompt_lost == 2 and not rmd.cut_warnings("x", short.cuts, 64)  # 2 of 22
+    _, short = batches.load_pairs(write_jsonl(tmp_path / "s.jsonl", rows[:1] * 10 + rows[1:2]), ByteTokenizer(), 64)
+    assert short.cuts["reward"].most_prompt_lost == 2 and not batches.cut_warnings("x", short.cuts, 64)  # 2 of 22
 
 
 def test_over_long_rows_are_cut_and_counted(tmp_path):
@@ -195,10 +163,10 @@ def test_over_long_rows_are_cut_and_counted(tmp_path):
     rows = [{"prompt": long_prompt, "chosen": "good answer", "rejected": "bad"},
             {"prompt": "p", "chosen": "A " + "y" * 100, "rejected": "B " + "y" * 100},
             {"prompt": "q", "chosen": "same", "rejected": "same"}]
-    examples, stats = rmd.load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), rmd.ByteTokenizer(), 64)
+    examples, stats = batches.load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), ByteTokenizer(), 64)
     assert stats.rows == 3 and stats.kept == 2 and stats.dropped == {"chosen == rejected": 1}
     first = examples[0]
-    tok = rmd.ByteTokenizer()
+    tok = ByteTokenizer()
     for prompt, answer in ((first.prompt[0], first.chosen), (first.prompt[1], first.rejected)):
         assert len(prompt) + len(answer) <= 64
         assert answer[-1] == tok.eos_token_id
@@ -213,16 +181,16 @@ def test_over_long_rows_are_cut_and_counted(tmp_path):
 def test_rows_identical_after_cutting_are_dropped_and_counted(tmp_path):
     rows = [{"prompt": "p", "chosen": "z" * 100 + "A", "rejected": "z" * 100 + "B"}]
     with pytest.raises(formats.DataError, match="identical after cutting"):
-        rmd.load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), rmd.ByteTokenizer(), 32)
+        batches.load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), ByteTokenizer(), 32)
 
 
 def test_margin_fit_matches_a_hand_computation():
     # dr = 1 2 3, ds = 1 3 2: means 2 and 2; cov = (-1)(-1) + 0 + 0 = 1; var = 2 and 2 -> r = 1/2
     # mse = (0^2 + 1^2 + 1^2) / 3 = 2/3
-    fit = rmd.margin_fit([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
+    fit = evaluation.margin_fit([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
     assert fit["pairs"] == 3 and fit["pearson"] == pytest.approx(0.5) and fit["mse"] == pytest.approx(2 / 3)
     # a constant side has no correlation; mse = ((1-2)^2 + (1-5)^2) / 2 = 8.5
-    assert rmd.margin_fit([1.0, 1.0], [2.0, 5.0]) == {"pairs": 2, "pearson": None, "mse": pytest.approx(8.5)}
+    assert evaluation.margin_fit([1.0, 1.0], [2.0, 5.0]) == {"pairs": 2, "pearson": None, "mse": pytest.approx(8.5)}
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -243,10 +211,10 @@ def test_reward_is_independent_of_packing_padding_side_and_batch_size(tmp_path, 
     model = tiny_model().eval()
     if pad_is_eos:
         model.pad_id = model.tokenizer.eos_token_id
-    examples, _ = rmd.load_pairs(write_jsonl(tmp_path / "d.jsonl", easy_rows(6)), model.tokenizer, 256)
+    examples, _ = batches.load_pairs(write_jsonl(tmp_path / "d.jsonl", easy_rows(6)), model.tokenizer, 256)
     sequences = [ex.prompt[0] + ex.chosen for ex in examples] + [ex.prompt[1] + ex.rejected for ex in examples]
     with torch.no_grad():
-        packed, _ = model(rmd.collate(examples, model.pad_id, False, False))
+        packed, _ = model(batches.collate(examples, model.pad_id, False, False))
         one_by_one = torch.cat([model.rewards(*padded([s], model.pad_id, False)) for s in sequences])
         right = model.rewards(*padded(sequences, model.pad_id, left=False))
         left = model.rewards(*padded(sequences, model.pad_id, left=True))
@@ -256,11 +224,11 @@ def test_reward_is_independent_of_packing_padding_side_and_batch_size(tmp_path, 
 
 def test_packed_lm_term_equals_full_logits_cross_entropy(tmp_path):
     model = tiny_model().eval()
-    examples, _ = rmd.load_pairs(write_jsonl(tmp_path / "d.jsonl", easy_rows(5)), model.tokenizer, 256)
-    batch = rmd.collate(examples, model.pad_id, True, True)
+    examples, _ = batches.load_pairs(write_jsonl(tmp_path / "d.jsonl", easy_rows(5)), model.tokenizer, 256)
+    batch = batches.collate(examples, model.pad_id, True, True)
     _, lm_hidden = model(batch)
     weight = model.lm.get_output_embeddings().weight
-    fused = rmd.linear_cross_entropy(lm_hidden, weight, batch.lm_target)
+    fused = loss.linear_cross_entropy(lm_hidden, weight, batch.lm_target)
     # reference: each prompt + teacher answer on its own, full logits, prompt positions masked
     losses, count = 0.0, 0
     for ex in examples:
@@ -277,8 +245,8 @@ def test_packed_lm_term_equals_full_logits_cross_entropy(tmp_path):
 
 def test_collate_packs_with_little_padding(tmp_path):
     model = tiny_model()
-    examples, _ = rmd.load_pairs(write_jsonl(tmp_path / "d.jsonl", easy_rows(32)), model.tokenizer, 256)
-    batch = rmd.collate(examples, model.pad_id, True, True)
+    examples, _ = batches.load_pairs(write_jsonl(tmp_path / "d.jsonl", easy_rows(32)), model.tokenizer, 256)
+    batch = batches.collate(examples, model.pad_id, True, True)
     assert batch.real_tokens / batch.input_ids.numel() > 0.9
     longest = max(len(ex.prompt[0]) + len(ex.chosen) for ex in examples)
     assert longest <= batch.input_ids.shape[1] <= 2 * longest  # attention never costs more than 4x padding's
@@ -287,44 +255,32 @@ def test_collate_packs_with_little_padding(tmp_path):
 # ------------------------------------------------------------------------------------------------ training
 
 
-def train_cfg(tmp_path, data, **kw):
-    base = dict(data=data, out=str(tmp_path / "out"), model="tiny-scratch", max_len=128, batch_size=8, lr=1e-3,
-                warmup=0.1, log_interval=1, seed=3)
-    base.update(kw)
-    return rmd.TrainConfig(**base)
-
-
-def log_losses(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [(r["step"], r["pair_loss"], r["lm_loss"]) for r in map(json.loads, f)]
-
-
 def test_training_learns_an_easy_preference_and_saves_a_loadable_model(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(160))
     test = write_jsonl(tmp_path / "test.jsonl", easy_rows(40, seed=1))
-    cfg = train_cfg(tmp_path, data, eval_data=f"test={test}", max_steps=30, lm_weight=0.1, loss="bt-margin",
+    cfg = train_cfg(tmp_path, data, eval_data=f"test={test}", max_steps=12, lm_weight=0.1, loss="bt-margin",
                     holdout=20)
-    metrics = rmd.train(cfg)
+    metrics = train.train(cfg)
     assert metrics["test"] > 0.9 and metrics["heldout"] > 0.9
     saved = json.load(open(os.path.join(cfg.out, "eval.json")))
-    assert saved["accuracy"] == metrics and saved["step"] == 30
+    assert saved["accuracy"] == metrics and saved["step"] == 12
     assert saved["eval_pairs"] == {"test": 40, "heldout": 20}
     assert set(saved["margin_fit"]) == {"test", "heldout"} and saved["margin_fit"]["test"]["pairs"] == 40
     assert saved["train_data"]["cuts"]["teacher"]["sequences"] == 140  # the 160 rows less the 20 held out
-    assert saved["eval_data"]["heldout"]["cuts"] == {"reward": dict(vars(rmd.CutCounts()), sequences=40, whole=40)}
+    assert saved["eval_data"]["heldout"]["cuts"] == {"reward": dict(vars(CutCounts()), sequences=40, whole=40)}
     losses = log_losses(cfg.out)
     assert losses[-1][1] < losses[0][1] and losses[-1][2] < losses[0][2]
     # the saved folder reproduces the rewards of the trained model
-    model = rmd.load_reward_model(os.path.join(cfg.out, "model"))
+    model = load_reward_model(os.path.join(cfg.out, "model"))
     rows = easy_rows(4, seed=2)
     rewards = model.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
     trained = tiny_model()
-    rmd.load_checkpoint(os.path.join(cfg.out, "ckpt"), trained, torch.optim.AdamW(
+    distributed.load_checkpoint(os.path.join(cfg.out, "ckpt"), trained, torch.optim.AdamW(
         [{"params": [p for p in trained.parameters() if p.dim() >= 2]},
          {"params": [p for p in trained.parameters() if p.dim() < 2]}]))
-    examples, _ = rmd.load_pairs(write_jsonl(tmp_path / "s.jsonl", rows), trained.tokenizer, 128)
+    examples, _ = batches.load_pairs(write_jsonl(tmp_path / "s.jsonl", rows), trained.tokenizer, 128)
     with torch.no_grad():
-        direct, _ = trained.eval()(rmd.collate(examples, trained.pad_id, False, False))
+        direct, _ = trained.eval()(batches.collate(examples, trained.pad_id, False, False))
     torch.testing.assert_close(torch.tensor(rewards), direct[:4], atol=1e-5, rtol=1e-4)
 
 
@@ -335,7 +291,7 @@ def test_max_steps_zero_evaluates_the_untrained_model_only(tmp_path, capsys):
     nomargin = write_jsonl(tmp_path / "nm.jsonl", [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     cfg = train_cfg(tmp_path, data, eval_data=f"test={test},plain={nomargin}", max_steps=0, lm_weight=0.0,
                     batch_size=16)  # fewer pairs than one batch is fine when nothing is trained
-    metrics = rmd.train(cfg)
+    metrics = train.train(cfg)
     out = capsys.readouterr().out
     assert "evaluating only" in out and "final eval: test" in out and "margin fit: pearson" in out
     saved = json.load(open(os.path.join(cfg.out, "eval.json")))
@@ -345,7 +301,7 @@ def test_max_steps_zero_evaluates_the_untrained_model_only(tmp_path, capsys):
     log_path = os.path.join(cfg.out, "log.jsonl")
     assert not os.path.exists(log_path) or not open(log_path).read()  # no training step
     # the step-0 numbers are the saved (untrained) model's: margin fit by hand from its rewards
-    model = rmd.load_reward_model(os.path.join(cfg.out, "model"))
+    model = load_reward_model(os.path.join(cfg.out, "model"))
     chosen = model.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
     rejected = model.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
     dr = [c - r for c, r in zip(chosen, rejected)]
@@ -357,7 +313,7 @@ def test_max_steps_zero_evaluates_the_untrained_model_only(tmp_path, capsys):
     assert fit["pearson"] == pytest.approx(pearson, abs=1e-4)
     assert fit["mse"] == pytest.approx(sum((a - b) ** 2 for a, b in zip(dr, ds)) / 6, rel=1e-4)
     assert metrics["test"] == sum(d > 0 for d in dr) / 6
-    assert rmd.TrainConfig().max_steps == -1  # the default runs the epochs
+    assert train.TrainConfig().max_steps == -1  # the default runs the epochs
 
 
 def test_cut_backbone_with_lm_term_warns(tmp_path, capsys):
@@ -370,19 +326,19 @@ def test_cut_backbone_with_lm_term_warns(tmp_path, capsys):
     LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(8))
-    rmd.train(train_cfg(tmp_path, data, model=folder, layers=1, lm_weight=0.1, max_steps=0))
+    train.train(train_cfg(tmp_path, data, model=folder, layers=1, lm_weight=0.1, max_steps=0))
     assert "warning: --layers=1 cuts the backbone and --lm-weight=0.1 > 0" in capsys.readouterr().out
-    rmd.train(train_cfg(tmp_path, data, model=folder, layers=1, lm_weight=0.0, max_steps=0))
+    train.train(train_cfg(tmp_path, data, model=folder, layers=1, lm_weight=0.0, max_steps=0))
     assert "warning: --layers" not in capsys.readouterr().out
 
 
 def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(48))
     straight = train_cfg(tmp_path / "a", data, max_steps=8, lm_weight=0.5, epochs=3)
-    rmd.train(straight)
+    train.train(straight)
     first = train_cfg(tmp_path / "b", data, max_steps=8, lm_weight=0.5, epochs=3)
-    rmd.train(rmd.TrainConfig(**{**vars(first), "max_steps": 8}), stop_after=3)
-    rmd.train(rmd.TrainConfig(**{**vars(first), "resume": True}))
+    train.train(train.TrainConfig(**{**vars(first), "max_steps": 8}), stop_after=3)
+    train.train(train.TrainConfig(**{**vars(first), "resume": True}))
     a, b = log_losses(straight.out), log_losses(first.out)
     assert [s for s, *_ in b] == list(range(1, 9))
     for (step_a, pair_a, lm_a), (step_b, pair_b, lm_b) in zip(a, b):
@@ -399,16 +355,25 @@ def test_cli_without_data_says_what_to_pass(tmp_path):
 
 
 def test_overrides_are_type_checked():
-    cfg = cli.parse_overrides(rmd.TrainConfig(), ["--lr=3e-4", "--max-steps", "5", "--resume", "--loss=bt"])
+    cfg = cli.parse_overrides(train.TrainConfig(), ["--lr=3e-4", "--max-steps", "5", "--resume", "--loss=bt"])
     assert (cfg.lr, cfg.max_steps, cfg.resume, cfg.loss) == (3e-4, 5, True, "bt")
     with pytest.raises(SystemExit, match="expected int"):
-        cli.parse_overrides(rmd.TrainConfig(), ["--max-steps=many"])
+        cli.parse_overrides(train.TrainConfig(), ["--max-steps=many"])
+
+
+def test_one_list_of_loss_kinds_for_the_check_and_the_help(tmp_path):
+    """--loss is checked against loss.PAIRWISE_KINDS, and --help names every kind in it."""
+    help_text = cli.field_comments(train.TrainConfig)["loss"]
+    assert all(kind in help_text for kind in loss.PAIRWISE_KINDS)
+    data = write_jsonl(tmp_path / "d.jsonl", easy_rows(2))
+    with pytest.raises(SystemExit, match="--loss must be one of " + ", ".join(loss.PAIRWISE_KINDS)):
+        train.validate(train.TrainConfig(data=data, loss="hinge"))
 
 
 def test_example_files_in_data_are_read_by_train_and_distill():
-    tok = rmd.ByteTokenizer()
+    tok = ByteTokenizer()
     for name, need_margin in (("pairs", False), ("distilled", True), ("hh_style", False)):
-        examples, stats = rmd.load_pairs(os.path.join(ROOT, "data", f"{name}.jsonl"), tok, 512, need_margin)
+        examples, stats = batches.load_pairs(os.path.join(ROOT, "data", f"{name}.jsonl"), tok, 512, need_margin)
         assert stats.kept == stats.rows > 0
     kinds = {name: {r["kind"] for r in formats.load_rows(os.path.join(ROOT, "data", f"{name}.jsonl"))}
              for name in ("pairs", "pools", "prompts", "hh_style")}
@@ -443,10 +408,9 @@ def one_line_error(argv):
 
 
 def test_every_command_has_help_generated_from_its_config(capsys):
-    import evaluate
     import distill
-    configs = {"distill": distill.DistillConfig, "train": rmd.TrainConfig, "eval": evaluate.EvalConfig,
-               "bon": evaluate.BonConfig, "serve": evaluate.ServeConfig}
+    configs = {"distill": distill.DistillConfig, "train": train.TrainConfig, "eval": evaluation.EvalConfig,
+               "bon": evaluation.BonConfig, "serve": serve.ServeConfig}
     for command, config in configs.items():
         comments = cli.field_comments(config)
         for flag in ("--help", "-h"):
@@ -466,7 +430,7 @@ def test_every_command_has_help_generated_from_its_config(capsys):
 
 
 def test_trl_and_hf_option_names():
-    cfg = cli.parse_overrides(rmd.TrainConfig(), ["--learning-rate=3e-4", "--num-train-epochs", "2", "--output-dir=o",
+    cfg = cli.parse_overrides(train.TrainConfig(), ["--learning-rate=3e-4", "--num-train-epochs", "2", "--output-dir=o",
                                                   "--model-name-or-path=m", "--max-length=128", "--warmup-ratio=0.1"])
     assert (cfg.lr, cfg.epochs, cfg.out, cfg.model, cfg.max_len, cfg.warmup) == (3e-4, 2, "o", "m", 128, 0.1)
     message = one_line_error(["train", "--data=x.jsonl", "--per-device-train-batch-size=8"])
@@ -580,16 +544,16 @@ def test_every_data_example_runs_as_its_readme_line_says(tmp_path, monkeypatch):
 def test_resume_with_a_different_config_stops_before_writing(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", easy_rows(8))
     cfg = train_cfg(tmp_path / "r", data, max_steps=2, batch_size=4)
-    rmd.train(cfg, stop_after=1)
+    train.train(cfg, stop_after=1)
     saved = open(os.path.join(cfg.out, "config.json")).read()
-    changed = rmd.TrainConfig(**{**vars(cfg), "resume": True, "lr": 0.5, "seed": 7, "log_interval": 3})
+    changed = train.TrainConfig(**{**vars(cfg), "resume": True, "lr": 0.5, "seed": 7, "log_interval": 3})
     with pytest.raises(SystemExit) as e:
-        rmd.train(changed)
+        train.train(changed)
     message = str(e.value.code)
     assert message.startswith("error: --resume with a config that differs") and "--lr " in message
     assert "--seed 3 -> 7" in message and "log-interval" not in message and "\n" not in message
     assert open(os.path.join(cfg.out, "config.json")).read() == saved  # nothing overwritten
-    rmd.train(rmd.TrainConfig(**{**vars(cfg), "resume": True, "log_interval": 3}))  # watching differently is fine
+    train.train(train.TrainConfig(**{**vars(cfg), "resume": True, "log_interval": 3}))  # watching differently is fine
 
 
 def test_a_hub_model_id_is_passed_to_transformers_and_offline_is_one_line(monkeypatch):
@@ -600,14 +564,14 @@ def test_a_hub_model_id_is_passed_to_transformers_and_offline_is_one_line(monkey
         asked.append(name)
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
-    rmd.check_model("Qwen/Qwen2.5-0.5B-Instruct")  # not refused
+    train.check_model("Qwen/Qwen2.5-0.5B-Instruct")  # not refused
     with pytest.raises(SystemExit) as e:
-        rmd.load_backbone("Qwen/Qwen2.5-0.5B-Instruct")
+        load_backbone("Qwen/Qwen2.5-0.5B-Instruct")
     assert asked == ["Qwen/Qwen2.5-0.5B-Instruct"]
     message = str(e.value.code)
     assert "\n" not in message and "Hugging Face Hub" in message and "couldn't connect" in message
     with pytest.raises(SystemExit, match="no such folder or file"):
-        rmd.check_model("a/b/c")
+        train.check_model("a/b/c")
 
 
 def test_train_reads_json_arrays_and_trl_preference_formats(tmp_path):
@@ -620,11 +584,11 @@ def test_train_reads_json_arrays_and_trl_preference_formats(tmp_path):
              "rejected": q + [{"role": "assistant", "content": "No."}]}]
     path = tmp_path / "d.json"
     path.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
-    examples, stats = rmd.load_pairs(str(path), rmd.ByteTokenizer(), 128)
+    examples, stats = batches.load_pairs(str(path), ByteTokenizer(), 128)
     assert stats.kept == 3 and examples[0] == examples[1] == examples[2]
     path.write_text("[\n" + json.dumps(rows[0]) + ",\n" + json.dumps({"prompt": "p", "chosen": "a"}) + "\n]")
     with pytest.raises(formats.DataError, match=r"d.json:3: missing field 'rejected'"):
-        rmd.load_pairs(str(path), rmd.ByteTokenizer(), 128)
+        batches.load_pairs(str(path), ByteTokenizer(), 128)
 
 
 # ------------------------------------------------------------------------------------------------ the tiny student
@@ -634,29 +598,27 @@ def test_shipped_tiny_student_is_the_one_the_code_would_build():
     """data/tiny-world-lm is used only if its key matches: a change to the world's text, the rendering or the
     pretraining settings must come with `python tiny_lm.py` (or every first run pretrains for minutes)."""
     import sim
-    import tiny_lm
-    tok = rmd.ByteTokenizer()
-    sequences = rmd.world_sequences(tok, sim.world_corpus(sim.WorldConfig()))
-    assert tiny_lm.cache_key(sequences, rmd.tiny_config(tok, 1024), tiny_lm.SETTINGS) == tiny_lm.shipped_key()
+    tok = ByteTokenizer()
+    sequences = tiny_lm.world_sequences(tok, sim.world_corpus(sim.WorldConfig()))
+    assert tiny_lm.cache_key(sequences, tiny_lm.tiny_config(tok, 1024), tiny_lm.SETTINGS) == tiny_lm.shipped_key()
     info = json.load(open(os.path.join(tiny_lm.SHIPPED, "pretrain.json")))
     assert info["knowledge"]["correct_beats_wrong_same_style"]["all"] >= 0.9
-    lm, tokenizer = rmd.load_backbone("tiny", 0, 256)
-    assert isinstance(tokenizer, rmd.ByteTokenizer) and lm.config.num_hidden_layers == 4
+    lm, tokenizer = tiny_lm.load_tiny("tiny", 0, 256)
+    assert isinstance(tokenizer, ByteTokenizer) and lm.config.num_hidden_layers == 4
 
 
 def test_tiny_pretraining_is_cached_by_what_determines_it(tmp_path, monkeypatch):
-    import tiny_lm
     monkeypatch.setattr(tiny_lm, "CACHE", str(tmp_path))
-    tok = rmd.ByteTokenizer()
-    sequences = rmd.world_sequences(tok, [("What is 1 + 1?", "2"), ("What is 2 + 2?", "2 + 2 = 4.")])
-    config = rmd.tiny_config(tok, 1024)
+    tok = ByteTokenizer()
+    sequences = tiny_lm.world_sequences(tok, [("What is 1 + 1?", "2"), ("What is 2 + 2?", "2 + 2 = 4.")])
+    config = tiny_lm.tiny_config(tok, 1024)
     settings = dict(tiny_lm.SETTINGS, steps=2, batch_size=2, warmup=1)
     path = tiny_lm.pretrained(sequences, config, tok.pad_token_id, settings, log=lambda *a: None,
                               probe=lambda lm: {"probed": True})
     info = json.load(open(os.path.join(path, "pretrain.json")))
     assert info["knowledge"] == {"probed": True} and info["key"] == os.path.basename(path)
-    lm, tokenizer = rmd.load_backbone(path, 0, 2048)  # a byte-tokenizer folder; positions grow to max_len
-    assert isinstance(tokenizer, rmd.ByteTokenizer) and lm.config.max_position_embeddings == 2048
+    lm, tokenizer = load_backbone(path, 0, 2048)  # a byte-tokenizer folder; positions grow to max_len
+    assert isinstance(tokenizer, ByteTokenizer) and lm.config.max_position_embeddings == 2048
     monkeypatch.setattr(tiny_lm, "pretrain", lambda *a, **k: pytest.fail("pretrained twice"))
     assert tiny_lm.pretrained(sequences, config, tok.pad_token_id, settings, log=lambda *a: None) == path
     other = dict(settings, lr=1e-4)
@@ -667,7 +629,7 @@ def test_margin_zero_pairs_need_the_mse_loss(tmp_path):
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 5, "rejected_score": 5},
             {"prompt": "p", "chosen": "a", "rejected": "c", "chosen_score": 7, "rejected_score": 2}]
     path = write_jsonl(tmp_path / "eq.jsonl", rows)
-    examples, stats = rmd.load_pairs(path, rmd.ByteTokenizer(), 64, need_margin=True, keep_ties=False)
+    examples, stats = batches.load_pairs(path, ByteTokenizer(), 64, need_margin=True, keep_ties=False)
     assert len(examples) == 1 and list(stats.dropped.values()) == [1]
-    examples, _ = rmd.load_pairs(path, rmd.ByteTokenizer(), 64, need_margin=True, keep_ties=True)
+    examples, _ = batches.load_pairs(path, ByteTokenizer(), 64, need_margin=True, keep_ties=True)
     assert [ex.margin for ex in examples] == [0.0, 5.0]

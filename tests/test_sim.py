@@ -217,9 +217,6 @@ def test_distill_end_to_end_with_retries(tmp_path):
 
 
 def test_ablation_smoke(tmp_path):
-    rmd = pytest.importorskip("rmd")
-    if not hasattr(rmd, "train"):
-        pytest.skip("rmd.train not there yet")
     import ablation
     results = ablation.main(["--seeds=0", "--arms=a,h", "--steps=2", "--sweep=0.1", "--batch-size=4",
                              "--n-distill=30", "--n-eval=10", "--n-bon=4", f"--out={tmp_path}"])

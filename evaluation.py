@@ -1,8 +1,7 @@
-"""Use a trained reward model: benchmark accuracy, best-of-N ranking, and an HTTP reward server for RL trainers.
+"""evaluation.py -- use a trained reward model on files: benchmark accuracy (eval) and best-of-N ranking (bon).
 
     python rmd.py eval  --model DIR --data FILE [--out results.json] [--batch-size 32] [--padding-side right]
     python rmd.py bon   --model DIR --data rows.jsonl [--out scored.jsonl]
-    python rmd.py serve --model DIR [--host 127.0.0.1] [--port 5000]
     python rmd.py COMMAND --help                # every option, its type, default and meaning
 
 `eval` reads local JSONL (or one JSON array) in one of three public formats, detected from the first row:
@@ -13,41 +12,27 @@
   - RM-Bench:    {prompt, chosen: [3], rejected: [3], domain}     -> easy / normal / hard per domain and overall
 It prints a table and writes the numbers as JSON (default: under out/eval/, never next to the input). `bon` writes
 the scored rows under out/bon/; rows with a `true_quality` list also get the picks scored against it. Every reward
-is read at the last real token of a sequence tokenized and cut exactly as in training (rmd.render_prompt /
-render_answer + eos, rmd.fit: the prompt's end is always kept, then the answer's beginning); the cuts are counted in
-the results. Sequences are sorted by length before batching, so little padding is computed, and results do not
-depend on --batch-size or --padding-side.
+is read at the last real token of a sequence tokenized and cut exactly as in training (model.render_prompt /
+render_answer + eos, model.fit: the prompt's end is always kept, then the answer's beginning); the cuts are counted
+in the results. Sequences are sorted by length before batching, so little padding is computed, and results do not
+depend on --batch-size or --padding-side. The HTTP reward server is serve.py.
 
-`serve` answers POST /get_reward (also / and /score) with either
-  - OpenRLHF's remote reward-model form: {"query": [full texts], "prompts": [...]?, "labels": [...]?}
-    -> {"rewards": [...], "scores": [...], "extra_logs": {...}}. Each query is already formatted text (rendered
-    prompt + response); it is tokenized as it is, trailing pad/eos text stripped and one eos id appended, as
-    OpenRLHF's own serve_rm does. `prompts` and `labels` are accepted and not needed.
-  - the plain form: {"prompt": p, "response": r} or {"prompts": [...], "responses": [...]} -> {"rewards": [...]};
-    prompts are strings or message lists and are rendered as in training.
-Concurrent requests are micro-batched by one worker thread that owns the model. GET /health says it is up.
-
-In Python: `evaluate.sequence_rewards(model, sequences)`, `evaluate.pair_rewards(model, prompts, answers)`,
-`evaluate.evaluate_file(model, path)`, `evaluate.best_of_n(model, rows)`, `evaluate.start_server(model)`.
+In Python: `evaluation.evaluate_file(model, path)`, `evaluation.best_of_n(model, rows)`, with a model from
+`model.load_reward_model(path)` (whose .score(prompts, answers) gives the rewards).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
-import queue
-import re
-import socket
 import sys
-import threading
-import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import torch
-
-import rmd
+from batches import check_data_file, cut_warnings
 from cli import parse_overrides
 from formats import DataError, answer_of, as_messages, detect_format, parse_row, read_rows
+from model import CUT_KINDS, CutCounts, load_reward_model, pick_device
+
 
 # allenai/reward-bench rewardbench/constants.py: the leaderboard weights each subset by these counts inside its
 # section (math-prm is up-weighted to equal the code subsets together); the overall score is the sections' mean.
@@ -82,39 +67,26 @@ class EvalConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# rewards, batched
-
-
-def pair_tokens(model, prompt, answer, max_len, cuts=None):
-    """(prompt, answer) -> token ids exactly as training builds and cuts them (rmd.RewardModel.tokens); the cut is
-    counted in cuts (an rmd.CutCounts) when given."""
-    return model.tokens(prompt, answer, max_len, cuts)
-
-
-def text_tokens(model, text, max_len):
-    """An already formatted full text (prompt + response) -> ids + eos; trailing pad/eos text is dropped first."""
-    tok = model.tokenizer
-    if not isinstance(tok, rmd.ByteTokenizer):
-        for special in (tok.pad_token, tok.eos_token):
-            while special and text.endswith(special):
-                text = text[:-len(special)]
-    ids = rmd.encode(tok, text)[-(max_len - 1):] + [tok.eos_token_id]
-    return ids
-
-
-def sequence_rewards(model, sequences, batch_size=32, padding_side="right"):
-    """Rewards of token-id sequences, sorted by length and padded per batch (rmd.RewardModel.sequence_rewards)."""
-    return model.sequence_rewards(sequences, batch_size, padding_side)
-
-
-def pair_rewards(model, prompts, answers, batch_size=32, padding_side="right", max_len=0, cuts=None):
-    max_len = max_len or model.max_len
-    sequences = [pair_tokens(model, p, a, max_len, cuts) for p, a in zip(prompts, answers, strict=True)]
-    return sequence_rewards(model, sequences, batch_size, padding_side)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # benchmarks
+
+
+def margin_fit(reward_margins, teacher_margins):
+    """How well the student's Δr = r(chosen) − r(rejected) follows the teacher's Δs on held-out pairs: the Pearson
+    correlation (None when either side is constant) and the mean squared error of Δr − Δs (what --loss=mse
+    minimises; on another scale under the bt losses, where only the correlation compares)."""
+    n = len(reward_margins)
+    mean_r, mean_s = sum(reward_margins) / n, sum(teacher_margins) / n
+    cov = sum((r - mean_r) * (s - mean_s) for r, s in zip(reward_margins, teacher_margins, strict=True))
+    var_r = sum((r - mean_r) ** 2 for r in reward_margins)
+    var_s = sum((s - mean_s) ** 2 for s in teacher_margins)
+    pearson = cov / math.sqrt(var_r * var_s) if var_r > 0 and var_s > 0 else None
+    mse = sum((r - s) ** 2 for r, s in zip(reward_margins, teacher_margins)) / n
+    return {"pairs": n, "pearson": pearson, "mse": mse}
+
+
+def fit_text(fit):
+    pearson = "n/a (constant)" if fit["pearson"] is None else f"{fit['pearson']:.3f}"
+    return f"margin fit: pearson {pearson}, mse {fit['mse']:.4f}"
 
 
 def accuracy_of(chosen, rejected):
@@ -131,13 +103,13 @@ def evaluate_pairs(model, rows, fmt, batch_size, padding_side, max_len):
         messages, c, r, margin, _ = parse_row(row, where, False)
         prompts.append(messages), chosen.append(c), rejected.append(r), margins.append(margin)
         subsets.append(str(row.get("subset", "")))
-    cuts = rmd.CutCounts()
-    rewards = pair_rewards(model, prompts + prompts, chosen + rejected, batch_size, padding_side, max_len, cuts=cuts)
+    cuts = CutCounts()
+    rewards = model.score(prompts + prompts, chosen + rejected, batch_size, max_len, padding_side, cuts)
     r_chosen, r_rejected = rewards[:len(prompts)], rewards[len(prompts):]
     result = {"format": fmt, "pairs": len(prompts), "accuracy": accuracy_of(r_chosen, r_rejected),
               "ties": sum(c == r for c, r in zip(r_chosen, r_rejected)), **cut_report(cuts, max_len)}
     if all(m is not None for m in margins):  # pairs with chosen_score/rejected_score or margin
-        result["margin_fit"] = rmd.margin_fit([c - r for c, r in zip(r_chosen, r_rejected)], margins)
+        result["margin_fit"] = margin_fit([c - r for c, r in zip(r_chosen, r_rejected)], margins)
     if fmt == "rewardbench":
         per_subset = {}
         for name in sorted(set(subsets)):
@@ -176,8 +148,8 @@ def evaluate_rm_bench(model, rows, batch_size, padding_side, max_len):
             prompts.append(messages), answers.append(answer_of(answer, "chosen/rejected", where))
         domain = str(row.get("domain") or str(row.get("id", "")).split("/")[0] or "all")
         domains.append(domain.split("-")[0].lower())  # safety-refuse, safety-response -> safety
-    cuts = rmd.CutCounts()
-    rewards = pair_rewards(model, prompts, answers, batch_size, padding_side, max_len, cuts=cuts)
+    cuts = CutCounts()
+    rewards = model.score(prompts, answers, batch_size, max_len, padding_side, cuts)
     cells = {"hard": [(i, j) for i in range(3) for j in range(3) if i < j], "normal": [(i, i) for i in range(3)],
              "easy": [(i, j) for i in range(3) for j in range(3) if i > j]}
     per_row = []
@@ -197,9 +169,9 @@ def evaluate_rm_bench(model, rows, batch_size, padding_side, max_len):
 
 
 def cut_report(cuts, max_len):
-    """The cut counts of the scored sequences (rmd.fit's rule, as in training) and the warning, for the results."""
+    """The cut counts of the scored sequences (model.fit's rule, as in training) and the warning, for the results."""
     return {"max_len": max_len, "cuts": {"reward": vars(cuts).copy()},
-            "warnings": rmd.cut_warnings("eval", {"reward": cuts}, max_len)}
+            "warnings": cut_warnings("eval", {"reward": cuts}, max_len)}
 
 
 def evaluate_file(model, path, fmt="auto", batch_size=32, padding_side="right", max_len=0):
@@ -240,20 +212,15 @@ def table(result):
                          + ("" if len(result["sections"]) == 4 else "  (not all 4 sections present)"))
     lines.append(f"{'all pairs':<24} {result['pairs']:>5} {pct(result['accuracy'])}  ({result['ties']} ties)")
     if "margin_fit" in result:
-        lines.append(rmd.fit_text(result["margin_fit"]))
+        lines.append(fit_text(result["margin_fit"]))
     return "\n".join(lines + cut_lines(result))
 
 
 def cut_lines(result):
     if "cuts" not in result:
         return []
-    counts = rmd.CutCounts(**result["cuts"]["reward"])
+    counts = CutCounts(**result["cuts"]["reward"])
     return [f"cut to --max-len={result['max_len']}: {counts.summary('sequences')}", *result["warnings"]]
-
-
-def pick_device(device):
-    rmd.check_device(device)
-    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_model(command, cfg):
@@ -269,7 +236,7 @@ def load_model(command, cfg):
         what = "no such folder" if not os.path.exists(cfg.model) else "not an rmd reward-model folder (no rmd.json)"
         raise SystemExit(f"error: --model={cfg.model}: {what}{hint}")
     try:
-        return rmd.load_reward_model(cfg.model, device)
+        return load_reward_model(cfg.model, device)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --model={cfg.model} could not be loaded: {str(e).splitlines()[0]}") from None
 
@@ -286,7 +253,7 @@ def eval_command(argv):
         raise SystemExit("error: --padding-side is left or right; --format is auto, pairs, rewardbench or rmbench")
     if not cfg.data:
         raise SystemExit("error: rmd.py eval needs --data=FILE (pairs, RewardBench or RM-Bench rows)")
-    rmd.check_data_file("data", cfg.data)
+    check_data_file("data", cfg.data)
     model = load_model("eval", cfg)
     try:
         result, _ = evaluate_file(model, cfg.data, cfg.format, cfg.batch_size, cfg.padding_side, cfg.max_len)
@@ -315,25 +282,25 @@ def write_file(path, text):
 
 def best_of_n(model, rows, batch_size=32, max_len=0, cuts=None):
     """[{prompt, responses: [...]}] -> the same rows with rewards, best (first highest index), best_response and
-    cuts (how many of the row's responses were cut to max_len, by rmd.fit's kind; {} when none). The cuts of all
-    rows are added to cuts (an rmd.CutCounts) when given."""
+    cuts (how many of the row's responses were cut to max_len, by model.fit's kind; {} when none). The cuts of all
+    rows are added to cuts (an CutCounts) when given."""
     max_len = max_len or model.max_len
     sequences, row_cuts = [], []
     for where, row in rows:
         responses = row.get("responses")
         if "prompt" not in row or not isinstance(responses, list) or not responses:
             raise DataError(f"{where}: best-of-N rows need 'prompt' and a non-empty list 'responses'")
-        messages, mine = as_messages(row["prompt"], where), rmd.CutCounts()
+        messages, mine = as_messages(row["prompt"], where), CutCounts()
         for response in responses:
-            sequences.append(pair_tokens(model, messages, answer_of(response, "responses", where), max_len, mine))
+            sequences.append(model.tokens(messages, answer_of(response, "responses", where), max_len, mine))
         row_cuts.append(mine)
-    rewards = sequence_rewards(model, sequences, batch_size)
+    rewards = model.sequence_rewards(sequences, batch_size)
     out, k = [], 0
     for (_, row), mine_cuts in zip(rows, row_cuts):
         mine = rewards[k:k + len(row["responses"])]
         k += len(mine)
         best = max(range(len(mine)), key=lambda i: (mine[i], -i))
-        cut = {kind: getattr(mine_cuts, kind) for kind in rmd.CUT_KINDS if getattr(mine_cuts, kind)}
+        cut = {kind: getattr(mine_cuts, kind) for kind in CUT_KINDS if getattr(mine_cuts, kind)}
         out.append({**row, "rewards": mine, "best": best, "best_response": row["responses"][best], "cuts": cut})
         if cuts is not None:
             for name, value in vars(mine_cuts).items():
@@ -356,9 +323,9 @@ def bon_command(argv):
                           "pick; with a true_quality field, how good the picks are.")
     if not cfg.data:
         raise SystemExit("error: rmd.py bon needs --data=rows.jsonl ({prompt, responses: [...]})")
-    rmd.check_data_file("data", cfg.data)
+    check_data_file("data", cfg.data)
     model = load_model("bon", cfg)
-    cuts = rmd.CutCounts()
+    cuts = CutCounts()
     try:
         rows = read_rows(cfg.data)
         scored = best_of_n(model, rows, cfg.batch_size, cfg.max_len, cuts)
@@ -408,285 +375,3 @@ def quality_table(quality):
     for name, label in (("picked", "reward model"), ("random", "random pick"), ("oracle", "oracle pick")):
         lines.append(f"{label:<16} {quality[name]['mean_quality']:>12.3f} {100 * quality[name]['correct']:>7.1f}%")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reward server
-
-
-class BadRequest(ValueError):
-    def __init__(self, reason, status=400):
-        super().__init__(reason)
-        self.status = status
-
-
-def request_sequences(model, body, max_items, max_len):
-    """A parsed JSON request -> (token sequences, OpenRLHF form?). Raises BadRequest with the reason."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-
-    def strings(key):
-        value = body[key]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise BadRequest(f"'{key}' must be a list of strings")
-        return value
-
-    def check_count(n):
-        if n == 0:
-            raise BadRequest("nothing to score: the list is empty")
-        if n > max_items:
-            raise BadRequest(f"{n} items in one request; at most {max_items}", 413)
-
-    if "query" in body:
-        queries = strings("query")
-        check_count(len(queries))
-        return [text_tokens(model, q, max_len) for q in queries], True
-    if "response" in body and "prompt" in body:
-        prompts, responses = [body["prompt"]], [body["response"]]
-    elif "responses" in body and "prompts" in body:
-        prompts, responses = body["prompts"], body["responses"]
-        if not isinstance(prompts, list) or not isinstance(responses, list) or len(prompts) != len(responses):
-            raise BadRequest("'prompts' and 'responses' must be lists of the same length")
-    else:
-        raise BadRequest("expected {\"query\": [texts]} (OpenRLHF), {\"prompt\", \"response\"} or "
-                         "{\"prompts\": [...], \"responses\": [...]}")
-    check_count(len(prompts))
-    sequences = []
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        if not isinstance(r, str):
-            raise BadRequest(f"response {i} must be a string")
-        try:
-            sequences.append(pair_tokens(model, p, r, max_len))
-        except DataError as e:
-            raise BadRequest(f"prompt {i}: {str(e).split(': ', 1)[-1]}") from None
-    return sequences, False
-
-
-class Scorer:
-    """One worker thread owns the model; requests queue up and are scored together (micro-batching)."""
-
-    def __init__(self, model, batch_size=32, max_batch_items=512):
-        self.model, self.batch_size, self.max_batch_items = model, batch_size, max_batch_items
-        self.jobs = queue.Queue()
-        self.thread = threading.Thread(target=self.work, daemon=True)
-        self.thread.start()
-
-    def score(self, sequences):
-        job = {"sequences": sequences, "done": threading.Event()}
-        self.jobs.put(job)
-        job["done"].wait()
-        if "error" in job:
-            raise job["error"]
-        return job["rewards"]
-
-    def work(self):
-        while True:
-            jobs = [self.jobs.get()]
-            if jobs[0] is None:
-                return
-            total = len(jobs[0]["sequences"])
-            while total < self.max_batch_items:
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self.jobs.put(None)
-                    break
-                jobs.append(job)
-                total += len(job["sequences"])
-            try:
-                rewards = sequence_rewards(self.model, [s for j in jobs for s in j["sequences"]], self.batch_size)
-                k = 0
-                for job in jobs:
-                    job["rewards"] = rewards[k:k + len(job["sequences"])]
-                    k += len(job["sequences"])
-            except Exception as e:  # noqa: BLE001 - reported to every waiting request as a 500
-                for job in jobs:
-                    job["error"] = e
-            for job in jobs:
-                job["done"].set()
-
-    def close(self):
-        self.jobs.put(None)
-
-
-def start_server(model, host="127.0.0.1", port=0, batch_size=32, max_items=256, max_body=8 << 20, max_len=0,
-                 idle_timeout=30.0, max_connections=64):
-    """Serve in a background thread -> (url, shutdown function). A connection silent for idle_timeout seconds
-    is closed, a request body must arrive within idle_timeout per read and 4 x idle_timeout in all, and at most
-    max_connections are served at once (more get a 503 and are closed)."""
-    scorer = Scorer(model, batch_size)
-    max_len = max_len or model.max_len
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = idle_timeout  # socket timeout for every read: a half-sent request cannot hold a thread for good
-
-        def reply(self, status, payload, headers=()):
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in headers:
-                self.send_header(k, v)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-
-        def send_error(self, code, message=None, explain=None):
-            """The standard library's HTML error pages (bad request line, unknown method...) as JSON."""
-            self.close_connection = True
-            if code == 501:  # a method nobody implements here
-                return self.not_allowed()
-            self.reply(code, {"error": message or self.responses.get(code, ("error",))[0]})
-
-        def not_allowed(self):
-            self.close_connection = True  # a body may follow, unread
-            self.reply(405, {"error": f"method {self.command} not allowed; POST /get_reward or /score, GET /health"},
-                       headers=[("Allow", "GET, POST")])
-
-        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_TRACE = do_CONNECT = not_allowed
-
-        def do_GET(self):
-            if self.path.split("?")[0] == "/health":
-                return self.reply(200, {"status": "ok"})
-            if self.path.split("?")[0] in ("/", "/get_reward", "/score"):
-                return self.reply(405, {"error": f"{self.path} takes POST with a JSON body"})
-            self.reply(404, {"error": f"unknown path {self.path}; POST /get_reward, GET /health"})
-
-        def do_POST(self):
-            try:
-                self.post()
-            except (socket.timeout, ConnectionError):
-                self.close_connection = True  # the client stalled or left: nobody to answer
-            except Exception as e:  # noqa: BLE001 - answer every request, never just drop the connection
-                self.close_connection = True
-                self.reply(500, {"error": f"internal error: {type(e).__name__}"})
-
-        def body_length(self):
-            """The declared body length, or an error reply (then the body is never read)."""
-            if self.headers.get("Transfer-Encoding"):
-                return None, (411, "chunked bodies are not accepted; send a Content-Length header")
-            value = self.headers.get("Content-Length")
-            if value is None:
-                return None, (411, "a Content-Length header is required")
-            if not re.fullmatch(r"[0-9]{1,15}", value.strip()):
-                return None, (400, f"invalid Content-Length {value[:40]!r}")
-            length = int(value)
-            if length > max_body:
-                return None, (413, f"request body of {length} bytes; at most {max_body}")
-            return length, None
-
-        def read_body(self, length):
-            """Exactly `length` bytes, under an overall deadline (a client may drip them)."""
-            deadline, chunks, left = time.monotonic() + 4 * idle_timeout, [], length
-            while left:
-                chunk = self.rfile.read1(min(left, 1 << 16))
-                if not chunk:
-                    raise ConnectionError("client closed the connection mid-body")
-                chunks.append(chunk)
-                left -= len(chunk)
-                if time.monotonic() > deadline:
-                    raise socket.timeout("request body too slow")
-            return b"".join(chunks)
-
-        def post(self):
-            length, problem = self.body_length()
-            if problem:
-                self.close_connection = True  # the unread body would be taken for the next request
-                return self.reply(problem[0], {"error": problem[1]})
-            if self.path.split("?")[0] not in ("/", "/get_reward", "/score"):
-                self.read_body(length)
-                return self.reply(404, {"error": f"unknown path {self.path}; POST /get_reward or /score"})
-            try:
-                body = json.loads(self.read_body(length))
-                json.dumps(body, ensure_ascii=False).encode("utf-8")  # lone surrogates ("\ud800") fail here
-            except (ValueError, UnicodeError) as e:
-                return self.reply(400, {"error": f"request body is not valid JSON text: {str(e)[:200]}"})
-            except RecursionError:
-                return self.reply(400, {"error": "request body is nested too deeply"})
-            try:
-                sequences, openrlhf = request_sequences(model, body, max_items, max_len)
-            except BadRequest as e:
-                return self.reply(e.status, {"error": str(e)})
-            try:
-                rewards = scorer.score(sequences)
-            except Exception as e:  # noqa: BLE001
-                return self.reply(500, {"error": f"scoring failed: {type(e).__name__}: {e}"})
-            if openrlhf:
-                return self.reply(200, {"rewards": rewards, "scores": rewards, "extra_logs": {"reward": rewards}})
-            self.reply(200, {"rewards": rewards})
-
-        def log_message(self, *args):
-            pass
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        slots = threading.BoundedSemaphore(max_connections)
-
-        def process_request(self, request, client_address):
-            if not self.slots.acquire(blocking=False):  # over the bound: answer at once, without a thread
-                try:
-                    request.settimeout(1.0)
-                    request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                    b"Content-Length: 40\r\nConnection: close\r\n\r\n"
-                                    b'{"error": "too many connections, retry"}')
-                except OSError:
-                    pass
-                self.shutdown_request(request)
-                return
-            super().process_request(request, client_address)
-
-        def process_request_thread(self, request, client_address):
-            try:
-                super().process_request_thread(request, client_address)
-            finally:
-                self.slots.release()
-
-        def handle_error(self, request, client_address):
-            pass  # a client that vanished mid-request
-
-    server = Server((host, port), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-
-    def shutdown():
-        server.shutdown()
-        server.server_close()
-        scorer.close()
-
-    return f"http://{server.server_address[0]}:{server.server_address[1]}", shutdown
-
-
-@dataclass
-class ServeConfig:
-    model: str = ""  # a folder written by `rmd.py train` (its model/ subfolder)
-    host: str = "127.0.0.1"  # 0.0.0.0 to accept other machines
-    port: int = 5000  # TCP port
-    batch_size: int = 32  # sequences per forward pass
-    max_items: int = 256  # sequences per request (more: 413)
-    max_body_mb: float = 8.0  # request body size limit in MiB (more: 413)
-    max_len: int = 0  # tokens per sequence (0 = the model's training max_len)
-    idle_timeout: float = 30.0  # seconds a connection may stay silent (mid-request or between requests)
-    max_connections: int = 64  # connections served at once; more get 503
-    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
-
-
-def serve_command(argv):
-    cfg = parse_overrides(ServeConfig(), argv, "python rmd.py serve", "HTTP reward server: POST /get_reward "
-                          "(OpenRLHF --remote_rm_url) or /score; GET /health.")
-    model = load_model("serve", cfg)
-    try:
-        url, shutdown = start_server(model, cfg.host, cfg.port, cfg.batch_size, cfg.max_items,
-                                     int(cfg.max_body_mb * (1 << 20)), cfg.max_len, cfg.idle_timeout,
-                                     cfg.max_connections)
-    except OSError as e:
-        raise SystemExit(f"error: cannot serve on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
-    print(f"reward server at {url}/get_reward (OpenRLHF --remote_rm_url) and {url}/score", file=sys.stderr)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        shutdown()

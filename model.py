@@ -1,0 +1,371 @@
+"""model.py -- the reward model: tokenization, backbone loading, RewardModel, scoring, save, load and HF export.
+
+Copy this file with formats.py (its one companion, standard library only) to score with a trained reward model:
+
+    from model import load_reward_model
+    rm = load_reward_model("out/train/model")
+    rm.score(["What is 2+2?"], ["4"])  # -> [reward]
+
+What lives here: how a (prompt, answer) becomes token ids (render_prompt, render_answer, answer_ids, and fit: the
+one rule for cutting a sequence to max_len, with CutCounts to count the cuts); load_backbone (a Hugging Face
+causal-LM folder, a Hub id or a .gguf file; the built-in tiny student is built by tiny_lm.py); RewardModel (the
+backbone, its LM head and a value head; rewards of packed training batches and of padded scoring batches);
+save_reward_model / load_reward_model (safetensors; with the linear head also a standard HF sequence classifier);
+pick_device, the one --device check. Needs torch, transformers and safetensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from formats import as_messages
+
+ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
+BYTE_TOKENIZER = "byte_tokenizer.json"  # marks a folder whose tokenizer is ByteTokenizer (no HF tokenizer files)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenization: prompt messages + answer -> token ids, cut to max_len
+
+
+class ByteTokenizer:
+    """The built-in tiny student's tokenizer: UTF-8 bytes, plus pad and eos. Needs no files."""
+    pad_token_id, eos_token_id, vocab_size = 256, 257, 260
+    chat_template = None
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def encode(tokenizer, text):
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.encode(text)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render_prompt(tokenizer, messages):
+    """Prompt messages -> the text the student sees before its answer (identical at train and eval time)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "".join(f"\n\n{ROLE_NAMES.get(m['role'], m['role'])}: {m['content']}" for m in messages) \
+        + "\n\nAssistant:"
+
+
+def render_answer(tokenizer, answer):
+    return answer.strip() if getattr(tokenizer, "chat_template", None) else " " + answer.strip()
+
+
+def answer_ids(tokenizer, answer):
+    """An answer -> its token ids as every sequence ends: rendered answer + eos (the token the reward is read at)."""
+    return encode(tokenizer, render_answer(tokenizer, answer)) + [tokenizer.eos_token_id]
+
+
+# answers) and every command (train, eval, bon, serve's prompt/response form), in fit():
+#  1. the prompt loses tokens from its start, down to its floor: its last min(len, max(32, max_len // 4),
+#     max_len // 2) tokens (32 tokens hold the last words of the question plus any chat template's assistant
+#     header; a quarter of the budget keeps more of it for long --max-len; half the budget at most leaves the rest
+#     to the answer);
+#  2. only then the answer loses its end, EOS included. An answer cut at its end must not pretend to be complete:
+#     its sequence stops at the last token that fits, with no EOS, and the reward is read there. Reward rows keep
+#     the answer's beginning rather than its end: the question then runs straight into the answer, as when it
+#     was written (cutting the start would glue the question to a mid-sentence fragment); the teacher answer (the
+#     LM target) must stay the continuation of its prompt anyway, so one rule serves both kinds; and the
+#     decisive part of many answers (a refusal, a direct answer) comes first.
+CUT_KINDS = ("prompt_left", "prompt_min", "answer_end")
+
+
+def prompt_floor(prompt_len, max_len):
+    """How many of the prompt's last tokens every sequence keeps (all of them for a short prompt)."""
+    return min(prompt_len, max(32, max_len // 4), max_len // 2)
+
+
+def fit(prompt, answer, max_len):
+    """Cut prompt + answer ids to max_len tokens (see the rule above) -> (prompt, answer, cut kind): None when
+    nothing was cut; 'prompt_left': the prompt lost its start, the answer is whole; 'prompt_min': the prompt was cut
+    to its floor and the answer lost its end; 'answer_end': the answer lost its end, the (short) prompt is whole."""
+    if len(prompt) + len(answer) <= max_len:
+        return prompt, answer, None
+    floor = prompt_floor(len(prompt), max_len)
+    if len(answer) <= max_len - floor:
+        return prompt[len(prompt) - (max_len - len(answer)):], answer, "prompt_left"
+    return (prompt[len(prompt) - floor:], answer[:max_len - floor],
+            "prompt_min" if floor < len(prompt) else "answer_end")
+
+
+@dataclass
+class CutCounts:
+    """How the sequences of one kind were cut to --max-len. Each sequence counts once, under exactly one of
+    whole, prompt_left, prompt_min, answer_end (they add up to sequences); most_prompt_lost overlaps them."""
+    sequences: int = 0
+    whole: int = 0
+    prompt_left: int = 0  # the prompt lost tokens from its start; the whole answer kept
+    prompt_min: int = 0  # the prompt kept only its floor (its last tokens) and the answer lost its end and EOS
+    answer_end: int = 0  # the answer lost its end and EOS; the prompt, shorter than its floor, kept whole
+    most_prompt_lost: int = 0  # kept under half of the prompt's tokens
+
+    def add(self, kind, kept_prompt, prompt_len):
+        self.sequences += 1
+        setattr(self, kind or "whole", getattr(self, kind or "whole") + 1)
+        self.most_prompt_lost += kept_prompt < prompt_len / 2
+
+    def summary(self, what):
+        return (f"{self.sequences} {what}: {self.whole} whole, {self.prompt_left} prompt cut from the left, "
+                f"{self.prompt_min} prompt cut to its floor + answer end cut, {self.answer_end} answer end cut "
+                f"(prompt whole); {self.most_prompt_lost} kept under half of their prompt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backbone
+
+
+def pick_device(device):
+    """--device (auto, cpu, cuda, cuda:1, ...) -> the device to use, or a one-line error if this machine lacks it."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"error: --device={device!r} is not a device: auto, cpu, cuda, cuda:1, ...") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={device} but CUDA is not available here (torch {torch.__version__}); "
+                         "use --device=cpu or --device=auto")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def is_hub_id(name):
+    """'org/name' that is not a local path: a Hugging Face Hub model id, fetched into transformers' cache."""
+    return not os.path.exists(name) and not name.endswith(".gguf") and \
+        re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+
+
+def load_backbone(name, layers=0, max_len=1024):
+    """A local HF causal-LM folder, a .gguf file (or a folder holding one) or a Hub id (org/name) -> (causal LM,
+    tokenizer), cut to its first `layers` transformer layers when layers > 0. (The built-in 'tiny' students:
+    tiny_lm.load_tiny.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    if os.path.exists(os.path.join(name, BYTE_TOKENIZER)):  # a tiny student pretrained by tiny_lm.py
+        tokenizer = ByteTokenizer()
+        lm = LlamaForCausalLM.from_pretrained(name, dtype=torch.float32)
+        lm.config.max_position_embeddings = max(max_len, lm.config.max_position_embeddings)
+    else:
+        folder, gguf = name, {}
+        if name.endswith(".gguf"):
+            folder, gguf = os.path.dirname(name) or ".", {"gguf_file": os.path.basename(name)}
+        elif os.path.isdir(name) and not os.path.exists(os.path.join(name, "config.json")):
+            ggufs = [f for f in os.listdir(name) if f.endswith(".gguf")]
+            gguf = {"gguf_file": ggufs[0]} if len(ggufs) == 1 else {}
+        hub = not os.path.isdir(folder) and is_hub_id(name)  # e.g. Qwen/Qwen2.5-0.5B: transformers' own cache
+        if not os.path.isdir(folder) and not hub:
+            raise SystemExit(f"error: --model {name!r} is not 'tiny', a local model folder, a .gguf file or a "
+                             "Hugging Face id (org/name)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, **gguf)
+            lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf)
+        except OSError as e:
+            if not hub:
+                raise
+            raise SystemExit(f"error: --model={name} is not a local path, and loading it from the Hugging Face Hub "
+                             f"failed (offline, or no such model?): {str(e).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"error: the tokenizer of {name!r} has no eos token")
+    return cut_layers(lm, layers), tokenizer
+
+
+def cut_layers(lm, layers):
+    """Keep only the first `layers` transformer layers of a causal LM (0 = all)."""
+    if layers:
+        lm.model.layers = lm.model.layers[:layers]
+        lm.config.num_hidden_layers = len(lm.model.layers)
+        if getattr(lm.config, "layer_types", None):
+            lm.config.layer_types = lm.config.layer_types[:layers]
+    return lm
+
+
+class RewardModel(nn.Module):
+    """A causal LM whose backbone also feeds a value head; reward = value head(hidden state of the last token)."""
+
+    def __init__(self, lm, tokenizer, head="mlp", dropout=0.1, max_len=1024):
+        super().__init__()
+        self.lm, self.tokenizer, self.head_kind, self.dropout = lm, tokenizer, head, dropout
+        self.max_len = max_len  # tokens per scored sequence unless a call says otherwise (saved in rmd.json)
+        hidden = lm.config.hidden_size
+        if head == "mlp":
+            self.value_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, 1024), nn.ReLU(),
+                                            nn.Linear(1024, 1))
+        else:
+            self.value_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, 1, bias=False))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def hidden(self, input_ids, position_ids=None, attention_mask=None):
+        return self.lm.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                             use_cache=False).last_hidden_state
+
+    def forward(self, batch):
+        """Packed batch (batches.Batch: input_ids, position_ids, last, lm_index) -> (rewards [2B]: chosen then
+        rejected, hidden states of the positions that predict a teacher-answer token [n, H])."""
+        hidden = self.hidden(batch.input_ids, batch.position_ids).flatten(0, 1)
+        rewards = self.value_head(hidden[batch.last]).squeeze(-1).float()
+        return rewards, hidden[batch.lm_index]
+
+    def rewards(self, input_ids, attention_mask):
+        """Padded batch (either padding side) -> reward at each row's last real token."""
+        attention_mask = attention_mask.long()
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.hidden(input_ids, position_ids, attention_mask)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (attention_mask * positions).argmax(-1)
+        return self.value_head(hidden[torch.arange(len(last)), last]).squeeze(-1).float()
+
+    def tokens(self, prompt, answer, max_len=None, cuts=None):
+        """(prompt, answer) -> token ids exactly as training builds them: rendered prompt + answer + eos, cut by
+        fit(); the cut is counted in cuts (a CutCounts) when given."""
+        prompt_ids = encode(self.tokenizer, render_prompt(self.tokenizer, as_messages(prompt, "prompt")))
+        p, a, kind = fit(prompt_ids, answer_ids(self.tokenizer, answer), max_len or self.max_len)
+        if cuts is not None:
+            cuts.add(kind, len(p), len(prompt_ids))
+        return p + a
+
+    def text_tokens(self, text, max_len=None):
+        """An already formatted full text (prompt + response) -> ids + eos, keeping the text's end when it is over
+        max_len; trailing pad/eos text is dropped first (OpenRLHF's queries carry it)."""
+        tok = self.tokenizer
+        if not isinstance(tok, ByteTokenizer):
+            for special in (tok.pad_token, tok.eos_token):
+                while special and text.endswith(special):
+                    text = text[:-len(special)]
+        return encode(tok, text)[-((max_len or self.max_len) - 1):] + [tok.eos_token_id]
+
+    @torch.no_grad()
+    def sequence_rewards(self, sequences, batch_size=32, padding_side="right"):
+        """Rewards of token-id sequences, in input order; batched by length so little padding is computed."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        out = [0.0] * len(sequences)
+        for k in range(0, len(order), batch_size):
+            chunk = order[k:k + batch_size]
+            width = max(len(sequences[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(chunk):
+                span = slice(width - len(sequences[i]), width) if padding_side == "left" else \
+                    slice(0, len(sequences[i]))
+                ids[row, span], mask[row, span] = torch.tensor(sequences[i]), 1
+            for i, reward in zip(chunk, self.rewards(ids.to(device), mask.to(device)).tolist()):
+                out[i] = reward
+        self.train(was_training)
+        return out
+
+    def score(self, prompts, answers, batch_size=32, max_len=None, padding_side="right", cuts=None):
+        """Rewards for (prompt, answer) pairs; prompts are strings or message lists, as in the training data. The
+        cuts to max_len are counted in cuts (a CutCounts) when given."""
+        sequences = [self.tokens(p, a, max_len, cuts) for p, a in zip(prompts, answers, strict=True)]
+        return self.sequence_rewards(sequences, batch_size, padding_side)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# saving and loading (safetensors only)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# saving and loading (safetensors only)
+
+
+def export_pad_id(tokenizer, vocab_rows):
+    """A pad id that never occurs in a real sequence: HF's sequence-classification head reads the reward at the
+    rightmost token that is not config.pad_token_id, so pad == eos (answers end with eos) would read the wrong one.
+    Keeps the tokenizer's pad if it is distinct from eos; else an unused special token; else a spare embedding row."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if pad is not None and pad != eos:
+        return pad
+    probe = [{"role": "user", "content": "hi"}]
+    used = set(encode(tokenizer, render_prompt(tokenizer, probe) + render_answer(tokenizer, "ok"))) | {eos}
+    used.add(getattr(tokenizer, "bos_token_id", None))
+    special = list(getattr(tokenizer, "all_special_ids", [])) + sorted(getattr(tokenizer, "added_tokens_decoder", {}))
+    spare = [i for i in special if i not in used]
+    if spare:
+        return spare[0]
+    return len(tokenizer) if vocab_rows > len(tokenizer) else None
+
+
+def save_reward_model(model: RewardModel, path, weights=None):
+    """Safetensors folder for load_reward_model. With the linear head it is also a standard HF sequence classifier:
+    AutoModelForSequenceClassification.from_pretrained(path) gives the same rewards (the value head is `score.weight`
+    in model.safetensors; the config's pad_token_id never occurs in real text, see export_pad_id; feed it what rmd
+    feeds: rendered prompt + answer + eos). The LM head stays in the folder for load_reward_model (HF warns that it
+    is unused)."""
+    import copy
+    from safetensors.torch import load_file, save_file
+    os.makedirs(path, exist_ok=True)
+    quantizer = getattr(model.lm, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if str(getattr(method, "value", method)) == "gguf":  # GGUF weights were dequantized to float when loaded
+        model.lm.hf_quantizer = None  # else save_pretrained refuses ("quantized with gguf, not serializable")
+        if getattr(model.lm.config, "quantization_config", None) is not None:
+            del model.lm.config.quantization_config
+    # weights: under FSDP, full_state(model), gathered by every process (the model's own tensors are shards)
+    lm_weights = None if weights is None else {k[3:]: v for k, v in weights.items() if k.startswith("lm.")}
+    model.lm.save_pretrained(path, safe_serialization=True, state_dict=lm_weights)
+    weights = model.state_dict() if weights is None else weights
+    head = {k[11:]: v.detach().contiguous().cpu() for k, v in weights.items() if k.startswith("value_head.")}
+    save_file(head, os.path.join(path, "value_head.safetensors"))
+    tokenizer, hf_export = model.tokenizer, None
+    if model.head_kind == "linear":
+        pad = export_pad_id(tokenizer, model.lm.get_input_embeddings().weight.shape[0])
+        arch = type(model.lm).__name__.replace("ForCausalLM", "ForSequenceClassification")
+        import transformers
+        if pad is not None and hasattr(transformers, arch):
+            weights = os.path.join(path, "model.safetensors")
+            if os.path.exists(weights):
+                tensors = load_file(weights)
+                tensors["score.weight"] = head["1.weight"]
+                save_file(tensors, weights, metadata={"format": "pt"})
+            else:  # sharded: the score in a file of its own, listed in the index
+                save_file({"score.weight": head["1.weight"]}, os.path.join(path, "score.safetensors"),
+                          metadata={"format": "pt"})
+                with open(os.path.join(path, "model.safetensors.index.json")) as f:
+                    index = json.load(f)
+                index["weight_map"]["score.weight"] = "score.safetensors"
+                with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+                    json.dump(index, f, indent=2)
+            config = copy.deepcopy(model.lm.config)
+            config.architectures, config.num_labels, config.pad_token_id = [arch], 1, pad
+            config.save_pretrained(path)
+            hf_export = {"architecture": arch, "pad_token_id": pad}
+            if not isinstance(tokenizer, ByteTokenizer) and tokenizer.pad_token_id != pad:
+                tokenizer = copy.deepcopy(tokenizer)  # so that tokenizer(..., padding=True) pads with that id
+                tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
+    if not isinstance(tokenizer, ByteTokenizer):
+        tokenizer.save_pretrained(path)
+    meta = {"head": model.head_kind, "dropout": model.dropout, "max_len": model.max_len,
+            "tokenizer": "bytes" if isinstance(model.tokenizer, ByteTokenizer) else "hf", "format": "rmd-1",
+            "hf_sequence_classification": hf_export}
+    with open(os.path.join(path, "rmd.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def load_reward_model(path, device="cpu") -> RewardModel:
+    """A reward-model folder written by `rmd.py train` -> RewardModel (eval mode) with .score(prompts, answers)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    meta_path = os.path.join(path, "rmd.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{path}: not an rmd reward-model folder (no rmd.json)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = ByteTokenizer() if meta["tokenizer"] == "bytes" else AutoTokenizer.from_pretrained(path)
+    model = RewardModel(lm, tokenizer, head=meta["head"], dropout=meta["dropout"], max_len=meta["max_len"])
+    model.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
+    return model.to(device).eval()

@@ -1,0 +1,155 @@
+"""The import rules of rmd's modules, read from the source (ast, function-local imports included):
+
+- no cycles between the repository's own top-level modules;
+- nothing imports rmd.py (it is the top: the command line);
+- loss.py imports only torch and the standard library;
+- the teacher side (formats, cli, protocol, teacher, distill, sim, sim_server) imports no torch, transitively;
+- only distributed.py touches torch.distributed (or DDP from torch.nn.parallel);
+- model.py (the piece people copy) imports no repository module but formats (and loss);
+- teacher.py, once split into protocol/teacher/distill, imports no repository module.
+
+Modules that do not exist (yet) are skipped, so the rules hold before and after a split. check() is tried on
+small made-up graphs too, so that a broken rule is known to fail."""
+import ast
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEACHER_SIDE = ("formats", "cli", "protocol", "teacher", "distill", "sim", "sim_server")
+DISTRIBUTED = ("torch.distributed", "torch.nn.parallel")  # process groups, FSDP, DDP
+
+
+def imports_of(source):
+    """Every module a source file imports (dotted names, at any depth: function-local imports count), plus
+    'torch.distributed' when the code reaches it as an attribute (torch.distributed.all_reduce)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # from torch import distributed
+        elif isinstance(node, ast.Attribute) and node.attr == "distributed" and \
+                isinstance(node.value, ast.Name) and node.value.id == "torch":
+            found.add("torch.distributed")
+    return found
+
+
+def repo_graph(root=ROOT):
+    """{module name: set of dotted imports} for every top-level .py file of the repository."""
+    graph = {}
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".py"):
+            with open(os.path.join(root, name), encoding="utf-8") as f:
+                graph[name[:-3]] = imports_of(f.read())
+    return graph
+
+
+def own(graph, module):
+    """The repository modules `module` imports."""
+    return {name.split(".")[0] for name in graph[module]} & set(graph) - {module}
+
+
+def cycle(graph):
+    """One import cycle among the repository's modules as a list [a, b, ..., a], or None."""
+    state, stack = {}, []
+
+    def visit(module):
+        state[module] = "open"
+        stack.append(module)
+        for other in sorted(own(graph, module)):
+            if state.get(other) == "open":
+                return stack[stack.index(other):] + [other]
+            if other not in state:
+                found = visit(other)
+                if found:
+                    return found
+        stack.pop()
+        state[module] = "done"
+        return None
+
+    for module in sorted(graph):
+        if module not in state:
+            found = visit(module)
+            if found:
+                return found
+    return None
+
+
+def reachable(graph, module):
+    """module and every repository module it imports, transitively."""
+    seen, todo = set(), [module]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(own(graph, current))
+    return seen
+
+
+def check(graph):
+    """Every broken rule, one line each (empty when the graph keeps them all)."""
+    problems = []
+    found = cycle(graph)
+    if found:
+        problems.append("import cycle: " + " -> ".join(found))
+    problems += [f"{m} imports rmd (rmd.py is the top: nothing imports it)" for m in graph if "rmd" in own(graph, m)]
+    if "loss" in graph:
+        stdlib = set(sys.stdlib_module_names)
+        extra = {n for n in graph["loss"] if n.split(".")[0] not in stdlib | {"torch", "__future__"}}
+        problems += [f"loss imports {n} (only torch and the standard library)" for n in sorted(extra)]
+    for side in (m for m in TEACHER_SIDE if m in graph):
+        for m in sorted(reachable(graph, side)):
+            torch_imports = sorted(n for n in graph[m] if n.split(".")[0] == "torch")
+            if torch_imports:
+                problems.append(f"{side} (teacher side) reaches torch: {m} imports {torch_imports[0]}")
+    for m in graph:
+        touched = sorted(n for n in graph[m] if n.startswith(DISTRIBUTED))
+        if touched and m != "distributed":
+            problems.append(f"{m} imports {touched[0]} (only distributed.py may)")
+    if "model" in graph:
+        problems += [f"model imports {o} (model.py may import only formats and loss)"
+                     for o in sorted(own(graph, "model") - {"formats", "loss"})]
+    if "teacher" in graph and "protocol" in graph:  # after the split: teacher.py is the HTTP client and cache
+        problems += [f"teacher imports {o} (teacher.py imports no repository module)"
+                     for o in sorted(own(graph, "teacher"))]
+    return problems
+
+
+def test_the_repository_keeps_the_import_rules():
+    graph = repo_graph()
+    assert {"rmd", "model", "batches", "distributed", "train", "evaluation", "serve", "loss"} <= set(graph)
+    assert check(graph) == []
+
+
+def test_the_split_modules_exist_and_evaluate_is_gone():
+    """evaluate.py shadowed Hugging Face's `evaluate` package; the reward model, data, distributed set-up,
+    training loop, evaluation and server have a file each."""
+    graph = repo_graph()
+    assert "evaluate" not in graph
+    assert "torch.distributed" in graph["distributed"]
+
+
+@pytest.mark.parametrize("graph, broken", [
+    ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, "import cycle: a -> b -> c -> a"),
+    ({"rmd": {"train"}, "train": set(), "tiny_lm": {"rmd"}}, "tiny_lm imports rmd"),
+    ({"loss": {"torch", "math", "numpy"}}, "loss imports numpy"),
+    ({"sim": {"teacher"}, "teacher": {"formats"}, "formats": {"torch.nn"}}, "sim (teacher side) reaches torch"),
+    ({"train": {"torch", "torch.distributed"}}, "train imports torch.distributed"),
+    ({"train": {"torch.nn.parallel.DistributedDataParallel"}}, "train imports torch.nn.parallel"),
+    ({"model": {"formats", "batches"}, "formats": set(), "batches": set()}, "model imports batches"),
+    ({"teacher": {"formats"}, "protocol": set(), "formats": set()}, "teacher imports formats"),
+])
+def test_each_rule_fails_when_broken(graph, broken):
+    problems = check(graph)
+    assert any(p.startswith(broken) for p in problems), problems
+
+
+def test_function_local_imports_and_attribute_access_count():
+    source = "import torch\n\ndef f():\n    from torch import distributed\n    import teacher\n    " \
+             "torch.distributed.all_reduce(x)\n"
+    found = imports_of(source)
+    assert {"torch", "torch.distributed", "teacher"} <= found
+    assert "torch.distributed" in imports_of("import torch\ntorch.distributed.barrier()\n")

@@ -1,0 +1,471 @@
+"""train.py -- train the student reward model: TrainConfig and its checks, the step's loss, the training loop.
+
+    import train
+    train.train(train.TrainConfig(data="pairs.jsonl", eval_data="test.jsonl", model="path/to/hf-model"))
+
+`python rmd.py train --key=value ...` fills TrainConfig from the command line (rmd.py) and calls train(). One step
+takes --batch-size pairs in a deterministic order (batches.epoch_batches), split over processes and micro-batches;
+each micro-batch is one packed forward pass (batches.collate) of the chosen, rejected and teacher-answer rows, and
+step_loss is its loss: the pairwise loss + --lm-weight x the LM loss on the teacher answers (loss.py). The run
+evaluates pair accuracy on the --eval-data splits, logs one line per --log-interval steps (and log.jsonl),
+checkpoints for --resume (distributed.py) and saves the reward model (model.save_reward_model) with eval.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+import distributed
+import tiny_lm
+from batches import (DataStats, check_data_file, collate, count_cuts, cut_warnings, epoch_batches, load_pairs,
+                     to_device)
+from evaluation import fit_text, margin_fit
+from loss import PAIRWISE_KINDS, linear_cross_entropy, pairwise_loss
+from model import RewardModel, is_hub_id, load_backbone, pick_device, save_reward_model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # training data (.jsonl, .jsonl.gz, a .json array or .parquet); several files comma-separated
+    eval_data: str = ""  # held-out pairs: "file" or "name=file,name=file"
+    holdout: int = 0  # also hold out the last N usable pairs of --data as the eval split "heldout"
+    out: str = "out/train"  # where the model, checkpoints, log.jsonl and eval.json go
+    model: str = "tiny"  # "tiny" (built-in, pretrained on the sim world), "tiny-scratch", or an HF folder/.gguf
+    layers: int = 0  # keep only the first N transformer layers of the backbone (0 = all)
+    head: str = "mlp"  # value head: "mlp" (dropout, Linear(H,1024), ReLU, Linear(1024,1)) or "linear"
+    dropout: float = 0.1  # value-head dropout
+    loss: str = "mse"  # pairwise loss: mse (margin regression), bt-margin, bt
+    lm_weight: float = 0.1  # lambda of the LM term on the teacher answers (0 = off); 0.1 chosen on valid (README)
+    max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
+    batch_size: int = 16  # pairs per optimizer step, over all processes and micro-batches
+    micro_batch: int = 0  # pairs per forward pass per process (0 = batch_size / processes)
+    lr: float = 1e-5  # peak learning rate (AdamW)
+    min_lr: float = 0.0  # the cosine schedule decays to this
+    weight_decay: float = 0.0  # AdamW weight decay (matrices only)
+    warmup: float = 0.03  # fraction of steps with linear warm-up
+    epochs: int = 1  # passes over the data
+    max_steps: int = -1  # -1 = run --epochs; 0 = evaluate only (step-0 baseline); N = stop after N optimizer steps
+    grad_clip: float = 1.0  # gradient-norm clipping (0 = off)
+    seed: int = 1337  # model init, dropout and data order
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16
+    compile: str = "auto"  # torch.compile the forward: auto (on for CUDA, off on CPU), on, off
+    log_interval: int = 10  # steps per log line
+    eval_interval: int = 0  # evaluate every N steps (0 = only at the end)
+    save_interval: int = 0  # checkpoint every N steps (0 = only at the end)
+    eval_batch: int = 32  # pairs per forward pass at evaluation
+    resume: bool = False  # continue from <out>/ckpt
+    # shard parameters, gradients and optimizer state over processes with FSDP2 fully_shard: each transformer layer
+    # and the root; for models too big for one GPU; needs torchrun (a single process trains unsharded)
+    fsdp: bool = False
+
+
+def validate(cfg: TrainConfig):
+    """Every check that needs no model and no tokenizer, so that a mistake is one line before anything runs:
+    option values, the data files, --model, --device, and that --resume continues the same run."""
+    choices = {"head": ("mlp", "linear"), "loss": PAIRWISE_KINDS, "compile": ("auto", "on", "off"),
+               "dtype": ("auto", "float32", "bfloat16")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"error: --{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    if cfg.batch_size < 1 or cfg.max_len < 8 or cfg.lm_weight < 0 or cfg.max_steps < -1:
+        raise SystemExit("error: need --batch-size >= 1, --max-len >= 8, --lm-weight >= 0, --max-steps >= -1 "
+                         "(-1 = run --epochs, 0 = evaluate only)")
+    if not cfg.data:
+        raise SystemExit("error: --data is empty: give the training pairs (JSONL rows {prompt, chosen, rejected})")
+    for option, paths in (("data", cfg.data.split(",")),
+                          ("eval-data", [s.rpartition("=")[2] for s in filter(None, cfg.eval_data.split(","))])):
+        for path in paths:
+            check_data_file(option, path)
+    check_model(cfg.model)
+    pick_device(cfg.device)
+    if cfg.resume:
+        check_resume(cfg)
+
+
+def check_model(name):
+    """--model of train: built-in names pass to load_backbone; a path must hold a model; else a Hub id."""
+    if "/" not in name and os.sep not in name and not name.endswith(".gguf") and not os.path.exists(name):
+        return  # a built-in name ('tiny', ...): load_backbone knows them
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise SystemExit(f"error: --model={name}: no such .gguf file")
+    elif os.path.isdir(name):
+        ggufs = sorted(f for f in os.listdir(name) if f.endswith(".gguf"))
+        if not os.path.exists(os.path.join(name, "config.json")):
+            if len(ggufs) > 1:
+                raise SystemExit(f"error: --model={name} holds several .gguf files ({', '.join(ggufs)}); "
+                                 f"pass one, e.g. --model={os.path.join(name, ggufs[0])}")
+            if not ggufs:
+                raise SystemExit(f"error: --model={name} holds no model (no config.json, no .gguf file): give a "
+                                 "Hugging Face causal-LM folder, a .gguf file or 'tiny'")
+    elif os.path.exists(name):
+        raise SystemExit(f"error: --model={name} is a file but not a .gguf; give a model folder or a .gguf file")
+    elif not is_hub_id(name):
+        raise SystemExit(f"error: --model={name}: no such folder or file (and not a Hugging Face id like "
+                         "Qwen/Qwen2.5-0.5B-Instruct)")
+
+
+RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
+                     "compile", "fsdp"}
+
+
+def check_resume(cfg):
+    """--resume continues the run in <out>: stop (listing the differences) if this config would compute another."""
+    saved = None
+    for path, key in ((os.path.join(cfg.out, "ckpt", "state.json"), "config"),
+                      (os.path.join(cfg.out, "config.json"), None)):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            saved = saved[key] if key else saved
+            break
+        except (OSError, ValueError, KeyError):
+            continue
+    if not isinstance(saved, dict):
+        return  # nothing to compare with: train() says there is no checkpoint
+    now = dataclasses.asdict(cfg)
+    diffs = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
+             if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if diffs:
+        raise SystemExit(f"error: --resume with a config that differs from the run in {cfg.out}: {'; '.join(diffs)}. "
+                         f"Pass the same values to continue it, or give a new --out for a new run")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one step
+
+
+def lr_at(step, total, cfg):
+    warmup = max(1, round(cfg.warmup * total)) if cfg.warmup > 0 else 0
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_loss(model, batch, cfg, pairs_in_step, lm_tokens_in_step, lm_loss=linear_cross_entropy):
+    """Loss of one micro-batch -> (loss to backpropagate, pairwise loss, LM loss, correct pairs). loss = pairwise loss
+    + cfg.lm_weight x LM loss on the teacher-answer tokens, each part scaled so that the sum over a step's
+    micro-batches and processes is the step's mean. lm_loss(hidden, weight, targets): the fused kernel of loss.py
+    (a benchmark passes a naive one to compare)."""
+    rewards, lm_hidden = model(batch)
+    chosen, rejected = rewards[:batch.n_pairs], rewards[batch.n_pairs:]
+    pair = pairwise_loss(chosen, rejected, batch.margins, kind=cfg.loss) * (batch.n_pairs / pairs_in_step)
+    lm = torch.zeros((), device=rewards.device)
+    if cfg.lm_weight > 0 and len(batch.lm_target):
+        weight = getattr(model, "module", model).lm.get_output_embeddings().weight  # model may be DDP-wrapped
+        lm = lm_loss(lm_hidden, weight, batch.lm_target) * (len(batch.lm_target) / lm_tokens_in_step)
+    correct = (chosen.detach() > rejected.detach()).sum()
+    return pair + cfg.lm_weight * lm, pair, lm, correct
+
+
+@torch.no_grad()
+def pair_accuracy(model, examples, batch_pairs, device, autocast):
+    """-> (pair accuracy: the fraction of pairs with r(chosen) > r(rejected), a tie counts as wrong;
+    margin_fit of Δr to Δs when every pair has a margin, else None)."""
+    was_training = model.training
+    model.eval()
+    reward_margins = []
+    for k in range(0, len(examples), batch_pairs):
+        batch = to_device(collate(examples[k:k + batch_pairs], model.pad_id, False, False), device)
+        with autocast:
+            rewards, _ = model(batch)
+        reward_margins += (rewards[:batch.n_pairs] - rewards[batch.n_pairs:]).tolist()
+    model.train(was_training)
+    accuracy = sum(m > 0 for m in reward_margins) / len(examples)
+    teacher_margins = [ex.margin for ex in examples]
+    if any(m is None for m in teacher_margins):
+        return accuracy, None
+    return accuracy, margin_fit(reward_margins, teacher_margins)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# setting up a run
+
+
+@dataclass
+class Run:
+    """What the loop needs besides the config: the model (and its DDP / compiled wrapper), where it runs, the data."""
+    model: RewardModel
+    forward_model: torch.nn.Module  # the model as the forward pass calls it: DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    rank: int
+    world: int
+    device: str
+    autocast: torch.autocast
+    sharded: bool  # FSDP2
+    use_lm: bool  # --lm-weight > 0: the teacher-answer rows are packed into every micro-batch
+    examples: list
+    stats: DataStats
+    eval_sets: dict  # split -> Examples
+    eval_stats: dict  # split -> DataStats
+    micro: int  # pairs per forward pass per process
+    accum: int  # micro-batches per step per process
+    steps_per_epoch: int
+    total: int  # optimizer steps of the whole run
+    log: object  # print on rank 0, silent elsewhere
+
+
+def build_model(cfg, device, log):
+    """The student: the --model backbone (tiny_lm.py builds the built-in 'tiny' ones) + a value head."""
+    load = tiny_lm.load_tiny if cfg.model in tiny_lm.TINY_NAMES else load_backbone
+    lm, tokenizer = load(cfg.model, cfg.layers, cfg.max_len)
+    if cfg.lm_weight > 0 and cfg.layers and not cfg.model.startswith("tiny") and len(lm.model.layers) == cfg.layers:
+        log(f"warning: --layers={cfg.layers} cuts the backbone and --lm-weight={cfg.lm_weight} > 0: the pretrained LM "
+            "head on a cut backbone starts worse than uniform (SmolLM2-135M, 4 of 30 layers: 19.4 nats per "
+            "teacher-answer token, 4.0 uncut, 10.8 uniform), so the LM term relearns language modelling rather "
+            "than keeping it; consider --lm-weight=0 or more layers")
+    return RewardModel(lm, tokenizer, cfg.head, cfg.dropout, cfg.max_len).to(device)
+
+
+def load_data(cfg, tokenizer, use_lm, log):
+    """--data, --eval-data and --holdout -> (train examples, their DataStats, eval splits, their DataStats)."""
+    examples, stats = load_pairs(cfg.data, tokenizer, cfg.max_len, need_margin=cfg.loss != "bt", name="train",
+                                 keep_ties=cfg.loss == "mse")
+    eval_sets, eval_stats = {}, {}
+    for spec in filter(None, cfg.eval_data.split(",")):
+        name, _, path = spec.rpartition("=")
+        eval_sets[name or "eval"], eval_stats[name or "eval"] = load_pairs(path, tokenizer, cfg.max_len,
+                                                                           name=name or "eval")
+    if cfg.holdout:
+        if cfg.holdout >= len(examples):
+            raise SystemExit(f"error: --holdout {cfg.holdout} leaves no training pairs ({len(examples)} usable)")
+        examples, eval_sets["heldout"] = examples[:-cfg.holdout], examples[-cfg.holdout:]
+        eval_stats["heldout"] = DataStats(cfg.holdout, cfg.holdout, cuts=count_cuts(eval_sets["heldout"], False))
+        log(f"holding out the last {cfg.holdout} pairs of --data as eval split 'heldout'")
+    stats.cuts = count_cuts(examples, use_lm)  # only the rows this run trains on
+    for name, data_stats in {"train": stats, **eval_stats}.items():
+        log(data_stats.summary(name))
+        for line in cut_warnings(name, data_stats.cuts, cfg.max_len):
+            log(line)
+    if use_lm and not any(ex.teacher for ex in examples):
+        raise SystemExit(f"error: --lm-weight={cfg.lm_weight} needs teacher answers, but no row of {cfg.data} has a "
+                         "'teacher_response': pass --lm-weight=0 (or train on what `rmd.py distill` writes)")
+    return examples, stats, eval_sets, eval_stats
+
+
+def plan_steps(cfg, pairs, world, log):
+    """-> (pairs per micro-batch, micro-batches per step, steps per epoch, total steps), or a one-line error."""
+    micro = cfg.micro_batch or max(1, cfg.batch_size // world)
+    if cfg.batch_size % (micro * world):
+        raise SystemExit(f"error: --batch-size {cfg.batch_size} must be a multiple of --micro-batch x processes "
+                         f"({micro} x {world})")
+    accum = cfg.batch_size // (micro * world)
+    steps_per_epoch = pairs // cfg.batch_size
+    total = cfg.max_steps if cfg.max_steps >= 0 else cfg.epochs * steps_per_epoch
+    if steps_per_epoch == 0 and total:
+        raise SystemExit(f"error: {pairs} usable pairs is fewer than one batch of {cfg.batch_size}: pass "
+                         f"--batch-size={pairs} or less (or more data)")
+    if total == 0:
+        log("--max-steps=0: evaluating only (the step-0 baseline of the untrained value head)")
+    leftover = pairs - steps_per_epoch * cfg.batch_size
+    log("config: " + json.dumps(dataclasses.asdict(cfg)))  # after the data checks: an error stays one line
+    log(f"{pairs} pairs, {steps_per_epoch} steps per epoch ({leftover} pairs left over per epoch, reshuffled "
+        f"next epoch), {total} steps; {world} process(es) x {accum} micro-batch(es) x {micro} pairs")
+    return micro, accum, steps_per_epoch, total
+
+
+def build_optimizer(model, cfg, cuda, sharded):
+    """AdamW; weight decay on matrices only."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                             fused=True if not sharded else (cuda or None))  # fused: 4x faster step on CPU too
+
+
+def set_up(cfg):
+    """Everything before the first step: processes, model, data, sharding, optimizer, wrappers -> Run."""
+    rank, world, device = distributed.setup_distributed(cfg.device)
+    log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = build_model(cfg, device, log)
+    use_lm = cfg.lm_weight > 0
+    examples, stats, eval_sets, eval_stats = load_data(cfg, model.tokenizer, use_lm, log)
+    micro, accum, steps_per_epoch, total = plan_steps(cfg, len(examples), world, log)
+    cuda = "cuda" in str(device)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    autocast = torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16,
+                              enabled=dtype == "bfloat16")
+    sharded = cfg.fsdp and world > 1
+    if sharded:  # before the optimizer is built: its parameters are the shards
+        distributed.shard(model, bf16=cuda and dtype == "bfloat16")
+    optimizer = build_optimizer(model, cfg, cuda, sharded)
+    return Run(model, model, optimizer, rank, world, device, autocast, sharded, use_lm, examples, stats, eval_sets,
+               eval_stats, micro, accum, steps_per_epoch, total, log)
+
+
+def resume(cfg, run):
+    """--resume: load the checkpoint in <out>/ckpt -> the step to continue from."""
+    ckpt_dir = os.path.join(cfg.out, "ckpt")
+    found = distributed.checkpoint_dir(ckpt_dir)
+    if found is None:
+        raise SystemExit(f"error: --resume but no checkpoint in {ckpt_dir}")
+    step = distributed.load_checkpoint(found, run.model, run.optimizer, run.sharded)["step"]
+    run.log(f"resumed from {found} at step {step}")
+    if run.rank == 0:
+        distributed.truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
+    return step
+
+
+def wrap(cfg, run):
+    """DDP across processes (FSDP2 is applied in set_up), then torch.compile: the forward the loop calls."""
+    cuda = "cuda" in str(run.device)
+    if run.world > 1 and not run.sharded:
+        run.forward_model = distributed.data_parallel(run.model, run.device, cuda,
+                                                      find_unused_parameters=not run.use_lm)
+    if cfg.compile == "on" or (cfg.compile == "auto" and cuda):
+        run.forward_model = torch.compile(run.forward_model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: TrainConfig, stop_after: int = 0, on_step=None):
+    """Train a reward model; returns the final eval metrics ({split: accuracy}).
+
+    stop_after > 0 checkpoints and returns {} after that step, as if the run had been cut there (for tests).
+    on_step(step, numbers) is called after every optimizer step, on every process, with that step's numbers:
+    seconds (from data to optimizer step), pair_loss, lm_loss, correct, pairs, tokens (real) and slots (incl.
+    padding) of this process -- for a benchmark or a caller that watches the run."""
+    validate(cfg)
+    run = set_up(cfg)
+    step = resume(cfg, run) if cfg.resume else 0
+    wrap(cfg, run)
+    if run.rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    log_file = open(os.path.join(cfg.out, "log.jsonl"), "a") if run.rank == 0 else None
+    ckpt_dir = os.path.join(cfg.out, "ckpt")
+    run.model.train()
+    window = {"pair": 0.0, "lm": 0.0, "correct": 0, "pairs": 0, "tokens": 0, "slots": 0, "time": 0.0, "steps": 0}
+    while step < run.total:
+        numbers = train_step(cfg, run, step)
+        step += 1
+        for key, name in (("pair", "pair_loss"), ("lm", "lm_loss"), ("correct", "correct"), ("pairs", "pairs"),
+                          ("tokens", "tokens"), ("slots", "slots"), ("time", "seconds")):
+            window[key] += numbers[name]
+        window["steps"] += 1
+        if on_step:
+            on_step(step, numbers)
+        if step % cfg.log_interval == 0 or step == run.total:
+            log_line(window, step, run.total, run.optimizer, run.world, run.log, log_file)
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < run.total and run.eval_sets:
+            run.log(f"step {step} eval: " + eval_text(*evaluate_splits(cfg, run)))
+        if step in (run.total, stop_after) or (cfg.save_interval and step % cfg.save_interval == 0):
+            full = distributed.full_state(run.model, run.optimizer) if run.sharded else None  # all gather, 0 writes
+            if run.rank == 0:
+                distributed.save_checkpoint(ckpt_dir, run.model, run.optimizer,
+                                            {"step": step, "config": dataclasses.asdict(cfg)}, full)
+        if step == stop_after:
+            return {}
+    metrics = finish(cfg, run, step, log_file)
+    distributed.finish()
+    return metrics
+
+
+def train_step(cfg, run, step):
+    """One optimizer step on this process's share of the step's pairs -> the step's numbers (see train)."""
+    t0 = time.perf_counter()
+    epoch, index = divmod(step, run.steps_per_epoch)
+    step_examples = [run.examples[i] for i in epoch_batches(run.examples, cfg.batch_size, cfg.seed, epoch)[index]]
+    lm_tokens = sum(len(ex.teacher[1]) for ex in step_examples if ex.teacher) if run.use_lm else 0
+    mine = step_examples[run.rank * run.micro * run.accum:(run.rank + 1) * run.micro * run.accum]
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(step, run.total, cfg)
+    totals = torch.zeros(4, dtype=torch.float64, device=run.device)  # pair loss, lm loss, correct, pairs
+    tokens = slots = 0
+    for k in range(run.accum):
+        batch = to_device(collate(mine[k * run.micro:(k + 1) * run.micro], run.model.pad_id, run.use_lm,
+                                  cfg.loss != "bt"), run.device)
+        sync = run.world == 1 or k == run.accum - 1
+        no_sync = not sync and hasattr(run.forward_model, "no_sync")
+        with run.forward_model.no_sync() if no_sync else contextlib.nullcontext():
+            with run.autocast:
+                loss, pair, lm, correct = step_loss(run.forward_model, batch, cfg, cfg.batch_size, max(1, lm_tokens))
+            loss.mul(run.world).backward()  # DDP averages over processes; we want the sum
+        # kept on the device: one host sync per step (at the all-reduce / tolist), not per micro-batch
+        totals += torch.stack([pair.detach().double(), lm.detach().double(), correct.double(),
+                               totals.new_tensor(batch.n_pairs)])
+        tokens += batch.real_tokens
+        slots += batch.input_ids.numel()
+    if run.world > 1:  # the step's loss over all processes, not rank 0's share
+        distributed.all_reduce_sum(totals)
+    pair, lm, correct, pairs = totals.tolist()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"pair_loss": pair, "lm_loss": lm, "correct": int(correct), "pairs": int(pairs), "tokens": tokens,
+            "slots": slots, "seconds": time.perf_counter() - t0}
+
+
+def evaluate_splits(cfg, run):
+    """-> ({split: accuracy}, {split: margin_fit} for the splits whose pairs all have margins)."""
+    results = {name: pair_accuracy(run.model, data, cfg.eval_batch, run.device, run.autocast)
+               for name, data in run.eval_sets.items()}
+    return ({name: acc for name, (acc, _) in results.items()},
+            {name: fit for name, (_, fit) in results.items() if fit is not None})
+
+
+def eval_text(metrics, fits):
+    return ", ".join(f"{k} {v:.4f}" + (f" ({fit_text(fits[k])})" if k in fits else "") for k, v in metrics.items())
+
+
+def finish(cfg, run, step, log_file):
+    """The final evaluation; rank 0 saves the reward model and eval.json and says where everything is."""
+    metrics, fits = evaluate_splits(cfg, run)
+    weights = distributed.full_state(run.model) if run.sharded else None
+    if run.rank == 0:
+        save_reward_model(run.model, os.path.join(cfg.out, "model"), weights)
+        result = {"step": step, "accuracy": metrics, "margin_fit": fits,
+                  "train_data": dataclasses.asdict(run.stats),
+                  "eval_data": {k: dataclasses.asdict(v) for k, v in run.eval_stats.items()},
+                  "eval_pairs": {k: len(v) for k, v in run.eval_sets.items()}}
+        with open(os.path.join(cfg.out, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        run.log("final eval: " + (eval_text(metrics, fits) or "no --eval-data given"))
+        ckpt_dir = os.path.join(cfg.out, "ckpt")
+        ckpt = ckpt_dir if os.path.exists(ckpt_dir) else "none (no step trained)"
+        run.log(f"model: {os.path.join(cfg.out, 'model')}  checkpoint: {ckpt}  metrics: "
+                f"{os.path.join(cfg.out, 'eval.json')}")
+        log_file.close()
+    return metrics
+
+
+def log_line(window, step, total, optimizer, world, log, log_file):
+    """One line per interval: step, loss parts, accuracy, lr, tokens/s, padding %, ms/step; then reset the window."""
+    steps = window["steps"]
+    record = {"step": step, "pair_loss": window["pair"] / steps, "lm_loss": window["lm"] / steps,
+              "accuracy": window["correct"] / max(1, window["pairs"]), "lr": optimizer.param_groups[0]["lr"],
+              "tokens_per_s": window["tokens"] * world / window["time"],
+              "padding": 1 - window["tokens"] / max(1, window["slots"]), "ms_per_step": 1000 * window["time"] / steps}
+    log(f"step {step}/{total} | pair {record['pair_loss']:.4f} | lm {record['lm_loss']:.4f} | "
+        f"acc {record['accuracy']:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s | "
+        f"pad {100 * record['padding']:.1f}% | {record['ms_per_step']:.0f} ms/step")
+    if log_file:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+    for key in window:
+        window[key] = 0 if isinstance(window[key], int) else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
