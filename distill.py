@@ -33,6 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+from cli import Progress
 from formats import canonical, load_rows, read_jsonl_rows, write_jsonl
 from protocol import (PROBE_TEXT, REASK_LENGTH_NOTE, REASK_TEMPLATE, RESTYLE_STYLES, TEMPLATE_VERSION, ParseError,
                       annotate_prompt, check_answer, parse_annotation, parse_refinement, parse_restyle, parse_score,
@@ -287,10 +288,9 @@ class Run:
 
     def __init__(self, cfg):
         self.cfg, self.asker, self.lock, self.fatal = cfg, Asker(cfg), threading.Lock(), None
-        self.filter = {"kept": 0, "dropped": {}}
+        self.rows = {"kept": 0, "failed": 0, "dropped": 0}  # rows done so far, for the progress line
         self.restyle = {"rows": 0, "pairs": 0, "unchanged": 0, "failed": 0}  # rows that gave extra pairs, and how many
         self.bias = {"pairs": 0, "disagreements": 0}
-        self.rows_done = 0
 
     def generate_body(self, model, row, purpose):
         """A sampled generation of `model`'s answer to the row's prompt (y_T, or a candidate answer)."""
@@ -417,17 +417,12 @@ class Run:
         return out
 
     def tally(self, out):
+        failure = out.get("failure")
         with self.lock:
-            self.rows_done += 1
-            if "train" in out:
-                self.filter["kept"] += 1
-        if "failure" in out and "train" not in out:
-            f = out["failure"]
-            if f["dropped"]:
-                with self.lock:
-                    self.filter["dropped"][f["reason"]] = self.filter["dropped"].get(f["reason"], 0) + 1
-            else:
-                self.asker.count_failure(f["stage"], f["reason"])
+            if "train" in out or failure:  # not a row that a FatalError stopped
+                self.rows["kept" if "train" in out else "dropped" if failure["dropped"] else "failed"] += 1
+        if failure and not failure["dropped"]:
+            self.asker.count_failure(failure["stage"], failure["reason"])
 
     def restyled_pairs(self, refined_row, question):
         """y_w* and y_l rewritten in one style S drawn per row (seeded) -> pairs in which every style sits on both
@@ -476,8 +471,9 @@ class Run:
 
 # ---------------------------------------------------------------------------- the report
 
-def summarize(run, rows, wall_s):
-    """summary.json: the per-stage table (requests, cache hits, re-asks, tokens, cost), the row outcomes."""
+def summarize(run, outputs, wall_s):
+    """summary.json: the per-stage table (requests, cache hits, re-asks, tokens, cost), the row outcomes of
+    `outputs` (a --retry-failed run's merged outputs: those of every row)."""
     cfg, stages = run.cfg, {}
     for name, st in run.asker.stats.items():
         if not (st["sent"] or st["cache_hits"] or st["failures"]):
@@ -489,36 +485,41 @@ def summarize(run, rows, wall_s):
         stages[name]["cost_usd"] = round(cost, 6)
     n = run.bias["pairs"]
     return {"teacher_url": cfg.teacher_url, "teacher_model": cfg.teacher_model,
-            "template_version": TEMPLATE_VERSION, "json_mode": run.asker.json_mode, "rows": len(rows),
-            "kept": run.filter["kept"], "dropped": run.filter["dropped"], "failed": failed_rows(run.asker.stats),
+            "template_version": TEMPLATE_VERSION, "json_mode": run.asker.json_mode, **row_counts(outputs),
             "restyle": dict(run.restyle),
             "position_bias": {**run.bias, "rate": round(run.bias["disagreements"] / n, 4) if n else None},
             "stages": stages, "wall_s": round(wall_s, 3),
             "cost_usd": round(sum(s["cost_usd"] for s in stages.values()), 6), "config": asdict(cfg)}
 
 
-def failed_rows(stats):
-    """Rows lost to a failure. A restyle failure costs a row its extra pairs only, so it is not one of them."""
-    return sum(sum(st["failures"].values()) for name, st in stats.items() if name != "restyle")
+def row_counts(outputs):
+    """{rows, kept, dropped: {reason: n}, failed} of train/failures outputs. A failed restyle costs a row its extra
+    pairs only: the row is kept."""
+    kept = sum(t["provenance"]["source"] == "refined" for t in outputs["train"])  # rows, not extra pairs
+    dropped = {}
+    for f in outputs["failures"]:
+        if f["dropped"]:
+            dropped[f["reason"]] = dropped.get(f["reason"], 0) + 1
+    return {"rows": kept + len(outputs["failures"]), "kept": kept, "dropped": dict(sorted(dropped.items())),
+            "failed": sum(not f["dropped"] for f in outputs["failures"])}
 
 
-def progress_line(run, total, t0):
-    stats = run.asker.stats
+def progress_text(run, t0):
+    """The progress line's text after cli.Progress's rows done/total, elapsed and ETA."""
+    stats, rows = run.asker.stats, run.rows
     sent = sum(st["sent"] for st in stats.values())
     hits = sum(st["cache_hits"] for st in stats.values())
-    return (f"[distill] rows {run.rows_done}/{total}  kept {run.filter['kept']}  failed {failed_rows(stats)}  "
-            f"dropped {sum(run.filter['dropped'].values())} | requests sent {sent}  cached {hits}  "
-            f"in flight {len(run.asker.cache.inflight)} | {sent / max(time.time() - t0, 1e-9):.1f} req/s")
+    return (f"kept {rows['kept']}  failed {rows['failed']}  dropped {rows['dropped']} | requests sent {sent}  "
+            f"cached {hits}  in flight {len(run.asker.cache.inflight)} | {sent / max(time.time() - t0, 1e-9):.1f} req/s")
 
 
-def _show_progress(run, total, t0, done):
-    """One updating line on a terminal, a line every 10 s otherwise."""
-    tty = sys.stderr.isatty()
-    while not done.wait(0.5 if tty else 10):
-        print(("\r" if tty else "") + progress_line(run, total, t0), end="" if tty else "\n", file=sys.stderr,
-              flush=True)
-    if tty:
-        print("\r" + progress_line(run, total, t0), file=sys.stderr)
+def _show_progress(run, total, done):
+    """Rows done of `total` with elapsed time and ETA (cli.Progress: a bar on a terminal, a line every 10 s in a
+    log) until `done` is set, then the final line."""
+    progress = Progress(total, "distill")
+    while not done.wait(0.5):
+        progress.update(sum(run.rows.values()), progress_text(run, progress.t0))
+    progress.update(sum(run.rows.values()), progress_text(run, progress.t0), final=True)
 
 
 def print_report(summary, file=None):
@@ -572,20 +573,10 @@ def _outputs(results):
     return outputs
 
 
-def _merge_retried(previous, outputs, summary, retried, results):
-    """The earlier outputs with the entries of the `retried` row ids replaced by this run's, in input order; the
-    summary's row counts made those of the merged outputs."""
-    merged = {name: sorted([x for x in previous[name] if x["id"] not in retried] + outputs[name], key=_line)
-              for name in OUTPUTS}
-    kept = sum(t["provenance"]["source"] == "refined" for t in merged["train"])  # rows, not extra pairs
-    dropped = {}
-    for f in merged["failures"]:
-        if f["dropped"]:
-            dropped[f["reason"]] = dropped.get(f["reason"], 0) + 1
-    summary.update(rows=kept + len(merged["failures"]), kept=kept, dropped=dropped,
-                   failed=sum(not f["dropped"] for f in merged["failures"]),
-                   retry_failed={"rows": len(results), "recovered": sum("train" in r for r in results)})
-    return merged
+def _merge_retried(previous, outputs, retried):
+    """The earlier outputs with the entries of the `retried` row ids replaced by this run's, in input order."""
+    return {name: sorted([x for x in previous[name] if x["id"] not in retried] + outputs[name], key=_line)
+            for name in OUTPUTS}
 
 
 def _check_config(cfg):
@@ -617,7 +608,7 @@ def _say_start(cfg, run, rows):
           f"({len(run.asker.cache.entries)} entries)", file=sys.stderr)
 
 
-def _run_rows(run, rows, t0):
+def _run_rows(run, rows):
     """Every row through process_row, 2 x workers rows at a time -> results in input order. A FatalError or a
     Ctrl-C stops the run; the cache keeps what finished."""
     cfg = run.cfg
@@ -626,8 +617,9 @@ def _run_rows(run, rows, t0):
         print(f"[distill] annotate/score replies: {'JSON mode' if run.asker.json_mode else 'anchored text'}",
               file=sys.stderr)
         done = threading.Event()
+        shower = threading.Thread(target=_show_progress, args=(run, len(rows), done), daemon=True)
         if cfg.progress:
-            threading.Thread(target=_show_progress, args=(run, len(rows), t0, done), daemon=True).start()
+            shower.start()
         pool = ThreadPoolExecutor(2 * cfg.workers)  # more rows than request slots keeps every slot busy
         try:
             results = list(pool.map(run.process_row, rows))
@@ -637,6 +629,8 @@ def _run_rows(run, rows, t0):
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             done.set()
+            if cfg.progress:
+                shower.join()  # its final line before the report
         if run.fatal:
             raise run.fatal
     finally:
@@ -657,10 +651,13 @@ def distill(cfg):
     os.makedirs(cfg.out, exist_ok=True)
     run, t0 = Run(cfg), time.time()
     _say_start(cfg, run, rows)
-    results = _run_rows(run, rows, t0)
-    outputs, summary = _outputs(results), summarize(run, rows, time.time() - t0)
+    results = _run_rows(run, rows)
+    outputs = _outputs(results)
     if previous is not None:
-        outputs = _merge_retried(previous, outputs, summary, {r["id"] for r in rows}, results)
+        outputs = _merge_retried(previous, outputs, {r["id"] for r in rows})
+    summary = summarize(run, outputs, time.time() - t0)
+    if previous is not None:
+        summary["retry_failed"] = {"rows": len(results), "recovered": sum("train" in r for r in results)}
     for name, items in outputs.items():
         write_jsonl(os.path.join(cfg.out, name + ".jsonl"), items)
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:

@@ -5,6 +5,7 @@ throughput, input errors, and the import rules (no torch; teacher.py stands alon
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -516,6 +517,22 @@ def test_filters_ties_and_label_disagreements_are_counted(tmp_path):
     assert [r["id"] for r in annotated] == ["flip", "ok"] and train == []
     assert {f["id"]: f["reason"] for f in failures} == {"tie": "tie", "flip": "label_disagreement", "ok": "small_delta"}
     assert summary["dropped"] == {"tie": 1, "label_disagreement": 1, "small_delta": 1}
+
+
+def test_progress_counts_rows_with_elapsed_time_and_eta(tmp_path, capsys):
+    rows = [{"id": "ok", "prompt": "q1", "chosen": "good a", "rejected": "bad b"},
+            {"id": "tie", "prompt": "q2", "chosen": "good a", "rejected": "good b"},
+            {"id": "fails", "prompt": "q3", "chosen": "good a", "rejected": "bad b"}]
+    fault = lambda body, n: status(400) if "q3" in body["messages"][0]["content"] else None  # noqa: E731
+    with FaultServer(fault=fault) as server:
+        run_rows(server, rows, tmp_path, progress=True)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("[distill] ") and " ETA " in x]
+    assert lines and all(re.fullmatch(r"\[distill\] \d/3 \(\d+%\) \d+:\d\d elapsed, ETA (\d+:\d\d|\?) \| kept \d  "
+                                      r"failed \d  dropped \d \| requests sent \d+  cached 0  in flight \d \| "
+                                      r"[\d.]+ req/s", x) for x in lines), lines
+    # the last line: every row done (one kept, one tie, one HTTP 400), 5 + 2 + 1 requests, nothing left in flight
+    assert re.fullmatch(r"\[distill\] 3/3 \(100%\) \d+:\d\d elapsed, ETA 0:00 \| kept 1  failed 1  dropped 1 \| "
+                        r"requests sent 8  cached 0  in flight 0 \| [\d.]+ req/s", lines[-1]), lines[-1]
 
 
 def test_tie_reask_and_pools_and_generated_candidates(tmp_path):
