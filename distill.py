@@ -19,8 +19,9 @@ rejected_score, teacher_response: y_T, provenance}), annotated.jsonl (the origin
 for label-distillation baselines), failures.jsonl (one line per row that did not make it: id, line, stage, reason,
 raw reply, attempts, every reply of a re-asked stage; `dropped` marks filter decisions as opposed to errors),
 summary.json (the per-stage table), cache.jsonl (teacher.Cache: a killed run re-run with the same command sends no
-finished request twice and writes the same output). --retry-failed reruns only the failed rows of an earlier run
-and merges them in; shards (--shard k/n, each with its own --out) merge by ordering rows on provenance.line.
+finished request twice and writes the same output). --retry-failed runs the same rows again with more re-asks:
+the rows that finished come from the cache, only the failed ones send requests; shards (--shard k/n, each with
+its own --out) merge by ordering rows on provenance.line.
 """
 import hashlib
 import json
@@ -78,7 +79,7 @@ class DistillConfig:
     restyle_temperature: float = 0.0    # restyle is greedy: a faithful rewrite, not a sample
     tie_policy: str = "drop"            # drop | reask (once, asking to avoid equal scores)
     reask: int = 3                      # re-ask a reply that is not an answer (unparseable, empty, cut, refusal) N times
-    retry_failed: bool = False          # rerun only the rows in <out>/failures.jsonl that failed (not the dropped ones)
+    retry_failed: bool = False          # ask the failed rows of <out>/failures.jsonl again (the rest from the cache)
     keep_label_disagreements: bool = False  # keep pairs whose input label the teacher contradicts
     seed: int = 0                       # pool sampling, candidate choice, sampled-call seeds
     limit: int = 0                      # process only the first N rows, 0 = all
@@ -472,8 +473,7 @@ class Run:
 # ---------------------------------------------------------------------------- the report
 
 def summarize(run, outputs, wall_s):
-    """summary.json: the per-stage table (requests, cache hits, re-asks, tokens, cost), the row outcomes of
-    `outputs` (a --retry-failed run's merged outputs: those of every row)."""
+    """summary.json: the per-stage table (requests, cache hits, re-asks, tokens, cost), the row outcomes."""
     cfg, stages = run.cfg, {}
     for name, st in run.asker.stats.items():
         if not (st["sent"] or st["cache_hits"] or st["failures"]):
@@ -547,36 +547,22 @@ def print_report(summary, file=None):
 
 # ---------------------------------------------------------------------------- outputs and --retry-failed
 
-OUTPUTS = {"train": "train", "annotated": "annotated", "failures": "failure"}  # file name -> process_row key
+def _outputs(results):
+    """{file name: rows} of the results, in input order (a kept row's extra restyle pairs after it)."""
+    return {"train": [t for r in results if "train" in r for t in (r["train"], *r.get("extra", []))],
+            "annotated": [r["annotated"] for r in results if "annotated" in r],
+            "failures": [r["failure"] for r in results if "failure" in r]}
 
 
-def _line(item):
-    return item["line"] if "line" in item else item["provenance"]["line"]
-
-
-def _previous_outputs(out):
-    """An earlier run's train/annotated/failures rows, for --retry-failed."""
-    previous = {}
-    for name in OUTPUTS:
-        path = os.path.join(out, name + ".jsonl")
+def _failed_before(cfg):
+    """The ids of the rows that an earlier run in cfg.out failed (not the dropped ones), for --retry-failed.
+    Every row runs again: what finished comes from the cache, so only those rows send requests."""
+    failures, cache = os.path.join(cfg.out, "failures.jsonl"), cfg.cache or os.path.join(cfg.out, "cache.jsonl")
+    for path in (failures, cache):
         if not os.path.exists(path):
             raise ValueError(f"--retry-failed: {path} does not exist; run distill without --retry-failed first "
-                             "(with the same --out)")
-        previous[name] = [row for _, row in read_jsonl_rows(path)]
-    return previous
-
-
-def _outputs(results):
-    """{file name: rows} of this run's results, in input order (a kept row's extra restyle pairs after it)."""
-    outputs = {name: [r[key] for r in results if key in r] for name, key in OUTPUTS.items()}
-    outputs["train"] = [t for r in results if "train" in r for t in (r["train"], *r.get("extra", []))]
-    return outputs
-
-
-def _merge_retried(previous, outputs, retried):
-    """The earlier outputs with the entries of the `retried` row ids replaced by this run's, in input order."""
-    return {name: sorted([x for x in previous[name] if x["id"] not in retried] + outputs[name], key=_line)
-            for name in OUTPUTS}
+                             "(the same command, with the same --out)")
+    return {f["id"] for _, f in read_jsonl_rows(failures) if not f["dropped"]}
 
 
 def _check_config(cfg):
@@ -642,22 +628,19 @@ def distill(cfg):
     """Run the whole pipeline for `cfg` (a DistillConfig); write the outputs to cfg.out; return the summary."""
     _check_config(cfg)
     rows = load_rows(cfg.data, cfg.limit, cfg.shard)
-    previous = _previous_outputs(cfg.out) if cfg.retry_failed else None
-    if previous is not None:
-        failed = {f["id"] for f in previous["failures"] if not f["dropped"]}
-        rows = [r for r in rows if r["id"] in failed]
-        print(f"[distill] --retry-failed: {len(rows)} failed row(s) of {cfg.out}/failures.jsonl again, with "
-              f"{cfg.reask + 1} more re-asks each; finished requests come from the cache", file=sys.stderr)
+    retried = _failed_before(cfg) if cfg.retry_failed else None
+    if retried is not None:
+        print(f"[distill] --retry-failed: the {len(retried)} failed row(s) of {cfg.out}/failures.jsonl again, with "
+              f"{cfg.reask + 1} more re-asks each; the other rows come from the cache", file=sys.stderr)
     os.makedirs(cfg.out, exist_ok=True)
     run, t0 = Run(cfg), time.time()
     _say_start(cfg, run, rows)
     results = _run_rows(run, rows)
     outputs = _outputs(results)
-    if previous is not None:
-        outputs = _merge_retried(previous, outputs, {r["id"] for r in rows})
     summary = summarize(run, outputs, time.time() - t0)
-    if previous is not None:
-        summary["retry_failed"] = {"rows": len(results), "recovered": sum("train" in r for r in results)}
+    if retried is not None:
+        summary["retry_failed"] = {"rows": len(retried), "recovered": sum(t["id"] in retried for t in outputs["train"]
+                                                                          if t["provenance"]["source"] == "refined")}
     for name, items in outputs.items():
         write_jsonl(os.path.join(cfg.out, name + ".jsonl"), items)
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
