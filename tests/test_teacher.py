@@ -17,6 +17,7 @@ import distill
 import formats
 import protocol
 import teacher
+from asker import cache_key
 from fault_server import EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep, status
 from protocol import ParseError, parse_annotation, parse_refinement, parse_score, tagged
 
@@ -204,11 +205,11 @@ def test_the_servers_retype_no_tag_or_header():
 
 
 def test_the_teacher_side_imports_no_torch_and_the_client_stands_alone():
-    """distill.py, protocol.py and teacher.py run without torch; teacher.py needs only the standard library,
+    """distill.py, asker.py, protocol.py and teacher.py run without torch; teacher.py needs only the standard library,
     requests and (optionally) tiktoken, so it can be copied alone."""
     import ast
     import subprocess
-    code = "import sys, distill, protocol, teacher; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, distill, asker, protocol, teacher; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tree = ast.parse(open(os.path.join(root, "teacher.py"), encoding="utf-8").read())
@@ -466,7 +467,7 @@ def test_persistent_faults_become_recorded_failures(tmp_path, fault, reason, req
     if not reason.startswith(("http", "timeout", "not_json", "no_choices")):  # complete replies: re-asked
         # every unusable reply is recorded, and each re-ask was a different request
         assert [r["reason"] for r in f["replies"]] == [reason] * ASKS
-        assert len({distill.cache_key(b) for b in server.bodies}) == ASKS
+        assert len({cache_key(b) for b in server.bodies}) == ASKS
         assert summary["stages"]["annotate"]["reasks"] == ASKS - 1
 
 
