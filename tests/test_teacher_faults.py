@@ -66,6 +66,17 @@ def test_retry_failed_needs_an_earlier_run(tmp_path):
         run_rows(server, [PAIR], tmp_path, retry_failed=True)
 
 
+def test_retry_failed_needs_the_earlier_runs_cache(tmp_path):
+    """Every row runs again and the finished ones come from the cache: without it they would all be sent again."""
+    with FaultServer() as server:
+        run_rows(server, [PAIR], tmp_path)
+        os.remove(tmp_path / "out" / "cache.jsonl")
+        n = len(server.bodies)
+        with pytest.raises(ValueError, match="cache.jsonl does not exist"):
+            run_rows(server, [PAIR], tmp_path, retry_failed=True)
+        assert len(server.bodies) == n
+
+
 def test_reask_changes_the_request_and_quotes_the_problem(tmp_path):
     with FaultServer(fault=_garbage_for_question("2+2?")) as server:
         summary, train, _, failures = run_rows(server, [PAIR], tmp_path)
