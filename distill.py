@@ -3,26 +3,27 @@
 Takes each row through the five stages of METHOD.md by asking a teacher LLM over the OpenAI chat-completions API:
 generate y_T, annotate (both orders), refine y_l into y_w*, self-calibrated score s(y_w*), filter; then restyle
 (rmd's style-equivalence pairs, see README). The prompts and parsers are protocol.py's, the HTTP client and the
-request cache teacher.py's. No torch: the command is `python rmd.py distill`, or from Python:
+request cache teacher.py's, the asking (parse, re-ask, counts) asker.py's. No torch: the command is
+`python rmd.py distill`, or from Python:
 
     from distill import DistillConfig, distill
     summary = distill(DistillConfig(data="pairs.jsonl", teacher_url="http://127.0.0.1:8000/v1",
                                     teacher_model="Qwen/Qwen3-8B", disable_thinking=True))
 
-The layers, bottom up: teacher.Client.post sends one HTTP request (retries, backoff, Retry-After); Asker.request
-adds the cache (exactly once) and the counts; Asker.ask adds the parse and the re-asks of a reply that is no answer
-(--reask); Run's stages (answers, judge, refine_and_score, restyled_pairs) ask what METHOD.md asks; distill() runs
-the rows and writes the outputs.
+The layers, bottom up: teacher.Client.post sends one HTTP request (retries, backoff, Retry-After); asker.Asker
+adds the cache (exactly once), the counts, the parse and the re-asks of a reply that is no answer (--reask); Run's
+stages (answers, judge, refine_and_score, restyled_pairs) ask what METHOD.md asks; distill() runs the rows and
+writes the outputs.
 
 Outputs in cfg.out, rows in input order: train.jsonl ({id, prompt, chosen: y_w*, rejected: y_l, chosen_score,
 rejected_score, teacher_response: y_T, provenance}), annotated.jsonl (the original pair as the teacher labelled it,
 for label-distillation baselines), failures.jsonl (one line per row that did not make it: id, line, stage, reason,
 raw reply, attempts, every reply of a re-asked stage; `dropped` marks filter decisions as opposed to errors),
 summary.json (the per-stage table), cache.jsonl (teacher.Cache: a killed run re-run with the same command sends no
-finished request twice and writes the same output). --retry-failed reruns only the failed rows of an earlier run
-and merges them in; shards (--shard k/n, each with its own --out) merge by ordering rows on provenance.line.
+finished request twice and writes the same output). --retry-failed runs the same rows again with more re-asks:
+the rows that finished come from the cache, only the failed ones send requests; shards (--shard k/n, each with
+its own --out) merge by ordering rows on provenance.line.
 """
-import hashlib
 import json
 import os
 import random
@@ -33,12 +34,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+from asker import Asker, RowFailure
+from cli import Progress
 from formats import canonical, load_rows, read_jsonl_rows, write_jsonl
-from protocol import (PROBE_TEXT, REASK_LENGTH_NOTE, REASK_TEMPLATE, RESTYLE_STYLES, TEMPLATE_VERSION, ParseError,
-                      annotate_prompt, check_answer, parse_annotation, parse_refinement, parse_restyle, parse_score,
-                      prompt_messages, refine_prompt, render_question, restyle_prompt, score_prompt, strip_reasoning)
-from teacher import (RETRY_STATUS, Cache, Client, FatalError, RateLimiter, Reply, TransportError, bounded,
-                     reply_problem, request_key, token_estimator_name)
+from protocol import (RESTYLE_STYLES, TEMPLATE_VERSION, annotate_prompt, parse_annotation, parse_refinement,
+                      parse_restyle, parse_score, prompt_messages, refine_prompt, render_question, restyle_prompt,
+                      score_prompt)
+from teacher import FatalError, bounded, token_estimator_name
 
 
 # ---------------------------------------------------------------------------- config
@@ -77,7 +79,7 @@ class DistillConfig:
     restyle_temperature: float = 0.0    # restyle is greedy: a faithful rewrite, not a sample
     tie_policy: str = "drop"            # drop | reask (once, asking to avoid equal scores)
     reask: int = 3                      # re-ask a reply that is not an answer (unparseable, empty, cut, refusal) N times
-    retry_failed: bool = False          # rerun only the rows in <out>/failures.jsonl that failed (not the dropped ones)
+    retry_failed: bool = False          # ask the failed rows of <out>/failures.jsonl again (the rest from the cache)
     keep_label_disagreements: bool = False  # keep pairs whose input label the teacher contradicts
     seed: int = 0                       # pool sampling, candidate choice, sampled-call seeds
     limit: int = 0                      # process only the first N rows, 0 = all
@@ -87,187 +89,10 @@ class DistillConfig:
     progress: bool = True               # progress line on stderr
 
 
-# ---------------------------------------------------------------------------- asking the teacher
-
-STAGES = ("probe", "candidates", "generate", "annotate", "refine", "score", "restyle")
-
-
-class RowFailure(Exception):
-    def __init__(self, stage, reason, raw="", attempts=0, dropped=False, replies=None):
-        super().__init__(f"{stage}: {reason}")
-        self.stage, self.reason, self.raw, self.attempts, self.dropped = stage, reason, raw, attempts, dropped
-        self.replies = replies  # every unusable reply of a re-asked stage: [{reason, chars, text}]
-
-
-def _unsupported(status, text):
-    """A server's definite "response_format is not supported" (llama.cpp answers 500 with such a body)."""
-    return status in (400, 422) or (status == 500 and bool(
-        re.search(r"response_format|json_object|json_schema|not supported|unsupported", text or "", re.I)))
-
-
-def _split(csv):
-    return [x.strip() for x in csv.split(",") if x.strip()]
-
-
-def cache_key(body):
-    """The cache key of a request body: teacher.request_key with this protocol's TEMPLATE_VERSION."""
-    return request_key(body, TEMPLATE_VERSION)
-
-
-class Asker:
-    """How a run asks: the clients (one rate limit and one bound on requests in flight for all), the cache, the
-    per-stage counts. request() adds the cache to Client.post; ask() adds the parse and the re-asks."""
-
-    def __init__(self, cfg):
-        self.cfg, self.lock = cfg, threading.Lock()
-        self.cache = Cache(cfg.cache or os.path.join(cfg.out, "cache.jsonl"))
-        self.stop, self.json_mode = threading.Event(), False
-        limiter, slots = RateLimiter(cfg.rpm, cfg.tpm), threading.BoundedSemaphore(cfg.workers)
-
-        def client(url, key_env):
-            return Client(url, os.environ.get(key_env, ""), cfg.workers, limiter, cfg.timeout, cfg.max_retries,
-                          cfg.backoff_base, cfg.backoff_max, cfg.max_tokens_param, slots)
-        self.teacher = client(cfg.teacher_url, cfg.api_key_env)
-        models, urls = _split(cfg.candidate_models), _split(cfg.candidate_urls) or [cfg.teacher_url]
-        if len(urls) not in (1, len(models)):
-            raise ValueError(f"candidate_urls has {len(urls)} URLs for {len(models)} candidate_models: give one URL, "
-                             "or one per model")
-        clients = {u: client(u, cfg.candidate_api_key_env or cfg.api_key_env) for u in set(urls)}
-        self.candidates = [(m, clients[urls[k % len(urls)]]) for k, m in enumerate(models)]
-        self.stats = {s: {"sent": 0, "replies": 0, "cache_hits": 0, "reasks": 0, "recovered": 0, "failures": {},
-                          "prompt_tokens": 0, "completion_tokens": 0, "first": None, "last": None}
-                      for s in STAGES + ("internal",)}
-        self.row_local = threading.local()  # re-asks of the row this thread is working on
-
-    def body(self, model, messages, temperature, max_tokens, top_p=None, purpose=None, json_mode=False):
-        """A chat-completions request body with the run's settings; `purpose` names a sample (its seed)."""
-        body = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
-        if top_p is not None:
-            body["top_p"] = top_p
-        if temperature > 0 and purpose is not None:  # a seed per sample makes samples distinct cache keys
-            body["seed"] = int(hashlib.sha256(f"{self.cfg.seed}:{purpose}".encode()).hexdigest()[:7], 16)
-        if json_mode:
-            body["response_format"] = {"type": "json_object"}
-        if self.cfg.disable_thinking:
-            body["chat_template_kwargs"] = {"enable_thinking": False}
-        return body
-
-    def count(self, stage, **add):
-        with self.lock:
-            st, now = self.stats[stage], time.time()
-            for k, v in add.items():
-                st[k] += v
-            st["first"] = st["first"] or now
-            st["last"] = now
-
-    def count_failure(self, stage, reason):
-        with self.lock:
-            failures = self.stats[stage]["failures"]
-            failures[reason] = failures.get(reason, 0) + 1
-
-    def request(self, stage, client, body, **post_kw):
-        """(Reply, HTTP attempts) for `body`: from the cache, or posted once (Cache.fetch) and counted."""
-        def send():
-            if self.stop.is_set():
-                raise FatalError("run stopped")
-            self.count(stage)
-            try:
-                reply, attempts = client.post(body, **post_kw)
-            except TransportError as e:
-                self.count(stage, sent=e.attempts)
-                raise
-            self.count(stage, sent=attempts, replies=1, prompt_tokens=reply.usage.get("prompt_tokens", 0),
-                       completion_tokens=reply.usage.get("completion_tokens", 0))
-            return {"stage": stage, "attempts": attempts, "reply": asdict(reply)}
-        entry, cached = self.cache.fetch(cache_key(body), send)
-        if cached:
-            self.count(stage, cache_hits=1)
-        return Reply(**entry["reply"]), entry.get("attempts", 1)  # as first obtained: the same failures.jsonl
-
-    def ask(self, stage, client, body, parse=None, *args):
-        """(parse(text, *args), text) for a stage's request, text with the reasoning removed. A reply that is no
-        answer, or that `parse` rejects with ParseError, is re-asked up to cfg.reask times (see reask_body), each
-        attempt cached; the last failure is a RowFailure carrying every reply. HTTP-level failures were already
-        retried by the client: they fail at once. `parse` None: the text only has to be an answer (check_answer
-        for generations)."""
-        replies, sent, request = [], 0, body
-        budget = self.cfg.reask + (self.cfg.reask + 1 if self.cfg.retry_failed else 0)
-        for k in range(budget + 1):
-            if k:
-                request = self.reask_body(stage, body, replies, k)
-                self.count(stage, reasks=1)
-                row_reasks = getattr(self.row_local, "reasks", {})
-                row_reasks[stage] = row_reasks.get(stage, 0) + 1
-            try:
-                reply, attempts = self.request(stage, client, request)
-            except TransportError as e:
-                raise RowFailure(stage, e.reason, e.raw, sent + e.attempts, replies=replies or None) from None
-            sent += attempts
-            text = strip_reasoning(reply.content)
-            try:
-                value = self._read(stage, reply, text, parse, *args)
-            except ParseError as e:
-                replies.append({"reason": e.reason, "detail": bounded(str(e), 300),
-                                "chars": reply.content_chars or len(reply.content),
-                                "text": bounded(reply.content or reply.refusal)})
-                continue
-            if k:
-                self.count(stage, recovered=1)
-            return value, text
-        last = replies[-1]
-        raise RowFailure(stage, last["reason"], last["text"], sent, replies=replies)
-
-    @staticmethod
-    def _read(stage, reply, text, parse, *args):
-        """What a reply says, or ParseError: why it is no answer."""
-        problem = reply_problem(reply) or (None if text else "empty_reply")  # reasoning alone is no answer either
-        if problem:
-            raise ParseError(problem, "cut at the token limit" if problem == "length" else "")
-        if parse:
-            return parse(text, *args)
-        return check_answer(text, refusals=stage == "candidates") if stage in ("generate", "candidates") else text
-
-    def reask_body(self, stage, body, replies, k):
-        """The k-th re-ask of `body`: a request that differs, so that a deterministic server does not repeat
-        itself. Sampled generations get a new seed only (y_T stays an answer to the prompt alone); every other
-        call keeps the conversation and adds the unusable reply and a turn that says what was wrong."""
-        body = dict(body)
-        if "seed" in body:
-            body["seed"] = int(hashlib.sha256(f"{body['seed']}:reask:{k}".encode()).hexdigest()[:7], 16)
-            if stage in ("generate", "candidates"):
-                return body
-        last = replies[-1]
-        note = REASK_TEMPLATE.format(problem=last["detail"] or last["reason"],
-                                     length_note=REASK_LENGTH_NOTE if last["reason"] == "length" else "")
-        said = last["text"] or f"({last['reason']}: no content)"  # some servers refuse an empty assistant turn
-        body["messages"] = list(body["messages"]) + [{"role": "assistant", "content": said},
-                                                     {"role": "user", "content": note}]
-        if k > 1:  # each re-ask is a new key even when the same reply comes back
-            body["messages"][-1]["content"] += f" (attempt {k + 1})"
-        return body
-
-    def probe_json_mode(self):
-        """Does the teacher server accept response_format json_object? Asked once, remembered in the cache."""
-        if self.cfg.json_mode != "auto":
-            return self.cfg.json_mode == "on"
-        body = self.body(self.cfg.teacher_model, [{"role": "user", "content": PROBE_TEXT}], 0.0, 16, json_mode=True)
-        key = "probe:" + cache_key(body)
-        if self.cache.get(key) is None:
-            try:  # retried like any request; only a definite "unsupported" answer turns JSON mode off
-                self.request("probe", self.teacher, body, final=_unsupported)
-                supported = True
-            except TransportError as e:
-                status = int(e.reason[5:]) if e.reason.startswith("http_") else None
-                if status is None or (status in RETRY_STATUS and not _unsupported(status, e.raw)):
-                    raise FatalError(f"the JSON-mode probe to {self.teacher.url} kept failing ({e.reason} after "
-                                     f"{e.attempts} attempts): the teacher is unreachable or overloaded; retry "
-                                     "later, or set --json-mode on|off to skip the probe") from None
-                supported = False
-            self.cache.put({"key": key, "supported": supported})
-        return self.cache.get(key)["supported"]
-
-
 # ---------------------------------------------------------------------------- the stages
+
+STAGES = ("probe", "candidates", "generate", "annotate", "refine", "score", "restyle")  # the report's rows
+
 
 def _norm(text):
     return " ".join(text.split())
@@ -286,11 +111,10 @@ class Run:
     of what came of it; `process_row` takes a row through every stage."""
 
     def __init__(self, cfg):
-        self.cfg, self.asker, self.lock, self.fatal = cfg, Asker(cfg), threading.Lock(), None
-        self.filter = {"kept": 0, "dropped": {}}
+        self.cfg, self.asker, self.lock, self.fatal = cfg, Asker(cfg, STAGES + ("internal",)), threading.Lock(), None
+        self.rows = {"kept": 0, "failed": 0, "dropped": 0}  # rows done so far, for the progress line
         self.restyle = {"rows": 0, "pairs": 0, "unchanged": 0, "failed": 0}  # rows that gave extra pairs, and how many
         self.bias = {"pairs": 0, "disagreements": 0}
-        self.rows_done = 0
 
     def generate_body(self, model, row, purpose):
         """A sampled generation of `model`'s answer to the row's prompt (y_T, or a candidate answer)."""
@@ -417,17 +241,12 @@ class Run:
         return out
 
     def tally(self, out):
+        failure = out.get("failure")
         with self.lock:
-            self.rows_done += 1
-            if "train" in out:
-                self.filter["kept"] += 1
-        if "failure" in out and "train" not in out:
-            f = out["failure"]
-            if f["dropped"]:
-                with self.lock:
-                    self.filter["dropped"][f["reason"]] = self.filter["dropped"].get(f["reason"], 0) + 1
-            else:
-                self.asker.count_failure(f["stage"], f["reason"])
+            if "train" in out or failure:  # not a row that a FatalError stopped
+                self.rows["kept" if "train" in out else "dropped" if failure["dropped"] else "failed"] += 1
+        if failure and not failure["dropped"]:
+            self.asker.count_failure(failure["stage"], failure["reason"])
 
     def restyled_pairs(self, refined_row, question):
         """y_w* and y_l rewritten in one style S drawn per row (seeded) -> pairs in which every style sits on both
@@ -476,7 +295,7 @@ class Run:
 
 # ---------------------------------------------------------------------------- the report
 
-def summarize(run, rows, wall_s):
+def summarize(run, outputs, wall_s):
     """summary.json: the per-stage table (requests, cache hits, re-asks, tokens, cost), the row outcomes."""
     cfg, stages = run.cfg, {}
     for name, st in run.asker.stats.items():
@@ -489,36 +308,42 @@ def summarize(run, rows, wall_s):
         stages[name]["cost_usd"] = round(cost, 6)
     n = run.bias["pairs"]
     return {"teacher_url": cfg.teacher_url, "teacher_model": cfg.teacher_model,
-            "template_version": TEMPLATE_VERSION, "json_mode": run.asker.json_mode, "rows": len(rows),
-            "kept": run.filter["kept"], "dropped": run.filter["dropped"], "failed": failed_rows(run.asker.stats),
+            "template_version": TEMPLATE_VERSION, "json_mode": run.asker.json_mode, **row_counts(outputs),
             "restyle": dict(run.restyle),
             "position_bias": {**run.bias, "rate": round(run.bias["disagreements"] / n, 4) if n else None},
             "stages": stages, "wall_s": round(wall_s, 3),
             "cost_usd": round(sum(s["cost_usd"] for s in stages.values()), 6), "config": asdict(cfg)}
 
 
-def failed_rows(stats):
-    """Rows lost to a failure. A restyle failure costs a row its extra pairs only, so it is not one of them."""
-    return sum(sum(st["failures"].values()) for name, st in stats.items() if name != "restyle")
+def row_counts(outputs):
+    """{rows, kept, dropped: {reason: n}, failed} of train/failures outputs. A failed restyle costs a row its extra
+    pairs only: the row is kept."""
+    kept = sum(t["provenance"]["source"] == "refined" for t in outputs["train"])  # rows, not extra pairs
+    dropped = {}
+    for f in outputs["failures"]:
+        if f["dropped"]:
+            dropped[f["reason"]] = dropped.get(f["reason"], 0) + 1
+    return {"rows": kept + len(outputs["failures"]), "kept": kept, "dropped": dict(sorted(dropped.items())),
+            "failed": sum(not f["dropped"] for f in outputs["failures"])}
 
 
-def progress_line(run, total, t0):
-    stats = run.asker.stats
+def progress_text(run, t0):
+    """The progress line's text after cli.Progress's rows done/total, elapsed and ETA."""
+    stats, rows = run.asker.stats, run.rows
     sent = sum(st["sent"] for st in stats.values())
     hits = sum(st["cache_hits"] for st in stats.values())
-    return (f"[distill] rows {run.rows_done}/{total}  kept {run.filter['kept']}  failed {failed_rows(stats)}  "
-            f"dropped {sum(run.filter['dropped'].values())} | requests sent {sent}  cached {hits}  "
-            f"in flight {len(run.asker.cache.inflight)} | {sent / max(time.time() - t0, 1e-9):.1f} req/s")
+    rate = sent / max(time.time() - t0, 1e-9)
+    return (f"kept {rows['kept']}  failed {rows['failed']}  dropped {rows['dropped']} | requests sent {sent}  "
+            f"cached {hits}  in flight {len(run.asker.cache.inflight)} | {rate:.1f} req/s")
 
 
-def _show_progress(run, total, t0, done):
-    """One updating line on a terminal, a line every 10 s otherwise."""
-    tty = sys.stderr.isatty()
-    while not done.wait(0.5 if tty else 10):
-        print(("\r" if tty else "") + progress_line(run, total, t0), end="" if tty else "\n", file=sys.stderr,
-              flush=True)
-    if tty:
-        print("\r" + progress_line(run, total, t0), file=sys.stderr)
+def _show_progress(run, total, done):
+    """Rows done of `total` with elapsed time and ETA (cli.Progress: a bar on a terminal, a line every 10 s in a
+    log) until `done` is set, then the final line."""
+    progress = Progress(total, "distill")
+    while not done.wait(0.5):
+        progress.update(sum(run.rows.values()), progress_text(run, progress.t0))
+    progress.update(sum(run.rows.values()), progress_text(run, progress.t0), final=True)
 
 
 def print_report(summary, file=None):
@@ -546,46 +371,22 @@ def print_report(summary, file=None):
 
 # ---------------------------------------------------------------------------- outputs and --retry-failed
 
-OUTPUTS = {"train": "train", "annotated": "annotated", "failures": "failure"}  # file name -> process_row key
+def _outputs(results):
+    """{file name: rows} of the results, in input order (a kept row's extra restyle pairs after it)."""
+    return {"train": [t for r in results if "train" in r for t in (r["train"], *r.get("extra", []))],
+            "annotated": [r["annotated"] for r in results if "annotated" in r],
+            "failures": [r["failure"] for r in results if "failure" in r]}
 
 
-def _line(item):
-    return item["line"] if "line" in item else item["provenance"]["line"]
-
-
-def _previous_outputs(out):
-    """An earlier run's train/annotated/failures rows, for --retry-failed."""
-    previous = {}
-    for name in OUTPUTS:
-        path = os.path.join(out, name + ".jsonl")
+def _failed_before(cfg):
+    """The ids of the rows that an earlier run in cfg.out failed (not the dropped ones), for --retry-failed.
+    Every row runs again: what finished comes from the cache, so only those rows send requests."""
+    failures, cache = os.path.join(cfg.out, "failures.jsonl"), cfg.cache or os.path.join(cfg.out, "cache.jsonl")
+    for path in (failures, cache):
         if not os.path.exists(path):
             raise ValueError(f"--retry-failed: {path} does not exist; run distill without --retry-failed first "
-                             "(with the same --out)")
-        previous[name] = [row for _, row in read_jsonl_rows(path)]
-    return previous
-
-
-def _outputs(results):
-    """{file name: rows} of this run's results, in input order (a kept row's extra restyle pairs after it)."""
-    outputs = {name: [r[key] for r in results if key in r] for name, key in OUTPUTS.items()}
-    outputs["train"] = [t for r in results if "train" in r for t in (r["train"], *r.get("extra", []))]
-    return outputs
-
-
-def _merge_retried(previous, outputs, summary, retried, results):
-    """The earlier outputs with the entries of the `retried` row ids replaced by this run's, in input order; the
-    summary's row counts made those of the merged outputs."""
-    merged = {name: sorted([x for x in previous[name] if x["id"] not in retried] + outputs[name], key=_line)
-              for name in OUTPUTS}
-    kept = sum(t["provenance"]["source"] == "refined" for t in merged["train"])  # rows, not extra pairs
-    dropped = {}
-    for f in merged["failures"]:
-        if f["dropped"]:
-            dropped[f["reason"]] = dropped.get(f["reason"], 0) + 1
-    summary.update(rows=kept + len(merged["failures"]), kept=kept, dropped=dropped,
-                   failed=sum(not f["dropped"] for f in merged["failures"]),
-                   retry_failed={"rows": len(results), "recovered": sum("train" in r for r in results)})
-    return merged
+                             "(the same command, with the same --out)")
+    return {f["id"] for _, f in read_jsonl_rows(failures) if not f["dropped"]}
 
 
 def _check_config(cfg):
@@ -617,7 +418,7 @@ def _say_start(cfg, run, rows):
           f"({len(run.asker.cache.entries)} entries)", file=sys.stderr)
 
 
-def _run_rows(run, rows, t0):
+def _run_rows(run, rows):
     """Every row through process_row, 2 x workers rows at a time -> results in input order. A FatalError or a
     Ctrl-C stops the run; the cache keeps what finished."""
     cfg = run.cfg
@@ -626,8 +427,9 @@ def _run_rows(run, rows, t0):
         print(f"[distill] annotate/score replies: {'JSON mode' if run.asker.json_mode else 'anchored text'}",
               file=sys.stderr)
         done = threading.Event()
+        shower = threading.Thread(target=_show_progress, args=(run, len(rows), done), daemon=True)
         if cfg.progress:
-            threading.Thread(target=_show_progress, args=(run, len(rows), t0, done), daemon=True).start()
+            shower.start()
         pool = ThreadPoolExecutor(2 * cfg.workers)  # more rows than request slots keeps every slot busy
         try:
             results = list(pool.map(run.process_row, rows))
@@ -637,6 +439,8 @@ def _run_rows(run, rows, t0):
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             done.set()
+            if cfg.progress:
+                shower.join()  # its final line before the report
         if run.fatal:
             raise run.fatal
     finally:
@@ -648,19 +452,19 @@ def distill(cfg):
     """Run the whole pipeline for `cfg` (a DistillConfig); write the outputs to cfg.out; return the summary."""
     _check_config(cfg)
     rows = load_rows(cfg.data, cfg.limit, cfg.shard)
-    previous = _previous_outputs(cfg.out) if cfg.retry_failed else None
-    if previous is not None:
-        failed = {f["id"] for f in previous["failures"] if not f["dropped"]}
-        rows = [r for r in rows if r["id"] in failed]
-        print(f"[distill] --retry-failed: {len(rows)} failed row(s) of {cfg.out}/failures.jsonl again, with "
-              f"{cfg.reask + 1} more re-asks each; finished requests come from the cache", file=sys.stderr)
+    retried = _failed_before(cfg) if cfg.retry_failed else None
+    if retried is not None:
+        print(f"[distill] --retry-failed: the {len(retried)} failed row(s) of {cfg.out}/failures.jsonl again, with "
+              f"{cfg.reask + 1} more re-asks each; the other rows come from the cache", file=sys.stderr)
     os.makedirs(cfg.out, exist_ok=True)
     run, t0 = Run(cfg), time.time()
     _say_start(cfg, run, rows)
-    results = _run_rows(run, rows, t0)
-    outputs, summary = _outputs(results), summarize(run, rows, time.time() - t0)
-    if previous is not None:
-        outputs = _merge_retried(previous, outputs, summary, {r["id"] for r in rows}, results)
+    results = _run_rows(run, rows)
+    outputs = _outputs(results)
+    summary = summarize(run, outputs, time.time() - t0)
+    if retried is not None:
+        summary["retry_failed"] = {"rows": len(retried), "recovered": sum(t["id"] in retried for t in outputs["train"]
+                                                                          if t["provenance"]["source"] == "refined")}
     for name, items in outputs.items():
         write_jsonl(os.path.join(cfg.out, name + ".jsonl"), items)
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:

@@ -5,6 +5,7 @@ throughput, input errors, and the import rules (no torch; teacher.py stands alon
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -16,6 +17,7 @@ import distill
 import formats
 import protocol
 import teacher
+from asker import cache_key
 from fault_server import EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep, status
 from protocol import ParseError, parse_annotation, parse_refinement, parse_score, tagged
 
@@ -203,11 +205,11 @@ def test_the_servers_retype_no_tag_or_header():
 
 
 def test_the_teacher_side_imports_no_torch_and_the_client_stands_alone():
-    """distill.py, protocol.py and teacher.py run without torch; teacher.py needs only the standard library,
+    """distill.py, asker.py, protocol.py and teacher.py run without torch; teacher.py needs only the standard library,
     requests and (optionally) tiktoken, so it can be copied alone."""
     import ast
     import subprocess
-    code = "import sys, distill, protocol, teacher; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, distill, asker, protocol, teacher; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tree = ast.parse(open(os.path.join(root, "teacher.py"), encoding="utf-8").read())
@@ -465,7 +467,7 @@ def test_persistent_faults_become_recorded_failures(tmp_path, fault, reason, req
     if not reason.startswith(("http", "timeout", "not_json", "no_choices")):  # complete replies: re-asked
         # every unusable reply is recorded, and each re-ask was a different request
         assert [r["reason"] for r in f["replies"]] == [reason] * ASKS
-        assert len({distill.cache_key(b) for b in server.bodies}) == ASKS
+        assert len({cache_key(b) for b in server.bodies}) == ASKS
         assert summary["stages"]["annotate"]["reasks"] == ASKS - 1
 
 
@@ -516,6 +518,22 @@ def test_filters_ties_and_label_disagreements_are_counted(tmp_path):
     assert [r["id"] for r in annotated] == ["flip", "ok"] and train == []
     assert {f["id"]: f["reason"] for f in failures} == {"tie": "tie", "flip": "label_disagreement", "ok": "small_delta"}
     assert summary["dropped"] == {"tie": 1, "label_disagreement": 1, "small_delta": 1}
+
+
+def test_progress_counts_rows_with_elapsed_time_and_eta(tmp_path, capsys):
+    rows = [{"id": "ok", "prompt": "q1", "chosen": "good a", "rejected": "bad b"},
+            {"id": "tie", "prompt": "q2", "chosen": "good a", "rejected": "good b"},
+            {"id": "fails", "prompt": "q3", "chosen": "good a", "rejected": "bad b"}]
+    fault = lambda body, n: status(400) if "q3" in body["messages"][0]["content"] else None  # noqa: E731
+    with FaultServer(fault=fault) as server:
+        run_rows(server, rows, tmp_path, progress=True)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("[distill] ") and " ETA " in x]
+    assert lines and all(re.fullmatch(r"\[distill\] \d/3 \(\d+%\) \d+:\d\d elapsed, ETA (\d+:\d\d|\?) \| kept \d  "
+                                      r"failed \d  dropped \d \| requests sent \d+  cached 0  in flight \d \| "
+                                      r"[\d.]+ req/s", x) for x in lines), lines
+    # the last line: every row done (one kept, one tie, one HTTP 400), 5 + 2 + 1 requests, nothing left in flight
+    assert re.fullmatch(r"\[distill\] 3/3 \(100%\) \d+:\d\d elapsed, ETA 0:00 \| kept 1  failed 1  dropped 1 \| "
+                        r"requests sent 8  cached 0  in flight 0 \| [\d.]+ req/s", lines[-1]), lines[-1]
 
 
 def test_tie_reask_and_pools_and_generated_candidates(tmp_path):

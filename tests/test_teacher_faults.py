@@ -10,6 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import distill
 import teacher
+from asker import Asker, cache_key
 from fault_server import REFUSAL, FaultServer, reply, status, yield_comparison
 from protocol import ParseError, check_answer, parse_annotation, parse_score, strip_reasoning, tagged
 from test_teacher import FAST, PAIR, run_rows
@@ -47,12 +48,12 @@ def test_retry_failed_reruns_only_failed_rows_and_sends_nothing_twice(tmp_path):
         summary, train, annotated, failures = run_rows(server, rows, tmp_path, reask=0)
         assert [(f["id"], f["reason"], f["dropped"]) for f in failures] == [("r2", "no_score", False),
                                                                              ("r4", "tie", True)]
-        first = {distill.cache_key(b) for b in server.bodies}
+        first = {cache_key(b) for b in server.bodies}
         n = len(server.bodies)
         summary, train, annotated, failures = run_rows(server, rows, tmp_path, reask=0, retry_failed=True)
         again = server.bodies[n:]
     assert again and all("question 2" in json.dumps(b) for b in again)  # only the failed row, not the tie
-    assert not {distill.cache_key(b) for b in again} & first  # nothing that succeeded is sent again
+    assert not {cache_key(b) for b in again} & first  # nothing that succeeded is sent again
     assert [r["id"] for r in train] == ["r0", "r1", "r2", "r3", "r5"]  # merged in input order
     assert [r["id"] for r in annotated] == ["r0", "r1", "r2", "r3", "r5"]
     assert [(f["id"], f["reason"]) for f in failures] == [("r4", "tie")]
@@ -63,6 +64,17 @@ def test_retry_failed_reruns_only_failed_rows_and_sends_nothing_twice(tmp_path):
 def test_retry_failed_needs_an_earlier_run(tmp_path):
     with FaultServer() as server, pytest.raises(ValueError, match="without --retry-failed first"):
         run_rows(server, [PAIR], tmp_path, retry_failed=True)
+
+
+def test_retry_failed_needs_the_earlier_runs_cache(tmp_path):
+    """Every row runs again and the finished ones come from the cache: without it they would all be sent again."""
+    with FaultServer() as server:
+        run_rows(server, [PAIR], tmp_path)
+        os.remove(tmp_path / "out" / "cache.jsonl")
+        n = len(server.bodies)
+        with pytest.raises(ValueError, match="cache.jsonl does not exist"):
+            run_rows(server, [PAIR], tmp_path, retry_failed=True)
+        assert len(server.bodies) == n
 
 
 def test_reask_changes_the_request_and_quotes_the_problem(tmp_path):
@@ -233,7 +245,7 @@ def test_a_stage_using_ask_with_a_parser_gets_reasks_for_free(tmp_path):
     replies = iter([reply("no marker here"), reply("still nothing"), reply("[OUT] restyled answer")])
     with FaultServer(fault=lambda b, n: next(replies)) as server:
         cfg = distill.DistillConfig(out=str(tmp_path), teacher_url=server.url, teacher_model="m", **FAST)
-        asker = distill.Asker(cfg)
+        asker = Asker(cfg, distill.STAGES)
         body = asker.body("m", [{"role": "user", "content": "[rmd:restyle] rewrite this"}], 0.0, 64)
         assert asker.ask("refine", asker.teacher, body, parse_restyled, "[OUT]")[0] == "restyled answer"
         asker.cache.close()
@@ -247,8 +259,8 @@ def test_the_simulated_teacher_with_http_errors_still_gets_json_mode(tmp_path):
     import sim_server
     url, stop = sim_server.start_server(sim.WorldConfig(http_error_rate=1.0))  # every first try of a request fails
     try:
-        asker = distill.Asker(distill.DistillConfig(out=str(tmp_path), teacher_url=url, teacher_model="judge",
-                                                    json_mode="auto", backoff_base=0.01, backoff_max=0.02))
+        asker = Asker(distill.DistillConfig(out=str(tmp_path), teacher_url=url, teacher_model="judge",
+                                            json_mode="auto", backoff_base=0.01, backoff_max=0.02))
         # (with model "judge", sim's first answer to the probe is a 500 "simulated overload", not a 429)
         assert asker.probe_json_mode() is True and asker.stats["probe"]["sent"] == 2
         asker.cache.close()

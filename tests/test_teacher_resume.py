@@ -9,7 +9,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import distill
+from asker import cache_key
 from fault_server import FaultServer, reply
 from protocol import tagged
 def no_number_for_some_rows(body, n):
@@ -56,11 +56,11 @@ def test_kill_and_resume_sends_nothing_twice_and_gives_identical_output(tmp_path
             proc.wait()
             log.close()
             assert proc.returncode == (-9 if kill_at else 0), (tmp_path / f"log{kill_at}.txt").read_text()
-            sent = [distill.cache_key(b) for b in server.bodies[n_at_kill:]]
+            sent = [cache_key(b) for b in server.bodies[n_at_kill:]]
             assert not set(sent) & cached_at_kill, "a request already in the cache was sent again"
             assert len(sent) == len(set(sent))
             cached_at_kill, n_at_kill = set(cache_keys(cache)), len(server.bodies)
-        keys_all = [distill.cache_key(b) for b in server.bodies]
+        keys_all = [cache_key(b) for b in server.bodies]
         repeated = len(keys_all) - len(set(keys_all))
         # only requests sent but not yet in the cache at a kill may repeat: at most one per row thread (2 x workers)
         assert repeated <= 2 * 8

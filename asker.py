@@ -1,0 +1,203 @@
+"""asker.py: asking a teacher LLM for an answer -- a request sent exactly once, its reply parsed, a reply that is
+no answer re-asked with what was wrong -- counted per stage. distill.py's stages ask through it.
+
+Its own file because it is the piece to copy, with teacher.py (HTTP client, cache) and protocol.py (parsers), to
+ask a teacher your own questions without the RM-Distiller pipeline around it:
+
+    from asker import Asker
+    from distill import DistillConfig   # the settings (or any object with its fields): URL, model, limits, --reask
+    asker = Asker(DistillConfig(teacher_url=..., teacher_model=..., out="out/x"), stages=("judge",))
+    body = asker.body(asker.cfg.teacher_model, [{"role": "user", "content": question}], 0.0, 512)
+    value, text = asker.ask("judge", asker.teacher, body, my_parser)   # my_parser raises ParseError: re-asked
+
+The layers, bottom up: teacher.Client.post sends one HTTP request (retries, backoff, Retry-After); Asker.request
+adds the cache (exactly once) and the counts; Asker.ask adds the parse and the re-asks (cfg.reask; cfg.retry_failed
+gives cfg.reask + 1 more). A stage's last failure is a RowFailure carrying every reply. No torch.
+"""
+import hashlib
+import os
+import re
+import threading
+import time
+from dataclasses import asdict
+
+from protocol import (PROBE_TEXT, REASK_LENGTH_NOTE, REASK_TEMPLATE, TEMPLATE_VERSION, ParseError, check_answer,
+                      strip_reasoning)
+from teacher import (RETRY_STATUS, Cache, Client, FatalError, RateLimiter, Reply, TransportError, bounded,
+                     reply_problem, request_key)
+
+
+class RowFailure(Exception):
+    def __init__(self, stage, reason, raw="", attempts=0, dropped=False, replies=None):
+        super().__init__(f"{stage}: {reason}")
+        self.stage, self.reason, self.raw, self.attempts, self.dropped = stage, reason, raw, attempts, dropped
+        self.replies = replies  # every unusable reply of a re-asked stage: [{reason, chars, text}]
+
+
+def _unsupported(status, text):
+    """A server's definite "response_format is not supported" (llama.cpp answers 500 with such a body)."""
+    return status in (400, 422) or (status == 500 and bool(
+        re.search(r"response_format|json_object|json_schema|not supported|unsupported", text or "", re.I)))
+
+
+def _split(csv):
+    return [x.strip() for x in csv.split(",") if x.strip()]
+
+
+def cache_key(body):
+    """The cache key of a request body: teacher.request_key with this protocol's TEMPLATE_VERSION."""
+    return request_key(body, TEMPLATE_VERSION)
+
+
+class Asker:
+    """How a run asks: the clients (one rate limit and one bound on requests in flight for all), the cache, the
+    counts per stage (`stages`, and the JSON-mode probe). request() adds the cache to Client.post; ask() adds the
+    parse and the re-asks."""
+
+    def __init__(self, cfg, stages=()):
+        self.cfg, self.lock = cfg, threading.Lock()
+        self.cache = Cache(cfg.cache or os.path.join(cfg.out, "cache.jsonl"))
+        self.stop, self.json_mode = threading.Event(), False
+        limiter, slots = RateLimiter(cfg.rpm, cfg.tpm), threading.BoundedSemaphore(cfg.workers)
+
+        def client(url, key_env):
+            return Client(url, os.environ.get(key_env, ""), cfg.workers, limiter, cfg.timeout, cfg.max_retries,
+                          cfg.backoff_base, cfg.backoff_max, cfg.max_tokens_param, slots)
+        self.teacher = client(cfg.teacher_url, cfg.api_key_env)
+        models, urls = _split(cfg.candidate_models), _split(cfg.candidate_urls) or [cfg.teacher_url]
+        if len(urls) not in (1, len(models)):
+            raise ValueError(f"candidate_urls has {len(urls)} URLs for {len(models)} candidate_models: give one URL, "
+                             "or one per model")
+        clients = {u: client(u, cfg.candidate_api_key_env or cfg.api_key_env) for u in set(urls)}
+        self.candidates = [(m, clients[urls[k % len(urls)]]) for k, m in enumerate(models)]
+        self.stats = {s: {"sent": 0, "replies": 0, "cache_hits": 0, "reasks": 0, "recovered": 0, "failures": {},
+                          "prompt_tokens": 0, "completion_tokens": 0, "first": None, "last": None}
+                      for s in ("probe", *stages)}
+        self.row_local = threading.local()  # re-asks of the row this thread is working on
+
+    def body(self, model, messages, temperature, max_tokens, top_p=None, purpose=None, json_mode=False):
+        """A chat-completions request body with the run's settings; `purpose` names a sample (its seed)."""
+        body = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
+        if top_p is not None:
+            body["top_p"] = top_p
+        if temperature > 0 and purpose is not None:  # a seed per sample makes samples distinct cache keys
+            body["seed"] = int(hashlib.sha256(f"{self.cfg.seed}:{purpose}".encode()).hexdigest()[:7], 16)
+        if json_mode:
+            body["response_format"] = {"type": "json_object"}
+        if self.cfg.disable_thinking:
+            body["chat_template_kwargs"] = {"enable_thinking": False}
+        return body
+
+    def count(self, stage, **add):
+        with self.lock:
+            st, now = self.stats[stage], time.time()
+            for k, v in add.items():
+                st[k] += v
+            st["first"] = st["first"] or now
+            st["last"] = now
+
+    def count_failure(self, stage, reason):
+        with self.lock:
+            failures = self.stats[stage]["failures"]
+            failures[reason] = failures.get(reason, 0) + 1
+
+    def request(self, stage, client, body, **post_kw):
+        """(Reply, HTTP attempts) for `body`: from the cache, or posted once (Cache.fetch) and counted."""
+        def send():
+            if self.stop.is_set():
+                raise FatalError("run stopped")
+            self.count(stage)
+            try:
+                reply, attempts = client.post(body, **post_kw)
+            except TransportError as e:
+                self.count(stage, sent=e.attempts)
+                raise
+            self.count(stage, sent=attempts, replies=1, prompt_tokens=reply.usage.get("prompt_tokens", 0),
+                       completion_tokens=reply.usage.get("completion_tokens", 0))
+            return {"stage": stage, "attempts": attempts, "reply": asdict(reply)}
+        entry, cached = self.cache.fetch(cache_key(body), send)
+        if cached:
+            self.count(stage, cache_hits=1)
+        return Reply(**entry["reply"]), entry.get("attempts", 1)  # as first obtained: the same failures.jsonl
+
+    def ask(self, stage, client, body, parse=None, *args):
+        """(parse(text, *args), text) for a stage's request, text with the reasoning removed. A reply that is no
+        answer, or that `parse` rejects with ParseError, is re-asked up to cfg.reask times (see reask_body), each
+        attempt cached; the last failure is a RowFailure carrying every reply. HTTP-level failures were already
+        retried by the client: they fail at once. `parse` None: the text only has to be an answer (check_answer
+        for generations)."""
+        replies, sent, request = [], 0, body
+        budget = self.cfg.reask + (self.cfg.reask + 1 if self.cfg.retry_failed else 0)
+        for k in range(budget + 1):
+            if k:
+                request = self.reask_body(stage, body, replies, k)
+                self.count(stage, reasks=1)
+                row_reasks = getattr(self.row_local, "reasks", {})
+                row_reasks[stage] = row_reasks.get(stage, 0) + 1
+            try:
+                reply, attempts = self.request(stage, client, request)
+            except TransportError as e:
+                raise RowFailure(stage, e.reason, e.raw, sent + e.attempts, replies=replies or None) from None
+            sent += attempts
+            text = strip_reasoning(reply.content)
+            try:
+                value = self._read(stage, reply, text, parse, *args)
+            except ParseError as e:
+                replies.append({"reason": e.reason, "detail": bounded(str(e), 300),
+                                "chars": reply.content_chars or len(reply.content),
+                                "text": bounded(reply.content or reply.refusal)})
+                continue
+            if k:
+                self.count(stage, recovered=1)
+            return value, text
+        last = replies[-1]
+        raise RowFailure(stage, last["reason"], last["text"], sent, replies=replies)
+
+    @staticmethod
+    def _read(stage, reply, text, parse, *args):
+        """What a reply says, or ParseError: why it is no answer."""
+        problem = reply_problem(reply) or (None if text else "empty_reply")  # reasoning alone is no answer either
+        if problem:
+            raise ParseError(problem, "cut at the token limit" if problem == "length" else "")
+        if parse:
+            return parse(text, *args)
+        return check_answer(text, refusals=stage == "candidates") if stage in ("generate", "candidates") else text
+
+    def reask_body(self, stage, body, replies, k):
+        """The k-th re-ask of `body`: a request that differs, so that a deterministic server does not repeat
+        itself. Sampled generations get a new seed only (y_T stays an answer to the prompt alone); every other
+        call keeps the conversation and adds the unusable reply and a turn that says what was wrong."""
+        body = dict(body)
+        if "seed" in body:
+            body["seed"] = int(hashlib.sha256(f"{body['seed']}:reask:{k}".encode()).hexdigest()[:7], 16)
+            if stage in ("generate", "candidates"):
+                return body
+        last = replies[-1]
+        note = REASK_TEMPLATE.format(problem=last["detail"] or last["reason"],
+                                     length_note=REASK_LENGTH_NOTE if last["reason"] == "length" else "")
+        said = last["text"] or f"({last['reason']}: no content)"  # some servers refuse an empty assistant turn
+        body["messages"] = list(body["messages"]) + [{"role": "assistant", "content": said},
+                                                     {"role": "user", "content": note}]
+        if k > 1:  # each re-ask is a new key even when the same reply comes back
+            body["messages"][-1]["content"] += f" (attempt {k + 1})"
+        return body
+
+    def probe_json_mode(self):
+        """Does the teacher server accept response_format json_object? Asked once, remembered in the cache."""
+        if self.cfg.json_mode != "auto":
+            return self.cfg.json_mode == "on"
+        body = self.body(self.cfg.teacher_model, [{"role": "user", "content": PROBE_TEXT}], 0.0, 16, json_mode=True)
+        key = "probe:" + cache_key(body)
+        if self.cache.get(key) is None:
+            try:  # retried like any request; only a definite "unsupported" answer turns JSON mode off
+                self.request("probe", self.teacher, body, final=_unsupported)
+                supported = True
+            except TransportError as e:
+                status = int(e.reason[5:]) if e.reason.startswith("http_") else None
+                if status is None or (status in RETRY_STATUS and not _unsupported(status, e.raw)):
+                    raise FatalError(f"the JSON-mode probe to {self.teacher.url} kept failing ({e.reason} after "
+                                     f"{e.attempts} attempts): the teacher is unreachable or overloaded; retry "
+                                     "later, or set --json-mode on|off to skip the probe") from None
+                supported = False
+            self.cache.put({"key": key, "supported": supported})
+        return self.cache.get(key)["supported"]
