@@ -11,13 +11,12 @@ was dropped and cut, with a warning when many sequences lose most of their promp
 """
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass, field
 
 import torch
 
-from formats import DataError, parse_row, read_jsonl_rows
+from formats import DataError, parse_row, read_jsonl_rows, source_problem
 from model import CutCounts, answer_ids, encode, fit, render_prompt
 
 MOST_PROMPT_LOST_WARN = 0.10  # warn when more than this share of sequences keep under half of their prompt
@@ -97,22 +96,22 @@ def tokenize_example(tokenizer, parsed, max_len, stats):
 
 
 def check_data_file(option, path):
-    """A one-line error when --option=path is not a data file (before anything loads)."""
-    if os.path.isdir(path):
-        raise SystemExit(f"error: --{option}={path} is a folder; give a data file (.jsonl, .jsonl.gz, .json, .parquet)")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --{option}={path}: no such file")
+    """A one-line error when --option=path is not a data source (before anything loads)."""
+    problem = source_problem(path)
+    if problem:
+        raise SystemExit(f"error: --{option}={problem}")
 
 
-def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teacher=False, keep_ties=True):
-    """JSONL file(s) -> tokenized Examples and the DataStats of what was dropped and cut (teacher: count the
-    teacher-answer rows too, for a run that trains on them; keep_ties=False drops margin-0 pairs)."""
+def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teacher=False, keep_ties=True, keys=None):
+    """Data source(s) -> tokenized Examples and the DataStats of what was dropped and cut (teacher: count the
+    teacher-answer rows too, for a run that trains on them; keep_ties=False drops margin-0 pairs; keys: columns
+    to rename, see formats.column_keys)."""
     stats, examples = DataStats(), []
     for path in paths.split(","):
-        if not os.path.exists(path):
-            raise DataError(f"{path}: no such file")
+        if source_problem(path):
+            raise DataError(source_problem(path))
         try:
-            rows = list(read_jsonl_rows(path))
+            rows = list(read_jsonl_rows(path, keys))
         except ValueError as e:
             raise DataError(str(e)) from None
         for line_no, row in rows:

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 from asker import Asker, RowFailure
 from cli import Progress
-from formats import canonical, load_rows, read_jsonl_rows, write_jsonl
+from formats import canonical, column_keys, load_rows, read_jsonl_rows, write_jsonl
 from protocol import (RESTYLE_STYLES, TEMPLATE_VERSION, annotate_prompt, parse_annotation, parse_refinement,
                       parse_restyle, parse_score, prompt_messages, refine_prompt, render_question, restyle_prompt,
                       score_prompt)
@@ -48,6 +48,9 @@ from teacher import FatalError, bounded, token_estimator_name
 @dataclass
 class DistillConfig:
     data: str = ""                      # input JSONL: {prompt, chosen, rejected} | {prompt, responses: [...]} | {prompt}
+    prompt_key: str = ""                # column holding the prompt ("" = prompt; OpenRLHF's --prompt_key)
+    chosen_key: str = ""                # column holding the chosen answer ("" = chosen)
+    rejected_key: str = ""              # column holding the rejected answer ("" = rejected)
     out: str = "out/distill"            # output dir: train.jsonl, annotated.jsonl, failures.jsonl, summary.json
     cache: str = ""                     # request cache, one JSON line per finished request; "" = <out>/cache.jsonl
     teacher_url: str = ""               # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
@@ -451,7 +454,7 @@ def _run_rows(run, rows):
 def distill(cfg):
     """Run the whole pipeline for `cfg` (a DistillConfig); write the outputs to cfg.out; return the summary."""
     _check_config(cfg)
-    rows = load_rows(cfg.data, cfg.limit, cfg.shard)
+    rows = load_rows(cfg.data, cfg.limit, cfg.shard, column_keys(cfg))
     retried = _failed_before(cfg) if cfg.retry_failed else None
     if retried is not None:
         print(f"[distill] --retry-failed: the {len(retried)} failed row(s) of {cfg.out}/failures.jsonl again, with "

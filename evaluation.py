@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
 from batches import check_data_file, cut_warnings
 from cli import parse_overrides
-from formats import DataError, answer_of, as_messages, detect_format, parse_row, read_rows
+from formats import DataError, answer_of, as_messages, column_keys, detect_format, parse_row, read_rows
 from model import CUT_KINDS, CutCounts, load_reward_model, pick_device
 
 
@@ -57,7 +58,10 @@ RM_BENCH_DOMAINS = ("chat", "math", "code", "safety")  # styles in each row: con
 @dataclass
 class EvalConfig:
     model: str = ""  # a folder written by `rmd.py train` (its model/ subfolder)
-    data: str = ""  # pairs, RewardBench rows or RM-Bench rows: .jsonl, .jsonl.gz, a .json array or .parquet
+    data: str = ""  # pairs, RewardBench rows or RM-Bench rows: .jsonl, .jsonl.gz, a .json array, .parquet, hf:owner/name
+    prompt_key: str = ""  # column holding the prompt ("" = prompt; OpenRLHF's --prompt_key)
+    chosen_key: str = ""  # column holding the chosen answer(s) ("" = chosen)
+    rejected_key: str = ""  # column holding the rejected answer(s) ("" = rejected)
     out: str = ""  # results JSON (default: out/eval/<data file name>.json)
     format: str = "auto"  # auto, pairs, rewardbench, rmbench
     batch_size: int = 32  # sequences per forward pass
@@ -174,9 +178,9 @@ def cut_report(cuts, max_len):
             "warnings": cut_warnings("eval", {"reward": cuts}, max_len)}
 
 
-def evaluate_file(model, path, fmt="auto", batch_size=32, padding_side="right", max_len=0):
+def evaluate_file(model, path, fmt="auto", batch_size=32, padding_side="right", max_len=0, keys=None):
     """Benchmark file -> (metrics dict, per-item rewards: pairs give (chosen, rejected) lists, RM-Bench a flat list)."""
-    rows = read_rows(path)
+    rows = read_rows(path, keys)
     if not rows:
         raise DataError(f"{path}: no rows")
     max_len = max_len or getattr(model, "max_len", 0)
@@ -243,6 +247,8 @@ def load_model(command, cfg):
 
 def default_out(command, data, suffix):
     """Where eval/bon write when --out is not given: under out/<command>/, never next to the input."""
+    if data.startswith("hf:"):  # hf:owner/name:split -> owner_name_split
+        return os.path.join("out", command, re.sub(r"[^\w.-]+", "_", data[3:]).strip("_") + suffix)
     return os.path.join("out", command, os.path.basename(data).split(".")[0] + suffix)
 
 
@@ -256,7 +262,8 @@ def eval_command(argv):
     check_data_file("data", cfg.data)
     model = load_model("eval", cfg)
     try:
-        result, _ = evaluate_file(model, cfg.data, cfg.format, cfg.batch_size, cfg.padding_side, cfg.max_len)
+        result, _ = evaluate_file(model, cfg.data, cfg.format, cfg.batch_size, cfg.padding_side, cfg.max_len,
+                                  column_keys(cfg))
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
     result = {"model": cfg.model, "data": cfg.data, **result}

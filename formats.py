@@ -108,6 +108,25 @@ def hub_spec(spec):
     return "/".join(parts[:2]), parts[2] if len(parts) == 3 else None, split or "train"
 
 
+def source_problem(path):
+    """What is wrong with a data source before anything loads (a folder, a missing file, a bad or unreadable Hub
+    spec), or None."""
+    if path.startswith(HUB_PREFIX):
+        try:
+            hub_spec(path)
+        except ValueError as e:
+            return str(e)
+        import importlib.util
+        if importlib.util.find_spec("datasets") is None:
+            return f"{path}: reading a Hub dataset needs the datasets package (pip install datasets)"
+        return None
+    if os.path.isdir(path):
+        return f"{path} is a folder; give a data file (.jsonl, .jsonl.gz, .json, .parquet) or hf:owner/name"
+    if not os.path.isfile(path):
+        return f"{path}: no such file"
+    return None
+
+
 def _hub_rows(spec):
     """The rows of a Hub dataset split through `datasets` (its own cache; offline it uses what is cached)."""
     try:
@@ -126,11 +145,29 @@ def _hub_rows(spec):
     return enumerate(table, 1)
 
 
-def read_jsonl_rows(path):
+KEY_FIELDS = ("prompt", "chosen", "rejected")  # the fields a --prompt-key / --chosen-key / --rejected-key renames
+
+
+def column_keys(cfg):
+    """{field: the data's column for it} from a config's prompt_key / chosen_key / rejected_key (OpenRLHF's names;
+    "" = the field's own name)."""
+    return {f: getattr(cfg, f + "_key") for f in KEY_FIELDS if getattr(cfg, f + "_key", "") not in ("", f)}
+
+
+def rename_columns(row, keys, where):
+    """The row with each mapped column under its field's name; a row without the column is an error."""
+    for name, column in keys.items():
+        if column not in row:
+            raise ValueError(f"{where}: missing field {column!r} (--{name}-key={column})")
+        row = {**{k: v for k, v in row.items() if k not in (column, name)}, name: row[column]}
+    return row
+
+
+def read_jsonl_rows(path, keys=None):
     """Yield (line_no, obj) for each row of a data file: JSONL (.jsonl, .jsonl.gz: one object per non-blank line),
     one JSON array (line_no = the line its element starts on), Parquet or a Hub dataset `hf:owner/name[:split]`
-    (line_no = the row number). UTF-8 with or
-    without a BOM, LF or CRLF. Anything else, or a row that is not a JSON object, is a `file:line` ValueError."""
+    (line_no = the row number). UTF-8 with or without a BOM, LF or CRLF. Anything else, or a row that is not a JSON
+    object, is a `file:line` ValueError. `keys` ({field: column}, see column_keys) renames columns."""
     if path.startswith(HUB_PREFIX):
         numbered = _hub_rows(path)
     elif path.endswith(".parquet"):
@@ -142,7 +179,7 @@ def read_jsonl_rows(path):
     for line_no, obj in numbered:
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-        yield line_no, obj
+        yield line_no, rename_columns(obj, keys, f"{path}:{line_no}") if keys else obj
 
 
 def _jsonl_rows(path, lines):
@@ -294,10 +331,10 @@ def _check_row(row):
     return None
 
 
-def load_rows(path, limit=0, shard=""):
+def load_rows(path, limit=0, shard="", keys=None):
     """Validated rows in input order, each with `id`, `line` and `kind` (pair|pool|prompt); all errors at once."""
     rows, errors, seen = [], [], {}
-    for line_no, row in read_jsonl_rows(path):
+    for line_no, row in read_jsonl_rows(path, keys):
         where = f"{path}:{line_no}"
         row, problem = _normalize_row(row)
         problem = problem or _check_row(row)
@@ -371,10 +408,10 @@ def parse_row(row, where, need_margin):
     return messages, chosen, rejected, margin, teacher
 
 
-def read_rows(path):
-    """JSONL (.jsonl or .jsonl.gz), one JSON array (RM-Bench ships one) or Parquet: -> [(file:line, row)]."""
+def read_rows(path, keys=None):
+    """Any data source read_jsonl_rows reads (RM-Bench ships one JSON array) -> [(file:line, row)]."""
     try:
-        return [(f"{path}:{n}", row) for n, row in read_jsonl_rows(path)]
+        return [(f"{path}:{n}", row) for n, row in read_jsonl_rows(path, keys)]
     except ValueError as e:
         raise DataError(str(e)) from None
 

@@ -34,7 +34,7 @@ import os
 import sys
 
 from cli import parse_overrides
-from formats import DataError
+from formats import DataError, column_keys
 from model import load_reward_model
 from teacher import FatalError, TransportError
 from train import TrainConfig, train
@@ -71,7 +71,7 @@ def distill_command(argv):
                          "--teacher-url=http://127.0.0.1:8000/v1 --teacher-model=sim-teacher")
     try:
         if cfg.teacher_url:
-            check_bare_prompts(cfg, distill.load_rows(cfg.data, cfg.limit, cfg.shard) if cfg.data else [])
+            check_bare_prompts(cfg, distill.load_rows(cfg.data, cfg.limit, cfg.shard, column_keys(cfg)) if cfg.data else [])
             summary = distill.distill(cfg)
             demo = False
         else:

@@ -29,6 +29,7 @@ import tiny_lm
 from batches import (DataStats, check_data_file, collate, count_cuts, cut_warnings, epoch_batches, load_pairs,
                      to_device)
 from evaluation import fit_text, margin_fit
+from formats import column_keys
 from loss import PAIRWISE_KINDS, linear_cross_entropy, pairwise_loss
 from model import RewardModel, is_hub_id, load_backbone, pick_device, save_reward_model
 
@@ -39,8 +40,11 @@ from model import RewardModel, is_hub_id, load_backbone, pick_device, save_rewar
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # training data (.jsonl, .jsonl.gz, a .json array or .parquet); several files comma-separated
+    data: str = ""  # training data (.jsonl, .jsonl.gz, a .json array, .parquet or hf:owner/name[:split]); comma-separated
     eval_data: str = ""  # held-out pairs: "file" or "name=file,name=file"
+    prompt_key: str = ""  # column holding the prompt ("" = prompt; OpenRLHF's --prompt_key), for --data and --eval-data
+    chosen_key: str = ""  # column holding the chosen answer ("" = chosen)
+    rejected_key: str = ""  # column holding the rejected answer ("" = rejected)
     holdout: int = 0  # also hold out the last N usable pairs of --data as the eval split "heldout"
     out: str = "out/train"  # where the model, checkpoints, log.jsonl and eval.json go
     model: str = "tiny"  # "tiny" (built-in, pretrained on the sim world), "tiny-scratch", or an HF folder/.gguf
@@ -235,12 +239,12 @@ def build_model(cfg, device, log):
 def load_data(cfg, tokenizer, use_lm, log):
     """--data, --eval-data and --holdout -> (train examples, their DataStats, eval splits, their DataStats)."""
     examples, stats = load_pairs(cfg.data, tokenizer, cfg.max_len, need_margin=cfg.loss != "bt", name="train",
-                                 keep_ties=cfg.loss == "mse")
+                                 keep_ties=cfg.loss == "mse", keys=column_keys(cfg))
     eval_sets, eval_stats = {}, {}
     for spec in filter(None, cfg.eval_data.split(",")):
         name, _, path = spec.rpartition("=")
         eval_sets[name or "eval"], eval_stats[name or "eval"] = load_pairs(path, tokenizer, cfg.max_len,
-                                                                           name=name or "eval")
+                                                                           name=name or "eval", keys=column_keys(cfg))
     if cfg.holdout:
         if cfg.holdout >= len(examples):
             raise SystemExit(f"error: --holdout {cfg.holdout} leaves no training pairs ({len(examples)} usable)")

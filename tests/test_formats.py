@@ -87,3 +87,50 @@ def test_progress_gives_elapsed_and_eta_as_a_bar_on_a_terminal_and_lines_in_a_lo
     bar.update(2)
     assert term.getvalue().startswith("\r\033[K[distill] |" + "#" * 12 + " " * 12 + "| 2/4 (50%)")
     assert cli.clock(3725) == "1:02:05"
+
+
+def test_column_keys_rename_the_data_columns_in_every_reader(tmp_path):
+    import batches
+    import model
+    from conftest import write_jsonl
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "good": "yes", "bad": "no", "chosen": "stale"}])
+
+    class Cfg:
+        prompt_key, chosen_key, rejected_key = "question", "good", "bad"
+    keys = formats.column_keys(Cfg)
+    assert keys == {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    row = formats.load_rows(path, keys=keys)[0]
+    assert (row["prompt"], row["chosen"], row["rejected"]) == ("q", "yes", "no") and "good" not in row
+    assert formats.read_rows(path, keys)[0][1]["chosen"] == "yes"
+    examples, stats = batches.load_pairs(path, model.ByteTokenizer(), 64, keys=keys)
+    assert stats.kept == 1
+    with pytest.raises(ValueError, match=r"d.jsonl:1: missing field 'answer' \(--chosen-key=answer\)"):
+        formats.load_rows(path, keys={"chosen": "answer"})
+    assert formats.column_keys(type("C", (), {"prompt_key": "", "chosen_key": "chosen", "rejected_key": ""})) == {}
+
+
+def test_a_data_source_is_checked_before_anything_loads(tmp_path):
+    assert formats.source_problem(str(tmp_path)).endswith("is a folder; give a data file (.jsonl, .jsonl.gz, .json, "
+                                                         ".parquet) or hf:owner/name")
+    assert formats.source_problem(str(tmp_path / "x.jsonl")).endswith("x.jsonl: no such file")
+    assert "hf:owner/name" in formats.source_problem("hf:no-owner")
+    assert formats.source_problem("hf:trl-lib/ultrafeedback_binarized:test") in (
+        None, "hf:trl-lib/ultrafeedback_binarized:test: reading a Hub dataset needs the datasets package "
+              "(pip install datasets)")
+
+
+def test_train_and_eval_read_a_hub_dataset_end_to_end(tmp_path):
+    pytest.importorskip("datasets")
+    import evaluation
+    import train
+    from conftest import easy_rows
+    folder = parquet_dataset(tmp_path / "ds", {"train": easy_rows(16), "test": easy_rows(8, seed=3)})
+    out = tmp_path / "run"
+    train.train(train.TrainConfig(data=f"hf:{folder}", eval_data=f"test=hf:{folder}:test", out=str(out),
+                                  model="tiny-scratch", loss="bt", lm_weight=0.0, max_steps=2, batch_size=4,
+                                  max_len=64, log_interval=1, seed=0))
+    result = json.load(open(out / "eval.json"))
+    assert "test" in json.dumps(result)
+    assert evaluation.default_out("eval", f"hf:{folder}:test", ".json").startswith(os.path.join("out", "eval", ""))
+    assert evaluation.default_out("eval", "hf:trl-lib/ultrafeedback_binarized:test", ".json") == \
+        os.path.join("out", "eval", "trl-lib_ultrafeedback_binarized_test.json")
