@@ -53,7 +53,7 @@ DEMO_TRAIN = dict(data=f"{DEMO_OUT}/train.jsonl", eval_data=f"normal={DEMO_OUT}/
 
 
 ABOUT = {
-    "distill": "The teacher pipeline (teacher.py): pairs, pools or bare prompts -> refined training pairs. With no "
+    "distill": "The teacher pipeline (distill.py): pairs, pools or bare prompts -> refined training pairs. With no "
                "--teacher-url: the built-in simulated teacher on the built-in prompts (the demo).",
     "train": "Train the student reward model on preference pairs (what `rmd.py distill` writes, or your own). With no "
              "--data: the demo, " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in DEMO_TRAIN.items()) + ".",
@@ -153,27 +153,56 @@ def train_command(argv):
     model = os.path.join(cfg.out, "model")
     bon = os.path.join(os.path.dirname(cfg.data), "builtin", "bon.jsonl")
     if demo and metrics and os.path.exists(bon):
-        explain_demo(cfg, metrics, bon)
+        baseline = demo_baseline(cfg)
+        explain_demo(cfg, metrics, bon, baseline)
         print(f"next: python rmd.py bon --model={model} --data={bon}   (best-of-N against the true quality)")
     print(f"next: python rmd.py eval --model={model} --data=PAIRS.jsonl | python rmd.py serve --model={model}")
     return metrics
 
 
-def explain_demo(cfg, metrics, bon_path):
-    """The demo's last lines: what its numbers mean, and best-of-N with the trained model."""
+def demo_baseline(cfg):
+    """Label distillation on the same teacher's labels (the original pairs as annotated, bt, no LM term: ablation.py's
+    arm a) with the same student, steps and evaluation: what the demo's numbers are to be compared with. Its log
+    goes to <out>-label.log; returns (metrics, model folder), or None when distill wrote no annotated pairs."""
+    import contextlib
+    annotated = os.path.join(os.path.dirname(cfg.data), "annotated.jsonl")
+    if not os.path.exists(annotated):
+        return None
+    base = dataclasses.replace(cfg, data=annotated, loss="bt", lm_weight=0.0, out=cfg.out.rstrip("/") + "-label",
+                               resume=False)
+    log = base.out + ".log"
+    print(f"\nbaseline: label distillation (--loss=bt --lm-weight=0 on {annotated}, same student and steps) -> "
+          f"{base.out} (log: {log})", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
+    with open(log, "w") as f, contextlib.redirect_stdout(f):
+        metrics = train(base)
+    return metrics, os.path.join(base.out, "model")
+
+
+def explain_demo(cfg, metrics, bon_path, baseline=None):
+    """The demo's last lines: what its numbers mean, next to label distillation's, and best-of-N of both models."""
     import evaluation
     from formats import read_rows
     rows = read_rows(bon_path)
-    scored = evaluation.best_of_n(load_reward_model(os.path.join(cfg.out, "model")), rows, max_len=cfg.max_len)
-    bon, n = evaluation.pick_quality(rows, scored), len(rows[0][1]["responses"])
-    print(f"\nWhat the numbers mean (held-out tasks the preference data never asked; chance = 50%):\n"
-          f"  normal {100 * metrics['normal']:.1f}%: a correct and a wrong answer from the natural candidate pool\n"
-          f"  hard   {100 * metrics['hard']:.1f}%: a correct plain answer against a wrong, fancier one (style trap)\n"
-          f"  best-of-{n} {100 * bon['picked']['correct']:.1f}%: share of correct picks among {n} candidates for "
-          f"{bon['rows']} prompts (random pick {100 * bon['random']['correct']:.1f}%, oracle "
-          f"{100 * bon['oracle']['correct']:.1f}%)\n"
-          "Label distillation on the same teacher (ablation.py, arm a) is the baseline to beat: see README.md.",
-          flush=True)
+    n = len(rows[0][1]["responses"])
+    runs = [("rmd (this run)", metrics, os.path.join(cfg.out, "model"))] + \
+        ([("label distillation", *baseline)] if baseline else [])
+    bon = [evaluation.pick_quality(rows, evaluation.best_of_n(load_reward_model(path), rows, max_len=cfg.max_len))
+           for _, _, path in runs]
+    head = "".join(f"{name:>22}" for name, _, _ in runs)
+    lines = ["\nWhat the numbers mean (held-out tasks the preference data never asked; chance = 50%):",
+             f"  {'':<11}{head}",
+             f"  {'normal':<11}" + "".join(f"{100 * m['normal']:>21.1f}%" for _, m, _ in runs) +
+             "   a correct and a wrong answer from the natural candidate pool",
+             f"  {'hard':<11}" + "".join(f"{100 * m['hard']:>21.1f}%" for _, m, _ in runs) +
+             "   a correct plain answer against a wrong, fancier one (style trap)",
+             f"  {f'best-of-{n}':<11}" + "".join(f"{100 * b['picked']['correct']:>21.1f}%" for b in bon) +
+             f"   share of correct picks among {n} candidates for {bon[0]['rows']} prompts (random pick "
+             f"{100 * bon[0]['random']['correct']:.1f}%, oracle {100 * bon[0]['oracle']['correct']:.1f}%)"]
+    if baseline:
+        lines.append("One seed of a small run: differences of a few points are noise; README.md's ablation has 3 seeds "
+                     "and the spread.")
+    print("\n".join(lines), flush=True)
 
 
 def main(argv=None):

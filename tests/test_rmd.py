@@ -393,6 +393,13 @@ def test_demo_commands_run_on_the_embedded_default(tmp_path):
     assert set(metrics) >= {"normal", "hard"} and all(0 <= v <= 1 for v in metrics.values())
     assert "final eval: normal" in run.stdout
     assert "best-of-8" in run.stdout and "random pick" in run.stdout  # the demo explains its numbers
+    # ... next to label distillation's on the same teacher, data, student and steps (its own run, its own folder)
+    baseline = json.load(open(tmp_path / "out/train-label/eval.json"))
+    assert json.load(open(tmp_path / "out/train-label/config.json"))["loss"] == "bt"
+    table = run.stdout[run.stdout.index("What the numbers mean"):].splitlines()
+    assert "rmd (this run)" in table[1] and "label distillation" in table[1]
+    hard = table[3].split()
+    assert hard[0] == "hard" and hard[2] == f"{100 * baseline['accuracy']['hard']:.1f}%"
 
 
 # ------------------------------------------------------------------------------------------------ command line
