@@ -87,19 +87,27 @@ class TrainConfig:
     # shard parameters, gradients and optimizer state over processes with FSDP2 fully_shard: each transformer layer
     # and the root; for models too big for one GPU; needs torchrun (a single process trains unsharded)
     fsdp: bool = False
+    report_to: str = "none"  # also log the scalars of log.jsonl to: none, tensorboard (<out>/tensorboard), wandb
+    gradient_checkpointing: bool = False  # recompute the backbone's activations in backward: less memory, ~30% slower
+    lora_r: int = 0  # LoRA rank on the backbone's linear layers (needs peft; 0 = full fine-tune); saved merged
+    lora_alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA branch's input
 
 
 def validate(cfg: TrainConfig):
     """Every check that needs no model and no tokenizer, so that a mistake is one line before anything runs:
     option values, the data files, --model, --device, and that --resume continues the same run."""
     choices = {"head": ("mlp", "linear"), "loss": ("mse", "bt-margin", "bt"), "compile": ("auto", "on", "off"),
-               "dtype": ("auto", "float32", "bfloat16")}
+               "dtype": ("auto", "float32", "bfloat16"), "report_to": ("none", "tensorboard", "wandb")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"error: --{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
     if cfg.batch_size < 1 or cfg.max_len < 8 or cfg.lm_weight < 0 or cfg.max_steps < -1:
         raise SystemExit("error: need --batch-size >= 1, --max-len >= 8, --lm-weight >= 0, --max-steps >= -1 "
                          "(-1 = run --epochs, 0 = evaluate only)")
+    if cfg.lora_r < 0 or (cfg.lora_r and cfg.fsdp):
+        raise SystemExit("error: need --lora-r >= 0 (0 = off); LoRA with --fsdp is not supported (the adapters "
+                         "are merged into unsharded weights at the end): drop --fsdp or --lora-r")
     if not cfg.data:
         raise SystemExit("error: --data is empty: give the training pairs (JSONL rows {prompt, chosen, rejected})")
     for option, paths in (("data", cfg.data.split(",")),
@@ -164,7 +172,7 @@ def check_device(device):
 
 # options that change how a run is watched or where it runs, not what it computes: --resume may change them
 RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
-                     "compile", "fsdp"}
+                     "compile", "fsdp", "report_to", "gradient_checkpointing"}
 
 
 def check_resume(cfg):
@@ -941,9 +949,10 @@ def margin_fit(reward_margins, teacher_margins):
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_pairs, device, autocast):
+def evaluate(model, examples, batch_pairs, device, autocast, rewards_out=None):
     """-> (pair accuracy: the fraction of pairs with r(chosen) > r(rejected), a tie counts as wrong;
-    margin_fit of Δr to Δs when every pair has a margin, else None)."""
+    margin_fit of Δr to Δs when every pair has a margin, else None). rewards_out: a list that gets each pair's
+    (r(chosen), r(rejected)) (for report.py's histograms)."""
     was_training = model.training
     model.eval()
     reward_margins = []
@@ -952,6 +961,8 @@ def evaluate(model, examples, batch_pairs, device, autocast):
         with autocast:
             rewards, _ = model(batch)
         reward_margins += (rewards[:batch.n_pairs] - rewards[batch.n_pairs:]).tolist()
+        if rewards_out is not None:
+            rewards_out += zip(rewards[:batch.n_pairs].tolist(), rewards[batch.n_pairs:].tolist())
     model.train(was_training)
     accuracy = sum(m > 0 for m in reward_margins) / len(examples)
     teacher_margins = [ex.margin for ex in examples]
@@ -1015,11 +1026,19 @@ def train(cfg: TrainConfig, stop_after: int = 0):
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
     log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
+    import report  # --report-to: a missing tensorboard/wandb is an error before anything runs
+    tracker = report.open_tracker(cfg.report_to, cfg.out, dataclasses.asdict(cfg)) if master else None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     lm, tokenizer = load_backbone(cfg.model, cfg.layers, cfg.max_len)
+    if cfg.gradient_checkpointing:  # transformers' own; non-reentrant: works with packed position_ids and DDP
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = RewardModel(lm, tokenizer, cfg.head, cfg.dropout).to(device)
     model.max_len = cfg.max_len
+    if cfg.lora_r:  # LoRA adapters on the backbone's linear layers; value head and LM head stay fully trained
+        import lora
+        trainable, total_params = lora.add_adapters(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        log(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}: training {trainable:,} of {total_params:,} parameters")
 
     use_lm = cfg.lm_weight > 0
     if use_lm and cfg.layers and not cfg.model.startswith("tiny") and len(lm.model.layers) == cfg.layers:
@@ -1080,8 +1099,8 @@ def train(cfg: TrainConfig, stop_after: int = 0):
         for layer in model.lm.model.layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)  # the root: embeddings, LM head, value head
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]  # frozen: LoRA's base
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 and p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=True if not sharded else (cuda or None))  # fused: 4x faster step on CPU too
@@ -1107,9 +1126,12 @@ def train(cfg: TrainConfig, stop_after: int = 0):
             json.dump(dataclasses.asdict(cfg), f, indent=2)
     log_file = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
 
-    def evaluate_all():
-        """-> ({split: accuracy}, {split: margin_fit} for the splits whose pairs all have margins)."""
-        results = {name: evaluate(model, data, cfg.eval_batch, device, autocast) for name, data in eval_sets.items()}
+    def evaluate_all(rewards=None):
+        """-> ({split: accuracy}, {split: margin_fit} for the splits whose pairs all have margins); rewards: a dict
+        that gets {split: [(r(chosen), r(rejected))]}."""
+        results = {name: evaluate(model, data, cfg.eval_batch, device, autocast,
+                                  None if rewards is None else rewards.setdefault(name, []))
+                   for name, data in eval_sets.items()}
         return ({name: acc for name, (acc, _) in results.items()},
                 {name: fit for name, (_, fit) in results.items() if fit is not None})
 
@@ -1153,16 +1175,26 @@ def train(cfg: TrainConfig, stop_after: int = 0):
         window["time"] += time.perf_counter() - t0
         window["steps"] += 1
         if step % cfg.log_interval == 0 or step == total:
-            log_line(window, step, total, optimizer, world, log, log_file)
+            record = log_line(window, step, total, optimizer, world, log, log_file)
+            if tracker:
+                tracker.log(record, step)
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < total and eval_sets:
-            log(f"step {step} eval: " + eval_text(*evaluate_all()))
+            metrics, fits = evaluate_all()
+            log(f"step {step} eval: " + eval_text(metrics, fits))
+            if master:  # the report's accuracy-over-steps chart
+                report.append_eval(cfg.out, step, metrics)
+                if tracker:
+                    tracker.log({f"eval_accuracy/{k}": v for k, v in metrics.items()}, step)
         if step in (total, stop_after) or (cfg.save_interval and step % cfg.save_interval == 0):
             full = full_state(model, optimizer) if sharded else None  # all processes gather, rank 0 writes
             if master:
                 save_checkpoint(ckpt_dir, model, optimizer, {"step": step, "config": dataclasses.asdict(cfg)}, full)
         if step == stop_after:
             return {}
-    metrics, fits = evaluate_all()
+    eval_rewards = {}
+    metrics, fits = evaluate_all(eval_rewards)
+    if cfg.lora_r:  # saved merged: every loader reads a plain model, no peft needed
+        lora.merge_adapters(model)
     weights = full_state(model) if sharded else None
     if master:
         save_reward_model(model, os.path.join(cfg.out, "model"), cfg, weights)
@@ -1172,9 +1204,13 @@ def train(cfg: TrainConfig, stop_after: int = 0):
         with open(os.path.join(cfg.out, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)
         log("final eval: " + (eval_text(metrics, fits) or "no --eval-data given"))
+        report.save_eval_rewards(cfg.out, eval_rewards)
+        if tracker:
+            tracker.log({f"eval_accuracy/{k}": v for k, v in metrics.items()}, step)
+            tracker.close()
         ckpt = ckpt_dir if os.path.exists(ckpt_dir) else "none (no step trained)"
         log(f"model: {os.path.join(cfg.out, 'model')}  checkpoint: {ckpt}  metrics: "
-            f"{os.path.join(cfg.out, 'eval.json')}")
+            f"{os.path.join(cfg.out, 'eval.json')}  report: {report.train_report(cfg.out)}")
         log_file.close()
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -1196,6 +1232,7 @@ def log_line(window, step, total, optimizer, world, log, log_file):
         log_file.flush()
     for key in window:
         window[key] = 0 if isinstance(window[key], int) else 0.0
+    return record
 
 
 # ----------------------------------------------------------------------------------------------------------------
