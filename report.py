@@ -83,7 +83,7 @@ def legend(names, width, colors):
     items = "".join(f'<rect x="{60 + 110 * i}" y="30" width="10" height="10" fill="{colors[i % len(colors)]}"/>'
                     f'<text x="{74 + 110 * i}" y="39" font-size="10">{esc(name)}</text>'
                     for i, name in enumerate(names))
-    return items if len(names) > 1 else ""
+    return items
 
 
 def line_chart(title, series, width=560, height=240):

@@ -1712,6 +1712,8 @@ def distill(cfg):
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print_report(summary)
+    import report  # standard library only: <out>/report.html (stage table, margins, the y_l -> y_w* edits)
+    report.distill_report(cfg.out, summary, outputs["train"])
     return summary
 
 
