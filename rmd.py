@@ -645,6 +645,16 @@ def load_backbone(name, layers=0, max_len=1024):
     return lm, tokenizer
 
 
+def checkpoint_activations(lm):
+    """--gradient-checkpointing: transformers' own, each decoder layer recomputed in backward (non-reentrant: works
+    with packed position_ids, frozen LoRA weights and DDP). Named activation_checkpointing_enable since 5.x."""
+    enable = getattr(lm, "activation_checkpointing_enable", None)
+    if enable:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class RewardModel(nn.Module):
     """A causal LM whose backbone also feeds a value head; reward = value head(hidden state of the last token)."""
 
@@ -1031,8 +1041,8 @@ def train(cfg: TrainConfig, stop_after: int = 0):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     lm, tokenizer = load_backbone(cfg.model, cfg.layers, cfg.max_len)
-    if cfg.gradient_checkpointing:  # transformers' own; non-reentrant: works with packed position_ids and DDP
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        checkpoint_activations(lm)
     model = RewardModel(lm, tokenizer, cfg.head, cfg.dropout).to(device)
     model.max_len = cfg.max_len
     if cfg.lora_r:  # LoRA adapters on the backbone's linear layers; value head and LM head stay fully trained
