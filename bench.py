@@ -3,7 +3,8 @@ people would use instead, and prints a table. Ratios are measured in the same ru
 both see the same load from whatever else runs on the machine.
 
     python bench.py                      # every CPU section (a few tens of minutes on 2 cores)
-    python bench.py --only lm            # one section: lm, pairwise, train, lm-train, padding, teacher, yield, compile
+    python bench.py --only lm            # one section: lm, pairwise, train, lm-train, padding, teacher, yield, compile,
+                                         # gradckpt
     python bench.py --only yield --rows 200 --fault-rate 0.3   # distill yield under a flaky teacher (~30 s)
     python bench.py --only lm --reps 1 --tokens 8192 --vocab 49152
     python bench.py --only train --layers 4 --batch 8 --max-len 512 --steps 6
@@ -649,8 +650,64 @@ def bench_compile(args):
                 ["model", "batches", "compile+first pass s", "eager tok/s", "compiled tok/s", "speed-up"], rows)
 
 
+def gradckpt_worker(mode, args):
+    """Runs in a fresh process; prints JSON {peak MiB added, s/step}. A Llama-shaped backbone from config (--layers,
+    hidden 256, byte vocabulary) with rmd's value head; rows of --max-len tokens, 2 x --batch of them per step (the
+    chosen and rejected rows), AdamW, --steps steps after one warm-up step. mode "on": rmd.checkpoint_activations
+    (what --gradient-checkpointing does). The peak is VmHWM after clear_refs, taken once the weights, gradients and
+    AdamW moments exist, so it is what a step's activations add (see lm_worker)."""
+    import rmd
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(args.seed)
+    tokenizer = rmd.ByteTokenizer()
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=256, intermediate_size=768,
+                                      num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+                                      max_position_embeddings=args.max_len, tie_word_embeddings=True))
+    if mode == "on":
+        rmd.checkpoint_activations(lm)
+    model = rmd.RewardModel(lm, tokenizer, "mlp", 0.0).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids = torch.randint(0, tokenizer.vocab_size, (2 * args.batch, args.max_len))
+    position_ids = torch.arange(args.max_len).expand_as(ids)
+
+    def step():
+        rewards = model.value_head(model.hidden(ids, position_ids)[:, -1]).squeeze(-1)
+        F.logsigmoid(rewards[:args.batch] - rewards[args.batch:]).neg().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as in the steady state
+    step()
+    baseline_kib = proc_kib("/proc/self/status", "VmRSS")
+    rss_peak_reset()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = (time.perf_counter() - t0) / args.steps
+    print(json.dumps({"peak_mib": (proc_kib("/proc/self/status", "VmHWM") - baseline_kib) / 1024, "s": seconds}))
+
+
+def bench_gradckpt(args):
+    """--gradient-checkpointing: peak memory a training step adds, with and without, each in a fresh process."""
+    runs = {}
+    for mode in ("off", "on"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--gradckpt-worker", mode, "--layers", str(args.layers),
+               "--max-len", str(args.max_len), "--batch", str(args.batch), "--steps", str(args.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"bench.py: gradckpt worker {mode} failed:\n{out.stderr[-2000:]}")
+        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    off, on = runs["off"], runs["on"]
+    rows = [[name, f"{r['peak_mib']:.0f}", f"{1000 * r['s']:.0f}"] for name, r in (("off", off), ("on", on))]
+    rows.append(["on / off", f"{on['peak_mib'] / max(off['peak_mib'], 1e-9):.2f}", f"{on['s'] / off['s']:.2f}"])
+    print_table(f"gradckpt: --gradient-checkpointing, fp32 CPU, Llama-shaped backbone {args.layers} layers x hidden "
+                f"256 + value head, {2 * args.batch} rows x {args.max_len} tokens per step, {args.steps} steps after "
+                "1 warm-up, AdamW; peak = MiB of resident memory a step adds over the weights, gradients and AdamW "
+                "moments (VmHWM after clear_refs), each variant in a fresh process",
+                ["gradient checkpointing", "peak MiB added", "ms/step"], rows)
+
+
 SECTIONS = {"lm": bench_lm, "pairwise": bench_pairwise, "train": bench_train, "lm-train": bench_lm_train,
-            "padding": bench_padding, "teacher": bench_teacher, "yield": bench_yield, "compile": bench_compile}
+            "padding": bench_padding, "teacher": bench_teacher, "yield": bench_yield, "compile": bench_compile,
+            "gradckpt": bench_gradckpt}
 
 
 def main():
@@ -662,13 +719,13 @@ def main():
     parser.add_argument("--vocab", type=int, action="append", help="lm: only these vocab sizes (49152, 151936)")
     parser.add_argument("--chunk-size", type=int, default=None, help="lm: linear_cross_entropy chunk_size")
     parser.add_argument("--data", default=HH_DATA, help="train, lm-train, padding, compile: HH pairs (.jsonl[.gz])")
-    parser.add_argument("--layers", type=int, default=4, help="SmolLM2-135M layers kept (of 30)")
+    parser.add_argument("--layers", type=int, default=4, help="SmolLM2-135M layers kept (of 30); gradckpt: layers of its backbone")
     parser.add_argument("--max-len", type=int, default=512, help="tokens per sequence")
-    parser.add_argument("--batch", type=int, default=8, help="train, compile: pairs per step")
+    parser.add_argument("--batch", type=int, default=8, help="train, compile, gradckpt: pairs per step")
     parser.add_argument("--lm-batch", type=int, default=4,
                         help="lm-train: pairs per step (the official layout's logits: 16 x batch x max_len x 49152 B)")
     parser.add_argument("--pad-batch", type=int, default=16, help="padding: pairs per batch")
-    parser.add_argument("--steps", type=int, default=6, help="train, lm-train: timed steps")
+    parser.add_argument("--steps", type=int, default=6, help="train, lm-train, gradckpt: timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="train, lm-train: untimed steps first")
     parser.add_argument("--rounds", type=int, default=2, help="compile: alternating rounds")
     parser.add_argument("--seed", type=int, default=1337)
@@ -679,10 +736,14 @@ def main():
     parser.add_argument("--fault-rate", type=float, default=0.3, help="yield: share of faulty replies")
     parser.add_argument("--fault-seeds", type=int, action="append", help="yield: fault seeds (default 0 1 2)")
     parser.add_argument("--lm-worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--gradckpt-worker", choices=("on", "off"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.lm_worker:
         variant, hidden_size, vocab_size, n_tokens = args.lm_worker
         lm_worker(variant, int(hidden_size), int(vocab_size), int(n_tokens), args.reps, args.chunk_size)
+        return
+    if args.gradckpt_worker:
+        gradckpt_worker(args.gradckpt_worker, args)
         return
     print(machine_description())
     for name in args.only or SECTIONS:

@@ -83,3 +83,9 @@ def test_gpu_script_cpu_path():
     rows = table_rows(out, "bench_gpu")
     variants = [r.split()[1] for r in rows]
     assert variants[:3] == ["eager/LM", "eager/LM", "eager/LM"] and ("TRL/LM" in variants) == have("trl")
+
+
+def test_gradckpt_section_measures_both_variants():
+    rows = table_rows(run("bench.py", "--only", "gradckpt", "--layers", "2", "--max-len", "64", "--batch", "1",
+                          "--steps", "1"), "gradckpt")
+    assert [r.split()[0] for r in rows] == ["off", "on", "on"]  # off, on, on / off
