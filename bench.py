@@ -691,7 +691,10 @@ def bench_gradckpt(args):
     for mode in ("off", "on"):
         cmd = [sys.executable, os.path.abspath(__file__), "--gradckpt-worker", mode, "--layers", str(args.layers),
                "--max-len", str(args.max_len), "--batch", str(args.batch), "--steps", str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        # a fixed mmap threshold: glibc's default one grows after the warm-up step frees its activations, and
+        # the heap then keeps that memory resident, which would hide the next steps' peak from VmHWM
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise RuntimeError(f"bench.py: gradckpt worker {mode} failed:\n{out.stderr[-2000:]}")
         runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -701,7 +704,8 @@ def bench_gradckpt(args):
     print_table(f"gradckpt: --gradient-checkpointing, fp32 CPU, Llama-shaped backbone {args.layers} layers x hidden "
                 f"256 + value head, {2 * args.batch} rows x {args.max_len} tokens per step, {args.steps} steps after "
                 "1 warm-up, AdamW; peak = MiB of resident memory a step adds over the weights, gradients and AdamW "
-                "moments (VmHWM after clear_refs), each variant in a fresh process",
+                "moments (VmHWM after clear_refs; MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave RSS), each variant in "
+                "a fresh process",
                 ["gradient checkpointing", "peak MiB added", "ms/step"], rows)
 
 
