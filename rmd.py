@@ -88,7 +88,7 @@ class TrainConfig:
     # and the root; for models too big for one GPU; needs torchrun (a single process trains unsharded)
     fsdp: bool = False
     report_to: str = "none"  # also log the scalars of log.jsonl to: none, tensorboard (<out>/tensorboard), wandb
-    gradient_checkpointing: bool = False  # recompute the backbone's activations in backward: less memory, ~30% slower
+    gradient_checkpointing: bool = False  # recompute the backbone's activations in backward: less memory, slower steps
     lora_r: int = 0  # LoRA rank on the backbone's linear layers (needs peft; 0 = full fine-tune); saved merged
     lora_alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r)
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
