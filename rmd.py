@@ -1124,6 +1124,7 @@ def train(cfg: TrainConfig, stop_after: int = 0):
         log(f"resumed from {found} at step {step}")
         if master:
             truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
+            truncate_log(os.path.join(cfg.out, "eval_log.jsonl"), step)  # report.py's evaluations over steps
     forward_model = model
     if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
