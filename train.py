@@ -8,7 +8,9 @@ takes --batch-size pairs in a deterministic order (batches.epoch_batches), split
 each micro-batch is one packed forward pass (batches.collate) of the chosen, rejected and teacher-answer rows, and
 step_loss is its loss: the pairwise loss + --lm-weight x the LM loss on the teacher answers (loss.py). The run
 evaluates pair accuracy on the --eval-data splits, logs one line per --log-interval steps (and log.jsonl),
-checkpoints for --resume (distributed.py) and saves the reward model (model.save_reward_model) with eval.json.
+checkpoints for --resume (distributed.py) and saves the reward model (model.save_reward_model) with eval.json and
+report.html (report.py). --gradient-checkpointing is model.checkpoint_activations, --lora-r is lora.py (the
+adapters are merged before saving), --report-to's trackers (tensorboard, wandb) are at the end of this file.
 """
 from __future__ import annotations
 
