@@ -3,7 +3,8 @@ people would use instead, and prints a table. Ratios are measured in the same ru
 both see the same load from whatever else runs on the machine.
 
     python bench.py                      # every CPU section (a few tens of minutes on 2 cores)
-    python bench.py --only lm            # one section: lm, pairwise, train, lm-train, padding, teacher, yield, compile
+    python bench.py --only lm            # one section: lm, pairwise, train, lm-train, padding, teacher, yield, compile,
+                                         # gradckpt
     python bench.py --only yield --rows 200 --fault-rate 0.3   # distill yield under a flaky teacher (~30 s)
     python bench.py --only lm --reps 1 --tokens 8192 --vocab 49152
     python bench.py --only train --layers 4 --batch 8 --max-len 512 --steps 6
@@ -39,7 +40,7 @@ import train
 from batches import Example, collate, epoch_batches, load_pairs
 from cli import parse_overrides
 from loss import linear_cross_entropy, pairwise_loss
-from model import RewardModel, load_backbone
+from model import ByteTokenizer, RewardModel, checkpoint_activations, load_backbone
 
 
 def print_table(title, headers, rows):
@@ -636,25 +637,85 @@ def bench_compile(args):
                 ["model", "batches", "compile+first pass s", "eager tok/s", "compiled tok/s", "speed-up"], rows)
 
 
+def gradckpt_worker(mode, args):
+    """Runs in a fresh process; prints JSON {peak MiB added, s/step}. A Llama-shaped backbone from config (--layers,
+    hidden 256, byte vocabulary) with rmd's value head; rows of --max-len tokens, 2 x --batch of them per step (the
+    chosen and rejected rows), AdamW, --steps steps after one warm-up step. mode "on": model.checkpoint_activations
+    (what --gradient-checkpointing does). The peak is VmHWM after clear_refs, taken once the weights, gradients and
+    AdamW moments exist, so it is what a step's activations add (see lm_worker)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(args.seed)
+    tokenizer = ByteTokenizer()
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=256, intermediate_size=768,
+                                      num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+                                      max_position_embeddings=args.max_len, tie_word_embeddings=True))
+    if mode == "on":
+        checkpoint_activations(lm)
+    model = RewardModel(lm, tokenizer, "mlp", 0.0).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids = torch.randint(0, tokenizer.vocab_size, (2 * args.batch, args.max_len))
+    position_ids = torch.arange(args.max_len).expand_as(ids)
+
+    def step():
+        rewards = model.value_head(model.hidden(ids, position_ids)[:, -1]).squeeze(-1)
+        F.logsigmoid(rewards[:args.batch] - rewards[args.batch:]).neg().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as in the steady state
+    step()
+    baseline_kib = proc_kib("/proc/self/status", "VmRSS")
+    rss_peak_reset()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = (time.perf_counter() - t0) / args.steps
+    print(json.dumps({"peak_mib": (proc_kib("/proc/self/status", "VmHWM") - baseline_kib) / 1024, "s": seconds}))
+
+
+def bench_gradckpt(args):
+    """--gradient-checkpointing: peak memory a training step adds, with and without, each in a fresh process."""
+    runs = {}
+    for mode in ("off", "on"):
+        cmd = [sys.executable, os.path.abspath(__file__), f"--gradckpt-worker={mode}", f"--layers={args.layers}",
+               f"--max-len={args.max_len}", f"--batch={args.batch}", f"--steps={args.steps}", f"--seed={args.seed}"]
+        # a fixed mmap threshold: glibc's default one grows after the warm-up step frees its activations, and
+        # the heap then keeps that memory resident, which would hide the next steps' peak from VmHWM
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            raise RuntimeError(f"bench.py: gradckpt worker {mode} failed:\n{out.stderr[-2000:]}")
+        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    off, on = runs["off"], runs["on"]
+    rows = [[name, f"{r['peak_mib']:.0f}", f"{1000 * r['s']:.0f}"] for name, r in (("off", off), ("on", on))]
+    rows.append(["on / off", f"{on['peak_mib'] / max(off['peak_mib'], 1e-9):.2f}", f"{on['s'] / off['s']:.2f}"])
+    print_table(f"gradckpt: --gradient-checkpointing, fp32 CPU, Llama-shaped backbone {args.layers} layers x hidden "
+                f"256 + value head, {2 * args.batch} rows x {args.max_len} tokens per step, {args.steps} steps after "
+                "1 warm-up, AdamW; peak = MiB of resident memory a step adds over the weights, gradients and AdamW "
+                "moments (VmHWM after clear_refs; MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave RSS), each "
+                "variant in a fresh process",
+                ["gradient checkpointing", "peak MiB added", "ms/step"], rows)
+
+
 SECTIONS = {"lm": bench_lm, "pairwise": bench_pairwise, "train": bench_train, "lm-train": bench_lm_train,
-            "padding": bench_padding, "teacher": bench_teacher, "yield": bench_yield, "compile": bench_compile}
+            "padding": bench_padding, "teacher": bench_teacher, "yield": bench_yield, "compile": bench_compile,
+            "gradckpt": bench_gradckpt}
 
 
 @dataclass
 class BenchConfig:
-    # sections to run, comma-separated (default: all): lm, pairwise, train, lm-train, padding, teacher, yield, compile
+    # sections to run, comma-separated (default: all): lm, pairwise, train, lm-train, padding, teacher, yield, compile,
+    # gradckpt
     only: str = ""
     reps: int = 3  # lm: timed runs per variant (median)
     tokens: str = ""  # lm: token counts, comma-separated (default 1024,4096,8192)
     vocab: str = ""  # lm: only these vocab sizes, comma-separated (49152, 151936)
     chunk_size: int = 0  # lm: linear_cross_entropy chunk_size (0 = its own choice)
     data: str = HH_DATA  # train, lm-train, padding, compile: HH pairs (.jsonl[.gz])
-    layers: int = 4  # SmolLM2-135M layers kept (of 30)
+    layers: int = 4  # SmolLM2-135M layers kept (of 30); gradckpt: layers of its backbone
     max_len: int = 512  # tokens per sequence
-    batch: int = 8  # train, compile: pairs per step
+    batch: int = 8  # train, compile, gradckpt: pairs per step
     lm_batch: int = 4  # lm-train: pairs per step (the official layout's logits: 16 x batch x max_len x 49152 B)
     pad_batch: int = 16  # padding: pairs per batch
-    steps: int = 6  # train, lm-train: timed steps
+    steps: int = 6  # train, lm-train, gradckpt: timed steps
     warmup: int = 1  # train, lm-train: untimed steps first
     rounds: int = 2  # compile: alternating rounds
     seed: int = 1337  # random seed
@@ -665,6 +726,7 @@ class BenchConfig:
     fault_rate: float = 0.3  # yield: share of faulty replies
     fault_seeds: str = ""  # yield: fault seeds, comma-separated (default 0,1,2)
     lm_worker: str = ""  # internal: "mode,hidden,vocab,tokens" of one lm measurement in a fresh process
+    gradckpt_worker: str = ""  # internal: "on" or "off", one gradckpt measurement in a fresh process
 
 
 def parse_args(argv):
@@ -690,6 +752,9 @@ def main(argv=None):
     if args.lm_worker:
         variant, hidden_size, vocab_size, n_tokens = args.lm_worker
         lm_worker(variant, int(hidden_size), int(vocab_size), int(n_tokens), args.reps, args.chunk_size)
+        return
+    if args.gradckpt_worker:
+        gradckpt_worker(args.gradckpt_worker, args)
         return
     print(machine_description())
     for name in args.only or SECTIONS:

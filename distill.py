@@ -20,9 +20,10 @@ rejected_score, teacher_response: y_T, provenance}), annotated.jsonl (the origin
 for label-distillation baselines), failures.jsonl (one line per row that did not make it: id, line, stage, reason,
 raw reply, attempts, every reply of a re-asked stage; `dropped` marks filter decisions as opposed to errors),
 summary.json (the per-stage table), cache.jsonl (teacher.Cache: a killed run re-run with the same command sends no
-finished request twice and writes the same output). --retry-failed runs the same rows again with more re-asks:
-the rows that finished come from the cache, only the failed ones send requests; shards (--shard k/n, each with
-its own --out) merge by ordering rows on provenance.line.
+finished request twice and writes the same output), report.html (report.py: the stage table, position bias,
+filters, the Δs histogram and the y_l -> y_w* edits as word diffs). --retry-failed runs the same rows again with
+more re-asks: the rows that finished come from the cache, only the failed ones send requests; shards (--shard k/n,
+each with its own --out) merge by ordering rows on provenance.line.
 """
 import json
 import os
@@ -40,6 +41,7 @@ from formats import canonical, column_keys, load_rows, read_jsonl_rows, write_js
 from protocol import (RESTYLE_STYLES, TEMPLATE_VERSION, annotate_prompt, parse_annotation, parse_refinement,
                       parse_restyle, parse_score, prompt_messages, refine_prompt, render_question, restyle_prompt,
                       score_prompt)
+import report
 from teacher import FatalError, bounded, token_estimator_name
 
 
@@ -351,14 +353,11 @@ def _show_progress(run, total, done):
 
 def print_report(summary, file=None):
     file = file or sys.stderr
-    head = (f"{'stage':<11}{'sent':>7}{'cached':>8}{'reasks':>8}{'recovered':>10}{'prompt_tok':>12}{'compl_tok':>11}"
-            f"{'wall_s':>9}{'cost_$':>10}  failures")
-    print(head, file=file)
-    for name, st in summary["stages"].items():
-        fails = ", ".join(f"{k} {v}" for k, v in sorted(st["failures"].items())) or "-"
-        print(f"{name:<11}{st['sent']:>7}{st['cache_hits']:>8}{st.get('reasks', 0):>8}{st.get('recovered', 0):>10}"
-              f"{st['prompt_tokens']:>12}{st['completion_tokens']:>11}"
-              f"{st['wall_s']:>9.1f}{st['cost_usd']:>10.4f}  {fails}", file=file)
+    cells = [report.STAGE_HEADERS] + [[str(c) for c in row] for row in report.stage_rows(summary)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(report.STAGE_HEADERS))]
+    for row in cells:  # numbers right-aligned; the stage and the failures by reason left-aligned
+        print("  ".join(c.ljust(w) if i in (0, len(row) - 1) else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(row, widths))).rstrip(), file=file)
     pb = summary["position_bias"]
     rate = "n/a" if pb["rate"] is None else f"{100 * pb['rate']:.1f}%"
     print(f"position bias: the two orders disagree on {pb['disagreements']}/{pb['pairs']} pairs ({rate})", file=file)
@@ -473,4 +472,5 @@ def distill(cfg):
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print_report(summary)
+    report.distill_report(cfg.out, summary, outputs["train"])  # <out>/report.html: the run in pictures
     return summary

@@ -8,8 +8,9 @@ Copy this file with formats.py (its one companion, standard library only) to sco
 
 What lives here: how a (prompt, answer) becomes token ids (render_prompt, render_answer, answer_ids, and fit: the
 one rule for cutting a sequence to max_len, with CutCounts to count the cuts); load_backbone (a Hugging Face
-causal-LM folder, a Hub id or a .gguf file; the built-in tiny student is built by tiny_lm.py); RewardModel (the
-backbone, its LM head and a value head; rewards of packed training batches and of padded scoring batches);
+causal-LM folder, a Hub id or a .gguf file; the built-in tiny student is built by tiny_lm.py) and
+checkpoint_activations (--gradient-checkpointing); RewardModel (the backbone, its LM head and a value head; rewards
+of packed training batches and of padded scoring batches);
 save_reward_model / load_reward_model (safetensors; with the linear head also a standard HF sequence classifier);
 pick_device, the one --device check. Needs torch, transformers and safetensors.
 """
@@ -189,6 +190,16 @@ def cut_layers(lm, layers):
         if getattr(lm.config, "layer_types", None):
             lm.config.layer_types = lm.config.layer_types[:layers]
     return lm
+
+
+def checkpoint_activations(lm):
+    """--gradient-checkpointing: transformers' own, each decoder layer recomputed in backward (non-reentrant: works
+    with packed position_ids, frozen LoRA weights and DDP). Named activation_checkpointing_enable since 5.x."""
+    enable = getattr(lm, "activation_checkpointing_enable", None)
+    if enable:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class RewardModel(nn.Module):

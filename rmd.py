@@ -127,7 +127,8 @@ def say_what_distill_wrote(cfg, summary, demo):
     extra = f" + {extra} from the restyle stage" if extra else ""
     print(f"wrote {train_file} ({summary['kept']} refined pairs{extra}), {os.path.join(cfg.out, 'annotated.jsonl')} "
           f"(the teacher-labelled input pairs), {failures} (rows not kept, with reasons), "
-          f"{os.path.join(cfg.out, 'summary.json')}", file=sys.stderr)
+          f"{os.path.join(cfg.out, 'summary.json')}, {os.path.join(cfg.out, 'report.html')} (the run in pictures)",
+          file=sys.stderr)
     if demo and cfg.out == DEMO_OUT:
         print("next: python rmd.py train   (the demo student on these pairs)", file=sys.stderr)
     else:

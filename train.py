@@ -8,7 +8,9 @@ takes --batch-size pairs in a deterministic order (batches.epoch_batches), split
 each micro-batch is one packed forward pass (batches.collate) of the chosen, rejected and teacher-answer rows, and
 step_loss is its loss: the pairwise loss + --lm-weight x the LM loss on the teacher answers (loss.py). The run
 evaluates pair accuracy on the --eval-data splits, logs one line per --log-interval steps (and log.jsonl),
-checkpoints for --resume (distributed.py) and saves the reward model (model.save_reward_model) with eval.json.
+checkpoints for --resume (distributed.py) and saves the reward model (model.save_reward_model) with eval.json and
+report.html (report.py). --gradient-checkpointing is model.checkpoint_activations, --lora-r is lora.py (the
+adapters are merged before saving), --report-to's trackers (tensorboard, wandb) are at the end of this file.
 """
 from __future__ import annotations
 
@@ -25,13 +27,15 @@ from dataclasses import dataclass
 import torch
 
 import distributed
+import lora
+import report
 import tiny_lm
 from batches import (DataStats, check_data_file, collate, count_cuts, cut_warnings, epoch_batches, load_pairs,
                      to_device)
 from evaluation import fit_text, margin_fit
 from formats import column_keys
 from loss import PAIRWISE_KINDS, linear_cross_entropy, pairwise_loss
-from model import RewardModel, is_hub_id, load_backbone, pick_device, save_reward_model
+from model import RewardModel, checkpoint_activations, is_hub_id, load_backbone, pick_device, save_reward_model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,19 +79,27 @@ class TrainConfig:
     # shard parameters, gradients and optimizer state over processes with FSDP2 fully_shard: each transformer layer
     # and the root; for models too big for one GPU; needs torchrun (a single process trains unsharded)
     fsdp: bool = False
+    report_to: str = "none"  # also log the scalars of log.jsonl to: none, tensorboard (<out>/tensorboard), wandb
+    gradient_checkpointing: bool = False  # recompute the backbone's activations in backward: less memory, slower steps
+    lora_r: int = 0  # LoRA rank on the backbone's linear layers (needs peft; 0 = full fine-tune); saved merged
+    lora_alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA branch's input
 
 
 def validate(cfg: TrainConfig):
     """Every check that needs no model and no tokenizer, so that a mistake is one line before anything runs:
     option values, the data files, --model, --device, and that --resume continues the same run."""
     choices = {"head": ("mlp", "linear"), "loss": PAIRWISE_KINDS, "compile": ("auto", "on", "off"),
-               "dtype": ("auto", "float32", "bfloat16")}
+               "dtype": ("auto", "float32", "bfloat16"), "report_to": ("none", "tensorboard", "wandb")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"error: --{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
     if cfg.batch_size < 1 or cfg.max_len < 8 or cfg.lm_weight < 0 or cfg.max_steps < -1:
         raise SystemExit("error: need --batch-size >= 1, --max-len >= 8, --lm-weight >= 0, --max-steps >= -1 "
                          "(-1 = run --epochs, 0 = evaluate only)")
+    if cfg.lora_r < 0 or (cfg.lora_r and cfg.fsdp):
+        raise SystemExit("error: need --lora-r >= 0 (0 = off); LoRA with --fsdp is not supported (the adapters "
+                         "are merged into unsharded weights at the end): drop --fsdp or --lora-r")
     if not cfg.data:
         raise SystemExit("error: --data is empty: give the training pairs (JSONL rows {prompt, chosen, rejected})")
     for option, paths in (("data", cfg.data.split(",")),
@@ -124,7 +136,7 @@ def check_model(name):
 
 
 RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
-                     "compile", "fsdp"}
+                     "compile", "fsdp", "report_to", "gradient_checkpointing"}
 
 
 def check_resume(cfg):
@@ -178,9 +190,10 @@ def step_loss(model, batch, cfg, pairs_in_step, lm_tokens_in_step, lm_loss=linea
 
 
 @torch.no_grad()
-def pair_accuracy(model, examples, batch_pairs, device, autocast):
+def pair_accuracy(model, examples, batch_pairs, device, autocast, rewards_out=None):
     """-> (pair accuracy: the fraction of pairs with r(chosen) > r(rejected), a tie counts as wrong;
-    margin_fit of Δr to Δs when every pair has a margin, else None)."""
+    margin_fit of Δr to Δs when every pair has a margin, else None). rewards_out: a list that gets each pair's
+    (r(chosen), r(rejected)) (for report.py's histograms)."""
     was_training = model.training
     model.eval()
     reward_margins = []
@@ -189,6 +202,8 @@ def pair_accuracy(model, examples, batch_pairs, device, autocast):
         with autocast:
             rewards, _ = model(batch)
         reward_margins += (rewards[:batch.n_pairs] - rewards[batch.n_pairs:]).tolist()
+        if rewards_out is not None:
+            rewards_out += zip(rewards[:batch.n_pairs].tolist(), rewards[batch.n_pairs:].tolist())
     model.train(was_training)
     accuracy = sum(m > 0 for m in reward_margins) / len(examples)
     teacher_margins = [ex.margin for ex in examples]
@@ -222,18 +237,25 @@ class Run:
     steps_per_epoch: int
     total: int  # optimizer steps of the whole run
     log: object  # print on rank 0, silent elsewhere
+    tracker: object = None  # --report-to's experiment tracker (rank 0), see open_tracker
 
 
 def build_model(cfg, device, log):
     """The student: the --model backbone (tiny_lm.py builds the built-in 'tiny' ones) + a value head."""
     load = tiny_lm.load_tiny if cfg.model in tiny_lm.TINY_NAMES else load_backbone
     lm, tokenizer = load(cfg.model, cfg.layers, cfg.max_len)
+    if cfg.gradient_checkpointing:
+        checkpoint_activations(lm)
     if cfg.lm_weight > 0 and cfg.layers and not cfg.model.startswith("tiny") and len(lm.model.layers) == cfg.layers:
         log(f"warning: --layers={cfg.layers} cuts the backbone and --lm-weight={cfg.lm_weight} > 0: the pretrained LM "
             "head on a cut backbone starts worse than uniform (SmolLM2-135M, 4 of 30 layers: 19.4 nats per "
             "teacher-answer token, 4.0 uncut, 10.8 uniform), so the LM term relearns language modelling rather "
             "than keeping it; consider --lm-weight=0 or more layers")
-    return RewardModel(lm, tokenizer, cfg.head, cfg.dropout, cfg.max_len).to(device)
+    model = RewardModel(lm, tokenizer, cfg.head, cfg.dropout, cfg.max_len).to(device)
+    if cfg.lora_r:  # LoRA adapters on the backbone's linear layers; value head and LM head stay fully trained
+        trainable, total = lora.add_adapters(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        log(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}: training {trainable:,} of {total:,} parameters")
+    return model
 
 
 def load_data(cfg, tokenizer, use_lm, log):
@@ -284,9 +306,9 @@ def plan_steps(cfg, pairs, world, log):
 
 
 def build_optimizer(model, cfg, cuda, sharded):
-    """AdamW; weight decay on matrices only."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    """AdamW over the trained parameters (LoRA freezes the backbone's); weight decay on matrices only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2 and p.requires_grad]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 and p.requires_grad]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
                              fused=True if not sharded else (cuda or None))  # fused: 4x faster step on CPU too
@@ -296,6 +318,7 @@ def set_up(cfg):
     """Everything before the first step: processes, model, data, sharding, optimizer, wrappers -> Run."""
     rank, world, device = distributed.setup_distributed(cfg.device)
     log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
+    tracker = open_tracker(cfg.report_to, cfg.out, dataclasses.asdict(cfg)) if rank == 0 else None  # errors first
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_model(cfg, device, log)
@@ -311,7 +334,7 @@ def set_up(cfg):
         distributed.shard(model, bf16=cuda and dtype == "bfloat16")
     optimizer = build_optimizer(model, cfg, cuda, sharded)
     return Run(model, model, optimizer, rank, world, device, autocast, sharded, use_lm, examples, stats, eval_sets,
-               eval_stats, micro, accum, steps_per_epoch, total, log)
+               eval_stats, micro, accum, steps_per_epoch, total, log, tracker)
 
 
 def resume(cfg, run):
@@ -324,6 +347,7 @@ def resume(cfg, run):
     run.log(f"resumed from {found} at step {step}")
     if run.rank == 0:
         distributed.truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
+        distributed.truncate_log(os.path.join(cfg.out, "eval_log.jsonl"), step)  # report.py's evaluations over steps
     return step
 
 
@@ -370,9 +394,13 @@ def train(cfg: TrainConfig, stop_after: int = 0, on_step=None):
         if on_step:
             on_step(step, numbers)
         if step % cfg.log_interval == 0 or step == run.total:
-            log_line(window, step, run.total, run.optimizer, run.world, run.log, log_file)
+            record = log_line(window, step, run.total, run.optimizer, run.world, run.log, log_file)
+            if run.tracker:
+                run.tracker.log(record, step)
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < run.total and run.eval_sets:
-            run.log(f"step {step} eval: " + eval_text(*evaluate_splits(cfg, run)))
+            metrics, fits = evaluate_splits(cfg, run)
+            run.log(f"step {step} eval: " + eval_text(metrics, fits))
+            report_eval(cfg, run, step, metrics)
         if step in (run.total, stop_after) or (cfg.save_interval and step % cfg.save_interval == 0):
             full = distributed.full_state(run.model, run.optimizer) if run.sharded else None  # all gather, 0 writes
             if run.rank == 0:
@@ -421,9 +449,11 @@ def train_step(cfg, run, step):
             "slots": slots, "seconds": time.perf_counter() - t0}
 
 
-def evaluate_splits(cfg, run):
-    """-> ({split: accuracy}, {split: margin_fit} for the splits whose pairs all have margins)."""
-    results = {name: pair_accuracy(run.model, data, cfg.eval_batch, run.device, run.autocast)
+def evaluate_splits(cfg, run, rewards=None):
+    """-> ({split: accuracy}, {split: margin_fit} for the splits whose pairs all have margins); rewards: a dict
+    that gets {split: [(r(chosen), r(rejected))]}."""
+    results = {name: pair_accuracy(run.model, data, cfg.eval_batch, run.device, run.autocast,
+                                   None if rewards is None else rewards.setdefault(name, []))
                for name, data in run.eval_sets.items()}
     return ({name: acc for name, (acc, _) in results.items()},
             {name: fit for name, (_, fit) in results.items() if fit is not None})
@@ -435,7 +465,10 @@ def eval_text(metrics, fits):
 
 def finish(cfg, run, step, log_file):
     """The final evaluation; rank 0 saves the reward model and eval.json and says where everything is."""
-    metrics, fits = evaluate_splits(cfg, run)
+    eval_rewards = {}
+    metrics, fits = evaluate_splits(cfg, run, eval_rewards)
+    if cfg.lora_r:  # saved merged: every loader reads a plain model, no peft needed
+        lora.merge_adapters(run.model)
     weights = distributed.full_state(run.model) if run.sharded else None
     if run.rank == 0:
         save_reward_model(run.model, os.path.join(cfg.out, "model"), weights)
@@ -446,10 +479,11 @@ def finish(cfg, run, step, log_file):
         with open(os.path.join(cfg.out, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)
         run.log("final eval: " + (eval_text(metrics, fits) or "no --eval-data given"))
+        report_path = report_final(cfg, run, step, metrics, eval_rewards)
         ckpt_dir = os.path.join(cfg.out, "ckpt")
         ckpt = ckpt_dir if os.path.exists(ckpt_dir) else "none (no step trained)"
         run.log(f"model: {os.path.join(cfg.out, 'model')}  checkpoint: {ckpt}  metrics: "
-                f"{os.path.join(cfg.out, 'eval.json')}")
+                f"{os.path.join(cfg.out, 'eval.json')}  report: {report_path}")
         log_file.close()
     return metrics
 
@@ -469,6 +503,67 @@ def log_line(window, step, total, optimizer, world, log, log_file):
         log_file.flush()
     for key in window:
         window[key] = 0 if isinstance(window[key], int) else 0.0
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report.html and --report-to
+
+
+def report_eval(cfg, run, step, metrics):
+    """An evaluation during training -> eval_log.jsonl (the report's accuracy-over-steps chart) and the tracker."""
+    if run.rank == 0:
+        report.append_eval(cfg.out, step, metrics)
+        if run.tracker:
+            run.tracker.log({f"eval_accuracy/{k}": v for k, v in metrics.items()}, step)
+
+
+def report_final(cfg, run, step, metrics, eval_rewards):
+    """The final evaluation -> eval_rewards.json (the report's reward histograms) and the tracker, which is closed;
+    then report.html -> its path. Rank 0 only."""
+    report.save_eval_rewards(cfg.out, eval_rewards)
+    if run.tracker:
+        run.tracker.log({f"eval_accuracy/{k}": v for k, v in metrics.items()}, step)
+        run.tracker.close()
+    return report.train_report(cfg.out)
+
+
+@dataclass
+class Tracker:
+    """An experiment tracker for --report-to: log(record, step) the scalars of a log.jsonl record; close()."""
+    log: object
+    close: object
+
+
+def scalars(record):
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+
+
+def open_tracker(kind, out, config):
+    """--report-to: None for "none"; else a Tracker. A missing package is a one-line error naming it."""
+    if kind == "none":
+        return None
+    if kind == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit("error: --report-to=tensorboard needs the tensorboard package: pip install tensorboard "
+                             "(or --report-to=none)") from None
+        writer = SummaryWriter(os.path.join(out, "tensorboard"))
+
+        def log(record, step):
+            for key, value in scalars(record).items():
+                writer.add_scalar(key, value, step)
+        return Tracker(log, writer.close)
+    if kind == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --report-to=wandb needs the wandb package: pip install wandb "
+                             "(or --report-to=none)") from None
+        wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rmd"), config=config, dir=out)
+        return Tracker(lambda record, step: wandb_run.log(scalars(record), step=step), wandb_run.finish)
+    raise SystemExit(f"error: --report-to must be one of none, tensorboard, wandb, got {kind!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -85,3 +85,9 @@ def test_gpu_script_cpu_path():
     variants = [re.split(r"\s{2,}", r.strip())[1] for r in rows]  # columns are 2+ spaces apart; a variant has one
     trl = ["TRL/LM off"] if have("trl") else []
     assert variants == ["eager/LM fused", "eager/LM naive", "eager/LM off"] + trl
+
+
+def test_gradckpt_section_measures_both_variants():
+    rows = table_rows(run("bench.py", "--only", "gradckpt", "--layers", "2", "--max-len", "64", "--batch", "1",
+                          "--steps", "1"), "gradckpt")
+    assert [r.split()[0] for r in rows] == ["off", "on", "on"]  # off, on, on / off

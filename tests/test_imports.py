@@ -2,7 +2,7 @@
 
 - no cycles between the repository's own top-level modules;
 - nothing imports rmd.py (it is the top: the command line);
-- loss.py imports only torch and the standard library;
+- loss.py imports only torch and the standard library; report.py only the standard library (distill.py uses it);
 - the teacher side (formats, cli, protocol, teacher, distill, sim, sim_server) imports no torch, transitively;
 - only distributed.py touches torch.distributed (or DDP from torch.nn.parallel);
 - model.py (the piece people copy) imports no repository module but formats (and loss);
@@ -100,6 +100,9 @@ def check(graph):
         stdlib = set(sys.stdlib_module_names)
         extra = {n for n in graph["loss"] if n.split(".")[0] not in stdlib | {"torch", "__future__"}}
         problems += [f"loss imports {n} (only torch and the standard library)" for n in sorted(extra)]
+    if "report" in graph:
+        extra = {n for n in graph["report"] if n.split(".")[0] not in set(sys.stdlib_module_names) | {"__future__"}}
+        problems += [f"report imports {n} (only the standard library)" for n in sorted(extra)]
     for side in (m for m in TEACHER_SIDE if m in graph):
         for m in sorted(reachable(graph, side)):
             torch_imports = sorted(n for n in graph[m] if n.split(".")[0] == "torch")
@@ -136,6 +139,7 @@ def test_the_split_modules_exist_and_evaluate_is_gone():
     ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, "import cycle: a -> b -> c -> a"),
     ({"rmd": {"train"}, "train": set(), "tiny_lm": {"rmd"}}, "tiny_lm imports rmd"),
     ({"loss": {"torch", "math", "numpy"}}, "loss imports numpy"),
+    ({"report": {"html", "torch.utils.tensorboard"}}, "report imports torch.utils.tensorboard"),
     ({"sim": {"teacher"}, "teacher": {"formats"}, "formats": {"torch.nn"}}, "sim (teacher side) reaches torch"),
     ({"train": {"torch", "torch.distributed"}}, "train imports torch.distributed"),
     ({"train": {"torch.nn.parallel.DistributedDataParallel"}}, "train imports torch.nn.parallel"),
