@@ -167,13 +167,17 @@ class Progress:
         self.every, self.width, self.t0, self.last = every, width, time.time(), float("-inf")
         self.tty = hasattr(self.file, "isatty") and self.file.isatty()
 
-    def line(self, done, text="", now=None):
+    def timing(self, done, now=None):
+        """'0:30 elapsed, ETA 1:30' after `done` of `total`."""
         elapsed = (now if now is not None else time.time()) - self.t0
         eta = clock(elapsed / done * (self.total - done)) if done else "?"
+        return f"{clock(elapsed)} elapsed, ETA {eta}"
+
+    def line(self, done, text="", now=None):
         frac = min(1.0, done / self.total)
         bar = f"|{'#' * round(frac * self.width):<{self.width}}| " if self.tty else ""
-        return (f"[{self.label}] {bar}{done}/{self.total} ({100 * frac:.0f}%) {clock(elapsed)} elapsed, "
-                f"ETA {eta}" + (f" | {text}" if text else ""))
+        return (f"[{self.label}] {bar}{done}/{self.total} ({100 * frac:.0f}%) {self.timing(done, now)}"
+                + (f" | {text}" if text else ""))
 
     def update(self, done, text="", final=False):
         now = time.time()

@@ -33,6 +33,7 @@ import tiny_lm
 from batches import (DataStats, check_data_file, collate, count_cuts, cut_warnings, epoch_batches, load_pairs,
                      to_device)
 from evaluation import fit_text, margin_fit
+from cli import Progress
 from formats import column_keys
 from loss import PAIRWISE_KINDS, linear_cross_entropy, pairwise_loss
 from model import RewardModel, checkpoint_activations, is_hub_id, load_backbone, pick_device, save_reward_model
@@ -384,6 +385,7 @@ def train(cfg: TrainConfig, stop_after: int = 0, on_step=None):
     ckpt_dir = os.path.join(cfg.out, "ckpt")
     run.model.train()
     window = {"pair": 0.0, "lm": 0.0, "correct": 0, "pairs": 0, "tokens": 0, "slots": 0, "time": 0.0, "steps": 0}
+    progress = Progress(run.total - step, "train", every=float("inf")), step  # (its clock, the step it started at)
     while step < run.total:
         numbers = train_step(cfg, run, step)
         step += 1
@@ -393,8 +395,10 @@ def train(cfg: TrainConfig, stop_after: int = 0, on_step=None):
         window["steps"] += 1
         if on_step:
             on_step(step, numbers)
+        show_progress(cfg, run, progress, step, numbers)
         if step % cfg.log_interval == 0 or step == run.total:
-            record = log_line(window, step, run.total, run.optimizer, run.world, run.log, log_file)
+            record = log_line(window, step, run.total, run.optimizer, run.world, run.log, log_file,
+                              progress[0].timing(step - progress[1]))
             if run.tracker:
                 run.tracker.log(record, step)
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < run.total and run.eval_sets:
@@ -488,8 +492,19 @@ def finish(cfg, run, step, log_file):
     return metrics
 
 
-def log_line(window, step, total, optimizer, world, log, log_file):
-    """One line per interval: step, loss parts, accuracy, lr, tokens/s, padding %, ms/step; then reset the window."""
+def show_progress(cfg, run, progress, step, numbers):
+    """The progress bar on a terminal (stderr, redrawn every step; it ends its line where a log line follows), or one
+    line after the first step in a log (the log lines carry elapsed time and ETA from then on); rank 0 only."""
+    clock, start = progress
+    if run.rank == 0 and (clock.tty or step == start + 1):
+        accuracy = numbers["correct"] / max(1, numbers["pairs"])
+        clock.update(step - start, f"pair {numbers['pair_loss']:.4f}  acc {accuracy:.2f}",
+                     final=clock.tty and (step % cfg.log_interval == 0 or step == run.total))
+
+
+def log_line(window, step, total, optimizer, world, log, log_file, timing=""):
+    """One line per interval: step, loss parts, accuracy, lr, tokens/s, padding %, ms/step, elapsed time and ETA;
+    then reset the window."""
     steps = window["steps"]
     record = {"step": step, "pair_loss": window["pair"] / steps, "lm_loss": window["lm"] / steps,
               "accuracy": window["correct"] / max(1, window["pairs"]), "lr": optimizer.param_groups[0]["lr"],
@@ -497,7 +512,7 @@ def log_line(window, step, total, optimizer, world, log, log_file):
               "padding": 1 - window["tokens"] / max(1, window["slots"]), "ms_per_step": 1000 * window["time"] / steps}
     log(f"step {step}/{total} | pair {record['pair_loss']:.4f} | lm {record['lm_loss']:.4f} | "
         f"acc {record['accuracy']:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s | "
-        f"pad {100 * record['padding']:.1f}% | {record['ms_per_step']:.0f} ms/step")
+        f"pad {100 * record['padding']:.1f}% | {record['ms_per_step']:.0f} ms/step" + (f" | {timing}" if timing else ""))
     if log_file:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()

@@ -255,6 +255,17 @@ def test_collate_packs_with_little_padding(tmp_path):
 # ------------------------------------------------------------------------------------------------ training
 
 
+def test_train_shows_progress_with_elapsed_time_and_eta_from_the_first_step(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(24))
+    train.train(train_cfg(tmp_path, data, max_steps=4, log_interval=2, lm_weight=0.0, loss="bt"))
+    out, err = capsys.readouterr()
+    first = [line for line in err.splitlines() if line.startswith("[train]")]
+    assert len(first) == 1 and first[0].startswith("[train] 1/4 (25%) ") and "elapsed, ETA" in first[0]
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [s.split()[1] for s in steps] == ["2/4", "4/4"]
+    assert all(" elapsed, ETA " in s for s in steps) and steps[-1].endswith("ETA 0:00")
+
+
 def test_training_learns_an_easy_preference_and_saves_a_loadable_model(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(160))
     test = write_jsonl(tmp_path / "test.jsonl", easy_rows(40, seed=1))
