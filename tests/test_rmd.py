@@ -425,6 +425,23 @@ def one_line_error(argv):
     return message
 
 
+def test_readme_lists_every_option_of_every_command():
+    """Each command's options are in a README table row (the --help text is generated; the README is not)."""
+    import re
+
+    import distill
+    import serve
+    import sim_server
+    with open(os.path.join(ROOT, "README.md")) as f:
+        in_tables = set(re.findall(r"^\|[^\n]*?`(--[\w-]+)`", f.read(), re.M))
+    configs = {"train": train.TrainConfig, "distill": distill.DistillConfig, "eval": evaluation.EvalConfig,
+               "bon": evaluation.BonConfig, "serve": serve.ServeConfig, "teacher-sim": sim_server.SimConfig}
+    missing = {command: flags for command, config in configs.items()
+               if (flags := [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(config)
+                             if f"--{f.name.replace('_', '-')}" not in in_tables])}
+    assert not missing, f"README.md has no table row for {missing}"
+
+
 def test_every_command_has_help_generated_from_its_config(capsys):
     import distill
     configs = {"distill": distill.DistillConfig, "train": train.TrainConfig, "eval": evaluation.EvalConfig,
