@@ -3,7 +3,8 @@
 - no cycles between the repository's own top-level modules;
 - nothing imports rmd.py (it is the top: the command line);
 - loss.py imports only torch and the standard library; report.py only the standard library (distill.py uses it);
-- the teacher side (formats, cli, protocol, teacher, distill, sim, sim_server) imports no torch, transitively;
+- the teacher side (formats, cli, protocol, teacher, distill, sim, sim_server, fault_server, bench_teacher) imports
+  no torch, transitively;
 - only distributed.py touches torch.distributed (or DDP from torch.nn.parallel);
 - model.py (the piece people copy) imports no repository module but formats (and loss);
 - teacher.py, once split into protocol/teacher/distill, imports no repository module.
@@ -17,7 +18,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEACHER_SIDE = ("formats", "cli", "protocol", "teacher", "distill", "sim", "sim_server")
+TEACHER_SIDE = ("formats", "cli", "protocol", "teacher", "distill", "sim", "sim_server", "fault_server",
+                "bench_teacher")
 DISTRIBUTED = ("torch.distributed", "torch.nn.parallel")  # process groups, FSDP, DDP
 
 
@@ -123,7 +125,8 @@ def check(graph):
 
 def test_the_repository_keeps_the_import_rules():
     graph = repo_graph()
-    assert {"rmd", "model", "batches", "distributed", "train", "evaluation", "serve", "loss"} <= set(graph)
+    assert {"rmd", "model", "batches", "distributed", "train", "evaluation", "serve", "loss", "fault_server"} \
+        <= set(graph)
     assert check(graph) == []
 
 

@@ -1,5 +1,5 @@
 """The teacher side: protocol.py's parsing (adversarial answers included) and its server side, teacher.py's HTTP
-client under injected faults and its cache, distill.py's pipeline end to end through tests/fault_server.py,
+client under injected faults and its cache, distill.py's pipeline end to end through fault_server.py,
 throughput, input errors, and the import rules (no torch; teacher.py stands alone)."""
 
 import dataclasses
@@ -143,7 +143,7 @@ def _ask_servers(body):
 
 @pytest.mark.parametrize("json_mode", [False, True])
 def test_the_servers_read_requests_with_the_protocols_own_templates(monkeypatch, json_mode):
-    """A renamed tag or stage header flows from protocol.py to sim_server.py and tests/fault_server.py: both still
+    """A renamed tag or stage header flows from protocol.py to sim_server.py and fault_server.py: both still
     answer every stage of prompts built by protocol's builders in the format its parsers read, with no copy edited."""
     for name in ("ANNOTATE_TEMPLATE", "REFINE_TEMPLATE", "SCORE_TEMPLATE", "RESTYLE_TEMPLATE", "REASK_TEMPLATE"):
         renamed = getattr(protocol, name).replace("<question-", "<query-").replace("</question-", "</query-") \
@@ -195,9 +195,9 @@ def test_read_request_gives_each_stage_its_fields():
 
 
 def test_the_servers_retype_no_tag_or_header():
-    """sim.py, sim_server.py and tests/fault_server.py take every tag, header and reply marker from protocol.py."""
+    """sim.py, sim_server.py and fault_server.py take every tag, header and reply marker from protocol.py."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for path in ("sim.py", "sim_server.py", "tests/fault_server.py"):
+    for path in ("sim.py", "sim_server.py", "fault_server.py"):
         text = open(os.path.join(root, path), encoding="utf-8").read()
         for literal in ("<question-", "<assistant-", "answer-{", "[rmd:", "[REASONING-", "[MODIFIED-ANSWER-",
                         "[RESTYLED-ANSWER-", "Assistant 1:", "Score:"):
@@ -636,8 +636,8 @@ def test_throughput_keeps_the_workers_busy(tmp_path):
         run_rows(server, rows, tmp_path, workers=workers)
     # the server counts a request until its handler returns, a moment after the client has its reply
     assert workers <= server.max_active <= workers + 2
-    # The request rate itself is a timing, measured by `python bench.py --only teacher`, never asserted here: on a
-    # loaded 2-core machine it depends on the load, not on the client.
+    # The request rate itself is a timing, measured by `python bench_teacher.py --only teacher`, never asserted here:
+    # on a loaded 2-core machine it depends on the load, not on the client.
 
 
 def test_position_bias_is_measured(tmp_path):

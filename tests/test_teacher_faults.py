@@ -19,7 +19,7 @@ from test_teacher import FAST, PAIR, run_rows
 # ---------------------------------------------------------------------------- section 1: yield
 
 def test_yield_under_30_percent_faults_matches_a_clean_run(tmp_path):
-    """The bench.py --only yield comparison at a small size. Faults depend only on the request and how often
+    """The bench_teacher.py --only yield comparison at a small size. Faults depend only on the request and how often
     it came (not on timing), so the counts are the same on every run."""
     r = yield_comparison(60, str(tmp_path), rate=0.3, seed=0)
     print({k: v for k, v in r.items() if k not in ("faults", "reasks")})

@@ -1,4 +1,10 @@
-"""A scriptable, fault-injecting OpenAI-compatible server for the teacher tests (127.0.0.1 only).
+"""A scriptable, fault-injecting OpenAI-compatible server (127.0.0.1 only): a tool for anyone who builds or changes
+a teacher pipeline, and what rmd's own teacher tests and bench_teacher.py run against.
+
+It answers /v1/chat/completions like a well-behaved teacher, or with the fault you script: HTTP 429 (with or without
+Retry-After) and 5xx, stalls past the client's timeout, replies drip-fed or cut mid-body, garbage and non-JSON
+bodies, refusals, empty content, finish_reason "length", huge bodies. In front of another teacher it is a flaky
+proxy: it forwards each request and breaks a chosen share of the replies, reproducibly.
 
     server = FaultServer(latency=0.01).start()        # server.url -> "http://127.0.0.1:PORT/v1"
     server.script(status(429, retry_after="1"), status(500))   # the next requests get these faults
@@ -10,15 +16,16 @@ Without a fault, it answers like a well-behaved teacher, as a deterministic func
 give identical output.
 Every request body is recorded in `server.bodies`.
 
-In front of another teacher (the yield benchmark and its test):
+In front of another teacher (the yield benchmark, bench_teacher.py --only yield, and its test):
 
     url, stop = sim_server.start_server(sim.WorldConfig())
     server = FaultServer(answer=forward(url), fault=flaky(rate=0.3)).start()
 
-`forward(url)` takes the answers from that server; `flaky(rate)` makes each attempt of each request
-(the n-th time one body arrives) faulty with probability `rate`, decided by a hash of the body and n, so
+`forward(url)` takes the answers from that server (any OpenAI-compatible URL); `flaky(rate)` makes each attempt of
+each request (the n-th time one body arrives) faulty with probability `rate`, decided by a hash of the body and n, so
 a run is reproducible whatever the timing: 429/5xx, stalls, empty content, finish_reason length,
-garbage, refusals, huge bodies (`flaky(...).counts` says how many of each).
+garbage, refusals, huge bodies (`flaky(...).counts` says how many of each). yield_comparison() runs distill through
+a clean and a flaky proxy on the same rows and counts what the faults cost.
 """
 
 import hashlib
@@ -293,8 +300,8 @@ def _distill_clean_and_faulty(rows, work, rate, seed, world, overrides):
 
 def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
     """Distill the first `n_rows` rows of sim.py's world through a clean pass-through server and through
-    flaky(rate, seed), both in front of sim_server.start_server; returns a dict of counts (see bench.py --only
-    yield)."""
+    flaky(rate, seed), both in front of sim_server.start_server; returns a dict of counts (see bench_teacher.py
+    --only yield)."""
     import sim
     from formats import row_id
     world = world or sim.WorldConfig()
