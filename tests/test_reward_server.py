@@ -1,6 +1,6 @@
 """Issue 10, section 5: the reward server (serve.start_server) under abuse: bad Content-Length, slow-loris,
 too many connections, lone surrogates, deep nesting, other methods. A fake model keeps it fast: these tests are
-about HTTP, the scoring itself is tested in test_evaluate.py."""
+about HTTP, the scoring itself is tested in test_evaluation.py."""
 import http.client
 import json
 import socket
