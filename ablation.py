@@ -54,10 +54,15 @@ ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
     "j": ("full", "bt", True, "tiny", "h with bt (no scoring: margin-0 pairs dropped)"),
     "k": ("full", "mse", True, "scratch", "h with the from-scratch student"),
     "l": ("original", "bt", False, "scratch", "a with the from-scratch student"),
+    "m": ("mixed", "mse", True, "tiny", "h + the kept rows' original pairs"),
+    "n": ("mixed", "bt", True, "tiny", "rmd default: j + the kept rows' original pairs"),
+    "o": ("mixed", "bt", False, "tiny", "n without LM reg (no generation)"),
+    "p": ("mixed", "bt", True, "scratch", "n with the from-scratch student"),
 }
-DEFAULT_ARM = "h"
-DEFAULT_ARMS = "a,c,e,h,i,j,k"  # b, d, f, g, l on request (--arms): a 2-core CPU runs these in ~35 min
-PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "crossed", "equivalent")}  # train.jsonl rows
+DEFAULT_ARM = "n"
+DEFAULT_ARMS = "a,e,h,j,n"  # the others on request (--arms): a 2-core CPU runs these 5 in ~35 min
+PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "crossed", "equivalent"),  # train.jsonl rows
+                "mixed": ("refined", "restyled", "crossed", "equivalent", "original")}
 
 
 def run_distill(world, data_paths, out_dir, workers):
@@ -116,7 +121,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated world and training seeds")
     parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated subset of {','.join(ARMS)}")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per training run")
+    parser.add_argument("--steps", type=int, default=400,
+                        help="optimizer steps per training run (400: chosen on valid, see README)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-len", type=int, default=256)
@@ -162,9 +168,10 @@ def main(argv=None):
         files = pair_files(distill_dir)
         counts = {k: sum(1 for _ in open(v)) for k, v in files.items()}
         print(f"seed {seed}: distill {time.time() - t0:.0f}s, {summary['rows']} rows -> {counts['refined']} refined "
-              f"pairs ({counts['full']} with the restyled and style-equivalence pairs), {counts['original']} "
-              f"labelled original pairs", flush=True)
-        eval_data = ",".join(f"{s}={paths[s]}" for s in ("normal", "hard", "valid"))
+              f"pairs ({counts['full']} with the restyled and style-equivalence pairs, {counts['mixed']} with the "
+              f"kept rows' original pairs too), {counts['original']} labelled original pairs", flush=True)
+        paths.update(split_valid(paths["valid"]))
+        eval_data = ",".join(f"{s}={paths[s]}" for s in ("normal", "hard", "valid_normal", "valid_hard"))
         worlds[seed] = dict(world=world, paths=paths, files=files, eval_data=eval_data, dir=seed_dir,
                             counts=counts, summary=summary)
 
@@ -173,10 +180,10 @@ def main(argv=None):
     pairs0, loss0, _, student0, _ = ARMS[DEFAULT_ARM]
     sweep_result = {}
     jobs = [(f"sweep-{w:g}", first["files"][pairs0], loss0, w, first["eval_data"],
-             os.path.join(first["dir"], f"sweep_lm{w:g}"), seeds[0], students[student0]) for w in sweep]
+             os.path.join(first["dir"], f"sweep_{DEFAULT_ARM}_lm{w:g}"), seeds[0], students[student0]) for w in sweep]
     for job, res in zip(jobs, _run_parallel(jobs, args)):
         if res is not None:
-            sweep_result[job[3]] = res["accuracy"]["valid"]
+            sweep_result[job[3]] = valid_accuracy(res["accuracy"])
     sweep = [w for w in sweep if w in sweep_result]
     if not sweep:
         raise SystemExit(f"error: no finished sweep run under {first['dir']}; run without --report first")
@@ -191,8 +198,8 @@ def main(argv=None):
         for arm in arms:
             pairs, loss, lm, student, _ = ARMS[arm]
             w = lm_weight if lm else 0.0
-            out = os.path.join(wd["dir"], f"sweep_lm{w:g}") if arm == DEFAULT_ARM and seed == seeds[0] else \
-                os.path.join(wd["dir"], f"arm_{arm}")
+            swept = arm == DEFAULT_ARM and seed == seeds[0]  # the sweep's run at the chosen weight is this one
+            out = os.path.join(wd["dir"], f"sweep_{arm}_lm{w:g}" if swept else f"arm_{arm}")
             jobs.append((arm, wd["files"][pairs], loss, w, wd["eval_data"], out, seed, students[student]))
     results = {}
     for job, res in zip(jobs, _run_parallel(jobs, args)):
@@ -200,7 +207,8 @@ def main(argv=None):
         if res is None:
             continue
         bon = best_of_n(os.path.join(out, "model"), worlds[seed]["paths"]["bon"], args.max_len)
-        results.setdefault(arm, []).append({"seed": seed, **res["accuracy"], "bon": bon})
+        results.setdefault(arm, []).append({"seed": seed, **res["accuracy"], "valid": valid_accuracy(res["accuracy"]),
+                                            "bon": bon})
 
     # 4. references: the teacher as a judge, and random / oracle picks for best-of-N
     refs = {"teacher": [], "random": [], "oracle": []}
@@ -224,7 +232,8 @@ def main(argv=None):
              ", ".join(f"{w:g} -> {100 * sweep_result[w]:.1f}" for w in sweep) +
              f"). Accuracy % on held-out truth-labelled pairs ({world0.n_eval} per split and seed); BoN = % of "
              f"best-of-{world0.bon_n} picks that are correct ({world0.n_bon} prompts per seed). Mean ± std over seeds.",
-             "", "| arm | pairs | loss | LM reg | student | normal | hard | BoN |", "|---|---|---|---|---|---|---|---|"]
+             "", "| arm | pairs | loss | LM reg | student | normal | hard | BoN | valid: normal-like / hard-like half |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         pairs, loss, lm, student, label = ARMS[arm]
         rs = results.get(arm)
@@ -233,13 +242,15 @@ def main(argv=None):
         name = f"**{arm}. {label}**" if arm == DEFAULT_ARM else f"{arm}. {label}"
         shown = "scratch" if student == "scratch" else os.path.basename(args.student.rstrip("/"))  # which student
         lines.append(f"| {name} | {pairs} | {loss} | {lm_weight if lm else 0:g} | {shown} | "
-                     f"{fmt([r['normal'] for r in rs])} | {fmt([r['hard'] for r in rs])} | {fmt([r['bon'] for r in rs])} |")
+                     f"{fmt([r['normal'] for r in rs])} | {fmt([r['hard'] for r in rs])} | "
+                     f"{fmt([r['bon'] for r in rs])} | {valid_halves(rs)} |")
     lines.append(f"| teacher as judge (both orders) | - | - | - | - | {fmt([r['normal'] for r in refs['teacher']])} | "
-                 f"{fmt([r['hard'] for r in refs['teacher']])} | - |")
+                 f"{fmt([r['hard'] for r in refs['teacher']])} | - | - |")
     lines.append(f"| random pick / oracle pick | - | - | - | - | - | - | {fmt([r['bon'] for r in refs['random']])} / "
-                 f"{fmt([r['bon'] for r in refs['oracle']])} |")
+                 f"{fmt([r['bon'] for r in refs['oracle']])} | - |")
     counts = "; ".join(f"seed {s}: {worlds[s]['counts']['refined']} refined, {worlds[s]['counts']['full']} full, "
-                       f"{worlds[s]['counts']['original']} original pairs, from {worlds[s]['summary']['rows']} prompts"
+                       f"{worlds[s]['counts']['mixed']} mixed, {worlds[s]['counts']['original']} original pairs, "
+                       f"from {worlds[s]['summary']['rows']} prompts"
                        for s in seeds)
     lines += ["", f"Training pairs per distill run ({counts}).",
               f"Student: {args.student}" + (f" (first {args.layers} layers)" if args.layers else "") +
@@ -273,6 +284,30 @@ def verdict(results, arm, baseline):
         ok = diff >= 20 if split == "hard" else diff >= -std
         parts.append(f"{split} {diff:+.1f} ({baseline}'s std {std:.1f}: {'meets' if ok else 'misses'} the bar)")
     return f"Arm {arm} vs arm {baseline}: " + ", ".join(parts) + "."
+
+
+def valid_halves(rows):
+    if not all("valid_normal" in r for r in rows):
+        return fmt([r["valid"] for r in rows]) + " (whole split)"
+    return f"{fmt([r['valid_normal'] for r in rows])} / {fmt([r['valid_hard'] for r in rows])}"
+
+
+def split_valid(path):
+    """valid.jsonl -> its normal-like and hard-like halves (sim.eval_pairs marks each row's kind), so that a choice
+    made on valid can weigh natural pairs and style traps the way the bar does, without the test splits."""
+    rows = [json.loads(line) for line in open(path)]
+    paths = {}
+    for kind in ("normal", "hard"):
+        paths[f"valid_{kind}"] = path.replace(".jsonl", f"_{kind}.jsonl")
+        sim.write_jsonl(paths[f"valid_{kind}"], [r for r in rows if r["kind"] == kind])
+    return paths
+
+
+def valid_accuracy(accuracy):
+    """Accuracy on the whole valid split from its two equal halves (or the whole split, for runs made before)."""
+    if "valid" in accuracy:
+        return accuracy["valid"]
+    return (accuracy["valid_normal"] + accuracy["valid_hard"]) / 2
 
 
 def pair_files(distill_dir):

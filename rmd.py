@@ -1282,6 +1282,8 @@ def say_what_distill_wrote(cfg, summary, demo):
     train_file = os.path.join(cfg.out, "train.jsonl")
     extra = (summary.get("restyle") or {}).get("pairs", 0)
     extra = f" + {extra} from the restyle stage" if extra else ""
+    if summary.get("original_pairs"):
+        extra += f" + {summary['original_pairs']} of their teacher-labelled input pairs"
     print(f"wrote {train_file} ({summary['kept']} refined pairs{extra}), {os.path.join(cfg.out, 'annotated.jsonl')} "
           f"(the teacher-labelled input pairs), {failures} (rows not kept, with reasons), "
           f"{os.path.join(cfg.out, 'summary.json')}", file=sys.stderr)

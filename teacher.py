@@ -448,6 +448,7 @@ class DistillConfig:
     min_delta: float = 1.0              # keep a pair only if s(y_w*) - s(y_l) > min_delta
     restyle: bool = True                # rewrite y_w* and y_l in one other style: restyled, crossed, style-equivalence pairs
     restyle_temperature: float = 0.0    # restyle is greedy: a faithful rewrite, not a sample
+    original_pairs: bool = True         # train.jsonl also gets each kept row's annotated pair (source "original")
     tie_policy: str = "drop"            # drop | reask (once, asking to avoid equal scores)
     reask: int = 3                      # re-ask a reply that is not an answer (unparseable, empty, cut, refusal) N times
     retry_failed: bool = False          # rerun only the rows in <out>/failures.jsonl that failed (not the dropped ones)
@@ -1460,8 +1461,9 @@ class Run:
                             "provenance": {**provenance, "diagnosis": diagnosis, "source": "refined"}}
             if reasks:  # stages answered only after a re-ask: their answers may differ from a first reply's
                 out["train"]["provenance"]["reasks"] = dict(reasks)
-            if cfg.restyle:
-                out["extra"] = self.restyled_pairs(out["train"], question)
+            out["extra"] = self.restyled_pairs(out["train"], question) if cfg.restyle else []
+            if cfg.original_pairs:  # the natural pair too: refine had to fix y_l, so its label is about content
+                out["extra"].append({**out["annotated"], "provenance": {**provenance, "source": "original"}})
         except RowFailure as f:
             out["failure"] = {"id": rid, "line": row["line"], "stage": f.stage, "reason": f.reason,
                               "dropped": f.dropped, "attempts": f.attempts, "raw": bounded(f.raw)}
@@ -1696,6 +1698,7 @@ def distill(cfg):
     outputs = {name: [r[key] for r in results if key in r] for name, key in OUTPUTS.items()}
     outputs["train"] = [t for r in results if "train" in r for t in (r["train"], *r.get("extra", []))]
     summary = run.summary(rows, time.time() - t0)
+    summary["original_pairs"] = sum(t["provenance"]["source"] == "original" for t in outputs["train"])
     if previous is not None:
         outputs = _merge_retried(previous, outputs, {r["id"] for r in rows})
         failures = [f for f in outputs["failures"] if not f["dropped"]]
