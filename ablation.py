@@ -5,28 +5,34 @@ For each world seed: one distill run through the real pipeline (teacher.py) agai
 arm, trained through rmd.py. The student is the built-in tiny model after LM pretraining on the world's text
 (rmd.tiny_backbone: it knows the tasks' answers, as a real pretrained student knows facts), except in arms k and l:
 
-    a  label distillation      bt   on the teacher-labelled original pairs (annotated.jsonl)
+    a  label distillation      bt   on the teacher-labelled original pairs (annotated.jsonl: every row's)
     b  + scoring               mse  with the teacher's annotation scores, original pairs
     c  + refinement            bt   on the refined pairs (the 'refined' rows of train.jsonl)
     d  refinement + scoring    mse  on the refined pairs
     e  the paper's recipe      d + LM regularization on the teacher answers
     f  GRM-style               a + LM regularization
     g  both pair sets          mse  on refined and original pairs together + LM regularization
-    h  rmd's default recipe    e + the restyle ability: y_w* and y_l rewritten in one other style, giving
+    h  the previous default    e + the restyle ability: y_w* and y_l rewritten in one other style, giving
                                restyled, crossed (restyled answer on either side) and margin-0 style-equivalence pairs
     i  h without LM regularization (what generation adds)
     j  h with bt (what scoring adds; bt cannot learn the margin-0 pairs, they are dropped)
     k  h with the from-scratch tiny student (what pretraining adds)
     l  a with the from-scratch tiny student
+    m  h + the original pairs of the kept rows (train.jsonl's 'original' rows: the teacher-labelled input pair of
+       every row whose y_l refine had to fix; rows refine left unchanged differ in style only and give none)
+    n  rmd's default recipe    m with bt (= j + those original pairs)
+    o  n without LM regularization
+    p  n with the from-scratch tiny student
 
-The LM weight of every LM-regularized arm comes from a sweep of arm h on the `valid` split (training tasks, fresh
-answers), never from normal/hard/best-of-N. Also: the teacher's own accuracy as a judge, and best-of-N (N
-candidates per held-out prompt, each arm's RM picks one, scored by the true quality of what it picks; rmd.py bon's
-scoring path) standing in for the paper's RL result.
+Every choice of recipe (pair sets, loss, steps) and the LM weight (a sweep of the default arm) is made on the `valid`
+split (training tasks, fresh answers; its normal-like and hard-like halves are reported apart), never on
+normal/hard/best-of-N. Also: the teacher's own accuracy as a judge, and best-of-N (N candidates per held-out prompt,
+each arm's RM picks one, scored by the true quality of what it picks; rmd.py bon's scoring path) standing in for the
+paper's RL result.
 
     python ablation.py                                  # 3 seeds, the default world
     python ablation.py --seeds=0,1,2 --verbosity-bias=1.6 --out=runs/ablation-verbose
-    python ablation.py --seeds=7 --arms=a,h --steps=5 --sweep=0.1   # a smoke test
+    python ablation.py --seeds=7 --arms=a,n --steps=5 --sweep=0.1   # a smoke test
 
 Writes <out>/results.json (with "default_arm") and <out>/table.md; every run's files stay under <out>/seed<S>/.
 """
@@ -60,6 +66,7 @@ ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
     "p": ("mixed", "bt", True, "scratch", "n with the from-scratch student"),
 }
 DEFAULT_ARM = "n"
+STEPS = 400  # optimizer steps of every arm: chosen on valid (README); the demo (rmd.DEMO_TRAIN) trains as many
 DEFAULT_ARMS = "a,e,h,j,n"  # the others on request (--arms): a 2-core CPU runs these 5 in ~35 min
 PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "crossed", "equivalent"),  # train.jsonl rows
                 "mixed": ("refined", "restyled", "crossed", "equivalent", "original")}
@@ -121,8 +128,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated world and training seeds")
     parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated subset of {','.join(ARMS)}")
-    parser.add_argument("--steps", type=int, default=400,
-                        help="optimizer steps per training run (400: chosen on valid, see README)")
+    parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per training run")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-len", type=int, default=256)

@@ -1204,10 +1204,11 @@ def log_line(window, step, total, optimizer, world, log, log_file):
 
 USAGE = __doc__
 DEMO_OUT = "out/distill"  # where `python rmd.py distill` writes when run on the built-in default
-# `python rmd.py train` with no --data: the built-in tiny student on the demo distill output, sized for a CPU
+# `python rmd.py train` with no --data: the built-in tiny student on the demo distill output, sized for a CPU, with
+# rmd's default recipe (ablation.py's DEFAULT_ARM: bt, LM weight 0.1, 400 steps; chosen on valid, see README)
 DEMO_TRAIN = dict(data=f"{DEMO_OUT}/train.jsonl", eval_data=f"normal={DEMO_OUT}/builtin/normal.jsonl,"
-                  f"hard={DEMO_OUT}/builtin/hard.jsonl", model="tiny", lr=1e-3, max_len=256, max_steps=200,
-                  log_interval=25)
+                  f"hard={DEMO_OUT}/builtin/hard.jsonl", model="tiny", loss="bt", lr=1e-3, max_len=256,
+                  max_steps=400, log_interval=50)
 
 
 ABOUT = {

@@ -192,7 +192,13 @@ def test_distill_end_to_end_with_retries(tmp_path):
     by_source = {}
     for row in rows:
         by_source.setdefault(row["provenance"]["source"], []).append(row)
-    assert set(by_source) == {"refined", "restyled", "crossed", "equivalent", "original"}
+    import ablation
+    import rmd
+    pairs, loss, lm, student, _ = ablation.ARMS[ablation.DEFAULT_ARM]  # what the demo trains is the default arm
+    assert set(by_source) == set(ablation.PAIR_SOURCES[pairs]) == {"refined", "restyled", "crossed", "equivalent",
+                                                                   "original"}
+    assert (rmd.DEMO_TRAIN["loss"], rmd.DEMO_TRAIN["max_steps"], rmd.DEMO_TRAIN["model"], lm) == (
+        loss, ablation.STEPS, student, rmd.TrainConfig().lm_weight > 0)
     assert sorted(r["id"] for r in by_source["original"]) == sorted(r["id"] for r in by_source["refined"])
     right = sum(sim.true_quality(sim.task_from_prompt(r["prompt"]), r["chosen"]) >
                 sim.true_quality(sim.task_from_prompt(r["prompt"]), r["rejected"]) for r in by_source["original"])
