@@ -3,7 +3,7 @@
 For each world seed: one distill run through the real pipeline (teacher.py) against the simulated teacher
 (sim.py), so every arm below shares its teacher requests; then the same student, steps and evaluation sets for each
 arm, trained through rmd.py. The student is the built-in tiny model after LM pretraining on the world's text
-(rmd.tiny_backbone: it knows the tasks' answers, as a real pretrained student knows facts), except in arms k and l:
+(rmd.tiny_backbone: it knows the tasks' answers, as a real pretrained student knows facts), except in arms k, l, p:
 
     a  label distillation      bt   on the teacher-labelled original pairs (annotated.jsonl: every row's)
     b  + scoring               mse  with the teacher's annotation scores, original pairs
@@ -185,17 +185,21 @@ def main(argv=None):
     first = worlds[seeds[0]]
     pairs0, loss0, _, student0, _ = ARMS[DEFAULT_ARM]
     sweep_result = {}
+    single = len(sweep) == 1 and DEFAULT_ARM in arms  # nothing to choose: that run goes with the arms, in parallel
     jobs = [(f"sweep-{w:g}", first["files"][pairs0], loss0, w, first["eval_data"],
              os.path.join(first["dir"], f"sweep_{DEFAULT_ARM}_lm{w:g}"), seeds[0], students[student0]) for w in sweep]
-    for job, res in zip(jobs, _run_parallel(jobs, args)):
+    for job, res in zip(jobs, _run_parallel([] if single else jobs, args)):
         if res is not None:
             sweep_result[job[3]] = valid_accuracy(res["accuracy"])
-    sweep = [w for w in sweep if w in sweep_result]
-    if not sweep:
-        raise SystemExit(f"error: no finished sweep run under {first['dir']}; run without --report first")
-    lm_weight = max(sweep, key=lambda w: (sweep_result[w], -w))
-    print(f"sweep (arm {DEFAULT_ARM}, seed {seeds[0]}, valid accuracy): " +
-          ", ".join(f"lm_weight {w:g}: {100 * sweep_result[w]:.1f}" for w in sweep) + f" -> {lm_weight:g}", flush=True)
+    if single:
+        lm_weight = sweep[0]
+    else:
+        sweep = [w for w in sweep if w in sweep_result]
+        if not sweep:
+            raise SystemExit(f"error: no finished sweep run under {first['dir']}; run without --report first")
+        lm_weight = max(sweep, key=lambda w: (sweep_result[w], -w))
+        print(f"sweep (arm {DEFAULT_ARM}, seed {seeds[0]}, valid accuracy): " + ", ".join(
+            f"lm_weight {w:g}: {100 * sweep_result[w]:.1f}" for w in sweep) + f" -> {lm_weight:g}", flush=True)
 
     # 3. every arm, every seed
     jobs = []
@@ -216,6 +220,9 @@ def main(argv=None):
         results.setdefault(arm, []).append({"seed": seed, **res["accuracy"], "valid": valid_accuracy(res["accuracy"]),
                                             "bon": bon})
 
+    if single and results.get(DEFAULT_ARM, [{}])[0].get("seed") == seeds[0]:
+        sweep_result[lm_weight] = results[DEFAULT_ARM][0]["valid"]
+
     # 4. references: the teacher as a judge, and random / oracle picks for best-of-N
     refs = {"teacher": [], "random": [], "oracle": []}
     for seed in seeds:
@@ -235,7 +242,7 @@ def main(argv=None):
     lines = ([f"Finished runs only (--report): {done}."] if args.report else []) + [
              f"Seeds {seeds}; {args.steps} steps x {args.batch_size} pairs, lr {args.lr}; LM weight {lm_weight:g} "
              f"(sweep of arm {DEFAULT_ARM} on valid: " +
-             ", ".join(f"{w:g} -> {100 * sweep_result[w]:.1f}" for w in sweep) +
+             ", ".join(f"{w:g} -> {100 * sweep_result[w]:.1f}" for w in sweep if w in sweep_result) +
              f"). Accuracy % on held-out truth-labelled pairs ({world0.n_eval} per split and seed); BoN = % of "
              f"best-of-{world0.bon_n} picks that are correct ({world0.n_bon} prompts per seed). Mean ± std over seeds.",
              "", "| arm | pairs | loss | LM reg | student | normal | hard | BoN | valid: normal-like / hard-like half |",
