@@ -1,32 +1,38 @@
 """ablation.py -- does each of the teacher's abilities make a better student? Measured in the simulated world.
 
-For each world seed: one distill run through the real pipeline (teacher.py) against the simulated teacher
+For each world seed: one distill run through the real pipeline (distill.py) against the simulated teacher
 (sim.py), so every arm below shares its teacher requests; then the same student, steps and evaluation sets for each
 arm, trained through rmd.py. The student is the built-in tiny model after LM pretraining on the world's text
-(tiny_lm.tiny_backbone: it knows the tasks' answers, as a real pretrained student knows facts), except in arms k and l:
+(tiny_lm.tiny_backbone: it knows the tasks' answers, as a real pretrained student knows facts), except in arms k, l, p:
 
-    a  label distillation      bt   on the teacher-labelled original pairs (annotated.jsonl)
+    a  label distillation      bt   on the teacher-labelled original pairs (annotated.jsonl: every row's)
     b  + scoring               mse  with the teacher's annotation scores, original pairs
     c  + refinement            bt   on the refined pairs (the 'refined' rows of train.jsonl)
     d  refinement + scoring    mse  on the refined pairs
     e  the paper's recipe      d + LM regularization on the teacher answers
     f  GRM-style               a + LM regularization
     g  both pair sets          mse  on refined and original pairs together + LM regularization
-    h  rmd's default recipe    e + the restyle ability: y_w* and y_l rewritten in one other style, giving
+    h  the previous default    e + the restyle ability: y_w* and y_l rewritten in one other style, giving
                                restyled, crossed (restyled answer on either side) and margin-0 style-equivalence pairs
     i  h without LM regularization (what generation adds)
     j  h with bt (what scoring adds; bt cannot learn the margin-0 pairs, they are dropped)
     k  h with the from-scratch tiny student (what pretraining adds)
     l  a with the from-scratch tiny student
+    m  h + the original pairs of the kept rows (train.jsonl's 'original' rows: the teacher-labelled input pair of
+       every row whose y_l refine had to fix; rows refine left unchanged differ in style only and give none)
+    n  rmd's default recipe    m with bt (= j + those original pairs)
+    o  n without LM regularization
+    p  n with the from-scratch tiny student
 
-The LM weight of every LM-regularized arm comes from a sweep of arm h on the `valid` split (training tasks, fresh
-answers), never from normal/hard/best-of-N. Also: the teacher's own accuracy as a judge, and best-of-N (N
-candidates per held-out prompt, each arm's RM picks one, scored by the true quality of what it picks; rmd.py bon's
-scoring path) standing in for the paper's RL result.
+Every choice of recipe (pair sets, loss, steps) and the LM weight (a sweep of the default arm) is made on the `valid`
+split (training tasks, fresh answers; its normal-like and hard-like halves are reported apart), never on
+normal/hard/best-of-N. Also: the teacher's own accuracy as a judge, and best-of-N (N candidates per held-out prompt,
+each arm's RM picks one, scored by the true quality of what it picks; rmd.py bon's scoring path) standing in for the
+paper's RL result.
 
     python ablation.py                                  # 3 seeds, the default world
     python ablation.py --seeds=0,1,2 --verbosity-bias=1.6 --out=runs/ablation-verbose
-    python ablation.py --seeds=7 --arms=a,h --steps=5 --sweep=0.1   # a smoke test
+    python ablation.py --seeds=7 --arms=a,n --steps=5 --sweep=0.1   # a smoke test
 
 Writes <out>/results.json (with "default_arm") and <out>/table.md; every run's files stay under <out>/seed<S>/.
 """
@@ -40,6 +46,7 @@ import time
 
 import sim
 import sim_server
+from formats import write_jsonl
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
@@ -55,14 +62,20 @@ ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
     "j": ("full", "bt", True, "tiny", "h with bt (no scoring: margin-0 pairs dropped)"),
     "k": ("full", "mse", True, "scratch", "h with the from-scratch student"),
     "l": ("original", "bt", False, "scratch", "a with the from-scratch student"),
+    "m": ("mixed", "mse", True, "tiny", "h + the kept rows' original pairs"),
+    "n": ("mixed", "bt", True, "tiny", "rmd default: j + the kept rows' original pairs"),
+    "o": ("mixed", "bt", False, "tiny", "n without LM reg (no generation)"),
+    "p": ("mixed", "bt", True, "scratch", "n with the from-scratch student"),
 }
-DEFAULT_ARM = "h"
-DEFAULT_ARMS = "a,c,e,h,i,j,k"  # b, d, f, g, l on request (--arms): a 2-core CPU runs these in ~35 min
-PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "crossed", "equivalent")}  # train.jsonl rows
+DEFAULT_ARM = "n"
+STEPS = 400  # optimizer steps of every arm: chosen on valid (README); the demo (rmd.DEMO_TRAIN) trains as many
+DEFAULT_ARMS = "a,e,h,j,n"  # the others on request (--arms): a 2-core CPU runs these 5 in ~35 min
+PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "crossed", "equivalent"),  # train.jsonl rows
+                "mixed": ("refined", "restyled", "crossed", "equivalent", "original")}
 
 
 def run_distill(world, data_paths, out_dir, workers):
-    """Distill the world's default input once, through teacher.py against the sim teacher."""
+    """Distill the world's default input once, through distill.py against the sim teacher."""
     import distill
     if os.path.exists(os.path.join(out_dir, "summary.json")):
         return json.load(open(os.path.join(out_dir, "summary.json")))
@@ -118,7 +131,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated world and training seeds")
     parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated subset of {','.join(ARMS)}")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per training run")
+    parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per training run")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-len", type=int, default=256)
@@ -164,9 +177,10 @@ def main(argv=None):
         files = pair_files(distill_dir)
         counts = {k: sum(1 for _ in open(v)) for k, v in files.items()}
         print(f"seed {seed}: distill {time.time() - t0:.0f}s, {summary['rows']} rows -> {counts['refined']} refined "
-              f"pairs ({counts['full']} with the restyled and style-equivalence pairs), {counts['original']} "
-              f"labelled original pairs", flush=True)
-        eval_data = ",".join(f"{s}={paths[s]}" for s in ("normal", "hard", "valid"))
+              f"pairs ({counts['full']} with the restyled and style-equivalence pairs, {counts['mixed']} with the "
+              f"kept rows' original pairs too), {counts['original']} labelled original pairs", flush=True)
+        paths.update(split_valid(paths["valid"]))
+        eval_data = ",".join(f"{s}={paths[s]}" for s in ("normal", "hard", "valid_normal", "valid_hard"))
         worlds[seed] = dict(world=world, paths=paths, files=files, eval_data=eval_data, dir=seed_dir,
                             counts=counts, summary=summary)
 
@@ -174,17 +188,21 @@ def main(argv=None):
     first = worlds[seeds[0]]
     pairs0, loss0, _, student0, _ = ARMS[DEFAULT_ARM]
     sweep_result = {}
+    single = len(sweep) == 1 and DEFAULT_ARM in arms  # nothing to choose: that run goes with the arms, in parallel
     jobs = [(f"sweep-{w:g}", first["files"][pairs0], loss0, w, first["eval_data"],
-             os.path.join(first["dir"], f"sweep_lm{w:g}"), seeds[0], students[student0]) for w in sweep]
-    for job, res in zip(jobs, _run_parallel(jobs, args)):
+             os.path.join(first["dir"], f"sweep_{DEFAULT_ARM}_lm{w:g}"), seeds[0], students[student0]) for w in sweep]
+    for job, res in zip(jobs, _run_parallel([] if single else jobs, args)):
         if res is not None:
-            sweep_result[job[3]] = res["accuracy"]["valid"]
-    sweep = [w for w in sweep if w in sweep_result]
-    if not sweep:
-        raise SystemExit(f"error: no finished sweep run under {first['dir']}; run without --report first")
-    lm_weight = max(sweep, key=lambda w: (sweep_result[w], -w))
-    print(f"sweep (arm {DEFAULT_ARM}, seed {seeds[0]}, valid accuracy): " +
-          ", ".join(f"lm_weight {w:g}: {100 * sweep_result[w]:.1f}" for w in sweep) + f" -> {lm_weight:g}", flush=True)
+            sweep_result[job[3]] = valid_accuracy(res["accuracy"])
+    if single:
+        lm_weight = sweep[0]
+    else:
+        sweep = [w for w in sweep if w in sweep_result]
+        if not sweep:
+            raise SystemExit(f"error: no finished sweep run under {first['dir']}; run without --report first")
+        lm_weight = max(sweep, key=lambda w: (sweep_result[w], -w))
+        print(f"sweep (arm {DEFAULT_ARM}, seed {seeds[0]}, valid accuracy): " + ", ".join(
+            f"lm_weight {w:g}: {100 * sweep_result[w]:.1f}" for w in sweep) + f" -> {lm_weight:g}", flush=True)
 
     # 3. every arm, every seed
     jobs = []
@@ -193,8 +211,8 @@ def main(argv=None):
         for arm in arms:
             pairs, loss, lm, student, _ = ARMS[arm]
             w = lm_weight if lm else 0.0
-            out = os.path.join(wd["dir"], f"sweep_lm{w:g}") if arm == DEFAULT_ARM and seed == seeds[0] else \
-                os.path.join(wd["dir"], f"arm_{arm}")
+            swept = arm == DEFAULT_ARM and seed == seeds[0]  # the sweep's run at the chosen weight is this one
+            out = os.path.join(wd["dir"], f"sweep_{arm}_lm{w:g}" if swept else f"arm_{arm}")
             jobs.append((arm, wd["files"][pairs], loss, w, wd["eval_data"], out, seed, students[student]))
     results = {}
     for job, res in zip(jobs, _run_parallel(jobs, args)):
@@ -202,7 +220,11 @@ def main(argv=None):
         if res is None:
             continue
         bon = best_of_n(os.path.join(out, "model"), worlds[seed]["paths"]["bon"], args.max_len)
-        results.setdefault(arm, []).append({"seed": seed, **res["accuracy"], "bon": bon})
+        results.setdefault(arm, []).append({"seed": seed, **res["accuracy"], "valid": valid_accuracy(res["accuracy"]),
+                                            "bon": bon})
+
+    if single and results.get(DEFAULT_ARM, [{}])[0].get("seed") == seeds[0]:
+        sweep_result[lm_weight] = results[DEFAULT_ARM][0]["valid"]
 
     # 4. references: the teacher as a judge, and random / oracle picks for best-of-N
     refs = {"teacher": [], "random": [], "oracle": []}
@@ -223,10 +245,11 @@ def main(argv=None):
     lines = ([f"Finished runs only (--report): {done}."] if args.report else []) + [
              f"Seeds {seeds}; {args.steps} steps x {args.batch_size} pairs, lr {args.lr}; LM weight {lm_weight:g} "
              f"(sweep of arm {DEFAULT_ARM} on valid: " +
-             ", ".join(f"{w:g} -> {100 * sweep_result[w]:.1f}" for w in sweep) +
+             ", ".join(f"{w:g} -> {100 * sweep_result[w]:.1f}" for w in sweep if w in sweep_result) +
              f"). Accuracy % on held-out truth-labelled pairs ({world0.n_eval} per split and seed); BoN = % of "
              f"best-of-{world0.bon_n} picks that are correct ({world0.n_bon} prompts per seed). Mean ± std over seeds.",
-             "", "| arm | pairs | loss | LM reg | student | normal | hard | BoN |", "|---|---|---|---|---|---|---|---|"]
+             "", "| arm | pairs | loss | LM reg | student | normal | hard | BoN | valid: normal-like / hard-like half |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         pairs, loss, lm, student, label = ARMS[arm]
         rs = results.get(arm)
@@ -235,13 +258,15 @@ def main(argv=None):
         name = f"**{arm}. {label}**" if arm == DEFAULT_ARM else f"{arm}. {label}"
         shown = "scratch" if student == "scratch" else os.path.basename(args.student.rstrip("/"))  # which student
         lines.append(f"| {name} | {pairs} | {loss} | {lm_weight if lm else 0:g} | {shown} | "
-                     f"{fmt([r['normal'] for r in rs])} | {fmt([r['hard'] for r in rs])} | {fmt([r['bon'] for r in rs])} |")
+                     f"{fmt([r['normal'] for r in rs])} | {fmt([r['hard'] for r in rs])} | "
+                     f"{fmt([r['bon'] for r in rs])} | {valid_halves(rs)} |")
     lines.append(f"| teacher as judge (both orders) | - | - | - | - | {fmt([r['normal'] for r in refs['teacher']])} | "
-                 f"{fmt([r['hard'] for r in refs['teacher']])} | - |")
+                 f"{fmt([r['hard'] for r in refs['teacher']])} | - | - |")
     lines.append(f"| random pick / oracle pick | - | - | - | - | - | - | {fmt([r['bon'] for r in refs['random']])} / "
-                 f"{fmt([r['bon'] for r in refs['oracle']])} |")
+                 f"{fmt([r['bon'] for r in refs['oracle']])} | - |")
     counts = "; ".join(f"seed {s}: {worlds[s]['counts']['refined']} refined, {worlds[s]['counts']['full']} full, "
-                       f"{worlds[s]['counts']['original']} original pairs, from {worlds[s]['summary']['rows']} prompts"
+                       f"{worlds[s]['counts']['mixed']} mixed, {worlds[s]['counts']['original']} original pairs, "
+                       f"from {worlds[s]['summary']['rows']} prompts"
                        for s in seeds)
     lines += ["", f"Training pairs per distill run ({counts}).",
               f"Student: {args.student}" + (f" (first {args.layers} layers)" if args.layers else "") +
@@ -277,6 +302,30 @@ def verdict(results, arm, baseline):
     return f"Arm {arm} vs arm {baseline}: " + ", ".join(parts) + "."
 
 
+def valid_halves(rows):
+    if not all("valid_normal" in r for r in rows):
+        return fmt([r["valid"] for r in rows]) + " (whole split)"
+    return f"{fmt([r['valid_normal'] for r in rows])} / {fmt([r['valid_hard'] for r in rows])}"
+
+
+def split_valid(path):
+    """valid.jsonl -> its normal-like and hard-like halves (sim.eval_pairs marks each row's kind), so that a choice
+    made on valid can weigh natural pairs and style traps the way the bar does, without the test splits."""
+    rows = [json.loads(line) for line in open(path)]
+    paths = {}
+    for kind in ("normal", "hard"):
+        paths[f"valid_{kind}"] = path.replace(".jsonl", f"_{kind}.jsonl")
+        write_jsonl(paths[f"valid_{kind}"], [r for r in rows if r["kind"] == kind])
+    return paths
+
+
+def valid_accuracy(accuracy):
+    """Accuracy on the whole valid split from its two equal halves (or the whole split, for runs made before)."""
+    if "valid" in accuracy:
+        return accuracy["valid"]
+    return (accuracy["valid_normal"] + accuracy["valid_hard"]) / 2
+
+
 def pair_files(distill_dir):
     """The pair sets the arms train on, from one distill run: original (annotated.jsonl), refined (the refined rows of
     train.jsonl), full (all of train.jsonl: refined, restyled and style-equivalence rows), both (refined + original)."""
@@ -284,7 +333,7 @@ def pair_files(distill_dir):
     files = {"original": os.path.join(distill_dir, "annotated.jsonl")}
     for name, sources in PAIR_SOURCES.items():
         files[name] = os.path.join(distill_dir, f"pairs_{name}.jsonl")
-        sim.write_jsonl(files[name], [r for r in rows if r["provenance"]["source"] in sources])
+        write_jsonl(files[name], [r for r in rows if r["provenance"]["source"] in sources])
     files["both"] = os.path.join(distill_dir, "pairs_both.jsonl")
     with open(files["both"], "w") as f:
         for name in (files["refined"], files["original"]):

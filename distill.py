@@ -82,6 +82,7 @@ class DistillConfig:
     min_delta: float = 1.0              # keep a pair only if s(y_w*) - s(y_l) > min_delta
     restyle: bool = True                # rewrite y_w* and y_l in one other style: restyled, crossed, style-equivalence pairs
     restyle_temperature: float = 0.0    # restyle is greedy: a faithful rewrite, not a sample
+    original_pairs: bool = True         # train.jsonl also gets each kept row's annotated pair (source "original")
     tie_policy: str = "drop"            # drop | reask (once, asking to avoid equal scores)
     reask: int = 3                      # re-ask a reply that is not an answer (unparseable, empty, cut, refusal) N times
     retry_failed: bool = False          # ask the failed rows of <out>/failures.jsonl again (the rest from the cache)
@@ -222,8 +223,9 @@ class Run:
         reasks = self.asker.row_local.reasks
         if reasks:  # stages answered only after a re-ask: their answers may differ from a first reply's
             out["train"]["provenance"]["reasks"] = dict(reasks)
-        if cfg.restyle:
-            out["extra"] = self.restyled_pairs(out["train"], question)
+        out["extra"] = self.restyled_pairs(out["train"], question) if cfg.restyle else []
+        if cfg.original_pairs:  # the natural pair too: refine had to fix y_l, so its label is about content
+            out["extra"].append({**out["annotated"], "provenance": {**provenance, "source": "original"}})
 
     def process_row(self, row):
         """One row through every stage -> {train?, annotated?, failure?}; every row gets a train row or a failure."""
@@ -464,6 +466,7 @@ def distill(cfg):
     results = _run_rows(run, rows)
     outputs = _outputs(results)
     summary = summarize(run, outputs, time.time() - t0)
+    summary["original_pairs"] = sum(t["provenance"]["source"] == "original" for t in outputs["train"])
     if retried is not None:
         summary["retry_failed"] = {"rows": len(retried), "recovered": sum(t["id"] in retried for t in outputs["train"]
                                                                           if t["provenance"]["source"] == "refined")}

@@ -46,10 +46,11 @@ from train import TrainConfig, train
 
 USAGE = __doc__
 DEMO_OUT = "out/distill"  # where `python rmd.py distill` writes when run on the built-in default
-# `python rmd.py train` with no --data: the built-in tiny student on the demo distill output, sized for a CPU
+# `python rmd.py train` with no --data: the built-in tiny student on the demo distill output, sized for a CPU, with
+# rmd's default recipe (ablation.py's DEFAULT_ARM: bt, LM weight 0.1, 400 steps; chosen on valid, see README)
 DEMO_TRAIN = dict(data=f"{DEMO_OUT}/train.jsonl", eval_data=f"normal={DEMO_OUT}/builtin/normal.jsonl,"
-                  f"hard={DEMO_OUT}/builtin/hard.jsonl", model="tiny", lr=1e-3, max_len=256, max_steps=200,
-                  log_interval=25)
+                  f"hard={DEMO_OUT}/builtin/hard.jsonl", model="tiny", loss="bt", lr=1e-3, max_len=256,
+                  max_steps=400, log_interval=50)
 
 
 ABOUT = {
@@ -125,6 +126,8 @@ def say_what_distill_wrote(cfg, summary, demo):
     train_file = os.path.join(cfg.out, "train.jsonl")
     extra = (summary.get("restyle") or {}).get("pairs", 0)
     extra = f" + {extra} from the restyle stage" if extra else ""
+    if summary.get("original_pairs"):
+        extra += f" + {summary['original_pairs']} of their teacher-labelled input pairs"
     print(f"wrote {train_file} ({summary['kept']} refined pairs{extra}), {os.path.join(cfg.out, 'annotated.jsonl')} "
           f"(the teacher-labelled input pairs), {failures} (rows not kept, with reasons), "
           f"{os.path.join(cfg.out, 'summary.json')}, {os.path.join(cfg.out, 'report.html')} (the run in pictures)",

@@ -430,7 +430,7 @@ def eval_pairs(cfg, split):
                 continue  # keep pairs whose label is beyond dispute: exactly one correct answer
             chosen, rejected = (a, b) if qa > qb else (b, a)
         rows.append({"id": f"{split}-{cfg.seed}-{len(rows)}", "prompt": task.prompt, "chosen": chosen,
-                     "rejected": rejected})
+                     "rejected": rejected, **({"kind": kind} if split == "valid" else {})})  # valid: which half
     return rows
 
 

@@ -191,7 +191,17 @@ def test_distill_end_to_end_with_retries(tmp_path):
     by_source = {}
     for row in rows:
         by_source.setdefault(row["provenance"]["source"], []).append(row)
-    assert set(by_source) == {"refined", "restyled", "crossed", "equivalent"}
+    import ablation
+    import rmd
+    pairs, loss, lm, student, _ = ablation.ARMS[ablation.DEFAULT_ARM]  # what the demo trains is the default arm
+    assert set(by_source) == set(ablation.PAIR_SOURCES[pairs]) == {"refined", "restyled", "crossed", "equivalent",
+                                                                   "original"}
+    assert (rmd.DEMO_TRAIN["loss"], rmd.DEMO_TRAIN["max_steps"], rmd.DEMO_TRAIN["model"], lm) == (
+        loss, ablation.STEPS, student, rmd.TrainConfig().lm_weight > 0)
+    assert sorted(r["id"] for r in by_source["original"]) == sorted(r["id"] for r in by_source["refined"])
+    right = sum(sim.true_quality(sim.task_from_prompt(r["prompt"]), r["chosen"]) >
+                sim.true_quality(sim.task_from_prompt(r["prompt"]), r["rejected"]) for r in by_source["original"])
+    assert right >= 0.7 * len(by_source["original"])  # refine found y_l wrong: few style-only pairs are left
     originals = {r["chosen"] for r in by_source["refined"]} | {r["rejected"] for r in by_source["refined"]}
     for row in by_source["equivalent"]:  # a restyled y_w* or y_l against itself: margin 0, same content (bar drift)
         assert row["chosen_score"] == row["rejected_score"] and row["chosen"] != row["rejected"]
@@ -218,11 +228,13 @@ def test_distill_end_to_end_with_retries(tmp_path):
 
 def test_ablation_smoke(tmp_path):
     import ablation
-    results = ablation.main(["--seeds=0", "--arms=a,h", "--steps=2", "--sweep=0.1", "--batch-size=4",
-                             "--n-distill=30", "--n-eval=10", "--n-bon=4", f"--out={tmp_path}"])
-    assert set(results) == {"a", "h"}
+    results = ablation.main(["--seeds=0", f"--arms=a,{ablation.DEFAULT_ARM}", "--steps=2", "--sweep=0.1",
+                             "--batch-size=4", "--n-distill=30", "--n-eval=10", "--n-bon=4", f"--out={tmp_path}"])
+    assert set(results) == {"a", ablation.DEFAULT_ARM}
     saved = json.load(open(tmp_path / "results.json"))
-    assert saved["default_arm"] == "h" and set(saved["arms"]["h"][0]) >= {"seed", "normal", "hard", "bon"}
+    assert saved["default_arm"] == ablation.DEFAULT_ARM
+    assert set(saved["arms"][ablation.DEFAULT_ARM][0]) >= {"seed", "normal", "hard", "bon", "valid_normal",
+                                                          "valid_hard", "valid"}
     for rows in results.values():
         assert all(0.0 <= rows[0][k] <= 1.0 for k in ("normal", "hard", "bon"))
     assert (tmp_path / "table.md").exists()

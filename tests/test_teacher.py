@@ -23,7 +23,7 @@ from protocol import ParseError, parse_annotation, parse_refinement, parse_score
 
 # restyle off: these tests count the requests of the paper's five stages; test_restyle_* turn it on
 FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=0.5, max_retries=3, json_mode="off", progress=False,
-            restyle=False)
+            restyle=False, original_pairs=False)
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -428,6 +428,23 @@ def test_restyle_adds_pairs_with_the_restyled_answer_on_either_side(tmp_path):
         assert margin == (0 if r["provenance"]["source"] == "equivalent" else 6.0)
         assert "teacher_response" not in r  # the LM target once per row, on the refined pair
     assert summary["kept"] == 1 and summary["restyle"] == {"rows": 1, "pairs": 5, "unchanged": 0, "failed": 0}
+
+
+def test_original_pairs_of_kept_rows_go_to_train_jsonl_with_the_annotation_scores(tmp_path):
+    rows = [PAIR, {"id": "flip", "prompt": "q", "chosen": "bad a", "rejected": "good b"},
+            {"id": "tie", "prompt": "q", "chosen": "good a", "rejected": "good b"}]
+    with FaultServer() as server:
+        summary, train, annotated, failures = run_rows(server, rows, tmp_path, original_pairs=True)
+    assert [(r["id"], r["provenance"]["source"]) for r in train] == [("r1", "refined"), ("r1", "original")]
+    assert summary["kept"] == 1 and summary["original_pairs"] == 1
+    original, same = train[1], annotated[0]  # the annotated pair itself: order-debiased scores, y_T for the LM term
+    keys = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score", "teacher_response")
+    assert {k: original[k] for k in keys} == {k: same[k] for k in keys} and original["chosen"] == "good: 4"
+    # a contradicted label, a tie: no original pair (a y_l that refine leaves as it is: see test_sim)
+    assert {f["id"]: f["reason"] for f in failures} == {"flip": "label_disagreement", "tie": "tie"}
+    with FaultServer() as server:  # without refinement's verdict (9 - 3 is not > 6) the original pair goes too
+        _, strict, _, _ = run_rows(server, [PAIR], tmp_path / "strict", original_pairs=True, min_delta=6.0)
+    assert strict == []
 
 
 def test_a_failed_restyle_keeps_the_refined_pair(tmp_path):
