@@ -36,16 +36,17 @@ paper's RL result.
 
 Writes <out>/results.json (with "default_arm") and <out>/table.md; every run's files stay under <out>/seed<S>/.
 """
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, fields
 
 import sim
 import sim_server
+from cli import parse_overrides
 from formats import write_jsonl
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -127,26 +128,27 @@ def fmt(values):
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+@dataclass
+class AblationConfig(sim.WorldConfig):
+    """The world's options (sim.WorldConfig) and the ablation's own."""
+    seeds: str = "0,1,2"  # comma-separated world and training seeds
+    arms: str = DEFAULT_ARMS  # comma-separated subset of the arms a-p (see the docstring)
+    steps: int = STEPS  # optimizer steps per training run
+    batch_size: int = 16  # pairs per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    max_len: int = 256  # tokens per sequence
+    student: str = ""  # the pretrained student of the arms that use one ("" = the tiny model pretrained on this world's text; e.g. a SmolLM2 .gguf with --layers)
+    layers: int = 0  # keep the first N layers of --student (0 = all)
+    sweep: str = "0.1,1.0"  # LM weights tried for the default arm on the first seed, chosen on valid
+    jobs: int = 2  # training runs in parallel (each gets cores/jobs threads)
+    workers: int = 8  # distill requests in flight
+    out: str = "runs/ablation"  # where every run, results.json and table.md go
+    report: bool = False  # train nothing: tabulate the runs already finished under --out (a run resumes otherwise)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated world and training seeds")
-    parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated subset of {','.join(ARMS)}")
-    parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per training run")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--max-len", type=int, default=256)
-    parser.add_argument("--student", default="",
-                        help="the pretrained student of arms a-j (default: the tiny model pretrained on this world's "
-                             "text); e.g. a SmolLM2 .gguf with --layers")
-    parser.add_argument("--layers", type=int, default=0, help="keep the first N layers of --student (0 = all)")
-    parser.add_argument("--sweep", default="0.1,1.0",
-                        help=f"LM weights tried for the default arm ({DEFAULT_ARM}) on the first seed, chosen on valid")
-    parser.add_argument("--jobs", type=int, default=2, help="training runs in parallel (each gets cores/jobs threads)")
-    parser.add_argument("--workers", type=int, default=8, help="distill requests in flight")
-    parser.add_argument("--out", default="runs/ablation")
-    parser.add_argument("--report", action="store_true",
-                        help="train nothing: tabulate the runs already finished under --out (a run resumes otherwise)")
-    args = sim.add_world_args(parser).parse_args(argv)
+    args = parse_overrides(AblationConfig(), list(sys.argv[1:] if argv is None else argv), "python ablation.py",
+                           __doc__.split("\n")[0])
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
     if unknown := [a for a in arms if a not in ARMS]:
@@ -158,7 +160,7 @@ def main(argv=None):
 
     # 0. the pretrained student: the tiny model after LM pretraining on this world's text (built once, cached)
     import tiny_lm
-    world_args = sim.world_from_args(args)
+    world_args = world_of(args)
     args.student = args.student or tiny_lm.tiny_backbone(world_args)
     students = {"tiny": args.student, "scratch": "tiny-scratch"}
     info = os.path.join(args.student, "pretrain.json")
@@ -167,7 +169,7 @@ def main(argv=None):
     # 1. data and one distill run per world seed
     worlds = {}
     for seed in seeds:
-        world = sim.world_from_args(args)
+        world = world_of(args)
         world.seed = seed
         seed_dir = os.path.join(args.out, f"seed{seed}")
         paths = sim.write_builtin_data(os.path.join(seed_dir, "data"), world)
@@ -324,6 +326,11 @@ def valid_accuracy(accuracy):
     if "valid" in accuracy:
         return accuracy["valid"]
     return (accuracy["valid_normal"] + accuracy["valid_hard"]) / 2
+
+
+def world_of(args):
+    """The sim.WorldConfig part of the ablation's config."""
+    return sim.WorldConfig(**{f.name: getattr(args, f.name) for f in fields(sim.WorldConfig)})
 
 
 def pair_files(distill_dir):

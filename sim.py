@@ -32,7 +32,6 @@ import random
 import re
 from dataclasses import dataclass
 
-from cli import field_comments
 from formats import write_jsonl
 
 # -----------------------------------------------------------------------------
@@ -512,20 +511,3 @@ def bias_stats(cfg, n=4000):
         fancy_wins += f > p
     return {"order_consistent": consistent / n, "biased_to_first": first / n, "biased_to_second": second / n,
             "fancier_wins_decided": fancy_wins / max(1, decided), "tie_rate_fancy_vs_plain": 1 - decided / n}
-
-# -----------------------------------------------------------------------------
-# command line
-
-
-def add_world_args(parser):
-    """argparse options for every WorldConfig field, for ablation.py (sim_server.py's command line uses
-    cli.parse_overrides; so will ablation.py)."""
-    meanings = field_comments(WorldConfig)
-    for f in dataclasses.fields(WorldConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=f.default,
-                            help=f"{meanings.get(f.name, 'world option')} (default {f.default})".replace("%", "%%"))
-    return parser
-
-
-def world_from_args(args):
-    return WorldConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WorldConfig)})
