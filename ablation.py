@@ -157,56 +157,74 @@ def main(argv=None):
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     t_start = time.time()
-
     # 0. the pretrained student: the tiny model after LM pretraining on this world's text (built once, cached)
     import tiny_lm
-    world_args = world_of(args)
-    args.student = args.student or tiny_lm.tiny_backbone(world_args)
+    args.student = args.student or tiny_lm.tiny_backbone(world_of(args))
     students = {"tiny": args.student, "scratch": "tiny-scratch"}
     info = os.path.join(args.student, "pretrain.json")
     knowledge = json.load(open(info))["knowledge"] if os.path.exists(info) else None
+    worlds = {seed: distill_world(args, seed) for seed in seeds}  # 1. data and one distill run per world seed
+    single = len(sweep) == 1 and DEFAULT_ARM in arms  # nothing to choose: that run goes with the arms, in parallel
+    lm_weight, sweep_result = sweep_lm_weight(args, worlds[seeds[0]], seeds[0], sweep, students, single)  # 2.
+    results = train_arms(args, worlds, seeds, arms, lm_weight, students)  # 3. every arm, every seed
+    if single and results.get(DEFAULT_ARM, [{}])[0].get("seed") == seeds[0]:
+        sweep_result[lm_weight] = results[DEFAULT_ARM][0]["valid"]
+    refs = references(worlds, seeds)  # 4. the teacher as a judge, random / oracle picks for best-of-N
+    table = "\n".join(table_lines(args, worlds, seeds, arms, results, refs, lm_weight, sweep, sweep_result,
+                                   knowledge) + [f"Total wall time {time.time() - t_start:.0f}s."])  # 5.
+    print("\n" + table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"default_arm": DEFAULT_ARM, "args": vars(args), "lm_weight": lm_weight, "sweep": sweep_result,
+                   "arms": results, "references": refs, "student_knowledge": knowledge}, f, indent=1)
+    return results
 
-    # 1. data and one distill run per world seed
-    worlds = {}
-    for seed in seeds:
-        world = world_of(args)
-        world.seed = seed
-        seed_dir = os.path.join(args.out, f"seed{seed}")
-        paths = sim.write_builtin_data(os.path.join(seed_dir, "data"), world)
-        t0 = time.time()
-        distill_dir = os.path.join(seed_dir, "distill")
-        summary = run_distill(world, paths, distill_dir, args.workers)
-        files = pair_files(distill_dir)
-        counts = {k: sum(1 for _ in open(v)) for k, v in files.items()}
-        print(f"seed {seed}: distill {time.time() - t0:.0f}s, {summary['rows']} rows -> {counts['refined']} refined "
-              f"pairs ({counts['full']} with the restyled and style-equivalence pairs, {counts['mixed']} with the "
-              f"kept rows' original pairs too), {counts['original']} labelled original pairs", flush=True)
-        paths.update(split_valid(paths["valid"]))
-        eval_data = ",".join(f"{s}={paths[s]}" for s in ("normal", "hard", "valid_normal", "valid_hard"))
-        worlds[seed] = dict(world=world, paths=paths, files=files, eval_data=eval_data, dir=seed_dir,
-                            counts=counts, summary=summary)
 
-    # 2. the LM-weight sweep: the default arm on the first seed, chosen on the validation split (never normal/hard)
-    first = worlds[seeds[0]]
+def distill_world(args, seed):
+    """One world seed's data and distill run -> {world, paths, files (pair sets), eval_data, dir, counts, summary}."""
+    world = world_of(args)
+    world.seed = seed
+    seed_dir = os.path.join(args.out, f"seed{seed}")
+    paths = sim.write_builtin_data(os.path.join(seed_dir, "data"), world)
+    t0 = time.time()
+    distill_dir = os.path.join(seed_dir, "distill")
+    summary = run_distill(world, paths, distill_dir, args.workers)
+    files = pair_files(distill_dir)
+    counts = {k: sum(1 for _ in open(v)) for k, v in files.items()}
+    print(f"seed {seed}: distill {time.time() - t0:.0f}s, {summary['rows']} rows -> {counts['refined']} refined "
+          f"pairs ({counts['full']} with the restyled and style-equivalence pairs, {counts['mixed']} with the "
+          f"kept rows' original pairs too), {counts['original']} labelled original pairs", flush=True)
+    paths.update(split_valid(paths["valid"]))
+    eval_data = ",".join(f"{s}={paths[s]}" for s in ("normal", "hard", "valid_normal", "valid_hard"))
+    return dict(world=world, paths=paths, files=files, eval_data=eval_data, dir=seed_dir, counts=counts,
+                summary=summary)
+
+
+def sweep_lm_weight(args, first, seed, sweep, students, single):
+    """The LM-weight sweep: the default arm on the first seed, chosen on the validation split (never normal/hard)
+    -> (the chosen weight, {weight: valid accuracy})."""
     pairs0, loss0, _, student0, _ = ARMS[DEFAULT_ARM]
     sweep_result = {}
-    single = len(sweep) == 1 and DEFAULT_ARM in arms  # nothing to choose: that run goes with the arms, in parallel
     jobs = [(f"sweep-{w:g}", first["files"][pairs0], loss0, w, first["eval_data"],
-             os.path.join(first["dir"], f"sweep_{DEFAULT_ARM}_lm{w:g}"), seeds[0], students[student0]) for w in sweep]
+             os.path.join(first["dir"], f"sweep_{DEFAULT_ARM}_lm{w:g}"), seed, students[student0]) for w in sweep]
     for job, res in zip(jobs, _run_parallel([] if single else jobs, args)):
         if res is not None:
             sweep_result[job[3]] = valid_accuracy(res["accuracy"])
     if single:
-        lm_weight = sweep[0]
-    else:
-        sweep = [w for w in sweep if w in sweep_result]
-        if not sweep:
-            raise SystemExit(f"error: no finished sweep run under {first['dir']}; run without --report first")
-        lm_weight = max(sweep, key=lambda w: (sweep_result[w], -w))
-        print(f"sweep (arm {DEFAULT_ARM}, seed {seeds[0]}, valid accuracy): " + ", ".join(
-            f"lm_weight {w:g}: {100 * sweep_result[w]:.1f}" for w in sweep) + f" -> {lm_weight:g}", flush=True)
+        return sweep[0], sweep_result
+    sweep = [w for w in sweep if w in sweep_result]
+    if not sweep:
+        raise SystemExit(f"error: no finished sweep run under {first['dir']}; run without --report first")
+    lm_weight = max(sweep, key=lambda w: (sweep_result[w], -w))
+    print(f"sweep (arm {DEFAULT_ARM}, seed {seed}, valid accuracy): " + ", ".join(
+        f"lm_weight {w:g}: {100 * sweep_result[w]:.1f}" for w in sweep) + f" -> {lm_weight:g}", flush=True)
+    return lm_weight, sweep_result
 
-    # 3. every arm, every seed
+
+def train_arms(args, worlds, seeds, arms, lm_weight, students):
+    """Every arm on every seed (parallel jobs) -> {arm: [{seed, split accuracies, valid, bon}]}."""
     jobs = []
     for seed in seeds:
         wd = worlds[seed]
@@ -224,24 +242,27 @@ def main(argv=None):
         bon = best_of_n(os.path.join(out, "model"), worlds[seed]["paths"]["bon"], args.max_len)
         results.setdefault(arm, []).append({"seed": seed, **res["accuracy"], "valid": valid_accuracy(res["accuracy"]),
                                             "bon": bon})
+    return results
 
-    if single and results.get(DEFAULT_ARM, [{}])[0].get("seed") == seeds[0]:
-        sweep_result[lm_weight] = results[DEFAULT_ARM][0]["valid"]
 
-    # 4. references: the teacher as a judge, and random / oracle picks for best-of-N
+def references(worlds, seeds):
+    """The teacher as a judge (both orders) on normal/hard, and random / oracle picks for best-of-N, per seed."""
     refs = {"teacher": [], "random": [], "oracle": []}
     for seed in seeds:
         wd = worlds[seed]
-        acc = {s: sim.teacher_judge_accuracy([json.loads(l) for l in open(wd["paths"][s])], wd["world"])
+        acc = {s: sim.teacher_judge_accuracy([json.loads(line) for line in open(wd["paths"][s])], wd["world"])
                for s in ("normal", "hard")}
-        bon_rows = [json.loads(l) for l in open(wd["paths"]["bon"])]
+        bon_rows = [json.loads(line) for line in open(wd["paths"]["bon"])]
         refs["teacher"].append({"seed": seed, **acc})
         refs["random"].append({"seed": seed, "bon": statistics.mean(
             statistics.mean(q == 1.0 for q in r["true_quality"]) for r in bon_rows)})
         refs["oracle"].append({"seed": seed, "bon": statistics.mean(max(r["true_quality"]) == 1.0 for r in bon_rows)})
+    return refs
 
-    # 5. the table
-    world0 = first["world"]
+
+def table_lines(args, worlds, seeds, arms, results, refs, lm_weight, sweep, sweep_result, knowledge):
+    """The results table (markdown) with its header line, the pair counts, the student and the verdict."""
+    world0 = worlds[seeds[0]]["world"]
     done = ", ".join(f"{a}: seeds {[r['seed'] for r in results[a]]}" for a in arms if a in results)
     known = (knowledge or {}).get("correct_beats_wrong_same_style", {})
     lines = ([f"Finished runs only (--report): {done}."] if args.report else []) + [
@@ -268,25 +289,15 @@ def main(argv=None):
                  f"{fmt([r['bon'] for r in refs['oracle']])} | - |")
     counts = "; ".join(f"seed {s}: {worlds[s]['counts']['refined']} refined, {worlds[s]['counts']['full']} full, "
                        f"{worlds[s]['counts']['mixed']} mixed, {worlds[s]['counts']['original']} original pairs, "
-                       f"from {worlds[s]['summary']['rows']} prompts"
-                       for s in seeds)
-    lines += ["", f"Training pairs per distill run ({counts}).",
-              f"Student: {args.student}" + (f" (first {args.layers} layers)" if args.layers else "") +
-              ("; before any preference data it ranks the correct answer above a wrong one in the same style by LM "
-               "likelihood on: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in known.items()) + " of tasks."
-               if known else "."),
-              verdict(results, DEFAULT_ARM, "a"),
-              "World: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(world0).items() if k != "seed"),
-              f"Total wall time {time.time() - t_start:.0f}s."]
-    table = "\n".join(lines)
-    print("\n" + table)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"default_arm": DEFAULT_ARM, "args": vars(args), "lm_weight": lm_weight, "sweep": sweep_result,
-                   "arms": results, "references": refs, "student_knowledge": knowledge}, f, indent=1)
-    return results
+                       f"from {worlds[s]['summary']['rows']} prompts" for s in seeds)
+    return lines + ["", f"Training pairs per distill run ({counts}).",
+                    f"Student: {args.student}" + (f" (first {args.layers} layers)" if args.layers else "") +
+                    ("; before any preference data it ranks the correct answer above a wrong one in the same style "
+                     "by LM likelihood on: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in known.items()) +
+                     " of tasks." if known else "."),
+                    verdict(results, DEFAULT_ARM, "a"),
+                    "World: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(world0).items()
+                                         if k != "seed")]
 
 
 def verdict(results, arm, baseline):
