@@ -30,6 +30,7 @@ teacher pipeline), sim.py (the simulated teacher), formats.py (rows), cli.py (op
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -148,39 +149,61 @@ def train_command(argv):
         raise SystemExit(f"error: no --data given and no demo data at {cfg.data}: run `python rmd.py distill` "
                          "first, or pass --data=pairs.jsonl (rows {prompt, chosen, rejected[, chosen_score, "
                          "rejected_score, teacher_response]}; see README.md)")
+    bon = os.path.join(os.path.dirname(cfg.data), "builtin", "bon.jsonl")
+    baseline = start_demo_baseline(cfg) if demo and os.path.exists(bon) and cfg.max_steps else None
     try:
         metrics = train(cfg)
     except (DataError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+    finally:
+        if baseline and baseline[0].poll() is None and sys.exc_info()[0] is not None:
+            baseline[0].terminate()  # the demo failed or was interrupted: its baseline goes too
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks
         return metrics
     model = os.path.join(cfg.out, "model")
-    bon = os.path.join(os.path.dirname(cfg.data), "builtin", "bon.jsonl")
     if demo and metrics and os.path.exists(bon):
-        baseline = demo_baseline(cfg)
-        explain_demo(cfg, metrics, bon, baseline)
+        explain_demo(cfg, metrics, bon, finish_demo_baseline(baseline))
         print(f"next: python rmd.py bon --model={model} --data={bon}   (best-of-N against the true quality)")
     print(f"next: python rmd.py eval --model={model} --data=PAIRS.jsonl | python rmd.py serve --model={model}")
     return metrics
 
 
-def demo_baseline(cfg):
+def start_demo_baseline(cfg):
     """Label distillation on the same teacher's labels (the original pairs as annotated, bt, no LM term: ablation.py's
-    arm a) with the same student, steps and evaluation: what the demo's numbers are to be compared with. Its log
-    goes to <out>-label.log; returns (metrics, model folder), or None when distill wrote no annotated pairs."""
-    import contextlib
+    arm a) with the same student, steps and evaluation: what the demo's numbers are to be compared with. It trains in
+    its own process beside the demo's run (half the cores each), logging to <out>-label.log. -> (process, its config)
+    or None when distill wrote no annotated pairs."""
+    import subprocess
     annotated = os.path.join(os.path.dirname(cfg.data), "annotated.jsonl")
     if not os.path.exists(annotated):
         return None
     base = dataclasses.replace(cfg, data=annotated, loss="bt", lm_weight=0.0, out=cfg.out.rstrip("/") + "-label",
                                resume=False)
-    log = base.out + ".log"
-    print(f"\nbaseline: label distillation (--loss=bt --lm-weight=0 on {annotated}, same student and steps) -> "
-          f"{base.out} (log: {log})", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
-    with open(log, "w") as f, contextlib.redirect_stdout(f):
-        metrics = train(base)
-    return metrics, os.path.join(base.out, "model")
+    cores = os.cpu_count() or 1
+    if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
+        import torch
+        torch.set_num_threads(max(1, cores - cores // 2))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores // 2)))}
+    argv = [f"--{k}={v}" for k, v in dataclasses.asdict(base).items()]
+    print(f"baseline: label distillation (--loss=bt --lm-weight=0 on {annotated}, same student and steps) trains "
+          f"alongside -> {base.out} (log: {base.out}.log)", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(base.out)) or ".", exist_ok=True)
+    with open(base.out + ".log", "w") as log:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "train", *argv], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+    return proc, base
+
+
+def finish_demo_baseline(started):
+    """Wait for the baseline -> (its metrics, its model folder), or None (said why) if it failed."""
+    if started is None:
+        return None
+    proc, base = started
+    if proc.wait():
+        print(f"baseline: failed (exit {proc.returncode}); see {base.out}.log", flush=True)
+        return None
+    with open(os.path.join(base.out, "eval.json")) as f:
+        return json.load(f)["accuracy"], os.path.join(base.out, "model")
 
 
 def explain_demo(cfg, metrics, bon_path, baseline=None):
