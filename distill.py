@@ -225,7 +225,8 @@ class Run:
             out["train"]["provenance"]["reasks"] = dict(reasks)
         out["extra"] = self.restyled_pairs(out["train"], question) if cfg.restyle else []
         if cfg.original_pairs:  # the natural pair too: refine had to fix y_l, so its label is about content
-            out["extra"].append({**out["annotated"], "provenance": {**provenance, "source": "original"}})
+            out["extra"].append({**out["annotated"], "id": f"{rid}:original",  # ids stay unique in train.jsonl
+                                 "provenance": {**provenance, "source": "original"}})
 
     def process_row(self, row):
         """One row through every stage -> {train?, annotated?, failure?}; every row gets a train row or a failure."""

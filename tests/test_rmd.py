@@ -672,10 +672,10 @@ def test_margin_zero_pairs_need_the_mse_loss(tmp_path):
 
 def test_original_pairs_of_train_jsonl_load_with_their_order_debiased_margin(tmp_path):
     provenance = {"source": "original", "annotate_scores": {"a_first": {"a": 8, "b": 3}, "b_first": {"a": 7, "b": 5}}}
-    rows = [{"id": "r1", "prompt": "p", "chosen": "good", "rejected": "bad", "chosen_score": 7.5,
+    rows = [{"id": "r1:original", "prompt": "p", "chosen": "good", "rejected": "bad", "chosen_score": 7.5,
              "rejected_score": 4.0, "teacher_response": "t", "provenance": provenance},
             {"id": "r1", "prompt": "p", "chosen": "good, fixed", "rejected": "bad", "chosen_score": 9,
              "rejected_score": 4.0, "teacher_response": "t", "provenance": {"source": "refined"}}]
-    path = write_jsonl(tmp_path / "train.jsonl", rows)  # one id, two pairs: what distill writes for a kept row
+    path = write_jsonl(tmp_path / "train.jsonl", rows)  # a kept row's original and refined pairs
     examples, stats = batches.load_pairs(path, ByteTokenizer(), 64, need_margin=True, teacher=True, keep_ties=False)
     assert [ex.margin for ex in examples] == [3.5, 5.0] and stats.kept == 2 and not stats.dropped

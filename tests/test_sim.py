@@ -198,7 +198,8 @@ def test_distill_end_to_end_with_retries(tmp_path):
                                                                    "original"}
     assert (rmd.DEMO_TRAIN["loss"], rmd.DEMO_TRAIN["max_steps"], rmd.DEMO_TRAIN["model"], lm) == (
         loss, ablation.STEPS, student, rmd.TrainConfig().lm_weight > 0)
-    assert sorted(r["id"] for r in by_source["original"]) == sorted(r["id"] for r in by_source["refined"])
+    assert sorted(r["id"] for r in by_source["original"]) == sorted(r["id"] + ":original" for r in by_source["refined"])
+    assert len({r["id"] for r in rows}) == len(rows)  # every pair of train.jsonl has its own id
     right = sum(sim.true_quality(sim.task_from_prompt(r["prompt"]), r["chosen"]) >
                 sim.true_quality(sim.task_from_prompt(r["prompt"]), r["rejected"]) for r in by_source["original"])
     assert right >= 0.7 * len(by_source["original"])  # refine found y_l wrong: few style-only pairs are left

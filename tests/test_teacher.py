@@ -435,7 +435,7 @@ def test_original_pairs_of_kept_rows_go_to_train_jsonl_with_the_annotation_score
             {"id": "tie", "prompt": "q", "chosen": "good a", "rejected": "good b"}]
     with FaultServer() as server:
         summary, train, annotated, failures = run_rows(server, rows, tmp_path, original_pairs=True)
-    assert [(r["id"], r["provenance"]["source"]) for r in train] == [("r1", "refined"), ("r1", "original")]
+    assert [(r["id"], r["provenance"]["source"]) for r in train] == [("r1", "refined"), ("r1:original", "original")]
     assert summary["kept"] == 1 and summary["original_pairs"] == 1
     original, same = train[1], annotated[0]  # the annotated pair itself: order-debiased scores, y_T for the LM term
     keys = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score", "teacher_response")
