@@ -58,7 +58,7 @@ ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
     "e": ("refined", "mse", True, "tiny", "paper's full method (d + LM reg)"),
     "f": ("original", "bt", True, "tiny", "GRM-style (a + LM reg)"),
     "g": ("both", "mse", True, "tiny", "refined + original pairs, mse + LM reg"),
-    "h": ("full", "mse", True, "tiny", "rmd default: e + restyled & style-equivalence pairs"),
+    "h": ("full", "mse", True, "tiny", "the previous default: e + restyled & style-equivalence pairs"),
     "i": ("full", "mse", False, "tiny", "h without LM reg (no generation)"),
     "j": ("full", "bt", True, "tiny", "h with bt (no scoring: margin-0 pairs dropped)"),
     "k": ("full", "mse", True, "scratch", "h with the from-scratch student"),
