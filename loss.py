@@ -123,6 +123,7 @@ def _check_lm(hidden, weight, labels):
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, need_hidden_grad, need_weight_grad):
+        # one fused pass (~60 lines on purpose): loss and both gradients per chunk, so no [N, V] logits tensor lives
         lead_shape, hidden_size = hidden.shape[:-1], hidden.shape[-1]
         vocab_size = weight.shape[0]
         hidden = hidden.reshape(-1, hidden_size)
