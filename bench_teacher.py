@@ -58,7 +58,7 @@ def machine_description(details=()):
 # ----------------------------------------------------------------------------- section "teacher"
 
 def bench_teacher(args):
-    """teacher.distill against a local server that answers every request after a fixed latency: achieved
+    """distill.distill against a local server that answers every request after a fixed latency: achieved
     requests/s vs the ideal workers / latency (every request slot busy all the time)."""
     rows = []
     for workers in args.workers or [1, 8, 32, 128]:
@@ -90,7 +90,7 @@ def bench_teacher(args):
         rows.append([workers, n_rows, len(arrivals), kept, f"{wall:.1f}", f"{ideal:.0f}", f"{len(arrivals) / wall:.1f}",
                      f"{steady_rate:.1f}", f"{100 * steady_rate / ideal:.0f}"])
         print(f"  done workers={workers}", file=sys.stderr, flush=True)
-    print_table(f"teacher: teacher.distill vs a loopback server (fault_server.py) with {args.latency} s "
+    print_table(f"teacher: distill.distill vs a loopback server (fault_server.py) with {args.latency} s "
                 "latency per request; 5 requests per row (generate, annotate x2, refine, score); "
                 "ideal = workers / latency; steady = first 80% of requests",
                 ["workers", "rows", "requests", "rows kept", "wall s", "ideal req/s", "req/s (whole run)",

@@ -63,7 +63,7 @@ ABOUT = {
 
 
 def distill_command(argv):
-    """`rmd.py distill`: teacher.distill, or with no --teacher-url the simulated teacher on the built-in prompts."""
+    """`rmd.py distill`: distill.distill, or with no --teacher-url the simulated teacher on the built-in prompts."""
     import distill
     cfg = parse_overrides(distill.DistillConfig(out=DEMO_OUT), argv, "python rmd.py distill", ABOUT["distill"])
     if not cfg.teacher_url and cfg.data:
