@@ -1,11 +1,11 @@
 """rmd: distil a reward model from a generative teacher LLM (RM-Distiller, see METHOD.md).
 
-    python rmd.py distill [--key=value ...]   # teacher pipeline (teacher.py): prompts/pairs -> training pairs
+    python rmd.py distill [--key=value ...]   # teacher pipeline (distill.py): prompts/pairs -> training pairs
     python rmd.py train   [--key=value ...]   # train the student reward model on those pairs
     python rmd.py eval --model DIR --data F   # accuracy on pairs, RewardBench or RM-Bench files (evaluation.py)
     python rmd.py bon --model DIR --data F    # best-of-N: every response's reward and the best one
     python rmd.py serve --model DIR           # HTTP reward server, OpenRLHF --remote_rm_url compatible (serve.py)
-    python rmd.py teacher-sim --port=N        # the built-in simulated teacher (sim.py), standalone
+    python rmd.py teacher-sim --port=N        # the built-in simulated teacher (sim_server.py), standalone
 
 Every option is a field of a config dataclass (train.TrainConfig for `train`); `--key=value` or `--key value`
 overrides it, dashes or underscores, type-checked against the default. The whole config is printed and saved.
@@ -24,8 +24,9 @@ answers) and a value head read at the last real token. Rows are packed into bins
 block-diagonal attention via position ids), so one forward pass covers the chosen, rejected and teacher-answer
 rows of a micro-batch with almost no padding. Where things live: model.py (the reward model: tokenization,
 backbone, scoring, save/load), batches.py (rows -> packed batches), train.py (config, loss of a step, the loop),
-distributed.py (DDP/FSDP2, checkpoints), evaluation.py and serve.py (using a trained model), teacher.py (the
-teacher pipeline), sim.py (the simulated teacher), formats.py (rows), cli.py (options), loss.py (the losses).
+distributed.py (DDP/FSDP2, checkpoints), evaluation.py and serve.py (using a trained model), distill.py + asker.py
+(the teacher pipeline) over protocol.py (prompts, parsers) and teacher.py (HTTP client, cache), sim.py + sim_server.py
+(the simulated teacher), formats.py (rows), cli.py (options), loss.py (the losses).
 """
 from __future__ import annotations
 
