@@ -108,8 +108,6 @@ def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teache
     to rename, see formats.column_keys)."""
     stats, examples = DataStats(), []
     for path in paths.split(","):
-        if source_problem(path):
-            raise DataError(source_problem(path))
         try:
             rows = list(read_jsonl_rows(path, keys))
         except ValueError as e:

@@ -22,13 +22,9 @@ class DataError(ValueError):
 
 
 def _lines(path):
-    """(line_no, text) of a UTF-8 file (.gz by suffix): a BOM is dropped and CRLF read as LF; a missing file, a
-    folder or a byte that is not UTF-8 is a ValueError naming the file (and line)."""
+    """(line_no, text) of a UTF-8 file (.gz by suffix): a BOM is dropped and CRLF read as LF; a byte that
+    is not UTF-8 is a ValueError naming the file and line (a folder or a missing file: read_jsonl_rows)."""
     import gzip  # only for .gz files
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a folder; give a data file (.jsonl, .jsonl.gz, .json or .parquet)")
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: no such file")
     try:
         with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
             for line_no, raw in enumerate(f, 1):
@@ -80,8 +76,6 @@ def _parquet_rows(path):
         import pyarrow.parquet
     except ImportError:
         raise ValueError(f"{path}: reading Parquet needs the pyarrow package (pip install pyarrow)") from None
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
     try:
         table = pyarrow.parquet.read_table(path)
     except Exception as e:  # noqa: BLE001 - pyarrow's own error types
@@ -168,6 +162,9 @@ def read_jsonl_rows(path, keys=None):
     one JSON array (line_no = the line its element starts on), Parquet or a Hub dataset `hf:owner/name[:split]`
     (line_no = the row number). UTF-8 with or without a BOM, LF or CRLF. Anything else, or a row that is not a JSON
     object, is a `file:line` ValueError. `keys` ({field: column}, see column_keys) renames columns."""
+    problem = source_problem(path)  # a folder, a missing file, a bad Hub spec: one check, one message everywhere
+    if problem:
+        raise ValueError(problem)
     if path.startswith(HUB_PREFIX):
         numbered = _hub_rows(path)
     elif path.endswith(".parquet"):
