@@ -23,6 +23,7 @@ arm, trained through rmd.py. The student is the built-in tiny model after LM pre
     n  rmd's default recipe    m with bt (= j + those original pairs)
     o  n without LM regularization
     p  n with the from-scratch tiny student
+    q  n without the restyle ability (refined pairs + the kept rows' original pairs only)
 
 Every choice of recipe (pair sets, loss, steps) and the LM weight (a sweep of the default arm) is made on the `valid`
 split (training tasks, fresh answers; its normal-like and hard-like halves are reported apart), never on
@@ -67,12 +68,14 @@ ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
     "n": ("mixed", "bt", True, "tiny", "rmd default: j + the kept rows' original pairs"),
     "o": ("mixed", "bt", False, "tiny", "n without LM reg (no generation)"),
     "p": ("mixed", "bt", True, "scratch", "n with the from-scratch student"),
+    "q": ("refined_original", "bt", True, "tiny", "n without restyle (refined + kept rows' original pairs)"),
 }
 DEFAULT_ARM = "n"
 STEPS = 400  # optimizer steps of every arm: chosen on valid (README); the demo (rmd.DEMO_TRAIN) trains as many
-DEFAULT_ARMS = "a,e,h,j,n"  # the others on request (--arms): a 2-core CPU runs these 5 in ~35 min
+DEFAULT_ARMS = "a,e,j,n,o,p,q"  # n and what removing each part of it costs; the others on request (--arms)
 PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "crossed", "equivalent"),  # train.jsonl rows
-                "mixed": ("refined", "restyled", "crossed", "equivalent", "original")}
+                "mixed": ("refined", "restyled", "crossed", "equivalent", "original"),
+                "refined_original": ("refined", "original")}
 
 
 def run_distill(world, data_paths, out_dir, workers):
@@ -132,7 +135,7 @@ def fmt(values):
 class AblationConfig(sim.WorldConfig):
     """The world's options (sim.WorldConfig) and the ablation's own."""
     seeds: str = "0,1,2"  # comma-separated world and training seeds
-    arms: str = DEFAULT_ARMS  # comma-separated subset of the arms a-p (see the docstring)
+    arms: str = DEFAULT_ARMS  # comma-separated subset of the arms a-q (see the docstring)
     steps: int = STEPS  # optimizer steps per training run
     batch_size: int = 16  # pairs per optimizer step
     lr: float = 1e-3  # peak learning rate
