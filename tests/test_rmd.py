@@ -397,6 +397,7 @@ def test_demo_commands_run_on_the_embedded_default(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "simulated teacher" in run.stderr and os.path.exists(tmp_path / "out/distill/train.jsonl")
+    assert "workers 16" in run.stderr  # the in-process teacher gets the demo's workers, a real one the default 8
     run = subprocess.run([sys.executable, os.path.join(ROOT, "rmd.py"), "train", "--max-steps=2", "--batch-size=4"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -411,6 +412,35 @@ def test_demo_commands_run_on_the_embedded_default(tmp_path):
     assert "rmd (this run)" in table[1] and "label distillation" in table[1]
     hard = table[3].split()
     assert hard[0] == "hard" and hard[2] == f"{100 * baseline['accuracy']['hard']:.1f}%"
+
+
+def test_demo_takes_back_the_baselines_cores_once_it_has_exited(monkeypatch):
+    """The demo and its baseline split the cores; when the baseline's process is gone the demo's on_step takes
+    them all, and not before. A thread count the user set (OMP_NUM_THREADS) is left alone."""
+    import torch
+
+    class Process:
+        code = None
+
+        def poll(self):
+            return self.code
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        baseline = Process()
+        on_step = rmd.take_back_cores((baseline, None))
+        on_step(1, {})
+        assert torch.get_num_threads() == 1  # still running
+        baseline.code = 0
+        on_step(2, {})
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert rmd.take_back_cores(None) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert rmd.take_back_cores((Process(), None)) is None
 
 
 # ------------------------------------------------------------------------------------------------ command line

@@ -239,3 +239,10 @@ def test_ablation_smoke(tmp_path):
     for rows in results.values():
         assert all(0.0 <= rows[0][k] <= 1.0 for k in ("normal", "hard", "bon"))
     assert (tmp_path / "table.md").exists()
+
+
+def test_lm_weight_sweep_takes_the_smallest_weight_within_one_standard_error():
+    import ablation
+    assert ablation.pick_lm_weight({0.1: 0.730, 1.0: 0.735}, 400) == 0.1  # +0.5 points: SE is 2.2
+    assert ablation.pick_lm_weight({0.1: 0.600, 1.0: 0.735}, 400) == 1.0  # +13.5 points: a real difference
+    assert ablation.pick_lm_weight({1.0: 0.70, 0.1: 0.70}, 400) == 0.1
