@@ -2,8 +2,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -17,10 +19,36 @@ def train_args(data, out):
             "--lm-weight=0.1", "--seed=5"]
 
 
-def run(command):
+def run(command, timeout=600):
+    """Run a command in its own process group; on a timeout the whole group goes (torchrun's workers with it, not
+    only the launcher), so a stuck run leaves no orphan behind to load the machine."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(command[:4])} ...: no result after {timeout} s; its process group was killed\n"
+                    + err[-3000:])
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+
+
+def test_a_timed_out_run_leaves_no_process_behind(tmp_path):
+    marker = tmp_path / "child.pid"
+    with pytest.raises(pytest.fail.Exception, match="no result after 1 s"):
+        run(["bash", "-c", f"sleep 300 & echo $! > {marker}; wait"], timeout=1)
+    child = int(marker.read_text())
+    for _ in range(100):  # SIGKILL is delivered asynchronously; the child is reaped by init
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        with open(f"/proc/{child}/stat") as f:
+            assert f.read().split()[2] == "Z", "the background child outlived the timeout"
 
 
 needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
