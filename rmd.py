@@ -81,7 +81,8 @@ def distill_command(argv):
                          "--teacher-url=http://127.0.0.1:8000/v1 --teacher-model=sim-teacher")
     try:
         if cfg.teacher_url:
-            check_bare_prompts(cfg, distill.load_rows(cfg.data, cfg.limit, cfg.shard, column_keys(cfg)) if cfg.data else [])
+            rows = distill.load_rows(cfg.data, cfg.limit, cfg.shard, column_keys(cfg)) if cfg.data else []
+            check_bare_prompts(cfg, rows)
             summary = distill.distill(cfg)
             demo = False
         else:
@@ -240,15 +241,16 @@ def explain_demo(cfg, metrics, bon_path, baseline=None):
     bon = [evaluation.pick_quality(rows, evaluation.best_of_n(load_reward_model(path), rows, max_len=cfg.max_len))
            for _, _, path in runs]
     head = "".join(f"{name:>22}" for name, _, _ in runs)
+    table = [("normal", [m["normal"] for _, m, _ in runs],
+              "a correct and a wrong answer from the natural candidate pool"),
+             ("hard", [m["hard"] for _, m, _ in runs],
+              "a correct plain answer against a wrong, fancier one (style trap)"),
+             (f"best-of-{n}", [b["picked"]["correct"] for b in bon],
+              f"share of correct picks among {n} candidates for {bon[0]['rows']} prompts (random pick "
+              f"{100 * bon[0]['random']['correct']:.1f}%, oracle {100 * bon[0]['oracle']['correct']:.1f}%)")]
     lines = ["\nWhat the numbers mean (held-out tasks the preference data never asked; chance = 50%):",
-             f"  {'':<11}{head}",
-             f"  {'normal':<11}" + "".join(f"{100 * m['normal']:>21.1f}%" for _, m, _ in runs) +
-             "   a correct and a wrong answer from the natural candidate pool",
-             f"  {'hard':<11}" + "".join(f"{100 * m['hard']:>21.1f}%" for _, m, _ in runs) +
-             "   a correct plain answer against a wrong, fancier one (style trap)",
-             f"  {f'best-of-{n}':<11}" + "".join(f"{100 * b['picked']['correct']:>21.1f}%" for b in bon) +
-             f"   share of correct picks among {n} candidates for {bon[0]['rows']} prompts (random pick "
-             f"{100 * bon[0]['random']['correct']:.1f}%, oracle {100 * bon[0]['oracle']['correct']:.1f}%)"]
+             f"  {'':<11}{head}"] + [f"  {name:<11}" + "".join(f"{100 * v:>21.1f}%" for v in values) + f"   {what}"
+                                     for name, values, what in table]
     if baseline:
         lines.append("One seed of a small run: differences of a few points are noise; README.md's ablation has 3 seeds "
                      "and the spread.")
