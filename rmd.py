@@ -209,11 +209,12 @@ def take_back_cores(started):
     baseline has fewer steps' work and ends first; the rest of this run, its eval and best-of-N, go faster)."""
     if started is None or "OMP_NUM_THREADS" in os.environ:  # no baseline, or the user set the threads: leave them
         return None
+    import torch
+    cores = os.cpu_count() or 1
 
     def on_step(step, numbers):
-        import torch
-        if started[0].poll() is not None and torch.get_num_threads() < (os.cpu_count() or 1):
-            torch.set_num_threads(os.cpu_count() or 1)
+        if torch.get_num_threads() < cores and started[0].poll() is not None:
+            torch.set_num_threads(cores)
     return on_step
 
 
