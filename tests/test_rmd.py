@@ -656,40 +656,6 @@ def test_train_reads_json_arrays_and_trl_preference_formats(tmp_path):
         batches.load_pairs(str(path), ByteTokenizer(), 128)
 
 
-# ------------------------------------------------------------------------------------------------ the tiny student
-
-
-def test_shipped_tiny_student_is_the_one_the_code_would_build():
-    """data/tiny-world-lm is used only if its key matches: a change to the world's text, the rendering or the
-    pretraining settings must come with `python tiny_lm.py` (or every first run pretrains for minutes)."""
-    import sim
-    tok = ByteTokenizer()
-    sequences = tiny_lm.world_sequences(tok, sim.world_corpus(sim.WorldConfig()))
-    assert tiny_lm.cache_key(sequences, tiny_lm.tiny_config(tok, 1024), tiny_lm.SETTINGS) == tiny_lm.shipped_key()
-    info = json.load(open(os.path.join(tiny_lm.SHIPPED, "pretrain.json")))
-    assert info["knowledge"]["correct_beats_wrong_same_style"]["all"] >= 0.9
-    lm, tokenizer = tiny_lm.load_tiny("tiny", 0, 256)
-    assert isinstance(tokenizer, ByteTokenizer) and lm.config.num_hidden_layers == 4
-
-
-def test_tiny_pretraining_is_cached_by_what_determines_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(tiny_lm, "CACHE", str(tmp_path))
-    tok = ByteTokenizer()
-    sequences = tiny_lm.world_sequences(tok, [("What is 1 + 1?", "2"), ("What is 2 + 2?", "2 + 2 = 4.")])
-    config = tiny_lm.tiny_config(tok, 1024)
-    settings = dict(tiny_lm.SETTINGS, steps=2, batch_size=2, warmup=1)
-    path = tiny_lm.pretrained(sequences, config, tok.pad_token_id, settings, log=lambda *a: None,
-                              probe=lambda lm: {"probed": True})
-    info = json.load(open(os.path.join(path, "pretrain.json")))
-    assert info["knowledge"] == {"probed": True} and info["key"] == os.path.basename(path)
-    lm, tokenizer = load_backbone(path, 0, 2048)  # a byte-tokenizer folder; positions grow to max_len
-    assert isinstance(tokenizer, ByteTokenizer) and lm.config.max_position_embeddings == 2048
-    monkeypatch.setattr(tiny_lm, "pretrain", lambda *a, **k: pytest.fail("pretrained twice"))
-    assert tiny_lm.pretrained(sequences, config, tok.pad_token_id, settings, log=lambda *a: None) == path
-    other = dict(settings, lr=1e-4)
-    assert tiny_lm.cache_key(sequences, config, other) != tiny_lm.cache_key(sequences, config, settings)
-
-
 def test_margin_zero_pairs_need_the_mse_loss(tmp_path):
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 5, "rejected_score": 5},
             {"prompt": "p", "chosen": "a", "rejected": "c", "chosen_score": 7, "rejected_score": 2}]
