@@ -596,8 +596,99 @@ def bench_gradckpt(args):
                 ["gradient checkpointing", "peak MiB added", "ms/step"], rows)
 
 
+# ----------------------------------------------------------------------------- section "data" (tokenize once)
+
+def synthetic_pairs(path, pairs, source):
+    """A distill-shaped file of `pairs` rows made from the HH pairs at `source` (each row made unique, with scores and
+    a teacher answer), written once to `path` (through a temporary file)."""
+    if os.path.exists(path):
+        return path
+    import gzip
+    from formats import split_pair
+    with gzip.open(source, "rt") as f:
+        base = [split_pair(json.loads(line)) for line in f if line.strip()]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        for i in range(pairs):
+            prompt, chosen, rejected = base[i % len(base)]
+            f.write(json.dumps({"prompt": f"\n\nHuman: (case {i}){prompt}", "chosen": chosen, "rejected": rejected,
+                                "chosen_score": 8, "rejected_score": 3 + i % 4, "teacher_response": chosen + f" ({i})"})
+                    + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def data_worker(args):
+    """Runs in a fresh process: `rmd.py train` (SmolLM2, --layers, --max-len, 2 pairs/step, LM term on, 3 steps) on
+    --data-worker's file with its token cache -> JSON: the wall-clock time (time.time) at the first step's start and
+    end, and resident memory (VmRSS, RssAnon, RssFile, MiB) after the third step."""
+    cfg = train.TrainConfig(data=args.data_worker, out=tempfile.mkdtemp(prefix="rmd-bench-data-"),
+                            model=smollm2_folder(args.layers), max_len=args.max_len, batch_size=2, max_steps=3,
+                            log_interval=10**6, device="cpu", compile="off", token_cache=args.token_cache,
+                            lm_weight=0.1, loss="mse")
+    marks = {}
+
+    def on_step(step, numbers):
+        if step == 1:
+            marks["first_step_start"] = time.time() - numbers["seconds"]
+            marks["first_step_end"] = time.time()
+        if step == 3:
+            marks.update({k: proc_kib("/proc/self/status", k) / 1024 for k in ("VmRSS", "RssAnon", "RssFile")})
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train(cfg, on_step=on_step)
+    shutil.rmtree(cfg.out, ignore_errors=True)
+    print(json.dumps(marks))
+
+
+def run_data_worker(args, path, cache):
+    cmd = [sys.executable, os.path.abspath(__file__), f"--data-worker={path}", f"--token-cache={cache}",
+           f"--layers={args.layers}", f"--max-len={args.max_len}"]
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench.py: data worker failed:\n{out.stderr[-3000:]}")
+    marks = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**marks, "first_step_start": marks["first_step_start"] - t0, "first_step_end": marks["first_step_end"] - t0}
+
+
+def bench_data(args):
+    """Tokenize once (pair_cache.py): build time, pairs/s and size of the cache of a synthetic distill-shaped file of
+    --pairs rows (SmolLM2 tokenizer, --max-len), then `rmd.py train` on it twice in fresh processes (the first maps
+    the cache built here, the rerun likewise): seconds to the first step and resident memory, beside the same for a
+    --small-pairs file. Files and caches live in the temp dir (the big file is kept for the next run)."""
+    import pair_cache
+    folder = smollm2_folder(args.layers)
+    _, tokenizer = load_backbone(folder)
+    rows = []
+    for pairs in (args.small_pairs, args.pairs):
+        path = synthetic_pairs(os.path.join(tempfile.gettempdir(), f"rmd-bench-pairs-{pairs}.jsonl"), pairs, args.data)
+        cache = tempfile.mkdtemp(prefix="rmd-bench-cache-")
+        try:
+            t0 = time.perf_counter()
+            store, _ = pair_cache.load([path], tokenizer, args.max_len, cache, workers=args.workers, log=lambda *a: None)
+            build = time.perf_counter() - t0
+            size = sum(os.path.getsize(os.path.join(store.folder, f)) for f in os.listdir(store.folder))
+            runs = [run_data_worker(args, path, cache) for _ in range(2)]
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        rerun = runs[1]
+        rows.append([pairs, len(store), f"{build:.1f}", f"{len(store) / build:.0f}", f"{size / 2**20:.0f}",
+                     f"{rerun['first_step_start']:.1f}", f"{rerun['first_step_end']:.1f}", f"{rerun['VmRSS']:.0f}",
+                     f"{rerun['RssAnon']:.0f}", f"{rerun['RssFile']:.0f}"])
+        print(f"  done {pairs} pairs", file=sys.stderr, flush=True)
+    rss = [float(r[7]) for r in rows]
+    print_table(f"data: tokenize once into a memory-mapped cache (pair_cache.py), synthetic distill-shaped rows from "
+                f"HH (prompt, chosen, rejected, scores, teacher answer), SmolLM2 tokenizer, max_len {args.max_len}, "
+                f"{args.workers} worker process(es); rerun = `rmd.py train` ({args.layers} layers, 2 pairs/step, LM "
+                f"term on) in a fresh process on the built cache: seconds from process start to its first step, "
+                f"resident MiB after step 3; RSS {args.pairs} vs {args.small_pairs} pairs: "
+                f"{100 * (rss[1] / rss[0] - 1):+.1f}%",
+                ["pairs", "kept", "build s", "pairs/s", "cache MiB", "rerun: first step starts s", "first step ends s",
+                 "VmRSS MiB", "RssAnon MiB", "RssFile MiB"], rows)
+
+
 SECTIONS = {"lm": bench_lm, "pairwise": bench_pairwise, "train": bench_train, "lm-train": bench_lm_train,
-            "padding": bench_padding, "compile": bench_compile, "gradckpt": bench_gradckpt}
+            "padding": bench_padding, "compile": bench_compile, "gradckpt": bench_gradckpt, "data": bench_data}
 
 
 @dataclass
@@ -621,6 +712,11 @@ class BenchConfig:
     compile_batches: int = 3  # compile: distinct batches
     lm_worker: str = ""  # internal: "mode,hidden,vocab,tokens" of one lm measurement in a fresh process
     gradckpt_worker: str = ""  # internal: "on" or "off", one gradckpt measurement in a fresh process
+    pairs: int = 1000000  # data: rows of the big synthetic file (generated once into the temp dir)
+    small_pairs: int = 10000  # data: rows of the small one (the resident-memory baseline)
+    workers: int = 2  # data: processes that tokenize
+    data_worker: str = ""  # internal: a data file, one `rmd.py train` rerun measured in a fresh process
+    token_cache: str = ""  # internal: the data worker's cache folder
 
 
 def parse_args(argv):
@@ -648,6 +744,9 @@ def main(argv=None):
         return
     if args.gradckpt_worker:
         gradckpt_worker(args.gradckpt_worker, args)
+        return
+    if args.data_worker:
+        data_worker(args)
         return
     print(machine_description())
     for name in args.only or SECTIONS:

@@ -11,6 +11,7 @@ A prompt is a string (an HH-style "\n\nHuman: ... \n\nAssistant:" dialogue becom
 Every error names `file:line` and what to do. Standard library only (pyarrow for Parquet when asked).
 """
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -170,9 +171,13 @@ def read_jsonl_rows(path, keys=None):
     elif path.endswith(".parquet"):
         numbered = _parquet_rows(path)
     else:
-        lines = list(_lines(path))
-        first = next((t.lstrip() for _, t in lines if t.strip()), "")
-        numbered = _json_array_rows(path, lines) if first.startswith("[") else _jsonl_rows(path, lines)
+        lines, head = _lines(path), []  # JSONL is streamed: a large file is never held whole
+        for item in lines:
+            head.append(item)
+            if item[1].strip():
+                break
+        first, lines = (head[-1][1].lstrip() if head else ""), itertools.chain(head, lines)
+        numbered = _json_array_rows(path, list(lines)) if first.startswith("[") else _jsonl_rows(path, lines)
     for line_no, obj in numbered:
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
@@ -383,6 +388,13 @@ def number(row, key, where):
     return float(value)
 
 
+def missing_margin(where, has_teacher_response):
+    """The error of a row without a preference strength under a loss that needs one."""
+    fix = "--loss=bt" if has_teacher_response else "--loss=bt --lm-weight=0 (no teacher_response either)"
+    return (f"{where}: this loss needs a preference strength: give chosen_score and rejected_score, or margin; for "
+            f"label-only pairs train with {fix}")
+
+
 def parse_row(row, where, need_margin):
     """One JSONL object -> (messages, chosen, rejected, margin, teacher_response)."""
     try:
@@ -396,9 +408,7 @@ def parse_row(row, where, need_margin):
     elif "chosen_score" in row or "rejected_score" in row:
         margin = number(row, "chosen_score", where) - number(row, "rejected_score", where)
     if need_margin and margin is None:
-        fix = "--loss=bt" if "teacher_response" in row else "--loss=bt --lm-weight=0 (no teacher_response either)"
-        raise DataError(f"{where}: this loss needs a preference strength: give chosen_score and rejected_score, "
-                        f"or margin; for label-only pairs train with {fix}")
+        raise DataError(missing_margin(where, "teacher_response" in row))
     teacher = row.get("teacher_response")
     if teacher is not None and not isinstance(teacher, str):
         raise DataError(f"{where}: field 'teacher_response' must be a string")

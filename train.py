@@ -24,14 +24,15 @@ import random
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import distributed
 import lora
 import report
 import tiny_lm
-from batches import (DataStats, check_data_file, collate, count_cuts, cut_warnings, epoch_batches, load_pairs,
-                     to_device)
+from batches import (DataStats, PairStore, check_data_file, collate, count_cuts, cut_warnings, epoch_batches,
+                     load_pairs, to_device)
 from evaluation import fit_text, margin_fit
 from cli import Progress
 from formats import column_keys
@@ -64,6 +65,9 @@ class TrainConfig:
     # (same rewards, losses and gradients): auto (per micro-batch, where it costs less by batches.layout_cost: not
     # for short prompts), on, off (every row with its own copy of the prompt)
     share_prompts: str = "auto"
+    # tokenize each data file once into this folder and map it in every process and rerun (pair_cache.py: keyed by
+    # the file's contents, the tokenizer, --max-len and the cutting rule); "off" = tokenize in memory every run
+    token_cache: str = "out/token_cache"
     batch_size: int = 16  # pairs per optimizer step, over all processes and micro-batches
     micro_batch: int = 0  # pairs per forward pass per process (0 = batch_size / processes)
     lr: float = 1e-5  # peak learning rate (AdamW)
@@ -143,7 +147,8 @@ def check_model(name):
 
 
 RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
-                     "compile", "fsdp", "report_to", "gradient_checkpointing", "share_prompts"}
+                     "compile", "fsdp", "report_to", "gradient_checkpointing", "share_prompts",
+                     "token_cache"}
 
 
 def check_resume(cfg):
@@ -215,10 +220,10 @@ def pair_accuracy(model, examples, batch_pairs, device, autocast, rewards_out=No
             rewards_out += zip(rewards[:batch.n_pairs].tolist(), rewards[batch.n_pairs:].tolist())
     model.train(was_training)
     accuracy = sum(m > 0 for m in reward_margins) / len(examples)
-    teacher_margins = [ex.margin for ex in examples]
-    if any(m is None for m in teacher_margins):
+    teacher_margins = examples.column("margin")  # NaN: the pair has none
+    if np.isnan(teacher_margins).any():
         return accuracy, None
-    return accuracy, margin_fit(reward_margins, teacher_margins)
+    return accuracy, margin_fit(reward_margins, teacher_margins.tolist())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,7 +242,7 @@ class Run:
     autocast: torch.autocast
     sharded: bool  # FSDP2
     use_lm: bool  # --lm-weight > 0: the teacher-answer rows are packed into every micro-batch
-    examples: list
+    examples: PairStore
     stats: DataStats
     eval_sets: dict  # split -> Examples
     eval_stats: dict  # split -> DataStats
@@ -249,6 +254,7 @@ class Run:
     tracker: object = None  # --report-to's experiment tracker (rank 0), see open_tracker
     layout: str = "separate"  # batches.collate's layout (--share-prompts)
     key_cost: float = 0.0  # model.attention_key_cost: the weight of attention in layout="auto"'s cost rule
+    epoch_order: tuple = (None, None)  # (epoch, its batches.epoch_batches)
 
 
 def build_model(cfg, device, log):
@@ -271,13 +277,14 @@ def build_model(cfg, device, log):
 
 def load_data(cfg, tokenizer, use_lm, log):
     """--data, --eval-data and --holdout -> (train examples, their DataStats, eval splits, their DataStats)."""
+    cache = None if cfg.token_cache == "off" else cfg.token_cache
     examples, stats = load_pairs(cfg.data, tokenizer, cfg.max_len, need_margin=cfg.loss != "bt", name="train",
-                                 keep_ties=cfg.loss == "mse", keys=column_keys(cfg))
+                                 keep_ties=cfg.loss == "mse", keys=column_keys(cfg), cache_dir=cache)
     eval_sets, eval_stats = {}, {}
     for spec in filter(None, cfg.eval_data.split(",")):
         name, _, path = spec.rpartition("=")
-        eval_sets[name or "eval"], eval_stats[name or "eval"] = load_pairs(path, tokenizer, cfg.max_len,
-                                                                           name=name or "eval", keys=column_keys(cfg))
+        eval_sets[name or "eval"], eval_stats[name or "eval"] = load_pairs(
+            path, tokenizer, cfg.max_len, name=name or "eval", keys=column_keys(cfg), cache_dir=cache)
     if cfg.holdout:
         if cfg.holdout >= len(examples):
             raise SystemExit(f"error: --holdout {cfg.holdout} leaves no training pairs ({len(examples)} usable)")
@@ -289,7 +296,7 @@ def load_data(cfg, tokenizer, use_lm, log):
         log(data_stats.summary(name))
         for line in cut_warnings(name, data_stats.cuts, cfg.max_len):
             log(line)
-    if use_lm and not any(ex.teacher for ex in examples):
+    if use_lm and not (examples.column("teacher") >= 0).any():
         raise SystemExit(f"error: --lm-weight={cfg.lm_weight} needs teacher answers, but no row of {cfg.data} has a "
                          "'teacher_response': pass --lm-weight=0 (or train on what `rmd.py distill` writes)")
     return examples, stats, eval_sets, eval_stats
@@ -433,7 +440,9 @@ def train_step(cfg, run, step):
     """One optimizer step on this process's share of the step's pairs -> the step's numbers (see train)."""
     t0 = time.perf_counter()
     epoch, index = divmod(step, run.steps_per_epoch)
-    step_examples = [run.examples[i] for i in epoch_batches(run.examples, cfg.batch_size, cfg.seed, epoch)[index]]
+    if run.epoch_order[0] != epoch:  # once per epoch: a few bytes per pair
+        run.epoch_order = (epoch, epoch_batches(run.examples, cfg.batch_size, cfg.seed, epoch))
+    step_examples = [run.examples[i] for i in run.epoch_order[1][index]]
     lm_tokens = sum(len(ex.teacher[1]) for ex in step_examples if ex.teacher) if run.use_lm else 0
     mine = step_examples[run.rank * run.micro * run.accum:(run.rank + 1) * run.micro * run.accum]
     for group in run.optimizer.param_groups:

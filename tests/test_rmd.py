@@ -111,14 +111,15 @@ def test_cutting_keeps_the_question_end_then_the_answer_start(tokenizer):
             assert len(p) + len(a) == max_len and len(p) > floor
 
 
-def test_every_command_cuts_the_same_way_and_teacher_answers_keep_their_prompt():
-    """tokenize_example (train) and RewardModel.tokens (eval, bon, serve) build the same sequences; a teacher answer
-    over the budget keeps the prompt's floor and its own beginning, never just the prompt's last token."""
+def test_every_command_cuts_the_same_way_and_teacher_answers_keep_their_prompt(tmp_path):
+    """load_pairs (train: pair_cache.tokenize_chunk) and RewardModel.tokens (eval, bon, serve) build the same
+    sequences; a teacher answer over the budget keeps the prompt's floor and its own beginning, never just the
+    prompt's last token."""
     model = tiny_model(max_len=64)
     tok = model.tokenizer
     row = {"prompt": "x" * 300 + " the question?", "chosen": "yes " * 40, "rejected": "no " * 40,
            "teacher_response": "The answer is " + "long " * 60}
-    ex = batches.tokenize_example(tok, formats.parse_row(row, "x:1", False), 64, batches.DataStats())
+    (ex,), _ = batches.load_pairs(write_jsonl(tmp_path / "r.jsonl", [row]), tok, 64)
     assert ex.prompt[0] + ex.chosen == model.tokens(row["prompt"], row["chosen"], 64)
     assert ex.prompt[1] + ex.rejected == model.tokens(row["prompt"], row["rejected"], 64)
     assert ex.cuts == ("prompt_min", "prompt_min", "prompt_min")
