@@ -237,45 +237,58 @@ def ms(seconds):
 # ----------------------------------------------------------------------------- section "train" (vs TRL)
 
 class Turns:
-    """Two threads take turns step by step: each calls handoff(me) at the end of every step and waits until the
-    other has done a step (or finished), so the two tools never run at once and both see the same machine load."""
+    """Threads take turns step by step, in a ring: each calls handoff(me) at the end of every step and waits until
+    the others have done a step (or finished), so the tools never run at once and all see the same machine load.
+    handoff also records the resident-memory peak a step added (VmHWM after clear_refs at the start of the turn)."""
 
     def __init__(self, names):
-        self.names, self.turn, self.done = names, None, set()
+        self.names, self.turn, self.done = list(names), None, set()
         self.cond = threading.Condition()
+        self.peaks, self.base = {n: [] for n in names}, None
+        self.stepped = {n: threading.Event() for n in names}  # a tool's first step is done (or it ended)
 
-    def other(self, me):
-        return next(n for n in self.names if n != me)
+    def next(self, me):
+        ring = self.names[self.names.index(me) + 1:] + self.names[:self.names.index(me) + 1]
+        return next(n for n in ring if n not in self.done or n == me)
 
     def handoff(self, me):
+        self.stepped[me].set()
         with self.cond:
-            self.turn = self.other(me)
+            if self.base is not None:
+                self.peaks[me].append((proc_kib("/proc/self/status", "VmHWM") - self.base) / 1024)
+            self.turn = self.next(me)
             self.cond.notify_all()
-            self.cond.wait_for(lambda: self.turn == me or self.other(me) in self.done)
+            self.cond.wait_for(lambda: self.turn == me)
+            self.base = proc_kib("/proc/self/status", "VmRSS")
+            rss_peak_reset()
 
     def finish(self, me):
+        self.stepped[me].set()
         with self.cond:
             self.done.add(me)
+            if len(self.done) < len(self.names) and (self.turn in (me, None) or self.turn in self.done):
+                self.turn = self.next(me)
             self.cond.notify_all()
 
 
-def run_rmd_train(args, folder, out, turns):
-    """`rmd.py train` with BT loss, LM term off, linear head, no dropout: per-step (seconds, real tokens, slots)
-    as train.train's on_step reports them (each step timed by rmd from data to optimizer step); after each step
-    the turn passes to TRL."""
-    cfg = train.TrainConfig(data=args.data, out=out, model=folder, head="linear", dropout=0.0, loss="bt",
-                            lm_weight=0.0, max_len=args.max_len, batch_size=args.batch, lr=1e-5, warmup=0.0,
-                            max_steps=args.warmup + args.steps, log_interval=1, device="cpu", compile="off")
+def run_rmd_train(args, folder, out, turns, name, data, share):
+    """`rmd.py train` with BT loss, --lm-weight, linear head, no dropout, --share-prompts=share: per-step (seconds,
+    tokens computed, slots, pairs) as train.train's on_step reports them (each step timed by rmd from data to
+    optimizer step); after each step the turn passes on."""
+    cfg = train.TrainConfig(data=data, out=out, model=folder, head="linear", dropout=0.0, loss="bt",
+                            lm_weight=args.lm_weight, max_len=args.max_len, batch_size=args.batch, lr=1e-5,
+                            warmup=0.0, max_steps=args.warmup + args.steps, log_interval=1, device="cpu",
+                            compile="off", share_prompts=share, token_cache="off")
     steps = []
 
     def on_step(step, numbers):
-        steps.append((numbers["seconds"], numbers["tokens"], numbers["slots"]))
-        turns.handoff("rmd")
+        steps.append((numbers["seconds"], numbers["tokens"], numbers["slots"], numbers["pairs"]))
+        turns.handoff(name)
     train.train(cfg, on_step=on_step)
     return steps
 
 
-def run_trl_train(args, folder, out, pairs, turns):
+def run_trl_train(args, folder, out, turns, pairs):
     """TRL's RewardTrainer on the same pairs, already tokenized exactly as rmd tokenizes them (so both see the same
     token ids; TRL would otherwise drop over-long pairs instead of cutting them). Per-step (seconds, real tokens,
     slots), each step timed from the end of the previous one, so TRL's data loader and callbacks count."""
@@ -302,7 +315,7 @@ def run_trl_train(args, folder, out, pairs, turns):
 
         def on_step_end(self, *a, **k):
             tokens = trainer._total_train_tokens  # TRL's own count: attention_mask.sum() of the batches
-            self.steps.append((time.perf_counter() - self.last, tokens - self.tokens))
+            self.steps.append((time.perf_counter() - self.last, tokens - self.tokens, args.batch))
             self.tokens = tokens
             turns.handoff("trl")
             self.last = time.perf_counter()
@@ -319,19 +332,38 @@ def run_trl_train(args, folder, out, pairs, turns):
         return batch
     trainer.data_collator = counting_collator
     trainer.train()
-    return [(s, t, n) for (s, t), n in zip(timer.steps, slots)]
+    return [(s, t, n, p) for (s, t, p), n in zip(timer.steps, slots)]
 
 
 def summarize_steps(steps, warmup):
-    """Per-step (seconds, tokens, slots) of every run -> (tokens/s, median ms/step, padding, steps) after warm-up."""
+    """Per-step (seconds, tokens, slots, pairs) of every run -> (pairs/s, tokens/s, median ms/step, padding, tokens
+    per pair, steps) after warm-up."""
     timed = [s for run in steps for s in run[warmup:]]
-    seconds, tokens, slots = (sum(s[i] for s in timed) for i in range(3))
-    return tokens / seconds, statistics.median(s[0] for s in timed), 1 - tokens / slots, len(timed)
+    seconds, tokens, slots, pairs = (sum(s[i] for s in timed) for i in range(4))
+    return (pairs / seconds, tokens / seconds, statistics.median(s[0] for s in timed), 1 - tokens / slots,
+            tokens / pairs, len(timed))
+
+
+def lm_data(args, folder):
+    """--lm-weight > 0 needs teacher answers, which the HH pairs lack: a temporary copy whose chosen answer stands in
+    for y_T (only its length matters here)."""
+    import gzip
+    from formats import split_pair
+    path = os.path.join(folder, "hh-with-teacher.jsonl")
+    opener = gzip.open if args.data.endswith(".gz") else open
+    with opener(args.data, "rt") as f, open(path, "w") as out:
+        for line in f:
+            if line.strip():
+                prompt, chosen, rejected = split_pair(json.loads(line))
+                out.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                                      "teacher_response": chosen}) + "\n")
+    return path
 
 
 def bench_train(args):
-    """rmd.py train (BT loss, LM term off) vs TRL's RewardTrainer: same backbone, pairs, batch, max length, steps.
-    Both run in this process, in two threads that take turns step by step (class Turns)."""
+    """rmd.py train with prompts shared and not (--share-prompts on/off) vs TRL's RewardTrainer: same backbone,
+    pairs, batch, max length, steps; BT loss, --lm-weight (TRL has no LM term: with it on, rmd does more work).
+    All run in this process, in threads that take turns step by step (class Turns)."""
     try:
         import trl
     except ImportError:
@@ -343,22 +375,25 @@ def bench_train(args):
     batches = epoch_batches(examples, args.batch, 1337, 0)[:steps]  # the pairs `rmd.py train` will take
     pairs = [examples[i] for b in batches for i in b]
     work = tempfile.mkdtemp(prefix="rmd-bench-train-")
-    runs, errors = {"rmd": [], "trl": []}, []
-    turns = Turns(("rmd", "trl"))
+    data = lm_data(args, work) if args.lm_weight > 0 else args.data
+    tools = {"rmd shared": (run_rmd_train, "rmd shared", data, "on"),
+             "rmd unshared": (run_rmd_train, "rmd unshared", data, "off"), "trl": (run_trl_train, pairs)}
+    runs, errors = {tool: [] for tool in tools}, []
+    turns = Turns(tools)
 
     def run(tool, fn, *fn_args):
         try:
-            runs[tool].append(fn(args, folder, os.path.join(work, tool), *fn_args, turns))
+            runs[tool].append(fn(args, folder, os.path.join(work, tool.replace(" ", "-")), turns, *fn_args))
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             errors.append(e)
         finally:
             turns.finish(tool)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # rmd's log lines
-            threads = [threading.Thread(target=run, args=("rmd", run_rmd_train)),
-                       threading.Thread(target=run, args=("trl", run_trl_train, pairs))]
-            for t in threads:
-                t.start()
+            threads = [threading.Thread(target=run, args=(tool, *spec)) for tool, spec in tools.items()]
+            for tool, t in zip(tools, threads):  # one at a time until its first step: loading models is not
+                t.start()                        # thread-safe (transformers' meta-device init is global)
+                turns.stepped[tool].wait()
             for t in threads:
                 t.join()
     finally:
@@ -366,13 +401,20 @@ def bench_train(args):
     if errors:
         raise errors[0]
     result = {tool: summarize_steps(run, args.warmup) for tool, run in runs.items()}
-    rows = [[tool, f"{tps:.0f}", ms(step), f"{100 * pad:.1f}", n, f"{tps / result['trl'][0]:.2f}"]
-            for tool, (tps, step, pad, n) in result.items()]
-    print_table(f"train: rmd.py train vs TRL {trl.__version__} RewardTrainer; SmolLM2-135M cut to {args.layers} "
-                f"layers, fp32, BT loss, LM term off, {args.batch} pairs/step, max_len {args.max_len}, "
-                f"{args.steps} timed steps after {args.warmup} warm-up (same pairs; the tools take turns step by "
-                "step); tokens = real (non-pad) tokens",
-                ["tool", "tokens/s", "ms/step (median)", "padding %", "steps", "speed vs TRL"], rows)
+    prompt_share = sum(len(ex.prompt[0]) + len(ex.prompt[1]) for ex in pairs) / sum(
+        len(ex.prompt[0]) + len(ex.chosen) + len(ex.prompt[1]) + len(ex.rejected) for ex in pairs)
+    lm = f"on (lm_weight {args.lm_weight}, teacher answer = chosen; TRL has none)" if args.lm_weight > 0 else "off"
+    rows = [[tool, f"{pps:.2f}", f"{tps:.0f}", f"{per_pair:.0f}", ms(step), f"{100 * pad:.1f}",
+             f"{max(turns.peaks[tool][max(0, args.warmup - 1):] or [float('nan')]):.0f}", n,
+             f"{pps / result['trl'][0]:.2f}", f"{pps / result['rmd unshared'][0]:.2f}"]
+            for tool, (pps, tps, step, pad, per_pair, n) in result.items()]
+    print_table(f"train: rmd.py train, prompts shared / unshared, vs TRL {trl.__version__} RewardTrainer; SmolLM2-135M "
+                f"cut to {args.layers} layers, fp32, BT loss, LM term {lm}, {args.batch} pairs/step, max_len "
+                f"{args.max_len}, {args.steps} timed steps after {args.warmup} warm-up (same pairs; the tools take "
+                f"turns step by step); prompts are {100 * prompt_share:.0f}% of these pairs' unshared reward-row "
+                "tokens; tokens = computed, padding not included; peak = MiB of resident memory a step added",
+                ["tool", "pairs/s", "tokens/s", "tokens/pair", "ms/step (median)", "padding %", "peak MiB", "steps",
+                 "pairs/s vs TRL", "vs unshared"], rows)
 
 
 # ----------------------------------------------------------------------------- section "lm-train" (vs official layout)
@@ -710,6 +752,7 @@ class BenchConfig:
     rounds: int = 2  # compile: alternating rounds
     seed: int = 1337  # random seed
     compile_batches: int = 3  # compile: distinct batches
+    lm_weight: float = 0.0  # train: rmd's LM term (> 0: the chosen answer stands in for the teacher's)
     lm_worker: str = ""  # internal: "mode,hidden,vocab,tokens" of one lm measurement in a fresh process
     gradckpt_worker: str = ""  # internal: "on" or "off", one gradckpt measurement in a fresh process
     pairs: int = 1000000  # data: rows of the big synthetic file (generated once into the temp dir)

@@ -54,8 +54,11 @@ def test_padding_section(hh_sample):
 @needs_smollm2
 @pytest.mark.skipif(not have("trl"), reason="needs TRL (requirements-bench.txt)")
 def test_train_section_against_trl(hh_sample):
-    rows = table_rows(run("bench.py", "--only", "train", "--data", hh_sample, *SMALL), "train")
-    assert [r.split()[0] for r in rows] == ["rmd", "trl"]
+    for lm_weight in ("0", "0.1"):
+        rows = table_rows(run("bench.py", "--only", "train", "--data", hh_sample, "--lm-weight", lm_weight, *SMALL),
+                          "train")
+        assert [r.split()[:2] for r in rows][:2] == [["rmd", "shared"], ["rmd", "unshared"]]
+        assert rows[2].split()[0] == "trl" and len(rows) == 3
 
 
 @needs_smollm2
