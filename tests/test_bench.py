@@ -101,7 +101,9 @@ def test_gpu_script_cpu_path():
     rows = [r for r in table_rows(out, "bench_gpu") if not r.startswith("total")]  # the table, not the time line
     variants = [re.split(r"\s{2,}", r.strip())[1] for r in rows]  # columns are 2+ spaces apart; a variant has one
     trl = ["TRL/LM off"] if have("trl") else []
-    assert variants == ["eager/LM fused", "eager/LM naive", "eager/LM off"] + trl
+    assert variants == ["eager/LM fused", "eager/LM naive", "eager/LM off", "shared/LM fused", "shared/LM off"] + trl
+    speed = {v: float(re.split(r"\s{2,}", r.strip())[-1]) for v, r in zip(variants, rows)}
+    assert speed["shared/LM fused"] > 0 and speed["shared/LM off"] > 0
 
 
 def test_gradckpt_section_measures_both_variants():
