@@ -52,11 +52,10 @@ DEMO_OUT = "out/distill"  # where `python rmd.py distill` writes when run on the
 # `python rmd.py distill` with no --teacher-url: the simulated teacher runs in this process, with no rate limit, so
 # more requests in flight keep both sides busy (measured on 2 cores: 8 workers 18 s, 16 workers 11 s of distill)
 DEMO_DISTILL = dict(out=DEMO_OUT, workers=16)
-# `python rmd.py train` with no --data: the built-in tiny student on the demo distill output, sized for a CPU, with
-# rmd's default recipe (ablation.py's DEFAULT_ARM: bt, LM weight 0.1, 400 steps; chosen on valid, see README)
+# `python rmd.py train` with no --data: the built-in tiny student on the demo distill output, sized for a CPU; the
+# loss, LM weight, steps and lr are train's defaults, i.e. the recipe (recipe.py), as a user's run gets them
 DEMO_TRAIN = dict(data=f"{DEMO_OUT}/train.jsonl", eval_data=f"normal={DEMO_OUT}/builtin/normal.jsonl,"
-                  f"hard={DEMO_OUT}/builtin/hard.jsonl", model="tiny", loss="bt", lr=1e-3, max_len=256,
-                  max_steps=400, log_interval=50)
+                  f"hard={DEMO_OUT}/builtin/hard.jsonl", model="tiny", max_len=256, log_interval=50)
 
 
 ABOUT = {

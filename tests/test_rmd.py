@@ -511,15 +511,16 @@ def test_ordinary_mistakes_are_one_line_errors_in_every_command(tmp_path):
     wizard = write_jsonl(tmp_path / "wizard.jsonl", [{**easy_rows(1)[0], "prompt": [
         {"role": "wizard", "content": "hi"}, {"role": "user", "content": "q"}]}])
     (tmp_path / "empty_model").mkdir()
-    out = f"--out={tmp_path / 'o'}"
+    out, tiny = f"--out={tmp_path / 'o'}", "--model=tiny-scratch"
     cases = [
         (["train", "--data=nope.jsonl"], "--data=nope.jsonl: no such file"),
         (["train", f"--data={tmp_path}"], "is a folder"),
-        (["train", f"--data={bad}", "--loss=bt", out], "bad.jsonl:2: missing field 'rejected'"),
-        (["train", f"--data={wizard}", out], "wizard.jsonl:1: prompt[0] has role 'wizard'"),
+        (["train", f"--data={good}", out], "--model is empty: give the student, a Hugging Face id"),
+        (["train", f"--data={bad}", "--loss=bt", out, tiny], "bad.jsonl:2: missing field 'rejected'"),
+        (["train", f"--data={wizard}", out, tiny], "wizard.jsonl:1: prompt[0] has role 'wizard'"),
         (["train", f"--data={good}", f"--model={tmp_path / 'empty_model'}"], "holds no model"),
         (["train", f"--data={good}", f"--model={tmp_path / 'x.gguf'}"], "no such .gguf file"),
-        (["train", f"--data={good}", "--device=gpu"], "is not a device"),
+        (["train", f"--data={good}", "--device=gpu", tiny], "is not a device"),
         (["eval", f"--model={tmp_path / 'empty_model'}", f"--data={good}"], "not an rmd reward-model folder"),
         (["bon", f"--model={tmp_path / 'nope'}", f"--data={good}"], "no such folder"),
         (["serve", "--model="], "needs --model"),
@@ -533,7 +534,7 @@ def test_ordinary_mistakes_are_one_line_errors_in_every_command(tmp_path):
           "--teacher-url=http://127.0.0.1:9/v1", "--teacher-model=m", out], "p.jsonl:1: 1 row(s) are bare prompts"),
     ]
     if not torch.cuda.is_available():
-        cases += [(["train", f"--data={good}", "--device=cuda"], "CUDA is not available"),
+        cases += [(["train", f"--data={good}", "--device=cuda", tiny], "CUDA is not available"),
                   (["eval", f"--model={tmp_path}", f"--data={good}", "--device=cuda"], "CUDA is not available")]
     for argv, expected in cases:
         assert expected in one_line_error(argv), argv
