@@ -257,12 +257,35 @@ def explain_demo(cfg, metrics, bon_path, baseline=None):
     print("\n".join(lines), flush=True)
 
 
+COMMANDS = ("distill", "train", "eval", "bon", "serve", "teacher-sim")
+
+
+def options_markdown():
+    """OPTIONS.md: every command's --help exactly as it prints (`python rmd.py options > OPTIONS.md`)."""
+    import contextlib
+    import io
+    parts = ["# rmd's options", "", "Every command's `--help`, as printed. Generated: `python rmd.py options > OPTIONS.md` "
+             "(tests/test_rmd.py fails when this file is stale).", ""]
+    for command in COMMANDS:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            try:
+                main([command, "--help"])
+            except SystemExit:  # --help exits 0 after printing
+                pass
+        parts += [f"## `python rmd.py {command}`", "", "```", printed.getvalue().rstrip(), "```", ""]
+    return "\n".join(parts)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "options":
+        print(options_markdown(), end="")
+        return 0
     if command == "train":
         train_command(rest)
     elif command == "distill":
@@ -278,10 +301,9 @@ def main(argv=None):
         serve.serve_command(rest)
     else:
         import difflib
-        commands = ("distill", "train", "eval", "bon", "serve", "teacher-sim")
-        close = difflib.get_close_matches(command, commands, n=1)
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
         raise SystemExit(f"error: unknown command {command!r}" + (f"; did you mean {close[0]}?" if close else "")
-                         + f" (commands: {', '.join(commands)}; `python rmd.py COMMAND --help` lists its options)")
+                         + f" (commands: {', '.join(COMMANDS)}; `python rmd.py COMMAND --help` lists its options)")
     return 0
 
 
