@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import files
 from cli import parse_overrides
 from formats import as_messages
 from model import BYTE_TOKENIZER, ByteTokenizer, cut_layers, encode, load_backbone, render_answer, render_prompt
@@ -140,8 +141,9 @@ def pretrained(sequences, config, pad_id, settings=SETTINGS, log=print, probe=No
         json.dump({"tokenizer": "bytes"}, f)
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
         json.dump(info, f, indent=1)
+    files.fsync_tree(tmp)
     try:
-        os.replace(tmp, path)
+        files.replace(tmp, path)
     except OSError:  # another process finished the same folder first: theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
     if info["knowledge"]:
