@@ -152,7 +152,8 @@ RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_
 def check_resume(cfg):
     """--resume continues the run in <out>: stop (listing the differences) if this config would compute another."""
     saved = None
-    for path, key in ((os.path.join(cfg.out, "ckpt", "state.json"), "config"),
+    found = distributed.checkpoint_dir(os.path.join(cfg.out, "ckpt"))
+    for path, key in ((os.path.join(found or os.path.join(cfg.out, "ckpt"), "state.json"), "config"),
                       (os.path.join(cfg.out, "config.json"), None)):
         try:
             with open(path) as f:
@@ -364,9 +365,16 @@ def set_up(cfg):
 def resume(cfg, run):
     """--resume: load the checkpoint in <out>/ckpt -> the step to continue from."""
     ckpt_dir = os.path.join(cfg.out, "ckpt")
-    found = distributed.checkpoint_dir(ckpt_dir)
+    copies = distributed.checkpoint_copies(ckpt_dir)
+    found = distributed.checkpoint_dir(ckpt_dir, copies)
+    damaged = {copy: problem for copy, problem in copies.items() if problem not in (None, "missing")}
     if found is None:
-        raise SystemExit(f"error: --resume but no checkpoint in {ckpt_dir}")
+        why = f" (damaged: {'; '.join(f'{c}: {p}' for c, p in damaged.items())})" if damaged else ""
+        raise SystemExit(f"error: --resume but no whole checkpoint in {ckpt_dir}{why}; drop --resume (or give a "
+                         "fresh --out) to start again")
+    for copy, problem in damaged.items():
+        run.log(f"warning: checkpoint {copy} is not whole: {problem} (a save cut short, or a crash of the "
+                f"machine); resuming from {found}, the newest whole copy")
     step = distributed.load_checkpoint(found, run.model, run.optimizer, run.sharded)["step"]
     run.log(f"resumed from {found} at step {step}")
     if run.rank == 0:
