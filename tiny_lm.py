@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import files
 from cli import Progress, parse_overrides
 from formats import as_messages
 from model import BYTE_TOKENIZER, ByteTokenizer, cut_layers, encode, load_backbone, render_answer, render_prompt
@@ -192,8 +193,9 @@ def build(path, key, sequences, config, pad_id, settings, log, probe):
         json.dump({"tokenizer": "bytes"}, f)
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
         json.dump(info, f, indent=1)
+    files.fsync_tree(tmp)
     shutil.rmtree(path, ignore_errors=True)  # a folder without pretrain.json is an interrupted build's
-    os.replace(tmp, path)
+    files.replace(tmp, path)
     if info["knowledge"]:
         log("[tiny_lm] what the pretrained student knows: " + json.dumps(info["knowledge"]))
 
