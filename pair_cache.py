@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import files
 import formats
 import model
 from formats import DataError, parse_row, read_jsonl_rows
@@ -308,8 +309,9 @@ def write(folder, paths, tokenizer, max_len, keys, workers, log):
         raise
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
+    files.fsync_tree(tmp)  # after a power cut the folder is whole or absent, never renamed in with holes
     shutil.rmtree(folder, ignore_errors=True)  # a folder without meta.json is an interrupted build's
-    os.replace(tmp, folder)
+    files.replace(tmp, folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------

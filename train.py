@@ -63,7 +63,7 @@ class TrainConfig:
     lm_weight: float = recipe.RECIPE.lm_weight  # lambda of the LM term on the teacher answers (0 = off); the recipe's
     max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
     # a pair's prompt computed once, its chosen, rejected and teacher answers each attending to it and to themselves
-    # (same rewards, losses and gradients): auto (per micro-batch, where it costs less by batches.layout_cost: not
+    # (same rewards, losses and gradients): auto (per micro-batch, where it costs less by model.layout_cost: not
     # for short prompts), on, off (every row with its own copy of the prompt)
     share_prompts: str = "auto"
     # tokenize each data file once into this folder and map it in every process and rerun (pair_cache.py: keyed by
