@@ -40,7 +40,7 @@ from bench_teacher import print_table, proc_kib
 from batches import Example, collate, epoch_batches, load_pairs
 from cli import parse_overrides
 from loss import linear_cross_entropy, pairwise_loss
-from model import ByteTokenizer, RewardModel, checkpoint_activations, load_backbone
+from model import ByteTokenizer, RewardModel, attention_key_cost, checkpoint_activations, load_backbone
 
 
 def machine_description():
@@ -638,6 +638,78 @@ def bench_gradckpt(args):
                 ["gradient checkpointing", "peak MiB added", "ms/step"], rows)
 
 
+# ----------------------------------------------------------------------------- section "profile" (one step each)
+
+OP_GROUPS = (("attention", ("attention", "sdpa", "softmax")), ("matmul", ("mm", "linear", "matmul", "bmm")),
+             ("embedding", ("embedding",)), ("optimizer", ("adam", "_foreach")))
+
+
+def op_group(name):
+    return next((group for group, keys in OP_GROUPS if any(k in name.lower() for k in keys)), "other")
+
+
+def trl_layout_step(model, examples):
+    """What TRL's RewardTrainer computes for a batch: chosen and rejected rows padded to the longest in the batch,
+    attention mask, reward at the last real token (a sequence classifier), -log σ(Δr), backward."""
+    rows = [ex.prompt[0] + ex.chosen for ex in examples] + [ex.prompt[1] + ex.rejected for ex in examples]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), model.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    rewards = model.rewards(ids, mask)
+    F.logsigmoid(rewards[:len(examples)] - rewards[len(examples):]).neg().mean().backward()
+    return sum(map(len, rows)), ids.numel(), ids.shape
+
+
+def bench_profile(args):
+    """torch.profiler on one training step (forward, backward, AdamW) of rmd's packed layout, shared and unshared,
+    and of TRL's padded layout (trl_layout_step: what RewardTrainer computes, without its Trainer loop), same pairs:
+    CPU time by kind of operator. Why removing padding buys less than the padding share: see the table's title."""
+    from torch.profiler import ProfilerActivity, profile
+    folder = smollm2_folder(args.layers)
+    lm, tokenizer = load_backbone(folder)
+    examples = hh_examples(args, tokenizer, args.max_len)
+    batch = [examples[i] for i in epoch_batches(examples, args.batch, 1337, 0)[0]]
+    model = RewardModel(lm, tokenizer, "linear", 0.0).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    cfg = train.TrainConfig(loss="bt", lm_weight=0.0)
+    key_cost = attention_key_cost(lm)
+
+    def rmd_step(layout):
+        b = collate(batch, model.pad_id, False, False, layout, key_cost)
+        loss, _, _, _ = train.step_loss(model, b, cfg, b.n_pairs, 1)
+        loss.backward()
+        return b.real_tokens, b.input_ids.numel(), b.input_ids.shape
+
+    steps = {"rmd shared": lambda: rmd_step("shared"), "rmd unshared": lambda: rmd_step("separate"),
+             "trl layout": lambda: trl_layout_step(model, batch)}
+    rows = []
+    for name, fn in steps.items():
+        fn()  # warm-up, the optimizer's state included
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            tokens, slots, shape = fn()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - t0
+        groups = {}
+        for event in prof.key_averages():
+            groups[op_group(event.key)] = groups.get(op_group(event.key), 0) + event.self_cpu_time_total / 1e6
+        total = sum(groups.values())
+        rows.append([name, tokens, slots, "x".join(map(str, shape)), f"{seconds:.1f}",
+                     *(f"{100 * groups.get(g, 0) / total:.0f}" for g, _ in OP_GROUPS), f"{100 * groups.get('other', 0) / total:.0f}"])
+        print(f"  profiled {name}", file=sys.stderr, flush=True)
+    print_table(f"profile: one training step (forward, backward, AdamW), BT, LM term off, {args.batch} pairs, max_len "
+                f"{args.max_len}, SmolLM2 {args.layers} layers, fp32 CPU; share of self CPU time by kind of operator "
+                "(torch.profiler). Attention with a mask is computed over whole rows (bins): packing removes the "
+                "padding's matmuls but makes longer rows, so its attention grows; the embedding's and the "
+                "optimizer's work does not shrink with the tokens",
+                ["layout", "tokens", "slots", "rows x len", "s", *(f"{g} %" for g, _ in OP_GROUPS), "other %"], rows)
+
+
 # ----------------------------------------------------------------------------- section "data" (tokenize once)
 
 def synthetic_pairs(path, pairs, source):
@@ -674,12 +746,20 @@ def data_worker(args):
         if step == 1:
             marks["first_step_start"] = time.time() - numbers["seconds"]
             marks["first_step_end"] = time.time()
+            marks["cpu_first_step_end"] = cpu_seconds()
         if step == 3:
             marks.update({k: proc_kib("/proc/self/status", k) / 1024 for k in ("VmRSS", "RssAnon", "RssFile")})
     with contextlib.redirect_stdout(io.StringIO()):
         train.train(cfg, on_step=on_step)
     shutil.rmtree(cfg.out, ignore_errors=True)
     print(json.dumps(marks))
+
+
+def cpu_seconds():
+    """User + system CPU seconds of this process and its finished children (the tokenizing workers)."""
+    import resource
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def run_data_worker(args, path, cache):
@@ -706,31 +786,35 @@ def bench_data(args):
         path = synthetic_pairs(os.path.join(tempfile.gettempdir(), f"rmd-bench-pairs-{pairs}.jsonl"), pairs, args.data)
         cache = tempfile.mkdtemp(prefix="rmd-bench-cache-")
         try:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), cpu_seconds()
             store, _ = pair_cache.load([path], tokenizer, args.max_len, cache, workers=args.workers, log=lambda *a: None)
-            build = time.perf_counter() - t0
+            build, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
             size = sum(os.path.getsize(os.path.join(store.folder, f)) for f in os.listdir(store.folder))
             runs = [run_data_worker(args, path, cache) for _ in range(2)]
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         rerun = runs[1]
-        rows.append([pairs, len(store), f"{build:.1f}", f"{len(store) / build:.0f}", f"{size / 2**20:.0f}",
-                     f"{rerun['first_step_start']:.1f}", f"{rerun['first_step_end']:.1f}", f"{rerun['VmRSS']:.0f}",
+        rows.append([pairs, len(store), f"{build:.1f}", f"{len(store) / build:.0f}", f"{cpu:.0f}",
+                     f"{len(store) / cpu:.0f}", f"{size / 2**20:.0f}", f"{rerun['first_step_start']:.1f}",
+                     f"{rerun['first_step_end']:.1f}", f"{rerun['cpu_first_step_end']:.1f}", f"{rerun['VmRSS']:.0f}",
                      f"{rerun['RssAnon']:.0f}", f"{rerun['RssFile']:.0f}"])
         print(f"  done {pairs} pairs", file=sys.stderr, flush=True)
-    rss = [float(r[7]) for r in rows]
+    rss = [float(r[10]) for r in rows]
     print_table(f"data: tokenize once into a memory-mapped cache (pair_cache.py), synthetic distill-shaped rows from "
                 f"HH (prompt, chosen, rejected, scores, teacher answer), SmolLM2 tokenizer, max_len {args.max_len}, "
                 f"{args.workers} worker process(es); rerun = `rmd.py train` ({args.layers} layers, 2 pairs/step, LM "
                 f"term on) in a fresh process on the built cache: seconds from process start to its first step, "
-                f"resident MiB after step 3; RSS {args.pairs} vs {args.small_pairs} pairs: "
+                f"resident MiB after step 3; CPU s = user + system of the process and its workers (what the build "
+                f"costs whatever else runs on the machine); RSS {args.pairs} vs {args.small_pairs} pairs: "
                 f"{100 * (rss[1] / rss[0] - 1):+.1f}%",
-                ["pairs", "kept", "build s", "pairs/s", "cache MiB", "rerun: first step starts s", "first step ends s",
-                 "VmRSS MiB", "RssAnon MiB", "RssFile MiB"], rows)
+                ["pairs", "kept", "build s", "pairs/s", "build CPU s", "pairs per CPU s", "cache MiB",
+                 "rerun: first step starts s", "first step ends s", "its CPU s", "VmRSS MiB", "RssAnon MiB",
+                 "RssFile MiB"], rows)
 
 
 SECTIONS = {"lm": bench_lm, "pairwise": bench_pairwise, "train": bench_train, "lm-train": bench_lm_train,
-            "padding": bench_padding, "compile": bench_compile, "gradckpt": bench_gradckpt, "data": bench_data}
+            "padding": bench_padding, "compile": bench_compile, "gradckpt": bench_gradckpt, "data": bench_data,
+            "profile": bench_profile}
 
 
 @dataclass

@@ -160,11 +160,12 @@ def rename_columns(row, keys, where):
     return row
 
 
-def read_jsonl_rows(path, keys=None):
+def read_jsonl_rows(path, keys=None, raw=False):
     """Yield (line_no, obj) for each row of a data file: JSONL (.jsonl, .jsonl.gz: one object per non-blank line),
     one JSON array (line_no = the line its element starts on), Parquet or a Hub dataset `hf:owner/name[:split]`
     (line_no = the row number). UTF-8 with or without a BOM, LF or CRLF. Anything else, or a row that is not a JSON
-    object, is a `file:line` ValueError. `keys` ({field: column}, see column_keys) renames columns."""
+    object, is a `file:line` ValueError. `keys` ({field: column}, see column_keys) renames columns. JSONL is
+    streamed; raw=True yields its lines as text, for jsonl_row to parse elsewhere (pair_cache's worker processes)."""
     problem = source_problem(path)  # a folder, a missing file, a bad Hub spec: one check, one message everywhere
     if problem:
         raise ValueError(problem)
@@ -179,22 +180,32 @@ def read_jsonl_rows(path, keys=None):
             if item[1].strip():
                 break
         first, lines = (head[-1][1].lstrip() if head else ""), itertools.chain(head, lines)
-        numbered = _json_array_rows(path, list(lines)) if first.startswith("[") else _jsonl_rows(path, lines)
+        if first.startswith("["):
+            numbered = _json_array_rows(path, list(lines))
+        else:
+            for line_no, line in lines:
+                if line.strip():
+                    yield (line_no, line) if raw else (line_no, jsonl_row(path, line_no, line, keys))
+            return
     for line_no, obj in numbered:
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-        yield line_no, rename_columns(obj, keys, f"{path}:{line_no}") if keys else obj
+        yield line_no, checked_row(path, line_no, obj, keys)
 
 
-def _jsonl_rows(path, lines):
-    for line_no, line in lines:
-        if line.strip():
-            try:
-                yield line_no, json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            except RecursionError:
-                raise ValueError(f"{path}:{line_no}: JSON nested too deeply") from None
+def jsonl_row(path, line_no, line, keys=None):
+    """One JSONL line -> its row, checked and renamed as read_jsonl_rows does."""
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}:{line_no}: JSON nested too deeply") from None
+    return checked_row(path, line_no, obj, keys)
+
+
+def checked_row(path, line_no, obj, keys):
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+    return rename_columns(obj, keys, f"{path}:{line_no}") if keys else obj
 
 
 HH_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}

@@ -88,9 +88,13 @@ def encode_batch(tokenizer, texts):
     return [model.encode(tokenizer, text) for text in texts]
 
 
-def tokenize_chunk(rows, tokenizer, max_len, path, file=0):
-    """[(line_no, row)] -> (tokens: list of ids, {column: list}, {reason: dropped rows}), each kept pair cut by
-    model.fit as every command cuts it. A bad row raises DataError naming path:line."""
+def tokenize_chunk(rows, tokenizer, max_len, path, file=0, keys=None):
+    """[(line_no, row or its JSONL text)] -> (tokens: list of ids, {column: list}, {reason: dropped rows}), each kept
+    pair cut by model.fit as every command cuts it. A bad row raises DataError naming path:line."""
+    try:
+        rows = [(line, formats.jsonl_row(path, line, row, keys) if isinstance(row, str) else row) for line, row in rows]
+    except ValueError as e:
+        raise DataError(str(e)) from None
     parsed = [(line, parse_row(row, f"{path}:{line}", False), "teacher_response" in row) for line, row in rows]
     texts = [model.render_prompt(tokenizer, p[0]) for _, p, _ in parsed]
     for part in (1, 2, 4):  # chosen, rejected, teacher answers
@@ -169,10 +173,11 @@ class Sink:
 
 
 def chunks(path, keys):
-    """The rows of a data file in lists of CHUNK (line_no, row) (read_jsonl_rows streams JSONL)."""
+    """The rows of a data file in lists of CHUNK (line_no, row); a JSONL file's rows as their text, streamed (the
+    worker that tokenizes a chunk parses it: formats.jsonl_row)."""
     chunk = []
     try:
-        for item in read_jsonl_rows(path, keys):
+        for item in read_jsonl_rows(path, keys, raw=True):
             chunk.append(item)
             if len(chunk) == CHUNK:
                 yield chunk
@@ -188,7 +193,8 @@ _WORKER = {}  # the tokenizer and settings of a worker process (set before the f
 
 def _work(task):
     file, chunk = task
-    return tokenize_chunk(chunk, _WORKER["tokenizer"], _WORKER["max_len"], _WORKER["paths"][file], file)
+    return tokenize_chunk(chunk, _WORKER["tokenizer"], _WORKER["max_len"], _WORKER["paths"][file], file,
+                          _WORKER["keys"])
 
 
 def build(paths, tokenizer, max_len, keys, folder, workers):
@@ -199,9 +205,9 @@ def build(paths, tokenizer, max_len, keys, folder, workers):
     local = [p for p in paths if not p.startswith(formats.HUB_PREFIX)]
     parallel = workers > 1 and sum(map(os.path.getsize, local)) >= PARALLEL_BYTES
     with contextlib.ExitStack() as stack:
-        results = (tokenize_chunk(chunk, tokenizer, max_len, paths[file], file) for file, chunk in tasks)
-        if parallel:  # fork: the workers inherit the tokenizer; the parent reads and writes, they tokenize
-            _WORKER.update(tokenizer=tokenizer, max_len=max_len, paths=paths)
+        results = (tokenize_chunk(chunk, tokenizer, max_len, paths[file], file, keys) for file, chunk in tasks)
+        if parallel:  # fork: the workers inherit the tokenizer; the parent reads and writes, they parse and tokenize
+            _WORKER.update(tokenizer=tokenizer, max_len=max_len, paths=paths, keys=keys)
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker, and no fork warning
             pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
             results = pool.imap(_work, tasks)
