@@ -191,6 +191,11 @@ def chunks(path, keys):
 _WORKER = {}  # the tokenizer and settings of a worker process (set before the fork)
 
 
+def _one_thread():
+    """A worker's tokenizer runs on one thread (the workers are the parallelism; no fork warning either)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def _work(task):
     file, chunk = task
     return tokenize_chunk(chunk, _WORKER["tokenizer"], _WORKER["max_len"], _WORKER["paths"][file], file,
@@ -208,8 +213,7 @@ def build(paths, tokenizer, max_len, keys, folder, workers):
         results = (tokenize_chunk(chunk, tokenizer, max_len, paths[file], file, keys) for file, chunk in tasks)
         if parallel:  # fork: the workers inherit the tokenizer; the parent reads and writes, they parse and tokenize
             _WORKER.update(tokenizer=tokenizer, max_len=max_len, paths=paths, keys=keys)
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker, and no fork warning
-            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers, _one_thread))
             results = pool.imap(_work, tasks)
         for tokens, columns, dropped in results:
             counts.rows += len(columns["start"]) + sum(dropped.values())

@@ -110,3 +110,17 @@ def test_gradckpt_section_measures_both_variants():
     rows = table_rows(run("bench.py", "--only", "gradckpt", "--layers", "2", "--max-len", "64", "--batch", "1",
                           "--steps", "1"), "gradckpt")
     assert [r.split()[0] for r in rows] == ["off", "on", "on"]  # off, on, on / off
+
+
+@needs_smollm2
+def test_data_section_builds_and_reruns(hh_sample):
+    rows = table_rows(run("bench.py", "--only", "data", "--data", hh_sample, "--pairs", "300", "--small-pairs", "100",
+                          "--workers", "1", "--max-len", "64"), "data")
+    assert [int(r.split()[0]) for r in rows] == [100, 300]  # the small file, then the big one
+
+
+@needs_smollm2
+def test_profile_section(hh_sample):
+    rows = table_rows(run("bench.py", "--only", "profile", "--data", hh_sample, "--max-len", "64", "--batch", "2"),
+                      "profile")
+    assert [" ".join(r.split()[:2]) for r in rows] == ["rmd shared", "rmd unshared", "trl layout"]

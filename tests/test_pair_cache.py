@@ -112,7 +112,7 @@ def test_worker_processes_build_the_same_cache(tmp_path, monkeypatch):
     pool = []
     real_pool = pair_cache.multiprocessing.get_context("fork").Pool
     monkeypatch.setattr(pair_cache.multiprocessing, "get_context",
-                        lambda method: type("Ctx", (), {"Pool": lambda self, n: pool.append(n) or real_pool(n)})())
+                        lambda method: type("Ctx", (), {"Pool": lambda self, n, init: pool.append(n) or real_pool(n, init)})())
     parallel, _ = pair_cache.load([path], chatml_tokenizer(), 64, str(tmp_path / "c"), workers=2)
     assert pool == [2]
     assert as_tuples(parallel) == as_tuples(pair_cache.load([path], chatml_tokenizer(), 64)[0])
