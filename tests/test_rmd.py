@@ -31,7 +31,7 @@ HH = "\n\nHuman: How do I bake bread?\n\nAssistant:"
 # ------------------------------------------------------------------------------------------------ data
 
 
-def test_row_forms_parse_to_the_same_example():
+def test_row_forms_parse_to_the_same_example(tmp_path):
     tok = ByteTokenizer()
     forms = [
         {"prompt": "How do I bake bread?", "chosen": "Knead it.", "rejected": "No."},
@@ -40,8 +40,8 @@ def test_row_forms_parse_to_the_same_example():
         {"chosen": HH + " Knead it.", "rejected": HH + " No."},  # implicit prompt, HH-RLHF style
         {"prompt": HH, "chosen": " Knead it.", "rejected": " No."},
     ]
-    examples = [batches.tokenize_example(tok, formats.parse_row(r, "x:1", False), 256, batches.DataStats())
-                for r in forms]
+    examples = list(batches.load_pairs(write_jsonl(tmp_path / "forms.jsonl", forms), tok, 256)[0])
+    assert len(examples) == len(forms)
     for ex in examples[1:]:
         assert ex == examples[0]
     text = tok.decode(examples[0].prompt[0] + examples[0].chosen)
