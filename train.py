@@ -3,10 +3,11 @@
     import train
     train.train(train.TrainConfig(data="pairs.jsonl", eval_data="test.jsonl", model="path/to/hf-model"))
 
-`python rmd.py train --key=value ...` fills TrainConfig from the command line (rmd.py) and calls train(). One step
-takes --batch-size pairs in a deterministic order (batches.epoch_batches), split over processes and micro-batches;
-each micro-batch is one packed forward pass (batches.collate) of the chosen, rejected and teacher-answer rows, and
-step_loss is its loss: the pairwise loss + --lm-weight x the LM loss on the teacher answers (loss.py). The run
+`python rmd.py train --key=value ...` fills TrainConfig from the command line (rmd.py) and calls train(). The data
+files are tokenized once into --token-cache and mapped by every process (pair_cache.py). One step takes --batch-size
+pairs in a deterministic order (batches.epoch_batches), split over processes and micro-batches; each micro-batch is
+one packed forward pass (batches.collate) of the chosen, rejected and teacher-answer rows, a pair's prompt computed
+once for all of them where that pays (--share-prompts), and step_loss is its loss: the pairwise loss + --lm-weight x the LM loss on the teacher answers (loss.py). The run
 evaluates pair accuracy on the --eval-data splits, logs one line per --log-interval steps (and log.jsonl),
 checkpoints for --resume (distributed.py) and saves the reward model (model.save_reward_model) with eval.json and
 report.html (report.py). --gradient-checkpointing is model.checkpoint_activations, --lora-r is lora.py (the
