@@ -30,14 +30,14 @@ import distributed
 import lora
 import report
 import recipe
-import tiny_lm
 from batches import (DataStats, check_data_file, collate, count_cuts, cut_warnings, epoch_batches, load_pairs,
                      to_device)
 from evaluation import fit_text, margin_fit
 from cli import Progress
 from formats import column_keys
 from loss import PAIRWISE_KINDS, linear_cross_entropy, pairwise_loss
-from model import RewardModel, checkpoint_activations, is_hub_id, load_backbone, pick_device, save_reward_model
+from model import (RewardModel, checkpoint_activations, cut_layers, is_hub_id, load_backbone, pick_device,
+                   save_reward_model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ class TrainConfig:
     rejected_key: str = ""  # column holding the rejected answer ("" = rejected)
     holdout: int = 0  # also hold out the last N usable pairs of --data as the eval split "heldout"
     out: str = "out/train"  # where the model, checkpoints, log.jsonl and eval.json go
-    model: str = ""  # the student: an HF folder, a Hub id, a .gguf file, or "tiny" (built-in, pretrained on the sim world)
+    model: str = ""  # the student: an HF folder, a Hub id, a .gguf file, or (rmd.py only) the demo's "tiny"
     layers: int = 0  # keep only the first N transformer layers of the backbone (0 = all)
     head: str = "mlp"  # value head: "mlp" (dropout, Linear(H,1024), ReLU, Linear(1024,1)) or "linear"
     dropout: float = 0.1  # value-head dropout
@@ -90,9 +90,10 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
 
 
-def validate(cfg: TrainConfig):
+def validate(cfg: TrainConfig, backbone=None):
     """Every check that needs no model and no tokenizer, so that a mistake is one line before anything runs:
-    option values, the data files, --model, --device, and that --resume continues the same run."""
+    option values, the data files, --model (unless a `backbone` loader of train's is given: it knows its names),
+    --device, and that --resume continues the same run."""
     choices = {"head": ("mlp", "linear"), "loss": PAIRWISE_KINDS, "compile": ("auto", "on", "off"),
                "dtype": ("auto", "float32", "bfloat16"), "report_to": ("none", "tensorboard", "wandb")}
     for key, allowed in choices.items():
@@ -116,16 +117,15 @@ def validate(cfg: TrainConfig):
         raise SystemExit("error: --model is empty: give the student, a Hugging Face id (e.g. "
                          "--model=HuggingFaceTB/SmolLM2-135M-Instruct), a model folder, a .gguf file, or --model=tiny "
                          "for the built-in toy student (pretrained on the simulated world only)")
-    check_model(cfg.model)
+    if backbone is None:
+        check_model(cfg.model)
     pick_device(cfg.device)
     if cfg.resume:
         check_resume(cfg)
 
 
 def check_model(name):
-    """--model of train: built-in names pass to load_backbone; a path must hold a model; else a Hub id."""
-    if "/" not in name and os.sep not in name and not name.endswith(".gguf") and not os.path.exists(name):
-        return  # a built-in name ('tiny', ...): load_backbone knows them
+    """--model of train: a path must hold a model; else a Hub id."""
     if name.endswith(".gguf"):
         if not os.path.isfile(name):
             raise SystemExit(f"error: --model={name}: no such .gguf file")
@@ -137,12 +137,14 @@ def check_model(name):
                                  f"pass one, e.g. --model={os.path.join(name, ggufs[0])}")
             if not ggufs:
                 raise SystemExit(f"error: --model={name} holds no model (no config.json, no .gguf file): give a "
-                                 "Hugging Face causal-LM folder, a .gguf file or 'tiny'")
+                                 "Hugging Face causal-LM folder or a .gguf file")
     elif os.path.exists(name):
         raise SystemExit(f"error: --model={name} is a file but not a .gguf; give a model folder or a .gguf file")
     elif not is_hub_id(name):
+        demo = (" ('tiny' and 'tiny-scratch' are the demo's students: `python rmd.py train --model=tiny`, or in "
+                "Python train.train(cfg, backbone=demo.tiny_lm.load_tiny))") if os.sep not in name else ""
         raise SystemExit(f"error: --model={name}: no such folder or file (and not a Hugging Face id like "
-                         "Qwen/Qwen2.5-0.5B-Instruct)")
+                         f"Qwen/Qwen2.5-0.5B-Instruct){demo}")
 
 
 RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
@@ -263,13 +265,14 @@ class Run:
     tracker: object = None  # --report-to's experiment tracker (rank 0), see open_tracker
 
 
-def build_model(cfg, device, log):
-    """The student: the --model backbone (tiny_lm.py builds the built-in 'tiny' ones) + a value head."""
-    load = tiny_lm.load_tiny if cfg.model in tiny_lm.TINY_NAMES else load_backbone
-    lm, tokenizer = load(cfg.model, cfg.layers, cfg.max_len)
+def build_model(cfg, device, log, backbone=None):
+    """The student: the --model backbone (loaded by `backbone`, default model.load_backbone) + a value head."""
+    lm, tokenizer = (backbone or load_backbone)(cfg.model, 0, cfg.max_len)
+    layers = len(lm.model.layers) if cfg.layers else 0
+    lm = cut_layers(lm, cfg.layers)
     if cfg.gradient_checkpointing:
         checkpoint_activations(lm)
-    if cfg.lm_weight > 0 and cfg.layers and not cfg.model.startswith("tiny") and len(lm.model.layers) == cfg.layers:
+    if cfg.lm_weight > 0 and cfg.layers and cfg.layers < layers:
         log(f"warning: --layers={cfg.layers} cuts the backbone and --lm-weight={cfg.lm_weight} > 0: the pretrained LM "
             "head on a cut backbone starts worse than uniform (SmolLM2-135M, 4 of 30 layers: 19.4 nats per "
             "teacher-answer token, 4.0 uncut, 10.8 uniform), so the LM term relearns language modelling rather "
@@ -337,14 +340,14 @@ def build_optimizer(model, cfg, lr, cuda, sharded):
                              fused=True if not sharded else (cuda or None))  # fused: 4x faster step on CPU too
 
 
-def set_up(cfg):
+def set_up(cfg, backbone=None):
     """Everything before the first step: processes, model, data, sharding, optimizer, wrappers -> Run."""
     rank, world, device = distributed.setup_distributed(cfg.device)
     log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
     tracker = open_tracker(cfg.report_to, cfg.out, dataclasses.asdict(cfg)) if rank == 0 else None  # errors first
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = build_model(cfg, device, log)
+    model = build_model(cfg, device, log, backbone)
     use_lm = cfg.lm_weight > 0
     examples, stats, eval_sets, eval_stats = load_data(cfg, model.tokenizer, use_lm, log)
     micro, accum, steps_per_epoch, total = plan_steps(cfg, len(examples), world, log)
@@ -389,15 +392,17 @@ def wrap(cfg, run):
 # the loop
 
 
-def train(cfg: TrainConfig, stop_after: int = 0, on_step=None):
+def train(cfg: TrainConfig, stop_after: int = 0, on_step=None, backbone=None):
     """Train a reward model; returns the final eval metrics ({split: accuracy}).
 
+    backbone(name, layers, max_len) -> (causal LM, tokenizer) loads --model (default model.load_backbone); the demo
+    passes demo.tiny_lm.load_tiny for its students 'tiny' and 'tiny-scratch'.
     stop_after > 0 checkpoints and returns {} after that step, as if the run had been cut there (for tests).
     on_step(step, numbers) is called after every optimizer step, on every process, with that step's numbers:
     seconds (from data to optimizer step), pair_loss, lm_loss, correct, pairs, tokens (real) and slots (incl.
     padding) of this process -- for a benchmark or a caller that watches the run."""
-    validate(cfg)
-    run = set_up(cfg)
+    validate(cfg, backbone)
+    run = set_up(cfg, backbone)
     step = resume(cfg, run) if cfg.resume else 0
     wrap(cfg, run)
     if run.rank == 0:

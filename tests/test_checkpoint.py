@@ -8,7 +8,7 @@ import torch
 
 import distributed
 import train
-from conftest import easy_rows, log_losses, train_cfg, write_jsonl
+from conftest import easy_rows, log_losses, train_cfg, train_tiny, write_jsonl
 
 
 def model_and_optimizer(seed):
@@ -81,12 +81,12 @@ def test_no_whole_copy_is_no_checkpoint(tmp_path):
 def test_resume_after_a_kill_between_the_renames_logs_each_step_once(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     cfg = train_cfg(tmp_path, data, max_steps=5, lm_weight=0.5, epochs=3, batch_size=4, max_len=64)
-    train.train(cfg, stop_after=2)
+    train_tiny(cfg, stop_after=2)
     ckpt = os.path.join(cfg.out, "ckpt")
     os.replace(ckpt, ckpt + ".old")  # killed between the renames: no ckpt/ (used to say "no checkpoint")
     with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:  # steps 3-4 logged, then killed before a save
         f.write('{"step": 3, "pair_loss": 9.0, "lm_loss": 9.0}\n{"step": 4, "pair_loss": 9.0, "lm_loss": 9.0}\n{"st')
-    train.train(train.TrainConfig(**{**vars(cfg), "resume": True}))
+    train_tiny(train.TrainConfig(**{**vars(cfg), "resume": True}))
     steps = [s for s, *_ in log_losses(cfg.out)]
     assert steps == [1, 2, 3, 4, 5] and 9.0 not in [p for _, p, _ in log_losses(cfg.out)]
     assert sorted(x for x in os.listdir(cfg.out) if x.startswith("ckpt")) == ["ckpt"]

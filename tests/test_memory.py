@@ -10,9 +10,9 @@ import torch
 
 import batches
 import lora  # imports peft only when adapters are added
-import tiny_lm
 import train
-from conftest import easy_rows, log_losses, tiny_model, train_cfg, write_jsonl
+from conftest import easy_rows, log_losses, tiny_model, train_cfg, train_tiny, write_jsonl
+from demo import tiny_lm
 from model import checkpoint_activations, load_reward_model, save_reward_model
 
 
@@ -25,7 +25,7 @@ def packed_batch(model, tmp_path, n=6):
 
 
 def loss_and_grads(model, batch):
-    cfg = train.TrainConfig(lm_weight=0.5)
+    cfg = train.TrainConfig(lm_weight=0.5, loss="mse")  # collate above keeps the margins: a margin loss
     model.zero_grad(set_to_none=True)
     loss, _, _, _ = train.step_loss(model, batch, cfg, batch.n_pairs, len(batch.lm_target))
     loss.backward()
@@ -66,7 +66,7 @@ def test_train_with_gradient_checkpointing_matches_a_plain_run(tmp_path):
     for on in (False, True):
         cfg = train_cfg(tmp_path, data, out=str(tmp_path / f"out{on}"), max_steps=3, batch_size=4, max_len=64,
                         dropout=0.0, gradient_checkpointing=on)
-        train.train(cfg)
+        train_tiny(cfg)
         runs.append(log_losses(cfg.out))
     for (s1, p1, l1), (s2, p2, l2) in zip(*runs, strict=True):
         assert s1 == s2 and p2 == pytest.approx(p1, rel=1e-5, abs=1e-6) and l2 == pytest.approx(l1, rel=1e-5)
@@ -120,7 +120,7 @@ def test_lora_training_moves_only_low_rank_deltas_and_resumes(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(24))
     kw = dict(max_steps=4, batch_size=4, max_len=64, lora_r=2, lora_alpha=4.0, dropout=0.0, lr=1e-2)
     straight = train_cfg(tmp_path, data, out=str(tmp_path / "straight"), **kw)
-    train.train(straight)
+    train_tiny(straight)
     losses = log_losses(straight.out)
     assert losses[-1][1] < losses[0][1]  # it learns
     torch.manual_seed(straight.seed)  # train's init of the same backbone
@@ -131,8 +131,8 @@ def test_lora_training_moves_only_low_rank_deltas_and_resumes(tmp_path):
     torch.testing.assert_close(saved.model.layers[1].input_layernorm.weight, init.model.layers[1].input_layernorm.weight,
                                atol=0, rtol=0)  # frozen
     cut = train_cfg(tmp_path, data, out=str(tmp_path / "cut"), **kw)
-    train.train(cut, stop_after=2)
-    train.train(train.TrainConfig(**{**vars(cut), "resume": True}))
+    train_tiny(cut, stop_after=2)
+    train_tiny(train.TrainConfig(**{**vars(cut), "resume": True}))
     for (s1, p1, l1), (s2, p2, l2) in zip(losses, log_losses(cut.out), strict=True):
         assert s1 == s2 and p2 == pytest.approx(p1, abs=1e-6, rel=1e-6)
     rows = easy_rows(4, seed=3)

@@ -18,8 +18,9 @@ import formats
 import protocol
 import teacher
 from asker import cache_key
-from fault_server import EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep, status
 from protocol import ParseError, parse_annotation, parse_refinement, parse_score, tagged
+from tools.fault_server import (EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep,
+                               status)
 
 # restyle off: these tests count the requests of the paper's five stages; test_restyle_* turn it on
 FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=0.5, max_retries=3, json_mode="off", progress=False,
@@ -135,9 +136,8 @@ def _conversation(json_mode=False):
 
 
 def _ask_servers(body):
-    import sim
-    import sim_server
-    from fault_server import teacher_reply
+    from demo import sim, sim_server
+    from tools.fault_server import teacher_reply
     return [sim_server.reply_for(body, sim.WorldConfig(malformed_rate=0.0)), teacher_reply(body)]
 
 
@@ -197,7 +197,7 @@ def test_read_request_gives_each_stage_its_fields():
 def test_the_servers_retype_no_tag_or_header():
     """sim.py, sim_server.py and fault_server.py take every tag, header and reply marker from protocol.py."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for path in ("sim.py", "sim_server.py", "fault_server.py"):
+    for path in ("demo/sim.py", "demo/sim_server.py", "tools/fault_server.py"):
         text = open(os.path.join(root, path), encoding="utf-8").read()
         for literal in ("<question-", "<assistant-", "answer-{", "[rmd:", "[REASONING-", "[MODIFIED-ANSWER-",
                         "[RESTYLED-ANSWER-", "Assistant 1:", "Score:"):
@@ -653,7 +653,7 @@ def test_throughput_keeps_the_workers_busy(tmp_path):
         run_rows(server, rows, tmp_path, workers=workers)
     # the server counts a request until its handler returns, a moment after the client has its reply
     assert workers <= server.max_active <= workers + 2
-    # The request rate itself is a timing, measured by `python bench_teacher.py --only teacher`, never asserted here:
+    # The request rate itself is a timing, measured by `python -m tools.bench_teacher --only teacher`, never asserted here:
     # on a loaded 2-core machine it depends on the load, not on the client.
 
 
