@@ -202,3 +202,14 @@ def test_function_local_imports_and_attribute_access_count():
     found = imports_of(source)
     assert {"torch", "torch.distributed", "teacher"} <= found
     assert "torch.distributed" in imports_of("import torch\ntorch.distributed.barrier()\n")
+
+
+@pytest.mark.parametrize("module", ["demo.ablation", "demo.sim_server", "demo.tiny_lm", "tools.bench",
+                                    "tools.bench_gpu", "tools.bench_teacher"])
+def test_demo_and_tools_run_as_modules_and_say_so_when_run_as_files(module):
+    """`python -m demo.ablation` is the way; `python demo/ablation.py` (where `import formats` would fail) says it."""
+    import subprocess
+    path = os.path.join(ROOT, *module.split(".")) + ".py"
+    out = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 1 and out.stderr.strip() == \
+        f"error: run it from the repository root as a module: python -m {module}", out.stderr

@@ -674,3 +674,15 @@ def test_original_pairs_of_train_jsonl_load_with_their_order_debiased_margin(tmp
     path = write_jsonl(tmp_path / "train.jsonl", rows)  # a kept row's original and refined pairs
     examples, stats = batches.load_pairs(path, ByteTokenizer(), 64, need_margin=True, teacher=True, keep_ties=False)
     assert [ex.margin for ex in examples] == [3.5, 5.0] and stats.kept == 2 and not stats.dropped
+
+
+def test_the_demos_students_load_through_rmd_py_or_a_loader_not_by_name_in_the_library(tmp_path):
+    """'tiny' and 'tiny-scratch' are the demo's (demo/tiny_lm.py): the library does not know them by name. From
+    Python, train.train(cfg) says how to get them; train.train(cfg, backbone=load_tiny) trains one."""
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(8))
+    message = one_line_error(["train", f"--data={data}", "--model=nano", f"--out={tmp_path / 'x'}"])
+    assert "--model=nano: no such folder or file" in message
+    with pytest.raises(SystemExit, match="'tiny' and 'tiny-scratch' are the demo's students: `python rmd.py train "
+                                         r"--model=tiny`, or in Python train.train\(cfg, backbone=demo.tiny_lm"):
+        train.train(train_cfg(tmp_path, data, model="tiny", max_steps=0))
+    assert train.train(train_cfg(tmp_path, data, max_steps=0), backbone=tiny_lm.load_tiny).keys() == set()
