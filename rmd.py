@@ -37,9 +37,9 @@ import dataclasses
 import os
 import sys
 
-from cli import parse_overrides
+from cli import one_line_errors, parse_overrides
 from demo import builtin
-from formats import DataError, column_keys
+from formats import column_keys
 from teacher import FatalError, TransportError
 
 # torch and the model code load only for the commands that use them (train, eval, bon, serve): `distill` and
@@ -138,12 +138,12 @@ def train_command(argv):
                          "first, or pass --data=pairs.jsonl (rows {prompt, chosen, rejected[, chosen_score, "
                          "rejected_score, teacher_response]}; see README.md)")
     bon = os.path.join(os.path.dirname(cfg.data), "builtin", "bon.jsonl")
+    # --model=tiny / tiny-scratch: the demo's students, which the library does not know by name
+    backbone = tiny_lm.load_tiny if cfg.model in tiny_lm.TINY_NAMES else None
     baseline = builtin.start_demo_baseline(cfg) if demo and os.path.exists(bon) and cfg.max_steps else None
     try:
-        # --model=tiny / tiny-scratch: the demo's students, which the library does not know by name
-        backbone = tiny_lm.load_tiny if cfg.model in tiny_lm.TINY_NAMES else None
         metrics = train(cfg, on_step=builtin.take_back_cores(baseline), backbone=backbone)
-    except (DataError, OSError) as e:
+    except OSError as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         if baseline and baseline[0].poll() is None and sys.exc_info()[0] is not None:
@@ -159,11 +159,16 @@ def train_command(argv):
 
 
 def main(argv=None):
+    """Run one command; the library's one-line errors (UsageError, DataError) become `error: ...` and exit 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    command, rest = argv[0], argv[1:]
+    with one_line_errors():
+        return run_command(argv[0], argv[1:])
+
+
+def run_command(command, rest):
     if command == "train":
         train_command(rest)
     elif command == "distill":

@@ -34,7 +34,7 @@ from batches import (DataStats, check_data_file, collate, count_cuts, cut_warnin
                      to_device)
 from evaluation import fit_text, margin_fit
 from cli import Progress
-from formats import column_keys
+from formats import UsageError, column_keys
 from loss import PAIRWISE_KINDS, linear_cross_entropy, pairwise_loss
 from model import (RewardModel, checkpoint_activations, cut_layers, is_hub_id, load_backbone, pick_device,
                    save_reward_model)
@@ -98,23 +98,23 @@ def validate(cfg: TrainConfig, backbone=None):
                "dtype": ("auto", "float32", "bfloat16"), "report_to": ("none", "tensorboard", "wandb")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
-            raise SystemExit(f"error: --{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+            raise UsageError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
     if (cfg.batch_size < 1 or cfg.max_len < 8 or cfg.lm_weight < 0 or cfg.max_steps < -1 or cfg.min_steps < 0
             or cfg.lr < 0):
-        raise SystemExit("error: need --batch-size >= 1, --max-len >= 8, --lm-weight >= 0, --lr >= 0 (0 = the "
+        raise UsageError("need --batch-size >= 1, --max-len >= 8, --lm-weight >= 0, --lr >= 0 (0 = the "
                          "recipe's rule), --min-steps >= 0, --max-steps >= -1 (-1 = max(--epochs, --min-steps), 0 = "
                          "evaluate only)")
     if cfg.lora_r < 0 or (cfg.lora_r and cfg.fsdp):
-        raise SystemExit("error: need --lora-r >= 0 (0 = off); LoRA with --fsdp is not supported (the adapters "
+        raise UsageError("need --lora-r >= 0 (0 = off); LoRA with --fsdp is not supported (the adapters "
                          "are merged into unsharded weights at the end): drop --fsdp or --lora-r")
     if not cfg.data:
-        raise SystemExit("error: --data is empty: give the training pairs (JSONL rows {prompt, chosen, rejected})")
+        raise UsageError("--data is empty: give the training pairs (JSONL rows {prompt, chosen, rejected})")
     for option, paths in (("data", cfg.data.split(",")),
                           ("eval-data", [s.rpartition("=")[2] for s in filter(None, cfg.eval_data.split(","))])):
         for path in paths:
             check_data_file(option, path)
     if not cfg.model:
-        raise SystemExit("error: --model is empty: give the student, a Hugging Face id (e.g. "
+        raise UsageError("--model is empty: give the student, a Hugging Face id (e.g. "
                          "--model=HuggingFaceTB/SmolLM2-135M-Instruct), a model folder, a .gguf file, or --model=tiny "
                          "for the built-in toy student (pretrained on the simulated world only)")
     if backbone is None:
@@ -128,22 +128,22 @@ def check_model(name):
     """--model of train: a path must hold a model; else a Hub id."""
     if name.endswith(".gguf"):
         if not os.path.isfile(name):
-            raise SystemExit(f"error: --model={name}: no such .gguf file")
+            raise UsageError(f"--model={name}: no such .gguf file")
     elif os.path.isdir(name):
         ggufs = sorted(f for f in os.listdir(name) if f.endswith(".gguf"))
         if not os.path.exists(os.path.join(name, "config.json")):
             if len(ggufs) > 1:
-                raise SystemExit(f"error: --model={name} holds several .gguf files ({', '.join(ggufs)}); "
+                raise UsageError(f"--model={name} holds several .gguf files ({', '.join(ggufs)}); "
                                  f"pass one, e.g. --model={os.path.join(name, ggufs[0])}")
             if not ggufs:
-                raise SystemExit(f"error: --model={name} holds no model (no config.json, no .gguf file): give a "
+                raise UsageError(f"--model={name} holds no model (no config.json, no .gguf file): give a "
                                  "Hugging Face causal-LM folder or a .gguf file")
     elif os.path.exists(name):
-        raise SystemExit(f"error: --model={name} is a file but not a .gguf; give a model folder or a .gguf file")
+        raise UsageError(f"--model={name} is a file but not a .gguf; give a model folder or a .gguf file")
     elif not is_hub_id(name):
         demo = (" ('tiny' and 'tiny-scratch' are the demo's students: `python rmd.py train --model=tiny`, or in "
                 "Python train.train(cfg, backbone=demo.tiny_lm.load_tiny))") if os.sep not in name else ""
-        raise SystemExit(f"error: --model={name}: no such folder or file (and not a Hugging Face id like "
+        raise UsageError(f"--model={name}: no such folder or file (and not a Hugging Face id like "
                          f"Qwen/Qwen2.5-0.5B-Instruct){demo}")
 
 
@@ -169,7 +169,7 @@ def check_resume(cfg):
     diffs = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
              if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     if diffs:
-        raise SystemExit(f"error: --resume with a config that differs from the run in {cfg.out}: {'; '.join(diffs)}. "
+        raise UsageError(f"--resume with a config that differs from the run in {cfg.out}: {'; '.join(diffs)}. "
                          f"Pass the same values to continue it, or give a new --out for a new run")
 
 
@@ -295,7 +295,7 @@ def load_data(cfg, tokenizer, use_lm, log):
                                                                            name=name or "eval", keys=column_keys(cfg))
     if cfg.holdout:
         if cfg.holdout >= len(examples):
-            raise SystemExit(f"error: --holdout {cfg.holdout} leaves no training pairs ({len(examples)} usable)")
+            raise UsageError(f"--holdout {cfg.holdout} leaves no training pairs ({len(examples)} usable)")
         examples, eval_sets["heldout"] = examples[:-cfg.holdout], examples[-cfg.holdout:]
         eval_stats["heldout"] = DataStats(cfg.holdout, cfg.holdout, cuts=count_cuts(eval_sets["heldout"], False))
         log(f"holding out the last {cfg.holdout} pairs of --data as eval split 'heldout'")
@@ -305,7 +305,7 @@ def load_data(cfg, tokenizer, use_lm, log):
         for line in cut_warnings(name, data_stats.cuts, cfg.max_len):
             log(line)
     if use_lm and not any(ex.teacher for ex in examples):
-        raise SystemExit(f"error: --lm-weight={cfg.lm_weight} needs teacher answers, but no row of {cfg.data} has a "
+        raise UsageError(f"--lm-weight={cfg.lm_weight} needs teacher answers, but no row of {cfg.data} has a "
                          "'teacher_response': pass --lm-weight=0 (or train on what `rmd.py distill` writes)")
     return examples, stats, eval_sets, eval_stats
 
@@ -314,13 +314,13 @@ def plan_steps(cfg, pairs, world, log):
     """-> (pairs per micro-batch, micro-batches per step, steps per epoch, total steps), or a one-line error."""
     micro = cfg.micro_batch or max(1, cfg.batch_size // world)
     if cfg.batch_size % (micro * world):
-        raise SystemExit(f"error: --batch-size {cfg.batch_size} must be a multiple of --micro-batch x processes "
+        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch x processes "
                          f"({micro} x {world})")
     accum = cfg.batch_size // (micro * world)
     steps_per_epoch = pairs // cfg.batch_size
     total = cfg.max_steps if cfg.max_steps >= 0 else recipe.total_steps(steps_per_epoch, cfg.epochs, cfg.min_steps)
     if steps_per_epoch == 0 and total:
-        raise SystemExit(f"error: {pairs} usable pairs is fewer than one batch of {cfg.batch_size}: pass "
+        raise UsageError(f"{pairs} usable pairs is fewer than one batch of {cfg.batch_size}: pass "
                          f"--batch-size={pairs} or less (or more data)")
     if total == 0:
         log("--max-steps=0: evaluating only (the step-0 baseline of the untrained value head)")
@@ -369,7 +369,7 @@ def resume(cfg, run):
     ckpt_dir = os.path.join(cfg.out, "ckpt")
     found = distributed.checkpoint_dir(ckpt_dir)
     if found is None:
-        raise SystemExit(f"error: --resume but no checkpoint in {ckpt_dir}")
+        raise UsageError(f"--resume but no checkpoint in {ckpt_dir}")
     step = distributed.load_checkpoint(found, run.model, run.optimizer, run.sharded)["step"]
     run.log(f"resumed from {found} at step {step}")
     if run.rank == 0:
@@ -590,7 +590,7 @@ def open_tracker(kind, out, config):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise SystemExit("error: --report-to=tensorboard needs the tensorboard package: pip install tensorboard "
+            raise UsageError("--report-to=tensorboard needs the tensorboard package: pip install tensorboard "
                              "(or --report-to=none)") from None
         writer = SummaryWriter(os.path.join(out, "tensorboard"))
 
@@ -602,11 +602,11 @@ def open_tracker(kind, out, config):
         try:
             import wandb
         except ImportError:
-            raise SystemExit("error: --report-to=wandb needs the wandb package: pip install wandb "
+            raise UsageError("--report-to=wandb needs the wandb package: pip install wandb "
                              "(or --report-to=none)") from None
         wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rmd"), config=config, dir=out)
         return Tracker(lambda record, step: wandb_run.log(scalars(record), step=step), wandb_run.finish)
-    raise SystemExit(f"error: --report-to must be one of none, tensorboard, wandb, got {kind!r}")
+    raise UsageError(f"--report-to must be one of none, tensorboard, wandb, got {kind!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import sys
 import time
 from dataclasses import dataclass, fields
 
-from cli import parse_overrides
+from cli import one_line_errors, parse_overrides
 from demo import sim, sim_server
 from formats import write_jsonl
 from recipe import RECIPE
@@ -407,4 +407,5 @@ def _run_parallel(jobs, args):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from cli import parse_overrides
+from cli import one_line_errors, parse_overrides
 from demo import sim
 from demo.sim import CANDIDATE_MODELS, TEACHER_MODEL, WORLD_STYLE, WorldConfig, task_from_prompt
 from formats import message_text
@@ -208,4 +208,5 @@ def main(argv=None, prog="python -m demo.sim_server"):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with one_line_errors():
+        sys.exit(main())

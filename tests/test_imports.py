@@ -213,3 +213,37 @@ def test_demo_and_tools_run_as_modules_and_say_so_when_run_as_files(module):
     out = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 1 and out.stderr.strip() == \
         f"error: run it from the repository root as a module: python -m {module}", out.stderr
+
+
+# The library's only exits: --help (asking for help is asking the command line) and the helper that entry points run
+# inside. Everything else raises (UsageError, DataError, ValueError ...) with its one line.
+EXITS_ALLOWED = {("cli", "parse_overrides"), ("cli", "one_line_errors")}
+
+
+def exits_in(source):
+    """The functions (by name; '<module>' at the top) that mention SystemExit outside `if __name__ == "__main__":`."""
+    found = []
+
+    def visit(node, where):
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            return  # the module run as a script: an entry point
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            where = node.name
+        if isinstance(node, ast.Name) and node.id == "SystemExit":
+            found.append(where)
+        for child in ast.iter_child_nodes(node):
+            visit(child, where)
+    visit(ast.parse(source), "<module>")
+    return found
+
+
+def test_the_library_raises_and_only_entry_points_exit():
+    """No library module ends the process: a notebook that calls load_backbone("x") gets an exception it can
+    catch, not an exit. rmd.py (the command line) and the demo's and tools' commands are the entry points."""
+    exits = {}
+    for module in (m for m in repo_graph() if is_library(m)):
+        with open(os.path.join(ROOT, module + ".py"), encoding="utf-8") as f:
+            exits[module] = {(module, where) for where in exits_in(f.read())} - EXITS_ALLOWED
+    assert not any(exits.values()), {m: sorted(w for _, w in e) for m, e in exits.items() if e}
+    assert exits_in("def f():\n    raise SystemExit('error: x')\n") == ["f"]
+    assert exits_in("if __name__ == '__main__':\n    raise SystemExit(main())\n") == []

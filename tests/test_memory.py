@@ -13,6 +13,7 @@ import lora  # imports peft only when adapters are added
 import train
 from conftest import easy_rows, log_losses, tiny_model, train_cfg, train_tiny, write_jsonl
 from demo import tiny_lm
+from formats import UsageError
 from model import checkpoint_activations, load_reward_model, save_reward_model
 
 
@@ -145,10 +146,10 @@ def test_lora_training_moves_only_low_rank_deltas_and_resumes(tmp_path):
 
 def test_lora_errors_are_one_line(tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(8))
-    with pytest.raises(SystemExit, match="^error: need --lora-r >= 0"):
+    with pytest.raises(UsageError, match="^need --lora-r >= 0"):
         train.validate(train_cfg(tmp_path, data, lora_r=-1))
-    with pytest.raises(SystemExit, match="LoRA with --fsdp is not supported"):
+    with pytest.raises(UsageError, match="LoRA with --fsdp is not supported"):
         train.validate(train_cfg(tmp_path, data, lora_r=4, fsdp=True))
     monkeypatch.setitem(sys.modules, "peft", None)
-    with pytest.raises(SystemExit, match="^error: --lora-r needs the peft package: pip install peft"):
+    with pytest.raises(UsageError, match="^--lora-r needs the peft package: pip install peft"):
         lora.add_adapters(tiny_model(), r=4, alpha=8, dropout=0.0)

@@ -17,6 +17,7 @@ import rmd
 import train
 from conftest import easy_rows, log_losses, train_cfg, train_tiny, write_jsonl
 from demo import sim, sim_server
+from formats import UsageError
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -192,11 +193,11 @@ def test_report_to_a_missing_package_is_a_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     for kind, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(UsageError) as e:
             train.open_tracker(kind, str(tmp_path), {})
-        assert str(e.value).startswith("error:") and f"pip install {package}" in str(e.value)
+        assert str(e.value).startswith(f"--report-to={kind} needs") and f"pip install {package}" in str(e.value)
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(8))
-    with pytest.raises(SystemExit, match="must be one of none, tensorboard, wandb"):
+    with pytest.raises(UsageError, match="must be one of none, tensorboard, wandb"):
         train.validate(train_cfg(tmp_path, data, report_to="mlflow"))
 
 

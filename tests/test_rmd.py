@@ -21,6 +21,7 @@ import rmd
 import serve
 import train
 from demo import builtin, tiny_lm
+from formats import UsageError
 from conftest import (ROOT, chatml_tokenizer, easy_rows, log_losses, tiny_model, train_cfg, train_tiny,
                       write_jsonl)
 from model import (CUT_KINDS, ByteTokenizer, CutCounts, answer_ids, encode, fit, load_backbone, load_reward_model,
@@ -369,7 +370,7 @@ def test_cli_without_data_says_what_to_pass(tmp_path):
 def test_overrides_are_type_checked():
     cfg = cli.parse_overrides(train.TrainConfig(), ["--lr=3e-4", "--max-steps", "5", "--resume", "--loss=bt"])
     assert (cfg.lr, cfg.max_steps, cfg.resume, cfg.loss) == (3e-4, 5, True, "bt")
-    with pytest.raises(SystemExit, match="expected int"):
+    with pytest.raises(UsageError, match="expected int"):
         cli.parse_overrides(train.TrainConfig(), ["--max-steps=many"])
 
 
@@ -378,7 +379,7 @@ def test_one_list_of_loss_kinds_for_the_check_and_the_help(tmp_path):
     help_text = cli.field_comments(train.TrainConfig)["loss"]
     assert all(kind in help_text for kind in loss.PAIRWISE_KINDS)
     data = write_jsonl(tmp_path / "d.jsonl", easy_rows(2))
-    with pytest.raises(SystemExit, match="--loss must be one of " + ", ".join(loss.PAIRWISE_KINDS)):
+    with pytest.raises(UsageError, match="--loss must be one of " + ", ".join(loss.PAIRWISE_KINDS)):
         train.validate(train.TrainConfig(data=data, loss="hinge"))
 
 
@@ -611,10 +612,10 @@ def test_resume_with_a_different_config_stops_before_writing(tmp_path, capsys):
     train_tiny(cfg, stop_after=1)
     saved = open(os.path.join(cfg.out, "config.json")).read()
     changed = train.TrainConfig(**{**vars(cfg), "resume": True, "lr": 0.5, "seed": 7, "log_interval": 3})
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UsageError) as e:
         train_tiny(changed)
-    message = str(e.value.code)
-    assert message.startswith("error: --resume with a config that differs") and "--lr " in message
+    message = str(e.value)
+    assert message.startswith("--resume with a config that differs") and "--lr " in message
     assert "--seed 3 -> 7" in message and "log-interval" not in message and "\n" not in message
     assert open(os.path.join(cfg.out, "config.json")).read() == saved  # nothing overwritten
     train_tiny(train.TrainConfig(**{**vars(cfg), "resume": True, "log_interval": 3}))  # watching differently is fine
@@ -629,12 +630,12 @@ def test_a_hub_model_id_is_passed_to_transformers_and_offline_is_one_line(monkey
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
     train.check_model("Qwen/Qwen2.5-0.5B-Instruct")  # not refused
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UsageError) as e:
         load_backbone("Qwen/Qwen2.5-0.5B-Instruct")
     assert asked == ["Qwen/Qwen2.5-0.5B-Instruct"]
-    message = str(e.value.code)
+    message = str(e.value)
     assert "\n" not in message and "Hugging Face Hub" in message and "couldn't connect" in message
-    with pytest.raises(SystemExit, match="no such folder or file"):
+    with pytest.raises(UsageError, match="no such folder or file"):
         train.check_model("a/b/c")
 
 
@@ -682,7 +683,7 @@ def test_the_demos_students_load_through_rmd_py_or_a_loader_not_by_name_in_the_l
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(8))
     message = one_line_error(["train", f"--data={data}", "--model=nano", f"--out={tmp_path / 'x'}"])
     assert "--model=nano: no such folder or file" in message
-    with pytest.raises(SystemExit, match="'tiny' and 'tiny-scratch' are the demo's students: `python rmd.py train "
+    with pytest.raises(UsageError, match="'tiny' and 'tiny-scratch' are the demo's students: `python rmd.py train "
                                          r"--model=tiny`, or in Python train.train\(cfg, backbone=demo.tiny_lm"):
         train.train(train_cfg(tmp_path, data, model="tiny", max_steps=0))
     assert train.train(train_cfg(tmp_path, data, max_steps=0), backbone=tiny_lm.load_tiny).keys() == set()

@@ -18,6 +18,7 @@ import formats
 import protocol
 import teacher
 from asker import cache_key
+from formats import UsageError
 from protocol import ParseError, parse_annotation, parse_refinement, parse_score, tagged
 from tools.fault_server import (EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep,
                                status)
@@ -249,13 +250,26 @@ for name in ("protocol", "distill", "formats", "cli"):
 
 # ---------------------------------------------------------------------------- config, input
 
+def test_library_errors_become_one_line_exits_only_at_an_entry_point():
+    """parse_overrides raises (a notebook can catch it); one_line_errors, around an entry point, turns a UsageError or
+    DataError into `error: <line>` and exit 1, and leaves a bug's traceback alone."""
+    with pytest.raises(UsageError):
+        cli.parse_overrides(distill.DistillConfig(), ["--workers=many"])
+    for error in (UsageError("--x=1: wrong"), formats.DataError("f.jsonl:3: bad row")):
+        with pytest.raises(SystemExit) as e, cli.one_line_errors():
+            raise error
+        assert e.value.code == f"error: {error}"
+    with pytest.raises(KeyError), cli.one_line_errors():
+        raise KeyError("a bug")
+
+
 def test_parse_overrides():
     cfg = cli.parse_overrides(distill.DistillConfig(), ["--workers", "3", "--min-delta=2", "--disable_thinking",
                                                             "--json-mode", "off", "--keep-label-disagreements=0"])
     assert (cfg.workers, cfg.min_delta, cfg.disable_thinking, cfg.json_mode) == (3, 2.0, True, "off")
-    with pytest.raises(SystemExit, match=r"^error: unknown option --wrokers; did you mean --workers\?"):
+    with pytest.raises(UsageError, match=r"^unknown option --wrokers; did you mean --workers\?"):
         cli.parse_overrides(distill.DistillConfig(), ["--wrokers=3"])
-    with pytest.raises(SystemExit, match="^error: --workers='many': expected int"):
+    with pytest.raises(UsageError, match="^--workers='many': expected int"):
         cli.parse_overrides(distill.DistillConfig(), ["--workers=many"])
 
 
@@ -288,12 +302,12 @@ def test_help_is_generated_from_the_config_comments(capsys):
 def test_trl_names_are_aliases_or_answered_with_the_rmd_name():
     cfg = cli.parse_overrides(HelpCfg(), ["--learning-rate=3e-4", "--output-dir", "o", "--train_batch_size=8"])
     assert (cfg.lr, cfg.out, cfg.batch_size) == (3e-4, "o", 8)
-    with pytest.raises(SystemExit, match=r"^error: unknown option --per-device-train-batch-size .*--batch-size.*"
+    with pytest.raises(UsageError, match=r"^unknown option --per-device-train-batch-size .*--batch-size.*"
                                          r"--micro-batch"):
         cli.parse_overrides(HelpCfg(), ["--per-device-train-batch-size=4"])
-    with pytest.raises(SystemExit, match=r"did you mean --lr\?"):
+    with pytest.raises(UsageError, match=r"did you mean --lr\?"):
         cli.parse_overrides(HelpCfg(), ["--lerning-rate=1"])
-    with pytest.raises(SystemExit, match=r"^error: unexpected argument 'x'") as e:
+    with pytest.raises(UsageError, match=r"^unexpected argument 'x'") as e:
         cli.parse_overrides(HelpCfg(), ["x"])
     assert "\n" not in str(e.value)
 

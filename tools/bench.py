@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import train
 from batches import Example, collate, epoch_batches, load_pairs
-from cli import parse_overrides
+from cli import one_line_errors, parse_overrides
 from demo import tiny_lm
 from loss import linear_cross_entropy, pairwise_loss
 from model import ByteTokenizer, RewardModel, checkpoint_activations, load_backbone
@@ -659,4 +659,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -25,7 +25,6 @@ if not __package__:  # run as a file: the repository's modules are importable on
 
 import contextlib
 import io
-import os
 import shutil
 import statistics
 import sys
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 
 import train
 from batches import Example, collate, to_device
-from cli import parse_overrides
+from cli import one_line_errors, parse_overrides
 from model import RewardModel
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -272,4 +271,5 @@ def print_table(args, n_params, cuda, card, rows):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -26,7 +26,7 @@ import types
 from dataclasses import asdict, dataclass
 
 import distill
-from cli import parse_overrides
+from cli import one_line_errors, parse_overrides
 from tools.fault_server import FaultServer, yield_comparison
 
 
@@ -166,4 +166,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()
