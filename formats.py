@@ -23,6 +23,12 @@ class DataError(ValueError):
     """A bad data file or row: the message names file:line and what is wrong."""
 
 
+class UsageError(ValueError):
+    """A wrong option value or combination: the message names the option (--key) and what to pass. The library raises
+    it (and DataError); only a command line turns them into `error: <message>` and exit status 1 (cli.one_line_errors),
+    so a notebook that calls the library can catch them."""
+
+
 def _lines(path):
     """(line_no, text) of a UTF-8 file (.gz by suffix): a BOM is dropped and CRLF read as LF; a byte that
     is not UTF-8 is a ValueError naming the file and line (a folder or a missing file: read_jsonl_rows)."""

@@ -10,7 +10,8 @@ import torch
 
 import distributed
 import train
-from conftest import easy_rows, log_losses, record_fsyncs, synced_around, train_cfg, write_jsonl
+from formats import UsageError
+from conftest import easy_rows, log_losses, record_fsyncs, synced_around, train_cfg, train_tiny, write_jsonl
 
 
 def model_and_optimizer(seed):
@@ -84,12 +85,12 @@ def test_no_whole_copy_is_no_checkpoint(tmp_path):
 def test_resume_after_a_kill_between_the_renames_logs_each_step_once(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     cfg = train_cfg(tmp_path, data, max_steps=5, lm_weight=0.5, epochs=3, batch_size=4, max_len=64)
-    train.train(cfg, stop_after=2)
+    train_tiny(cfg, stop_after=2)
     ckpt = os.path.join(cfg.out, "ckpt")
     os.replace(ckpt, ckpt + ".old")  # killed between the renames: no ckpt/ (used to say "no checkpoint")
     with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:  # steps 3-4 logged, then killed before a save
         f.write('{"step": 3, "pair_loss": 9.0, "lm_loss": 9.0}\n{"step": 4, "pair_loss": 9.0, "lm_loss": 9.0}\n{"st')
-    train.train(train.TrainConfig(**{**vars(cfg), "resume": True}))
+    train_tiny(train.TrainConfig(**{**vars(cfg), "resume": True}))
     steps = [s for s, *_ in log_losses(cfg.out)]
     assert steps == [1, 2, 3, 4, 5] and 9.0 not in [p for _, p, _ in log_losses(cfg.out)]
     assert sorted(x for x in os.listdir(cfg.out) if x.startswith("ckpt")) == ["ckpt", "ckpt.old"]
@@ -155,10 +156,10 @@ def test_save_checkpoint_fsyncs_the_files_and_folders_around_the_renames(tmp_pat
 def test_resume_from_a_damaged_newest_checkpoint_warns_and_continues_from_the_older_copy(tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     cfg = train_cfg(tmp_path, data, max_steps=5, epochs=3, batch_size=4, max_len=64, save_interval=1)
-    train.train(cfg, stop_after=3)  # ckpt: step 3, ckpt.old: step 2
+    train_tiny(cfg, stop_after=3)  # ckpt: step 3, ckpt.old: step 2
     cut("model.safetensors", 0.5)(os.path.join(cfg.out, "ckpt"))
     capsys.readouterr()
-    train.train(train.TrainConfig(**{**vars(cfg), "resume": True}))
+    train_tiny(train.TrainConfig(**{**vars(cfg), "resume": True}))
     out = capsys.readouterr().out
     assert "warning: checkpoint" in out and "model.safetensors is truncated" in out
     assert f"resumed from {os.path.join(cfg.out, 'ckpt.old')} at step 2" in out
@@ -168,9 +169,9 @@ def test_resume_from_a_damaged_newest_checkpoint_warns_and_continues_from_the_ol
 def test_no_whole_copy_is_an_error_that_names_the_damage(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     cfg = train_cfg(tmp_path, data, max_steps=5, epochs=3, batch_size=4, max_len=64)
-    train.train(cfg, stop_after=2)
+    train_tiny(cfg, stop_after=2)
     half_a_state_json(os.path.join(cfg.out, "ckpt"))
-    with pytest.raises(SystemExit) as e:
-        train.train(train.TrainConfig(**{**vars(cfg), "resume": True}))
-    message = str(e.value.code)
+    with pytest.raises(UsageError) as e:
+        train_tiny(train.TrainConfig(**{**vars(cfg), "resume": True}))
+    message = str(e.value)
     assert "no whole checkpoint" in message and "state.json is damaged" in message and "\n" not in message

@@ -18,8 +18,10 @@ import formats
 import protocol
 import teacher
 from asker import cache_key
-from fault_server import EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep, status
+from formats import UsageError
 from protocol import ParseError, parse_annotation, parse_refinement, parse_score, tagged
+from tools.fault_server import (EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep,
+                               status)
 
 # restyle off: these tests count the requests of the paper's five stages; test_restyle_* turn it on
 FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=0.5, max_retries=3, json_mode="off", progress=False,
@@ -135,9 +137,8 @@ def _conversation(json_mode=False):
 
 
 def _ask_servers(body):
-    import sim
-    import sim_server
-    from fault_server import teacher_reply
+    from demo import sim, sim_server
+    from tools.fault_server import teacher_reply
     return [sim_server.reply_for(body, sim.WorldConfig(malformed_rate=0.0)), teacher_reply(body)]
 
 
@@ -197,7 +198,7 @@ def test_read_request_gives_each_stage_its_fields():
 def test_the_servers_retype_no_tag_or_header():
     """sim.py, sim_server.py and fault_server.py take every tag, header and reply marker from protocol.py."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for path in ("sim.py", "sim_server.py", "fault_server.py"):
+    for path in ("demo/sim.py", "demo/sim_server.py", "tools/fault_server.py"):
         text = open(os.path.join(root, path), encoding="utf-8").read()
         for literal in ("<question-", "<assistant-", "answer-{", "[rmd:", "[REASONING-", "[MODIFIED-ANSWER-",
                         "[RESTYLED-ANSWER-", "Assistant 1:", "Score:"):
@@ -249,13 +250,26 @@ for name in ("protocol", "distill", "formats", "cli"):
 
 # ---------------------------------------------------------------------------- config, input
 
+def test_library_errors_become_one_line_exits_only_at_an_entry_point():
+    """parse_overrides raises (a notebook can catch it); one_line_errors, around an entry point, turns a UsageError or
+    DataError into `error: <line>` and exit 1, and leaves a bug's traceback alone."""
+    with pytest.raises(UsageError):
+        cli.parse_overrides(distill.DistillConfig(), ["--workers=many"])
+    for error in (UsageError("--x=1: wrong"), formats.DataError("f.jsonl:3: bad row")):
+        with pytest.raises(SystemExit) as e, cli.one_line_errors():
+            raise error
+        assert e.value.code == f"error: {error}"
+    with pytest.raises(KeyError), cli.one_line_errors():
+        raise KeyError("a bug")
+
+
 def test_parse_overrides():
     cfg = cli.parse_overrides(distill.DistillConfig(), ["--workers", "3", "--min-delta=2", "--disable_thinking",
                                                             "--json-mode", "off", "--keep-label-disagreements=0"])
     assert (cfg.workers, cfg.min_delta, cfg.disable_thinking, cfg.json_mode) == (3, 2.0, True, "off")
-    with pytest.raises(SystemExit, match=r"^error: unknown option --wrokers; did you mean --workers\?"):
+    with pytest.raises(UsageError, match=r"^unknown option --wrokers; did you mean --workers\?"):
         cli.parse_overrides(distill.DistillConfig(), ["--wrokers=3"])
-    with pytest.raises(SystemExit, match="^error: --workers='many': expected int"):
+    with pytest.raises(UsageError, match="^--workers='many': expected int"):
         cli.parse_overrides(distill.DistillConfig(), ["--workers=many"])
 
 
@@ -288,12 +302,12 @@ def test_help_is_generated_from_the_config_comments(capsys):
 def test_trl_names_are_aliases_or_answered_with_the_rmd_name():
     cfg = cli.parse_overrides(HelpCfg(), ["--learning-rate=3e-4", "--output-dir", "o", "--train_batch_size=8"])
     assert (cfg.lr, cfg.out, cfg.batch_size) == (3e-4, "o", 8)
-    with pytest.raises(SystemExit, match=r"^error: unknown option --per-device-train-batch-size .*--batch-size.*"
+    with pytest.raises(UsageError, match=r"^unknown option --per-device-train-batch-size .*--batch-size.*"
                                          r"--micro-batch"):
         cli.parse_overrides(HelpCfg(), ["--per-device-train-batch-size=4"])
-    with pytest.raises(SystemExit, match=r"did you mean --lr\?"):
+    with pytest.raises(UsageError, match=r"did you mean --lr\?"):
         cli.parse_overrides(HelpCfg(), ["--lerning-rate=1"])
-    with pytest.raises(SystemExit, match=r"^error: unexpected argument 'x'") as e:
+    with pytest.raises(UsageError, match=r"^unexpected argument 'x'") as e:
         cli.parse_overrides(HelpCfg(), ["x"])
     assert "\n" not in str(e.value)
 
@@ -701,7 +715,7 @@ def test_throughput_keeps_the_workers_busy(tmp_path):
         run_rows(server, rows, tmp_path, workers=workers)
     # the server counts a request until its handler returns, a moment after the client has its reply
     assert workers <= server.max_active <= workers + 2
-    # The request rate itself is a timing, measured by `python bench_teacher.py --only teacher`, never asserted here:
+    # The request rate itself is a timing, measured by `python -m tools.bench_teacher --only teacher`, never asserted here:
     # on a loaded 2-core machine it depends on the load, not on the client.
 
 
