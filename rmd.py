@@ -158,11 +158,34 @@ def train_command(argv):
     return metrics
 
 
+COMMANDS = ("distill", "train", "eval", "bon", "serve", "teacher-sim")
+
+
+def options_markdown():
+    """OPTIONS.md: every command's --help exactly as it prints (`python rmd.py options > OPTIONS.md`)."""
+    import contextlib
+    import io
+    parts = ["# rmd's options", "", "Every command's `--help`, as printed. Generated: `python rmd.py options > OPTIONS.md` "
+             "(tests/test_rmd.py fails when this file is stale).", ""]
+    for command in COMMANDS:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            try:
+                main([command, "--help"])
+            except SystemExit:  # --help exits 0 after printing
+                pass
+        parts += [f"## `python rmd.py {command}`", "", "```", printed.getvalue().rstrip(), "```", ""]
+    return "\n".join(parts)
+
+
 def main(argv=None):
     """Run one command; the library's one-line errors (UsageError, DataError) become `error: ...` and exit 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
+        return 0
+    if argv[0] == "options":
+        print(options_markdown(), end="")
         return 0
     with one_line_errors():
         return run_command(argv[0], argv[1:])
@@ -184,10 +207,9 @@ def run_command(command, rest):
         serve.serve_command(rest)
     else:
         import difflib
-        commands = ("distill", "train", "eval", "bon", "serve", "teacher-sim")
-        close = difflib.get_close_matches(command, commands, n=1)
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
         raise SystemExit(f"error: unknown command {command!r}" + (f"; did you mean {close[0]}?" if close else "")
-                         + f" (commands: {', '.join(commands)}; `python rmd.py COMMAND --help` lists its options)")
+                         + f" (commands: {', '.join(COMMANDS)}; `python rmd.py COMMAND --help` lists its options)")
     return 0
 
 

@@ -36,8 +36,8 @@ from evaluation import fit_text, margin_fit
 from cli import Progress
 from formats import UsageError, column_keys
 from loss import PAIRWISE_KINDS, linear_cross_entropy, pairwise_loss
-from model import (RewardModel, checkpoint_activations, cut_layers, is_hub_id, load_backbone, pick_device,
-                   save_reward_model)
+from model import (RewardModel, attention_key_cost, checkpoint_activations, cut_layers, is_hub_id, load_backbone,
+                   pick_device, save_reward_model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,6 +60,10 @@ class TrainConfig:
     loss: str = recipe.RECIPE.loss  # pairwise loss: bt (the recipe), bt-margin, mse (margin regression)
     lm_weight: float = recipe.RECIPE.lm_weight  # lambda of the LM term on the teacher answers (0 = off); the recipe's
     max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
+    # a pair's prompt computed once, its chosen, rejected and teacher answers each attending to it and to themselves
+    # (same rewards, losses and gradients): auto (per micro-batch, where it costs less by batches.layout_cost: not
+    # for short prompts), on, off (every row with its own copy of the prompt)
+    share_prompts: str = "auto"
     batch_size: int = recipe.RECIPE.batch_size  # pairs per optimizer step, over all processes and micro-batches
     micro_batch: int = 0  # pairs per forward pass per process (0 = batch_size / processes)
     # peak learning rate (AdamW); 0 = the recipe's rule by the backbone's size (recipe.py): 0.001 below 10M parameters, 5e-05 below 1000M parameters, 1e-05 above
@@ -95,6 +99,7 @@ def validate(cfg: TrainConfig, backbone=None):
     option values, the data files, --model (unless a `backbone` loader of train's is given: it knows its names),
     --device, and that --resume continues the same run."""
     choices = {"head": ("mlp", "linear"), "loss": PAIRWISE_KINDS, "compile": ("auto", "on", "off"),
+               "share_prompts": ("auto", "on", "off"),
                "dtype": ("auto", "float32", "bfloat16"), "report_to": ("none", "tensorboard", "wandb")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -148,13 +153,14 @@ def check_model(name):
 
 
 RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
-                     "compile", "fsdp", "report_to", "gradient_checkpointing"}
+                     "compile", "fsdp", "report_to", "gradient_checkpointing", "share_prompts"}
 
 
 def check_resume(cfg):
     """--resume continues the run in <out>: stop (listing the differences) if this config would compute another."""
     saved = None
-    for path, key in ((os.path.join(cfg.out, "ckpt", "state.json"), "config"),
+    found = distributed.checkpoint_dir(os.path.join(cfg.out, "ckpt"))
+    for path, key in ((os.path.join(found or os.path.join(cfg.out, "ckpt"), "state.json"), "config"),
                       (os.path.join(cfg.out, "config.json"), None)):
         try:
             with open(path) as f:
@@ -214,15 +220,17 @@ def step_loss(model, batch, cfg, pairs_in_step, lm_tokens_in_step, lm_loss=linea
 
 
 @torch.no_grad()
-def pair_accuracy(model, examples, batch_pairs, device, autocast, rewards_out=None):
+def pair_accuracy(model, examples, batch_pairs, device, autocast, rewards_out=None, layout="separate"):
     """-> (pair accuracy: the fraction of pairs with r(chosen) > r(rejected), a tie counts as wrong;
     margin_fit of Δr to Δs when every pair has a margin, else None). rewards_out: a list that gets each pair's
-    (r(chosen), r(rejected)) (for report.py's histograms)."""
+    (r(chosen), r(rejected)) (for report.py's histograms). layout: batches.collate's (the cost rule's weight is
+    the model's)."""
     was_training = model.training
     model.eval()
     reward_margins = []
     for k in range(0, len(examples), batch_pairs):
-        batch = to_device(collate(examples[k:k + batch_pairs], model.pad_id, False, False), device)
+        batch = to_device(collate(examples[k:k + batch_pairs], model.pad_id, False, False, layout,
+                                  attention_key_cost(model.lm)), device)
         with autocast:
             rewards, _ = model(batch)
         reward_margins += (rewards[:batch.n_pairs] - rewards[batch.n_pairs:]).tolist()
@@ -263,6 +271,8 @@ class Run:
     log: object  # print on rank 0, silent elsewhere
     lr: float  # the peak learning rate (--lr, or the recipe's rule)
     tracker: object = None  # --report-to's experiment tracker (rank 0), see open_tracker
+    layout: str = "separate"  # batches.collate's layout (--share-prompts)
+    key_cost: float = 0.0  # model.attention_key_cost: the weight of attention in layout="auto"'s cost rule
 
 
 def build_model(cfg, device, log, backbone=None):
@@ -360,16 +370,24 @@ def set_up(cfg, backbone=None):
         distributed.shard(model, bf16=cuda and dtype == "bfloat16")
     lr = peak_lr(cfg, model, log)
     optimizer = build_optimizer(model, cfg, lr, cuda, sharded)
+    layout = {"auto": "auto", "on": "shared", "off": "separate"}[cfg.share_prompts]
     return Run(model, model, optimizer, rank, world, device, autocast, sharded, use_lm, examples, stats, eval_sets,
-               eval_stats, micro, accum, steps_per_epoch, total, log, lr, tracker)
+               eval_stats, micro, accum, steps_per_epoch, total, log, lr, tracker, layout, attention_key_cost(model.lm))
 
 
 def resume(cfg, run):
     """--resume: load the checkpoint in <out>/ckpt -> the step to continue from."""
     ckpt_dir = os.path.join(cfg.out, "ckpt")
-    found = distributed.checkpoint_dir(ckpt_dir)
+    copies = distributed.checkpoint_copies(ckpt_dir)
+    found = distributed.checkpoint_dir(ckpt_dir, copies)
+    damaged = {copy: problem for copy, problem in copies.items() if problem not in (None, "missing")}
     if found is None:
-        raise UsageError(f"--resume but no checkpoint in {ckpt_dir}")
+        why = f" (damaged: {'; '.join(f'{c}: {p}' for c, p in damaged.items())})" if damaged else ""
+        raise UsageError(f"--resume but no whole checkpoint in {ckpt_dir}{why}; drop --resume (or give a "
+                         "fresh --out) to start again")
+    for copy, problem in damaged.items():
+        run.log(f"warning: checkpoint {copy} is not whole: {problem} (a save cut short, or a crash of the "
+                f"machine); resuming from {found}, the newest whole copy")
     step = distributed.load_checkpoint(found, run.model, run.optimizer, run.sharded)["step"]
     run.log(f"resumed from {found} at step {step}")
     if run.rank == 0:
@@ -399,8 +417,9 @@ def train(cfg: TrainConfig, stop_after: int = 0, on_step=None, backbone=None):
     passes demo.tiny_lm.load_tiny for its students 'tiny' and 'tiny-scratch'.
     stop_after > 0 checkpoints and returns {} after that step, as if the run had been cut there (for tests).
     on_step(step, numbers) is called after every optimizer step, on every process, with that step's numbers:
-    seconds (from data to optimizer step), pair_loss, lm_loss, correct, pairs, tokens (real) and slots (incl.
-    padding) of this process -- for a benchmark or a caller that watches the run."""
+    seconds (from data to optimizer step), pair_loss, lm_loss, correct, pairs, tokens (computed, padding not
+    included) and slots (incl. padding) of this process, shared_pairs (prompt computed once) and separate_pairs
+    (--share-prompts asked, but the pair's rows were cut to different prompts) -- for a benchmark or a caller."""
     validate(cfg, backbone)
     run = set_up(cfg, backbone)
     step = resume(cfg, run) if cfg.resume else 0
@@ -455,10 +474,10 @@ def train_step(cfg, run, step):
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, run.total, run.lr, cfg)
     totals = torch.zeros(4, dtype=torch.float64, device=run.device)  # pair loss, lm loss, correct, pairs
-    tokens = slots = 0
+    tokens = slots = shared = separate = 0
     for k in range(run.accum):
         batch = to_device(collate(mine[k * run.micro:(k + 1) * run.micro], run.model.pad_id, run.use_lm,
-                                  cfg.loss != "bt"), run.device)
+                                  cfg.loss != "bt", run.layout, run.key_cost), run.device)
         sync = run.world == 1 or k == run.accum - 1
         no_sync = not sync and hasattr(run.forward_model, "no_sync")
         with run.forward_model.no_sync() if no_sync else contextlib.nullcontext():
@@ -470,6 +489,7 @@ def train_step(cfg, run, step):
                                totals.new_tensor(batch.n_pairs)])
         tokens += batch.real_tokens
         slots += batch.input_ids.numel()
+        shared, separate = shared + batch.shared_pairs, separate + batch.separate_pairs
     if run.world > 1:  # the step's loss over all processes, not rank 0's share
         distributed.all_reduce_sum(totals)
     pair, lm, correct, pairs = totals.tolist()
@@ -478,14 +498,14 @@ def train_step(cfg, run, step):
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {"pair_loss": pair, "lm_loss": lm, "correct": int(correct), "pairs": int(pairs), "tokens": tokens,
-            "slots": slots, "seconds": time.perf_counter() - t0}
+            "slots": slots, "shared_pairs": shared, "separate_pairs": separate, "seconds": time.perf_counter() - t0}
 
 
 def evaluate_splits(cfg, run, rewards=None):
     """-> ({split: accuracy}, {split: margin_fit} for the splits whose pairs all have margins); rewards: a dict
     that gets {split: [(r(chosen), r(rejected))]}."""
     results = {name: pair_accuracy(run.model, data, cfg.eval_batch, run.device, run.autocast,
-                                   None if rewards is None else rewards.setdefault(name, []))
+                                   None if rewards is None else rewards.setdefault(name, []), run.layout)
                for name, data in run.eval_sets.items()}
     return ({name: acc for name, (acc, _) in results.items()},
             {name: fit for name, (_, fit) in results.items() if fit is not None})

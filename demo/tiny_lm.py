@@ -32,13 +32,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import files
 from cli import Progress, one_line_errors, parse_overrides
 from formats import as_messages
 from model import BYTE_TOKENIZER, ByteTokenizer, cut_layers, encode, load_backbone, render_answer, render_prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 CACHE = os.path.join(ROOT, "out", "tiny_lm")
-# Enough passes for the 4-layer student to know the world's answers (measured: see the README's ablation section).
+# Enough passes for the 4-layer student to know the world's answers (measured: RESULTS.md's ablation).
 SETTINGS = {"steps": 1200, "batch_size": 32, "lr": 3e-3, "warmup": 100, "weight_decay": 0.01, "seed": 0,
             "version": 1}
 # The default world's pretrained student ships with rmd (data/tiny-world-lm, 3.5 MB of fp32 safetensors): building it
@@ -197,8 +198,9 @@ def build(path, key, sequences, config, pad_id, settings, log, probe):
         json.dump({"tokenizer": "bytes"}, f)
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
         json.dump(info, f, indent=1)
+    files.fsync_tree(tmp)
     shutil.rmtree(path, ignore_errors=True)  # a folder without pretrain.json is an interrupted build's
-    os.replace(tmp, path)
+    files.replace(tmp, path)
     if info["knowledge"]:
         log("[tiny_lm] what the pretrained student knows: " + json.dumps(info["knowledge"]))
 

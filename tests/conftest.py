@@ -1,6 +1,7 @@
 """Shared test set-up: the repository root and tests/ on sys.path (so tests import rmd's modules, demo/ and tools/,
 and each other's helpers), and the builders more than one test file uses (`from conftest import tiny_model, ...`):
-row files, a tiny random reward model, an in-memory ChatML tokenizer, a small training config and its run."""
+row files, a tiny random reward model, an in-memory ChatML tokenizer, a small training config and its run, a
+recorder of fsyncs and renames."""
 import json
 import os
 import sys
@@ -76,3 +77,26 @@ def train_tiny(cfg, **kw):
 def log_losses(out):
     with open(os.path.join(out, "log.jsonl")) as f:
         return [(r["step"], r["pair_loss"], r["lm_loss"]) for r in map(json.loads, f)]
+
+
+def record_fsyncs(monkeypatch):
+    """os.fsync and os.replace record what they touch, in order: ("fsync", path) and ("replace", src, dst)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def synced_around(events, src, dst):
+    """(paths fsynced before the rename src -> dst, paths fsynced after it)."""
+    swap = events.index(("replace", str(src), str(dst)))
+    return ({e[1] for e in events[:swap] if e[0] == "fsync"}, {e[1] for e in events[swap:] if e[0] == "fsync"})

@@ -476,10 +476,10 @@ def test_a_failed_restyle_keeps_the_refined_pair(tmp_path):
 @pytest.mark.parametrize("fault,reason,requests", [
     (status(500), "http_500", 4),                      # 1 + max_retries, then a recorded failure
     (status(429), "http_429", 4),
-    (sleep(2.0), "timeout", 4),
-    (NOT_JSON, "not_json", 4),
-    (drip(0.05), "timeout", 4),                        # every byte in time, the whole body too late
-    (drip(1.0), "timeout", 4),                         # stalls mid-body
+    (sleep(2.0), "timeout", 2),                        # a timeout is retried once: a reply too long would only
+    (NOT_JSON, "not_json", 4),                         # time out again (a slow local teacher, issue 19)
+    (drip(0.05), "timeout", 2),                        # every byte in time, the whole body too late
+    (drip(1.0), "timeout", 2),                         # stalls mid-body
     (EMPTY_CHOICES, "no_choices", 4),
     (status(400, text="score 429"), "http_400", 1),    # not retryable; the body is never parsed as a reply
     (reply("Both answers are fine."), "no_score", ASKS),  # complete replies are re-asked --reask times
@@ -645,6 +645,54 @@ def test_cache_rerun_sends_nothing_and_tolerates_a_torn_line(tmp_path):
         summary, train2, _, _ = run_rows(server, rows, tmp_path)
         assert len(server.bodies) == sent and train1 == train2
         assert summary["stages"]["annotate"]["cache_hits"] == 8 and cache.read_text().endswith("\n")
+
+
+@pytest.mark.parametrize("foreign", [b"my notes\nthe last line has no newline", b'{"a": 1}\n{"b": 2}\n{"c": 3',
+                                     b"\x00\x01binary", b'{"key": "k", "reply": {}}\nnot an entry\n',
+                                     b"single line, no newline"])
+def test_a_file_the_cache_did_not_write_is_refused_and_left_untouched(tmp_path, foreign):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(foreign)
+    with pytest.raises(ValueError, match=r"notes.txt is not a request cache .* left untouched"):
+        teacher.Cache(str(path))
+    assert path.read_bytes() == foreign  # used to be cut at its last newline and appended to
+    with FaultServer() as server, pytest.raises(ValueError, match="not a request cache"):
+        run_rows(server, [PAIR], tmp_path, cache=str(path))
+    assert path.read_bytes() == foreign and not server.bodies  # refused before any request
+
+
+def test_a_cache_starts_with_its_header_and_only_then_is_its_torn_line_cut(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    cache = teacher.Cache(str(path))
+    cache.fetch("k1", lambda: {"reply": "one"})
+    cache.close()
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0]) == teacher.CACHE_HEADER and json.loads(lines[1])["key"] == "k1"
+    with open(path, "a") as f:
+        f.write('{"key": "k2", "re')  # killed mid-write
+    cache = teacher.Cache(str(path))
+    assert cache.fetch("k1", lambda: pytest.fail("sent again")) == ({"key": "k1", "reply": "one"}, True)
+    cache.close()
+    assert path.read_text().splitlines() == lines
+
+
+def test_a_cache_written_before_the_header_is_still_used(tmp_path, capsys):
+    path = tmp_path / "cache.jsonl"
+    old = '{"key":"k1","reply":"one"}\n{"key":"k2","reply":"two"}\n{"key":"k3","re'  # an earlier rmd, killed
+    path.write_text(old)
+    cache = teacher.Cache(str(path))
+    assert "without a header line" in capsys.readouterr().err
+    assert cache.fetch("k2", lambda: pytest.fail("sent again"))[1] is True
+    cache.fetch("k3", lambda: {"reply": "three"})
+    cache.close()
+    assert path.read_text() == old[:old.rindex("\n") + 1] + '{"key":"k3","reply":"three"}\n'
+
+
+def test_an_empty_file_becomes_a_cache(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    path.write_text("")
+    teacher.Cache(str(path)).close()
+    assert json.loads(path.read_text()) == teacher.CACHE_HEADER
 
 
 def test_rate_limit_is_respected(tmp_path):
