@@ -383,8 +383,8 @@ def resume(cfg, run):
     damaged = {copy: problem for copy, problem in copies.items() if problem not in (None, "missing")}
     if found is None:
         why = f" (damaged: {'; '.join(f'{c}: {p}' for c, p in damaged.items())})" if damaged else ""
-        raise UsageError(f"--resume but no whole checkpoint in {ckpt_dir}{why}; drop --resume (or give a fresh --out) "
-                         "to start again")
+        raise UsageError(f"--resume but no whole checkpoint in {ckpt_dir}{why}; drop --resume (or give a "
+                         "fresh --out) to start again")
     for copy, problem in damaged.items():
         run.log(f"warning: checkpoint {copy} is not whole: {problem} (a save cut short, or a crash of the "
                 f"machine); resuming from {found}, the newest whole copy")

@@ -10,8 +10,8 @@ import torch
 
 import distributed
 import train
-from formats import UsageError
 from conftest import easy_rows, log_losses, record_fsyncs, synced_around, train_cfg, train_tiny, write_jsonl
+from formats import UsageError
 
 
 def model_and_optimizer(seed):
