@@ -70,7 +70,7 @@ class DistillConfig:
     backoff_max: float = 60.0           # backoff cap in seconds (a server's Retry-After is honoured up to 600 s)
     max_tokens_param: str = "auto"      # auto | max_tokens | max_completion_tokens (auto: the latter for api.openai.com)
     disable_thinking: bool = False      # send chat_template_kwargs {"enable_thinking": false} (vLLM, SGLang: Qwen3 etc.)
-    json_mode: str = "auto"             # auto | on | off: response_format json_object for annotate/score (auto: probe once)
+    json_mode: str = "auto"             # auto | on | off: response_format json_object for annotate/refine/score/restyle (auto: probe once)
     gen_temperature: float = 0.7        # y_T and candidate answers
     gen_top_p: float = 0.8              # nucleus sampling for y_T and candidate answers
     gen_max_tokens: int = 1024          # reply length cap for y_T and candidate answers
@@ -179,11 +179,11 @@ class Run:
         """Refine y_l towards y_T, then score y_w* in the same conversation, anchored on s(y_l), and filter:
         (diagnosis, y_w*, s(y_w*)), or a dropped row."""
         cfg, asker = self.cfg, self.asker
-        nonce, refine_text = refine_prompt(question, teacher_answer, rejected)
+        nonce, refine_text = refine_prompt(question, teacher_answer, rejected, asker.json_mode)
         messages = [{"role": "user", "content": refine_text}]
         (diagnosis, refined), refine_reply = asker.ask("refine", asker.teacher, asker.body(
-            cfg.teacher_model, messages, cfg.refine_temperature, cfg.refine_max_tokens, purpose=f"{rid}:refine"),
-            parse_refinement, nonce)
+            cfg.teacher_model, messages, cfg.refine_temperature, cfg.refine_max_tokens, purpose=f"{rid}:refine",
+            json_mode=asker.json_mode), parse_refinement, nonce, asker.json_mode, rejected)
         messages = messages + [{"role": "assistant", "content": refine_reply},
                                {"role": "user", "content": score_prompt(nonce, rejected_score, asker.json_mode)}]
         refined_score = asker.ask("score", asker.teacher, asker.body(
@@ -301,11 +301,11 @@ class Run:
         return pairs
 
     def restyle_answer(self, rid, which, question, answer, style):
-        nonce, text = restyle_prompt(question, answer, style)
-        cfg = self.cfg
-        body = self.asker.body(cfg.teacher_model, [{"role": "user", "content": text}], cfg.restyle_temperature,
-                               cfg.refine_max_tokens, purpose=f"{rid}:restyle:{which}")
-        return self.asker.ask("restyle", self.asker.teacher, body, parse_restyle, nonce, order=which)[0]
+        cfg, asker = self.cfg, self.asker
+        nonce, text = restyle_prompt(question, answer, style, asker.json_mode)
+        body = asker.body(cfg.teacher_model, [{"role": "user", "content": text}], cfg.restyle_temperature,
+                          cfg.refine_max_tokens, purpose=f"{rid}:restyle:{which}", json_mode=asker.json_mode)
+        return asker.ask("restyle", asker.teacher, body, parse_restyle, nonce, asker.json_mode, answer, order=which)[0]
 
 
 # ---------------------------------------------------------------------------- the report
