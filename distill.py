@@ -54,7 +54,7 @@ class DistillConfig:
     chosen_key: str = ""                # column holding the chosen answer ("" = chosen)
     rejected_key: str = ""              # column holding the rejected answer ("" = rejected)
     out: str = "out/distill"            # output dir: train.jsonl, annotated.jsonl, failures.jsonl, summary.json
-    cache: str = ""                     # request cache, one JSON line per finished request; "" = <out>/cache.jsonl
+    cache: str = ""                     # request cache, one JSON line per finished request; "" = <out>/cache.jsonl; a file it did not write is refused, untouched
     teacher_url: str = ""               # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
     teacher_model: str = ""             # the `model` field sent to the teacher
     api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key (the key itself is never stored)

@@ -3,8 +3,9 @@
 A run under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) is set up by setup_distributed; a plain
 `python` run is one process and never initialises torch.distributed. shard() wraps a RewardModel with FSDP2
 (fully_shard per transformer layer and the root), data_parallel() with DDP. Checkpoints are safetensors written to
-a temporary folder and swapped in, so a kill at any point leaves a whole copy; under FSDP the shards are gathered
-(full_state) so that the files are the same as a single process writes.
+a temporary folder, fsynced and swapped in, the previous copy kept beside: a kill or a power cut at any point
+leaves a whole copy, and checkpoint_dir finds the newest one; under FSDP the shards are gathered (full_state) so
+that the files are the same as a single process writes.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import random
 import torch
 import torch.distributed as dist
 
+import files
 from model import pick_device
 
 
@@ -91,12 +93,12 @@ def full_state(model, optimizer=None):
 
 
 def save_checkpoint(path, model, optimizer, state, full=None):
-    """Everything --resume needs: weights, AdamW moments, RNG and data position. Written to a temp dir, then swapped.
-    Under FSDP, full = full_state(model, optimizer), gathered by every process; the files are the same either way."""
-    import shutil
+    """Everything --resume needs: weights, AdamW moments, RNG and data position. Written to path.tmp, fsynced, then
+    swapped in; the copy it replaces is kept as path.old (a damaged newest copy falls back to it). Under FSDP,
+    full = full_state(model, optimizer), gathered by every process; the files are the same either way."""
     from safetensors.torch import save_file, save_model
     tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way: start clean
+    files.remove(tmp)  # a save killed half-way: start clean (a file of that name too)
     os.makedirs(tmp)
     if full:
         save_file({k: v.contiguous() for k, v in full[0].items()}, os.path.join(tmp, "model.safetensors"),
@@ -109,28 +111,80 @@ def save_checkpoint(path, model, optimizer, state, full=None):
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-    with open(os.path.join(tmp, "state.json.part"), "w") as f:  # state.json last: its presence marks a whole copy
+    with open(os.path.join(tmp, "state.json"), "w") as f:  # last: without it a copy is not whole
         json.dump({**state, "param_groups": opt["param_groups"], "rng_python": random.getstate()}, f)
-    os.replace(os.path.join(tmp, "state.json.part"), os.path.join(tmp, "state.json"))
-    # Every kill point leaves a whole copy that checkpoint_dir finds: path, or (between the renames) tmp and old.
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)  # left by a kill before its removal; path is whole here
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    files.fsync_tree(tmp)  # on the disk before the renames: a power cut cannot leave a renamed, empty copy
+    # Every kill point leaves a whole copy that checkpoint_dir finds: path, or (between the renames) tmp or old.
+    if os.path.lexists(path):
+        if checkpoint_problem(path) is None:
+            files.remove(old)  # the copy before the last one
+            os.replace(path, old)
+        else:  # damaged (a crash of the machine): old stays the fallback
+            files.remove(path)
+    files.replace(tmp, path)
 
 
-def checkpoint_dir(path):
-    """The folder --resume loads: `path`, or after a save killed between its two renames the whole copy beside
-    it (path.tmp, the newer, else path.old); None if there is none. Reads only, so every process may call it."""
-    for candidate in (path, path + ".tmp", path + ".old"):
-        try:
-            with open(os.path.join(candidate, "state.json")) as f:
-                json.load(f)
-            return candidate
-        except (OSError, ValueError):
-            continue
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors")
+
+
+def safetensors_problem(path):
+    """What is wrong with a .safetensors file's structure (missing, truncated, not one), or None; reads its header
+    only."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 + n:
+                return f"truncated ({size} bytes; its header alone is {8 + n})"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "not a safetensors file (its header does not parse)"
+    if size != 8 + n + end:
+        return f"truncated ({size} of {8 + n + end} bytes)"
     return None
+
+
+def checkpoint_problem(folder):
+    """Why the checkpoint copy in `folder` is not whole (one line), or None."""
+    if not os.path.isdir(folder):
+        return "missing" if not os.path.lexists(folder) else "not a folder"
+    try:
+        with open(os.path.join(folder, "state.json")) as f:
+            state = json.load(f)
+        if not isinstance(state.get("step"), int) or "param_groups" not in state or "rng_python" not in state:
+            return "state.json lacks step, param_groups or rng_python"
+    except FileNotFoundError:
+        return "no state.json (a save cut short)"
+    except (OSError, ValueError, AttributeError):
+        return "state.json is damaged (not a whole JSON object)"
+    for name in CHECKPOINT_FILES:
+        problem = safetensors_problem(os.path.join(folder, name))
+        if problem:
+            return f"{name} is {problem}" if problem != "missing" else f"no {name}"
+    return None
+
+
+def _step(folder):
+    with open(os.path.join(folder, "state.json")) as f:
+        return json.load(f)["step"]
+
+
+def checkpoint_copies(path):
+    """{copy: its problem or None} for the copies save_checkpoint may leave: path, path.tmp, path.old."""
+    return {c: checkpoint_problem(c) for c in (path, path + ".tmp", path + ".old")}
+
+
+def checkpoint_dir(path, copies=None):
+    """The folder --resume loads: of the whole copies (path, path.tmp, path.old) the one at the latest step (path
+    first on a tie); None if none is whole. Reads only, so every process may call it."""
+    copies = checkpoint_copies(path) if copies is None else copies
+    whole = [c for c, problem in copies.items() if problem is None]
+    return max(whole, key=lambda c: (_step(c), -whole.index(c))) if whole else None
 
 
 def truncate_log(path, step):
@@ -146,9 +200,8 @@ def truncate_log(path, step):
                 kept.append(line if line.endswith("\n") else line + "\n")
         except (ValueError, AttributeError):
             pass  # a line torn by a kill
-    with open(path + ".tmp", "w") as f:
+    with files.atomic_file(path) as f:
         f.writelines(kept)
-    os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path, model, optimizer, sharded=False):

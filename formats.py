@@ -16,6 +16,8 @@ import math
 import os
 import re
 
+from files import atomic_file
+
 
 class DataError(ValueError):
     """A bad data file or row: the message names file:line and what is wrong."""
@@ -430,9 +432,8 @@ def detect_format(row, where):
 
 
 def write_jsonl(path, rows):
-    """Write rows as JSONL atomically (a temporary file, then a rename): a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    """Write rows as JSONL atomically (files.atomic_file: a temporary file, fsynced, renamed in, the folder fsynced):
+    a crash of the process or of the machine never leaves half a file."""
+    with atomic_file(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)

@@ -169,7 +169,14 @@ def write_page(path, title, sections):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(page(title, sections))
+        f.flush()
+        os.fsync(f.fileno())  # before the rename: after a power cut the page is the old one or the new one
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
     return path
 
 

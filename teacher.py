@@ -7,7 +7,8 @@ only the standard library, `requests` and (optionally, for token estimates) `tik
     reply, attempts = client.post({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64})
     reply.content, reply.finish_reason, reply_problem(reply)      # None: the reply is an answer
 
-    cache = Cache("out/cache.jsonl")                 # a killed run re-run sends no finished request again
+    cache = Cache("out/cache.jsonl")                 # a killed run re-run sends no finished request again; a file
+                                                     # the cache did not write is refused, never cut or appended to
     entry, cached = cache.fetch(request_key(body, "my-templates-1"),   # the key: what determines the reply
                                 lambda: {"reply": dataclasses.asdict(client.post(body)[0])})
 
@@ -343,33 +344,81 @@ def request_key(body, version=""):
     return hashlib.sha256(canonical({"template_version": version, "body": body}).encode()).hexdigest()
 
 
+def _json_line(line):
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _is_entry(line):
+    entry = _json_line(line)
+    return isinstance(entry, dict) and isinstance(entry.get("key"), str)
+
+
+CACHE_HEADER = {"rmd_request_cache": 1}  # the first line of every cache file: only such a file is ever cut or appended
+
+
 class Cache:
-    """Finished requests, one JSON line each, flushed and fsynced per line; fetch() sends each key once. Every
-    complete reply is kept, including ones that are not answers (finish_reason length, refusals): a rerun replays
-    them and their re-asks instead of paying again. A content over REPLY_MAX_CHARS is kept as a prefix and its
-    length. HTTP errors and timeouts are not kept; the next run retries them."""
+    """Finished requests, one JSON line each after a header line (CACHE_HEADER), flushed and fsynced per line; fetch()
+    sends each key once. Every complete reply is kept, including ones that are not answers (finish_reason length,
+    refusals): a rerun replays them and their re-asks instead of paying again. A content over REPLY_MAX_CHARS is kept
+    as a prefix and its length. HTTP errors and timeouts are not kept; the next run retries them.
+
+    Only a file the cache wrote is repaired (a torn last line cut) and appended to: one that starts with the header,
+    an empty one, or one without the header (rmd before the header) whose every line is a cache entry. Anything else
+    is a ValueError and the file is left as it is."""
 
     def __init__(self, path):
         self.path, self.lock, self.entries, self.skipped = path, threading.Lock(), {}, 0
         self.inflight = {}  # key -> Event set when the one request for it is done
+        if os.path.isdir(path):
+            raise ValueError(f"cache {path} is a folder; give a file path for the cache")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        data = b""
         if os.path.exists(path):
             with open(path, "rb") as f:
                 data = f.read()
-            *lines, tail = data.split(b"\n")
-            if tail:  # a run killed mid-write: cut the torn line so appends start clean
-                print(f"[distill] {path}: dropping a torn last line ({len(tail)} bytes)", file=sys.stderr)
-                with open(path, "r+b") as f:
-                    f.truncate(len(data) - len(tail))
-            for line in lines:
-                try:
-                    entry = json.loads(line)
-                    self.entries[entry["key"]] = entry
-                except (ValueError, KeyError, TypeError):
-                    self.skipped += 1
-            if self.skipped:
-                print(f"[distill] {path}: skipped {self.skipped} unreadable line(s)", file=sys.stderr)
+        lines, tail = self._read(data)
+        if tail:  # a run killed mid-write: cut the torn line so appends start clean
+            print(f"[distill] {path}: dropping a torn last line ({len(tail)} bytes)", file=sys.stderr)
+            with open(path, "r+b") as f:
+                f.truncate(len(data) - len(tail))
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                self.entries[entry["key"]] = entry
+            except (ValueError, KeyError, TypeError):
+                self.skipped += 1
+        if self.skipped:
+            print(f"[distill] {path}: skipped {self.skipped} unreadable line(s)", file=sys.stderr)
+        if not data:
+            self._write_header()
         self.file = open(path, "a", encoding="utf-8")
+
+    def _read(self, data):
+        """The cache file's bytes -> (its entry lines, a torn last line or b""); a ValueError, touching nothing, when
+        the file is not one this cache wrote."""
+        *lines, tail = data.split(b"\n")
+        if not data:
+            return [], b""
+        if lines and _json_line(lines[0]) == CACHE_HEADER:
+            return lines[1:], tail
+        if lines and all(_is_entry(line) for line in lines):  # written by rmd before the header line
+            print(f"[distill] {self.path}: a request cache without a header line (an earlier rmd): every line is a "
+                  "cache entry, so it is used as one", file=sys.stderr)
+            return lines, tail
+        raise ValueError(f"{self.path} is not a request cache (no {canonical(CACHE_HEADER)} first line, and not every "
+                         "line is a cache entry); it is left untouched: point the cache at another file (distill: --cache)")
+
+    def _write_header(self):
+        """A new cache file, created whole: a header line in a temporary file, fsynced, renamed into place."""
+        tmp = f"{self.path}.{os.getpid()}.new"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(canonical(CACHE_HEADER) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def get(self, key):
         return self.entries.get(key)

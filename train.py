@@ -29,6 +29,7 @@ import torch
 import distributed
 import lora
 import report
+import recipe
 import tiny_lm
 from batches import (DataStats, check_data_file, collate, count_cuts, cut_warnings, epoch_batches, load_pairs,
                      to_device)
@@ -36,7 +37,8 @@ from evaluation import fit_text, margin_fit
 from cli import Progress
 from formats import column_keys
 from loss import PAIRWISE_KINDS, linear_cross_entropy, pairwise_loss
-from model import RewardModel, checkpoint_activations, is_hub_id, load_backbone, pick_device, save_reward_model
+from model import (RewardModel, attention_key_cost, checkpoint_activations, is_hub_id, load_backbone, pick_device,
+                   save_reward_model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -52,21 +54,27 @@ class TrainConfig:
     rejected_key: str = ""  # column holding the rejected answer ("" = rejected)
     holdout: int = 0  # also hold out the last N usable pairs of --data as the eval split "heldout"
     out: str = "out/train"  # where the model, checkpoints, log.jsonl and eval.json go
-    model: str = "tiny"  # "tiny" (built-in, pretrained on the sim world), "tiny-scratch", or an HF folder/.gguf
+    model: str = ""  # the student: an HF folder, a Hub id, a .gguf file, or "tiny" (built-in, pretrained on the sim world)
     layers: int = 0  # keep only the first N transformer layers of the backbone (0 = all)
     head: str = "mlp"  # value head: "mlp" (dropout, Linear(H,1024), ReLU, Linear(1024,1)) or "linear"
     dropout: float = 0.1  # value-head dropout
-    loss: str = "mse"  # pairwise loss: mse (margin regression), bt-margin, bt
-    lm_weight: float = 0.1  # lambda of the LM term on the teacher answers (0 = off); 0.1 chosen on valid (README)
+    loss: str = recipe.RECIPE.loss  # pairwise loss: bt (the recipe), bt-margin, mse (margin regression)
+    lm_weight: float = recipe.RECIPE.lm_weight  # lambda of the LM term on the teacher answers (0 = off); the recipe's
     max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
-    batch_size: int = 16  # pairs per optimizer step, over all processes and micro-batches
+    # a pair's prompt computed once, its chosen, rejected and teacher answers each attending to it and to themselves
+    # (same rewards, losses and gradients): auto (per micro-batch, where it costs less by batches.layout_cost: not
+    # for short prompts), on, off (every row with its own copy of the prompt)
+    share_prompts: str = "auto"
+    batch_size: int = recipe.RECIPE.batch_size  # pairs per optimizer step, over all processes and micro-batches
     micro_batch: int = 0  # pairs per forward pass per process (0 = batch_size / processes)
-    lr: float = 1e-5  # peak learning rate (AdamW)
+    # peak learning rate (AdamW); 0 = the recipe's rule by the backbone's size (recipe.py): 0.001 below 10M parameters, 5e-05 below 1000M parameters, 1e-05 above
+    lr: float = 0.0
     min_lr: float = 0.0  # the cosine schedule decays to this
     weight_decay: float = 0.0  # AdamW weight decay (matrices only)
     warmup: float = 0.03  # fraction of steps with linear warm-up
-    epochs: int = 1  # passes over the data
-    max_steps: int = -1  # -1 = run --epochs; 0 = evaluate only (step-0 baseline); N = stop after N optimizer steps
+    epochs: int = recipe.RECIPE.epochs  # passes over the data (at least; see --min-steps)
+    min_steps: int = recipe.RECIPE.min_steps  # ...and at least this many optimizer steps: a small data set gets more passes
+    max_steps: int = -1  # -1 = max(--epochs passes, --min-steps); 0 = evaluate only (step-0 baseline); N = exactly N steps
     grad_clip: float = 1.0  # gradient-norm clipping (0 = off)
     seed: int = 1337  # model init, dropout and data order
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
@@ -91,13 +99,16 @@ def validate(cfg: TrainConfig):
     """Every check that needs no model and no tokenizer, so that a mistake is one line before anything runs:
     option values, the data files, --model, --device, and that --resume continues the same run."""
     choices = {"head": ("mlp", "linear"), "loss": PAIRWISE_KINDS, "compile": ("auto", "on", "off"),
+               "share_prompts": ("auto", "on", "off"),
                "dtype": ("auto", "float32", "bfloat16"), "report_to": ("none", "tensorboard", "wandb")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"error: --{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
-    if cfg.batch_size < 1 or cfg.max_len < 8 or cfg.lm_weight < 0 or cfg.max_steps < -1:
-        raise SystemExit("error: need --batch-size >= 1, --max-len >= 8, --lm-weight >= 0, --max-steps >= -1 "
-                         "(-1 = run --epochs, 0 = evaluate only)")
+    if (cfg.batch_size < 1 or cfg.max_len < 8 or cfg.lm_weight < 0 or cfg.max_steps < -1 or cfg.min_steps < 0
+            or cfg.lr < 0):
+        raise SystemExit("error: need --batch-size >= 1, --max-len >= 8, --lm-weight >= 0, --lr >= 0 (0 = the "
+                         "recipe's rule), --min-steps >= 0, --max-steps >= -1 (-1 = max(--epochs, --min-steps), 0 = "
+                         "evaluate only)")
     if cfg.lora_r < 0 or (cfg.lora_r and cfg.fsdp):
         raise SystemExit("error: need --lora-r >= 0 (0 = off); LoRA with --fsdp is not supported (the adapters "
                          "are merged into unsharded weights at the end): drop --fsdp or --lora-r")
@@ -107,6 +118,10 @@ def validate(cfg: TrainConfig):
                           ("eval-data", [s.rpartition("=")[2] for s in filter(None, cfg.eval_data.split(","))])):
         for path in paths:
             check_data_file(option, path)
+    if not cfg.model:
+        raise SystemExit("error: --model is empty: give the student, a Hugging Face id (e.g. "
+                         "--model=HuggingFaceTB/SmolLM2-135M-Instruct), a model folder, a .gguf file, or --model=tiny "
+                         "for the built-in toy student (pretrained on the simulated world only)")
     check_model(cfg.model)
     pick_device(cfg.device)
     if cfg.resume:
@@ -137,13 +152,14 @@ def check_model(name):
 
 
 RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
-                     "compile", "fsdp", "report_to", "gradient_checkpointing"}
+                     "compile", "fsdp", "report_to", "gradient_checkpointing", "share_prompts"}
 
 
 def check_resume(cfg):
     """--resume continues the run in <out>: stop (listing the differences) if this config would compute another."""
     saved = None
-    for path, key in ((os.path.join(cfg.out, "ckpt", "state.json"), "config"),
+    found = distributed.checkpoint_dir(os.path.join(cfg.out, "ckpt"))
+    for path, key in ((os.path.join(found or os.path.join(cfg.out, "ckpt"), "state.json"), "config"),
                       (os.path.join(cfg.out, "config.json"), None)):
         try:
             with open(path) as f:
@@ -166,12 +182,24 @@ def check_resume(cfg):
 # one step
 
 
-def lr_at(step, total, cfg):
+def lr_at(step, total, peak, cfg):
+    """Linear warm-up to `peak` over --warmup of the steps, then cosine down to --min-lr."""
     warmup = max(1, round(cfg.warmup * total)) if cfg.warmup > 0 else 0
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def peak_lr(cfg, model, log):
+    """--lr, or with --lr=0 the recipe's rule by the backbone's parameter count (recipe.lr_for), said in the log."""
+    if cfg.lr > 0:
+        return cfg.lr
+    parameters = sum(p.numel() for p in model.lm.parameters())
+    lr = recipe.lr_for(parameters)
+    log(f"lr {lr:g}: the recipe's rule for a backbone of {parameters / 1e6:.1f}M parameters ({recipe.lr_rule_text()}; "
+        "--lr to choose another)")
+    return lr
 
 
 def step_loss(model, batch, cfg, pairs_in_step, lm_tokens_in_step, lm_loss=linear_cross_entropy):
@@ -191,15 +219,17 @@ def step_loss(model, batch, cfg, pairs_in_step, lm_tokens_in_step, lm_loss=linea
 
 
 @torch.no_grad()
-def pair_accuracy(model, examples, batch_pairs, device, autocast, rewards_out=None):
+def pair_accuracy(model, examples, batch_pairs, device, autocast, rewards_out=None, layout="separate"):
     """-> (pair accuracy: the fraction of pairs with r(chosen) > r(rejected), a tie counts as wrong;
     margin_fit of Δr to Δs when every pair has a margin, else None). rewards_out: a list that gets each pair's
-    (r(chosen), r(rejected)) (for report.py's histograms)."""
+    (r(chosen), r(rejected)) (for report.py's histograms). layout: batches.collate's (the cost rule's weight is
+    the model's)."""
     was_training = model.training
     model.eval()
     reward_margins = []
     for k in range(0, len(examples), batch_pairs):
-        batch = to_device(collate(examples[k:k + batch_pairs], model.pad_id, False, False), device)
+        batch = to_device(collate(examples[k:k + batch_pairs], model.pad_id, False, False, layout,
+                                  attention_key_cost(model.lm)), device)
         with autocast:
             rewards, _ = model(batch)
         reward_margins += (rewards[:batch.n_pairs] - rewards[batch.n_pairs:]).tolist()
@@ -238,7 +268,10 @@ class Run:
     steps_per_epoch: int
     total: int  # optimizer steps of the whole run
     log: object  # print on rank 0, silent elsewhere
+    lr: float  # the peak learning rate (--lr, or the recipe's rule)
     tracker: object = None  # --report-to's experiment tracker (rank 0), see open_tracker
+    layout: str = "separate"  # batches.collate's layout (--share-prompts)
+    key_cost: float = 0.0  # model.attention_key_cost: the weight of attention in layout="auto"'s cost rule
 
 
 def build_model(cfg, device, log):
@@ -293,7 +326,7 @@ def plan_steps(cfg, pairs, world, log):
                          f"({micro} x {world})")
     accum = cfg.batch_size // (micro * world)
     steps_per_epoch = pairs // cfg.batch_size
-    total = cfg.max_steps if cfg.max_steps >= 0 else cfg.epochs * steps_per_epoch
+    total = cfg.max_steps if cfg.max_steps >= 0 else recipe.total_steps(steps_per_epoch, cfg.epochs, cfg.min_steps)
     if steps_per_epoch == 0 and total:
         raise SystemExit(f"error: {pairs} usable pairs is fewer than one batch of {cfg.batch_size}: pass "
                          f"--batch-size={pairs} or less (or more data)")
@@ -306,12 +339,12 @@ def plan_steps(cfg, pairs, world, log):
     return micro, accum, steps_per_epoch, total
 
 
-def build_optimizer(model, cfg, cuda, sharded):
+def build_optimizer(model, cfg, lr, cuda, sharded):
     """AdamW over the trained parameters (LoRA freezes the backbone's); weight decay on matrices only."""
     decay = [p for p in model.parameters() if p.dim() >= 2 and p.requires_grad]
     no_decay = [p for p in model.parameters() if p.dim() < 2 and p.requires_grad]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
                              fused=True if not sharded else (cuda or None))  # fused: 4x faster step on CPU too
 
 
@@ -333,17 +366,26 @@ def set_up(cfg):
     sharded = cfg.fsdp and world > 1
     if sharded:  # before the optimizer is built: its parameters are the shards
         distributed.shard(model, bf16=cuda and dtype == "bfloat16")
-    optimizer = build_optimizer(model, cfg, cuda, sharded)
+    lr = peak_lr(cfg, model, log)
+    optimizer = build_optimizer(model, cfg, lr, cuda, sharded)
+    layout = {"auto": "auto", "on": "shared", "off": "separate"}[cfg.share_prompts]
     return Run(model, model, optimizer, rank, world, device, autocast, sharded, use_lm, examples, stats, eval_sets,
-               eval_stats, micro, accum, steps_per_epoch, total, log, tracker)
+               eval_stats, micro, accum, steps_per_epoch, total, log, lr, tracker, layout, attention_key_cost(model.lm))
 
 
 def resume(cfg, run):
     """--resume: load the checkpoint in <out>/ckpt -> the step to continue from."""
     ckpt_dir = os.path.join(cfg.out, "ckpt")
-    found = distributed.checkpoint_dir(ckpt_dir)
+    copies = distributed.checkpoint_copies(ckpt_dir)
+    found = distributed.checkpoint_dir(ckpt_dir, copies)
+    damaged = {copy: problem for copy, problem in copies.items() if problem not in (None, "missing")}
     if found is None:
-        raise SystemExit(f"error: --resume but no checkpoint in {ckpt_dir}")
+        why = f" (damaged: {'; '.join(f'{c}: {p}' for c, p in damaged.items())})" if damaged else ""
+        raise SystemExit(f"error: --resume but no whole checkpoint in {ckpt_dir}{why}; drop --resume (or give a "
+                         "fresh --out) to start again")
+    for copy, problem in damaged.items():
+        run.log(f"warning: checkpoint {copy} is not whole: {problem} (a save cut short, or a crash of the "
+                f"machine); resuming from {found}, the newest whole copy")
     step = distributed.load_checkpoint(found, run.model, run.optimizer, run.sharded)["step"]
     run.log(f"resumed from {found} at step {step}")
     if run.rank == 0:
@@ -371,8 +413,9 @@ def train(cfg: TrainConfig, stop_after: int = 0, on_step=None):
 
     stop_after > 0 checkpoints and returns {} after that step, as if the run had been cut there (for tests).
     on_step(step, numbers) is called after every optimizer step, on every process, with that step's numbers:
-    seconds (from data to optimizer step), pair_loss, lm_loss, correct, pairs, tokens (real) and slots (incl.
-    padding) of this process -- for a benchmark or a caller that watches the run."""
+    seconds (from data to optimizer step), pair_loss, lm_loss, correct, pairs, tokens (computed, padding not
+    included) and slots (incl. padding) of this process, shared_pairs (prompt computed once) and separate_pairs
+    (--share-prompts asked, but the pair's rows were cut to different prompts) -- for a benchmark or a caller."""
     validate(cfg)
     run = set_up(cfg)
     step = resume(cfg, run) if cfg.resume else 0
@@ -425,12 +468,12 @@ def train_step(cfg, run, step):
     lm_tokens = sum(len(ex.teacher[1]) for ex in step_examples if ex.teacher) if run.use_lm else 0
     mine = step_examples[run.rank * run.micro * run.accum:(run.rank + 1) * run.micro * run.accum]
     for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(step, run.total, cfg)
+        group["lr"] = lr_at(step, run.total, run.lr, cfg)
     totals = torch.zeros(4, dtype=torch.float64, device=run.device)  # pair loss, lm loss, correct, pairs
-    tokens = slots = 0
+    tokens = slots = shared = separate = 0
     for k in range(run.accum):
         batch = to_device(collate(mine[k * run.micro:(k + 1) * run.micro], run.model.pad_id, run.use_lm,
-                                  cfg.loss != "bt"), run.device)
+                                  cfg.loss != "bt", run.layout, run.key_cost), run.device)
         sync = run.world == 1 or k == run.accum - 1
         no_sync = not sync and hasattr(run.forward_model, "no_sync")
         with run.forward_model.no_sync() if no_sync else contextlib.nullcontext():
@@ -442,6 +485,7 @@ def train_step(cfg, run, step):
                                totals.new_tensor(batch.n_pairs)])
         tokens += batch.real_tokens
         slots += batch.input_ids.numel()
+        shared, separate = shared + batch.shared_pairs, separate + batch.separate_pairs
     if run.world > 1:  # the step's loss over all processes, not rank 0's share
         distributed.all_reduce_sum(totals)
     pair, lm, correct, pairs = totals.tolist()
@@ -450,14 +494,14 @@ def train_step(cfg, run, step):
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {"pair_loss": pair, "lm_loss": lm, "correct": int(correct), "pairs": int(pairs), "tokens": tokens,
-            "slots": slots, "seconds": time.perf_counter() - t0}
+            "slots": slots, "shared_pairs": shared, "separate_pairs": separate, "seconds": time.perf_counter() - t0}
 
 
 def evaluate_splits(cfg, run, rewards=None):
     """-> ({split: accuracy}, {split: margin_fit} for the splits whose pairs all have margins); rewards: a dict
     that gets {split: [(r(chosen), r(rejected))]}."""
     results = {name: pair_accuracy(run.model, data, cfg.eval_batch, run.device, run.autocast,
-                                   None if rewards is None else rewards.setdefault(name, []))
+                                   None if rewards is None else rewards.setdefault(name, []), run.layout)
                for name, data in run.eval_sets.items()}
     return ({name: acc for name, (acc, _) in results.items()},
             {name: fit for name, (_, fit) in results.items() if fit is not None})

@@ -1,6 +1,7 @@
 """Shared test set-up: the repository root and tests/ on sys.path (so tests import rmd's modules and
 fault_server by name), and the builders more than one test file uses (`from conftest import tiny_model, ...`):
-row files, a tiny random reward model, an in-memory ChatML tokenizer, a small training config."""
+row files, a tiny random reward model, an in-memory ChatML tokenizer, a small training config, a recorder of
+fsyncs and renames."""
 import json
 import os
 import sys
@@ -61,7 +62,7 @@ def train_cfg(tmp_path, data, **kw):
     """A few-second training run of the tiny random student."""
     import train
     base = dict(data=data, out=str(tmp_path / "out"), model="tiny-scratch", max_len=128, batch_size=8, lr=1e-3,
-                warmup=0.1, log_interval=1, seed=3)
+                min_steps=0, warmup=0.1, log_interval=1, seed=3)
     base.update(kw)
     return train.TrainConfig(**base)
 
@@ -69,3 +70,26 @@ def train_cfg(tmp_path, data, **kw):
 def log_losses(out):
     with open(os.path.join(out, "log.jsonl")) as f:
         return [(r["step"], r["pair_loss"], r["lm_loss"]) for r in map(json.loads, f)]
+
+
+def record_fsyncs(monkeypatch):
+    """os.fsync and os.replace record what they touch, in order: ("fsync", path) and ("replace", src, dst)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def synced_around(events, src, dst):
+    """(paths fsynced before the rename src -> dst, paths fsynced after it)."""
+    swap = events.index(("replace", str(src), str(dst)))
+    return ({e[1] for e in events[:swap] if e[0] == "fsync"}, {e[1] for e in events[swap:] if e[0] == "fsync"})

@@ -1,5 +1,7 @@
 """Issue 10, section 4: every kill point of save_checkpoint's temp-dir/swap/remove sequence is recoverable, and a
-resumed run's log.jsonl has each step once."""
+resumed run's log.jsonl has each step once. Issue 21, section 4: the files and folders are fsynced around the
+renames, a damaged newest copy (a crash of the machine) falls back to the older whole one, and a file named
+ckpt.tmp does not break a save."""
 import os
 import shutil
 
@@ -8,7 +10,7 @@ import torch
 
 import distributed
 import train
-from conftest import easy_rows, log_losses, train_cfg, write_jsonl
+from conftest import easy_rows, log_losses, record_fsyncs, synced_around, train_cfg, write_jsonl
 
 
 def model_and_optimizer(seed):
@@ -66,7 +68,8 @@ def test_every_kill_point_leaves_a_loadable_checkpoint_and_the_next_save_works(t
         torch.testing.assert_close(optimizer.state[a]["exp_avg"], restored_opt.state[b]["exp_avg"], rtol=0, atol=0)
     # used to fail: [Errno 39] Directory not empty
     distributed.save_checkpoint(ckpt, restored, restored_opt, {"step": 4})
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"] and distributed.checkpoint_dir(ckpt) == ckpt
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "ckpt.old"] and distributed.checkpoint_dir(ckpt) == ckpt
+    assert distributed.checkpoint_problem(ckpt + ".old") is None  # the previous whole copy, kept as the fallback
 
 
 def test_no_whole_copy_is_no_checkpoint(tmp_path):
@@ -89,4 +92,85 @@ def test_resume_after_a_kill_between_the_renames_logs_each_step_once(tmp_path):
     train.train(train.TrainConfig(**{**vars(cfg), "resume": True}))
     steps = [s for s, *_ in log_losses(cfg.out)]
     assert steps == [1, 2, 3, 4, 5] and 9.0 not in [p for _, p, _ in log_losses(cfg.out)]
-    assert sorted(x for x in os.listdir(cfg.out) if x.startswith("ckpt")) == ["ckpt"]
+    assert sorted(x for x in os.listdir(cfg.out) if x.startswith("ckpt")) == ["ckpt", "ckpt.old"]
+
+
+def two_saves(tmp_path):
+    """ckpt at step 4 (weights of seed 1), ckpt.old at step 3 (seed 0) -> (ckpt, the step-3 model)."""
+    ckpt = str(tmp_path / "ckpt")
+    older, older_opt = model_and_optimizer(0)
+    distributed.save_checkpoint(ckpt, older, older_opt, {"step": 3})
+    distributed.save_checkpoint(ckpt, *model_and_optimizer(1), {"step": 4})
+    return ckpt, older
+
+
+def half_a_state_json(ckpt):
+    path = os.path.join(ckpt, "state.json")
+    data = open(path).read()
+    with open(path, "w") as f:
+        f.write(data[:len(data) // 2])
+
+
+def cut(name, keep):
+    def damage(ckpt):
+        path = os.path.join(ckpt, name)
+        with open(path, "r+b") as f:
+            f.truncate(int(os.path.getsize(path) * keep))
+    damage.__name__ = f"{name}_cut_to_{keep}"
+    return damage
+
+
+@pytest.mark.parametrize("damage", [half_a_state_json, cut("model.safetensors", 0.5), cut("model.safetensors", 0),
+                                    cut("optimizer.safetensors", 0.9), cut("model.safetensors", 0.001)])
+def test_a_damaged_newest_copy_falls_back_to_the_older_whole_one(tmp_path, damage):
+    ckpt, older = two_saves(tmp_path)
+    damage(ckpt)  # a crash of the machine: the renamed files came back partial
+    assert distributed.checkpoint_problem(ckpt) is not None
+    assert distributed.checkpoint_dir(ckpt) == ckpt + ".old"
+    restored, restored_opt = model_and_optimizer(2)
+    assert distributed.load_checkpoint(ckpt + ".old", restored, restored_opt)["step"] == 3
+    for a, b in zip(older.parameters(), restored.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    distributed.save_checkpoint(ckpt, restored, restored_opt, {"step": 5})  # the damaged copy goes, the whole stays
+    assert distributed.checkpoint_problem(ckpt + ".old") is None and distributed.checkpoint_dir(ckpt) == ckpt
+
+
+def test_a_file_named_ckpt_tmp_does_not_break_the_first_save(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    (tmp_path / "ckpt.tmp").write_text("not a folder")  # used to fail: FileExistsError in os.makedirs
+    distributed.save_checkpoint(ckpt, *model_and_optimizer(0), {"step": 1})
+    assert distributed.checkpoint_dir(ckpt) == ckpt and sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_save_checkpoint_fsyncs_the_files_and_folders_around_the_renames(tmp_path, monkeypatch):
+    events = record_fsyncs(monkeypatch)
+    ckpt = str(tmp_path / "ckpt")
+    distributed.save_checkpoint(ckpt, *model_and_optimizer(0), {"step": 1})
+    tmp = ckpt + ".tmp"
+    before, after = synced_around(events, tmp, ckpt)
+    assert {os.path.join(tmp, n) for n in ("model.safetensors", "optimizer.safetensors", "state.json")} | {tmp} <= before
+    assert str(tmp_path) in after  # the folder that holds the renamed copy
+
+
+def test_resume_from_a_damaged_newest_checkpoint_warns_and_continues_from_the_older_copy(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
+    cfg = train_cfg(tmp_path, data, max_steps=5, epochs=3, batch_size=4, max_len=64, save_interval=1)
+    train.train(cfg, stop_after=3)  # ckpt: step 3, ckpt.old: step 2
+    cut("model.safetensors", 0.5)(os.path.join(cfg.out, "ckpt"))
+    capsys.readouterr()
+    train.train(train.TrainConfig(**{**vars(cfg), "resume": True}))
+    out = capsys.readouterr().out
+    assert "warning: checkpoint" in out and "model.safetensors is truncated" in out
+    assert f"resumed from {os.path.join(cfg.out, 'ckpt.old')} at step 2" in out
+    assert [s for s, *_ in log_losses(cfg.out)] == [1, 2, 3, 4, 5]
+
+
+def test_no_whole_copy_is_an_error_that_names_the_damage(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
+    cfg = train_cfg(tmp_path, data, max_steps=5, epochs=3, batch_size=4, max_len=64)
+    train.train(cfg, stop_after=2)
+    half_a_state_json(os.path.join(cfg.out, "ckpt"))
+    with pytest.raises(SystemExit) as e:
+        train.train(train.TrainConfig(**{**vars(cfg), "resume": True}))
+    message = str(e.value.code)
+    assert "no whole checkpoint" in message and "state.json is damaged" in message and "\n" not in message

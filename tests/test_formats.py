@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import formats
-from conftest import ROOT
+from conftest import ROOT, record_fsyncs, synced_around
 
 
 def parquet_dataset(folder, splits):
@@ -61,6 +61,21 @@ def test_write_jsonl_is_atomic_and_reads_back(tmp_path):
     formats.write_jsonl(str(path), rows)
     assert [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()] == rows
     assert not os.path.exists(str(path) + ".tmp")
+
+
+def test_write_jsonl_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events = record_fsyncs(monkeypatch)
+    path = str(tmp_path / "out.jsonl")
+    formats.write_jsonl(path, [{"id": 1}])
+    before, after = synced_around(events, path + ".tmp", path)
+    assert path + ".tmp" in before and str(tmp_path) in after
+
+
+def test_write_jsonl_over_a_folder_named_like_its_temporary_file(tmp_path):
+    path = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.tmp").mkdir()  # left by something else: the write still succeeds
+    formats.write_jsonl(str(path), [{"id": 1}])
+    assert path.read_text() == '{"id": 1}\n'
 
 
 def test_progress_gives_elapsed_and_eta_as_a_bar_on_a_terminal_and_lines_in_a_log():

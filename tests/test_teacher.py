@@ -746,7 +746,8 @@ def test_the_cache_keeps_each_replys_row_stage_and_order_and_old_caches_still_re
                          ("restyle", "r1", "chosen", 0), ("restyle", "r1", "chosen", 1),
                          ("restyle", "r1", "rejected", 0), ("score", "r1", None, 0)]
         assert all(e["seconds"] >= 0 for e in entries if "reply" in e)
-        old = [{k: e[k] for k in ("key", "stage", "attempts", "reply", "supported") if k in e} for e in entries]
+        old = [{k: e[k] for k in ("key", "stage", "attempts", "reply", "supported") if k in e} for e in entries
+               if "key" in e]  # as an rmd before issue 19 wrote them (and before the header line)
         cache.write_text("".join(json.dumps(e) + "\n" for e in old))
         summary, train, _, _ = run_rows(server, [PAIR], tmp_path, restyle=True)
         assert len(server.bodies) == n and sum(st["cache_hits"] for st in summary["stages"].values()) == 8
@@ -760,6 +761,54 @@ def _first_restyle_unmarked():
             seen.append(n)
             return reply("no marker here")
     return fault
+
+
+@pytest.mark.parametrize("foreign", [b"my notes\nthe last line has no newline", b'{"a": 1}\n{"b": 2}\n{"c": 3',
+                                     b"\x00\x01binary", b'{"key": "k", "reply": {}}\nnot an entry\n',
+                                     b"single line, no newline"])
+def test_a_file_the_cache_did_not_write_is_refused_and_left_untouched(tmp_path, foreign):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(foreign)
+    with pytest.raises(ValueError, match=r"notes.txt is not a request cache .* left untouched"):
+        teacher.Cache(str(path))
+    assert path.read_bytes() == foreign  # used to be cut at its last newline and appended to
+    with FaultServer() as server, pytest.raises(ValueError, match="not a request cache"):
+        run_rows(server, [PAIR], tmp_path, cache=str(path))
+    assert path.read_bytes() == foreign and not server.bodies  # refused before any request
+
+
+def test_a_cache_starts_with_its_header_and_only_then_is_its_torn_line_cut(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    cache = teacher.Cache(str(path))
+    cache.fetch("k1", lambda: {"reply": "one"})
+    cache.close()
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0]) == teacher.CACHE_HEADER and json.loads(lines[1])["key"] == "k1"
+    with open(path, "a") as f:
+        f.write('{"key": "k2", "re')  # killed mid-write
+    cache = teacher.Cache(str(path))
+    assert cache.fetch("k1", lambda: pytest.fail("sent again")) == ({"key": "k1", "reply": "one"}, True)
+    cache.close()
+    assert path.read_text().splitlines() == lines
+
+
+def test_a_cache_written_before_the_header_is_still_used(tmp_path, capsys):
+    path = tmp_path / "cache.jsonl"
+    old = '{"key":"k1","reply":"one"}\n{"key":"k2","reply":"two"}\n{"key":"k3","re'  # an earlier rmd, killed
+    path.write_text(old)
+    cache = teacher.Cache(str(path))
+    assert "without a header line" in capsys.readouterr().err
+    assert cache.fetch("k2", lambda: pytest.fail("sent again"))[1] is True
+    cache.fetch("k3", lambda: {"reply": "three"})
+    cache.close()
+    assert path.read_text() == old[:old.rindex("\n") + 1] + '{"key":"k3","reply":"three"}\n'
+
+
+def test_an_empty_file_becomes_a_cache(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    path.write_text("")
+    teacher.Cache(str(path)).close()
+    assert json.loads(path.read_text()) == teacher.CACHE_HEADER
 
 
 def test_rate_limit_is_respected(tmp_path):

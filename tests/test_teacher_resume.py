@@ -25,7 +25,7 @@ def cache_keys(path):
         for line in f:
             try:
                 keys.append(json.loads(line)["key"])
-            except ValueError:  # torn last line
+            except (ValueError, KeyError):  # torn last line, the header line
                 pass
     return keys
 
