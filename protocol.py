@@ -291,7 +291,7 @@ _DECLINE_VERB = (r"(?:help|assist|comply|provide|answer|do that|do this|fulfil+|
                  r"generate|engage|participate|offer|discuss|recommend|condone|encourage|promote|endorse|tell|"
                  r"explain|disclose|reveal|facilitate|complete|respond)")
 _REFUSAL = re.compile(
-    r"(?:(?:I'm sorry|I am sorry|Sorry|I apologi[sz]e|Unfortunately|I'm afraid|I regret)[^.!?\n]{0,40}?[,.!]?\s*"
+    r"(?:(?:I'm sorry|I am sorry|Sorry|I apologi[sz]e|Unfortunately|I'm afraid|I regret)[^.!?\n]{0,60}?[,.!]?\s*"
     r"(?:but\s+)?)?"
     r"(?:(?:I|we)\s*(?:can(?:no|')t|cannot|can not|am unable to|'m unable to|are unable to|am not able to|"
     r"'m not able to|won't|will not|must decline to|am not going to|'m not going to|"
@@ -299,7 +299,8 @@ _REFUSAL = re.compile(
     r"|(?:I|we)\s*(?:do not|don't|lack)\s+(?:have\s+)?the (?:capability|ability|means) to\s+" + _DECLINE_VERB +
     r"|(?:I|we)\s+(?:must|have to|need to)\s+(?:respectfully\s+)?(?:decline|refuse)"
     r"|(?:that's|that is|this is) not something I (?:can|will|am able to)"
-    r"|as an AI(?: language model| assistant)?,? I (?:can(?:no|')t|cannot|am unable|am not able|do not|don't))",
+    r"|as an? (?:AI|chatbot|assistant|language model)[^.!?\n]{0,120}?,? I (?:can(?:no|')t|cannot|am unable|"
+    r"am not able|do not|don't))",
     re.I)
 _NUMBER = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?%?|[-+]?(?:inf(?:inity)?|nan)", re.I)
 _JUNK_WORDS = {"nan", "null", "none", "undefined", "inf", "-inf", "infinity", "error", "n/a"}
