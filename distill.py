@@ -64,8 +64,8 @@ class DistillConfig:
     workers: int = 8                    # most requests in flight at once
     rpm: int = 0                        # requests per minute limit, 0 = unlimited
     tpm: int = 0                        # tokens per minute limit (prompt estimate + max tokens), 0 = unlimited
-    timeout: float = 300.0              # seconds per HTTP request (the whole reply, body included)
-    max_retries: int = 5                # retries on 429, 5xx, timeouts, connection errors, broken bodies
+    timeout: float = 300.0              # seconds per HTTP request, whole reply (a slow local teacher: max tokens / tokens/s)
+    max_retries: int = 5                # retries on 429, 5xx, connection errors, broken bodies (a timeout: once)
     backoff_base: float = 1.0           # first backoff in seconds, doubled per retry, with jitter
     backoff_max: float = 60.0           # backoff cap in seconds (a server's Retry-After is honoured up to 600 s)
     max_tokens_param: str = "auto"      # auto | max_tokens | max_completion_tokens (auto: the latter for api.openai.com)
@@ -84,7 +84,7 @@ class DistillConfig:
     restyle_temperature: float = 0.0    # restyle is greedy: a faithful rewrite, not a sample
     original_pairs: bool = True         # train.jsonl also gets each kept row's annotated pair (source "original")
     tie_policy: str = "drop"            # drop | reask (once, asking to avoid equal scores)
-    reask: int = 3                      # re-ask a reply that is not an answer (unparseable, empty, cut, refusal) N times
+    reask: int = 3                      # re-ask a reply that is no answer (unparseable, empty, cut, junk) N times; never a refusal of y_T
     retry_failed: bool = False          # ask the failed rows of <out>/failures.jsonl again (the rest from the cache)
     keep_label_disagreements: bool = False  # keep pairs whose input label the teacher contradicts
     seed: int = 0                       # pool sampling, candidate choice, sampled-call seeds

@@ -249,8 +249,8 @@ def restyle_prompt(question, answer, style, json_mode=False):
 
 def score_prompt(nonce, rejected_score, json_mode=False):
     """The score turn after a refine reply; json_mode: both the refine reply and this one are JSON objects."""
-    return SCORE_TEMPLATE.format(nonce=nonce, rejected_score=f"{rejected_score:g}",
-                                 modified_where=(SCORE_WHERE_JSON if json_mode else SCORE_WHERE_TEXT).format(nonce=nonce),
+    where = (SCORE_WHERE_JSON if json_mode else SCORE_WHERE_TEXT).format(nonce=nonce)
+    return SCORE_TEMPLATE.format(nonce=nonce, rejected_score=f"{rejected_score:g}", modified_where=where,
                                  reply_format=SCORE_FORMAT_JSON if json_mode else SCORE_FORMAT_TEXT)
 
 

@@ -110,14 +110,15 @@ def test_refinement_parse_uses_the_nonce_markers():
 def test_refinement_commentary_is_cut_and_harmless_slips_pass():
     """Issue 19: what a real teacher writes around y_w* is not y_w*; format slips that leave no doubt pass."""
     y_l = "The capital of France is London."
-    lead = "[REASONING-abc]\nWrong city.\n[MODIFIED-ANSWER-abc]\nThe modified answer, with the city fixed, would be:\n" \
-           "The capital of France is Paris.\n\nNote: I kept the sentence and changed only the city."
+    lead = "[REASONING-abc]\nWrong city.\n[MODIFIED-ANSWER-abc]\n" \
+           "The modified answer, with the city fixed, would be:\nThe capital of France is Paris.\n\nNote: I kept the sentence and changed only the city."
     assert parse_refinement(lead, "abc", original=y_l) == ("Wrong city.", "The capital of France is Paris.")
     here = "[REASONING-abc]\nWrong.\n[MODIFIED-ANSWER-abc]\nHere is the revised answer:\n\"The capital of France is " \
            "Paris.\"\n\nThis modified version keeps the structure of the original."
     assert parse_refinement(here, "abc", original=y_l)[1] == "The capital of France is Paris."
     # a marker without its brackets, or with a colon; the reasoning in two blocks
-    assert parse_refinement("REASONING-abc:\nWrong city.\nMODIFIED-ANSWER-abc\nParis.", "abc") == ("Wrong city.", "Paris.")
+    assert parse_refinement("REASONING-abc:\nWrong city.\nMODIFIED-ANSWER-abc\nParis.", "abc") == \
+        ("Wrong city.", "Paris.")
     twice = "[REASONING-abc]\nWrong city.\n[REASONING-abc]\nUse Paris.\n[MODIFIED-ANSWER-abc]\nParis."
     assert parse_refinement(twice, "abc") == ("Wrong city.\n\nUse Paris.", "Paris.")
     # what the original answer itself says is never cut: its own lead-in line and closing note stay
