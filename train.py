@@ -3,10 +3,11 @@
     import train
     train.train(train.TrainConfig(data="pairs.jsonl", eval_data="test.jsonl", model="path/to/hf-model"))
 
-`python rmd.py train --key=value ...` fills TrainConfig from the command line (rmd.py) and calls train(). One step
-takes --batch-size pairs in a deterministic order (batches.epoch_batches), split over processes and micro-batches;
-each micro-batch is one packed forward pass (batches.collate) of the chosen, rejected and teacher-answer rows, and
-step_loss is its loss: the pairwise loss + --lm-weight x the LM loss on the teacher answers (loss.py). The run
+`python rmd.py train --key=value ...` fills TrainConfig from the command line (rmd.py) and calls train(). The data
+files are tokenized once into --token-cache and mapped by every process (pair_cache.py). One step takes --batch-size
+pairs in a deterministic order (batches.epoch_batches), split over processes and micro-batches; each micro-batch is
+one packed forward pass (batches.collate) of the chosen, rejected and teacher-answer rows, a pair's prompt computed
+once for all of them where that pays (--share-prompts), and step_loss is its loss: the pairwise loss + --lm-weight x the LM loss on the teacher answers (loss.py). The run
 evaluates pair accuracy on the --eval-data splits, logs one line per --log-interval steps (and log.jsonl),
 checkpoints for --resume (distributed.py) and saves the reward model (model.save_reward_model) with eval.json and
 report.html (report.py). --gradient-checkpointing is model.checkpoint_activations, --lora-r is lora.py (the
@@ -24,14 +25,15 @@ import random
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import distributed
 import lora
 import report
 import recipe
-from batches import (DataStats, check_data_file, collate, count_cuts, cut_warnings, epoch_batches, load_pairs,
-                     to_device)
+from batches import (DataStats, PairStore, check_data_file, collate, count_cuts, cut_warnings, epoch_batches,
+                     load_pairs, to_device)
 from evaluation import fit_text, margin_fit
 from cli import Progress
 from formats import UsageError, column_keys
@@ -61,9 +63,12 @@ class TrainConfig:
     lm_weight: float = recipe.RECIPE.lm_weight  # lambda of the LM term on the teacher answers (0 = off); the recipe's
     max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
     # a pair's prompt computed once, its chosen, rejected and teacher answers each attending to it and to themselves
-    # (same rewards, losses and gradients): auto (per micro-batch, where it costs less by batches.layout_cost: not
+    # (same rewards, losses and gradients): auto (per micro-batch, where it costs less by model.layout_cost: not
     # for short prompts), on, off (every row with its own copy of the prompt)
     share_prompts: str = "auto"
+    # tokenize each data file once into this folder and map it in every process and rerun (pair_cache.py: keyed by
+    # the file's contents, the tokenizer, --max-len and the cutting rule); "off" = tokenize in memory every run
+    token_cache: str = "out/token_cache"
     batch_size: int = recipe.RECIPE.batch_size  # pairs per optimizer step, over all processes and micro-batches
     micro_batch: int = 0  # pairs per forward pass per process (0 = batch_size / processes)
     # peak learning rate (AdamW); 0 = the recipe's rule by the backbone's size (recipe.py): 0.001 below 10M parameters, 5e-05 below 1000M parameters, 1e-05 above
@@ -153,7 +158,8 @@ def check_model(name):
 
 
 RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
-                     "compile", "fsdp", "report_to", "gradient_checkpointing", "share_prompts"}
+                     "compile", "fsdp", "report_to", "gradient_checkpointing", "share_prompts",
+                     "token_cache"}
 
 
 def check_resume(cfg):
@@ -238,10 +244,10 @@ def pair_accuracy(model, examples, batch_pairs, device, autocast, rewards_out=No
             rewards_out += zip(rewards[:batch.n_pairs].tolist(), rewards[batch.n_pairs:].tolist())
     model.train(was_training)
     accuracy = sum(m > 0 for m in reward_margins) / len(examples)
-    teacher_margins = [ex.margin for ex in examples]
-    if any(m is None for m in teacher_margins):
+    teacher_margins = examples.column("margin")  # NaN: the pair has none
+    if np.isnan(teacher_margins).any():
         return accuracy, None
-    return accuracy, margin_fit(reward_margins, teacher_margins)
+    return accuracy, margin_fit(reward_margins, teacher_margins.tolist())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,7 +266,7 @@ class Run:
     autocast: torch.autocast
     sharded: bool  # FSDP2
     use_lm: bool  # --lm-weight > 0: the teacher-answer rows are packed into every micro-batch
-    examples: list
+    examples: PairStore
     stats: DataStats
     eval_sets: dict  # split -> Examples
     eval_stats: dict  # split -> DataStats
@@ -273,6 +279,7 @@ class Run:
     tracker: object = None  # --report-to's experiment tracker (rank 0), see open_tracker
     layout: str = "separate"  # batches.collate's layout (--share-prompts)
     key_cost: float = 0.0  # model.attention_key_cost: the weight of attention in layout="auto"'s cost rule
+    epoch_order: tuple = (None, None)  # (epoch, its batches.epoch_batches)
 
 
 def build_model(cfg, device, log, backbone=None):
@@ -296,13 +303,14 @@ def build_model(cfg, device, log, backbone=None):
 
 def load_data(cfg, tokenizer, use_lm, log):
     """--data, --eval-data and --holdout -> (train examples, their DataStats, eval splits, their DataStats)."""
+    cache = None if cfg.token_cache == "off" else cfg.token_cache
     examples, stats = load_pairs(cfg.data, tokenizer, cfg.max_len, need_margin=cfg.loss != "bt", name="train",
-                                 keep_ties=cfg.loss == "mse", keys=column_keys(cfg))
+                                 keep_ties=cfg.loss == "mse", keys=column_keys(cfg), cache_dir=cache)
     eval_sets, eval_stats = {}, {}
     for spec in filter(None, cfg.eval_data.split(",")):
         name, _, path = spec.rpartition("=")
-        eval_sets[name or "eval"], eval_stats[name or "eval"] = load_pairs(path, tokenizer, cfg.max_len,
-                                                                           name=name or "eval", keys=column_keys(cfg))
+        eval_sets[name or "eval"], eval_stats[name or "eval"] = load_pairs(
+            path, tokenizer, cfg.max_len, name=name or "eval", keys=column_keys(cfg), cache_dir=cache)
     if cfg.holdout:
         if cfg.holdout >= len(examples):
             raise UsageError(f"--holdout {cfg.holdout} leaves no training pairs ({len(examples)} usable)")
@@ -314,7 +322,7 @@ def load_data(cfg, tokenizer, use_lm, log):
         log(data_stats.summary(name))
         for line in cut_warnings(name, data_stats.cuts, cfg.max_len):
             log(line)
-    if use_lm and not any(ex.teacher for ex in examples):
+    if use_lm and not (examples.column("teacher") >= 0).any():
         raise UsageError(f"--lm-weight={cfg.lm_weight} needs teacher answers, but no row of {cfg.data} has a "
                          "'teacher_response': pass --lm-weight=0 (or train on what `rmd.py distill` writes)")
     return examples, stats, eval_sets, eval_stats
@@ -468,7 +476,9 @@ def train_step(cfg, run, step):
     """One optimizer step on this process's share of the step's pairs -> the step's numbers (see train)."""
     t0 = time.perf_counter()
     epoch, index = divmod(step, run.steps_per_epoch)
-    step_examples = [run.examples[i] for i in epoch_batches(run.examples, cfg.batch_size, cfg.seed, epoch)[index]]
+    if run.epoch_order[0] != epoch:  # once per epoch: a few bytes per pair
+        run.epoch_order = (epoch, epoch_batches(run.examples, cfg.batch_size, cfg.seed, epoch))
+    step_examples = [run.examples[i] for i in run.epoch_order[1][index]]
     lm_tokens = sum(len(ex.teacher[1]) for ex in step_examples if ex.teacher) if run.use_lm else 0
     mine = step_examples[run.rank * run.micro * run.accum:(run.rank + 1) * run.micro * run.accum]
     for group in run.optimizer.param_groups:

@@ -33,7 +33,7 @@ HH = "\n\nHuman: How do I bake bread?\n\nAssistant:"
 # ------------------------------------------------------------------------------------------------ data
 
 
-def test_row_forms_parse_to_the_same_example():
+def test_row_forms_parse_to_the_same_example(tmp_path):
     tok = ByteTokenizer()
     forms = [
         {"prompt": "How do I bake bread?", "chosen": "Knead it.", "rejected": "No."},
@@ -42,8 +42,8 @@ def test_row_forms_parse_to_the_same_example():
         {"chosen": HH + " Knead it.", "rejected": HH + " No."},  # implicit prompt, HH-RLHF style
         {"prompt": HH, "chosen": " Knead it.", "rejected": " No."},
     ]
-    examples = [batches.tokenize_example(tok, formats.parse_row(r, "x:1", False), 256, batches.DataStats())
-                for r in forms]
+    examples = list(batches.load_pairs(write_jsonl(tmp_path / "forms.jsonl", forms), tok, 256)[0])
+    assert len(examples) == len(forms)
     for ex in examples[1:]:
         assert ex == examples[0]
     text = tok.decode(examples[0].prompt[0] + examples[0].chosen)
@@ -113,14 +113,15 @@ def test_cutting_keeps_the_question_end_then_the_answer_start(tokenizer):
             assert len(p) + len(a) == max_len and len(p) > floor
 
 
-def test_every_command_cuts_the_same_way_and_teacher_answers_keep_their_prompt():
-    """tokenize_example (train) and RewardModel.tokens (eval, bon, serve) build the same sequences; a teacher answer
-    over the budget keeps the prompt's floor and its own beginning, never just the prompt's last token."""
+def test_every_command_cuts_the_same_way_and_teacher_answers_keep_their_prompt(tmp_path):
+    """load_pairs (train: pair_cache.tokenize_chunk) and RewardModel.tokens (eval, bon, serve) build the same
+    sequences; a teacher answer over the budget keeps the prompt's floor and its own beginning, never just the
+    prompt's last token."""
     model = tiny_model(max_len=64)
     tok = model.tokenizer
     row = {"prompt": "x" * 300 + " the question?", "chosen": "yes " * 40, "rejected": "no " * 40,
            "teacher_response": "The answer is " + "long " * 60}
-    ex = batches.tokenize_example(tok, formats.parse_row(row, "x:1", False), 64, batches.DataStats())
+    (ex,), _ = batches.load_pairs(write_jsonl(tmp_path / "r.jsonl", [row]), tok, 64)
     assert ex.prompt[0] + ex.chosen == model.tokens(row["prompt"], row["chosen"], 64)
     assert ex.prompt[1] + ex.rejected == model.tokens(row["prompt"], row["rejected"], 64)
     assert ex.cuts == ("prompt_min", "prompt_min", "prompt_min")
