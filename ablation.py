@@ -39,6 +39,7 @@ Writes <out>/results.json (with "default_arm") and <out>/table.md; every run's f
 """
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed,
                f"--eval-data={eval_data}", f"--out={out_dir}", f"--model={model}", f"--loss={loss}",
                f"--lm-weight={lm_weight}", f"--max-steps={args.steps}", f"--batch-size={args.batch_size}",
                f"--lr={args.lr}", f"--seed={seed}", f"--max-len={args.max_len}", "--log-interval=50",
-               f"--layers={args.layers if model == args.student else 0}"]
+               f"--layers={args.layers if model == args.student else 0}"] + resume_or_start_again(out_dir)
         t0 = time.time()
         with open(os.path.join(os.path.dirname(out_dir), f"{os.path.basename(out_dir)}.log"), "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -112,6 +113,16 @@ def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed,
         print(f"  arm {name:<10} seed {seed}: {time.time() - t0:.0f}s", flush=True)
     with open(os.path.join(out_dir, "eval.json")) as f:
         return json.load(f)
+
+
+def resume_or_start_again(out_dir):
+    """A run killed before its eval.json: ["--resume"] when it left a whole checkpoint (the ablation saves one, at
+    the end), else its folder goes and it starts again: [] (`rmd.py train` refuses an earlier run without --resume)."""
+    import distributed
+    if distributed.checkpoint_dir(os.path.join(out_dir, "ckpt")):
+        return ["--resume"]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return []
 
 
 def best_of_n(model_dir, bon_path, max_len):

@@ -110,16 +110,18 @@ def distill_builtin(cfg):
     import distill
     import sim
     import sim_server
+    from files import folder_lock
     world = sim.WorldConfig(seed=cfg.seed)
-    paths = sim.write_builtin_data(os.path.join(cfg.out, "builtin"), world)
-    url, shutdown = sim_server.start_server(world)
-    print(f"no --teacher-url: using the built-in simulated teacher at {url} (sim.py) on the built-in prompts "
-          f"({paths['distill']}); held-out eval splits in {os.path.dirname(paths['normal'])}", file=sys.stderr)
-    try:
-        return distill.distill(dataclasses.replace(cfg, teacher_url=url, teacher_model=sim.TEACHER_MODEL,
-                                                   data=paths["distill"]))
-    finally:
-        shutdown()
+    with folder_lock(cfg.out, "distill"):  # the built-in data too is written by one run at a time
+        paths = sim.write_builtin_data(os.path.join(cfg.out, "builtin"), world)
+        url, shutdown = sim_server.start_server(world)
+        print(f"no --teacher-url: using the built-in simulated teacher at {url} (sim.py) on the built-in prompts "
+              f"({paths['distill']}); held-out eval splits in {os.path.dirname(paths['normal'])}", file=sys.stderr)
+        try:
+            return distill.distill(dataclasses.replace(cfg, teacher_url=url, teacher_model=sim.TEACHER_MODEL,
+                                                       data=paths["distill"]))
+        finally:
+            shutdown()
 
 
 def say_what_distill_wrote(cfg, summary, demo):
@@ -150,7 +152,8 @@ def say_what_distill_wrote(cfg, summary, demo):
 
 
 def train_command(argv):
-    from train import TrainConfig, train
+    from files import FolderBusy
+    from train import TrainConfig, out_lock
     demo = not any(a.replace("_", "-").startswith(("--data", "--dataset", "--train-file", "-h", "--help"))
                    for a in argv)
     cfg = parse_overrides(TrainConfig(**DEMO_TRAIN) if demo else TrainConfig(), argv, "python rmd.py train",
@@ -160,14 +163,11 @@ def train_command(argv):
                          "first, or pass --data=pairs.jsonl (rows {prompt, chosen, rejected[, chosen_score, "
                          "rejected_score, teacher_response]}; see README.md)")
     bon = os.path.join(os.path.dirname(cfg.data), "builtin", "bon.jsonl")
-    baseline = start_demo_baseline(cfg) if demo and os.path.exists(bon) and cfg.max_steps else None
     try:
-        metrics = train(cfg, on_step=take_back_cores(baseline))
-    except (DataError, OSError) as e:
+        with out_lock(cfg):  # before the demo's baseline starts: a second run on --out stops here
+            metrics, baseline = train_beside_baseline(cfg, demo and os.path.exists(bon) and cfg.max_steps)
+    except (DataError, OSError, FolderBusy) as e:
         raise SystemExit(f"error: {e}") from None
-    finally:
-        if baseline and baseline[0].poll() is None and sys.exc_info()[0] is not None:
-            baseline[0].terminate()  # the demo failed or was interrupted: its baseline goes too
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks
         return metrics
     model = os.path.join(cfg.out, "model")
@@ -176,6 +176,20 @@ def train_command(argv):
         print(f"next: python rmd.py bon --model={model} --data={bon}   (best-of-N against the true quality)")
     print(f"next: python rmd.py eval --model={model} --data=PAIRS.jsonl | python rmd.py serve --model={model}")
     return metrics
+
+
+def train_beside_baseline(cfg, with_baseline):
+    """train(cfg), with the demo's label-distillation baseline training beside it when asked -> (metrics, baseline)."""
+    from train import check_fresh_out, train
+    baseline = None
+    if with_baseline:
+        check_fresh_out(cfg)  # train() would refuse it: before the baseline starts
+        baseline = start_demo_baseline(cfg)
+    try:
+        return train(cfg, on_step=take_back_cores(baseline)), baseline
+    finally:
+        if baseline and baseline[0].poll() is None and sys.exc_info()[0] is not None:
+            baseline[0].terminate()  # the demo failed or was interrupted: its baseline goes too
 
 
 def start_demo_baseline(cfg):
@@ -187,8 +201,7 @@ def start_demo_baseline(cfg):
     annotated = os.path.join(os.path.dirname(cfg.data), "annotated.jsonl")
     if not os.path.exists(annotated):
         return None
-    base = dataclasses.replace(cfg, data=annotated, loss="bt", lm_weight=0.0, out=cfg.out.rstrip("/") + "-label",
-                               resume=False)
+    base = dataclasses.replace(cfg, data=annotated, loss="bt", lm_weight=0.0, out=cfg.out.rstrip("/") + "-label")
     cores = os.cpu_count() or 1
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
         import torch
