@@ -50,6 +50,7 @@ import sim
 import sim_server
 from cli import parse_overrides
 from formats import write_jsonl
+from recipe import RECIPE
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
@@ -66,13 +67,12 @@ ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
     "k": ("full", "mse", True, "scratch", "h with the from-scratch student"),
     "l": ("original", "bt", False, "scratch", "a with the from-scratch student"),
     "m": ("mixed", "mse", True, "tiny", "h + the kept rows' original pairs"),
-    "n": ("mixed", "bt", True, "tiny", "rmd default: j + the kept rows' original pairs"),
+    "n": ("mixed", RECIPE.loss, RECIPE.lm_weight > 0, "tiny", "rmd's recipe (recipe.py): j + the kept rows' original pairs"),
     "o": ("mixed", "bt", False, "tiny", "n without LM reg (no generation)"),
     "p": ("mixed", "bt", True, "scratch", "n with the from-scratch student"),
     "q": ("refined_original", "bt", True, "tiny", "n without restyle (refined + kept rows' original pairs)"),
 }
-DEFAULT_ARM = "n"
-STEPS = 400  # optimizer steps of every arm: chosen on valid (README); the demo (rmd.DEMO_TRAIN) trains as many
+DEFAULT_ARM = "n"  # the recipe (recipe.RECIPE): tests/test_recipe.py checks that this arm runs exactly it
 DEFAULT_ARMS = "a,e,j,n,o,p,q"  # n and what removing each part of it costs; the others on request (--arms)
 PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "crossed", "equivalent"),  # train.jsonl rows
                 "mixed": ("refined", "restyled", "crossed", "equivalent", "original"),
@@ -99,11 +99,9 @@ def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed,
     if not os.path.exists(os.path.join(out_dir, "eval.json")):
         if args.report:
             return None
-        cmd = [sys.executable, os.path.join(ROOT, "rmd.py"), "train", f"--data={pairs_file}",
-               f"--eval-data={eval_data}", f"--out={out_dir}", f"--model={model}", f"--loss={loss}",
-               f"--lm-weight={lm_weight}", f"--max-steps={args.steps}", f"--batch-size={args.batch_size}",
-               f"--lr={args.lr}", f"--seed={seed}", f"--max-len={args.max_len}", "--log-interval=50",
-               f"--layers={args.layers if model == args.student else 0}"] + resume_or_start_again(out_dir)
+        cmd = [sys.executable, os.path.join(ROOT, "rmd.py"), "train", *arm_options(pairs_file, loss, lm_weight,
+                                                                                     eval_data, out_dir, args, seed, model),
+               *resume_or_start_again(out_dir)]
         t0 = time.time()
         with open(os.path.join(os.path.dirname(out_dir), f"{os.path.basename(out_dir)}.log"), "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -123,6 +121,15 @@ def resume_or_start_again(out_dir):
         return ["--resume"]
     shutil.rmtree(out_dir, ignore_errors=True)
     return []
+
+
+def arm_options(pairs_file, loss, lm_weight, eval_data, out_dir, args, seed, model):
+    """`rmd.py train`'s options for one arm: the arm's pairs, loss and LM weight, everything else the recipe's
+    unless --steps, --batch-size or --lr say otherwise (-1 / 0 are train's own "the recipe's")."""
+    return [f"--data={pairs_file}", f"--eval-data={eval_data}", f"--out={out_dir}", f"--model={model}",
+            f"--loss={loss}", f"--lm-weight={lm_weight}", f"--max-steps={args.steps}",
+            f"--batch-size={args.batch_size}", f"--lr={args.lr}", f"--seed={seed}", f"--max-len={args.max_len}",
+            "--log-interval=50", f"--layers={args.layers if model == args.student else 0}"]
 
 
 def best_of_n(model_dir, bon_path, max_len):
@@ -147,13 +154,15 @@ class AblationConfig(sim.WorldConfig):
     """The world's options (sim.WorldConfig) and the ablation's own."""
     seeds: str = "0,1,2"  # comma-separated world and training seeds
     arms: str = DEFAULT_ARMS  # comma-separated subset of the arms a-q (see the docstring)
-    steps: int = STEPS  # optimizer steps per training run
-    batch_size: int = 16  # pairs per optimizer step
-    lr: float = 1e-3  # peak learning rate
+    steps: int = -1  # optimizer steps per training run (-1 = the recipe's: at least 400 and at least one pass)
+    batch_size: int = RECIPE.batch_size  # pairs per optimizer step
+    lr: float = 0.0  # peak learning rate (0 = the recipe's rule by the student's size)
     max_len: int = 256  # tokens per sequence
     student: str = ""  # the pretrained student of the arms that use one ("" = the tiny model pretrained on this world's text; e.g. a SmolLM2 .gguf with --layers)
     layers: int = 0  # keep the first N layers of --student (0 = all)
-    sweep: str = "0.1,1.0"  # LM weights tried for the default arm on the first seed, chosen on valid (one-SE rule)
+    # LM weights tried for the default arm on the first seed, chosen on valid by the one-SE rule (the recipe's
+    # weight alone = no sweep; --sweep=0.1,1.0 is how the recipe's was chosen)
+    sweep: str = str(RECIPE.lm_weight)
     jobs: int = 2  # training runs in parallel (each gets cores/jobs threads)
     workers: int = 8  # distill requests in flight
     out: str = "runs/ablation"  # where every run, results.json and table.md go
@@ -289,13 +298,22 @@ def references(worlds, seeds):
     return refs
 
 
+def steps_text(steps):
+    return f"{steps} steps" if steps >= 0 else f"the recipe's steps (max({RECIPE.min_steps}, one pass))"
+
+
+def lr_text(lr):
+    return f"lr {lr:g}" if lr else "lr by the recipe's rule (recipe.LR_BY_SIZE)"
+
+
 def table_lines(args, worlds, seeds, arms, results, refs, lm_weight, sweep, sweep_result, knowledge):
     """The results table (markdown) with its header line, the pair counts, the student and the verdict."""
     world0 = worlds[seeds[0]]["world"]
     done = ", ".join(f"{a}: seeds {[r['seed'] for r in results[a]]}" for a in arms if a in results)
     known = (knowledge or {}).get("correct_beats_wrong_same_style", {})
     lines = ([f"Finished runs only (--report): {done}."] if args.report else []) + [
-             f"Seeds {seeds}; {args.steps} steps x {args.batch_size} pairs, lr {args.lr}; LM weight {lm_weight:g} "
+             f"Seeds {seeds}; {steps_text(args.steps)} x {args.batch_size} pairs, {lr_text(args.lr)}; "
+             f"LM weight {lm_weight:g} "
              f"(sweep of arm {DEFAULT_ARM} on valid: " +
              ", ".join(f"{w:g} -> {100 * sweep_result[w]:.1f}" for w in sweep if w in sweep_result) +
              f"). Accuracy % on held-out truth-labelled pairs ({world0.n_eval} per split and seed); BoN = % of "

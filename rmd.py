@@ -52,11 +52,10 @@ DEMO_OUT = "out/distill"  # where `python rmd.py distill` writes when run on the
 # `python rmd.py distill` with no --teacher-url: the simulated teacher runs in this process, with no rate limit, so
 # more requests in flight keep both sides busy (measured on 2 cores: 8 workers 18 s, 16 workers 11 s of distill)
 DEMO_DISTILL = dict(out=DEMO_OUT, workers=16)
-# `python rmd.py train` with no --data: the built-in tiny student on the demo distill output, sized for a CPU, with
-# rmd's default recipe (ablation.py's DEFAULT_ARM: bt, LM weight 0.1, 400 steps; chosen on valid, see README)
+# `python rmd.py train` with no --data: the built-in tiny student on the demo distill output, sized for a CPU; the
+# loss, LM weight, steps and lr are train's defaults, i.e. the recipe (recipe.py), as a user's run gets them
 DEMO_TRAIN = dict(data=f"{DEMO_OUT}/train.jsonl", eval_data=f"normal={DEMO_OUT}/builtin/normal.jsonl,"
-                  f"hard={DEMO_OUT}/builtin/hard.jsonl", model="tiny", loss="bt", lr=1e-3, max_len=256,
-                  max_steps=400, log_interval=50)
+                  f"hard={DEMO_OUT}/builtin/hard.jsonl", model="tiny", max_len=256, log_interval=50)
 
 
 ABOUT = {
@@ -271,12 +270,35 @@ def explain_demo(cfg, metrics, bon_path, baseline=None):
     print("\n".join(lines), flush=True)
 
 
+COMMANDS = ("distill", "train", "eval", "bon", "serve", "teacher-sim")
+
+
+def options_markdown():
+    """OPTIONS.md: every command's --help exactly as it prints (`python rmd.py options > OPTIONS.md`)."""
+    import contextlib
+    import io
+    parts = ["# rmd's options", "", "Every command's `--help`, as printed. Generated: `python rmd.py options > OPTIONS.md` "
+             "(tests/test_rmd.py fails when this file is stale).", ""]
+    for command in COMMANDS:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            try:
+                main([command, "--help"])
+            except SystemExit:  # --help exits 0 after printing
+                pass
+        parts += [f"## `python rmd.py {command}`", "", "```", printed.getvalue().rstrip(), "```", ""]
+    return "\n".join(parts)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "options":
+        print(options_markdown(), end="")
+        return 0
     if command == "train":
         train_command(rest)
     elif command == "distill":
@@ -292,10 +314,9 @@ def main(argv=None):
         serve.serve_command(rest)
     else:
         import difflib
-        commands = ("distill", "train", "eval", "bon", "serve", "teacher-sim")
-        close = difflib.get_close_matches(command, commands, n=1)
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
         raise SystemExit(f"error: unknown command {command!r}" + (f"; did you mean {close[0]}?" if close else "")
-                         + f" (commands: {', '.join(commands)}; `python rmd.py COMMAND --help` lists its options)")
+                         + f" (commands: {', '.join(COMMANDS)}; `python rmd.py COMMAND --help` lists its options)")
     return 0
 
 

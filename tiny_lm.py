@@ -10,7 +10,9 @@ a hash of the token sequences, the model config and the settings below. Needs to
     lm = LlamaForCausalLM.from_pretrained(path)
     lm, tokenizer = tiny_lm.load_tiny("tiny")                    # what train.py loads for --model=tiny
 """
+import contextlib
 import copy
+import fcntl
 import functools
 import hashlib
 import json
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import files
-from cli import parse_overrides
+from cli import Progress, parse_overrides
 from formats import as_messages
 from model import BYTE_TOKENIZER, ByteTokenizer, cut_layers, encode, load_backbone, render_answer, render_prompt
 
@@ -42,8 +44,29 @@ SETTINGS = {"steps": 1200, "batch_size": 32, "lr": 3e-3, "warmup": 100, "weight_
 SHIPPED = os.path.join(ROOT, "data", "tiny-world-lm")
 
 
+# What of a model config determines the pretrained weights: the architecture's shape, its numerics and the
+# initialisation. Not version strings, dtype labels or generation defaults (transformers adds and renames such fields
+# between releases; a key over them would make every new release pretrain again).
+WEIGHT_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
+                 "tie_word_embeddings", "attention_bias", "mlp_bias", "initializer_range", "pad_token_id",
+                 "max_position_embeddings")
+
+
+def weight_shape(config):
+    """The fields of `config` that determine the pretrained weights (WEIGHT_FIELDS, plus RoPE's base under either
+    of its spellings: `rope_theta` before transformers 5, `rope_parameters` since)."""
+    d = config.to_dict()
+    shape = {k: d.get(k) for k in WEIGHT_FIELDS}
+    rope = d.get("rope_parameters") or {}
+    shape["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    return shape
+
+
 def cache_key(sequences, config, settings):
-    digest = hashlib.sha256(json.dumps([sequences, config.to_dict(), settings], sort_keys=True).encode())
+    """Hash of what determines the pretrained weights: the token sequences, the architecture (weight_shape) and the
+    pretraining settings."""
+    digest = hashlib.sha256(json.dumps([sequences, weight_shape(config), settings], sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
@@ -81,7 +104,8 @@ def pretrain(lm, sequences, pad_id, settings=SETTINGS, log=print):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings["weight_decay"]},
                              {"params": rest, "weight_decay": 0.0}], lr=settings["lr"], betas=(0.9, 0.95))
     lm.train()
-    steps, t0, window = settings["steps"], time.time(), []
+    steps, window = settings["steps"], []
+    progress = Progress(steps, "tiny_lm pretraining")
     for step, seqs in zip(range(steps), batches(sequences, settings["batch_size"], rng)):
         warm = settings["warmup"]
         scale = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / (steps - warm)))
@@ -92,11 +116,8 @@ def pretrain(lm, sequences, pad_id, settings=SETTINGS, log=print):
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        window.append(loss.item())
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            log(f"[tiny_lm] step {step + 1}/{steps} | lm loss {sum(window) / len(window):.4f} | "
-                f"{time.time() - t0:.0f}s")
-            window = []
+        window = (window + [loss.item()])[-50:]
+        progress.update(step + 1, f"lm loss {sum(window) / len(window):.4f}", final=step + 1 == steps)
     lm.eval()
     return lm
 
@@ -118,22 +139,53 @@ def answer_logprobs(lm, prompts, answers, pad_id, batch_size=128):
 def pretrained(sequences, config, pad_id, settings=SETTINGS, log=print, probe=None):
     """Path of the HF folder of `config`'s model pretrained on `sequences`; built once, then reused.
     probe(lm) -> dict of what the model knows, saved in the folder's pretrain.json and printed."""
-    from transformers import LlamaForCausalLM
     key = cache_key(sequences, config, settings)
     if shipped_key() == key:
         return SHIPPED
     path = os.path.join(CACHE, key)
     if os.path.exists(os.path.join(path, "pretrain.json")):
         return path
+    with build_lock(path, log):  # exactly one process builds it; the others wait here, then reuse it
+        if not os.path.exists(os.path.join(path, "pretrain.json")):
+            build(path, key, sequences, config, pad_id, settings, log, probe)
+    return path
+
+
+@contextlib.contextmanager
+def build_lock(path, log):
+    """Hold <path>.lock exclusively (fcntl.flock: released when the process exits, kill -9 included). A second
+    process that wants the same model says whose build it waits for, then blocks until it is done."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            log(f"[tiny_lm] another process (pid {f.read().strip() or '?'}) is pretraining {path}; waiting for it "
+                "to finish, then using its model")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build(path, key, sequences, config, pad_id, settings, log, probe):
+    """Pretrain and write the HF folder at `path` (through a temporary folder and one rename)."""
+    from transformers import LlamaForCausalLM
     n_tokens = sum(map(len, sequences))
     log(f"[tiny_lm] pretraining the tiny student on the world's text ({len(sequences)} texts, {n_tokens} tokens, "
         f"{settings['steps']} steps of {settings['batch_size']}); once, cached in {path}")
     torch.manual_seed(settings["seed"])
-    lm = LlamaForCausalLM(copy.deepcopy(config))  # building a model edits its config, which is part of the key
+    lm = LlamaForCausalLM(copy.deepcopy(config))  # building a model edits its config
     t0 = time.time()
     pretrain(lm, sequences, pad_id, settings, log)
-    info = {"key": key, "settings": settings, "texts": len(sequences), "tokens": n_tokens, "wall_s": round(time.time() - t0, 1),
-            "knowledge": probe(lm) if probe else None}
+    info = {"key": key, "settings": settings, "texts": len(sequences), "tokens": n_tokens,
+            "wall_s": round(time.time() - t0, 1), "knowledge": probe(lm) if probe else None}
     tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     lm.save_pretrained(tmp, safe_serialization=True)
@@ -141,14 +193,11 @@ def pretrained(sequences, config, pad_id, settings=SETTINGS, log=print, probe=No
         json.dump({"tokenizer": "bytes"}, f)
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
         json.dump(info, f, indent=1)
-    files.fsync_tree(tmp)
-    try:
-        files.replace(tmp, path)
-    except OSError:  # another process finished the same folder first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+    files.fsync_tree(tmp)  # on the disk before the rename: a power cut cannot leave a renamed, empty folder
+    shutil.rmtree(path, ignore_errors=True)  # a folder without pretrain.json is an interrupted build's
+    files.replace(tmp, path)
     if info["knowledge"]:
         log("[tiny_lm] what the pretrained student knows: " + json.dumps(info["knowledge"]))
-    return path
 
 
 def shipped_key():

@@ -30,6 +30,7 @@ import distributed
 import files
 import lora
 import report
+import recipe
 import tiny_lm
 from batches import (DataStats, check_data_file, collate, count_cuts, cut_warnings, epoch_batches, load_pairs,
                      to_device)
@@ -53,21 +54,23 @@ class TrainConfig:
     rejected_key: str = ""  # column holding the rejected answer ("" = rejected)
     holdout: int = 0  # also hold out the last N usable pairs of --data as the eval split "heldout"
     out: str = "out/train"  # where the model, checkpoints, log.jsonl and eval.json go; one run at a time; a folder with an earlier run in it is refused without --resume
-    model: str = "tiny"  # "tiny" (built-in, pretrained on the sim world), "tiny-scratch", or an HF folder/.gguf
+    model: str = ""  # the student: an HF folder, a Hub id, a .gguf file, or "tiny" (built-in, pretrained on the sim world)
     layers: int = 0  # keep only the first N transformer layers of the backbone (0 = all)
     head: str = "mlp"  # value head: "mlp" (dropout, Linear(H,1024), ReLU, Linear(1024,1)) or "linear"
     dropout: float = 0.1  # value-head dropout
-    loss: str = "mse"  # pairwise loss: mse (margin regression), bt-margin, bt
-    lm_weight: float = 0.1  # lambda of the LM term on the teacher answers (0 = off); 0.1 chosen on valid (README)
+    loss: str = recipe.RECIPE.loss  # pairwise loss: bt (the recipe), bt-margin, mse (margin regression)
+    lm_weight: float = recipe.RECIPE.lm_weight  # lambda of the LM term on the teacher answers (0 = off); the recipe's
     max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
-    batch_size: int = 16  # pairs per optimizer step, over all processes and micro-batches
+    batch_size: int = recipe.RECIPE.batch_size  # pairs per optimizer step, over all processes and micro-batches
     micro_batch: int = 0  # pairs per forward pass per process (0 = batch_size / processes)
-    lr: float = 1e-5  # peak learning rate (AdamW)
+    # peak learning rate (AdamW); 0 = the recipe's rule by the backbone's size (recipe.py): 0.001 below 10M parameters, 5e-05 below 1000M parameters, 1e-05 above
+    lr: float = 0.0
     min_lr: float = 0.0  # the cosine schedule decays to this
     weight_decay: float = 0.0  # AdamW weight decay (matrices only)
     warmup: float = 0.03  # fraction of steps with linear warm-up
-    epochs: int = 1  # passes over the data
-    max_steps: int = -1  # -1 = run --epochs; 0 = evaluate only (step-0 baseline); N = stop after N optimizer steps
+    epochs: int = recipe.RECIPE.epochs  # passes over the data (at least; see --min-steps)
+    min_steps: int = recipe.RECIPE.min_steps  # ...and at least this many optimizer steps: a small data set gets more passes
+    max_steps: int = -1  # -1 = max(--epochs passes, --min-steps); 0 = evaluate only (step-0 baseline); N = exactly N steps
     grad_clip: float = 1.0  # gradient-norm clipping (0 = off)
     seed: int = 1337  # model init, dropout and data order
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
@@ -96,9 +99,11 @@ def validate(cfg: TrainConfig):
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"error: --{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
-    if cfg.batch_size < 1 or cfg.max_len < 8 or cfg.lm_weight < 0 or cfg.max_steps < -1:
-        raise SystemExit("error: need --batch-size >= 1, --max-len >= 8, --lm-weight >= 0, --max-steps >= -1 "
-                         "(-1 = run --epochs, 0 = evaluate only)")
+    if (cfg.batch_size < 1 or cfg.max_len < 8 or cfg.lm_weight < 0 or cfg.max_steps < -1 or cfg.min_steps < 0
+            or cfg.lr < 0):
+        raise SystemExit("error: need --batch-size >= 1, --max-len >= 8, --lm-weight >= 0, --lr >= 0 (0 = the "
+                         "recipe's rule), --min-steps >= 0, --max-steps >= -1 (-1 = max(--epochs, --min-steps), 0 = "
+                         "evaluate only)")
     if cfg.lora_r < 0 or (cfg.lora_r and cfg.fsdp):
         raise SystemExit("error: need --lora-r >= 0 (0 = off); LoRA with --fsdp is not supported (the adapters "
                          "are merged into unsharded weights at the end): drop --fsdp or --lora-r")
@@ -108,6 +113,10 @@ def validate(cfg: TrainConfig):
                           ("eval-data", [s.rpartition("=")[2] for s in filter(None, cfg.eval_data.split(","))])):
         for path in paths:
             check_data_file(option, path)
+    if not cfg.model:
+        raise SystemExit("error: --model is empty: give the student, a Hugging Face id (e.g. "
+                         "--model=HuggingFaceTB/SmolLM2-135M-Instruct), a model folder, a .gguf file, or --model=tiny "
+                         "for the built-in toy student (pretrained on the simulated world only)")
     check_model(cfg.model)
     pick_device(cfg.device)
     if cfg.resume:
@@ -169,12 +178,24 @@ def check_resume(cfg):
 # one step
 
 
-def lr_at(step, total, cfg):
+def lr_at(step, total, peak, cfg):
+    """Linear warm-up to `peak` over --warmup of the steps, then cosine down to --min-lr."""
     warmup = max(1, round(cfg.warmup * total)) if cfg.warmup > 0 else 0
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def peak_lr(cfg, model, log):
+    """--lr, or with --lr=0 the recipe's rule by the backbone's parameter count (recipe.lr_for), said in the log."""
+    if cfg.lr > 0:
+        return cfg.lr
+    parameters = sum(p.numel() for p in model.lm.parameters())
+    lr = recipe.lr_for(parameters)
+    log(f"lr {lr:g}: the recipe's rule for a backbone of {parameters / 1e6:.1f}M parameters ({recipe.lr_rule_text()}; "
+        "--lr to choose another)")
+    return lr
 
 
 def step_loss(model, batch, cfg, pairs_in_step, lm_tokens_in_step, lm_loss=linear_cross_entropy):
@@ -241,6 +262,7 @@ class Run:
     steps_per_epoch: int
     total: int  # optimizer steps of the whole run
     log: object  # print on rank 0, silent elsewhere
+    lr: float  # the peak learning rate (--lr, or the recipe's rule)
     tracker: object = None  # --report-to's experiment tracker (rank 0), see open_tracker
 
 
@@ -296,7 +318,7 @@ def plan_steps(cfg, pairs, world, log):
                          f"({micro} x {world})")
     accum = cfg.batch_size // (micro * world)
     steps_per_epoch = pairs // cfg.batch_size
-    total = cfg.max_steps if cfg.max_steps >= 0 else cfg.epochs * steps_per_epoch
+    total = cfg.max_steps if cfg.max_steps >= 0 else recipe.total_steps(steps_per_epoch, cfg.epochs, cfg.min_steps)
     if steps_per_epoch == 0 and total:
         raise SystemExit(f"error: {pairs} usable pairs is fewer than one batch of {cfg.batch_size}: pass "
                          f"--batch-size={pairs} or less (or more data)")
@@ -309,12 +331,12 @@ def plan_steps(cfg, pairs, world, log):
     return micro, accum, steps_per_epoch, total
 
 
-def build_optimizer(model, cfg, cuda, sharded):
+def build_optimizer(model, cfg, lr, cuda, sharded):
     """AdamW over the trained parameters (LoRA freezes the backbone's); weight decay on matrices only."""
     decay = [p for p in model.parameters() if p.dim() >= 2 and p.requires_grad]
     no_decay = [p for p in model.parameters() if p.dim() < 2 and p.requires_grad]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
                              fused=True if not sharded else (cuda or None))  # fused: 4x faster step on CPU too
 
 
@@ -336,9 +358,10 @@ def set_up(cfg):
     sharded = cfg.fsdp and world > 1
     if sharded:  # before the optimizer is built: its parameters are the shards
         distributed.shard(model, bf16=cuda and dtype == "bfloat16")
-    optimizer = build_optimizer(model, cfg, cuda, sharded)
+    lr = peak_lr(cfg, model, log)
+    optimizer = build_optimizer(model, cfg, lr, cuda, sharded)
     return Run(model, model, optimizer, rank, world, device, autocast, sharded, use_lm, examples, stats, eval_sets,
-               eval_stats, micro, accum, steps_per_epoch, total, log, tracker)
+               eval_stats, micro, accum, steps_per_epoch, total, log, lr, tracker)
 
 
 def resume(cfg, run):
@@ -474,7 +497,7 @@ def train_step(cfg, run, step):
     lm_tokens = sum(len(ex.teacher[1]) for ex in step_examples if ex.teacher) if run.use_lm else 0
     mine = step_examples[run.rank * run.micro * run.accum:(run.rank + 1) * run.micro * run.accum]
     for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(step, run.total, cfg)
+        group["lr"] = lr_at(step, run.total, run.lr, cfg)
     totals = torch.zeros(4, dtype=torch.float64, device=run.device)  # pair loss, lm loss, correct, pairs
     tokens = slots = 0
     for k in range(run.accum):

@@ -62,7 +62,7 @@ def train_cfg(tmp_path, data, **kw):
     """A few-second training run of the tiny random student."""
     import train
     base = dict(data=data, out=str(tmp_path / "out"), model="tiny-scratch", max_len=128, batch_size=8, lr=1e-3,
-                warmup=0.1, log_interval=1, seed=3)
+                min_steps=0, warmup=0.1, log_interval=1, seed=3)
     base.update(kw)
     return train.TrainConfig(**base)
 

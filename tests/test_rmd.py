@@ -455,21 +455,20 @@ def one_line_error(argv):
     return message
 
 
-def test_readme_lists_every_option_of_every_command():
-    """Each command's options are in a README table row (the --help text is generated; the README is not)."""
-    import re
-
+def test_options_md_is_every_commands_help_as_printed():
+    """OPTIONS.md is generated from --help (`python rmd.py options > OPTIONS.md`): a new or changed option without
+    regenerating it fails here, and every command's every option is in it."""
     import distill
     import serve
     import sim_server
-    with open(os.path.join(ROOT, "README.md")) as f:
-        in_tables = set(re.findall(r"^\|[^\n]*?`(--[\w-]+)`", f.read(), re.M))
-    configs = {"train": train.TrainConfig, "distill": distill.DistillConfig, "eval": evaluation.EvalConfig,
+    with open(os.path.join(ROOT, "OPTIONS.md")) as f:
+        assert f.read() == rmd.options_markdown(), "OPTIONS.md is stale: run `python rmd.py options > OPTIONS.md`"
+    configs = {"distill": distill.DistillConfig, "train": train.TrainConfig, "eval": evaluation.EvalConfig,
                "bon": evaluation.BonConfig, "serve": serve.ServeConfig, "teacher-sim": sim_server.SimConfig}
-    missing = {command: flags for command, config in configs.items()
-               if (flags := [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(config)
-                             if f"--{f.name.replace('_', '-')}" not in in_tables])}
-    assert not missing, f"README.md has no table row for {missing}"
+    sections = rmd.options_markdown().split("## `python rmd.py ")[1:]
+    assert [part.split("`")[0] for part in sections] == list(configs)
+    for part, config in zip(sections, configs.values()):
+        assert all(f"  --{f.name.replace('_', '-')} " in part for f in dataclasses.fields(config))
 
 
 def test_every_command_has_help_generated_from_its_config(capsys):
@@ -511,15 +510,16 @@ def test_ordinary_mistakes_are_one_line_errors_in_every_command(tmp_path):
     wizard = write_jsonl(tmp_path / "wizard.jsonl", [{**easy_rows(1)[0], "prompt": [
         {"role": "wizard", "content": "hi"}, {"role": "user", "content": "q"}]}])
     (tmp_path / "empty_model").mkdir()
-    out = f"--out={tmp_path / 'o'}"
+    out, tiny = f"--out={tmp_path / 'o'}", "--model=tiny-scratch"
     cases = [
         (["train", "--data=nope.jsonl"], "--data=nope.jsonl: no such file"),
         (["train", f"--data={tmp_path}"], "is a folder"),
-        (["train", f"--data={bad}", "--loss=bt", out], "bad.jsonl:2: missing field 'rejected'"),
-        (["train", f"--data={wizard}", out], "wizard.jsonl:1: prompt[0] has role 'wizard'"),
+        (["train", f"--data={good}", out], "--model is empty: give the student, a Hugging Face id"),
+        (["train", f"--data={bad}", "--loss=bt", out, tiny], "bad.jsonl:2: missing field 'rejected'"),
+        (["train", f"--data={wizard}", out, tiny], "wizard.jsonl:1: prompt[0] has role 'wizard'"),
         (["train", f"--data={good}", f"--model={tmp_path / 'empty_model'}"], "holds no model"),
         (["train", f"--data={good}", f"--model={tmp_path / 'x.gguf'}"], "no such .gguf file"),
-        (["train", f"--data={good}", "--device=gpu"], "is not a device"),
+        (["train", f"--data={good}", "--device=gpu", tiny], "is not a device"),
         (["eval", f"--model={tmp_path / 'empty_model'}", f"--data={good}"], "not an rmd reward-model folder"),
         (["bon", f"--model={tmp_path / 'nope'}", f"--data={good}"], "no such folder"),
         (["serve", "--model="], "needs --model"),
@@ -533,7 +533,7 @@ def test_ordinary_mistakes_are_one_line_errors_in_every_command(tmp_path):
           "--teacher-url=http://127.0.0.1:9/v1", "--teacher-model=m", out], "p.jsonl:1: 1 row(s) are bare prompts"),
     ]
     if not torch.cuda.is_available():
-        cases += [(["train", f"--data={good}", "--device=cuda"], "CUDA is not available"),
+        cases += [(["train", f"--data={good}", "--device=cuda", tiny], "CUDA is not available"),
                   (["eval", f"--model={tmp_path}", f"--data={good}", "--device=cuda"], "CUDA is not available")]
     for argv, expected in cases:
         assert expected in one_line_error(argv), argv
@@ -654,40 +654,6 @@ def test_train_reads_json_arrays_and_trl_preference_formats(tmp_path):
     path.write_text("[\n" + json.dumps(rows[0]) + ",\n" + json.dumps({"prompt": "p", "chosen": "a"}) + "\n]")
     with pytest.raises(formats.DataError, match=r"d.json:3: missing field 'rejected'"):
         batches.load_pairs(str(path), ByteTokenizer(), 128)
-
-
-# ------------------------------------------------------------------------------------------------ the tiny student
-
-
-def test_shipped_tiny_student_is_the_one_the_code_would_build():
-    """data/tiny-world-lm is used only if its key matches: a change to the world's text, the rendering or the
-    pretraining settings must come with `python tiny_lm.py` (or every first run pretrains for minutes)."""
-    import sim
-    tok = ByteTokenizer()
-    sequences = tiny_lm.world_sequences(tok, sim.world_corpus(sim.WorldConfig()))
-    assert tiny_lm.cache_key(sequences, tiny_lm.tiny_config(tok, 1024), tiny_lm.SETTINGS) == tiny_lm.shipped_key()
-    info = json.load(open(os.path.join(tiny_lm.SHIPPED, "pretrain.json")))
-    assert info["knowledge"]["correct_beats_wrong_same_style"]["all"] >= 0.9
-    lm, tokenizer = tiny_lm.load_tiny("tiny", 0, 256)
-    assert isinstance(tokenizer, ByteTokenizer) and lm.config.num_hidden_layers == 4
-
-
-def test_tiny_pretraining_is_cached_by_what_determines_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(tiny_lm, "CACHE", str(tmp_path))
-    tok = ByteTokenizer()
-    sequences = tiny_lm.world_sequences(tok, [("What is 1 + 1?", "2"), ("What is 2 + 2?", "2 + 2 = 4.")])
-    config = tiny_lm.tiny_config(tok, 1024)
-    settings = dict(tiny_lm.SETTINGS, steps=2, batch_size=2, warmup=1)
-    path = tiny_lm.pretrained(sequences, config, tok.pad_token_id, settings, log=lambda *a: None,
-                              probe=lambda lm: {"probed": True})
-    info = json.load(open(os.path.join(path, "pretrain.json")))
-    assert info["knowledge"] == {"probed": True} and info["key"] == os.path.basename(path)
-    lm, tokenizer = load_backbone(path, 0, 2048)  # a byte-tokenizer folder; positions grow to max_len
-    assert isinstance(tokenizer, ByteTokenizer) and lm.config.max_position_embeddings == 2048
-    monkeypatch.setattr(tiny_lm, "pretrain", lambda *a, **k: pytest.fail("pretrained twice"))
-    assert tiny_lm.pretrained(sequences, config, tok.pad_token_id, settings, log=lambda *a: None) == path
-    other = dict(settings, lr=1e-4)
-    assert tiny_lm.cache_key(sequences, config, other) != tiny_lm.cache_key(sequences, config, settings)
 
 
 def test_margin_zero_pairs_need_the_mse_loss(tmp_path):
