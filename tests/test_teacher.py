@@ -18,6 +18,7 @@ import formats
 import protocol
 import teacher
 from asker import cache_key
+from conftest import ROOT
 from fault_server import EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep, status
 from protocol import ParseError, parse_annotation, parse_refinement, parse_score, tagged
 
@@ -679,6 +680,47 @@ def test_an_empty_file_becomes_a_cache(tmp_path):
     path.write_text("")
     teacher.Cache(str(path)).close()
     assert json.loads(path.read_text()) == teacher.CACHE_HEADER
+
+
+def wait_for_lock(out, proc):
+    """Until `proc` holds the lock on `out` (its PID in the lock file) -> the lock file's record."""
+    import files
+    path = os.path.join(out, files.LOCK_NAME)
+    while proc.poll() is None:
+        try:
+            with open(path) as f:
+                holder = json.load(f)
+            if holder["pid"] == proc.pid:
+                return holder
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"exited with {proc.returncode} before taking the lock")
+
+
+def test_a_second_distill_on_one_out_is_refused_while_the_first_goes_on(tmp_path):
+    import subprocess
+    rows = [{"id": f"r{i}", "prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(12)]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "out")
+    with FaultServer(latency=0.05) as server:
+        argv = ["distill", f"--data={data}", f"--out={out}", f"--teacher-url={server.url}", "--teacher-model=t",
+                "--workers=2", "--json-mode=off", "--progress=false"]
+        first = subprocess.Popen([sys.executable, os.path.join(ROOT, "rmd.py"), *argv],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_lock(out, first)
+        second = subprocess.run([sys.executable, os.path.join(ROOT, "rmd.py"), *argv], capture_output=True,
+                                text=True)
+        assert first.poll() is None  # the first is still at work
+        assert second.returncode == 1 and second.stderr.startswith(f"error: {out} is in use by another run (PID "
+                                                                   f"{first.pid}, rmd distill started")
+        assert len(second.stderr.strip().splitlines()) == 1
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err[-2000:]
+        keys = [cache_key(b) for b in server.bodies]
+    assert len(keys) == len(set(keys))  # nothing was sent twice: the second run sent nothing
+    assert len((tmp_path / "out" / "train.jsonl").read_text().splitlines()) >= 12
 
 
 def test_rate_limit_is_respected(tmp_path):
