@@ -160,8 +160,8 @@ def rename_columns(row, keys, where):
 
 
 def read_jsonl_rows(path, keys=None):
-    """Yield (line_no, obj) for each row of a data file: JSONL (.jsonl, .jsonl.gz: one object per non-blank line),
-    one JSON array (line_no = the line its element starts on), Parquet or a Hub dataset `hf:owner/name[:split]`
+    """Yield (line_no, obj) for each row of a data file: JSONL (.jsonl, .jsonl.gz: one object per non-blank line,
+    always), one JSON array (another name, .json, starting with '['; line_no = the line its element starts on), Parquet or a Hub dataset `hf:owner/name[:split]`
     (line_no = the row number). UTF-8 with or without a BOM, LF or CRLF. Anything else, or a row that is not a JSON
     object, is a `file:line` ValueError. `keys` ({field: column}, see column_keys) renames columns."""
     problem = source_problem(path)  # a folder, a missing file, a bad Hub spec: one check, one message everywhere
@@ -174,7 +174,8 @@ def read_jsonl_rows(path, keys=None):
     else:
         lines = list(_lines(path))
         first = next((t.lstrip() for _, t in lines if t.strip()), "")
-        numbered = _json_array_rows(path, lines) if first.startswith("[") else _jsonl_rows(path, lines)
+        array = first.startswith("[") and not path.endswith((".jsonl", ".jsonl.gz"))  # JSONL whatever its first line
+        numbered = _json_array_rows(path, lines) if array else _jsonl_rows(path, lines)
     for line_no, obj in numbered:
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
@@ -379,6 +380,9 @@ def as_messages(prompt, where):
 
 
 def number(row, key, where):
+    if key not in row:
+        raise DataError(f"{where}: missing field '{key}' (a score needs its pair: give chosen_score and "
+                        "rejected_score, or margin)")
     value = row[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DataError(f"{where}: field '{key}' must be a finite number, got {value!r}")

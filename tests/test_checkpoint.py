@@ -198,14 +198,19 @@ def test_a_second_train_on_one_out_is_refused_while_the_first_goes_on(tmp_path):
     first = subprocess.Popen([sys.executable, "-c", PAUSED_TRAIN.format(root=ROOT, go=go), json.dumps(vars(cfg))],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lock = os.path.join(cfg.out, "rmd.lock")
-    while first.poll() is None and not (os.path.exists(lock) and f'"pid": {first.pid}' in open(lock).read()):
-        time.sleep(0.01)
-    with pytest.raises(ValueError) as e:  # files.FolderBusy; `rmd.py train` says it as one `error:` line
-        train.train(cfg)
-    assert first.poll() is None  # refused while the first is at work
-    assert str(e.value).startswith(f"{cfg.out} is in use by another run (PID {first.pid}, rmd train started")
-    open(go, "w").close()
-    output, _ = first.communicate(timeout=600)
+    try:
+        while first.poll() is None and not (os.path.exists(lock) and f'"pid": {first.pid}' in open(lock).read()):
+            time.sleep(0.01)
+        with pytest.raises(ValueError) as e:  # files.FolderBusy; `rmd.py train` says it as one `error:` line
+            train.train(cfg)
+        assert first.poll() is None  # refused while the first is at work
+        assert str(e.value).startswith(f"{cfg.out} is in use by another run (PID {first.pid}, rmd train started")
+        open(go, "w").close()
+        output, _ = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
     assert first.returncode == 0, output[-2000:]
     assert [s for s, *_ in log_losses(cfg.out)] == [1, 2, 3]  # one history, the first's
 
