@@ -61,7 +61,7 @@ class DistillConfig:
     api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key (the key itself is never stored)
     candidate_urls: str = ""            # comma-separated, for bare prompts; "" = teacher_url; one URL serves all models
     candidate_models: str = ""          # comma-separated candidate models; two are drawn per prompt (seeded)
-    candidate_api_key_env: str = ""     # "" = api_key_env
+    candidate_api_key_env: str = ""     # env var of the key for --candidate-urls; "" = the teacher's key only where a candidate URL is --teacher-url, no key elsewhere
     workers: int = 8                    # most requests in flight at once
     rpm: int = 0                        # requests per minute limit, 0 = unlimited
     tpm: int = 0                        # tokens per minute limit (prompt estimate + max tokens), 0 = unlimited
@@ -422,6 +422,10 @@ def _say_start(cfg, run, rows):
           f"retries {cfg.max_retries} (backoff {cfg.backoff_base}s..{cfg.backoff_max}s), "
           f"token estimates: {token_estimator_name()}, cache {run.asker.cache.path} "
           f"({len(run.asker.cache.entries)} entries)", file=sys.stderr)
+    keyless = sorted({client.url for _, client in run.asker.candidates if not client.api_key})
+    if keyless and not cfg.candidate_api_key_env:
+        print(f"[distill] candidate URL(s) {', '.join(keyless)} get no API key (the teacher's goes to the teacher's "
+              "URL only): pass --candidate-api-key-env=VAR to send one", file=sys.stderr)
 
 
 def _run_rows(run, rows):

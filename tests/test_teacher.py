@@ -602,6 +602,33 @@ def test_fatal_http_errors_stop_the_run(tmp_path):
             run_rows(server, [PAIR] * 1, tmp_path)
 
 
+def test_the_teacher_key_goes_to_candidate_urls_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("RMD_TEST_KEY", "sk-teacher")
+    monkeypatch.setenv("RMD_CANDIDATE_KEY", "sk-candidate")
+    sent = []
+    orig = teacher.Client.post
+
+    def spy(self, body, **kw):
+        sent.append((self.url, self.api_key))
+        return orig(self, body, **kw)
+    monkeypatch.setattr(teacher.Client, "post", spy)
+    bare = [{"id": "bare", "prompt": "tell me"}]
+    with FaultServer() as server, FaultServer() as other:
+        mine, theirs = teacher.chat_url(server.url), teacher.chat_url(other.url)
+        for name, overrides, keys in [
+                ("default", {"candidate_urls": other.url}, {mine: {"sk-teacher"}, theirs: {""}}),  # theirs: sk-teacher
+                ("explicit", {"candidate_urls": other.url, "candidate_api_key_env": "RMD_CANDIDATE_KEY"},
+                 {mine: {"sk-teacher"}, theirs: {"sk-candidate"}}),
+                ("the teacher's url", {"candidate_urls": server.url}, {mine: {"sk-teacher"}})]:
+            sent.clear()
+            run_rows(server, bare, tmp_path / name, api_key_env="RMD_TEST_KEY", candidate_models="cand-a,cand-b",
+                     **overrides)
+            by_url = {}
+            for url, key in sent:
+                by_url.setdefault(url, set()).add(key)
+            assert by_url == keys, name
+
+
 def test_api_key_is_sent_but_never_stored(tmp_path, monkeypatch):
     monkeypatch.setenv("RMD_TEST_KEY", "sk-secret-123")
     seen = []
