@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict
 
 from protocol import (PROBE_TEXT, REASK_LENGTH_NOTE, REASK_TEMPLATE, TEMPLATE_VERSION, ParseError, check_answer,
-                      strip_reasoning)
+                      is_refusal, strip_reasoning)
 from teacher import (RETRY_STATUS, Cache, Client, FatalError, RateLimiter, Reply, TransportError, bounded, chat_url,
                      reply_problem, request_key)
 
@@ -38,6 +38,9 @@ def _unsupported(status, text):
     """A server's definite "response_format is not supported" (llama.cpp answers 500 with such a body)."""
     return status in (400, 422) or (status == 500 and bool(
         re.search(r"response_format|json_object|json_schema|not supported|unsupported", text or "", re.I)))
+
+
+ANSWER_STAGES = ("generate", "candidates")  # a model's own answer to the prompt: a refusal is an answer there
 
 
 def _split(csv):
@@ -78,7 +81,9 @@ class Asker:
                              "or one per model")
         clients = {u: client(u, candidate_key_env(cfg, u)) for u in set(urls)}
         self.candidates = [(m, clients[urls[k % len(urls)]]) for k, m in enumerate(models)]
+        self.clients = [self.teacher, *clients.values()]
         self.stats = {s: {"sent": 0, "replies": 0, "cache_hits": 0, "reasks": 0, "recovered": 0, "failures": {},
+                          "refusals": 0, "request_s": 0.0,
                           "prompt_tokens": 0, "completion_tokens": 0, "first": None, "last": None}
                       for s in ("probe", *stages)}
         self.row_local = threading.local()  # re-asks of the row this thread is working on
@@ -96,6 +101,10 @@ class Asker:
             body["chat_template_kwargs"] = {"enable_thinking": False}
         return body
 
+    def in_flight(self):
+        """Requests sent and not yet answered (not rows waiting, not requests queued for a slot or backing off)."""
+        return sum(c.in_flight for c in self.clients)
+
     def count(self, stage, **add):
         with self.lock:
             st, now = self.stats[stage], time.time()
@@ -109,32 +118,38 @@ class Asker:
             failures = self.stats[stage]["failures"]
             failures[reason] = failures.get(reason, 0) + 1
 
-    def request(self, stage, client, body, **post_kw):
-        """(Reply, HTTP attempts) for `body`: from the cache, or posted once (Cache.fetch) and counted."""
+    def request(self, stage, client, body, audit=None, **post_kw):
+        """(Reply, HTTP attempts) for `body`: from the cache, or posted once (Cache.fetch) and counted. The cache
+        entry keeps, beside the reply, `audit` (what the request was for: row, order, re-ask) and the stage, so
+        that what the teacher said to which question can be read back; a key shared by two rows names the first."""
         def send():
             if self.stop.is_set():
                 raise FatalError("run stopped")
             self.count(stage)
+            timing = []
             try:
-                reply, attempts = client.post(body, **post_kw)
+                reply, attempts = client.post(body, timing=timing, **post_kw)
             except TransportError as e:
-                self.count(stage, sent=e.attempts)
+                self.count(stage, sent=e.attempts, request_s=sum(timing))
                 raise
             self.count(stage, sent=attempts, replies=1, prompt_tokens=reply.usage.get("prompt_tokens", 0),
-                       completion_tokens=reply.usage.get("completion_tokens", 0))
-            return {"stage": stage, "attempts": attempts, "reply": asdict(reply)}
+                       completion_tokens=reply.usage.get("completion_tokens", 0), request_s=sum(timing))
+            return {"stage": stage, **(audit or {}), "attempts": attempts, "seconds": round(sum(timing), 3),
+                    "reply": asdict(reply)}
         entry, cached = self.cache.fetch(cache_key(body), send)
         if cached:
             self.count(stage, cache_hits=1)
         return Reply(**entry["reply"]), entry.get("attempts", 1)  # as first obtained: the same failures.jsonl
 
-    def ask(self, stage, client, body, parse=None, *args):
+    def ask(self, stage, client, body, parse=None, *args, order=None):
         """(parse(text, *args), text) for a stage's request, text with the reasoning removed. A reply that is no
         answer, or that `parse` rejects with ParseError, is re-asked up to cfg.reask times (see reask_body), each
         attempt cached; the last failure is a RowFailure carrying every reply. HTTP-level failures were already
-        retried by the client: they fail at once. `parse` None: the text only has to be an answer (check_answer
-        for generations)."""
+        retried by the client: they fail at once. `parse` None: the text only has to be an answer; for
+        ANSWER_STAGES the value is (answer, refused): a refusal is the model's answer, counted, never re-asked.
+        `order` (annotate: a_first/b_first; restyle: chosen/rejected) goes into the cache entry with the row."""
         replies, sent, request = [], 0, body
+        audit = {"row": getattr(self.row_local, "row", None), **({"order": order} if order else {})}
         budget = self.cfg.reask + (self.cfg.reask + 1 if self.cfg.retry_failed else 0)
         for k in range(budget + 1):
             if k:
@@ -143,9 +158,10 @@ class Asker:
                 row_reasks = getattr(self.row_local, "reasks", {})
                 row_reasks[stage] = row_reasks.get(stage, 0) + 1
             try:
-                reply, attempts = self.request(stage, client, request)
+                reply, attempts = self.request(stage, client, request, {**audit, **({"reask": k} if k else {})})
             except TransportError as e:
-                raise RowFailure(stage, e.reason, e.raw, sent + e.attempts, replies=replies or None) from None
+                raw = self.timeout_note(body, e.attempts) if e.reason == "timeout" else e.raw
+                raise RowFailure(stage, e.reason, raw, sent + e.attempts, replies=replies or None) from None
             sent += attempts
             text = strip_reasoning(reply.content)
             try:
@@ -154,22 +170,56 @@ class Asker:
                 replies.append({"reason": e.reason, "detail": bounded(str(e), 300),
                                 "chars": reply.content_chars or len(reply.content),
                                 "text": bounded(reply.content or reply.refusal)})
+                if e.final:
+                    break
                 continue
             if k:
                 self.count(stage, recovered=1)
+            if stage in ANSWER_STAGES and value[1]:
+                self.count(stage, refusals=1)
             return value, text
         last = replies[-1]
         raise RowFailure(stage, last["reason"], last["text"], sent, replies=replies)
 
     @staticmethod
     def _read(stage, reply, text, parse, *args):
-        """What a reply says, or ParseError: why it is no answer."""
+        """What a reply says, or ParseError: why it is no answer. For ANSWER_STAGES: (answer, refused), where a
+        refusal (the text, the API's refusal field, a content filter) is the answer; only a refusal with no text
+        at all is a failure, and a final one (asking again would only press the model to comply)."""
         problem = reply_problem(reply) or (None if text else "empty_reply")  # reasoning alone is no answer either
+        if stage in ANSWER_STAGES and problem == "refusal":
+            answer = text or strip_reasoning(reply.refusal)
+            if not answer:
+                raise ParseError("refusal", "a refusal with no text", final=True)
+            return answer, True
         if problem:
             raise ParseError(problem, "cut at the token limit" if problem == "length" else "")
-        if parse:
+        if stage in ANSWER_STAGES:
+            return check_answer(text), is_refusal(text)
+        if not parse:
+            return text
+        try:
             return parse(text, *args)
-        return check_answer(text, refusals=stage == "candidates") if stage in ("generate", "candidates") else text
+        except ParseError as e:
+            if is_refusal(text):  # the one refusal rule names the reason at every stage
+                raise ParseError("refusal", str(e)) from None
+            raise
+
+    def tokens_per_second(self):
+        """Completion tokens per second of request time so far, all stages (None before any reply)."""
+        with self.lock:
+            tokens = sum(st["completion_tokens"] for st in self.stats.values())
+            seconds = sum(st["request_s"] for st in self.stats.values())
+        return tokens / seconds if tokens and seconds else None
+
+    def timeout_note(self, body, attempts):
+        """Why a request timed out, and what to change: a slow teacher (a local CPU server at a few tokens/s) may
+        need more than --timeout seconds for max_tokens tokens; asking again would only time out again."""
+        rate, cap = self.tokens_per_second(), body.get("max_tokens", 0)
+        need = f"; at the {rate:.1f} tokens/s measured so far, {cap} tokens take ~{cap / rate:.0f}s" if rate else ""
+        return (f"no complete reply within --timeout={self.cfg.timeout:g}s ({attempts} attempt(s)){need}: raise "
+                f"--timeout, or lower this stage's max tokens (--gen-/--annotate-/--refine-/--score-max-tokens), or "
+                f"--workers if the server answers one request at a time")
 
     def reask_body(self, stage, body, replies, k):
         """The k-th re-ask of `body`: a request that differs, so that a deterministic server does not repeat

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from formats import DataError, parse_row, read_jsonl_rows, source_problem
-from model import CutCounts, answer_ids, encode, fit, render_prompt
+from model import CutCounts, answer_ids, encode, fit, layout_cost, render_prompt
 
 MOST_PROMPT_LOST_WARN = 0.10  # warn when more than this share of sequences keep under half of their prompt
 
@@ -131,17 +131,15 @@ def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teache
 # ----------------------------------------------------------------------------------------------------------------
 # batching: examples -> packed bins
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# batching: examples -> packed bins
+LAYOUTS = ("separate", "shared", "auto")  # collate's layout of a pair's rows, see collate
 
 
-def pack(sequences, bin_len):
-    """First-fit-decreasing packing of sequences into bins of bin_len tokens. Returns a list of bins (index lists)."""
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+def pack(lengths, bin_len):
+    """First-fit-decreasing packing of sequences (their lengths) into bins of bin_len tokens -> bins (index lists)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     bins, space = [], []
     for i in order:
-        n = len(sequences[i])
+        n = lengths[i]
         slot = next((b for b in range(len(bins)) if space[b] >= n), None)
         if slot is None:
             bins.append([]), space.append(bin_len)
@@ -151,14 +149,14 @@ def pack(sequences, bin_len):
     return bins
 
 
-def pack_tightly(sequences, target_padding=0.05):
+def pack_tightly(lengths, target_padding=0.05):
     """Bins as long as the longest sequence keep attention as cheap as plain padding; when that leaves more than
     target_padding of the slots empty, longer bins (up to 2x) fill better. Shortest bins that reach the target win."""
-    longest, total = max(map(len, sequences)), sum(map(len, sequences))
+    longest, total = max(lengths), sum(lengths)
     best = None
     for scale in (1 + k / 16 for k in range(17)):
-        bins = pack(sequences, int(longest * scale))
-        padding = 1 - total / (len(bins) * max(sum(len(sequences[i]) for i in b) for b in bins))
+        bins = pack(lengths, int(longest * scale))
+        padding = 1 - total / (len(bins) * max(sum(lengths[i] for i in b) for b in bins))
         if best is None or padding < best[0]:
             best = (padding, bins)
         if padding <= target_padding:
@@ -167,53 +165,126 @@ def pack_tightly(sequences, target_padding=0.05):
 
 
 @dataclass
+class Group:
+    """One packed sequence: a prompt written once, then answers that each see that prompt and themselves only.
+    An empty prompt makes it one plain sequence (answers[0] then holds prompt + answer). roles[k]: ("chosen" |
+    "rejected" | "teacher", example index) of answers[k]; lm_starts[k]: where a teacher answer's LM target starts
+    in answers[k] (0 when it follows the shared prompt directly)."""
+    prompt: list
+    answers: list
+    roles: list
+    lm_starts: list
+
+    def __len__(self):
+        return len(self.prompt) + sum(map(len, self.answers))
+
+
+def pair_groups(examples, use_lm, share):
+    """The sequences of a micro-batch as Groups -> (groups, pairs that fell back to separate rows). share: a pair
+    whose chosen and rejected rows kept the same prompt after cutting gets one Group (its teacher answer joins it
+    when its prompt was cut the same way too); a pair whose rows were cut differently keeps separate rows."""
+    groups, fell_back, alone = [], 0, []
+    for e, ex in enumerate(examples):
+        teacher = ex.teacher if use_lm and ex.teacher is not None else None
+        if share and ex.prompt[0] == ex.prompt[1]:
+            group = Group(ex.prompt[0], [ex.chosen, ex.rejected], [("chosen", e), ("rejected", e)], [None, None])
+            if teacher is not None and teacher[0] == ex.prompt[0]:
+                group.answers.append(teacher[1]), group.roles.append(("teacher", e)), group.lm_starts.append(0)
+                teacher = None
+            groups.append(group)
+        else:
+            fell_back += share
+            groups += [Group([], [ex.prompt[0] + ex.chosen], [("chosen", e)], [None]),
+                       Group([], [ex.prompt[1] + ex.rejected], [("rejected", e)], [None])]
+        if teacher is not None:
+            alone.append(Group([], [teacher[0] + teacher[1]], [("teacher", e)], [len(teacher[0])]))
+    return groups + alone, fell_back
+
+
+def bins_cost(lengths, bins, key_cost):
+    """model.layout_cost of packed bins (each as long as the longest)."""
+    return layout_cost(len(bins), max(sum(lengths[i] for i in b) for b in bins), key_cost)
+
+
+@dataclass
 class Batch:
     input_ids: torch.Tensor  # [bins, bin_len]
-    position_ids: torch.Tensor  # restart at 0 for every packed sequence (block-diagonal attention)
+    position_ids: torch.Tensor  # each sequence from 0; a shared prompt's answers all continue from its end
     last: torch.Tensor  # flat index of each reward row's last token: chosen rows, then rejected rows
     lm_index: torch.Tensor  # flat indices of positions that predict a teacher-answer token
     lm_target: torch.Tensor  # the teacher-answer tokens they predict
     margins: torch.Tensor | None
     n_pairs: int
-    real_tokens: int
+    real_tokens: int  # tokens computed (a shared prompt counts once), padding not included
+    # the shared layout (None: separate rows, whose block-diagonal attention transformers reads off position_ids):
+    sequence_ids: torch.Tensor | None = None  # [bins, bin_len]: which packed sequence a slot belongs to
+    branch_ids: torch.Tensor | None = None  # 0: a shared prompt (or a plain sequence), k: the k-th answer after it
+    shared_pairs: int = 0  # pairs whose prompt was computed once
+    separate_pairs: int = 0  # pairs that sharing was asked for but whose rows were cut to different prompts
 
 
-def collate(examples, pad_id, use_lm, with_margins):
-    """One forward pass worth of examples: chosen, rejected and teacher-answer rows packed together."""
-    sequences, lm_starts = [], {}
-    for ex in examples:
-        sequences += [ex.prompt[0] + ex.chosen, ex.prompt[1] + ex.rejected]
-    for ex in examples if use_lm else []:
-        if ex.teacher is not None:
-            lm_starts[len(sequences)] = len(ex.teacher[0])
-            sequences.append(ex.teacher[0] + ex.teacher[1])
-    bins = pack_tightly(sequences)
-    bin_len = max(sum(len(sequences[i]) for i in b) for b in bins)
-    input_ids = torch.full((len(bins), bin_len), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((len(bins), bin_len), dtype=torch.long)
-    last, lm_index, lm_target = [0] * (2 * len(examples)), [], []
-    for b, members in enumerate(bins):
-        offset = 0
-        for i in members:
-            ids = sequences[i]
-            input_ids[b, offset:offset + len(ids)] = torch.tensor(ids)
-            position_ids[b, offset:offset + len(ids)] = torch.arange(len(ids))
-            flat = b * bin_len + offset
-            if i < 2 * len(examples):  # chosen row of example e is 2e, rejected 2e+1
-                last[i // 2 + (len(examples) if i % 2 else 0)] = flat + len(ids) - 1
-            else:  # position t predicts token t+1: the answer tokens from lm_starts[i] on
-                start = lm_starts[i]
-                lm_index.extend(range(flat + start - 1, flat + len(ids) - 1))
-                lm_target.extend(ids[start:])
-            offset += len(ids)
-        # trailing padding: one more "sequence" of its own, invisible to the others
-        position_ids[b, offset:] = torch.arange(bin_len - offset)
-    margins = None
+def collate(examples, pad_id, use_lm, with_margins, layout="separate", key_cost=0.0):
+    """One forward pass worth of examples: chosen, rejected and teacher-answer rows packed into bins.
+
+    layout "separate": every row a sequence of its own, with its copy of the prompt (block-diagonal attention).
+    "shared": a pair's prompt once; its chosen, rejected (and teacher) answers each attend to it and to themselves,
+    with positions continuing from the prompt's end (pairs cut to different prompts stay separate, counted).
+    "auto": whichever of the two costs less by model.layout_cost with key_cost (model.attention_key_cost): sharing
+    saves the prompt copies but makes longer sequences, so longer bins with more attention; short prompts lose."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"collate: layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+    groups, fell_back = pair_groups(examples, use_lm, layout != "separate")
+    lengths = [len(g) for g in groups]
+    bins = pack_tightly(lengths)
+    if layout == "auto":
+        plain, _ = pair_groups(examples, use_lm, False)
+        plain_lengths = [len(g) for g in plain]
+        plain_bins = pack_tightly(plain_lengths)
+        if bins_cost(plain_lengths, plain_bins, key_cost) <= bins_cost(lengths, bins, key_cost):
+            groups, fell_back, lengths, bins, layout = plain, 0, plain_lengths, plain_bins, "separate"
+    batch = lay_out(groups, lengths, bins, len(examples), pad_id, shared=layout != "separate")
     if with_margins:
-        margins = torch.tensor([ex.margin for ex in examples], dtype=torch.float32)
-    return Batch(input_ids, position_ids, torch.tensor(last), torch.tensor(lm_index, dtype=torch.long),
-                 torch.tensor(lm_target, dtype=torch.long), margins, len(examples),
-                 sum(len(s) for s in sequences))
+        batch.margins = torch.tensor([ex.margin for ex in examples], dtype=torch.float32)
+    if layout != "separate":
+        batch.shared_pairs, batch.separate_pairs = len(examples) - fell_back, fell_back
+    return batch
+
+
+def lay_out(groups, lengths, bins, n_pairs, pad_id, shared):
+    """Groups packed into bins -> Batch (margins unset). Position t predicts token t+1 of its own sequence: a teacher
+    answer that follows a shared prompt directly is predicted from the prompt's last token first."""
+    bin_len = max(sum(lengths[i] for i in b) for b in bins)
+    ids, positions, sequences, branches = [], [], [], []
+    last, lm_index, lm_target = [0] * (2 * n_pairs), [], []
+    for b, members in enumerate(bins):
+        row_ids, row_pos, row_seq, row_branch = [], [], [], []
+        for n, i in enumerate(members, 1):
+            group, prompt_end = groups[i], b * bin_len + len(row_ids) + len(groups[i].prompt) - 1
+            row_ids += group.prompt
+            row_pos += range(len(group.prompt))
+            row_seq += [n] * len(group.prompt)
+            row_branch += [0] * len(group.prompt)
+            for k, (answer, (role, e), start) in enumerate(zip(group.answers, group.roles, group.lm_starts), 1):
+                flat = b * bin_len + len(row_ids)
+                if role == "teacher":
+                    lm_index += ([prompt_end] if start == 0 else []) + list(range(flat + max(start, 1) - 1,
+                                                                                  flat + len(answer) - 1))
+                    lm_target += answer[start:]
+                else:  # chosen row of example e first, rejected rows after all chosen rows
+                    last[e + (n_pairs if role == "rejected" else 0)] = flat + len(answer) - 1
+                row_ids += answer
+                row_pos += range(len(group.prompt), len(group.prompt) + len(answer))
+                row_seq += [n] * len(answer)
+                row_branch += [k if group.prompt else 0] * len(answer)
+        pad = bin_len - len(row_ids)  # trailing padding: one more sequence of its own, invisible to the others
+        ids.append(row_ids + [pad_id] * pad)
+        positions.append(row_pos + list(range(pad)))
+        sequences.append(row_seq + [len(members) + 1] * pad)
+        branches.append(row_branch + [0] * pad)
+    as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long)  # noqa: E731
+    return Batch(as_tensor(ids), as_tensor(positions), torch.tensor(last), torch.tensor(lm_index, dtype=torch.long),
+                 torch.tensor(lm_target, dtype=torch.long), None, n_pairs, sum(lengths),
+                 as_tensor(sequences) if shared else None, as_tensor(branches) if shared else None)
 
 
 def epoch_batches(examples, batch_size, seed, epoch):

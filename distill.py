@@ -142,7 +142,7 @@ class Run:
         picks = [0, 0] if len(candidates) == 1 else \
             random.Random(f"{cfg.seed}:{rid}:candidates").sample(range(len(candidates)), 2)
         texts = [self.asker.ask("candidates", candidates[pick][1],
-                                self.generate_body(candidates[pick][0], row, f"{rid}:candidate:{k}"))[0]
+                                self.generate_body(candidates[pick][0], row, f"{rid}:candidate:{k}"))[0][0]
                  for k, pick in enumerate(picks)]
         return texts[0], texts[1], {"input": "prompt", "candidate_models": [candidates[p][0] for p in picks]}
 
@@ -153,7 +153,8 @@ class Run:
             text = annotate_prompt(question, x, y, asker.json_mode, tie_reask)
             body = asker.body(cfg.teacher_model, [{"role": "user", "content": text}], cfg.annotate_temperature,
                               cfg.annotate_max_tokens, purpose=f"{order}:{text}", json_mode=asker.json_mode)
-            s1, s2 = asker.ask("annotate", asker.teacher, body, parse_annotation, asker.json_mode, (a, b))[0]
+            s1, s2 = asker.ask("annotate", asker.teacher, body, parse_annotation, asker.json_mode, (a, b),
+                               order=order)[0]
             scores[order] = {"a": s1, "b": s2} if order == "a_first" else {"a": s2, "b": s1}
         return scores
 
@@ -196,24 +197,30 @@ class Run:
         return diagnosis, refined, refined_score
 
     def distill_row(self, row, out):
-        """The stages for one row: fills out["annotated"], out["train"] (and out["extra"]), or raises RowFailure."""
+        """The stages for one row: fills out["annotated"], out["train"] (and out["extra"]), or raises RowFailure.
+        Annotation comes first and may drop the row (tie, label disagreement): no generate request is paid for a
+        row that cannot be kept."""
         cfg, rid = self.cfg, row["id"]
         question = render_question(row["prompt"])
         a, b, source = self.answers(row)
         scores, mean = self.judge(question, a, b)
         winner, loser = ("a", "b") if mean["a"] > mean["b"] else ("b", "a")
         answer = {"a": a, "b": b}
-        teacher_answer = self.asker.ask("generate", self.asker.teacher,
-                                        self.generate_body(cfg.teacher_model, row, f"{rid}:teacher"))[0]
         provenance = {"teacher_model": cfg.teacher_model, "template_version": TEMPLATE_VERSION,
                       "line": row["line"], "annotate_scores": scores, **source}
         label_agrees = winner == "a" if row["kind"] == "pair" else None
-        out["annotated"] = {"id": rid, "prompt": row["prompt"], "chosen": answer[winner], "rejected": answer[loser],
-                            "chosen_score": mean[winner], "rejected_score": mean[loser],
-                            "teacher_response": teacher_answer,
-                            "provenance": {**provenance, "source": "annotated", "label_agrees": label_agrees}}
-        if label_agrees is False and not cfg.keep_label_disagreements:
+        annotated = {"id": rid, "prompt": row["prompt"], "chosen": answer[winner], "rejected": answer[loser],
+                     "chosen_score": mean[winner], "rejected_score": mean[loser]}
+        out["annotated"] = {**annotated, "provenance": {**provenance, "source": "annotated",
+                                                        "label_agrees": label_agrees}}
+        if label_agrees is False and not cfg.keep_label_disagreements:  # its annotated row has no y_T: none was paid
             raise RowFailure("annotate", "label_disagreement", canonical(scores), dropped=True)
+        teacher_answer, refused = self.asker.ask("generate", self.asker.teacher,
+                                                 self.generate_body(cfg.teacher_model, row, f"{rid}:teacher"))[0]
+        if refused:  # the teacher's refusal is its answer y_T: kept, and marked so that it can be found
+            provenance["teacher_refused"] = True
+        out["annotated"] = {**annotated, "teacher_response": teacher_answer,
+                            "provenance": {**provenance, "source": "annotated", "label_agrees": label_agrees}}
         rejected, rejected_score = answer[loser], mean[loser]
         diagnosis, refined, refined_score = self.refine_and_score(rid, question, teacher_answer, rejected,
                                                                   rejected_score)
@@ -232,7 +239,7 @@ class Run:
     def process_row(self, row):
         """One row through every stage -> {train?, annotated?, failure?}; every row gets a train row or a failure."""
         rid, out = row["id"], {}
-        self.asker.row_local.reasks = {}
+        self.asker.row_local.reasks, self.asker.row_local.row = {}, rid
         try:
             self.distill_row(row, out)
         except RowFailure as f:
@@ -299,29 +306,53 @@ class Run:
         cfg = self.cfg
         body = self.asker.body(cfg.teacher_model, [{"role": "user", "content": text}], cfg.restyle_temperature,
                                cfg.refine_max_tokens, purpose=f"{rid}:restyle:{which}")
-        return self.asker.ask("restyle", self.asker.teacher, body, parse_restyle, nonce)[0]
+        return self.asker.ask("restyle", self.asker.teacher, body, parse_restyle, nonce, order=which)[0]
 
 
 # ---------------------------------------------------------------------------- the report
 
 def summarize(run, outputs, wall_s):
-    """summary.json: the per-stage table (requests, cache hits, re-asks, tokens, cost), the row outcomes."""
+    """summary.json: the per-stage table (requests, cache hits, re-asks, refusals, tokens, request seconds, span,
+    cost), the row outcomes, and what the teacher cost per kept pair."""
     cfg, stages = run.cfg, {}
     for name, st in run.asker.stats.items():
         if not (st["sent"] or st["cache_hits"] or st["failures"]):
             continue
         cost = (st["prompt_tokens"] * cfg.price_prompt + st["completion_tokens"] * cfg.price_completion) / 1e6
-        stages[name] = {k: st[k] for k in ("sent", "replies", "cache_hits", "reasks", "recovered", "failures",
-                                           "prompt_tokens", "completion_tokens")}
-        stages[name]["wall_s"] = round((st["last"] or 0) - (st["first"] or 0), 3)
+        stages[name] = {k: st[k] for k in ("sent", "replies", "cache_hits", "reasks", "recovered", "refusals",
+                                           "failures", "prompt_tokens", "completion_tokens")}
+        stages[name]["request_s"] = round(st["request_s"], 3)  # summed over requests: they overlap in time
+        stages[name]["span_s"] = round((st["last"] or 0) - (st["first"] or 0), 3)  # first to last: spans overlap
         stages[name]["cost_usd"] = round(cost, 6)
     n = run.bias["pairs"]
+    counts = row_counts(outputs)
     return {"teacher_url": cfg.teacher_url, "teacher_model": cfg.teacher_model,
-            "template_version": TEMPLATE_VERSION, "json_mode": run.asker.json_mode, **row_counts(outputs),
+            "template_version": TEMPLATE_VERSION, "json_mode": run.asker.json_mode, **counts,
+            "refusals": {"generate": run.asker.stats["generate"]["refusals"],
+                         "candidates": run.asker.stats["candidates"]["refusals"],
+                         "kept_rows": sum(t["provenance"].get("teacher_refused", False) for t in outputs["train"]
+                                          if t["provenance"]["source"] == "refined")},
             "restyle": dict(run.restyle),
             "position_bias": {**run.bias, "rate": round(run.bias["disagreements"] / n, 4) if n else None},
             "stages": stages, "wall_s": round(wall_s, 3),
-            "cost_usd": round(sum(s["cost_usd"] for s in stages.values()), 6), "config": asdict(cfg)}
+            "cost_usd": round(sum(s["cost_usd"] for s in stages.values()), 6),
+            "per_kept_pair": per_kept_pair(stages, counts["kept"], cfg.price_prompt or cfg.price_completion),
+            "edits": report.edit_stats([(t["rejected"], t["chosen"]) for t in outputs["train"]
+                                        if t["provenance"]["source"] == "refined"]),
+            "config": asdict(cfg)}
+
+
+def per_kept_pair(stages, kept, priced):
+    """What this run paid the teacher (requests sent, tokens, dollars when priced) per kept refined pair; None
+    when nothing was kept. Requests answered from the cache cost nothing and count nothing."""
+    if not kept:
+        return None
+    total = {k: sum(st[k] for st in stages.values()) for k in ("sent", "prompt_tokens", "completion_tokens")}
+    out = {"requests": round(total["sent"] / kept, 2), "prompt_tokens": round(total["prompt_tokens"] / kept, 1),
+           "completion_tokens": round(total["completion_tokens"] / kept, 1)}
+    if priced:
+        out["cost_usd"] = round(sum(st["cost_usd"] for st in stages.values()) / kept, 6)
+    return out
 
 
 def row_counts(outputs):
@@ -343,7 +374,7 @@ def progress_text(run, t0):
     hits = sum(st["cache_hits"] for st in stats.values())
     rate = sent / max(time.time() - t0, 1e-9)
     return (f"kept {rows['kept']}  failed {rows['failed']}  dropped {rows['dropped']} | requests sent {sent}  "
-            f"cached {hits}  in flight {len(run.asker.cache.inflight)} | {rate:.1f} req/s")
+            f"cached {hits}  in flight {run.asker.in_flight()} | {rate:.1f} req/s")
 
 
 def _show_progress(run, total, done):
@@ -362,9 +393,14 @@ def print_report(summary, file=None):
     for row in cells:  # numbers right-aligned; the stage and the failures by reason left-aligned
         print("  ".join(c.ljust(w) if i in (0, len(row) - 1) else c.rjust(w)
                         for i, (c, w) in enumerate(zip(row, widths))).rstrip(), file=file)
-    pb = summary["position_bias"]
-    rate = "n/a" if pb["rate"] is None else f"{100 * pb['rate']:.1f}%"
-    print(f"position bias: the two orders disagree on {pb['disagreements']}/{pb['pairs']} pairs ({rate})", file=file)
+    print(f"position bias: {report.bias_text(summary['position_bias'])}", file=file)
+    print(f"refusals: {report.refusal_text(summary)}", file=file)
+    print(f"minimality: {report.edit_text(summary.get('edits'))}", file=file)
+    timeouts = sum(st["failures"].get("timeout", 0) for st in summary["stages"].values())
+    if timeouts:
+        print(f"timeouts: {timeouts} requests got no reply within --timeout={summary['config']['timeout']:g}s (retried "
+              "once each): a slow teacher needs a larger --timeout, smaller --*-max-tokens, or fewer --workers "
+              "(failures.jsonl says how long its tokens take)", file=file)
     rs = summary.get("restyle")
     if rs and any(rs.values()):
         print(f"restyle: {rs['rows']} rows gave {rs['pairs']} restyled, crossed and style-equivalence pairs; "
@@ -373,6 +409,7 @@ def print_report(summary, file=None):
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(summary["dropped"].items())) or "none"
     print(f"rows: {summary['rows']} in, {summary['kept']} kept, dropped: {dropped}, failed: {summary['failed']} | "
           f"wall {summary['wall_s']:.1f}s, est. cost ${summary['cost_usd']:.4f}", file=file)
+    print(f"teacher cost: {report.cost_text(summary)}", file=file)
 
 
 # ---------------------------------------------------------------------------- outputs and --retry-failed

@@ -14,8 +14,9 @@ It prints a table and writes the numbers as JSON (default: under out/eval/, neve
 the scored rows under out/bon/; rows with a `true_quality` list also get the picks scored against it. Every reward
 is read at the last real token of a sequence tokenized and cut exactly as in training (model.render_prompt /
 render_answer + eos, model.fit: the prompt's end is always kept, then the answer's beginning); the cuts are counted
-in the results. Sequences are sorted by length before batching, so little padding is computed, and results do not
-depend on --batch-size or --padding-side. The HTTP reward server is serve.py.
+in the results. Answers to the same prompt share one copy of it where that costs less (RewardModel.piece_rewards);
+sequences are sorted by length before batching, so little padding is computed, and results do not depend on
+--batch-size or --padding-side. The HTTP reward server is serve.py.
 
 In Python: `evaluation.evaluate_file(model, path)`, `evaluation.best_of_n(model, rows)`, with a model from
 `model.load_reward_model(path)` (whose .score(prompts, answers) gives the rewards).
@@ -299,9 +300,9 @@ def best_of_n(model, rows, batch_size=32, max_len=0, cuts=None):
             raise DataError(f"{where}: best-of-N rows need 'prompt' and a non-empty list 'responses'")
         messages, mine = as_messages(row["prompt"], where), CutCounts()
         for response in responses:
-            sequences.append(model.tokens(messages, answer_of(response, "responses", where), max_len, mine))
+            sequences.append(model.pieces(messages, answer_of(response, "responses", where), max_len, mine))
         row_cuts.append(mine)
-    rewards = model.sequence_rewards(sequences, batch_size)
+    rewards = model.piece_rewards(sequences, batch_size)  # a row's answers share its prompt where that pays
     out, k = [], 0
     for (_, row), mine_cuts in zip(rows, row_cuts):
         mine = rewards[k:k + len(row["responses"])]

@@ -312,12 +312,15 @@ def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
     ids = [row_id(r) for r in rows]
     accounted = [*faulty["train"], *(f["id"] for f in faulty["failures"])]
     responses = {row_id(r): r["responses"] for r in rows}
-    identical = same_after_reask = invented = 0
+    identical = same_after_reask = invented = refused = 0
     for rid, row in faulty["train"].items():
         other = clean["train"].get(rid)
         reasked = "reasks" in row["provenance"] or (other is not None and "reasks" in other["provenance"])
         if row["rejected"] not in responses[rid]:
             invented += 1
+        elif row["provenance"].get("teacher_refused") and other is not None and \
+                not other["provenance"].get("teacher_refused"):
+            refused += 1  # an injected refusal to a generate request: the teacher's answer y_T, kept as such
         elif other is not None and _pair(other) == _pair(row):
             identical += 1
         elif reasked:
@@ -334,6 +337,7 @@ def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
             "requests_ratio": faulty["requests"] / max(1, clean["requests"]),
             "unaccounted": len(set(ids) - set(accounted)) + (len(accounted) - len(set(accounted))),
             "identical": identical, "differ_after_reask": same_after_reask, "invented": invented,
+            "teacher_refused": refused,
             "labels_changed": labels_changed, "faults": faulty["faults"], "reasks": reasks,
             "failed": {f["reason"]: sum(g["reason"] == f["reason"] for g in faulty["failures"] if not g["dropped"])
                        for f in faulty["failures"] if not f["dropped"]},

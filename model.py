@@ -202,6 +202,47 @@ def checkpoint_activations(lm):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def attention_key_cost(lm):
+    """What attending to one more key costs against one more token through the weights, per layer and forward pass:
+    4 x hidden FLOPs (a score and its share of the weighted sum) against 2 x the layer's parameters (about 1/3000
+    for SmolLM2-135M). batches.collate's layout="auto" and RewardModel.score weigh prefix sharing with it."""
+    layer = lm.model.layers[0]
+    return 2 * lm.config.hidden_size / sum(p.numel() for p in layer.parameters())
+
+
+def layout_cost(rows, row_len, key_cost):
+    """The forward cost of rows x row_len slots in token-equivalents: every slot (padding too) goes through the
+    weights and attends to every slot of its row (SDPA with a dense mask computes the masked scores too). Sharing a
+    prompt saves its copies but makes longer rows: it pays only where the prompts are long enough."""
+    return rows * row_len * (1 + key_cost * row_len)
+
+
+def prefix_sharing_mask(sequence_ids, branch_ids, implementation, dtype=torch.float32):
+    """The attention mask of packed sequences with shared prompts ([rows, slots] ids, see batches.Batch): a slot
+    sees the earlier slots of its own sequence that are its prompt (branch 0) or its own answer (same branch).
+    -> what the model's attention implementation takes: a bool [rows, 1, slots, slots] mask (sdpa), an additive
+    one (eager), or FlexAttention's BlockMask (flex_attention: the blocks nobody sees are skipped)."""
+    rows, slots = sequence_ids.shape
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def visible(b, h, q, k):
+            return (k <= q) & (sequence_ids[b, q] == sequence_ids[b, k]) & (
+                (branch_ids[b, k] == 0) | (branch_ids[b, k] == branch_ids[b, q]))
+        return create_block_mask(visible, rows, None, slots, slots, device=sequence_ids.device)
+    if implementation not in ("sdpa", "eager"):
+        raise ValueError(f"shared prompts need the sdpa, eager or flex_attention attention implementation, this "
+                         f"model uses {implementation!r}: train with --share-prompts=off")
+    causal = torch.ones(slots, slots, dtype=torch.bool, device=sequence_ids.device).tril()
+    branch_k = branch_ids[:, None, :]
+    mask = causal & (sequence_ids[:, :, None] == sequence_ids[:, None, :]) & (
+        (branch_k == 0) | (branch_k == branch_ids[:, :, None]))
+    mask = mask[:, None]
+    if implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 class RewardModel(nn.Module):
     """A causal LM whose backbone also feeds a value head; reward = value head(hidden state of the last token)."""
 
@@ -224,7 +265,11 @@ class RewardModel(nn.Module):
     def forward(self, batch):
         """Packed batch (batches.Batch: input_ids, position_ids, last, lm_index) -> (rewards [2B]: chosen then
         rejected, hidden states of the positions that predict a teacher-answer token [n, H])."""
-        hidden = self.hidden(batch.input_ids, batch.position_ids).flatten(0, 1)
+        mask = None
+        if batch.sequence_ids is not None:  # shared prompts: the mask says who sees whom
+            mask = prefix_sharing_mask(batch.sequence_ids, batch.branch_ids, self.lm.config._attn_implementation,
+                                       self.lm.dtype)
+        hidden = self.hidden(batch.input_ids, batch.position_ids, mask).flatten(0, 1)
         rewards = self.value_head(hidden[batch.last]).squeeze(-1).float()
         return rewards, hidden[batch.lm_index]
 
@@ -240,11 +285,16 @@ class RewardModel(nn.Module):
     def tokens(self, prompt, answer, max_len=None, cuts=None):
         """(prompt, answer) -> token ids exactly as training builds them: rendered prompt + answer + eos, cut by
         fit(); the cut is counted in cuts (a CutCounts) when given."""
+        p, a = self.pieces(prompt, answer, max_len, cuts)
+        return p + a
+
+    def pieces(self, prompt, answer, max_len=None, cuts=None):
+        """(prompt, answer) -> (prompt ids, answer ids) as cut by fit() (see tokens)."""
         prompt_ids = encode(self.tokenizer, render_prompt(self.tokenizer, as_messages(prompt, "prompt")))
         p, a, kind = fit(prompt_ids, answer_ids(self.tokenizer, answer), max_len or self.max_len)
         if cuts is not None:
             cuts.add(kind, len(p), len(prompt_ids))
-        return p + a
+        return p, a
 
     def text_tokens(self, text, max_len=None):
         """An already formatted full text (prompt + response) -> ids + eos, keeping the text's end when it is over
@@ -280,9 +330,76 @@ class RewardModel(nn.Module):
 
     def score(self, prompts, answers, batch_size=32, max_len=None, padding_side="right", cuts=None):
         """Rewards for (prompt, answer) pairs; prompts are strings or message lists, as in the training data. The
-        cuts to max_len are counted in cuts (a CutCounts) when given."""
-        sequences = [self.tokens(p, a, max_len, cuts) for p, a in zip(prompts, answers, strict=True)]
-        return self.sequence_rewards(sequences, batch_size, padding_side)
+        cuts to max_len are counted in cuts (a CutCounts) when given. Answers to the same prompt share it (see
+        piece_rewards)."""
+        pieces = [self.pieces(p, a, max_len, cuts) for p, a in zip(prompts, answers, strict=True)]
+        return self.piece_rewards(pieces, batch_size, padding_side)
+
+    @torch.no_grad()
+    def piece_rewards(self, pieces, batch_size=32, padding_side="right"):
+        """Rewards of (prompt ids, answer ids), in input order. Up to batch_size answers to the same (cut) prompt
+        share one copy of it in a row of their own when layout_cost says that is cheaper than a row each; the rest
+        are scored as whole sequences (sequence_rewards)."""
+        by_prompt, key_cost = {}, attention_key_cost(self.lm)
+        for i, (prompt, _) in enumerate(pieces):
+            by_prompt.setdefault(tuple(prompt), []).append(i)
+        shared, alone = [], []
+        for prompt, members in by_prompt.items():
+            for k in range(0, len(members), batch_size):
+                chunk = members[k:k + batch_size]
+                lengths = [len(prompt) + len(pieces[i][1]) for i in chunk]
+                row = len(prompt) + sum(n - len(prompt) for n in lengths)
+                if len(chunk) > 1 and layout_cost(1, row, key_cost) < sum(layout_cost(1, n, key_cost) for n in lengths):
+                    shared.append(chunk)
+                else:
+                    alone += chunk
+        out = [0.0] * len(pieces)
+        for i, reward in zip(alone, self.sequence_rewards([pieces[i][0] + pieces[i][1] for i in alone], batch_size,
+                                                          padding_side)):
+            out[i] = reward
+        for i, reward in self.shared_rewards(pieces, shared, batch_size, padding_side):
+            out[i] = reward
+        return out
+
+    def shared_rewards(self, pieces, chunks, batch_size, padding_side):
+        """Rows of one prompt + its answers (chunks: lists of indices into pieces that share a prompt), as many rows
+        per forward pass as hold up to batch_size answers -> (index, reward) of every answer."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        row_len = lambda chunk: len(pieces[chunk[0]][0]) + sum(len(pieces[i][1]) for i in chunk)  # noqa: E731
+        chunks = sorted(chunks, key=row_len)
+        out, k = [], 0
+        while k < len(chunks):
+            rows = [chunks[k]]
+            while k + len(rows) < len(chunks) and sum(map(len, rows)) + len(chunks[k + len(rows)]) <= batch_size:
+                rows.append(chunks[k + len(rows)])
+            k += len(rows)
+            width = max(map(row_len, rows))
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            positions, sequence_ids, branch_ids = torch.zeros_like(ids), torch.full_like(ids, 2), torch.zeros_like(ids)
+            last = []
+            for r, chunk in enumerate(rows):
+                prompt = pieces[chunk[0]][0]
+                start = width - row_len(chunk) if padding_side == "left" else 0
+                ids[r, start:start + len(prompt)] = torch.tensor(prompt)
+                positions[r, start:start + len(prompt)] = torch.arange(len(prompt))
+                sequence_ids[r, start:start + row_len(chunk)] = 1
+                cursor = start + len(prompt)
+                for branch, i in enumerate(chunk, 1):
+                    answer = pieces[i][1]
+                    ids[r, cursor:cursor + len(answer)] = torch.tensor(answer)
+                    positions[r, cursor:cursor + len(answer)] = torch.arange(len(prompt), len(prompt) + len(answer))
+                    branch_ids[r, cursor:cursor + len(answer)] = branch
+                    cursor += len(answer)
+                    last.append(r * width + cursor - 1)
+            mask = prefix_sharing_mask(sequence_ids.to(device), branch_ids.to(device),
+                                       self.lm.config._attn_implementation, self.lm.dtype)
+            hidden = self.hidden(ids.to(device), positions.to(device), mask).flatten(0, 1)
+            rewards = self.value_head(hidden[torch.tensor(last, device=device)]).squeeze(-1).float()
+            out += zip([i for chunk in rows for i in chunk], rewards.tolist())
+        self.train(was_training)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -236,9 +236,9 @@ def score_prompt(nonce, rejected_score, json_mode=False):
 # Each raises ParseError(reason) instead of guessing; the reason goes to failures.jsonl.
 
 class ParseError(ValueError):
-    def __init__(self, reason, detail=""):
+    def __init__(self, reason, detail="", final=False):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.final = reason, final  # final: asking again cannot help, or must not be done
 
 
 _NUM = r"(-?\d+(?:\.\d+)?)"
@@ -260,25 +260,60 @@ def strip_reasoning(text):
     return text.strip()
 
 
-_REFUSAL = re.compile(r"(?:I'm sorry|I am sorry|Sorry|I apologi[sz]e)?[,.!]?\s*(?:but\s+)?(?:I\s+)?"
-                      r"(?:can(?:no|')t|cannot|am unable to|'m unable to|won't|will not)\s+"
-                      r"(?:help|assist|comply|provide|answer|do that)"
-                      r"|As an AI(?: language model)?,? I (?:can(?:no|')t|cannot|am unable)", re.I)
+# One refusal rule, for every stage: a reply that opens by declining the request. A teacher's refusal to a generate
+# request is its answer y_T (recorded, counted, never re-asked: on harmlessness data the refusal is the right
+# answer); elsewhere a refusal is no answer and is re-asked, counted under reason "refusal". Tested on real
+# refusals (tests/fixtures/real_replies.jsonl).
+_DECLINE_VERB = (r"(?:help|assist|comply|provide|answer|do that|do this|fulfil+|support|give|share|create|write|"
+                 r"generate|engage|participate|offer|discuss|recommend|condone|encourage|promote|endorse|tell|"
+                 r"explain|disclose|reveal|facilitate|complete|respond)")
+_REFUSAL = re.compile(
+    r"(?:(?:I'm sorry|I am sorry|Sorry|I apologi[sz]e|Unfortunately|I'm afraid|I regret)[^.!?\n]{0,40}?[,.!]?\s*"
+    r"(?:but\s+)?)?"
+    r"(?:(?:I|we)\s*(?:can(?:no|')t|cannot|can not|am unable to|'m unable to|are unable to|am not able to|"
+    r"'m not able to|won't|will not|must decline to|am not going to|'m not going to|"
+    r"(?:do not|don't) feel comfortable)\s+(?:\w+\s+){0,2}?" + _DECLINE_VERB +
+    r"|(?:I|we)\s+(?:must|have to|need to)\s+(?:respectfully\s+)?(?:decline|refuse)"
+    r"|(?:that's|that is|this is) not something I (?:can|will|am able to)"
+    r"|as an AI(?: language model| assistant)?,? I (?:can(?:no|')t|cannot|am unable|am not able|do not|don't))",
+    re.I)
+_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?%?|[-+]?(?:inf(?:inity)?|nan)", re.I)
 _JUNK_WORDS = {"nan", "null", "none", "undefined", "inf", "-inf", "infinity", "error", "n/a"}
 
 
-def check_answer(text, refusals=False):
-    """An answer text (y_T, a candidate answer) that is really one: not empty, not degenerate ("NaN NaN",
-    fullwidth-digit or replacement-character junk, one short unit repeated) and, unless `refusals`, not a refusal
-    (a candidate's refusal is ordinary preference data; the teacher's is no y_T). Raises ParseError."""
+def is_refusal(text):
+    """Does the reply open by declining the request ("I'm sorry, but I can't help with that", "Unfortunately, I'm
+    unable to assist", "As an AI, I cannot ...")? Only its first 300 characters are read: an answer that later says
+    what it cannot do is an answer."""
+    return bool(_REFUSAL.match((text or "").strip()[:300]))
+
+
+def _numbers_only(words):
+    """The reply is numbers alone: more than one, or one that is not finite ("1e309 -3", "inf"), is junk; one finite
+    number ("4", "-3.5", "1,000") is a short answer."""
+    tokens = [w.strip(".,;:!?\"'()[]{}") for w in words]
+    if not all(t and _NUMBER.fullmatch(t) for t in tokens):
+        return None
+    if len(tokens) > 1:
+        return f"{len(tokens)} numbers and nothing else"
+    value = float(tokens[0].replace(",", "").rstrip("%") or "nan")
+    return None if value == value and abs(value) != float("inf") else f"not a finite number: {tokens[0]}"
+
+
+def check_answer(text):
+    """An answer text (y_T, a candidate answer) that is really one, with cheap checks: not empty, not numbers alone
+    ("1e309 -3"; one finite number is a short answer), not degenerate ("NaN NaN", fullwidth-digit or
+    replacement-character junk, one short unit repeated). A refusal is an answer
+    (is_refusal says which). Raises ParseError."""
     text = text.strip()
     if not text:
         raise ParseError("empty_reply")
-    if not refusals and _REFUSAL.match(text[:300]):
-        raise ParseError("refusal", text[:200])
     words = text.lower().split()
     if words and all(w.strip(".,;:!?\"'()[]{}") in _JUNK_WORDS for w in words):
         raise ParseError("degenerate_reply", text[:200])
+    numbers = _numbers_only(words)
+    if numbers:
+        raise ParseError("degenerate_reply", f"{numbers}: {text[:100]!r}")
     visible = [c for c in text if not c.isspace()]
     if not any(c.isalnum() for c in visible):
         raise ParseError("degenerate_reply", f"no letter or digit: {text[:100]!r}")

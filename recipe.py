@@ -30,9 +30,9 @@ class Recipe:
 RECIPE = Recipe()
 
 # The peak learning rate by the backbone's parameter count (embeddings included): (fewer than N parameters, lr).
-# Measured: the built-in tiny student (0.9M) at 1e-3 (the ablation's lr sweep); SmolLM2-135M-Instruct cut to 4
-# layers (42M) at 5e-5 (RESULTS.md). Not measured here: 1e-5 above 1B parameters, the usual full fine-tuning rate
-# of 1B-8B reward models (TRL's and OpenRLHF's examples use 1e-5 to 9e-6).
+# Measured: the built-in tiny student (0.9M) at 1e-3 (every ablation run; not swept); SmolLM2-135M-Instruct cut
+# to 4 layers (42M) at 5e-5 (RESULTS.md; not swept either). Not measured here: 1e-5 above 1B parameters, the usual
+# full fine-tuning rate of 1B-8B reward models (TRL's and OpenRLHF's examples use 1e-5 to 9e-6).
 LR_BY_SIZE = ((10_000_000, 1e-3), (1_000_000_000, 5e-5), (float("inf"), 1e-5))
 
 

@@ -106,10 +106,17 @@ def line_chart(title, series, width=560, height=240):
     return svg_frame(title, width, height, (x0, x1), (y0, y1), "".join(body), "step")
 
 
-def histogram(title, groups, colors=COLORS, bins=20, width=560, height=240, mark=None, xlabel="reward"):
-    """groups: {name: [values]} -> overlaid histograms on shared bins; mark: an x to draw as a dashed line."""
+def histogram(title, groups, colors=COLORS, bins=20, width=560, height=240, mark=None, xlabel="reward", step=None):
+    """groups: {name: [values]} -> overlaid histograms on shared bins; mark: an x to draw as a dashed line. `step`:
+    the values are multiples of it (Δs of scores on a half-point grid): one bin per value, centred on it and
+    labelled with it, so that a bar of zeros reads "0", not a range beside it."""
     values = [v for vs in groups.values() for v in vs]
-    x0, x1 = span(values + ([mark] if mark is not None else []))
+    if step:
+        grid = [round(v / step) for v in values + ([mark] if mark is not None else [])] or [0]
+        x0, x1 = (min(grid) - 0.5) * step, (max(grid) + 0.5) * step
+        bins = max(grid) - min(grid) + 1
+    else:
+        x0, x1 = span(values + ([mark] if mark is not None else []))
     edges = [x0 + (x1 - x0) * k / bins for k in range(bins + 1)]
     counts = {name: [0] * bins for name in groups}
     for name, vs in groups.items():
@@ -122,13 +129,24 @@ def histogram(title, groups, colors=COLORS, bins=20, width=560, height=240, mark
         color = colors[i % len(colors)]
         body += [f'<rect x="{sx(edges[k]):.1f}" y="{sy(c):.1f}" width="{sx(edges[k + 1]) - sx(edges[k]):.1f}" '
                  f'height="{sy(0) - sy(c):.1f}" fill="{color}" fill-opacity="0.45" stroke="{color}">'
-                 f'<title>{esc(name)} [{esc(fmt(edges[k]))}, {esc(fmt(edges[k + 1]))}): {c}</title></rect>'
+                 f'<title>{esc(name)} {esc(bin_label(edges[k], edges[k + 1], step))}: {c}</title></rect>'
                  for k, c in enumerate(cs) if c]
+    if step:  # each bar's value under it
+        body += [f'<text x="{sx((edges[k] + edges[k + 1]) / 2):.1f}" y="{height - 32}" text-anchor="middle" '
+                 f'font-size="9">{esc(fmt(round((edges[k] + edges[k + 1]) / 2, 6)))}</text>'
+                 for k in range(bins) if any(cs[k] for cs in counts.values())]
     if mark is not None:
         body.append(f'<line x1="{sx(mark):.1f}" x2="{sx(mark):.1f}" y1="24" y2="{height - 30}" stroke="#555" '
                     f'stroke-dasharray="4 3"/>')
     body.append(legend([f"{n} ({len(vs)})" for n, vs in groups.items()], width, colors))
     return svg_frame(title, width, height, (x0, x1), (0, top), "".join(body), xlabel)
+
+
+def bin_label(low, high, step=None):
+    """A bin's label: its value when the bins are centred on a grid of `step`, else [low, high)."""
+    if step:
+        return f"= {fmt(round((low + high) / 2, 6))}"
+    return f"[{fmt(low)}, {fmt(high)})"
 
 
 def table(headers, rows):
@@ -198,11 +216,34 @@ def word_diff(old, new):
     return "".join(out)
 
 
-def changed_words(old, new):
-    """Share of old's words that the edit removed or replaced."""
+def word_edits(old, new):
+    """Word edits that turn old into new: words removed, added and replaced (a replacement of k words by m counts
+    max(k, m)), on difflib's alignment -- an upper bound of the word-level Levenshtein distance that, unlike a share
+    of old's words changed, counts added text too."""
     a, b = old.split(), new.split()
-    same = sum(block.size for block in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks())
-    return 1 - same / max(1, len(a))
+    edits = 0
+    for op, i0, i1, j0, j1 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if op != "equal":
+            edits += max(i1 - i0, j1 - j0)
+    return edits
+
+
+def edit_ratio(old, new):
+    """word_edits(old, new) per word of old: 0 = unchanged; 1 = as many edits as old has words (a rewrite, or
+    an answer that grew to twice its length)."""
+    return word_edits(old, new) / max(1, len(old.split()))
+
+
+def edit_stats(pairs):
+    """{pairs, median, mean, over_1} of the edit ratios of (y_l, y_w*) pairs: how minimal the refinements were;
+    None without pairs."""
+    ratios = sorted(edit_ratio(old, new) for old, new in pairs)
+    if not ratios:
+        return None
+    n = len(ratios)
+    median = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    return {"pairs": n, "median": round(median, 3), "mean": round(sum(ratios) / n, 3),
+            "over_1": sum(x > 1 for x in ratios)}
 
 
 # ---------------------------------------------------------------------------------------------- train report
@@ -287,8 +328,12 @@ def train_report(out):
 
 # ---------------------------------------------------------------------------------------------- distill report
 
-STAGE_HEADERS = ("stage", "sent", "cached", "re-asks", "recovered", "prompt tokens", "completion tokens", "wall s",
-                 "cost $", "failures")
+STAGE_HEADERS = ("stage", "sent", "cached", "re-asks", "recovered", "refusals", "prompt tokens", "completion tokens",
+                 "request s", "span s", "cost $", "failures")
+STAGE_NOTE = ("sent: HTTP requests sent (retries included); cached: answered from the cache; refusals: replies that "
+              "decline (at generate they are the teacher's answer y_T, kept); request s: the seconds its requests took, "
+              "summed (requests run in parallel: the sum exceeds the wall time); span s: first to last request of the "
+              "stage (the rows' stages interleave: spans overlap).")
 
 
 def stage_rows(summary):
@@ -297,23 +342,58 @@ def stage_rows(summary):
     for name, st in summary.get("stages", {}).items():
         failures = ", ".join(f"{k} {v}" for k, v in sorted(st.get("failures", {}).items())) or "-"
         rows.append((name, st.get("sent", 0), st.get("cache_hits", 0), st.get("reasks", 0), st.get("recovered", 0),
-                     st.get("prompt_tokens", 0), st.get("completion_tokens", 0), f"{st.get('wall_s', 0.0):.1f}",
+                     st.get("refusals", 0), st.get("prompt_tokens", 0), st.get("completion_tokens", 0),
+                     f"{st.get('request_s', 0.0):.1f}", f"{st.get('span_s', st.get('wall_s', 0.0)):.1f}",
                      f"{st.get('cost_usd', 0.0):.4f}", failures))
     return rows
 
 
 def stage_table(summary):
-    return table(STAGE_HEADERS, stage_rows(summary))
+    return table(STAGE_HEADERS, stage_rows(summary)) + note(STAGE_NOTE)
+
+
+def bias_text(bias):
+    """The position-bias line: how often the two presentation orders disagree, and what that says."""
+    pairs, rate = bias.get("pairs", 0), bias.get("rate")
+    if not pairs:
+        return "0/0 pairs: no row got both annotate replies (every row failed or was dropped before that)"
+    return (f"{bias.get('disagreements', 0)}/{pairs} pairs ({100 * rate:.1f}%): the share of pairs whose winner "
+            "flips when the two answers swap places; 0% is a judge of the answers, ~50% or more a judge at chance or "
+            "one that prefers a position")
+
+
+def refusal_text(summary):
+    refusals = summary.get("refusals") or {}
+    return (f"{refusals.get('generate', 0)} teacher answers y_T refuse (kept as the answer, never re-asked; "
+            f"{refusals.get('kept_rows', 0)} in kept rows); {refusals.get('candidates', 0)} candidate answers refuse")
+
+
+def cost_text(summary):
+    """What the teacher cost per kept refined pair, or why there is no such number."""
+    per = summary.get("per_kept_pair")
+    if not per:
+        return "no pair kept: no cost per kept pair"
+    dollars = f", ${per['cost_usd']:.5f}" if "cost_usd" in per else ""
+    return (f"{per['requests']:g} requests, {per['prompt_tokens']:g} prompt + {per['completion_tokens']:g} "
+            f"completion tokens{dollars} per kept pair (this run's requests; cached ones cost nothing)")
+
+
+def edit_text(edits):
+    if not edits:
+        return "no refined pair"
+    return (f"median {edits['median']:.2f}, mean {edits['mean']:.2f} word edits per word of y_l "
+            f"({edits['over_1']} of {edits['pairs']} pairs over 1: more edits than y_l has words)")
 
 
 def filter_table(summary):
     bias = summary.get("position_bias") or {}
-    rate = bias.get("rate")
     rows = [("rows in", summary.get("rows", 0)), ("refined pairs kept", summary.get("kept", 0)),
             ("rows failed (after re-asks)", summary.get("failed", 0))]
     rows += [(f"dropped: {k}", v) for k, v in sorted((summary.get("dropped") or {}).items())]
-    rows.append(("position bias: orders disagree", f"{bias.get('disagreements', 0)}/{bias.get('pairs', 0)} pairs ("
-                 + ("n/a" if rate is None else f"{100 * rate:.1f}%") + ")"))
+    rows.append(("position bias: orders disagree", bias_text(bias)))
+    rows.append(("refusals", refusal_text(summary)))
+    rows.append(("teacher cost", cost_text(summary)))
+    rows.append(("minimality of y_l -> y_w* (word edits, added words counted)", edit_text(summary.get("edits"))))
     restyle = summary.get("restyle") or {}
     if any(restyle.values()):
         rows += [("restyle: rows", restyle.get("rows", 0)), ("restyle: extra pairs", restyle.get("pairs", 0)),
@@ -331,8 +411,8 @@ def pair_view(row):
     diagnosis = (row.get("provenance") or {}).get("diagnosis")
     old, new = str(row.get("rejected", "")), str(row.get("chosen", ""))
     return (f'<div class="pair"><b>{esc(row.get("id", ""))}</b> · s(y_l) {esc(fmt(row.get("rejected_score")))} → '
-            f's(y_w*) {esc(fmt(row.get("chosen_score")))} · {100 * changed_words(old, new):.0f}% of y_l\'s words '
-            f'changed<br><b>prompt</b>: <span class="diff">{esc(prompt_text(row.get("prompt", "")))}</span><br>'
+            f's(y_w*) {esc(fmt(row.get("chosen_score")))} · {word_edits(old, new)} word edits to y_l\'s '
+            f'{len(old.split())} words (added words count)<br><b>prompt</b>: <span class="diff">{esc(prompt_text(row.get("prompt", "")))}</span><br>'
             + (f"<b>diagnosis</b>: {esc(diagnosis)}<br>" if diagnosis else "") +
             f'<b>y_l → y_w*</b>: <div class="diff">{word_diff(old, new)}</div></div>')
 
@@ -350,7 +430,7 @@ def distill_report(out, summary, train_rows, sample=12):
                 "<h2>Stages</h2>", stage_table(summary), "<h2>Filters and position bias</h2>", filter_table(summary),
                 "<h2>Teacher margins Δs = s(y_w*) − s(y_l) of the refined pairs</h2>",
                 histogram("Δs of the refined pairs (dashed: --min-delta)", {"refined pairs": margins}, mark=min_delta,
-                          xlabel="Δs")
+                          xlabel="Δs", step=0.5 if all((2 * m).is_integer() for m in margins) else None)
                 if margins else note("No refined pair was kept."),
                 f"<h2>Refined pairs: the edit from y_l to y_w* (first {min(sample, len(refined))} of "
                 f"{len(refined)})</h2>", *[pair_view(r) for r in refined[:sample]]]

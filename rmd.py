@@ -265,7 +265,7 @@ def explain_demo(cfg, metrics, bon_path, baseline=None):
              f"  {'':<11}{head}"] + [f"  {name:<11}" + "".join(f"{100 * v:>21.1f}%" for v in values) + f"   {what}"
                                      for name, values, what in table]
     if baseline:
-        lines.append("One seed of a small run: differences of a few points are noise; README.md's ablation has 3 seeds "
+        lines.append("One seed of a small run: differences of a few points are noise; RESULTS.md's ablation has 3 seeds "
                      "and the spread.")
     print("\n".join(lines), flush=True)
 

@@ -178,6 +178,7 @@ class Client:
             max_tokens_param = "max_completion_tokens" if "api.openai.com" in url else "max_tokens"
         self.max_tokens_param = max_tokens_param
         self.paused_until, self.local = 0.0, threading.local()
+        self.in_flight, self.count_lock = 0, threading.Lock()  # requests sent and not yet answered, this client
 
     def _session(self):
         if not hasattr(self.local, "session"):
@@ -194,32 +195,46 @@ class Client:
         while (wait := self.paused_until - time.time()) > 0:
             time.sleep(min(wait, 1.0))
 
-    def post(self, body, retry_status=RETRY_STATUS, final=None):
+    def post(self, body, retry_status=RETRY_STATUS, final=None, timing=None):
         """POST one chat completion -> (Reply, HTTP attempts), retrying what a retry can fix. Raises TransportError
-        or FatalError. `final(status, body text)` true: that error answer is definite, no retry."""
+        or FatalError. `final(status, body text)` true: that error answer is definite, no retry. `timing`, a list:
+        each attempt's seconds on the wire (from sending to the last byte; no queueing, no backoff) are appended.
+        A timeout is retried at most once: a reply too long for the timeout (a slow local teacher) would only time
+        out again."""
         tokens = estimate_tokens(canonical(body.get("messages", []))) + int(body.get("max_tokens", 0))
+        timeouts = 0
         for attempt in range(1, self.max_retries + 2):
             self._wait_for_pause()
             self.limiter.acquire(tokens)
             try:
-                return self._attempt(body, retry_status, final), attempt
+                return self._attempt(body, retry_status, final, timing), attempt
             except _Retry as e:
-                if attempt > self.max_retries:
+                timeouts += e.reason == "timeout"
+                if attempt > self.max_retries or timeouts > 1:
                     raise TransportError(e.reason, e.raw, attempt) from None
                 self._back_off(attempt, e.wait)
             except TransportError as e:
                 e.attempts = attempt
                 raise
 
-    def _attempt(self, body, retry_status, final):
+    def _attempt(self, body, retry_status, final, timing=None):
         """One POST -> Reply; _Retry(reason, raw, wait) when another try may help; TransportError or FatalError."""
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
             with self.slots:
                 self._wait_for_pause()  # a 429 may have paused everyone while this request queued for a slot
-                r = self._session().post(self.url, json=self._body(body), headers=headers, timeout=self.timeout,
-                                         stream=True)
-                text = redact(_read_body(r, time.monotonic() + self.timeout), self.api_key)
+                with self.count_lock:
+                    self.in_flight += 1
+                t0 = time.monotonic()
+                try:
+                    r = self._session().post(self.url, json=self._body(body), headers=headers, timeout=self.timeout,
+                                             stream=True)
+                    text = redact(_read_body(r, time.monotonic() + self.timeout), self.api_key)
+                finally:
+                    with self.count_lock:
+                        self.in_flight -= 1
+                    if timing is not None:
+                        timing.append(time.monotonic() - t0)
         except requests.Timeout:
             raise _Retry("timeout") from None
         except requests.RequestException as e:

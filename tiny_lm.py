@@ -34,7 +34,7 @@ from model import BYTE_TOKENIZER, ByteTokenizer, cut_layers, encode, load_backbo
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(ROOT, "out", "tiny_lm")
-# Enough passes for the 4-layer student to know the world's answers (measured: see the README's ablation section).
+# Enough passes for the 4-layer student to know the world's answers (measured: RESULTS.md's ablation).
 SETTINGS = {"steps": 1200, "batch_size": 32, "lr": 3e-3, "warmup": 100, "weight_decay": 0.01, "seed": 0,
             "version": 1}
 # The default world's pretrained student ships with rmd (data/tiny-world-lm, 3.5 MB of fp32 safetensors): building it

@@ -38,7 +38,8 @@ from evaluation import fit_text, margin_fit
 from cli import Progress
 from formats import column_keys
 from loss import PAIRWISE_KINDS, linear_cross_entropy, pairwise_loss
-from model import RewardModel, checkpoint_activations, is_hub_id, load_backbone, pick_device, save_reward_model
+from model import (RewardModel, attention_key_cost, checkpoint_activations, is_hub_id, load_backbone, pick_device,
+                   save_reward_model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,6 +62,10 @@ class TrainConfig:
     loss: str = recipe.RECIPE.loss  # pairwise loss: bt (the recipe), bt-margin, mse (margin regression)
     lm_weight: float = recipe.RECIPE.lm_weight  # lambda of the LM term on the teacher answers (0 = off); the recipe's
     max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
+    # a pair's prompt computed once, its chosen, rejected and teacher answers each attending to it and to themselves
+    # (same rewards, losses and gradients): auto (per micro-batch, where it costs less by batches.layout_cost: not
+    # for short prompts), on, off (every row with its own copy of the prompt)
+    share_prompts: str = "auto"
     batch_size: int = recipe.RECIPE.batch_size  # pairs per optimizer step, over all processes and micro-batches
     micro_batch: int = 0  # pairs per forward pass per process (0 = batch_size / processes)
     # peak learning rate (AdamW); 0 = the recipe's rule by the backbone's size (recipe.py): 0.001 below 10M parameters, 5e-05 below 1000M parameters, 1e-05 above
@@ -95,6 +100,7 @@ def validate(cfg: TrainConfig):
     """Every check that needs no model and no tokenizer, so that a mistake is one line before anything runs:
     option values, the data files, --model, --device, and that --resume continues the same run."""
     choices = {"head": ("mlp", "linear"), "loss": PAIRWISE_KINDS, "compile": ("auto", "on", "off"),
+               "share_prompts": ("auto", "on", "off"),
                "dtype": ("auto", "float32", "bfloat16"), "report_to": ("none", "tensorboard", "wandb")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -147,7 +153,7 @@ def check_model(name):
 
 
 RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
-                     "compile", "fsdp", "report_to", "gradient_checkpointing",
+                     "compile", "fsdp", "report_to", "gradient_checkpointing", "share_prompts",
                      "out"}  # a run folder may be moved or copied, and resumed where it is now
 
 
@@ -215,15 +221,17 @@ def step_loss(model, batch, cfg, pairs_in_step, lm_tokens_in_step, lm_loss=linea
 
 
 @torch.no_grad()
-def pair_accuracy(model, examples, batch_pairs, device, autocast, rewards_out=None):
+def pair_accuracy(model, examples, batch_pairs, device, autocast, rewards_out=None, layout="separate"):
     """-> (pair accuracy: the fraction of pairs with r(chosen) > r(rejected), a tie counts as wrong;
     margin_fit of Δr to Δs when every pair has a margin, else None). rewards_out: a list that gets each pair's
-    (r(chosen), r(rejected)) (for report.py's histograms)."""
+    (r(chosen), r(rejected)) (for report.py's histograms). layout: batches.collate's (the cost rule's weight is
+    the model's)."""
     was_training = model.training
     model.eval()
     reward_margins = []
     for k in range(0, len(examples), batch_pairs):
-        batch = to_device(collate(examples[k:k + batch_pairs], model.pad_id, False, False), device)
+        batch = to_device(collate(examples[k:k + batch_pairs], model.pad_id, False, False, layout,
+                                  attention_key_cost(model.lm)), device)
         with autocast:
             rewards, _ = model(batch)
         reward_margins += (rewards[:batch.n_pairs] - rewards[batch.n_pairs:]).tolist()
@@ -264,6 +272,8 @@ class Run:
     log: object  # print on rank 0, silent elsewhere
     lr: float  # the peak learning rate (--lr, or the recipe's rule)
     tracker: object = None  # --report-to's experiment tracker (rank 0), see open_tracker
+    layout: str = "separate"  # batches.collate's layout (--share-prompts)
+    key_cost: float = 0.0  # model.attention_key_cost: the weight of attention in layout="auto"'s cost rule
 
 
 def build_model(cfg, device, log):
@@ -360,8 +370,9 @@ def set_up(cfg):
         distributed.shard(model, bf16=cuda and dtype == "bfloat16")
     lr = peak_lr(cfg, model, log)
     optimizer = build_optimizer(model, cfg, lr, cuda, sharded)
+    layout = {"auto": "auto", "on": "shared", "off": "separate"}[cfg.share_prompts]
     return Run(model, model, optimizer, rank, world, device, autocast, sharded, use_lm, examples, stats, eval_sets,
-               eval_stats, micro, accum, steps_per_epoch, total, log, lr, tracker)
+               eval_stats, micro, accum, steps_per_epoch, total, log, lr, tracker, layout, attention_key_cost(model.lm))
 
 
 def resume(cfg, run):
@@ -404,8 +415,9 @@ def train(cfg: TrainConfig, stop_after: int = 0, on_step=None):
 
     stop_after > 0 checkpoints and returns {} after that step, as if the run had been cut there (for tests).
     on_step(step, numbers) is called after every optimizer step, on every process, with that step's numbers:
-    seconds (from data to optimizer step), pair_loss, lm_loss, correct, pairs, tokens (real) and slots (incl.
-    padding) of this process -- for a benchmark or a caller that watches the run.
+    seconds (from data to optimizer step), pair_loss, lm_loss, correct, pairs, tokens (computed, padding not
+    included) and slots (incl. padding) of this process, shared_pairs (prompt computed once) and separate_pairs
+    (--share-prompts asked, but the pair's rows were cut to different prompts) -- for a benchmark or a caller.
     One run at a time per cfg.out: another process's run there is a files.FolderBusy naming its PID."""
     validate(cfg)
     with out_lock(cfg):
@@ -422,7 +434,7 @@ def out_lock(cfg):
 
 
 def earlier_run(out):
-    """What of an earlier run `out` holds ("log.jsonl with N steps", checkpoints), or None."""
+    """What of an earlier run `out` holds (log.jsonl records, checkpoint copies), in words, or None."""
     found = []
     log = os.path.join(out, "log.jsonl")
     if os.path.exists(log) and os.path.getsize(log):
@@ -499,10 +511,10 @@ def train_step(cfg, run, step):
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, run.total, run.lr, cfg)
     totals = torch.zeros(4, dtype=torch.float64, device=run.device)  # pair loss, lm loss, correct, pairs
-    tokens = slots = 0
+    tokens = slots = shared = separate = 0
     for k in range(run.accum):
         batch = to_device(collate(mine[k * run.micro:(k + 1) * run.micro], run.model.pad_id, run.use_lm,
-                                  cfg.loss != "bt"), run.device)
+                                  cfg.loss != "bt", run.layout, run.key_cost), run.device)
         sync = run.world == 1 or k == run.accum - 1
         no_sync = not sync and hasattr(run.forward_model, "no_sync")
         with run.forward_model.no_sync() if no_sync else contextlib.nullcontext():
@@ -514,6 +526,7 @@ def train_step(cfg, run, step):
                                totals.new_tensor(batch.n_pairs)])
         tokens += batch.real_tokens
         slots += batch.input_ids.numel()
+        shared, separate = shared + batch.shared_pairs, separate + batch.separate_pairs
     if run.world > 1:  # the step's loss over all processes, not rank 0's share
         distributed.all_reduce_sum(totals)
     pair, lm, correct, pairs = totals.tolist()
@@ -522,14 +535,14 @@ def train_step(cfg, run, step):
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {"pair_loss": pair, "lm_loss": lm, "correct": int(correct), "pairs": int(pairs), "tokens": tokens,
-            "slots": slots, "seconds": time.perf_counter() - t0}
+            "slots": slots, "shared_pairs": shared, "separate_pairs": separate, "seconds": time.perf_counter() - t0}
 
 
 def evaluate_splits(cfg, run, rewards=None):
     """-> ({split: accuracy}, {split: margin_fit} for the splits whose pairs all have margins); rewards: a dict
     that gets {split: [(r(chosen), r(rejected))]}."""
     results = {name: pair_accuracy(run.model, data, cfg.eval_batch, run.device, run.autocast,
-                                   None if rewards is None else rewards.setdefault(name, []))
+                                   None if rewards is None else rewards.setdefault(name, []), run.layout)
                for name, data in run.eval_sets.items()}
     return ({name: acc for name, (acc, _) in results.items()},
             {name: fit for name, (_, fit) in results.items() if fit is not None})

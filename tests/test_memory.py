@@ -25,7 +25,7 @@ def packed_batch(model, tmp_path, n=6):
 
 
 def loss_and_grads(model, batch):
-    cfg = train.TrainConfig(lm_weight=0.5)
+    cfg = train.TrainConfig(loss="mse", lm_weight=0.5)  # the batch carries margins (collate(..., True, True))
     model.zero_grad(set_to_none=True)
     loss, _, _, _ = train.step_loss(model, batch, cfg, batch.n_pairs, len(batch.lm_target))
     loss.backward()

@@ -66,7 +66,12 @@ def test_word_diff_marks_the_edit_and_escapes_everything():
     assert html.unescape(re.sub(r"<ins>.*?</ins>|</?del>", "", marked)) == old
     assert html.unescape(re.sub(r"<del>.*?</del>|</?ins>", "", marked)) == new
     assert report.word_diff("same words", "same words") == "same words"
-    assert report.changed_words("a b c d", "a b x d") == pytest.approx(0.25)
+    assert report.word_edits("a b c d", "a b x d") == 1
+    # added text counts (the old "% of words changed" said 0% for an answer grown to three times its length)
+    assert report.word_edits("a b", "a b c d e f") == 4 and report.edit_ratio("a b", "a b c d e f") == 2.0
+    assert report.word_edits("a b c", "x y") == 3 and report.word_edits("", "") == 0
+    assert report.edit_stats([("a b", "a b"), ("a b", "a x"), ("a", "a b c")]) == \
+        {"pairs": 3, "median": 0.5, "mean": 0.833, "over_1": 1}
 
 
 def test_histogram_counts_every_value_once():
@@ -74,6 +79,14 @@ def test_histogram_counts_every_value_once():
     counts = [int(c) for c in re.findall(r"\): (\d+)</title></rect>", svg)]
     assert sum(counts) == 5 and "chosen (4)" in svg and "rejected (1)" in svg
     assert "<svg" in report.histogram("empty", {"x": []})  # no values: still a valid (empty) chart
+
+
+def test_histogram_on_a_grid_labels_each_bar_with_its_value():
+    """Issue 19: Δs on the half-point grid; a bar of zeros was labelled "[-0.5, 0)"."""
+    svg = report.histogram("d", {"pairs": [0.0, 0.0, 1.5, 2.0, 2.0, 2.0]}, mark=1.0, step=0.5)
+    titles = dict(re.findall(r"<title>pairs (= [-\d.]+): (\d+)</title></rect>", svg))
+    assert titles == {"= 0": "2", "= 1.5": "1", "= 2": "3"}
+    assert "[-0.5, 0)" not in svg
 
 
 # ------------------------------------------------------------------------------------------------ train page

@@ -12,7 +12,8 @@ import distill
 import teacher
 from asker import Asker, cache_key
 from fault_server import REFUSAL, FaultServer, reply, status, yield_comparison
-from protocol import ParseError, check_answer, parse_annotation, parse_score, strip_reasoning, tagged
+import fault_server
+from protocol import ParseError, check_answer, is_refusal, parse_annotation, parse_score, strip_reasoning, tagged
 from test_teacher import FAST, PAIR, run_rows
 
 
@@ -27,7 +28,7 @@ def test_yield_under_30_percent_faults_matches_a_clean_run(tmp_path):
                                                                     "length", "garbage", "refusal", "huge"}
     assert r["unaccounted"] == 0 and r["invented"] == 0 and r["labels_changed"] == 0
     assert r["faulty_kept"] >= 0.95 * r["clean_kept"]
-    assert r["identical"] + r["differ_after_reask"] == r["faulty_kept"]
+    assert r["identical"] + r["differ_after_reask"] + r["teacher_refused"] == r["faulty_kept"]
     assert r["requests_ratio"] <= 1.7
 
 
@@ -91,11 +92,11 @@ def test_reask_changes_the_request_and_quotes_the_problem(tmp_path):
     # a sampled generation is re-asked with a new seed and the same messages
     seen = []
 
-    def refuse_first_generation(body, n):
+    def junk_first_generation(body, n):
         if not body["messages"][0]["content"].startswith("[rmd:") and not seen:
             seen.append(n)
-            return reply("I'm sorry, but I can't help with that.")
-    with FaultServer(fault=refuse_first_generation) as server:
+            return reply("1e309 -3")
+    with FaultServer(fault=junk_first_generation) as server:
         _, train, _, failures = run_rows(server, [PAIR], tmp_path / "g")
     generate = [b for b in server.bodies if not b["messages"][0]["content"].startswith("[rmd:")]
     assert failures == [] and len(generate) == 2 and generate[0]["messages"] == generate[1]["messages"]
@@ -126,33 +127,70 @@ def test_a_definite_unsupported_answer_switches_to_text_mode(tmp_path):
 
 @pytest.mark.parametrize("text,reason", [
     ("NaN NaN", "degenerate_reply"), ("\uff11\uff12\uff13\uff14 \uff15\uff16", "degenerate_reply"),
-    ("I'm sorry, but I can't help with that.", "refusal"), ("I cannot assist with this request.", "refusal"),
     ("  \n\t ", "empty_reply"), ("}{ ][ ,,", "degenerate_reply"), ("\ufffd\ufffd\ufffd", "degenerate_reply"),
     ("null", "degenerate_reply"), ("ha " * 5000, "degenerate_reply"),
-])
-def test_degenerate_and_refused_answers_are_detected(text, reason):
+    ("1e309 -3", "degenerate_reply"), ("inf", "degenerate_reply"), ("1e999", "degenerate_reply"),
+    ("3 7 12", "degenerate_reply"), ("-1, 2.5;", "degenerate_reply"),
+] + [(text, "degenerate_reply") for text in fault_server.GARBAGE])
+def test_degenerate_answers_are_detected(text, reason):
     with pytest.raises(ParseError) as e:
         check_answer(text)
     assert e.value.reason == reason
 
 
-@pytest.mark.parametrize("text", ["4", "The answer is 4.", "巴黎是法国的首都。", "Sorry to hear that! Here is how: ...",
-                                  "**Paris**", "x = [1, 2, 3]", "I can't stress this enough: check the units."])
-def test_ordinary_answers_pass(text):
-    assert check_answer(text) == text
+@pytest.mark.parametrize("text", ["4", "-3.5", "1,000", "42.", "The answer is 4.", "巴黎是法国的首都。",
+                                  "Sorry to hear that! Here is how: ...", "**Paris**", "x = [1, 2, 3]", "3/4",
+                                  "I can't stress this enough: check the units.",
+                                  "I'm sorry, but I can't help with that.", "I cannot assist with this request."])
+def test_ordinary_answers_and_refusals_pass(text):
+    assert check_answer(text) == text  # a refusal is an answer: is_refusal says which
 
 
-def test_a_refused_teacher_answer_is_reasked_then_recorded(tmp_path):
-    refuse = lambda b, n: REFUSAL if not b["messages"][0]["content"].startswith("[rmd:") else None  # noqa: E731
-    with FaultServer(fault=refuse) as server:
-        _, train, annotated, failures = run_rows(server, [PAIR], tmp_path)
-    assert train == [] and annotated == []
-    (f,) = failures
-    assert (f["stage"], f["reason"], len(f["replies"])) == ("generate", "refusal", 1 + distill.DistillConfig().reask)
-    junk = lambda b, n: reply("NaN NaN") if not b["messages"][0]["content"].startswith("[rmd:") else None  # noqa
+@pytest.mark.parametrize("text", [
+    "I'm sorry, but I can't help with that.", "I cannot assist with this request.",
+    "Unfortunately, I'm unable to assist with that request.", "I apologize, but I cannot provide that information.",
+    "As an AI language model, I cannot browse the internet.", "I must decline to help with this.",
+    "Sorry, I won't write that.", "I'm not able to help with hacking into accounts.",
+    "That's not something I can help with.", "I'm afraid I can't do that.",
+    "I'm sorry, but I cannot fulfill this request.", "I can't provide personal addresses of private individuals.",
+])
+def test_refusals_are_recognised(text):
+    assert is_refusal(text)
+
+
+@pytest.mark.parametrize("text", [
+    "I can't stress this enough: check the units.", "Sorry to hear that! Here is how: first, ...",
+    "The capital of France is Paris.", "Here is how to do it. I cannot guarantee it works on Windows.",
+    "I won't lie, this is a hard one: the answer is 7.", "Unfortunately, the store is closed on Sundays.", "",
+])
+def test_answers_are_not_refusals(text):
+    assert not is_refusal(text)
+
+
+@pytest.mark.parametrize("refusal", [REFUSAL, reply("Unfortunately, I'm unable to assist with that request.")])
+def test_a_refused_teacher_answer_is_the_answer_never_reasked(tmp_path, refusal):
+    """Issue 19: on harmlessness data a refusal is the teacher's answer y_T. It is kept (the API's refusal field
+    or the text), marked in provenance, counted in the summary and the report, and never asked again."""
+    generate = lambda b: not b["messages"][0]["content"].startswith("[rmd:")  # noqa: E731
+    with FaultServer(fault=lambda b, n: refusal if generate(b) else None) as server:
+        summary, train, annotated, failures = run_rows(server, [PAIR], tmp_path)
+    text = refusal.get("refusal") or refusal["content"]
+    assert failures == [] and sum(map(generate, server.bodies)) == 1  # one generate request: no re-ask
+    assert train[0]["teacher_response"] == annotated[0]["teacher_response"] == text
+    assert train[0]["provenance"]["teacher_refused"] is True
+    assert summary["refusals"] == {"generate": 1, "candidates": 0, "kept_rows": 1}
+    assert summary["stages"]["generate"]["refusals"] == 1 and summary["stages"]["generate"]["reasks"] == 0
+    page = open(tmp_path / "out" / "report.html").read()
+    assert "1 teacher answers y_T refuse" in page
+
+
+def test_a_junk_teacher_answer_is_reasked_then_recorded(tmp_path):
+    junk = lambda b, n: reply("1e309 -3") if not b["messages"][0]["content"].startswith("[rmd:") else None  # noqa
     with FaultServer(fault=junk) as server:
         _, train, _, failures = run_rows(server, [PAIR], tmp_path / "junk")
-    assert train == [] and failures[0]["reason"] == "degenerate_reply"
+    (f,) = failures
+    assert train == [] and (f["stage"], f["reason"]) == ("generate", "degenerate_reply")
+    assert len(f["replies"]) == 1 + distill.DistillConfig().reask
 
 
 def test_echoed_scores_are_rejected_in_json_mode_and_in_the_score_stage():
