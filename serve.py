@@ -316,10 +316,10 @@ class RewardServer(ThreadingHTTPServer):
 
 def start_server(model, host="127.0.0.1", port=0, batch_size=32, max_items=256, max_body=8 << 20, max_len=0,
                  idle_timeout=30.0, max_connections=64, head_timeout=10.0):
-    """Serve in a background thread -> (url, shutdown function). A connection silent for idle_timeout seconds
-    is closed; a request's line and headers must be in within head_timeout seconds of the connection being ready
-    for it (opened, or the last reply sent), its body within idle_timeout per read and 4 x idle_timeout in all; at
-    most max_connections are served at once (more get a 503 and are closed; as many wait in the listen backlog)."""
+    """Serve in a background thread -> (url, shutdown function). A request's line and headers must be in within
+    head_timeout seconds of the connection being ready for it (opened, or the last reply sent), or the connection
+    is closed; its body within idle_timeout per read and 4 x idle_timeout in all. At most max_connections are served
+    at once (more get a 503 and are closed; as many again wait in the listen backlog)."""
     scorer = Scorer(model, batch_size)
     max_len = max_len or model.max_len
     try:
@@ -348,8 +348,8 @@ class ServeConfig:
     max_items: int = 256  # sequences per request (more: 413)
     max_body_mb: float = 8.0  # request body size limit in MiB (more: 413)
     max_len: int = 0  # tokens per sequence (0 = the model's training max_len)
-    idle_timeout: float = 30.0  # seconds a connection may stay silent (mid-request or between requests)
-    head_timeout: float = 10.0  # seconds from a connection being ready for a request to its last header (slow clients are cut off)
+    idle_timeout: float = 30.0  # seconds one read may wait mid-request (a body must also arrive within 4x this)
+    head_timeout: float = 10.0  # seconds from a connection being ready for a request (opened, or the last reply sent) to its last header: idle or dripping clients are cut off
     max_connections: int = 64  # connections served at once (and the listen backlog); more get 503
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
 
