@@ -441,7 +441,7 @@ def earlier_run(out):
         with open(log) as f:
             found.append(f"log.jsonl with {sum(1 for line in f if line.strip())} records")
     copies = [os.path.basename(c) for c in distributed.checkpoint_copies(os.path.join(out, "ckpt"))
-              if os.path.lexists(c)]
+              if os.path.isdir(c)]  # a file of that name is no checkpoint: the first save replaces it
     if copies:
         found.append(f"checkpoint {', '.join(copies)}")
     return " and ".join(found) or None

@@ -144,6 +144,12 @@ def test_a_file_named_ckpt_tmp_does_not_break_the_first_save(tmp_path):
     (tmp_path / "ckpt.tmp").write_text("not a folder")  # used to fail: FileExistsError in os.makedirs
     distributed.save_checkpoint(ckpt, *model_and_optimizer(0), {"step": 1})
     assert distributed.checkpoint_dir(ckpt) == ckpt and sorted(os.listdir(tmp_path)) == ["ckpt"]
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(8))
+    cfg = train_cfg(tmp_path / "run", data, max_steps=1, batch_size=4, max_len=64)
+    os.makedirs(cfg.out)
+    open(os.path.join(cfg.out, "ckpt.tmp"), "w").close()  # in a fresh --out: no earlier run, and the save works
+    train.train(cfg)
+    assert distributed.checkpoint_dir(os.path.join(cfg.out, "ckpt")) == os.path.join(cfg.out, "ckpt")
 
 
 def test_save_checkpoint_fsyncs_the_files_and_folders_around_the_renames(tmp_path, monkeypatch):
