@@ -663,7 +663,7 @@ def test_cache_rerun_sends_nothing_and_tolerates_a_torn_line(tmp_path):
 
 @pytest.mark.parametrize("foreign", [b"my notes\nthe last line has no newline", b'{"a": 1}\n{"b": 2}\n{"c": 3',
                                      b"\x00\x01binary", b'{"key": "k", "reply": {}}\nnot an entry\n',
-                                     b"single line, no newline"])
+                                     b"single line, no newline", b'{"key": "row-1", "text": "a dataset"}\n{"key": "ro'])
 def test_a_file_the_cache_did_not_write_is_refused_and_left_untouched(tmp_path, foreign):
     path = tmp_path / "notes.txt"
     path.write_bytes(foreign)
@@ -692,14 +692,15 @@ def test_a_cache_starts_with_its_header_and_only_then_is_its_torn_line_cut(tmp_p
 
 def test_a_cache_written_before_the_header_is_still_used(tmp_path, capsys):
     path = tmp_path / "cache.jsonl"
-    old = '{"key":"k1","reply":"one"}\n{"key":"k2","reply":"two"}\n{"key":"k3","re'  # an earlier rmd, killed
+    k1, k2, k3 = (teacher.request_key({"n": n}) for n in (1, 2, 3))
+    old = f'{{"key":"{k1}","reply":"one"}}\n{{"key":"{k2}","reply":"two"}}\n{{"key":"{k3}","re'  # killed mid-write
     path.write_text(old)
     cache = teacher.Cache(str(path))
     assert "without a header line" in capsys.readouterr().err
-    assert cache.fetch("k2", lambda: pytest.fail("sent again"))[1] is True
-    cache.fetch("k3", lambda: {"reply": "three"})
+    assert cache.fetch(k2, lambda: pytest.fail("sent again"))[1] is True
+    cache.fetch(k3, lambda: {"reply": "three"})
     cache.close()
-    assert path.read_text() == old[:old.rindex("\n") + 1] + '{"key":"k3","reply":"three"}\n'
+    assert path.read_text() == old[:old.rindex("\n") + 1] + f'{{"key":"{k3}","reply":"three"}}\n'
 
 
 def test_an_empty_file_becomes_a_cache(tmp_path):
