@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import distributed
+import files
 import lora
 import report
 import recipe
@@ -54,7 +55,9 @@ class TrainConfig:
     chosen_key: str = ""  # column holding the chosen answer ("" = chosen)
     rejected_key: str = ""  # column holding the rejected answer ("" = rejected)
     holdout: int = 0  # also hold out the last N usable pairs of --data as the eval split "heldout"
-    out: str = "out/train"  # where the model, checkpoints, log.jsonl and eval.json go
+    # where the model, checkpoints, log.jsonl and eval.json go; one run at a time; a folder with an earlier run in it
+    # is refused without --resume
+    out: str = "out/train"
     model: str = ""  # the student: an HF folder, a Hub id, a .gguf file, or (rmd.py only) the demo's "tiny"
     layers: int = 0  # keep only the first N transformer layers of the backbone (0 = all)
     head: str = "mlp"  # value head: "mlp" (dropout, Linear(H,1024), ReLU, Linear(1024,1)) or "linear"
@@ -86,9 +89,9 @@ class TrainConfig:
     compile: str = "auto"  # torch.compile the forward: auto (on for CUDA, off on CPU), on, off
     log_interval: int = 10  # steps per log line
     eval_interval: int = 0  # evaluate every N steps (0 = only at the end)
-    save_interval: int = 0  # checkpoint every N steps (0 = only at the end)
+    save_interval: int = 0  # checkpoint every N steps (0 = only at the end); the previous copy stays as ckpt.old
     eval_batch: int = 32  # pairs per forward pass at evaluation
-    resume: bool = False  # continue from <out>/ckpt
+    resume: bool = False  # continue from <out>/ckpt (the newest whole copy; the folder may have been moved or copied)
     # shard parameters, gradients and optimizer state over processes with FSDP2 fully_shard: each transformer layer
     # and the root; for models too big for one GPU; needs torchrun (a single process trains unsharded)
     fsdp: bool = False
@@ -159,7 +162,7 @@ def check_model(name):
 
 RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
                      "compile", "fsdp", "report_to", "gradient_checkpointing", "share_prompts",
-                     "token_cache"}
+                     "token_cache", "out"}  # a run folder may be moved or copied, and resumed where it is now
 
 
 def check_resume(cfg):
@@ -427,8 +430,47 @@ def train(cfg: TrainConfig, stop_after: int = 0, on_step=None, backbone=None):
     on_step(step, numbers) is called after every optimizer step, on every process, with that step's numbers:
     seconds (from data to optimizer step), pair_loss, lm_loss, correct, pairs, tokens (computed, padding not
     included) and slots (incl. padding) of this process, shared_pairs (prompt computed once) and separate_pairs
-    (--share-prompts asked, but the pair's rows were cut to different prompts) -- for a benchmark or a caller."""
+    (--share-prompts asked, but the pair's rows were cut to different prompts) -- for a benchmark or a caller.
+    One run at a time per cfg.out: another process's run there is a files.FolderBusy naming its PID."""
     validate(cfg, backbone)
+    with out_lock(cfg):
+        check_fresh_out(cfg)
+        return run_training(cfg, stop_after, on_step, backbone)
+
+
+def out_lock(cfg):
+    """The lock on cfg.out (files.folder_lock), taken by rank 0 only: the other processes of a torchrun run are
+    the same run; a second run's rank 0 fails, and torchrun stops its other processes."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return contextlib.nullcontext()
+    return files.folder_lock(cfg.out, "train")
+
+
+def earlier_run(out):
+    """What of an earlier run `out` holds (log.jsonl records, checkpoint copies), in words, or None."""
+    found = []
+    log = os.path.join(out, "log.jsonl")
+    if os.path.exists(log) and os.path.getsize(log):
+        with open(log) as f:
+            found.append(f"log.jsonl with {sum(1 for line in f if line.strip())} records")
+    copies = [os.path.basename(c) for c in distributed.checkpoint_copies(os.path.join(out, "ckpt"))
+              if os.path.isdir(c)]  # a file of that name is no checkpoint: the first save replaces it
+    if copies:
+        found.append(f"checkpoint {', '.join(copies)}")
+    return " and ".join(found) or None
+
+
+def check_fresh_out(cfg):
+    """Without --resume, --out must hold no earlier run: its log.jsonl would get a second history and its
+    checkpoint would be overwritten. One line naming --resume and a fresh --out."""
+    found = None if cfg.resume else earlier_run(cfg.out)
+    if found:
+        raise UsageError(f"{cfg.out} holds an earlier run ({found}): pass --resume to continue it (a finished run is "
+                         f"evaluated again), or give a fresh --out for a new run (or delete {cfg.out})")
+
+
+def run_training(cfg, stop_after, on_step, backbone):
+    """train() once the output folder is this run's."""
     run = set_up(cfg, backbone)
     step = resume(cfg, run) if cfg.resume else 0
     wrap(cfg, run)

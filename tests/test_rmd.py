@@ -80,6 +80,17 @@ def test_bad_rows_stop_with_file_and_line(tmp_path, line, message):
     assert f"{path}:2:" in str(err.value) and message in str(err.value)
 
 
+@pytest.mark.parametrize("need_margin", [train.TrainConfig().loss != "bt", True])  # the default loss's, and mse's
+@pytest.mark.parametrize("missing", ["chosen_score", "rejected_score"])
+def test_a_lone_score_is_a_missing_field_at_its_line(tmp_path, need_margin, missing):
+    rows = easy_rows(5)
+    del rows[3][missing]  # used to be a KeyError traceback from formats.number
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(formats.DataError) as err:
+        batches.load_pairs(path, ByteTokenizer(), 64, need_margin=need_margin)
+    assert str(err.value).startswith(f"{path}:4: missing field '{missing}'")
+
+
 def full_ids(tok, prompt, answer):
     return (encode(tok, render_prompt(tok, formats.as_messages(prompt, "x"))), answer_ids(tok, answer))
 
