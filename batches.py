@@ -78,7 +78,7 @@ def check_data_file(option, path):
     """A one-line error when --option=path is not a data source (before anything loads)."""
     problem = source_problem(path)
     if problem:
-        raise SystemExit(f"error: --{option}={problem}")
+        raise DataError(f"--{option}={problem}")
 
 
 def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teacher=False, keep_ties=True, keys=None,

@@ -24,6 +24,12 @@ class DataError(ValueError):
     """A bad data file or row: the message names file:line and what is wrong."""
 
 
+class UsageError(ValueError):
+    """A wrong option value or combination: the message names the option (--key) and what to pass. The library raises
+    it (and DataError); only a command line turns them into `error: <message>` and exit status 1 (cli.one_line_errors),
+    so a notebook that calls the library can catch them."""
+
+
 def _lines(path):
     """(line_no, text) of a UTF-8 file (.gz by suffix): a BOM is dropped and CRLF read as LF; a byte that
     is not UTF-8 is a ValueError naming the file and line (a folder or a missing file: read_jsonl_rows)."""
@@ -161,8 +167,9 @@ def rename_columns(row, keys, where):
 
 
 def read_jsonl_rows(path, keys=None, raw=False):
-    """Yield (line_no, obj) for each row of a data file: JSONL (.jsonl, .jsonl.gz: one object per non-blank line),
-    one JSON array (line_no = the line its element starts on), Parquet or a Hub dataset `hf:owner/name[:split]`
+    """Yield (line_no, obj) for each row of a data file: JSONL (.jsonl, .jsonl.gz: one object per non-blank line,
+    always), one JSON array (another name, e.g. .json, starting with '['; line_no = the line its element starts on),
+    Parquet or a Hub dataset `hf:owner/name[:split]`
     (line_no = the row number). UTF-8 with or without a BOM, LF or CRLF. Anything else, or a row that is not a JSON
     object, is a `file:line` ValueError. `keys` ({field: column}, see column_keys) renames columns. JSONL is
     streamed; raw=True yields its lines as text, for jsonl_row to parse elsewhere (pair_cache's worker processes)."""
@@ -180,7 +187,7 @@ def read_jsonl_rows(path, keys=None, raw=False):
             if item[1].strip():
                 break
         first, lines = (head[-1][1].lstrip() if head else ""), itertools.chain(head, lines)
-        if first.startswith("["):
+        if first.startswith("[") and not path.endswith((".jsonl", ".jsonl.gz")):  # .jsonl: always JSONL
             numbered = _json_array_rows(path, list(lines))
         else:
             for line_no, line in lines:
@@ -395,6 +402,9 @@ def as_messages(prompt, where):
 
 
 def number(row, key, where):
+    if key not in row:
+        raise DataError(f"{where}: missing field '{key}' (a score needs its pair: give chosen_score and "
+                        "rejected_score, or margin)")
     value = row[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DataError(f"{where}: field '{key}' must be a finite number, got {value!r}")

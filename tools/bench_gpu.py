@@ -1,7 +1,7 @@
 """GPU benchmark of rmd's training step: one table, a few minutes on one H100/H200, nothing downloaded.
 
-    python bench_gpu.py                       # Qwen2.5-0.5B-shaped student (random weights), bf16, 1k and 2k tokens
-    python bench_gpu.py --device cpu --tiny   # the same code paths at a toy size (checks the script, not the GPU)
+    python -m tools.bench_gpu                     # Qwen2.5-0.5B-shaped student (random weights), bf16, 1k and 2k tokens
+    python -m tools.bench_gpu --device cpu --tiny   # the same code paths at a toy size (checks the script, not the GPU)
 
 Needs only torch and transformers (plus model.py, batches.py, train.py and loss.py from this folder); TRL's
 RewardTrainer is timed too when `trl` and `datasets` import (carry their wheels, `pip install --no-deps`, if the
@@ -23,9 +23,12 @@ MFU = model FLOPs / time / peak dense bf16 FLOPs of the card (H100/H200 SXM: 989
 6 x non-embedding params x tokens + 6 x layers x hidden x seq x tokens (causal attention) + 6 x hidden x vocab x
 LM tokens (the LM head runs on the teacher-answer tokens only, in every variant).
 """
+
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    raise SystemExit("error: run it from the repository root as a module: python -m tools.bench_gpu")
+
 import contextlib
 import io
-import os
 import shutil
 import statistics
 import sys
@@ -36,11 +39,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train  # noqa: E402
-from batches import Example, collate, to_device  # noqa: E402
-from cli import parse_overrides  # noqa: E402
-from model import RewardModel  # noqa: E402
+import train
+from batches import Example, collate, to_device
+from cli import one_line_errors, parse_overrides
+from model import RewardModel
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
@@ -199,12 +201,12 @@ def trl_importable():
 
 
 def main():
-    args = parse_overrides(GpuBenchConfig(), sys.argv[1:], "python bench_gpu.py", "rmd's training step on one GPU: "
-                           "eager/compiled, fused/naive/no LM term, and TRL's RewardTrainer.")
+    args = parse_overrides(GpuBenchConfig(), sys.argv[1:], "python -m tools.bench_gpu", "rmd's training step on one "
+                           "GPU: eager/compiled, fused/naive/no LM term, and TRL's RewardTrainer.")
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py: no CUDA device here (torch.cuda.is_available() is False). Run it on a GPU "
-                         "machine, or check the script's logic with: python bench_gpu.py --device cpu --tiny")
+                         "machine, or check the script's logic with: python -m tools.bench_gpu --device cpu --tiny")
     try:
         seqs = [int(x) for x in args.seq.split(",")] if args.seq else ([64, 128] if args.tiny else [1024, 2048])
     except ValueError:
@@ -279,4 +281,5 @@ def print_table(args, n_params, cuda, card, rows):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

