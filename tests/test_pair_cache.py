@@ -10,8 +10,7 @@ import pytest
 
 import batches
 import pair_cache
-import train
-from conftest import chatml_tokenizer, easy_rows, train_cfg, write_jsonl
+from conftest import chatml_tokenizer, easy_rows, train_cfg, train_tiny, write_jsonl
 from model import ByteTokenizer, CutCounts
 
 
@@ -125,7 +124,7 @@ def test_training_reads_only_the_pairs_of_its_steps(tmp_path, monkeypatch):
     reads = []
     real = pair_cache.PairStore.example
     monkeypatch.setattr(pair_cache.PairStore, "example", lambda self, k: reads.append(k) or real(self, k))
-    train.train(train_cfg(tmp_path, data, max_steps=3, batch_size=4, token_cache=str(tmp_path / "cache")))
+    train_tiny(train_cfg(tmp_path, data, max_steps=3, batch_size=4, token_cache=str(tmp_path / "cache")))
     assert 0 < len(reads) <= 3 * 4
     order = batches.epoch_batches(batches.load_pairs(data, ByteTokenizer(), 64)[0], 4, 3, 0)
     assert isinstance(order[0], np.ndarray) and len(order) == 50
