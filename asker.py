@@ -192,6 +192,8 @@ class Asker:
             if not answer:
                 raise ParseError("refusal", "a refusal with no text", final=True)
             return answer, True
+        if stage in ANSWER_STAGES and problem == "length" and is_refusal(text):
+            return text, True  # a refusal cut short is still one: another sample would only be a chance to comply
         if problem:
             raise ParseError(problem, "cut at the token limit" if problem == "length" else "")
         if stage in ANSWER_STAGES:

@@ -65,13 +65,13 @@ class DistillConfig:
     workers: int = 8                    # most requests in flight at once
     rpm: int = 0                        # requests per minute limit, 0 = unlimited
     tpm: int = 0                        # tokens per minute limit (prompt estimate + max tokens), 0 = unlimited
-    timeout: float = 300.0              # seconds per HTTP request (the whole reply, body included)
-    max_retries: int = 5                # retries on 429, 5xx, timeouts, connection errors, broken bodies
+    timeout: float = 300.0              # seconds per HTTP request, whole reply (a slow local teacher: max tokens / tokens/s)
+    max_retries: int = 5                # retries on 429, 5xx, connection errors, broken bodies (a timeout: once)
     backoff_base: float = 1.0           # first backoff in seconds, doubled per retry, with jitter
     backoff_max: float = 60.0           # backoff cap in seconds (a server's Retry-After is honoured up to 600 s)
     max_tokens_param: str = "auto"      # auto | max_tokens | max_completion_tokens (auto: the latter for api.openai.com)
     disable_thinking: bool = False      # send chat_template_kwargs {"enable_thinking": false} (vLLM, SGLang: Qwen3 etc.)
-    json_mode: str = "auto"             # auto | on | off: response_format json_object for annotate/score (auto: probe once)
+    json_mode: str = "auto"             # auto | on | off: response_format json_object for annotate/refine/score/restyle (auto: probe once)
     gen_temperature: float = 0.7        # y_T and candidate answers
     gen_top_p: float = 0.8              # nucleus sampling for y_T and candidate answers
     gen_max_tokens: int = 1024          # reply length cap for y_T and candidate answers
@@ -85,7 +85,7 @@ class DistillConfig:
     restyle_temperature: float = 0.0    # restyle is greedy: a faithful rewrite, not a sample
     original_pairs: bool = True         # train.jsonl also gets each kept row's annotated pair (source "original")
     tie_policy: str = "drop"            # drop | reask (once, asking to avoid equal scores)
-    reask: int = 3                      # re-ask a reply that is not an answer (unparseable, empty, cut, refusal) N times
+    reask: int = 3                      # re-ask a reply that is no answer (unparseable, empty, cut, junk) N times; never a refusal of y_T
     retry_failed: bool = False          # ask the failed rows of <out>/failures.jsonl again (the rest from the cache)
     keep_label_disagreements: bool = False  # keep pairs whose input label the teacher contradicts
     seed: int = 0                       # pool sampling, candidate choice, sampled-call seeds
@@ -180,11 +180,11 @@ class Run:
         """Refine y_l towards y_T, then score y_w* in the same conversation, anchored on s(y_l), and filter:
         (diagnosis, y_w*, s(y_w*)), or a dropped row."""
         cfg, asker = self.cfg, self.asker
-        nonce, refine_text = refine_prompt(question, teacher_answer, rejected)
+        nonce, refine_text = refine_prompt(question, teacher_answer, rejected, asker.json_mode)
         messages = [{"role": "user", "content": refine_text}]
         (diagnosis, refined), refine_reply = asker.ask("refine", asker.teacher, asker.body(
-            cfg.teacher_model, messages, cfg.refine_temperature, cfg.refine_max_tokens, purpose=f"{rid}:refine"),
-            parse_refinement, nonce)
+            cfg.teacher_model, messages, cfg.refine_temperature, cfg.refine_max_tokens, purpose=f"{rid}:refine",
+            json_mode=asker.json_mode), parse_refinement, nonce, asker.json_mode, rejected)
         messages = messages + [{"role": "assistant", "content": refine_reply},
                                {"role": "user", "content": score_prompt(nonce, rejected_score, asker.json_mode)}]
         refined_score = asker.ask("score", asker.teacher, asker.body(
@@ -302,11 +302,11 @@ class Run:
         return pairs
 
     def restyle_answer(self, rid, which, question, answer, style):
-        nonce, text = restyle_prompt(question, answer, style)
-        cfg = self.cfg
-        body = self.asker.body(cfg.teacher_model, [{"role": "user", "content": text}], cfg.restyle_temperature,
-                               cfg.refine_max_tokens, purpose=f"{rid}:restyle:{which}")
-        return self.asker.ask("restyle", self.asker.teacher, body, parse_restyle, nonce, order=which)[0]
+        cfg, asker = self.cfg, self.asker
+        nonce, text = restyle_prompt(question, answer, style, asker.json_mode)
+        body = asker.body(cfg.teacher_model, [{"role": "user", "content": text}], cfg.restyle_temperature,
+                          cfg.refine_max_tokens, purpose=f"{rid}:restyle:{which}", json_mode=asker.json_mode)
+        return asker.ask("restyle", asker.teacher, body, parse_restyle, nonce, asker.json_mode, answer, order=which)[0]
 
 
 # ---------------------------------------------------------------------------- the report

@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from cli import parse_overrides
 from evaluation import load_model
-from formats import DataError
+from formats import DataError, UsageError
 
 class BadRequest(ValueError):
     def __init__(self, reason, status=400):
@@ -363,7 +363,7 @@ def serve_command(argv):
                                      int(cfg.max_body_mb * (1 << 20)), cfg.max_len, cfg.idle_timeout,
                                      cfg.max_connections, cfg.head_timeout)
     except OSError as e:
-        raise SystemExit(f"error: cannot serve on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+        raise UsageError(f"cannot serve on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
     print(f"reward server at {url}/get_reward (OpenRLHF --remote_rm_url) and {url}/score", file=sys.stderr)
     try:
         threading.Event().wait()

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import formats
-from conftest import ROOT, record_fsyncs, synced_around
+from conftest import ROOT, record_fsyncs, synced_around, train_tiny
 
 
 def parquet_dataset(folder, splits):
@@ -141,7 +141,7 @@ def test_train_and_eval_read_a_hub_dataset_end_to_end(tmp_path):
     from conftest import easy_rows
     folder = parquet_dataset(tmp_path / "ds", {"train": easy_rows(16), "test": easy_rows(8, seed=3)})
     out = tmp_path / "run"
-    train.train(train.TrainConfig(data=f"hf:{folder}", eval_data=f"test=hf:{folder}:test", out=str(out),
+    train_tiny(train.TrainConfig(data=f"hf:{folder}", eval_data=f"test=hf:{folder}:test", out=str(out),
                                   model="tiny-scratch", loss="bt", lm_weight=0.0, max_steps=2, batch_size=4,
                                   max_len=64, log_interval=1, seed=0))
     result = json.load(open(out / "eval.json"))

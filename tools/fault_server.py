@@ -99,9 +99,10 @@ def teacher_reply(body):
         return f"Assistant 1 is {'better' if s1 > s2 else 'worse'}.\n" + annotate_reply(s1, s2)
     if stage == "refine":
         rejected = fields["non_preferred"]
-        return refine_reply(fields["nonce"], "It lacks detail.", f"{rejected} Improved with detail {_h(rejected) % 100}.")
+        modified = f"{rejected} Improved with detail {_h(rejected) % 100}."
+        return refine_reply(fields["nonce"], "It lacks detail.", modified, json_mode)
     if stage == "restyle":
-        return restyle_reply(fields["nonce"], f"In other words: {fields['answer']}")
+        return restyle_reply(fields["nonce"], f"In other words: {fields['answer']}", json_mode)
     if body.get("response_format"):
         return PROBE_REPLY
     last = message_text(fields["messages"][-1])
@@ -274,8 +275,7 @@ def _distill_clean_and_faulty(rows, work, rate, seed, world, overrides):
     import io
     import os
     import distill
-    import sim
-    import sim_server
+    from demo import sim, sim_server
     os.makedirs(work, exist_ok=True)
     data = os.path.join(work, "in.jsonl")
     with open(data, "w", encoding="utf-8") as f:
@@ -303,7 +303,7 @@ def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
     """Distill the first `n_rows` rows of sim.py's world through a clean pass-through server and through
     flaky(rate, seed), both in front of sim_server.start_server; returns a dict of counts (see bench_teacher.py
     --only yield)."""
-    import sim
+    from demo import sim
     from formats import row_id
     world = world or sim.WorldConfig()
     rows = sim.distill_rows(world)[:n_rows]

@@ -31,12 +31,16 @@ normal/hard/best-of-N. Also: the teacher's own accuracy as a judge, and best-of-
 each arm's RM picks one, scored by the true quality of what it picks; rmd.py bon's scoring path) standing in for the
 paper's RL result.
 
-    python ablation.py                                  # 3 seeds, the default world
-    python ablation.py --seeds=0,1,2 --verbosity-bias=1.6 --out=runs/ablation-verbose
-    python ablation.py --seeds=7 --arms=a,n --steps=5 --sweep=0.1   # a smoke test
+    python -m demo.ablation                                  # 3 seeds, the default world
+    python -m demo.ablation --seeds=0,1,2 --verbosity-bias=1.6 --out=runs/ablation-verbose
+    python -m demo.ablation --seeds=7 --arms=a,n --steps=5 --sweep=0.1   # a smoke test
 
 Writes <out>/results.json (with "default_arm") and <out>/table.md; every run's files stay under <out>/seed<S>/.
 """
+
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    raise SystemExit("error: run it from the repository root as a module: python -m demo.ablation")
+
 import json
 import os
 import shutil
@@ -46,13 +50,12 @@ import sys
 import time
 from dataclasses import dataclass, fields
 
-import sim
-import sim_server
-from cli import parse_overrides
+from cli import one_line_errors, parse_overrides
+from demo import sim, sim_server
 from formats import write_jsonl
 from recipe import RECIPE
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
     "a": ("original", "bt", False, "tiny", "label distillation (bt, original pairs)"),
     "b": ("original", "mse", False, "tiny", "+ scoring (mse, original pairs)"),
@@ -170,8 +173,8 @@ class AblationConfig(sim.WorldConfig):
 
 
 def main(argv=None):
-    args = parse_overrides(AblationConfig(), list(sys.argv[1:] if argv is None else argv), "python ablation.py",
-                           __doc__.split("\n")[0])
+    args = parse_overrides(AblationConfig(), list(sys.argv[1:] if argv is None else argv),
+                           "python -m demo.ablation", __doc__.split("\n")[0])
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
     if unknown := [a for a in arms if a not in ARMS]:
@@ -181,7 +184,7 @@ def main(argv=None):
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     t_start = time.time()
     # 0. the pretrained student: the tiny model after LM pretraining on this world's text (built once, cached)
-    import tiny_lm
+    from demo import tiny_lm
     args.student = args.student or tiny_lm.tiny_backbone(world_of(args))
     students = {"tiny": args.student, "scratch": "tiny-scratch"}
     info = os.path.join(args.student, "pretrain.json")
@@ -416,4 +419,5 @@ def _run_parallel(jobs, args):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()
