@@ -168,7 +168,7 @@ def rename_columns(row, keys, where):
 
 def read_jsonl_rows(path, keys=None, raw=False):
     """Yield (line_no, obj) for each row of a data file: JSONL (.jsonl, .jsonl.gz: one object per non-blank line,
-    always), one JSON array (another name, .json, starting with '['; line_no = the line its element starts on),
+    always), one JSON array (another name, e.g. .json, starting with '['; line_no = the line its element starts on),
     Parquet or a Hub dataset `hf:owner/name[:split]`
     (line_no = the row number). UTF-8 with or without a BOM, LF or CRLF. Anything else, or a row that is not a JSON
     object, is a `file:line` ValueError. `keys` ({field: column}, see column_keys) renames columns. JSONL is
@@ -187,7 +187,7 @@ def read_jsonl_rows(path, keys=None, raw=False):
             if item[1].strip():
                 break
         first, lines = (head[-1][1].lstrip() if head else ""), itertools.chain(head, lines)
-        if first.startswith("[") and not path.endswith((".jsonl", ".jsonl.gz")):  # .jsonl: JSONL whatever its start
+        if first.startswith("[") and not path.endswith((".jsonl", ".jsonl.gz")):  # .jsonl: always JSONL
             numbered = _json_array_rows(path, list(lines))
         else:
             for line_no, line in lines:

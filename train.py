@@ -55,7 +55,9 @@ class TrainConfig:
     chosen_key: str = ""  # column holding the chosen answer ("" = chosen)
     rejected_key: str = ""  # column holding the rejected answer ("" = rejected)
     holdout: int = 0  # also hold out the last N usable pairs of --data as the eval split "heldout"
-    out: str = "out/train"  # where the model, checkpoints, log.jsonl and eval.json go; one run at a time; a folder with an earlier run in it is refused without --resume
+    # where the model, checkpoints, log.jsonl and eval.json go; one run at a time; a folder with an earlier run in it
+    # is refused without --resume
+    out: str = "out/train"
     model: str = ""  # the student: an HF folder, a Hub id, a .gguf file, or (rmd.py only) the demo's "tiny"
     layers: int = 0  # keep only the first N transformer layers of the backbone (0 = all)
     head: str = "mlp"  # value head: "mlp" (dropout, Linear(H,1024), ReLU, Linear(1024,1)) or "linear"
@@ -160,7 +162,7 @@ def check_model(name):
 
 RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
                      "compile", "fsdp", "report_to", "gradient_checkpointing", "share_prompts",
-                     "token_cache", "out"}  # "out": a run folder may be moved or copied, and resumed where it is now
+                     "token_cache", "out"}  # a run folder may be moved or copied, and resumed where it is now
 
 
 def check_resume(cfg):
@@ -463,8 +465,8 @@ def check_fresh_out(cfg):
     checkpoint would be overwritten. One line naming --resume and a fresh --out."""
     found = None if cfg.resume else earlier_run(cfg.out)
     if found:
-        raise UsageError(f"{cfg.out} holds an earlier run ({found}): pass --resume to continue it (a finished run "
-                         f"is evaluated again), or give a fresh --out for a new run (or delete {cfg.out})")
+        raise UsageError(f"{cfg.out} holds an earlier run ({found}): pass --resume to continue it (a finished run is "
+                         f"evaluated again), or give a fresh --out for a new run (or delete {cfg.out})")
 
 
 def run_training(cfg, stop_after, on_step, backbone):
