@@ -23,7 +23,7 @@ from dataclasses import asdict
 
 from protocol import (PROBE_TEXT, REASK_LENGTH_NOTE, REASK_TEMPLATE, TEMPLATE_VERSION, ParseError, check_answer,
                       is_refusal, strip_reasoning)
-from teacher import (RETRY_STATUS, Cache, Client, FatalError, RateLimiter, Reply, TransportError, bounded,
+from teacher import (RETRY_STATUS, Cache, Client, FatalError, RateLimiter, Reply, TransportError, bounded, chat_url,
                      reply_problem, request_key)
 
 
@@ -45,6 +45,14 @@ ANSWER_STAGES = ("generate", "candidates")  # a model's own answer to the prompt
 
 def _split(csv):
     return [x.strip() for x in csv.split(",") if x.strip()]
+
+
+def candidate_key_env(cfg, url):
+    """The env var whose key goes to a candidate URL: --candidate-api-key-env when given; else the teacher's for
+    the teacher's own URL, and none for any other URL (often another provider: the teacher's key is not theirs)."""
+    if cfg.candidate_api_key_env:
+        return cfg.candidate_api_key_env
+    return cfg.api_key_env if chat_url(url) == chat_url(cfg.teacher_url) else ""
 
 
 def cache_key(body):
@@ -71,7 +79,7 @@ class Asker:
         if len(urls) not in (1, len(models)):
             raise ValueError(f"candidate_urls has {len(urls)} URLs for {len(models)} candidate_models: give one URL, "
                              "or one per model")
-        clients = {u: client(u, cfg.candidate_api_key_env or cfg.api_key_env) for u in set(urls)}
+        clients = {u: client(u, candidate_key_env(cfg, u)) for u in set(urls)}
         self.candidates = [(m, clients[urls[k % len(urls)]]) for k, m in enumerate(models)]
         self.clients = [self.teacher, *clients.values()]
         self.stats = {s: {"sent": 0, "replies": 0, "cache_hits": 0, "reasks": 0, "recovered": 0, "failures": {},

@@ -4,11 +4,17 @@ Each option is a field of a dataclass; `--key=value` or `--key value` (dashes or
 default, type-checked against it; `--help` lists every option with its type, default and meaning, the meaning
 being the field's `# comment` in the source, so the help never drifts from the code. A typo gets "did you mean",
 names people bring from TRL/transformers/OpenRLHF are accepted (ALIASES) or answered with the rmd name (HINTS),
-and every mistake is one line starting with `error:`. Standard library only.
+and every mistake is a UsageError with one line; a command's entry point runs inside one_line_errors(), which turns
+it (and a DataError) into `error: <line>` and exit status 1. Standard library only (formats.py for the two errors).
 
     cfg = parse_overrides(TrainConfig(), sys.argv[1:], prog="python rmd.py train")
+
+    if __name__ == "__main__":
+        with one_line_errors():
+            main()
 """
 import ast
+import contextlib
 import difflib
 import inspect
 import io
@@ -18,6 +24,8 @@ import textwrap
 import time
 import tokenize
 from dataclasses import asdict, fields
+
+from formats import DataError, UsageError
 
 
 # Names people bring from TRL / transformers / OpenRLHF: accepted for the rmd option they mean exactly (used only
@@ -96,7 +104,8 @@ def option_help(defaults, prog="", about=""):
 
 def parse_overrides(defaults, argv, prog="", about=""):
     """A copy of dataclass `defaults` with --key=value / --key value overrides, type-checked against the defaults.
-    --help / -h prints option_help and exits 0; mistakes exit with one line that starts with 'error:'."""
+    --help / -h prints option_help and exits 0 (asking for help is asking the command line); a mistake raises a
+    UsageError with one line."""
     if "--help" in argv or "-h" in argv:
         print(option_help(defaults, prog, about))
         raise SystemExit(0)
@@ -108,19 +117,19 @@ def parse_overrides(defaults, argv, prog="", about=""):
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}; options are --key=value ({see})")
+            raise UsageError(f"unexpected argument {arg!r}; options are --key=value ({see})")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         key = aliases.get(key, key)
         if key not in types:
-            raise SystemExit(f"error: unknown option --{key.replace('_', '-')}{_suggest(key, types, aliases, hints)} ({see})")
+            raise UsageError(f"unknown option --{key.replace('_', '-')}{_suggest(key, types, aliases, hints)} ({see})")
         if not eq:
             if types[key] is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
                 value = "true"
             elif i + 1 < len(argv):
                 i, value = i + 1, argv[i + 1]
             else:
-                raise SystemExit(f"error: --{key.replace('_', '-')} needs a value")
+                raise UsageError(f"--{key.replace('_', '-')} needs a value")
         values[key] = _convert(key, value, types[key])
         i += 1
     return type(defaults)(**{**asdict(defaults), **values})
@@ -147,8 +156,18 @@ def _convert(key, value, kind):
         return kind(value)
     except (KeyError, ValueError):
         expected = {"bool": "bool (true or false)", "float": "float (a number)"}.get(kind.__name__, kind.__name__)
-        raise SystemExit(f"error: --{key.replace('_', '-')}={value!r}: expected {expected}") from None
+        raise UsageError(f"--{key.replace('_', '-')}={value!r}: expected {expected}") from None
 
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Around a command's entry point: a UsageError or DataError (a mistake of the person running it, said in one
+    line) becomes `error: <line>` on stderr and exit status 1; any other exception is a bug and keeps its traceback."""
+    try:
+        yield
+    except (UsageError, DataError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def clock(seconds):

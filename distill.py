@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 
 from asker import Asker, RowFailure
 from cli import Progress
+from files import atomic_file, folder_lock
 from formats import canonical, column_keys, load_rows, read_jsonl_rows, write_jsonl
 from protocol import (RESTYLE_STYLES, TEMPLATE_VERSION, annotate_prompt, parse_annotation, parse_refinement,
                       parse_restyle, parse_score, prompt_messages, refine_prompt, render_question, restyle_prompt,
@@ -59,14 +60,14 @@ class DistillConfig:
     prompt_key: str = ""                # column holding the prompt ("" = prompt; OpenRLHF's --prompt_key)
     chosen_key: str = ""                # column holding the chosen answer ("" = chosen)
     rejected_key: str = ""              # column holding the rejected answer ("" = rejected)
-    out: str = "out/distill"            # output dir: train.jsonl, annotated.jsonl, failures.jsonl, summary.json
-    cache: str = ""                     # request cache, one JSON line per finished request; "" = <out>/cache.jsonl; a file it did not write is refused, untouched
+    out: str = "out/distill"            # output dir: train.jsonl, annotated.jsonl, failures.jsonl, summary.json; one run at a time
+    cache: str = ""                     # request cache (a file it did not write is refused, untouched); "" = <out>/cache.jsonl
     teacher_url: str = ""               # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
     teacher_model: str = ""             # the `model` field sent to the teacher
     api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key (the key itself is never stored)
     candidate_urls: str = ""            # comma-separated, for bare prompts; "" = teacher_url; one URL serves all models
     candidate_models: str = ""          # comma-separated candidate models; two are drawn per prompt (seeded)
-    candidate_api_key_env: str = ""     # "" = api_key_env
+    candidate_api_key_env: str = ""     # env var of the key for --candidate-urls; "" = the teacher's key only where a candidate URL is --teacher-url, no key elsewhere
     workers: int = 8                    # most requests in flight at once
     rpm: int = 0                        # requests per minute limit, 0 = unlimited
     tpm: int = 0                        # tokens per minute limit (prompt estimate + max tokens), 0 = unlimited
@@ -464,6 +465,10 @@ def _say_start(cfg, run, rows):
           f"retries {cfg.max_retries} (backoff {cfg.backoff_base}s..{cfg.backoff_max}s), "
           f"token estimates: {token_estimator_name()}, cache {run.asker.cache.path} "
           f"({len(run.asker.cache.entries)} entries)", file=sys.stderr)
+    keyless = sorted({client.url for _, client in run.asker.candidates if not client.api_key})
+    if keyless and not cfg.candidate_api_key_env:
+        print(f"[distill] candidate URL(s) {', '.join(keyless)} get no API key (the teacher's goes to the teacher's "
+              "URL only): pass --candidate-api-key-env=VAR to send one", file=sys.stderr)
 
 
 def _run_rows(run, rows):
@@ -497,14 +502,19 @@ def _run_rows(run, rows):
 
 
 def distill(cfg):
-    """Run the whole pipeline for `cfg` (a DistillConfig); write the outputs to cfg.out; return the summary."""
+    """Run the whole pipeline for `cfg` (a DistillConfig); write the outputs to cfg.out; return the summary. One run
+    at a time per cfg.out: another process's run there is a files.FolderBusy (a ValueError) naming its PID."""
     _check_config(cfg)
     rows = load_rows(cfg.data, cfg.limit, cfg.shard, column_keys(cfg))
+    with folder_lock(cfg.out, "distill"):  # two runs on one folder would send every request twice
+        return _distill_rows(cfg, rows)
+
+
+def _distill_rows(cfg, rows):
     retried = _failed_before(cfg) if cfg.retry_failed else None
     if retried is not None:
         print(f"[distill] --retry-failed: the {len(retried)} failed row(s) of {cfg.out}/failures.jsonl again, with "
               f"{cfg.reask + 1} more re-asks each; the other rows come from the cache", file=sys.stderr)
-    os.makedirs(cfg.out, exist_ok=True)
     run, t0 = Run(cfg), time.time()
     _say_start(cfg, run, rows)
     results = _run_rows(run, rows)
@@ -516,7 +526,7 @@ def distill(cfg):
                                                                           if t["provenance"]["source"] == "refined")}
     for name, items in outputs.items():
         write_jsonl(os.path.join(cfg.out, name + ".jsonl"), items)
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+    with atomic_file(os.path.join(cfg.out, "summary.json")) as f:
         json.dump(summary, f, indent=2)
     print_report(summary)
     report.distill_report(cfg.out, summary, outputs["train"])  # <out>/report.html: the run in pictures

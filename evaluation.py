@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from batches import check_data_file, cut_warnings
 from cli import parse_overrides
-from formats import DataError, answer_of, as_messages, column_keys, detect_format, parse_row, read_rows
+from formats import DataError, UsageError, answer_of, as_messages, column_keys, detect_format, parse_row, read_rows
 from model import CUT_KINDS, CutCounts, load_reward_model, pick_device
 
 
@@ -231,7 +231,7 @@ def cut_lines(result):
 def load_model(command, cfg):
     """The --model folder of eval/bon/serve, or a one-line error saying what to pass."""
     if not cfg.model:
-        raise SystemExit(f"error: rmd.py {command} needs --model=DIR: the model/ folder `rmd.py train` wrote "
+        raise UsageError(f"rmd.py {command} needs --model=DIR: the model/ folder `rmd.py train` wrote "
                          "(e.g. out/train/model)")
     device = pick_device(cfg.device)
     if not os.path.exists(os.path.join(cfg.model, "rmd.json")):
@@ -239,11 +239,11 @@ def load_model(command, cfg):
         hint = f"; did you mean --model={inner}?" if os.path.exists(os.path.join(inner, "rmd.json")) else \
             ": give the model/ folder `rmd.py train` wrote (e.g. out/train/model)"
         what = "no such folder" if not os.path.exists(cfg.model) else "not an rmd reward-model folder (no rmd.json)"
-        raise SystemExit(f"error: --model={cfg.model}: {what}{hint}")
+        raise UsageError(f"--model={cfg.model}: {what}{hint}")
     try:
         return load_reward_model(cfg.model, device)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --model={cfg.model} could not be loaded: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"--model={cfg.model} could not be loaded: {str(e).splitlines()[0]}") from None
 
 
 def default_out(command, data, suffix):
@@ -257,16 +257,13 @@ def eval_command(argv):
     cfg = parse_overrides(EvalConfig(), argv, "python rmd.py eval", "Accuracy of a trained reward model on pairs, "
                           "RewardBench or RM-Bench rows.")
     if cfg.padding_side not in ("left", "right") or cfg.format not in ("auto", "pairs", "rewardbench", "rmbench"):
-        raise SystemExit("error: --padding-side is left or right; --format is auto, pairs, rewardbench or rmbench")
+        raise UsageError("--padding-side is left or right; --format is auto, pairs, rewardbench or rmbench")
     if not cfg.data:
-        raise SystemExit("error: rmd.py eval needs --data=FILE (pairs, RewardBench or RM-Bench rows)")
+        raise UsageError("rmd.py eval needs --data=FILE (pairs, RewardBench or RM-Bench rows)")
     check_data_file("data", cfg.data)
     model = load_model("eval", cfg)
-    try:
-        result, _ = evaluate_file(model, cfg.data, cfg.format, cfg.batch_size, cfg.padding_side, cfg.max_len,
-                                  column_keys(cfg))
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    result, _ = evaluate_file(model, cfg.data, cfg.format, cfg.batch_size, cfg.padding_side, cfg.max_len,
+                              column_keys(cfg))
     result = {"model": cfg.model, "data": cfg.data, **result}
     print(table(result))
     out = cfg.out or default_out("eval", cfg.data, ".json")
@@ -281,7 +278,7 @@ def write_file(path, text):
         with open(path, "w") as f:
             f.write(text)
     except OSError as e:
-        raise SystemExit(f"error: cannot write --out={path}: {e}") from None
+        raise UsageError(f"cannot write --out={path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,16 +327,19 @@ def bon_command(argv):
     cfg = parse_overrides(BonConfig(), argv, "python rmd.py bon", "Best-of-N: every response's reward and the "
                           "pick; with a true_quality field, how good the picks are.")
     if not cfg.data:
-        raise SystemExit("error: rmd.py bon needs --data=rows.jsonl ({prompt, responses: [...]})")
+        raise UsageError("rmd.py bon needs --data=rows.jsonl ({prompt, responses: [...]})")
     check_data_file("data", cfg.data)
-    model = load_model("bon", cfg)
-    cuts = CutCounts()
     try:
         rows = read_rows(cfg.data)
-        scored = best_of_n(model, rows, cfg.batch_size, cfg.max_len, cuts)
-        quality = pick_quality(rows, scored)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
+    if not rows:  # nothing scored is no result: a script that checks the exit code must hear of it
+        raise SystemExit(f"error: {cfg.data} has no rows (the file is empty or blank); best-of-N needs rows "
+                         "{prompt, responses: [...]}")
+    model = load_model("bon", cfg)
+    cuts = CutCounts()
+    scored = best_of_n(model, rows, cfg.batch_size, cfg.max_len, cuts)
+    quality = pick_quality(rows, scored)
     out = cfg.out or default_out("bon", cfg.data, ".scored.jsonl")
     write_file(out, "".join(json.dumps(row) + "\n" for row in scored))
     print(f"{len(scored)} rows, {sum(len(r['rewards']) for r in scored)} responses scored: {out}", file=sys.stderr)

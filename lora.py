@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from formats import UsageError
+
 
 def backbone_linear_names(backbone):
     """Names (last component) of the backbone's nn.Linear layers, e.g. q_proj, k_proj, ..., down_proj."""
@@ -27,10 +29,10 @@ def add_adapters(model, r, alpha, dropout):
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
-        raise SystemExit("error: --lora-r needs the peft package: pip install peft (or --lora-r=0 for a full "
+        raise UsageError("--lora-r needs the peft package: pip install peft (or --lora-r=0 for a full "
                          "fine-tune)") from None
     if r < 0 or alpha <= 0 or not 0 <= dropout < 1:
-        raise SystemExit(f"error: need --lora-r >= 0, --lora-alpha > 0 and 0 <= --lora-dropout < 1 "
+        raise UsageError(f"need --lora-r >= 0, --lora-alpha > 0 and 0 <= --lora-dropout < 1 "
                          f"(got {r}, {alpha}, {dropout})")
     backbone = model.lm.model
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=backbone_linear_names(backbone))

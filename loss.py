@@ -102,7 +102,7 @@ def pairwise_loss(chosen_rewards, rejected_rewards, margins=None, kind="mse"):
 def _default_chunk_size(vocab_size, budget=2**25):
     # A chunk's fp32 logits hold about `budget` elements (128 MiB): a fixed cost next to the [V, H]
     # grad buffer. Liger's rule (chunk ≈ N / ceil(V / H)) gives 32-64 tokens here, which measured
-    # 1.5x slower than naive on CPU (bench.py --only lm --chunk-size 64); 256-1024 ran at 0.9-1.06x.
+    # 1.5x slower than naive on CPU (python -m tools.bench --only lm --chunk-size 64); 256-1024 ran at 0.9-1.06x.
     return 1 << max(budget // vocab_size, 1).bit_length() - 1
 
 

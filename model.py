@@ -8,7 +8,7 @@ Copy this file with formats.py (its one companion, standard library only) to sco
 
 What lives here: how a (prompt, answer) becomes token ids (render_prompt, render_answer, answer_ids, and fit: the
 one rule for cutting a sequence to max_len, with CutCounts to count the cuts); load_backbone (a Hugging Face
-causal-LM folder, a Hub id or a .gguf file; the built-in tiny student is built by tiny_lm.py) and
+causal-LM folder, a Hub id or a .gguf file; the demo's tiny student is built by demo/tiny_lm.py) and
 checkpoint_activations (--gradient-checkpointing); RewardModel (the backbone, its LM head and a value head; rewards
 of packed training batches and of padded scoring batches);
 save_reward_model / load_reward_model (safetensors; with the linear head also a standard HF sequence classifier);
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from formats import as_messages
+from formats import UsageError, as_messages
 
 ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 BYTE_TOKENIZER = "byte_tokenizer.json"  # marks a folder whose tokenizer is ByteTokenizer (no HF tokenizer files)
@@ -134,12 +134,12 @@ def pick_device(device):
     try:
         parsed = torch.device(device)
     except RuntimeError:
-        raise SystemExit(f"error: --device={device!r} is not a device: auto, cpu, cuda, cuda:1, ...") from None
+        raise UsageError(f"--device={device!r} is not a device: auto, cpu, cuda, cuda:1, ...") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device={device} but CUDA is not available here (torch {torch.__version__}); "
+        raise UsageError(f"--device={device} but CUDA is not available here (torch {torch.__version__}); "
                          "use --device=cpu or --device=auto")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise SystemExit(f"error: --device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise UsageError(f"--device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -151,10 +151,10 @@ def is_hub_id(name):
 
 def load_backbone(name, layers=0, max_len=1024):
     """A local HF causal-LM folder, a .gguf file (or a folder holding one) or a Hub id (org/name) -> (causal LM,
-    tokenizer), cut to its first `layers` transformer layers when layers > 0. (The built-in 'tiny' students:
-    tiny_lm.load_tiny.)"""
+    tokenizer), cut to its first `layers` transformer layers when layers > 0. (The demo's 'tiny' students:
+    demo/tiny_lm.py.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-    if os.path.exists(os.path.join(name, BYTE_TOKENIZER)):  # a tiny student pretrained by tiny_lm.py
+    if os.path.exists(os.path.join(name, BYTE_TOKENIZER)):  # a byte-tokenizer folder: the demo's tiny student
         tokenizer = ByteTokenizer()
         lm = LlamaForCausalLM.from_pretrained(name, dtype=torch.float32)
         lm.config.max_position_embeddings = max(max_len, lm.config.max_position_embeddings)
@@ -167,7 +167,7 @@ def load_backbone(name, layers=0, max_len=1024):
             gguf = {"gguf_file": ggufs[0]} if len(ggufs) == 1 else {}
         hub = not os.path.isdir(folder) and is_hub_id(name)  # e.g. Qwen/Qwen2.5-0.5B: transformers' own cache
         if not os.path.isdir(folder) and not hub:
-            raise SystemExit(f"error: --model {name!r} is not 'tiny', a local model folder, a .gguf file or a "
+            raise UsageError(f"--model {name!r} is not a local model folder, a .gguf file or a "
                              "Hugging Face id (org/name)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, **gguf)
@@ -175,10 +175,10 @@ def load_backbone(name, layers=0, max_len=1024):
         except OSError as e:
             if not hub:
                 raise
-            raise SystemExit(f"error: --model={name} is not a local path, and loading it from the Hugging Face Hub "
+            raise UsageError(f"--model={name} is not a local path, and loading it from the Hugging Face Hub "
                              f"failed (offline, or no such model?): {str(e).splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
-        raise SystemExit(f"error: the tokenizer of {name!r} has no eos token")
+        raise UsageError(f"the tokenizer of {name!r} has no eos token")
     return cut_layers(lm, layers), tokenizer
 
 

@@ -50,7 +50,7 @@ Both sides of one conversation, standard library only (plus formats.py for messa
 # Sampled calls (generate, refine) carry an integer `seed`; annotate and score are greedy.
 # read_request(body) below reads a request back into (stage, fields) with these very templates, and the
 # *_reply functions write replies the parsers accept: a server built on them follows any template change.
-# fault_server.py:teacher_reply() is a small reference implementation of these rules; sim_server.py another.
+# tools/fault_server.py:teacher_reply() is a small reference implementation of these rules; demo/sim_server.py another.
 # ----------------------------------------------------------------------------------------------
 
 import hashlib

@@ -3,10 +3,11 @@
     import train
     train.train(train.TrainConfig(data="pairs.jsonl", eval_data="test.jsonl", model="path/to/hf-model"))
 
-`python rmd.py train --key=value ...` fills TrainConfig from the command line (rmd.py) and calls train(). One step
-takes --batch-size pairs in a deterministic order (batches.epoch_batches), split over processes and micro-batches;
-each micro-batch is one packed forward pass (batches.collate) of the chosen, rejected and teacher-answer rows, and
-step_loss is its loss: the pairwise loss + --lm-weight x the LM loss on the teacher answers (loss.py). The run
+`python rmd.py train --key=value ...` fills TrainConfig from the command line (rmd.py) and calls train(). The data
+files are tokenized once into --token-cache and mapped by every process (pair_cache.py). One step takes --batch-size
+pairs in a deterministic order (batches.epoch_batches), split over processes and micro-batches; each micro-batch is
+one packed forward pass (batches.collate) of the chosen, rejected and teacher-answer rows, a pair's prompt computed
+once for all of them where that pays (--share-prompts), and step_loss is its loss: the pairwise loss + --lm-weight x the LM loss on the teacher answers (loss.py). The run
 evaluates pair accuracy on the --eval-data splits, logs one line per --log-interval steps (and log.jsonl),
 checkpoints for --resume (distributed.py) and saves the reward model (model.save_reward_model) with eval.json and
 report.html (report.py). --gradient-checkpointing is model.checkpoint_activations, --lora-r is lora.py (the
@@ -24,21 +25,22 @@ import random
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import distributed
+import files
 import lora
 import report
 import recipe
-import tiny_lm
-from batches import (DataStats, check_data_file, collate, count_cuts, cut_warnings, epoch_batches, load_pairs,
-                     to_device)
+from batches import (DataStats, PairStore, check_data_file, collate, count_cuts, cut_warnings, epoch_batches,
+                     load_pairs, to_device)
 from evaluation import fit_text, margin_fit
 from cli import Progress
-from formats import column_keys
+from formats import UsageError, column_keys
 from loss import PAIRWISE_KINDS, linear_cross_entropy, pairwise_loss
-from model import (RewardModel, attention_key_cost, checkpoint_activations, is_hub_id, load_backbone, pick_device,
-                   save_reward_model)
+from model import (RewardModel, attention_key_cost, checkpoint_activations, cut_layers, is_hub_id, load_backbone,
+                   pick_device, save_reward_model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,8 +55,10 @@ class TrainConfig:
     chosen_key: str = ""  # column holding the chosen answer ("" = chosen)
     rejected_key: str = ""  # column holding the rejected answer ("" = rejected)
     holdout: int = 0  # also hold out the last N usable pairs of --data as the eval split "heldout"
-    out: str = "out/train"  # where the model, checkpoints, log.jsonl and eval.json go
-    model: str = ""  # the student: an HF folder, a Hub id, a .gguf file, or "tiny" (built-in, pretrained on the sim world)
+    # where the model, checkpoints, log.jsonl and eval.json go; one run at a time; a folder with an earlier run in it
+    # is refused without --resume
+    out: str = "out/train"
+    model: str = ""  # the student: an HF folder, a Hub id, a .gguf file, or (rmd.py only) the demo's "tiny"
     layers: int = 0  # keep only the first N transformer layers of the backbone (0 = all)
     head: str = "mlp"  # value head: "mlp" (dropout, Linear(H,1024), ReLU, Linear(1024,1)) or "linear"
     dropout: float = 0.1  # value-head dropout
@@ -62,9 +66,12 @@ class TrainConfig:
     lm_weight: float = recipe.RECIPE.lm_weight  # lambda of the LM term on the teacher answers (0 = off); the recipe's
     max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
     # a pair's prompt computed once, its chosen, rejected and teacher answers each attending to it and to themselves
-    # (same rewards, losses and gradients): auto (per micro-batch, where it costs less by batches.layout_cost: not
+    # (same rewards, losses and gradients): auto (per micro-batch, where it costs less by model.layout_cost: not
     # for short prompts), on, off (every row with its own copy of the prompt)
     share_prompts: str = "auto"
+    # tokenize each data file once into this folder and map it in every process and rerun (pair_cache.py: keyed by
+    # the file's contents, the tokenizer, --max-len and the cutting rule); "off" = tokenize in memory every run
+    token_cache: str = "out/token_cache"
     batch_size: int = recipe.RECIPE.batch_size  # pairs per optimizer step, over all processes and micro-batches
     micro_batch: int = 0  # pairs per forward pass per process (0 = batch_size / processes)
     # peak learning rate (AdamW); 0 = the recipe's rule by the backbone's size (recipe.py): 0.001 below 10M parameters, 5e-05 below 1000M parameters, 1e-05 above
@@ -82,9 +89,9 @@ class TrainConfig:
     compile: str = "auto"  # torch.compile the forward: auto (on for CUDA, off on CPU), on, off
     log_interval: int = 10  # steps per log line
     eval_interval: int = 0  # evaluate every N steps (0 = only at the end)
-    save_interval: int = 0  # checkpoint every N steps (0 = only at the end)
+    save_interval: int = 0  # checkpoint every N steps (0 = only at the end); the previous copy stays as ckpt.old
     eval_batch: int = 32  # pairs per forward pass at evaluation
-    resume: bool = False  # continue from <out>/ckpt
+    resume: bool = False  # continue from <out>/ckpt (the newest whole copy; the folder may have been moved or copied)
     # shard parameters, gradients and optimizer state over processes with FSDP2 fully_shard: each transformer layer
     # and the root; for models too big for one GPU; needs torchrun (a single process trains unsharded)
     fsdp: bool = False
@@ -95,64 +102,67 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
 
 
-def validate(cfg: TrainConfig):
+def validate(cfg: TrainConfig, backbone=None):
     """Every check that needs no model and no tokenizer, so that a mistake is one line before anything runs:
-    option values, the data files, --model, --device, and that --resume continues the same run."""
+    option values, the data files, --model (unless a `backbone` loader of train's is given: it knows its names),
+    --device, and that --resume continues the same run."""
     choices = {"head": ("mlp", "linear"), "loss": PAIRWISE_KINDS, "compile": ("auto", "on", "off"),
                "share_prompts": ("auto", "on", "off"),
                "dtype": ("auto", "float32", "bfloat16"), "report_to": ("none", "tensorboard", "wandb")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
-            raise SystemExit(f"error: --{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+            raise UsageError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
     if (cfg.batch_size < 1 or cfg.max_len < 8 or cfg.lm_weight < 0 or cfg.max_steps < -1 or cfg.min_steps < 0
             or cfg.lr < 0):
-        raise SystemExit("error: need --batch-size >= 1, --max-len >= 8, --lm-weight >= 0, --lr >= 0 (0 = the "
+        raise UsageError("need --batch-size >= 1, --max-len >= 8, --lm-weight >= 0, --lr >= 0 (0 = the "
                          "recipe's rule), --min-steps >= 0, --max-steps >= -1 (-1 = max(--epochs, --min-steps), 0 = "
                          "evaluate only)")
     if cfg.lora_r < 0 or (cfg.lora_r and cfg.fsdp):
-        raise SystemExit("error: need --lora-r >= 0 (0 = off); LoRA with --fsdp is not supported (the adapters "
+        raise UsageError("need --lora-r >= 0 (0 = off); LoRA with --fsdp is not supported (the adapters "
                          "are merged into unsharded weights at the end): drop --fsdp or --lora-r")
     if not cfg.data:
-        raise SystemExit("error: --data is empty: give the training pairs (JSONL rows {prompt, chosen, rejected})")
+        raise UsageError("--data is empty: give the training pairs (JSONL rows {prompt, chosen, rejected})")
     for option, paths in (("data", cfg.data.split(",")),
                           ("eval-data", [s.rpartition("=")[2] for s in filter(None, cfg.eval_data.split(","))])):
         for path in paths:
             check_data_file(option, path)
     if not cfg.model:
-        raise SystemExit("error: --model is empty: give the student, a Hugging Face id (e.g. "
+        raise UsageError("--model is empty: give the student, a Hugging Face id (e.g. "
                          "--model=HuggingFaceTB/SmolLM2-135M-Instruct), a model folder, a .gguf file, or --model=tiny "
                          "for the built-in toy student (pretrained on the simulated world only)")
-    check_model(cfg.model)
+    if backbone is None:
+        check_model(cfg.model)
     pick_device(cfg.device)
     if cfg.resume:
         check_resume(cfg)
 
 
 def check_model(name):
-    """--model of train: built-in names pass to load_backbone; a path must hold a model; else a Hub id."""
-    if "/" not in name and os.sep not in name and not name.endswith(".gguf") and not os.path.exists(name):
-        return  # a built-in name ('tiny', ...): load_backbone knows them
+    """--model of train: a path must hold a model; else a Hub id."""
     if name.endswith(".gguf"):
         if not os.path.isfile(name):
-            raise SystemExit(f"error: --model={name}: no such .gguf file")
+            raise UsageError(f"--model={name}: no such .gguf file")
     elif os.path.isdir(name):
         ggufs = sorted(f for f in os.listdir(name) if f.endswith(".gguf"))
         if not os.path.exists(os.path.join(name, "config.json")):
             if len(ggufs) > 1:
-                raise SystemExit(f"error: --model={name} holds several .gguf files ({', '.join(ggufs)}); "
+                raise UsageError(f"--model={name} holds several .gguf files ({', '.join(ggufs)}); "
                                  f"pass one, e.g. --model={os.path.join(name, ggufs[0])}")
             if not ggufs:
-                raise SystemExit(f"error: --model={name} holds no model (no config.json, no .gguf file): give a "
-                                 "Hugging Face causal-LM folder, a .gguf file or 'tiny'")
+                raise UsageError(f"--model={name} holds no model (no config.json, no .gguf file): give a "
+                                 "Hugging Face causal-LM folder or a .gguf file")
     elif os.path.exists(name):
-        raise SystemExit(f"error: --model={name} is a file but not a .gguf; give a model folder or a .gguf file")
+        raise UsageError(f"--model={name} is a file but not a .gguf; give a model folder or a .gguf file")
     elif not is_hub_id(name):
-        raise SystemExit(f"error: --model={name}: no such folder or file (and not a Hugging Face id like "
-                         "Qwen/Qwen2.5-0.5B-Instruct)")
+        demo = (" ('tiny' and 'tiny-scratch' are the demo's students: `python rmd.py train --model=tiny`, or in "
+                "Python train.train(cfg, backbone=demo.tiny_lm.load_tiny))") if os.sep not in name else ""
+        raise UsageError(f"--model={name}: no such folder or file (and not a Hugging Face id like "
+                         f"Qwen/Qwen2.5-0.5B-Instruct){demo}")
 
 
 RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
-                     "compile", "fsdp", "report_to", "gradient_checkpointing", "share_prompts"}
+                     "compile", "fsdp", "report_to", "gradient_checkpointing", "share_prompts",
+                     "token_cache", "out"}  # a run folder may be moved or copied, and resumed where it is now
 
 
 def check_resume(cfg):
@@ -174,7 +184,7 @@ def check_resume(cfg):
     diffs = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
              if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     if diffs:
-        raise SystemExit(f"error: --resume with a config that differs from the run in {cfg.out}: {'; '.join(diffs)}. "
+        raise UsageError(f"--resume with a config that differs from the run in {cfg.out}: {'; '.join(diffs)}. "
                          f"Pass the same values to continue it, or give a new --out for a new run")
 
 
@@ -237,10 +247,10 @@ def pair_accuracy(model, examples, batch_pairs, device, autocast, rewards_out=No
             rewards_out += zip(rewards[:batch.n_pairs].tolist(), rewards[batch.n_pairs:].tolist())
     model.train(was_training)
     accuracy = sum(m > 0 for m in reward_margins) / len(examples)
-    teacher_margins = [ex.margin for ex in examples]
-    if any(m is None for m in teacher_margins):
+    teacher_margins = examples.column("margin")  # NaN: the pair has none
+    if np.isnan(teacher_margins).any():
         return accuracy, None
-    return accuracy, margin_fit(reward_margins, teacher_margins)
+    return accuracy, margin_fit(reward_margins, teacher_margins.tolist())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,7 +269,7 @@ class Run:
     autocast: torch.autocast
     sharded: bool  # FSDP2
     use_lm: bool  # --lm-weight > 0: the teacher-answer rows are packed into every micro-batch
-    examples: list
+    examples: PairStore
     stats: DataStats
     eval_sets: dict  # split -> Examples
     eval_stats: dict  # split -> DataStats
@@ -272,15 +282,17 @@ class Run:
     tracker: object = None  # --report-to's experiment tracker (rank 0), see open_tracker
     layout: str = "separate"  # batches.collate's layout (--share-prompts)
     key_cost: float = 0.0  # model.attention_key_cost: the weight of attention in layout="auto"'s cost rule
+    epoch_order: tuple = (None, None)  # (epoch, its batches.epoch_batches)
 
 
-def build_model(cfg, device, log):
-    """The student: the --model backbone (tiny_lm.py builds the built-in 'tiny' ones) + a value head."""
-    load = tiny_lm.load_tiny if cfg.model in tiny_lm.TINY_NAMES else load_backbone
-    lm, tokenizer = load(cfg.model, cfg.layers, cfg.max_len)
+def build_model(cfg, device, log, backbone=None):
+    """The student: the --model backbone (loaded by `backbone`, default model.load_backbone) + a value head."""
+    lm, tokenizer = (backbone or load_backbone)(cfg.model, 0, cfg.max_len)
+    layers = len(lm.model.layers) if cfg.layers else 0
+    lm = cut_layers(lm, cfg.layers)
     if cfg.gradient_checkpointing:
         checkpoint_activations(lm)
-    if cfg.lm_weight > 0 and cfg.layers and not cfg.model.startswith("tiny") and len(lm.model.layers) == cfg.layers:
+    if cfg.lm_weight > 0 and cfg.layers and cfg.layers < layers:
         log(f"warning: --layers={cfg.layers} cuts the backbone and --lm-weight={cfg.lm_weight} > 0: the pretrained LM "
             "head on a cut backbone starts worse than uniform (SmolLM2-135M, 4 of 30 layers: 19.4 nats per "
             "teacher-answer token, 4.0 uncut, 10.8 uniform), so the LM term relearns language modelling rather "
@@ -294,16 +306,17 @@ def build_model(cfg, device, log):
 
 def load_data(cfg, tokenizer, use_lm, log):
     """--data, --eval-data and --holdout -> (train examples, their DataStats, eval splits, their DataStats)."""
+    cache = None if cfg.token_cache == "off" else cfg.token_cache
     examples, stats = load_pairs(cfg.data, tokenizer, cfg.max_len, need_margin=cfg.loss != "bt", name="train",
-                                 keep_ties=cfg.loss == "mse", keys=column_keys(cfg))
+                                 keep_ties=cfg.loss == "mse", keys=column_keys(cfg), cache_dir=cache)
     eval_sets, eval_stats = {}, {}
     for spec in filter(None, cfg.eval_data.split(",")):
         name, _, path = spec.rpartition("=")
-        eval_sets[name or "eval"], eval_stats[name or "eval"] = load_pairs(path, tokenizer, cfg.max_len,
-                                                                           name=name or "eval", keys=column_keys(cfg))
+        eval_sets[name or "eval"], eval_stats[name or "eval"] = load_pairs(
+            path, tokenizer, cfg.max_len, name=name or "eval", keys=column_keys(cfg), cache_dir=cache)
     if cfg.holdout:
         if cfg.holdout >= len(examples):
-            raise SystemExit(f"error: --holdout {cfg.holdout} leaves no training pairs ({len(examples)} usable)")
+            raise UsageError(f"--holdout {cfg.holdout} leaves no training pairs ({len(examples)} usable)")
         examples, eval_sets["heldout"] = examples[:-cfg.holdout], examples[-cfg.holdout:]
         eval_stats["heldout"] = DataStats(cfg.holdout, cfg.holdout, cuts=count_cuts(eval_sets["heldout"], False))
         log(f"holding out the last {cfg.holdout} pairs of --data as eval split 'heldout'")
@@ -312,8 +325,8 @@ def load_data(cfg, tokenizer, use_lm, log):
         log(data_stats.summary(name))
         for line in cut_warnings(name, data_stats.cuts, cfg.max_len):
             log(line)
-    if use_lm and not any(ex.teacher for ex in examples):
-        raise SystemExit(f"error: --lm-weight={cfg.lm_weight} needs teacher answers, but no row of {cfg.data} has a "
+    if use_lm and not (examples.column("teacher") >= 0).any():
+        raise UsageError(f"--lm-weight={cfg.lm_weight} needs teacher answers, but no row of {cfg.data} has a "
                          "'teacher_response': pass --lm-weight=0 (or train on what `rmd.py distill` writes)")
     return examples, stats, eval_sets, eval_stats
 
@@ -322,13 +335,13 @@ def plan_steps(cfg, pairs, world, log):
     """-> (pairs per micro-batch, micro-batches per step, steps per epoch, total steps), or a one-line error."""
     micro = cfg.micro_batch or max(1, cfg.batch_size // world)
     if cfg.batch_size % (micro * world):
-        raise SystemExit(f"error: --batch-size {cfg.batch_size} must be a multiple of --micro-batch x processes "
+        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch x processes "
                          f"({micro} x {world})")
     accum = cfg.batch_size // (micro * world)
     steps_per_epoch = pairs // cfg.batch_size
     total = cfg.max_steps if cfg.max_steps >= 0 else recipe.total_steps(steps_per_epoch, cfg.epochs, cfg.min_steps)
     if steps_per_epoch == 0 and total:
-        raise SystemExit(f"error: {pairs} usable pairs is fewer than one batch of {cfg.batch_size}: pass "
+        raise UsageError(f"{pairs} usable pairs is fewer than one batch of {cfg.batch_size}: pass "
                          f"--batch-size={pairs} or less (or more data)")
     if total == 0:
         log("--max-steps=0: evaluating only (the step-0 baseline of the untrained value head)")
@@ -348,14 +361,14 @@ def build_optimizer(model, cfg, lr, cuda, sharded):
                              fused=True if not sharded else (cuda or None))  # fused: 4x faster step on CPU too
 
 
-def set_up(cfg):
+def set_up(cfg, backbone=None):
     """Everything before the first step: processes, model, data, sharding, optimizer, wrappers -> Run."""
     rank, world, device = distributed.setup_distributed(cfg.device)
     log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
     tracker = open_tracker(cfg.report_to, cfg.out, dataclasses.asdict(cfg)) if rank == 0 else None  # errors first
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = build_model(cfg, device, log)
+    model = build_model(cfg, device, log, backbone)
     use_lm = cfg.lm_weight > 0
     examples, stats, eval_sets, eval_stats = load_data(cfg, model.tokenizer, use_lm, log)
     micro, accum, steps_per_epoch, total = plan_steps(cfg, len(examples), world, log)
@@ -381,7 +394,7 @@ def resume(cfg, run):
     damaged = {copy: problem for copy, problem in copies.items() if problem not in (None, "missing")}
     if found is None:
         why = f" (damaged: {'; '.join(f'{c}: {p}' for c, p in damaged.items())})" if damaged else ""
-        raise SystemExit(f"error: --resume but no whole checkpoint in {ckpt_dir}{why}; drop --resume (or give a "
+        raise UsageError(f"--resume but no whole checkpoint in {ckpt_dir}{why}; drop --resume (or give a "
                          "fresh --out) to start again")
     for copy, problem in damaged.items():
         run.log(f"warning: checkpoint {copy} is not whole: {problem} (a save cut short, or a crash of the "
@@ -408,16 +421,57 @@ def wrap(cfg, run):
 # the loop
 
 
-def train(cfg: TrainConfig, stop_after: int = 0, on_step=None):
+def train(cfg: TrainConfig, stop_after: int = 0, on_step=None, backbone=None):
     """Train a reward model; returns the final eval metrics ({split: accuracy}).
 
+    backbone(name, layers, max_len) -> (causal LM, tokenizer) loads --model (default model.load_backbone); the demo
+    passes demo.tiny_lm.load_tiny for its students 'tiny' and 'tiny-scratch'.
     stop_after > 0 checkpoints and returns {} after that step, as if the run had been cut there (for tests).
     on_step(step, numbers) is called after every optimizer step, on every process, with that step's numbers:
     seconds (from data to optimizer step), pair_loss, lm_loss, correct, pairs, tokens (computed, padding not
     included) and slots (incl. padding) of this process, shared_pairs (prompt computed once) and separate_pairs
-    (--share-prompts asked, but the pair's rows were cut to different prompts) -- for a benchmark or a caller."""
-    validate(cfg)
-    run = set_up(cfg)
+    (--share-prompts asked, but the pair's rows were cut to different prompts) -- for a benchmark or a caller.
+    One run at a time per cfg.out: another process's run there is a files.FolderBusy naming its PID."""
+    validate(cfg, backbone)
+    with out_lock(cfg):
+        check_fresh_out(cfg)
+        return run_training(cfg, stop_after, on_step, backbone)
+
+
+def out_lock(cfg):
+    """The lock on cfg.out (files.folder_lock), taken by rank 0 only: the other processes of a torchrun run are
+    the same run; a second run's rank 0 fails, and torchrun stops its other processes."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return contextlib.nullcontext()
+    return files.folder_lock(cfg.out, "train")
+
+
+def earlier_run(out):
+    """What of an earlier run `out` holds (log.jsonl records, checkpoint copies), in words, or None."""
+    found = []
+    log = os.path.join(out, "log.jsonl")
+    if os.path.exists(log) and os.path.getsize(log):
+        with open(log) as f:
+            found.append(f"log.jsonl with {sum(1 for line in f if line.strip())} records")
+    copies = [os.path.basename(c) for c in distributed.checkpoint_copies(os.path.join(out, "ckpt"))
+              if os.path.isdir(c)]  # a file of that name is no checkpoint: the first save replaces it
+    if copies:
+        found.append(f"checkpoint {', '.join(copies)}")
+    return " and ".join(found) or None
+
+
+def check_fresh_out(cfg):
+    """Without --resume, --out must hold no earlier run: its log.jsonl would get a second history and its
+    checkpoint would be overwritten. One line naming --resume and a fresh --out."""
+    found = None if cfg.resume else earlier_run(cfg.out)
+    if found:
+        raise UsageError(f"{cfg.out} holds an earlier run ({found}): pass --resume to continue it (a finished run is "
+                         f"evaluated again), or give a fresh --out for a new run (or delete {cfg.out})")
+
+
+def run_training(cfg, stop_after, on_step, backbone):
+    """train() once the output folder is this run's."""
+    run = set_up(cfg, backbone)
     step = resume(cfg, run) if cfg.resume else 0
     wrap(cfg, run)
     if run.rank == 0:
@@ -464,7 +518,9 @@ def train_step(cfg, run, step):
     """One optimizer step on this process's share of the step's pairs -> the step's numbers (see train)."""
     t0 = time.perf_counter()
     epoch, index = divmod(step, run.steps_per_epoch)
-    step_examples = [run.examples[i] for i in epoch_batches(run.examples, cfg.batch_size, cfg.seed, epoch)[index]]
+    if run.epoch_order[0] != epoch:  # once per epoch: a few bytes per pair
+        run.epoch_order = (epoch, epoch_batches(run.examples, cfg.batch_size, cfg.seed, epoch))
+    step_examples = [run.examples[i] for i in run.epoch_order[1][index]]
     lm_tokens = sum(len(ex.teacher[1]) for ex in step_examples if ex.teacher) if run.use_lm else 0
     mine = step_examples[run.rank * run.micro * run.accum:(run.rank + 1) * run.micro * run.accum]
     for group in run.optimizer.param_groups:
@@ -606,7 +662,7 @@ def open_tracker(kind, out, config):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise SystemExit("error: --report-to=tensorboard needs the tensorboard package: pip install tensorboard "
+            raise UsageError("--report-to=tensorboard needs the tensorboard package: pip install tensorboard "
                              "(or --report-to=none)") from None
         writer = SummaryWriter(os.path.join(out, "tensorboard"))
 
@@ -618,11 +674,11 @@ def open_tracker(kind, out, config):
         try:
             import wandb
         except ImportError:
-            raise SystemExit("error: --report-to=wandb needs the wandb package: pip install wandb "
+            raise UsageError("--report-to=wandb needs the wandb package: pip install wandb "
                              "(or --report-to=none)") from None
         wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rmd"), config=config, dir=out)
         return Tracker(lambda record, step: wandb_run.log(scalars(record), step=step), wandb_run.finish)
-    raise SystemExit(f"error: --report-to must be one of none, tensorboard, wandb, got {kind!r}")
+    raise UsageError(f"--report-to must be one of none, tensorboard, wandb, got {kind!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Shared test set-up: the repository root and tests/ on sys.path (so tests import rmd's modules and
-fault_server by name), and the builders more than one test file uses (`from conftest import tiny_model, ...`):
-row files, a tiny random reward model, an in-memory ChatML tokenizer, a small training config, a recorder of
-fsyncs and renames."""
+"""Shared test set-up: the repository root and tests/ on sys.path (so tests import rmd's modules, demo/ and tools/,
+and each other's helpers), and the builders more than one test file uses (`from conftest import tiny_model, ...`):
+row files, a tiny random reward model, an in-memory ChatML tokenizer, a small training config and its run, a
+recorder of fsyncs and renames."""
 import json
 import os
 import sys
@@ -37,7 +37,7 @@ def easy_rows(n, seed=0):
 def tiny_model(seed=0, head="mlp", max_len=256):
     """The built-in tiny student with random weights (tiny-scratch) and a value head, in train mode."""
     import torch
-    import tiny_lm
+    from demo import tiny_lm
     from model import RewardModel
     torch.manual_seed(seed)
     lm, tok = tiny_lm.load_tiny("tiny-scratch", 0, max_len)
@@ -65,6 +65,13 @@ def train_cfg(tmp_path, data, **kw):
                 min_steps=0, warmup=0.1, log_interval=1, seed=3)
     base.update(kw)
     return train.TrainConfig(**base)
+
+
+def train_tiny(cfg, **kw):
+    """train.train with the demo's students ('tiny', 'tiny-scratch') loadable by name, as `rmd.py train` loads them."""
+    import train
+    from demo import tiny_lm
+    return train.train(cfg, backbone=tiny_lm.load_tiny, **kw)
 
 
 def log_losses(out):

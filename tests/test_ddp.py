@@ -10,7 +10,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from conftest import easy_rows, log_losses, write_jsonl
+from conftest import easy_rows, log_losses, train_tiny, write_jsonl
 
 
 def train_args(data, out):
@@ -97,9 +97,9 @@ def test_fsdp_resumes_from_an_unsharded_checkpoint(tmp_path):
     import train
     from cli import parse_overrides
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(32))
-    train.train(parse_overrides(train.TrainConfig(), train_args(data, tmp_path / "one")[2:]))
+    train_tiny(parse_overrides(train.TrainConfig(), train_args(data, tmp_path / "one")[2:]))
     cut = tmp_path / "cut"
-    train.train(parse_overrides(train.TrainConfig(), train_args(data, cut)[2:]), stop_after=2)
+    train_tiny(parse_overrides(train.TrainConfig(), train_args(data, cut)[2:]), stop_after=2)
     run(TORCHRUN + train_args(data, cut) + ["--fsdp", "--resume"])
     one = log_losses(tmp_path / "one")
     resumed = log_losses(cut)
@@ -109,8 +109,7 @@ def test_fsdp_resumes_from_an_unsharded_checkpoint(tmp_path):
 
 
 def test_distill_shards_merge_into_a_single_run(tmp_path):
-    import sim
-    import sim_server
+    from demo import sim, sim_server
     from distill import DistillConfig, distill as run_distill
     world = sim.WorldConfig()
     paths = sim.write_builtin_data(str(tmp_path / "builtin"), world)

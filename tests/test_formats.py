@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import formats
-from conftest import ROOT, record_fsyncs, synced_around
+from conftest import ROOT, record_fsyncs, synced_around, train_tiny
 
 
 def parquet_dataset(folder, splits):
@@ -141,7 +141,7 @@ def test_train_and_eval_read_a_hub_dataset_end_to_end(tmp_path):
     from conftest import easy_rows
     folder = parquet_dataset(tmp_path / "ds", {"train": easy_rows(16), "test": easy_rows(8, seed=3)})
     out = tmp_path / "run"
-    train.train(train.TrainConfig(data=f"hf:{folder}", eval_data=f"test=hf:{folder}:test", out=str(out),
+    train_tiny(train.TrainConfig(data=f"hf:{folder}", eval_data=f"test=hf:{folder}:test", out=str(out),
                                   model="tiny-scratch", loss="bt", lm_weight=0.0, max_steps=2, batch_size=4,
                                   max_len=64, log_interval=1, seed=0))
     result = json.load(open(out / "eval.json"))
@@ -149,3 +149,17 @@ def test_train_and_eval_read_a_hub_dataset_end_to_end(tmp_path):
     assert evaluation.default_out("eval", f"hf:{folder}:test", ".json").startswith(os.path.join("out", "eval", ""))
     assert evaluation.default_out("eval", "hf:trl-lib/ultrafeedback_binarized:test", ".json") == \
         os.path.join("out", "eval", "trl-lib_ultrafeedback_binarized_test.json")
+
+
+def test_a_jsonl_file_is_read_as_jsonl_even_when_its_first_line_is_an_array(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"}]\n{"prompt": "q"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:1: expected a JSON object, got list"):
+        list(formats.read_jsonl_rows(str(path)))  # used to be read as one JSON array (then line 2 was "text after")
+    one_row = tmp_path / "one.jsonl"
+    one_row.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"}]\n')
+    with pytest.raises(ValueError, match="expected a JSON object"):  # not silently one row of an array
+        list(formats.read_jsonl_rows(str(one_row)))
+    array = tmp_path / "rows.json"
+    array.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"},\n {"prompt": "q"}]\n')
+    assert [n for n, _ in formats.read_jsonl_rows(str(array))] == [1, 2]  # .json: an array

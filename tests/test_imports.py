@@ -1,10 +1,13 @@
-"""The import rules of rmd's modules, read from the source (ast, function-local imports included):
+"""The import rules of rmd's modules, read from the source (ast, function-local imports included). The house has
+three parts: the library (the top-level modules), its command line (rmd.py), and the folders demo/ and tools/
+(modules named demo.sim, tools.bench, ...):
 
-- no cycles between the repository's own top-level modules;
+- no cycles between the repository's own modules;
 - nothing imports rmd.py (it is the top: the command line);
+- no library module imports demo/ or tools/ (only rmd.py calls into the demo; nothing outside tools/ imports tools/);
 - loss.py imports only torch and the standard library; report.py only the standard library (distill.py uses it);
-- the teacher side (formats, cli, protocol, teacher, asker, distill, sim, sim_server, fault_server, bench_teacher) imports
-  no torch, transitively;
+- the teacher side (formats, cli, protocol, teacher, asker, distill, demo.sim, demo.sim_server, tools.fault_server,
+  tools.bench_teacher) imports no torch, transitively;
 - only distributed.py touches torch.distributed (or DDP from torch.nn.parallel);
 - model.py (the piece people copy) imports no repository module but formats (and loss);
 - teacher.py, once split into protocol/teacher/distill, imports no repository module.
@@ -18,8 +21,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEACHER_SIDE = ("formats", "cli", "protocol", "teacher", "asker", "distill", "sim", "sim_server", "fault_server",
-                "bench_teacher")
+TEACHER_SIDE = ("formats", "cli", "protocol", "teacher", "asker", "distill", "demo.sim", "demo.sim_server",
+                "tools.fault_server", "tools.bench_teacher")
+FOLDERS = ("demo", "tools")  # not library: the demo, and the benchmarks and test doubles
 DISTRIBUTED = ("torch.distributed", "torch.nn.parallel")  # process groups, FSDP, DDP
 
 
@@ -40,18 +44,27 @@ def imports_of(source):
 
 
 def repo_graph(root=ROOT):
-    """{module name: set of dotted imports} for every top-level .py file of the repository."""
+    """{module name: set of dotted imports} for every .py file at the top of the repository and in demo/ and
+    tools/ (named demo.sim, tools.bench; a folder's __init__.py is the module demo, tools)."""
     graph = {}
-    for name in sorted(os.listdir(root)):
-        if name.endswith(".py"):
-            with open(os.path.join(root, name), encoding="utf-8") as f:
-                graph[name[:-3]] = imports_of(f.read())
+    for folder in ("",) + FOLDERS:
+        if not os.path.isdir(os.path.join(root, folder)):
+            continue
+        for name in sorted(os.listdir(os.path.join(root, folder))):
+            if name.endswith(".py"):
+                module = ".".join(filter(None, (folder, name[:-3]))).removesuffix(".__init__")
+                with open(os.path.join(root, folder, name), encoding="utf-8") as f:
+                    graph[module] = imports_of(f.read())
     return graph
 
 
 def own(graph, module):
-    """The repository modules `module` imports."""
-    return {name.split(".")[0] for name in graph[module]} & set(graph) - {module}
+    """The repository modules `module` imports (`from demo import sim` imports demo and demo.sim)."""
+    return {name for name in graph if any(n == name or n.startswith(name + ".") for n in graph[module])} - {module}
+
+
+def is_library(module):
+    return module != "rmd" and module.split(".")[0] not in FOLDERS
 
 
 def cycle(graph):
@@ -98,6 +111,10 @@ def check(graph):
     if found:
         problems.append("import cycle: " + " -> ".join(found))
     problems += [f"{m} imports rmd (rmd.py is the top: nothing imports it)" for m in graph if "rmd" in own(graph, m)]
+    for m in sorted(graph):
+        allowed = {"demo"} if m == "rmd" else set() if is_library(m) else set(FOLDERS)
+        problems += [f"{m} imports {o} (the library never imports demo/ or tools/; only rmd.py calls into the demo)"
+                     for o in sorted(own(graph, m)) if o.split(".")[0] in set(FOLDERS) - allowed]
     if "loss" in graph:
         stdlib = set(sys.stdlib_module_names)
         extra = {n for n in graph["loss"] if n.split(".")[0] not in stdlib | {"torch", "__future__"}}
@@ -125,9 +142,30 @@ def check(graph):
 
 def test_the_repository_keeps_the_import_rules():
     graph = repo_graph()
-    assert {"rmd", "model", "batches", "distributed", "train", "evaluation", "serve", "loss", "fault_server",
-            "bench_teacher"} | set(TEACHER_SIDE) <= set(graph)
+    assert {"rmd", "model", "batches", "distributed", "train", "evaluation", "serve", "loss", "demo.tiny_lm",
+            "demo.ablation", "demo.builtin", "tools.bench", "tools.bench_gpu"} | set(TEACHER_SIDE) <= set(graph)
     assert check(graph) == []
+
+
+def test_the_top_level_holds_the_library_and_rmd_only():
+    """The demo and the tools have folders of their own; none of their modules is left at the top."""
+    graph = repo_graph()
+    moved = {m.split(".", 1)[1] for m in graph if m.split(".")[0] in FOLDERS and "." in m}
+    assert moved and not moved & set(graph), moved & set(graph)
+
+
+def test_a_library_module_that_imports_the_demo_is_found(tmp_path):
+    """The folder walk sees demo/ and tools/, so a made-up library file that imports the demo breaks the rule."""
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "__init__.py").write_text('"""demo"""\n')
+    (tmp_path / "demo" / "tiny_lm.py").write_text("import model\n")
+    (tmp_path / "model.py").write_text("import torch\n")
+    (tmp_path / "train.py").write_text("import model\n\ndef f():\n    from demo import tiny_lm\n")
+    (tmp_path / "rmd.py").write_text("from demo import tiny_lm\nimport train\n")
+    problems = check(repo_graph(str(tmp_path)))
+    assert problems == ["train imports demo (the library never imports demo/ or tools/; only rmd.py calls into the "
+                        "demo)", "train imports demo.tiny_lm (the library never imports demo/ or tools/; only rmd.py "
+                        "calls into the demo)"], problems
 
 
 def test_the_split_modules_exist_and_evaluate_is_gone():
@@ -140,10 +178,14 @@ def test_the_split_modules_exist_and_evaluate_is_gone():
 
 @pytest.mark.parametrize("graph, broken", [
     ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, "import cycle: a -> b -> c -> a"),
-    ({"rmd": {"train"}, "train": set(), "tiny_lm": {"rmd"}}, "tiny_lm imports rmd"),
+    ({"rmd": {"train"}, "train": set(), "demo.tiny_lm": {"rmd"}}, "demo.tiny_lm imports rmd"),
+    ({"train": {"demo.tiny_lm"}, "demo.tiny_lm": set()}, "train imports demo.tiny_lm (the library never"),
+    ({"evaluation": {"tools"}, "tools": set()}, "evaluation imports tools (the library never"),
+    ({"rmd": {"tools.bench"}, "tools.bench": set()}, "rmd imports tools.bench"),
+    ({"model": {"formats"}, "formats": set(), "demo.sim": {"formats", "torch"}}, "demo.sim (teacher side) reaches"),
     ({"loss": {"torch", "math", "numpy"}}, "loss imports numpy"),
     ({"report": {"html", "torch.utils.tensorboard"}}, "report imports torch.utils.tensorboard"),
-    ({"sim": {"teacher"}, "teacher": {"formats"}, "formats": {"torch.nn"}}, "sim (teacher side) reaches torch"),
+    ({"demo.sim": {"teacher"}, "teacher": {"formats"}, "formats": {"torch.nn"}}, "demo.sim (teacher side) reaches"),
     ({"train": {"torch", "torch.distributed"}}, "train imports torch.distributed"),
     ({"train": {"torch.nn.parallel.DistributedDataParallel"}}, "train imports torch.nn.parallel"),
     ({"model": {"formats", "batches"}, "formats": set(), "batches": set()}, "model imports batches"),
@@ -160,3 +202,48 @@ def test_function_local_imports_and_attribute_access_count():
     found = imports_of(source)
     assert {"torch", "torch.distributed", "teacher"} <= found
     assert "torch.distributed" in imports_of("import torch\ntorch.distributed.barrier()\n")
+
+
+@pytest.mark.parametrize("module", ["demo.ablation", "demo.sim_server", "demo.tiny_lm", "tools.bench",
+                                    "tools.bench_gpu", "tools.bench_teacher"])
+def test_demo_and_tools_run_as_modules_and_say_so_when_run_as_files(module):
+    """`python -m demo.ablation` is the way; `python demo/ablation.py` (where `import formats` would fail) says it."""
+    import subprocess
+    path = os.path.join(ROOT, *module.split(".")) + ".py"
+    out = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 1 and out.stderr.strip() == \
+        f"error: run it from the repository root as a module: python -m {module}", out.stderr
+
+
+# The library's only exits: --help (asking for help is asking the command line) and the helper that entry points run
+# inside. Everything else raises (UsageError, DataError, ValueError ...) with its one line.
+EXITS_ALLOWED = {("cli", "parse_overrides"), ("cli", "one_line_errors")}
+
+
+def exits_in(source):
+    """The functions (by name; '<module>' at the top) that mention SystemExit outside `if __name__ == "__main__":`."""
+    found = []
+
+    def visit(node, where):
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            return  # the module run as a script: an entry point
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            where = node.name
+        if isinstance(node, ast.Name) and node.id == "SystemExit":
+            found.append(where)
+        for child in ast.iter_child_nodes(node):
+            visit(child, where)
+    visit(ast.parse(source), "<module>")
+    return found
+
+
+def test_the_library_raises_and_only_entry_points_exit():
+    """No library module ends the process: a notebook that calls load_backbone("x") gets an exception it can
+    catch, not an exit. rmd.py (the command line) and the demo's and tools' commands are the entry points."""
+    exits = {}
+    for module in (m for m in repo_graph() if is_library(m)):
+        with open(os.path.join(ROOT, module + ".py"), encoding="utf-8") as f:
+            exits[module] = {(module, where) for where in exits_in(f.read())} - EXITS_ALLOWED
+    assert not any(exits.values()), {m: sorted(w for _, w in e) for m, e in exits.items() if e}
+    assert exits_in("def f():\n    raise SystemExit('error: x')\n") == ["f"]
+    assert exits_in("if __name__ == '__main__':\n    raise SystemExit(main())\n") == []

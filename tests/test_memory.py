@@ -10,9 +10,10 @@ import torch
 
 import batches
 import lora  # imports peft only when adapters are added
-import tiny_lm
 import train
-from conftest import easy_rows, log_losses, tiny_model, train_cfg, write_jsonl
+from conftest import easy_rows, log_losses, tiny_model, train_cfg, train_tiny, write_jsonl
+from demo import tiny_lm
+from formats import UsageError
 from model import checkpoint_activations, load_reward_model, save_reward_model
 
 
@@ -66,7 +67,7 @@ def test_train_with_gradient_checkpointing_matches_a_plain_run(tmp_path):
     for on in (False, True):
         cfg = train_cfg(tmp_path, data, out=str(tmp_path / f"out{on}"), max_steps=3, batch_size=4, max_len=64,
                         dropout=0.0, gradient_checkpointing=on)
-        train.train(cfg)
+        train_tiny(cfg)
         runs.append(log_losses(cfg.out))
     for (s1, p1, l1), (s2, p2, l2) in zip(*runs, strict=True):
         assert s1 == s2 and p2 == pytest.approx(p1, rel=1e-5, abs=1e-6) and l2 == pytest.approx(l1, rel=1e-5)
@@ -120,7 +121,7 @@ def test_lora_training_moves_only_low_rank_deltas_and_resumes(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(24))
     kw = dict(max_steps=4, batch_size=4, max_len=64, lora_r=2, lora_alpha=4.0, dropout=0.0, lr=1e-2)
     straight = train_cfg(tmp_path, data, out=str(tmp_path / "straight"), **kw)
-    train.train(straight)
+    train_tiny(straight)
     losses = log_losses(straight.out)
     assert losses[-1][1] < losses[0][1]  # it learns
     torch.manual_seed(straight.seed)  # train's init of the same backbone
@@ -131,8 +132,8 @@ def test_lora_training_moves_only_low_rank_deltas_and_resumes(tmp_path):
     torch.testing.assert_close(saved.model.layers[1].input_layernorm.weight, init.model.layers[1].input_layernorm.weight,
                                atol=0, rtol=0)  # frozen
     cut = train_cfg(tmp_path, data, out=str(tmp_path / "cut"), **kw)
-    train.train(cut, stop_after=2)
-    train.train(train.TrainConfig(**{**vars(cut), "resume": True}))
+    train_tiny(cut, stop_after=2)
+    train_tiny(train.TrainConfig(**{**vars(cut), "resume": True}))
     for (s1, p1, l1), (s2, p2, l2) in zip(losses, log_losses(cut.out), strict=True):
         assert s1 == s2 and p2 == pytest.approx(p1, abs=1e-6, rel=1e-6)
     rows = easy_rows(4, seed=3)
@@ -145,10 +146,10 @@ def test_lora_training_moves_only_low_rank_deltas_and_resumes(tmp_path):
 
 def test_lora_errors_are_one_line(tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(8))
-    with pytest.raises(SystemExit, match="^error: need --lora-r >= 0"):
+    with pytest.raises(UsageError, match="^need --lora-r >= 0"):
         train.validate(train_cfg(tmp_path, data, lora_r=-1))
-    with pytest.raises(SystemExit, match="LoRA with --fsdp is not supported"):
+    with pytest.raises(UsageError, match="LoRA with --fsdp is not supported"):
         train.validate(train_cfg(tmp_path, data, lora_r=4, fsdp=True))
     monkeypatch.setitem(sys.modules, "peft", None)
-    with pytest.raises(SystemExit, match="^error: --lora-r needs the peft package: pip install peft"):
+    with pytest.raises(UsageError, match="^--lora-r needs the peft package: pip install peft"):
         lora.add_adapters(tiny_model(), r=4, alpha=8, dropout=0.0)

@@ -4,12 +4,11 @@ import dataclasses
 import os
 import re
 
-import ablation
 import cli
 import distill
 import recipe
-import rmd
 import train
+from demo import ablation, builtin
 from conftest import ROOT
 from recipe import RECIPE
 
@@ -45,8 +44,8 @@ def test_the_ablations_default_arm_runs_train_with_the_recipe(tmp_path):
 
 
 def test_the_demo_sets_no_recipe_value_of_its_own():
-    assert not set(rmd.DEMO_TRAIN) & set(TRAIN_FIELDS)
-    assert rmd.DEMO_TRAIN["model"] == "tiny"  # the demo names its student; train's default names none
+    assert not set(builtin.DEMO_TRAIN) & set(TRAIN_FIELDS)
+    assert builtin.DEMO_TRAIN["model"] == "tiny"  # the demo names its student; train's default names none
 
 
 def test_the_step_rule_is_at_least_min_steps_and_at_least_the_epochs():

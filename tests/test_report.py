@@ -14,10 +14,10 @@ import pytest
 import distill
 import report
 import rmd
-import sim
-import sim_server
 import train
-from conftest import easy_rows, log_losses, train_cfg, write_jsonl
+from conftest import easy_rows, log_losses, train_cfg, train_tiny, write_jsonl
+from demo import sim, sim_server
+from formats import UsageError
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -30,7 +30,7 @@ def train_run(tmp_path_factory):
     test = write_jsonl(tmp / "test.jsonl", easy_rows(12, seed=1))
     cfg = train_cfg(tmp, data, eval_data=f"test={test}", holdout=8, max_steps=6, eval_interval=3, batch_size=4,
                     max_len=64)
-    metrics = train.train(cfg)
+    metrics = train_tiny(cfg)
     return cfg, metrics
 
 
@@ -115,7 +115,7 @@ def test_train_report_has_the_charts_and_the_numbers(train_run, capsys):
 def test_train_prints_the_report_path(tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(8))
     cfg = train_cfg(tmp_path, data, max_steps=0, lm_weight=0.0)  # no eval split, no step: the page still works
-    train.train(cfg)
+    train_tiny(cfg)
     assert f"report: {os.path.join(cfg.out, 'report.html')}" in capsys.readouterr().out
     page = page_of(cfg.out)
     assert "No training step was logged" in page and "No evaluation split" in page and "No per-pair rewards" in page
@@ -126,9 +126,9 @@ def test_resumed_run_report_has_each_step_once(tmp_path):
     test = write_jsonl(tmp_path / "test.jsonl", easy_rows(6, seed=1))
     cfg = train_cfg(tmp_path, data, eval_data=f"test={test}", max_steps=4, eval_interval=1, batch_size=4,
                     max_len=64, lm_weight=0.0)
-    train.train(cfg, stop_after=2)
+    train_tiny(cfg, stop_after=2)
     report.append_eval(cfg.out, 3, {"test": 0.123})  # an evaluation logged after the checkpoint, then killed
-    train.train(train.TrainConfig(**{**vars(cfg), "resume": True}))
+    train_tiny(train.TrainConfig(**{**vars(cfg), "resume": True}))
     assert [s for s, *_ in log_losses(cfg.out)] == [1, 2, 3, 4]
     page = page_of(cfg.out)
     assert len(re.findall(r"pair loss step \d+:", page)) == 4
@@ -206,11 +206,11 @@ def test_report_to_a_missing_package_is_a_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     for kind, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(UsageError) as e:
             train.open_tracker(kind, str(tmp_path), {})
-        assert str(e.value).startswith("error:") and f"pip install {package}" in str(e.value)
+        assert str(e.value).startswith(f"--report-to={kind} needs") and f"pip install {package}" in str(e.value)
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(8))
-    with pytest.raises(SystemExit, match="must be one of none, tensorboard, wandb"):
+    with pytest.raises(UsageError, match="must be one of none, tensorboard, wandb"):
         train.validate(train_cfg(tmp_path, data, report_to="mlflow"))
 
 
@@ -220,7 +220,7 @@ def test_report_to_tensorboard_writes_event_files_tensorboard_reads_back(tmp_pat
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     cfg = train_cfg(tmp_path, data, max_steps=3, batch_size=4, max_len=64, report_to="tensorboard")
-    train.train(cfg)
+    train_tiny(cfg)
     events = EventAccumulator(os.path.join(cfg.out, "tensorboard"))
     events.Reload()
     records = report.read_jsonl(os.path.join(cfg.out, "log.jsonl"))
@@ -248,7 +248,7 @@ def test_report_to_tensorboard_logs_the_log_jsonl_scalars(monkeypatch, tmp_path)
     test = write_jsonl(tmp_path / "test.jsonl", easy_rows(4, seed=1))
     cfg = train_cfg(tmp_path, data, eval_data=f"test={test}", max_steps=2, batch_size=4, max_len=64,
                     report_to="tensorboard")
-    metrics = train.train(cfg)
+    metrics = train_tiny(cfg)
     assert logged[-1] == "closed"
     records = report.read_jsonl(os.path.join(cfg.out, "log.jsonl"))
     expected = [(r["step"], k, v) for r in records for k, v in r.items() if k != "step"]

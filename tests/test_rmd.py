@@ -19,9 +19,11 @@ import formats
 import loss
 import rmd
 import serve
-import tiny_lm
 import train
-from conftest import ROOT, chatml_tokenizer, easy_rows, log_losses, tiny_model, train_cfg, write_jsonl
+from demo import builtin, tiny_lm
+from formats import UsageError
+from conftest import (ROOT, chatml_tokenizer, easy_rows, log_losses, tiny_model, train_cfg, train_tiny,
+                      write_jsonl)
 from model import (CUT_KINDS, ByteTokenizer, CutCounts, answer_ids, encode, fit, load_backbone, load_reward_model,
                    prompt_floor, render_prompt)
 
@@ -31,7 +33,7 @@ HH = "\n\nHuman: How do I bake bread?\n\nAssistant:"
 # ------------------------------------------------------------------------------------------------ data
 
 
-def test_row_forms_parse_to_the_same_example():
+def test_row_forms_parse_to_the_same_example(tmp_path):
     tok = ByteTokenizer()
     forms = [
         {"prompt": "How do I bake bread?", "chosen": "Knead it.", "rejected": "No."},
@@ -40,8 +42,8 @@ def test_row_forms_parse_to_the_same_example():
         {"chosen": HH + " Knead it.", "rejected": HH + " No."},  # implicit prompt, HH-RLHF style
         {"prompt": HH, "chosen": " Knead it.", "rejected": " No."},
     ]
-    examples = [batches.tokenize_example(tok, formats.parse_row(r, "x:1", False), 256, batches.DataStats())
-                for r in forms]
+    examples = list(batches.load_pairs(write_jsonl(tmp_path / "forms.jsonl", forms), tok, 256)[0])
+    assert len(examples) == len(forms)
     for ex in examples[1:]:
         assert ex == examples[0]
     text = tok.decode(examples[0].prompt[0] + examples[0].chosen)
@@ -78,6 +80,17 @@ def test_bad_rows_stop_with_file_and_line(tmp_path, line, message):
     assert f"{path}:2:" in str(err.value) and message in str(err.value)
 
 
+@pytest.mark.parametrize("need_margin", [train.TrainConfig().loss != "bt", True])  # the default loss's, and mse's
+@pytest.mark.parametrize("missing", ["chosen_score", "rejected_score"])
+def test_a_lone_score_is_a_missing_field_at_its_line(tmp_path, need_margin, missing):
+    rows = easy_rows(5)
+    del rows[3][missing]  # used to be a KeyError traceback from formats.number
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(formats.DataError) as err:
+        batches.load_pairs(path, ByteTokenizer(), 64, need_margin=need_margin)
+    assert str(err.value).startswith(f"{path}:4: missing field '{missing}'")
+
+
 def full_ids(tok, prompt, answer):
     return (encode(tok, render_prompt(tok, formats.as_messages(prompt, "x"))), answer_ids(tok, answer))
 
@@ -111,14 +124,15 @@ def test_cutting_keeps_the_question_end_then_the_answer_start(tokenizer):
             assert len(p) + len(a) == max_len and len(p) > floor
 
 
-def test_every_command_cuts_the_same_way_and_teacher_answers_keep_their_prompt():
-    """tokenize_example (train) and RewardModel.tokens (eval, bon, serve) build the same sequences; a teacher answer
-    over the budget keeps the prompt's floor and its own beginning, never just the prompt's last token."""
+def test_every_command_cuts_the_same_way_and_teacher_answers_keep_their_prompt(tmp_path):
+    """load_pairs (train: pair_cache.tokenize_chunk) and RewardModel.tokens (eval, bon, serve) build the same
+    sequences; a teacher answer over the budget keeps the prompt's floor and its own beginning, never just the
+    prompt's last token."""
     model = tiny_model(max_len=64)
     tok = model.tokenizer
     row = {"prompt": "x" * 300 + " the question?", "chosen": "yes " * 40, "rejected": "no " * 40,
            "teacher_response": "The answer is " + "long " * 60}
-    ex = batches.tokenize_example(tok, formats.parse_row(row, "x:1", False), 64, batches.DataStats())
+    (ex,), _ = batches.load_pairs(write_jsonl(tmp_path / "r.jsonl", [row]), tok, 64)
     assert ex.prompt[0] + ex.chosen == model.tokens(row["prompt"], row["chosen"], 64)
     assert ex.prompt[1] + ex.rejected == model.tokens(row["prompt"], row["rejected"], 64)
     assert ex.cuts == ("prompt_min", "prompt_min", "prompt_min")
@@ -257,7 +271,7 @@ def test_collate_packs_with_little_padding(tmp_path):
 
 def test_train_shows_progress_with_elapsed_time_and_eta_from_the_first_step(tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(24))
-    train.train(train_cfg(tmp_path, data, max_steps=4, log_interval=2, lm_weight=0.0, loss="bt"))
+    train_tiny(train_cfg(tmp_path, data, max_steps=4, log_interval=2, lm_weight=0.0, loss="bt"))
     out, err = capsys.readouterr()
     first = [line for line in err.splitlines() if line.startswith("[train]")]
     assert len(first) == 1 and first[0].startswith("[train] 1/4 (25%) ") and "elapsed, ETA" in first[0]
@@ -271,7 +285,7 @@ def test_training_learns_an_easy_preference_and_saves_a_loadable_model(tmp_path)
     test = write_jsonl(tmp_path / "test.jsonl", easy_rows(40, seed=1))
     cfg = train_cfg(tmp_path, data, eval_data=f"test={test}", max_steps=12, lm_weight=0.1, loss="bt-margin",
                     holdout=20)
-    metrics = train.train(cfg)
+    metrics = train_tiny(cfg)
     assert metrics["test"] > 0.9 and metrics["heldout"] > 0.9
     saved = json.load(open(os.path.join(cfg.out, "eval.json")))
     assert saved["accuracy"] == metrics and saved["step"] == 12
@@ -302,7 +316,7 @@ def test_max_steps_zero_evaluates_the_untrained_model_only(tmp_path, capsys):
     nomargin = write_jsonl(tmp_path / "nm.jsonl", [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     cfg = train_cfg(tmp_path, data, eval_data=f"test={test},plain={nomargin}", max_steps=0, lm_weight=0.0,
                     batch_size=16)  # fewer pairs than one batch is fine when nothing is trained
-    metrics = train.train(cfg)
+    metrics = train_tiny(cfg)
     out = capsys.readouterr().out
     assert "evaluating only" in out and "final eval: test" in out and "margin fit: pearson" in out
     saved = json.load(open(os.path.join(cfg.out, "eval.json")))
@@ -346,10 +360,10 @@ def test_cut_backbone_with_lm_term_warns(tmp_path, capsys):
 def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(48))
     straight = train_cfg(tmp_path / "a", data, max_steps=8, lm_weight=0.5, epochs=3)
-    train.train(straight)
+    train_tiny(straight)
     first = train_cfg(tmp_path / "b", data, max_steps=8, lm_weight=0.5, epochs=3)
-    train.train(train.TrainConfig(**{**vars(first), "max_steps": 8}), stop_after=3)
-    train.train(train.TrainConfig(**{**vars(first), "resume": True}))
+    train_tiny(train.TrainConfig(**{**vars(first), "max_steps": 8}), stop_after=3)
+    train_tiny(train.TrainConfig(**{**vars(first), "resume": True}))
     a, b = log_losses(straight.out), log_losses(first.out)
     assert [s for s, *_ in b] == list(range(1, 9))
     for (step_a, pair_a, lm_a), (step_b, pair_b, lm_b) in zip(a, b):
@@ -368,7 +382,7 @@ def test_cli_without_data_says_what_to_pass(tmp_path):
 def test_overrides_are_type_checked():
     cfg = cli.parse_overrides(train.TrainConfig(), ["--lr=3e-4", "--max-steps", "5", "--resume", "--loss=bt"])
     assert (cfg.lr, cfg.max_steps, cfg.resume, cfg.loss) == (3e-4, 5, True, "bt")
-    with pytest.raises(SystemExit, match="expected int"):
+    with pytest.raises(UsageError, match="expected int"):
         cli.parse_overrides(train.TrainConfig(), ["--max-steps=many"])
 
 
@@ -377,7 +391,7 @@ def test_one_list_of_loss_kinds_for_the_check_and_the_help(tmp_path):
     help_text = cli.field_comments(train.TrainConfig)["loss"]
     assert all(kind in help_text for kind in loss.PAIRWISE_KINDS)
     data = write_jsonl(tmp_path / "d.jsonl", easy_rows(2))
-    with pytest.raises(SystemExit, match="--loss must be one of " + ", ".join(loss.PAIRWISE_KINDS)):
+    with pytest.raises(UsageError, match="--loss must be one of " + ", ".join(loss.PAIRWISE_KINDS)):
         train.validate(train.TrainConfig(data=data, loss="hinge"))
 
 
@@ -430,7 +444,7 @@ def test_demo_takes_back_the_baselines_cores_once_it_has_exited(monkeypatch):
     try:
         torch.set_num_threads(1)
         baseline = Process()
-        on_step = rmd.take_back_cores((baseline, None))
+        on_step = builtin.take_back_cores((baseline, None))
         on_step(1, {})
         assert torch.get_num_threads() == 1  # still running
         baseline.code = 0
@@ -438,9 +452,9 @@ def test_demo_takes_back_the_baselines_cores_once_it_has_exited(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    assert rmd.take_back_cores(None) is None
+    assert builtin.take_back_cores(None) is None
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert rmd.take_back_cores((Process(), None)) is None
+    assert builtin.take_back_cores((Process(), None)) is None
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -460,7 +474,7 @@ def test_options_md_is_every_commands_help_as_printed():
     regenerating it fails here, and every command's every option is in it."""
     import distill
     import serve
-    import sim_server
+    from demo import sim_server
     with open(os.path.join(ROOT, "OPTIONS.md")) as f:
         assert f.read() == rmd.options_markdown(), "OPTIONS.md is stale: run `python rmd.py options > OPTIONS.md`"
     configs = {"distill": distill.DistillConfig, "train": train.TrainConfig, "eval": evaluation.EvalConfig,
@@ -540,8 +554,7 @@ def test_ordinary_mistakes_are_one_line_errors_in_every_command(tmp_path):
 
 
 def test_distill_turns_teacher_http_errors_into_one_line(tmp_path):
-    import sim
-    import sim_server
+    from demo import sim, sim_server
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6"}])
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -562,8 +575,7 @@ def test_distill_turns_teacher_http_errors_into_one_line(tmp_path):
 
 
 def test_distill_that_keeps_nothing_fails_and_says_why(tmp_path):
-    import sim
-    import sim_server
+    from demo import sim, sim_server
     data = write_jsonl(tmp_path / "outside.jsonl",  # questions the simulated teacher cannot judge or refine
                        [{"prompt": "Why is the sky blue?", "chosen": "Rayleigh scattering.", "rejected": "Paint."}])
     url, shutdown = sim_server.start_server(sim.WorldConfig())
@@ -585,8 +597,7 @@ def data_readme_commands():
 
 def test_every_data_example_runs_as_its_readme_line_says(tmp_path, monkeypatch):
     """data/README.md's commands, shortened (1 step, outputs in tmp), against the in-process simulated teacher."""
-    import sim
-    import sim_server
+    from demo import sim, sim_server
     commands = data_readme_commands()
     covered = {a.split("=")[1] for argv in commands for a in argv if a.startswith("--data=")}
     assert covered == {f"data/{f}" for f in os.listdir(os.path.join(ROOT, "data")) if f.endswith(".jsonl")}
@@ -609,16 +620,16 @@ def test_every_data_example_runs_as_its_readme_line_says(tmp_path, monkeypatch):
 def test_resume_with_a_different_config_stops_before_writing(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", easy_rows(8))
     cfg = train_cfg(tmp_path / "r", data, max_steps=2, batch_size=4)
-    train.train(cfg, stop_after=1)
+    train_tiny(cfg, stop_after=1)
     saved = open(os.path.join(cfg.out, "config.json")).read()
     changed = train.TrainConfig(**{**vars(cfg), "resume": True, "lr": 0.5, "seed": 7, "log_interval": 3})
-    with pytest.raises(SystemExit) as e:
-        train.train(changed)
-    message = str(e.value.code)
-    assert message.startswith("error: --resume with a config that differs") and "--lr " in message
+    with pytest.raises(UsageError) as e:
+        train_tiny(changed)
+    message = str(e.value)
+    assert message.startswith("--resume with a config that differs") and "--lr " in message
     assert "--seed 3 -> 7" in message and "log-interval" not in message and "\n" not in message
     assert open(os.path.join(cfg.out, "config.json")).read() == saved  # nothing overwritten
-    train.train(train.TrainConfig(**{**vars(cfg), "resume": True, "log_interval": 3}))  # watching differently is fine
+    train_tiny(train.TrainConfig(**{**vars(cfg), "resume": True, "log_interval": 3}))  # watching differently is fine
 
 
 def test_a_hub_model_id_is_passed_to_transformers_and_offline_is_one_line(monkeypatch):
@@ -630,12 +641,12 @@ def test_a_hub_model_id_is_passed_to_transformers_and_offline_is_one_line(monkey
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
     train.check_model("Qwen/Qwen2.5-0.5B-Instruct")  # not refused
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UsageError) as e:
         load_backbone("Qwen/Qwen2.5-0.5B-Instruct")
     assert asked == ["Qwen/Qwen2.5-0.5B-Instruct"]
-    message = str(e.value.code)
+    message = str(e.value)
     assert "\n" not in message and "Hugging Face Hub" in message and "couldn't connect" in message
-    with pytest.raises(SystemExit, match="no such folder or file"):
+    with pytest.raises(UsageError, match="no such folder or file"):
         train.check_model("a/b/c")
 
 
@@ -675,3 +686,15 @@ def test_original_pairs_of_train_jsonl_load_with_their_order_debiased_margin(tmp
     path = write_jsonl(tmp_path / "train.jsonl", rows)  # a kept row's original and refined pairs
     examples, stats = batches.load_pairs(path, ByteTokenizer(), 64, need_margin=True, teacher=True, keep_ties=False)
     assert [ex.margin for ex in examples] == [3.5, 5.0] and stats.kept == 2 and not stats.dropped
+
+
+def test_the_demos_students_load_through_rmd_py_or_a_loader_not_by_name_in_the_library(tmp_path):
+    """'tiny' and 'tiny-scratch' are the demo's (demo/tiny_lm.py): the library does not know them by name. From
+    Python, train.train(cfg) says how to get them; train.train(cfg, backbone=load_tiny) trains one."""
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(8))
+    message = one_line_error(["train", f"--data={data}", "--model=nano", f"--out={tmp_path / 'x'}"])
+    assert "--model=nano: no such folder or file" in message
+    with pytest.raises(UsageError, match="'tiny' and 'tiny-scratch' are the demo's students: `python rmd.py train "
+                                         r"--model=tiny`, or in Python train.train\(cfg, backbone=demo.tiny_lm"):
+        train.train(train_cfg(tmp_path, data, model="tiny", max_steps=0))
+    assert train.train(train_cfg(tmp_path, data, max_steps=0), backbone=tiny_lm.load_tiny).keys() == set()

@@ -9,8 +9,7 @@ import requests
 
 import distill
 import protocol
-import sim
-import sim_server
+from demo import sim, sim_server
 
 CLEAN = dict(teacher_skill=1.0, refine_miss_rate=0.0, refine_drift_rate=0.0, malformed_rate=0.0)
 
@@ -192,13 +191,13 @@ def test_distill_end_to_end_with_retries(tmp_path):
     by_source = {}
     for row in rows:
         by_source.setdefault(row["provenance"]["source"], []).append(row)
-    import ablation
-    import rmd
     import train
+    from demo import ablation, builtin
     pairs, loss, lm, student, _ = ablation.ARMS[ablation.DEFAULT_ARM]  # what the demo trains is the default arm
     assert set(by_source) == set(ablation.PAIR_SOURCES[pairs]) == {"refined", "restyled", "crossed", "equivalent",
                                                                    "original"}
-    assert (rmd.DEMO_TRAIN["model"], loss, lm) == (student, train.TrainConfig().loss, train.TrainConfig().lm_weight > 0)
+    assert (builtin.DEMO_TRAIN["model"], loss, lm) == (student, train.TrainConfig().loss,
+                                                       train.TrainConfig().lm_weight > 0)
     assert sorted(r["id"] for r in by_source["original"]) == sorted(r["id"] + ":original" for r in by_source["refined"])
     assert len({r["id"] for r in rows}) == len(rows)  # every pair of train.jsonl has its own id
     right = sum(sim.true_quality(sim.task_from_prompt(r["prompt"]), r["chosen"]) >
@@ -229,7 +228,7 @@ def test_distill_end_to_end_with_retries(tmp_path):
 
 
 def test_ablation_smoke(tmp_path):
-    import ablation
+    from demo import ablation
     results = ablation.main(["--seeds=0", f"--arms=a,{ablation.DEFAULT_ARM}", "--steps=2", "--sweep=0.1",
                              "--batch-size=4", "--n-distill=30", "--n-eval=10", "--n-bon=4", f"--out={tmp_path}"])
     assert set(results) == {"a", ablation.DEFAULT_ARM}
@@ -243,7 +242,7 @@ def test_ablation_smoke(tmp_path):
 
 
 def test_lm_weight_sweep_takes_the_smallest_weight_within_one_standard_error():
-    import ablation
+    from demo import ablation
     assert ablation.pick_lm_weight({0.1: 0.730, 1.0: 0.735}, 400) == 0.1  # +0.5 points: SE is 2.2
     assert ablation.pick_lm_weight({0.1: 0.600, 1.0: 0.735}, 400) == 1.0  # +13.5 points: a real difference
     assert ablation.pick_lm_weight({1.0: 0.70, 0.1: 0.70}, 400) == 0.1

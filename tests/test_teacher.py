@@ -18,8 +18,12 @@ import formats
 import protocol
 import teacher
 from asker import cache_key
-from fault_server import EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep, status
+from conftest import ROOT
+from formats import UsageError
+from tools.fault_server import EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep, status
 from protocol import ParseError, parse_annotation, parse_refinement, parse_score, tagged
+from tools.fault_server import (EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep,
+                               status)
 
 # restyle off: these tests count the requests of the paper's five stages; test_restyle_* turn it on
 FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=0.5, max_retries=3, json_mode="off", progress=False,
@@ -187,9 +191,8 @@ def _conversation(json_mode=False):
 
 
 def _ask_servers(body):
-    import sim
-    import sim_server
-    from fault_server import teacher_reply
+    from demo import sim, sim_server
+    from tools.fault_server import teacher_reply
     return [sim_server.reply_for(body, sim.WorldConfig(malformed_rate=0.0)), teacher_reply(body)]
 
 
@@ -250,7 +253,7 @@ def test_read_request_gives_each_stage_its_fields():
 def test_the_servers_retype_no_tag_or_header():
     """sim.py, sim_server.py and fault_server.py take every tag, header and reply marker from protocol.py."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for path in ("sim.py", "sim_server.py", "fault_server.py"):
+    for path in ("demo/sim.py", "demo/sim_server.py", "tools/fault_server.py"):
         text = open(os.path.join(root, path), encoding="utf-8").read()
         for literal in ("<question-", "<assistant-", "answer-{", "[rmd:", "[REASONING-", "[MODIFIED-ANSWER-",
                         "[RESTYLED-ANSWER-", "Assistant 1:", "Score:"):
@@ -302,13 +305,26 @@ for name in ("protocol", "distill", "formats", "cli"):
 
 # ---------------------------------------------------------------------------- config, input
 
+def test_library_errors_become_one_line_exits_only_at_an_entry_point():
+    """parse_overrides raises (a notebook can catch it); one_line_errors, around an entry point, turns a UsageError or
+    DataError into `error: <line>` and exit 1, and leaves a bug's traceback alone."""
+    with pytest.raises(UsageError):
+        cli.parse_overrides(distill.DistillConfig(), ["--workers=many"])
+    for error in (UsageError("--x=1: wrong"), formats.DataError("f.jsonl:3: bad row")):
+        with pytest.raises(SystemExit) as e, cli.one_line_errors():
+            raise error
+        assert e.value.code == f"error: {error}"
+    with pytest.raises(KeyError), cli.one_line_errors():
+        raise KeyError("a bug")
+
+
 def test_parse_overrides():
     cfg = cli.parse_overrides(distill.DistillConfig(), ["--workers", "3", "--min-delta=2", "--disable_thinking",
                                                             "--json-mode", "off", "--keep-label-disagreements=0"])
     assert (cfg.workers, cfg.min_delta, cfg.disable_thinking, cfg.json_mode) == (3, 2.0, True, "off")
-    with pytest.raises(SystemExit, match=r"^error: unknown option --wrokers; did you mean --workers\?"):
+    with pytest.raises(UsageError, match=r"^unknown option --wrokers; did you mean --workers\?"):
         cli.parse_overrides(distill.DistillConfig(), ["--wrokers=3"])
-    with pytest.raises(SystemExit, match="^error: --workers='many': expected int"):
+    with pytest.raises(UsageError, match="^--workers='many': expected int"):
         cli.parse_overrides(distill.DistillConfig(), ["--workers=many"])
 
 
@@ -341,12 +357,12 @@ def test_help_is_generated_from_the_config_comments(capsys):
 def test_trl_names_are_aliases_or_answered_with_the_rmd_name():
     cfg = cli.parse_overrides(HelpCfg(), ["--learning-rate=3e-4", "--output-dir", "o", "--train_batch_size=8"])
     assert (cfg.lr, cfg.out, cfg.batch_size) == (3e-4, "o", 8)
-    with pytest.raises(SystemExit, match=r"^error: unknown option --per-device-train-batch-size .*--batch-size.*"
+    with pytest.raises(UsageError, match=r"^unknown option --per-device-train-batch-size .*--batch-size.*"
                                          r"--micro-batch"):
         cli.parse_overrides(HelpCfg(), ["--per-device-train-batch-size=4"])
-    with pytest.raises(SystemExit, match=r"did you mean --lr\?"):
+    with pytest.raises(UsageError, match=r"did you mean --lr\?"):
         cli.parse_overrides(HelpCfg(), ["--lerning-rate=1"])
-    with pytest.raises(SystemExit, match=r"^error: unexpected argument 'x'") as e:
+    with pytest.raises(UsageError, match=r"^unexpected argument 'x'") as e:
         cli.parse_overrides(HelpCfg(), ["x"])
     assert "\n" not in str(e.value)
 
@@ -654,6 +670,33 @@ def test_fatal_http_errors_stop_the_run(tmp_path):
             run_rows(server, [PAIR] * 1, tmp_path)
 
 
+def test_the_teacher_key_goes_to_candidate_urls_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("RMD_TEST_KEY", "sk-teacher")
+    monkeypatch.setenv("RMD_CANDIDATE_KEY", "sk-candidate")
+    sent = []
+    orig = teacher.Client.post
+
+    def spy(self, body, **kw):
+        sent.append((self.url, self.api_key))
+        return orig(self, body, **kw)
+    monkeypatch.setattr(teacher.Client, "post", spy)
+    bare = [{"id": "bare", "prompt": "tell me"}]
+    with FaultServer() as server, FaultServer() as other:
+        mine, theirs = teacher.chat_url(server.url), teacher.chat_url(other.url)
+        for name, overrides, keys in [
+                ("default", {"candidate_urls": other.url}, {mine: {"sk-teacher"}, theirs: {""}}),  # theirs: sk-teacher
+                ("explicit", {"candidate_urls": other.url, "candidate_api_key_env": "RMD_CANDIDATE_KEY"},
+                 {mine: {"sk-teacher"}, theirs: {"sk-candidate"}}),
+                ("the teacher's url", {"candidate_urls": server.url}, {mine: {"sk-teacher"}})]:
+            sent.clear()
+            run_rows(server, bare, tmp_path / name, api_key_env="RMD_TEST_KEY", candidate_models="cand-a,cand-b",
+                     **overrides)
+            by_url = {}
+            for url, key in sent:
+                by_url.setdefault(url, set()).add(key)
+            assert by_url == keys, name
+
+
 def test_api_key_is_sent_but_never_stored(tmp_path, monkeypatch):
     monkeypatch.setenv("RMD_TEST_KEY", "sk-secret-123")
     seen = []
@@ -766,7 +809,7 @@ def _first_restyle_unmarked():
 
 @pytest.mark.parametrize("foreign", [b"my notes\nthe last line has no newline", b'{"a": 1}\n{"b": 2}\n{"c": 3',
                                      b"\x00\x01binary", b'{"key": "k", "reply": {}}\nnot an entry\n',
-                                     b"single line, no newline"])
+                                     b"single line, no newline", b'{"key": "row-1", "text": "a dataset"}\n{"key": "ro'])
 def test_a_file_the_cache_did_not_write_is_refused_and_left_untouched(tmp_path, foreign):
     path = tmp_path / "notes.txt"
     path.write_bytes(foreign)
@@ -795,14 +838,15 @@ def test_a_cache_starts_with_its_header_and_only_then_is_its_torn_line_cut(tmp_p
 
 def test_a_cache_written_before_the_header_is_still_used(tmp_path, capsys):
     path = tmp_path / "cache.jsonl"
-    old = '{"key":"k1","reply":"one"}\n{"key":"k2","reply":"two"}\n{"key":"k3","re'  # an earlier rmd, killed
+    k1, k2, k3 = (teacher.request_key({"n": n}) for n in (1, 2, 3))
+    old = f'{{"key":"{k1}","reply":"one"}}\n{{"key":"{k2}","reply":"two"}}\n{{"key":"{k3}","re'  # killed mid-write
     path.write_text(old)
     cache = teacher.Cache(str(path))
     assert "without a header line" in capsys.readouterr().err
-    assert cache.fetch("k2", lambda: pytest.fail("sent again"))[1] is True
-    cache.fetch("k3", lambda: {"reply": "three"})
+    assert cache.fetch(k2, lambda: pytest.fail("sent again"))[1] is True
+    cache.fetch(k3, lambda: {"reply": "three"})
     cache.close()
-    assert path.read_text() == old[:old.rindex("\n") + 1] + '{"key":"k3","reply":"three"}\n'
+    assert path.read_text() == old[:old.rindex("\n") + 1] + f'{{"key":"{k3}","reply":"three"}}\n'
 
 
 def test_an_empty_file_becomes_a_cache(tmp_path):
@@ -810,6 +854,47 @@ def test_an_empty_file_becomes_a_cache(tmp_path):
     path.write_text("")
     teacher.Cache(str(path)).close()
     assert json.loads(path.read_text()) == teacher.CACHE_HEADER
+
+
+def wait_for_lock(out, proc):
+    """Until `proc` holds the lock on `out` (its PID in the lock file) -> the lock file's record."""
+    import files
+    path = os.path.join(out, files.LOCK_NAME)
+    while proc.poll() is None:
+        try:
+            with open(path) as f:
+                holder = json.load(f)
+            if holder["pid"] == proc.pid:
+                return holder
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"exited with {proc.returncode} before taking the lock")
+
+
+def test_a_second_distill_on_one_out_is_refused_while_the_first_goes_on(tmp_path):
+    import subprocess
+    rows = [{"id": f"r{i}", "prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(12)]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "out")
+    with FaultServer(latency=0.05) as server:
+        argv = ["distill", f"--data={data}", f"--out={out}", f"--teacher-url={server.url}", "--teacher-model=t",
+                "--workers=2", "--json-mode=off", "--progress=false"]
+        first = subprocess.Popen([sys.executable, os.path.join(ROOT, "rmd.py"), *argv],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_lock(out, first)
+        second = subprocess.run([sys.executable, os.path.join(ROOT, "rmd.py"), *argv], capture_output=True,
+                                text=True)
+        assert first.poll() is None  # the first is still at work
+        assert second.returncode == 1 and second.stderr.startswith(f"error: {out} is in use by another run (PID "
+                                                                   f"{first.pid}, rmd distill started")
+        assert len(second.stderr.strip().splitlines()) == 1
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err[-2000:]
+        keys = [cache_key(b) for b in server.bodies]
+    assert len(keys) == len(set(keys))  # nothing was sent twice: the second run sent nothing
+    assert len((tmp_path / "out" / "train.jsonl").read_text().splitlines()) >= 12
 
 
 def test_rate_limit_is_respected(tmp_path):
@@ -832,7 +917,7 @@ def test_throughput_keeps_the_workers_busy(tmp_path):
         run_rows(server, rows, tmp_path, workers=workers)
     # the server counts a request until its handler returns, a moment after the client has its reply
     assert workers <= server.max_active <= workers + 2
-    # The request rate itself is a timing, measured by `python bench_teacher.py --only teacher`, never asserted here:
+    # The request rate itself is a timing, measured by `python -m tools.bench_teacher --only teacher`, never asserted here:
     # on a loaded 2-core machine it depends on the load, not on the client.
 
 

@@ -11,10 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import distill
 import teacher
 from asker import Asker, cache_key
-from fault_server import REFUSAL, FaultServer, reply, status, yield_comparison
-import fault_server
 from protocol import ParseError, check_answer, is_refusal, parse_annotation, parse_score, strip_reasoning, tagged
 from test_teacher import FAST, PAIR, run_rows
+from tools import fault_server
+from tools.fault_server import REFUSAL, FaultServer, reply, status, yield_comparison
 
 
 # ---------------------------------------------------------------------------- section 1: yield
@@ -293,8 +293,7 @@ def test_a_stage_using_ask_with_a_parser_gets_reasks_for_free(tmp_path):
 
 def test_the_simulated_teacher_with_http_errors_still_gets_json_mode(tmp_path):
     """issue 10: teacher-sim --http-error-rate made the probe's first 500 switch the whole run to text mode."""
-    import sim
-    import sim_server
+    from demo import sim, sim_server
     url, stop = sim_server.start_server(sim.WorldConfig(http_error_rate=1.0))  # every first try of a request fails
     try:
         asker = Asker(distill.DistillConfig(out=str(tmp_path), teacher_url=url, teacher_model="judge",

@@ -19,7 +19,7 @@ import requests
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import distill
-from fault_server import FaultServer, forward, reply, teacher_reply
+from tools.fault_server import FaultServer, forward, reply, teacher_reply
 from protocol import read_request
 
 pytestmark = pytest.mark.slow  # a server subprocess; minutes on a loaded CPU

@@ -10,8 +10,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from asker import cache_key
-from fault_server import FaultServer, reply
 from protocol import tagged
+from tools.fault_server import FaultServer, reply
 def no_number_for_some_rows(body, n):
     """A deterministic content fault, so failures.jsonl is part of the comparison too."""
     text = body["messages"][0]["content"]

@@ -1,4 +1,4 @@
-"""tiny_lm.py: the built-in tiny student, its pretraining cache key (what determines the weights, not version
+"""demo/tiny_lm.py: the demo's tiny student, its pretraining cache key (what determines the weights, not version
 strings), the shipped copy, and one builder when several processes want the same model."""
 import json
 import os
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-import tiny_lm
+from demo import tiny_lm
 from model import ByteTokenizer, load_backbone
 
 
@@ -18,8 +18,8 @@ def tiny_world():
 
 def test_shipped_tiny_student_is_the_one_the_code_would_build():
     """data/tiny-world-lm is used only if its key matches: a change to the world's text, the rendering or the
-    pretraining settings must come with `python tiny_lm.py` (or every first run pretrains for minutes)."""
-    import sim
+    pretraining settings must come with `python -m demo.tiny_lm` (or every first run pretrains for minutes)."""
+    from demo import sim
     tok = ByteTokenizer()
     sequences = tiny_lm.world_sequences(tok, sim.world_corpus(sim.WorldConfig()))
     assert tiny_lm.cache_key(sequences, tiny_lm.tiny_config(tok, 1024), tiny_lm.SETTINGS) == tiny_lm.shipped_key()

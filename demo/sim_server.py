@@ -2,16 +2,20 @@
 
 It reads exactly the requests distill.py sends, with protocol.read_request (the same templates: no tag name is
 re-typed here), answers with the world's teacher behaviours and candidate models, and writes its replies with
-protocol's *_reply writers. The command line (`python rmd.py teacher-sim`, `python sim_server.py`) also writes the
-world's data and measures its teacher:
+protocol's *_reply writers. The command line (`python rmd.py teacher-sim`, `python -m demo.sim_server`) also
+writes the world's data and measures its teacher:
 
     python rmd.py teacher-sim --port=8000            # serve it (Ctrl-C stops); --help lists every option
     python rmd.py teacher-sim --write-data=data/builtin   # distill input, eval splits and best-of-N set
     python rmd.py teacher-sim --stats                # the teacher's biases against the published figures
 
-    import sim, sim_server
+    from demo import sim, sim_server
     url, stop = sim_server.start_server(sim.WorldConfig(), port=0)   # loopback, background thread
 """
+
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    raise SystemExit("error: run it from the repository root as a module: python -m demo.sim_server")
+
 import dataclasses
 import hashlib
 import json
@@ -21,11 +25,11 @@ import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import sim
-from cli import parse_overrides
+from cli import one_line_errors, parse_overrides
+from demo import sim
+from demo.sim import CANDIDATE_MODELS, TEACHER_MODEL, WORLD_STYLE, WorldConfig, task_from_prompt
 from formats import message_text
 from protocol import (PROBE_REPLY, annotate_reply, read_request, refine_reply, restyle_reply, score_reply)
-from sim import CANDIDATE_MODELS, TEACHER_MODEL, WORLD_STYLE, WorldConfig, task_from_prompt
 
 # What real teachers say instead of an answer, or around one (seen from llama.cpp models: tests/fixtures).
 REFUSAL = "I'm sorry, but I can't help with that request."
@@ -189,7 +193,7 @@ class SimConfig(WorldConfig):
 ABOUT = "The simulated teacher: serve it (OpenAI-compatible, until Ctrl-C), write its world's data, or measure it."
 
 
-def main(argv=None, prog="python sim_server.py"):
+def main(argv=None, prog="python -m demo.sim_server"):
     cfg = parse_overrides(SimConfig(), list(sys.argv[1:] if argv is None else argv), prog, ABOUT)
     world = WorldConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(WorldConfig)})
     try:
@@ -217,4 +221,5 @@ def main(argv=None, prog="python sim_server.py"):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with one_line_errors():
+        sys.exit(main())

@@ -1,14 +1,18 @@
 """Benchmarks of rmd's teacher side (no torch): the teacher client's throughput against a loopback server, and what
 a flaky teacher costs distill in kept rows and requests. Each section prints a table; bench.py has the student side.
 
-    python bench_teacher.py                          # both sections (a few minutes)
-    python bench_teacher.py --only teacher --workers 1,8,32 --latency 0.2   # distill's request rate vs workers
-    python bench_teacher.py --only yield --rows 200 --fault-rate 0.3         # distill yield under faults (~30 s)
+    python -m tools.bench_teacher                          # both sections (a few minutes)
+    python -m tools.bench_teacher --only teacher --workers 1,8,32 --latency 0.2   # distill's request rate vs workers
+    python -m tools.bench_teacher --only yield --rows 200 --fault-rate 0.3         # distill yield under faults (~30 s)
 
 Both run distill.py against fault_server.py (127.0.0.1 only): "teacher" against a server that answers every request
 after a fixed latency, "yield" through a server that makes --fault-rate of all replies faulty in front of sim.py's
 teacher, vs a clean pass-through in front of the same teacher.
 """
+
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    raise SystemExit("error: run it from the repository root as a module: python -m tools.bench_teacher")
+
 import contextlib
 import io
 import json
@@ -22,8 +26,8 @@ import types
 from dataclasses import asdict, dataclass
 
 import distill
-from cli import parse_overrides
-from fault_server import FaultServer, yield_comparison
+from cli import one_line_errors, parse_overrides
+from tools.fault_server import FaultServer, yield_comparison
 
 
 def print_table(title, headers, rows):
@@ -142,8 +146,8 @@ class TeacherBenchConfig:
 
 def parse_args(argv):
     """The command line -> TeacherBenchConfig, its comma-separated lists as lists (None when not given)."""
-    cfg = parse_overrides(TeacherBenchConfig(), argv, "python bench_teacher.py", "Times distill's teacher client "
-                          "against a loopback server, and counts what a flaky teacher costs; one table per section.")
+    cfg = parse_overrides(TeacherBenchConfig(), argv, "python -m tools.bench_teacher", "Times distill's teacher "
+                          "client against a loopback server, and counts what a flaky teacher costs; one table per section.")
     only = [x for x in cfg.only.split(",") if x] or None
     unknown = [x for x in only or [] if x not in SECTIONS]
     if unknown:
@@ -164,4 +168,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -275,8 +275,7 @@ def _distill_clean_and_faulty(rows, work, rate, seed, world, overrides):
     import io
     import os
     import distill
-    import sim
-    import sim_server
+    from demo import sim, sim_server
     os.makedirs(work, exist_ok=True)
     data = os.path.join(work, "in.jsonl")
     with open(data, "w", encoding="utf-8") as f:
@@ -304,7 +303,7 @@ def yield_comparison(n_rows, work, rate=0.3, seed=0, world=None, **overrides):
     """Distill the first `n_rows` rows of sim.py's world through a clean pass-through server and through
     flaky(rate, seed), both in front of sim_server.start_server; returns a dict of counts (see bench_teacher.py
     --only yield)."""
-    import sim
+    from demo import sim
     from formats import row_id
     world = world or sim.WorldConfig()
     rows = sim.distill_rows(world)[:n_rows]

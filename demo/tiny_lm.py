@@ -1,15 +1,20 @@
-"""tiny_lm.py -- the built-in tiny student (--model=tiny, tiny-scratch) and its pretraining, cached on disk.
+"""tiny_lm.py -- the demo's tiny student (rmd.py train --model=tiny, tiny-scratch) and its pretraining, cached on disk.
 
 A reward model is a pretrained LM that learns preferences; it can only reward a correct answer it can recognise. The
 built-in tiny student (rmd.py train --model=tiny) therefore first learns the simulated world's text (sim.world_corpus:
 every task with its correct answer, in every style) by plain next-token prediction. That run is deterministic given
-its inputs, so it is done once and kept under out/tiny_lm/<key>/ as an ordinary HF causal-LM folder, where <key> is
-a hash of the token sequences, the model config and the settings below. Needs torch and transformers.
+its inputs, so it is done once and kept under out/tiny_lm/<key>/ as an ordinary HF causal-LM folder with a
+ByteTokenizer marker (model.load_backbone reads it), where <key> is a hash of the token sequences, the model config
+and the settings below. Needs torch and transformers.
 
     path = tiny_lm.pretrained(sequences, config, log=print)     # build (minutes on a CPU) or reuse
     lm = LlamaForCausalLM.from_pretrained(path)
-    lm, tokenizer = tiny_lm.load_tiny("tiny")                    # what train.py loads for --model=tiny
+    lm, tokenizer = tiny_lm.load_tiny("tiny")                    # rmd.py: train(cfg, backbone=load_tiny)
 """
+
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    raise SystemExit("error: run it from the repository root as a module: python -m demo.tiny_lm")
+
 import contextlib
 import copy
 import fcntl
@@ -28,18 +33,18 @@ import torch
 import torch.nn.functional as F
 
 import files
-from cli import Progress, parse_overrides
+from cli import Progress, one_line_errors, parse_overrides
 from formats import as_messages
 from model import BYTE_TOKENIZER, ByteTokenizer, cut_layers, encode, load_backbone, render_answer, render_prompt
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 CACHE = os.path.join(ROOT, "out", "tiny_lm")
 # Enough passes for the 4-layer student to know the world's answers (measured: RESULTS.md's ablation).
 SETTINGS = {"steps": 1200, "batch_size": 32, "lr": 3e-3, "warmup": 100, "weight_decay": 0.01, "seed": 0,
             "version": 1}
 # The default world's pretrained student ships with rmd (data/tiny-world-lm, 3.5 MB of fp32 safetensors): building it
 # costs ~10 CPU-minutes (13 min on the loaded 2-core development machine), longer than the whole demo. `python
-# tiny_lm.py` rebuilds it. It is used only when its key matches what the code would build now, so a changed world,
+# -m demo.tiny_lm` rebuilds it. It is used only when its key matches what the code would build now, so a changed world,
 # rendering or setting never loads a stale model: it is then built once under out/tiny_lm/<key>/.
 SHIPPED = os.path.join(ROOT, "data", "tiny-world-lm")
 
@@ -193,7 +198,7 @@ def build(path, key, sequences, config, pad_id, settings, log, probe):
         json.dump({"tokenizer": "bytes"}, f)
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
         json.dump(info, f, indent=1)
-    files.fsync_tree(tmp)
+    files.fsync_tree(tmp)  # on the disk before the rename: a power cut cannot leave a renamed, empty folder
     shutil.rmtree(path, ignore_errors=True)  # a folder without pretrain.json is an interrupted build's
     files.replace(tmp, path)
     if info["knowledge"]:
@@ -225,7 +230,7 @@ def world_sequences(tokenizer, pairs):
 def world_knowledge(tokenizer, world):
     """A probe of what an LM knows about the world: for every task and candidate style, does it give the correct
     answer a higher likelihood than a wrong one written the same way? Returns probe(lm) -> accuracy per family."""
-    import sim
+    from demo import sim
     rng, rows = random.Random(0), []
     for task in sim.all_tasks(world):
         for style in sim.STYLES:
@@ -250,7 +255,7 @@ def world_knowledge(tokenizer, world):
 
 def tiny_backbone(world=None, log=print):
     """The HF folder of the tiny student pretrained on `world`'s text (sim.WorldConfig; default world if None)."""
-    import sim
+    from demo import sim
     world, tokenizer = world or sim.WorldConfig(), ByteTokenizer()
     sequences = world_sequences(tokenizer, sim.world_corpus(world))
     return pretrained(sequences, tiny_config(tokenizer, 1024), tokenizer.pad_token_id, log=log,
@@ -279,7 +284,7 @@ class RebuildConfig:
 
 def main(argv=None):
     """Rebuild the shipped default-world student (data/tiny-world-lm) with the code and settings as they are now."""
-    cfg = parse_overrides(RebuildConfig(), sys.argv[1:] if argv is None else argv, "python tiny_lm.py",
+    cfg = parse_overrides(RebuildConfig(), sys.argv[1:] if argv is None else argv, "python -m demo.tiny_lm",
                           "Rebuild the shipped default-world tiny student (data/tiny-world-lm).")
     torch.set_num_threads(cfg.threads)
     shutil.rmtree(SHIPPED, ignore_errors=True)
@@ -290,4 +295,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -31,27 +31,31 @@ normal/hard/best-of-N. Also: the teacher's own accuracy as a judge, and best-of-
 each arm's RM picks one, scored by the true quality of what it picks; rmd.py bon's scoring path) standing in for the
 paper's RL result.
 
-    python ablation.py                                  # 3 seeds, the default world
-    python ablation.py --seeds=0,1,2 --verbosity-bias=1.6 --out=runs/ablation-verbose
-    python ablation.py --seeds=7 --arms=a,n --steps=5 --sweep=0.1   # a smoke test
+    python -m demo.ablation                                  # 3 seeds, the default world
+    python -m demo.ablation --seeds=0,1,2 --verbosity-bias=1.6 --out=runs/ablation-verbose
+    python -m demo.ablation --seeds=7 --arms=a,n --steps=5 --sweep=0.1   # a smoke test
 
 Writes <out>/results.json (with "default_arm") and <out>/table.md; every run's files stay under <out>/seed<S>/.
 """
+
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    raise SystemExit("error: run it from the repository root as a module: python -m demo.ablation")
+
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, fields
 
-import sim
-import sim_server
-from cli import parse_overrides
+from cli import one_line_errors, parse_overrides
+from demo import sim, sim_server
 from formats import write_jsonl
 from recipe import RECIPE
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
     "a": ("original", "bt", False, "tiny", "label distillation (bt, original pairs)"),
     "b": ("original", "mse", False, "tiny", "+ scoring (mse, original pairs)"),
@@ -99,7 +103,8 @@ def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed,
         if args.report:
             return None
         cmd = [sys.executable, os.path.join(ROOT, "rmd.py"), "train", *arm_options(pairs_file, loss, lm_weight,
-                                                                                     eval_data, out_dir, args, seed, model)]
+                                                                                     eval_data, out_dir, args, seed, model),
+               *resume_or_start_again(out_dir)]
         t0 = time.time()
         with open(os.path.join(os.path.dirname(out_dir), f"{os.path.basename(out_dir)}.log"), "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -109,6 +114,16 @@ def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed,
         print(f"  arm {name:<10} seed {seed}: {time.time() - t0:.0f}s", flush=True)
     with open(os.path.join(out_dir, "eval.json")) as f:
         return json.load(f)
+
+
+def resume_or_start_again(out_dir):
+    """A run killed before its eval.json: ["--resume"] when it left a whole checkpoint (the ablation saves one, at
+    the end), else its folder goes and it starts again: [] (`rmd.py train` refuses an earlier run without --resume)."""
+    import distributed
+    if distributed.checkpoint_dir(os.path.join(out_dir, "ckpt")):
+        return ["--resume"]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return []
 
 
 def arm_options(pairs_file, loss, lm_weight, eval_data, out_dir, args, seed, model):
@@ -158,8 +173,8 @@ class AblationConfig(sim.WorldConfig):
 
 
 def main(argv=None):
-    args = parse_overrides(AblationConfig(), list(sys.argv[1:] if argv is None else argv), "python ablation.py",
-                           __doc__.split("\n")[0])
+    args = parse_overrides(AblationConfig(), list(sys.argv[1:] if argv is None else argv),
+                           "python -m demo.ablation", __doc__.split("\n")[0])
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
     if unknown := [a for a in arms if a not in ARMS]:
@@ -169,7 +184,7 @@ def main(argv=None):
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     t_start = time.time()
     # 0. the pretrained student: the tiny model after LM pretraining on this world's text (built once, cached)
-    import tiny_lm
+    from demo import tiny_lm
     args.student = args.student or tiny_lm.tiny_backbone(world_of(args))
     students = {"tiny": args.student, "scratch": "tiny-scratch"}
     info = os.path.join(args.student, "pretrain.json")
@@ -404,4 +419,5 @@ def _run_parallel(jobs, args):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -6,11 +6,11 @@ style, and a teacher with the flaws measured in real LLM judges; sim_server.py s
 OpenAI-compatible protocol distill.py speaks (protocol.py). Because the truth is known, it also writes the
 held-out evaluation splits.
 
-    python sim_server.py --port 8000           # serve the simulated teacher alone (also: rmd.py teacher-sim)
-    python sim_server.py --write-data data/builtin  # write distill input, eval splits and best-of-N set
-    python sim_server.py --stats               # measure the teacher's biases against the published figures
+    python -m demo.sim_server --port 8000           # serve the simulated teacher alone (also: rmd.py teacher-sim)
+    python -m demo.sim_server --write-data data/builtin  # write distill input, eval splits and best-of-N set
+    python -m demo.sim_server --stats               # measure the teacher's biases against the published figures
 
-    import sim, sim_server
+    from demo import sim, sim_server
     url, stop = sim_server.start_server(sim.WorldConfig(), port=0)   # loopback, background thread
     paths = sim.write_builtin_data("out/data", sim.WorldConfig())
 
@@ -61,7 +61,7 @@ class WorldConfig:
     teacher_skill: float = 0.97  # P(the teacher knows a task's answer); it is consistently wrong on the rest
     # Position bias, in score points added to Assistant 1. With the other defaults, 0.6 gives 65% order-consistent
     # verdicts on pairs of two candidate models' answers, 27% biased to the first position and 8% to the second
-    # (python sim_server.py --stats), close to what Zheng et al. 2023 (MT-Bench, Table 2) report for GPT-4: 65%
+    # (rmd.py teacher-sim --stats), close to what Zheng et al. 2023 (MT-Bench, Table 2) report for GPT-4: 65%
     # consistent, 30% first, 5% second (Claude-v1: 24% consistent, GPT-3.5: 46%). Wang et al. 2023 ("Large
     # Language Models are not Fair Evaluators") likewise find that swapping the order flips a large share of
     # GPT-4's verdicts. All these figures are approximate and come from open-ended questions.
