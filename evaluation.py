@@ -329,13 +329,10 @@ def bon_command(argv):
     if not cfg.data:
         raise UsageError("rmd.py bon needs --data=rows.jsonl ({prompt, responses: [...]})")
     check_data_file("data", cfg.data)
-    try:
-        rows = read_rows(cfg.data)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    rows = read_rows(cfg.data)
     if not rows:  # nothing scored is no result: a script that checks the exit code must hear of it
-        raise SystemExit(f"error: {cfg.data} has no rows (the file is empty or blank); best-of-N needs rows "
-                         "{prompt, responses: [...]}")
+        raise DataError(f"{cfg.data} has no rows (the file is empty or blank); best-of-N needs rows "
+                        "{prompt, responses: [...]}")
     model = load_model("bon", cfg)
     cuts = CutCounts()
     scored = best_of_n(model, rows, cfg.batch_size, cfg.max_len, cuts)

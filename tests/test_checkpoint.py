@@ -149,7 +149,7 @@ def test_a_file_named_ckpt_tmp_does_not_break_the_first_save(tmp_path):
     cfg = train_cfg(tmp_path / "run", data, max_steps=1, batch_size=4, max_len=64)
     os.makedirs(cfg.out)
     open(os.path.join(cfg.out, "ckpt.tmp"), "w").close()  # in a fresh --out: no earlier run, and the save works
-    train.train(cfg)
+    train_tiny(cfg)
     assert distributed.checkpoint_dir(os.path.join(cfg.out, "ckpt")) == os.path.join(cfg.out, "ckpt")
 
 
@@ -191,10 +191,11 @@ PAUSED_TRAIN = """
 import json, os, sys, time
 sys.path.insert(0, {root!r})
 import train
+from demo import tiny_lm
 def wait_for_go(step, numbers):  # the run holds its --out until the test says go
     while not os.path.exists({go!r}):
         time.sleep(0.01)
-train.train(train.TrainConfig(**json.loads(sys.argv[1])), on_step=wait_for_go)
+train.train(train.TrainConfig(**json.loads(sys.argv[1])), on_step=wait_for_go, backbone=tiny_lm.load_tiny)
 """
 
 
@@ -209,7 +210,7 @@ def test_a_second_train_on_one_out_is_refused_while_the_first_goes_on(tmp_path):
         while first.poll() is None and not (os.path.exists(lock) and f'"pid": {first.pid}' in open(lock).read()):
             time.sleep(0.01)
         with pytest.raises(ValueError) as e:  # files.FolderBusy; `rmd.py train` says it as one `error:` line
-            train.train(cfg)
+            train_tiny(cfg)
         assert first.poll() is None  # refused while the first is at work
         assert str(e.value).startswith(f"{cfg.out} is in use by another run (PID {first.pid}, rmd train started")
         open(go, "w").close()
@@ -225,24 +226,24 @@ def test_a_second_train_on_one_out_is_refused_while_the_first_goes_on(tmp_path):
 def test_train_without_resume_refuses_a_folder_with_an_earlier_run(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     cfg = train_cfg(tmp_path, data, max_steps=3, batch_size=4, max_len=64)
-    train.train(cfg, stop_after=2)
+    train_tiny(cfg, stop_after=2)
     log = open(os.path.join(cfg.out, "log.jsonl")).read()
-    with pytest.raises(SystemExit) as e:  # used to append a second history to log.jsonl
-        train.train(cfg)
-    message = str(e.value.code)
-    assert message.startswith(f"error: {cfg.out} holds an earlier run (log.jsonl with 2 records and checkpoint ckpt)")
+    with pytest.raises(UsageError) as e:  # used to append a second history to log.jsonl
+        train_tiny(cfg)
+    message = str(e.value)
+    assert message.startswith(f"{cfg.out} holds an earlier run (log.jsonl with 2 records and checkpoint ckpt)")
     assert "--resume" in message and "fresh --out" in message and "\n" not in message
     assert open(os.path.join(cfg.out, "log.jsonl")).read() == log
-    train.train(train.TrainConfig(**{**vars(cfg), "resume": True}))
+    train_tiny(train.TrainConfig(**{**vars(cfg), "resume": True}))
     assert [s for s, *_ in log_losses(cfg.out)] == [1, 2, 3]
 
 
 def test_resume_continues_a_run_folder_that_was_moved(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     cfg = train_cfg(tmp_path, data, max_steps=4, batch_size=4, max_len=64)
-    train.train(cfg, stop_after=2)
+    train_tiny(cfg, stop_after=2)
     moved = str(tmp_path / "elsewhere")
     shutil.move(cfg.out, moved)  # used to stop: "--resume with a config that differs ... --out"
-    train.train(train.TrainConfig(**{**vars(cfg), "out": moved, "resume": True}))
+    train_tiny(train.TrainConfig(**{**vars(cfg), "out": moved, "resume": True}))
     assert [s for s, *_ in log_losses(moved)] == [1, 2, 3, 4]
     assert json.load(open(os.path.join(moved, "eval.json")))["step"] == 4
