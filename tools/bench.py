@@ -769,8 +769,11 @@ def cpu_seconds():
 def run_data_worker(args, path, cache):
     cmd = [sys.executable, "-m", "tools.bench", f"--data-worker={path}", f"--token-cache={cache}",
            f"--layers={args.layers}", f"--max-len={args.max_len}"]
+    # a fixed mmap threshold: else glibc keeps a step's freed activations resident, and RSS after step 3 says more
+    # about which pairs those steps drew than about the data (see gradckpt)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     t0 = time.time()
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"bench.py: data worker failed:\n{out.stderr[-3000:]}")
     marks = json.loads(out.stdout.strip().splitlines()[-1])
