@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from formats import DataError, parse_row, read_jsonl_rows, source_problem
+from loss import LEARNS_TIES, NEEDS_MARGINS, PAIRWISE_KINDS
 from model import CutCounts, answer_ids, encode, fit, layout_cost, render_prompt
 
 MOST_PROMPT_LOST_WARN = 0.10  # warn when more than this share of sequences keep under half of their prompt
@@ -114,9 +115,11 @@ def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teache
             raise DataError(str(e)) from None
         for line_no, row in rows:
             stats.rows += 1
-            parsed = parse_row(row, f"{path}:{line_no}", need_margin)
-            if parsed[3] == 0 and not keep_ties:  # "equally good": only a margin loss (mse) can learn it
-                stats.drop("margin 0 (style-equivalence pair; only --loss=mse learns it)")
+            parsed = parse_row(row, f"{path}:{line_no}")
+            if need_margin and parsed[3] is None:
+                raise DataError(margin_needed(f"{path}:{line_no}", row))
+            if parsed[3] == 0 and not keep_ties:  # "equally good": only a loss of loss.LEARNS_TIES learns it
+                stats.drop(f"margin 0 (style-equivalence pair; only --loss={'/'.join(LEARNS_TIES)} learns it)")
                 continue
             example = tokenize_example(tokenizer, parsed, max_len, stats)
             if example is not None:
@@ -126,6 +129,14 @@ def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teache
         raise DataError(f"{paths}: no usable pairs ({stats.summary(name)})")
     stats.cuts = count_cuts(examples, teacher)
     return examples, stats
+
+
+def margin_needed(where, row):
+    """The error for a label-only pair under a loss of loss.NEEDS_MARGINS, naming a loss that needs no margins."""
+    fix = "--loss=" + next(k for k in PAIRWISE_KINDS if k not in NEEDS_MARGINS)
+    fix += "" if "teacher_response" in row else " --lm-weight=0 (no teacher_response either)"
+    return (f"{where}: this loss needs a preference strength: give chosen_score and rejected_score, or margin; for "
+            f"label-only pairs train with {fix}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

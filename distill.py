@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from asker import Asker, RowFailure
+from asker import Asker, AskerConfig, RowFailure
 from cli import Progress
 from formats import canonical, column_keys, load_rows, read_jsonl_rows, write_jsonl
 from protocol import (RESTYLE_STYLES, TEMPLATE_VERSION, annotate_prompt, parse_annotation, parse_refinement,
@@ -48,29 +48,14 @@ from teacher import FatalError, bounded, token_estimator_name
 # ---------------------------------------------------------------------------- config
 
 @dataclass
-class DistillConfig:
+class DistillConfig(AskerConfig):
+    """The teacher pipeline's options: how to ask the teacher (asker.AskerConfig's, listed first in --help)
+    and what to ask and keep."""
     data: str = ""                      # input JSONL: {prompt, chosen, rejected} | {prompt, responses: [...]} | {prompt}
     prompt_key: str = ""                # column holding the prompt ("" = prompt; OpenRLHF's --prompt_key)
     chosen_key: str = ""                # column holding the chosen answer ("" = chosen)
     rejected_key: str = ""              # column holding the rejected answer ("" = rejected)
     out: str = "out/distill"            # output dir: train.jsonl, annotated.jsonl, failures.jsonl, summary.json
-    cache: str = ""                     # request cache, one JSON line per finished request; "" = <out>/cache.jsonl; a file it did not write is refused, untouched
-    teacher_url: str = ""               # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
-    teacher_model: str = ""             # the `model` field sent to the teacher
-    api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key (the key itself is never stored)
-    candidate_urls: str = ""            # comma-separated, for bare prompts; "" = teacher_url; one URL serves all models
-    candidate_models: str = ""          # comma-separated candidate models; two are drawn per prompt (seeded)
-    candidate_api_key_env: str = ""     # "" = api_key_env
-    workers: int = 8                    # most requests in flight at once
-    rpm: int = 0                        # requests per minute limit, 0 = unlimited
-    tpm: int = 0                        # tokens per minute limit (prompt estimate + max tokens), 0 = unlimited
-    timeout: float = 300.0              # seconds per HTTP request (the whole reply, body included)
-    max_retries: int = 5                # retries on 429, 5xx, timeouts, connection errors, broken bodies
-    backoff_base: float = 1.0           # first backoff in seconds, doubled per retry, with jitter
-    backoff_max: float = 60.0           # backoff cap in seconds (a server's Retry-After is honoured up to 600 s)
-    max_tokens_param: str = "auto"      # auto | max_tokens | max_completion_tokens (auto: the latter for api.openai.com)
-    disable_thinking: bool = False      # send chat_template_kwargs {"enable_thinking": false} (vLLM, SGLang: Qwen3 etc.)
-    json_mode: str = "auto"             # auto | on | off: response_format json_object for annotate/score (auto: probe once)
     gen_temperature: float = 0.7        # y_T and candidate answers
     gen_top_p: float = 0.8              # nucleus sampling for y_T and candidate answers
     gen_max_tokens: int = 1024          # reply length cap for y_T and candidate answers
@@ -84,10 +69,7 @@ class DistillConfig:
     restyle_temperature: float = 0.0    # restyle is greedy: a faithful rewrite, not a sample
     original_pairs: bool = True         # train.jsonl also gets each kept row's annotated pair (source "original")
     tie_policy: str = "drop"            # drop | reask (once, asking to avoid equal scores)
-    reask: int = 3                      # re-ask a reply that is not an answer (unparseable, empty, cut, refusal) N times
-    retry_failed: bool = False          # ask the failed rows of <out>/failures.jsonl again (the rest from the cache)
     keep_label_disagreements: bool = False  # keep pairs whose input label the teacher contradicts
-    seed: int = 0                       # pool sampling, candidate choice, sampled-call seeds
     limit: int = 0                      # process only the first N rows, 0 = all
     shard: str = ""                     # "k/n": only rows with index % n == k (rows are independent)
     price_prompt: float = 0.0           # USD per 1M prompt tokens, for the cost estimate

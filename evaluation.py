@@ -105,7 +105,7 @@ def evaluate_pairs(model, rows, fmt, batch_size, padding_side, max_len):
         for key in ("prompt", "chosen", "rejected") if fmt == "rewardbench" else ("chosen", "rejected"):
             if key not in row:
                 raise DataError(f"{where}: missing field '{key}'")
-        messages, c, r, margin, _ = parse_row(row, where, False)
+        messages, c, r, margin, _ = parse_row(row, where)
         prompts.append(messages), chosen.append(c), rejected.append(r), margins.append(margin)
         subsets.append(str(row.get("subset", "")))
     cuts = CutCounts()

@@ -391,8 +391,8 @@ def number(row, key, where):
     return float(value)
 
 
-def parse_row(row, where, need_margin):
-    """One JSONL object -> (messages, chosen, rejected, margin, teacher_response)."""
+def parse_row(row, where):
+    """One JSONL object -> (messages, chosen, rejected, margin or None, teacher_response)."""
     try:
         prompt, chosen, rejected = split_pair(row)
     except ValueError as e:
@@ -403,10 +403,6 @@ def parse_row(row, where, need_margin):
         margin = number(row, "margin", where)
     elif "chosen_score" in row or "rejected_score" in row:
         margin = number(row, "chosen_score", where) - number(row, "rejected_score", where)
-    if need_margin and margin is None:
-        fix = "--loss=bt" if "teacher_response" in row else "--loss=bt --lm-weight=0 (no teacher_response either)"
-        raise DataError(f"{where}: this loss needs a preference strength: give chosen_score and rejected_score, "
-                        f"or margin; for label-only pairs train with {fix}")
     teacher = row.get("teacher_response")
     if teacher is not None and not isinstance(teacher, str):
         raise DataError(f"{where}: field 'teacher_response' must be a string")

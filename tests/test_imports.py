@@ -247,3 +247,24 @@ def test_the_library_raises_and_only_entry_points_exit():
     assert not any(exits.values()), {m: sorted(w for _, w in e) for m, e in exits.items() if e}
     assert exits_in("def f():\n    raise SystemExit('error: x')\n") == ["f"]
     assert exits_in("if __name__ == '__main__':\n    raise SystemExit(main())\n") == []
+
+
+def loss_kind_literals(source, kinds):
+    """(line, literal) of every string constant in `source` that is a loss kind (docstrings excluded)."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and node.value in kinds and id(node) not in docstrings]
+
+
+def test_what_each_loss_kind_needs_is_read_from_loss_py():
+    """train, batches and formats compare no loss-kind names: what a kind needs (margins, ties) is declared next to
+    the losses (loss.NEEDS_MARGINS, loss.LEARNS_TIES), so a new kind is added in one place."""
+    import loss
+    assert set(loss.NEEDS_MARGINS) | set(loss.LEARNS_TIES) <= set(loss.PAIRWISE_KINDS)
+    for module in ("train", "batches", "formats"):
+        with open(os.path.join(ROOT, module + ".py"), encoding="utf-8") as f:
+            assert loss_kind_literals(f.read(), loss.PAIRWISE_KINDS) == [], module
+    assert loss_kind_literals('def f(cfg):\n    return cfg.loss != "bt"\n', loss.PAIRWISE_KINDS) == [(2, "bt")]

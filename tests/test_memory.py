@@ -26,9 +26,8 @@ def packed_batch(model, tmp_path, n=6):
 
 
 def loss_and_grads(model, batch):
-    cfg = train.TrainConfig(loss="mse", lm_weight=0.5)  # the batch carries margins (collate(..., True, True))
-    model.zero_grad(set_to_none=True)
-    loss, _, _, _ = train.step_loss(model, batch, cfg, batch.n_pairs, len(batch.lm_target))
+    model.zero_grad(set_to_none=True)  # mse: the batch carries margins (collate(..., True, True))
+    loss, _, _, _ = train.step_loss(model, batch, "mse", 0.5, batch.n_pairs, len(batch.lm_target))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -42,7 +42,7 @@ def test_row_forms_parse_to_the_same_example():
         {"chosen": HH + " Knead it.", "rejected": HH + " No."},  # implicit prompt, HH-RLHF style
         {"prompt": HH, "chosen": " Knead it.", "rejected": " No."},
     ]
-    examples = [batches.tokenize_example(tok, formats.parse_row(r, "x:1", False), 256, batches.DataStats())
+    examples = [batches.tokenize_example(tok, formats.parse_row(r, "x:1"), 256, batches.DataStats())
                 for r in forms]
     for ex in examples[1:]:
         assert ex == examples[0]
@@ -53,15 +53,15 @@ def test_row_forms_parse_to_the_same_example():
 def test_implicit_prompt_splits_at_the_last_assistant_turn():
     chosen = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Help me\n\nAssistant: Sure, here is how"
     rejected = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Help me\n\nAssistant: Sure, no"
-    messages, c, r, margin, teacher = formats.parse_row({"chosen": chosen, "rejected": rejected}, "x:1", False)
+    messages, c, r, margin, teacher = formats.parse_row({"chosen": chosen, "rejected": rejected}, "x:1")
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert (c, r) == (" Sure, here is how", " Sure, no")
 
 
 def test_margin_from_scores_or_field():
     row = {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 7.5, "rejected_score": 3}
-    assert formats.parse_row(row, "x:1", True)[3] == 4.5
-    assert formats.parse_row({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2}, "x:1", True)[3] == 2.0
+    assert formats.parse_row(row, "x:1")[3] == 4.5
+    assert formats.parse_row({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2}, "x:1")[3] == 2.0
 
 
 @pytest.mark.parametrize("line, message", [
@@ -120,7 +120,7 @@ def test_every_command_cuts_the_same_way_and_teacher_answers_keep_their_prompt()
     tok = model.tokenizer
     row = {"prompt": "x" * 300 + " the question?", "chosen": "yes " * 40, "rejected": "no " * 40,
            "teacher_response": "The answer is " + "long " * 60}
-    ex = batches.tokenize_example(tok, formats.parse_row(row, "x:1", False), 64, batches.DataStats())
+    ex = batches.tokenize_example(tok, formats.parse_row(row, "x:1"), 64, batches.DataStats())
     assert ex.prompt[0] + ex.chosen == model.tokens(row["prompt"], row["chosen"], 64)
     assert ex.prompt[1] + ex.rejected == model.tokens(row["prompt"], row["rejected"], 64)
     assert ex.cuts == ("prompt_min", "prompt_min", "prompt_min")

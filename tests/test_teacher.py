@@ -370,7 +370,7 @@ def test_distill_train_and_eval_say_the_same_about_the_same_bad_pair(tmp_path, r
     with pytest.raises(ValueError) as distill_error:
         formats.load_rows(str(path))
     with pytest.raises(formats.DataError) as train_error:
-        formats.parse_row(row, f"{path}:1", False)
+        formats.parse_row(row, f"{path}:1")
     assert f"{path}:1: {message}" in str(distill_error.value) and str(train_error.value) == f"{path}:1: {message}"
     if row.get("chosen") == 5:
         with pytest.raises(formats.DataError, match="field 'chosen' must be a string or a message list"):
