@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from formats import DataError, parse_row, read_jsonl_rows, source_problem
+from formats import DataError, parse_row, read_source_rows, source_problem
 from loss import LEARNS_TIES, NEEDS_MARGINS, PAIRWISE_KINDS
 from model import CutCounts, answer_ids, encode, fit, layout_cost, render_prompt
 
@@ -110,7 +110,7 @@ def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teache
     stats, examples = DataStats(), []
     for path in paths.split(","):
         try:
-            rows = list(read_jsonl_rows(path, keys))
+            rows = list(read_source_rows(path, keys))
         except ValueError as e:
             raise DataError(str(e)) from None
         for line_no, row in rows:

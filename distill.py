@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 
 from asker import Asker, AskerConfig, RowFailure
 from cli import Progress
-from formats import canonical, column_keys, load_rows, read_jsonl_rows, write_jsonl
+from formats import canonical, column_keys, load_distill_rows, read_source_rows, write_jsonl
 from protocol import (RESTYLE_STYLES, TEMPLATE_VERSION, annotate_prompt, parse_annotation, parse_refinement,
                       parse_restyle, parse_score, prompt_messages, refine_prompt, render_question, restyle_prompt,
                       score_prompt)
@@ -410,7 +410,7 @@ def _failed_before(cfg):
         if not os.path.exists(path):
             raise ValueError(f"--retry-failed: {path} does not exist; run distill without --retry-failed first "
                              "(the same command, with the same --out)")
-    return {f["id"] for _, f in read_jsonl_rows(failures) if not f["dropped"]}
+    return {f["id"] for _, f in read_source_rows(failures) if not f["dropped"]}
 
 
 def _check_config(cfg):
@@ -475,7 +475,7 @@ def _run_rows(run, rows):
 def distill(cfg):
     """Run the whole pipeline for `cfg` (a DistillConfig); write the outputs to cfg.out; return the summary."""
     _check_config(cfg)
-    rows = load_rows(cfg.data, cfg.limit, cfg.shard, column_keys(cfg))
+    rows = load_distill_rows(cfg.data, cfg.limit, cfg.shard, column_keys(cfg))
     retried = _failed_before(cfg) if cfg.retry_failed else None
     if retried is not None:
         print(f"[distill] --retry-failed: the {len(retried)} failed row(s) of {cfg.out}/failures.jsonl again, with "

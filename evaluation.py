@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 from batches import check_data_file, cut_warnings
 from cli import parse_overrides
-from formats import DataError, UsageError, answer_of, as_messages, column_keys, detect_format, parse_row, read_rows
+from formats import (DataError, UsageError, answer_of, as_messages, column_keys, detect_format, parse_row,
+                     read_located_rows)
 from model import CUT_KINDS, CutCounts, load_reward_model, pick_device
 
 
@@ -181,7 +182,7 @@ def cut_report(cuts, max_len):
 
 def evaluate_file(model, path, fmt="auto", batch_size=32, padding_side="right", max_len=0, keys=None):
     """Benchmark file -> (metrics dict, per-item rewards: pairs give (chosen, rejected) lists, RM-Bench a flat list)."""
-    rows = read_rows(path, keys)
+    rows = read_located_rows(path, keys)
     if not rows:
         raise DataError(f"{path}: no rows")
     max_len = max_len or getattr(model, "max_len", 0)
@@ -195,7 +196,7 @@ def evaluate_file(model, path, fmt="auto", batch_size=32, padding_side="right", 
     return result, (chosen, rejected)
 
 
-def table(result):
+def results_table(result):
     """The metrics as a small text table (percent)."""
     pct = lambda x: f"{100 * x:6.2f}"  # noqa: E731
     lines = []
@@ -265,7 +266,7 @@ def eval_command(argv):
     result, _ = evaluate_file(model, cfg.data, cfg.format, cfg.batch_size, cfg.padding_side, cfg.max_len,
                               column_keys(cfg))
     result = {"model": cfg.model, "data": cfg.data, **result}
-    print(table(result))
+    print(results_table(result))
     out = cfg.out or default_out("eval", cfg.data, ".json")
     write_file(out, json.dumps(result, indent=2) + "\n")
     print(f"results: {out}", file=sys.stderr)
@@ -331,7 +332,7 @@ def bon_command(argv):
     check_data_file("data", cfg.data)
     model = load_model("bon", cfg)
     cuts = CutCounts()
-    rows = read_rows(cfg.data)
+    rows = read_located_rows(cfg.data)
     scored = best_of_n(model, rows, cfg.batch_size, cfg.max_len, cuts)
     quality = pick_quality(rows, scored)
     out = cfg.out or default_out("bon", cfg.data, ".scored.jsonl")

@@ -31,7 +31,7 @@ class UsageError(ValueError):
 
 def _lines(path):
     """(line_no, text) of a UTF-8 file (.gz by suffix): a BOM is dropped and CRLF read as LF; a byte that
-    is not UTF-8 is a ValueError naming the file and line (a folder or a missing file: read_jsonl_rows)."""
+    is not UTF-8 is a ValueError naming the file and line (a folder or a missing file: read_source_rows)."""
     import gzip  # only for .gz files
     try:
         with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
@@ -165,7 +165,7 @@ def rename_columns(row, keys, where):
     return row
 
 
-def read_jsonl_rows(path, keys=None):
+def read_source_rows(path, keys=None):
     """Yield (line_no, obj) for each row of a data file: JSONL (.jsonl, .jsonl.gz: one object per non-blank line),
     one JSON array (line_no = the line its element starts on), Parquet or a Hub dataset `hf:owner/name[:split]`
     (line_no = the row number). UTF-8 with or without a BOM, LF or CRLF. Anything else, or a row that is not a JSON
@@ -336,10 +336,10 @@ def _check_row(row):
     return None
 
 
-def load_rows(path, limit=0, shard="", keys=None):
+def load_distill_rows(path, limit=0, shard="", keys=None):
     """Validated rows in input order, each with `id`, `line` and `kind` (pair|pool|prompt); all errors at once."""
     rows, errors, seen = [], [], {}
-    for line_no, row in read_jsonl_rows(path, keys):
+    for line_no, row in read_source_rows(path, keys):
         where = f"{path}:{line_no}"
         row, problem = _normalize_row(row)
         problem = problem or _check_row(row)
@@ -409,10 +409,10 @@ def parse_row(row, where):
     return messages, chosen, rejected, margin, teacher
 
 
-def read_rows(path, keys=None):
-    """Any data source read_jsonl_rows reads (RM-Bench ships one JSON array) -> [(file:line, row)]."""
+def read_located_rows(path, keys=None):
+    """Any data source read_source_rows reads (RM-Bench ships one JSON array) -> [(file:line, row)]."""
     try:
-        return [(f"{path}:{n}", row) for n, row in read_jsonl_rows(path, keys)]
+        return [(f"{path}:{n}", row) for n, row in read_source_rows(path, keys)]
     except ValueError as e:
         raise DataError(str(e)) from None
 

@@ -254,7 +254,7 @@ def pair_accuracy(model, examples, batch_pairs, device, autocast, rewards_out=No
 
 
 @dataclass
-class Run:
+class TrainRun:
     """What the loop needs besides the config: the model (and its DDP / compiled wrapper), where it runs, the data."""
     model: RewardModel
     forward_model: torch.nn.Module  # the model as the forward pass calls it: DDP-wrapped and/or compiled
@@ -355,7 +355,7 @@ def build_optimizer(model, cfg, lr, cuda, sharded):
 
 
 def set_up(cfg, backbone=None):
-    """Everything before the first step: processes, model, data, sharding, optimizer, wrappers -> Run."""
+    """Everything before the first step: processes, model, data, sharding, optimizer, wrappers -> TrainRun."""
     rank, world, device = distributed.setup_distributed(cfg.device)
     log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
     tracker = open_tracker(cfg.report_to, cfg.out, dataclasses.asdict(cfg)) if rank == 0 else None  # errors first
@@ -374,10 +374,10 @@ def set_up(cfg, backbone=None):
     lr = peak_lr(cfg, model, log)
     optimizer = build_optimizer(model, cfg, lr, cuda, sharded)
     layout = {"auto": "auto", "on": "shared", "off": "separate"}[cfg.share_prompts]
-    return Run(model=model, forward_model=model, optimizer=optimizer, rank=rank, world=world, device=device,
-               autocast=autocast, sharded=sharded, examples=examples, stats=stats, eval_sets=eval_sets,
-               eval_stats=eval_stats, micro=micro, accum=accum, steps_per_epoch=steps_per_epoch, total=total, log=log,
-               lr=lr, tracker=tracker, layout=layout, key_cost=attention_key_cost(model.lm))
+    return TrainRun(model=model, forward_model=model, optimizer=optimizer, rank=rank, world=world, device=device,
+                    autocast=autocast, sharded=sharded, examples=examples, stats=stats, eval_sets=eval_sets,
+                    eval_stats=eval_stats, micro=micro, accum=accum, steps_per_epoch=steps_per_epoch, total=total,
+                    log=log, lr=lr, tracker=tracker, layout=layout, key_cost=attention_key_cost(model.lm))
 
 
 def resume(cfg, run):
@@ -464,7 +464,7 @@ def train(cfg: TrainConfig, stop_after: int = 0, on_step=None, backbone=None):
                                             {"step": step, "config": dataclasses.asdict(cfg)}, full)
         if step == stop_after:
             return {}
-    metrics = finish(cfg, run, step, log_file)
+    metrics = final_evaluation(cfg, run, step, log_file)
     distributed.finish()
     return metrics
 
@@ -521,7 +521,7 @@ def eval_text(metrics, fits):
     return ", ".join(f"{k} {v:.4f}" + (f" ({fit_text(fits[k])})" if k in fits else "") for k, v in metrics.items())
 
 
-def finish(cfg, run, step, log_file):
+def final_evaluation(cfg, run, step, log_file):
     """The final evaluation; rank 0 saves the reward model and eval.json and says where everything is."""
     eval_rewards = {}
     metrics, fits = evaluate_splits(cfg, run, eval_rewards)

@@ -268,3 +268,30 @@ def test_what_each_loss_kind_needs_is_read_from_loss_py():
         with open(os.path.join(ROOT, module + ".py"), encoding="utf-8") as f:
             assert loss_kind_literals(f.read(), loss.PAIRWISE_KINDS) == [], module
     assert loss_kind_literals('def f(cfg):\n    return cfg.loss != "bt"\n', loss.PAIRWISE_KINDS) == [(2, "bt")]
+
+
+def top_level_names(graph=None):
+    """{name: [modules]} of every top-level function and class of the repository's modules."""
+    names = {}
+    for module in graph or repo_graph():
+        path = os.path.join(ROOT, *module.split(".")) + (os.sep + "__init__.py" if module in FOLDERS else ".py")
+        with open(path, encoding="utf-8") as f:
+            for node in ast.parse(f.read()).body:
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    names.setdefault(node.name, []).append(module)
+    return names
+
+
+# The same function under the same name, kept twice on purpose: teacher.py is copied alone, so it cannot import it.
+SAME_THING_TWICE = {"canonical": ["formats", "teacher"]}
+
+
+def test_one_meaning_per_name():
+    """A name the library defines means one thing: no two library modules define it (a reader who finds `Run` or
+    `collate` knows which one is meant), and the names that once meant two things are defined once in the house."""
+    names = top_level_names()
+    twice = {name: modules for name, modules in names.items()
+             if len([m for m in modules if is_library(m)]) > 1 and SAME_THING_TWICE.get(name) != modules}
+    assert not twice, twice
+    for name in ("Run", "collate", "cache_key", "table", "best_of_n", "finish", "fmt"):
+        assert len(names.get(name, [])) <= 1, (name, names[name])

@@ -388,7 +388,7 @@ def test_example_files_in_data_are_read_by_train_and_distill():
     for name, need_margin in (("pairs", False), ("distilled", True), ("hh_style", False)):
         examples, stats = batches.load_pairs(os.path.join(ROOT, "data", f"{name}.jsonl"), tok, 512, need_margin)
         assert stats.kept == stats.rows > 0
-    kinds = {name: {r["kind"] for r in formats.load_rows(os.path.join(ROOT, "data", f"{name}.jsonl"))}
+    kinds = {name: {r["kind"] for r in formats.load_distill_rows(os.path.join(ROOT, "data", f"{name}.jsonl"))}
              for name in ("pairs", "pools", "prompts", "hh_style")}
     assert kinds == {"pairs": {"pair"}, "pools": {"pool"}, "prompts": {"prompt"}, "hh_style": {"pair"}}
 

@@ -316,24 +316,24 @@ def test_input_files_from_other_tools_are_read(tmp_path):
     """A BOM and CRLF are accepted; a non-UTF-8 byte, a folder, a missing or empty file are file:line errors."""
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n\r\n{"prompt": "b"}\r\n')
-    assert [(r["line"], r["prompt"]) for r in formats.load_rows(str(path))] == [(1, "a"), (3, "b")]
+    assert [(r["line"], r["prompt"]) for r in formats.load_distill_rows(str(path))] == [(1, "a"), (3, "b")]
     path.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"in.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
-        formats.load_rows(str(path))
+        formats.load_distill_rows(str(path))
     for text in ("", "\n  \n\t\n"):
         path.write_text(text)
         with pytest.raises(ValueError, match=r"in.jsonl: no rows"):
-            formats.load_rows(str(path))
+            formats.load_distill_rows(str(path))
     with pytest.raises(ValueError, match=r"is a folder"):
-        formats.load_rows(str(tmp_path))
+        formats.load_distill_rows(str(tmp_path))
     with pytest.raises(ValueError, match=r"nope.jsonl: no such file"):
-        formats.load_rows(str(tmp_path / "nope.jsonl"))
+        formats.load_distill_rows(str(tmp_path / "nope.jsonl"))
     array = tmp_path / "in.json"  # one JSON array: each element's line is its file:line
     array.write_text('[\n  {"prompt": "a"},\n  {"prompt": "b",\n   "id": 7}\n]\n')
-    assert [(r["line"], r["id"]) for r in formats.load_rows(str(array))][1] == (3, "7")
+    assert [(r["line"], r["id"]) for r in formats.load_distill_rows(str(array))][1] == (3, "7")
     array.write_text('[\n  {"prompt": "a"},\n  {"prompt": 5}\n]')
     with pytest.raises(ValueError, match=r"in.json:3: field 'prompt' must be"):
-        formats.load_rows(str(array))
+        formats.load_distill_rows(str(array))
 
 
 def test_unknown_chat_role_is_rejected_with_file_line(tmp_path):
@@ -341,18 +341,18 @@ def test_unknown_chat_role_is_rejected_with_file_line(tmp_path):
     path.write_text(json.dumps({"prompt": [{"role": "wizard", "content": "hi"}, {"role": "user", "content": "x"}],
                                 "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(ValueError, match=r"in.jsonl:1: prompt\[0\] has role 'wizard'; a role is one of system, "):
-        formats.load_rows(str(path))
+        formats.load_distill_rows(str(path))
 
 
 def test_bad_rows_get_file_line_errors(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text('{"prompt": "ok", "chosen": "a", "rejected": "b"}\n\n{"prompt": 5}\n{not json\n')
     with pytest.raises(ValueError, match=r"in.jsonl:4: not valid JSON"):
-        formats.load_rows(str(path))
+        formats.load_distill_rows(str(path))
     path.write_text('{"prompt": "ok", "chosen": "a"}\n{"prompt": [{"role": "user"}]}\n{"id": 1, "prompt": "x"}\n'
                     '{"id": 1, "prompt": "y"}\n{"prompt": "p", "responses": ["one"]}\n')
     with pytest.raises(ValueError) as e:
-        formats.load_rows(str(path))
+        formats.load_distill_rows(str(path))
     for line in (1, 2, 4, 5):
         assert f"in.jsonl:{line}:" in str(e.value)
 
@@ -368,7 +368,7 @@ def test_distill_train_and_eval_say_the_same_about_the_same_bad_pair(tmp_path, r
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(ValueError) as distill_error:
-        formats.load_rows(str(path))
+        formats.load_distill_rows(str(path))
     with pytest.raises(formats.DataError) as train_error:
         formats.parse_row(row, f"{path}:1")
     assert f"{path}:1: {message}" in str(distill_error.value) and str(train_error.value) == f"{path}:1: {message}"
@@ -380,9 +380,9 @@ def test_distill_train_and_eval_say_the_same_about_the_same_bad_pair(tmp_path, r
 def test_row_ids_are_stable_and_shards_partition(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"p{i % 5}"}) + "\n" for i in range(10)))
-    loaded = formats.load_rows(str(path))
+    loaded = formats.load_distill_rows(str(path))
     assert len({r["id"] for r in loaded}) == 10 and loaded[0]["id"] == formats.row_id({"prompt": "p0"})
-    shards = [formats.load_rows(str(path), shard=f"{k}/3") for k in range(3)]
+    shards = [formats.load_distill_rows(str(path), shard=f"{k}/3") for k in range(3)]
     assert sorted(r["line"] for s in shards for r in s) == list(range(1, 11))
 
 
@@ -772,9 +772,9 @@ def test_parquet_rows_or_a_one_line_error_naming_pyarrow(tmp_path, monkeypatch):
     else:
         pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"prompt": "a", "chosen": "x", "rejected": "y"}] * 2),
                                     path)
-        assert [(r["line"], r["kind"]) for r in formats.load_rows(path)] == [(1, "pair"), (2, "pair")]
+        assert [(r["line"], r["kind"]) for r in formats.load_distill_rows(path)] == [(1, "pair"), (2, "pair")]
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ValueError, match=r"^[^\n]*in.parquet: reading Parquet needs the pyarrow package "
                                          r"\(pip install pyarrow\)$"):
-        formats.load_rows(path)
+        formats.load_distill_rows(path)
