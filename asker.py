@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 from protocol import (PROBE_TEXT, REASK_LENGTH_NOTE, REASK_TEMPLATE, TEMPLATE_VERSION, ParseError, check_answer,
                       is_refusal, strip_reasoning)
-from teacher import (RETRY_STATUS, Cache, Client, FatalError, RateLimiter, Reply, TransportError, bounded,
+from teacher import (RETRY_STATUS, Cache, Client, FatalError, RateLimiter, Reply, TransportError, bounded, chat_url,
                      reply_problem, request_key)
 
 
@@ -31,24 +31,24 @@ class AskerConfig:
     """How to ask a teacher: where it is, its limits, the cache, the re-asks. Asker reads these fields only;
     distill.DistillConfig extends it with the pipeline's own."""
     out: str = "out/ask"                # where the request cache goes by default: <out>/cache.jsonl
-    cache: str = ""                     # request cache, one JSON line per finished request; "" = <out>/cache.jsonl; a file it did not write is refused, untouched
+    cache: str = ""                     # request cache (a file it did not write is refused, untouched); "" = <out>/cache.jsonl
     teacher_url: str = ""               # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
     teacher_model: str = ""             # the `model` field sent to the teacher
     api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key (the key itself is never stored)
     candidate_urls: str = ""            # comma-separated, for bare prompts; "" = teacher_url; one URL serves all models
     candidate_models: str = ""          # comma-separated candidate models; two are drawn per prompt (seeded)
-    candidate_api_key_env: str = ""     # "" = api_key_env
+    candidate_api_key_env: str = ""     # env var of the key for --candidate-urls; "" = the teacher's key only where a candidate URL is --teacher-url, no key elsewhere
     workers: int = 8                    # most requests in flight at once
     rpm: int = 0                        # requests per minute limit, 0 = unlimited
     tpm: int = 0                        # tokens per minute limit (prompt estimate + max tokens), 0 = unlimited
-    timeout: float = 300.0              # seconds per HTTP request (the whole reply, body included)
-    max_retries: int = 5                # retries on 429, 5xx, timeouts, connection errors, broken bodies
+    timeout: float = 300.0              # seconds per HTTP request, whole reply (a slow local teacher: max tokens / tokens/s)
+    max_retries: int = 5                # retries on 429, 5xx, connection errors, broken bodies (a timeout: once)
     backoff_base: float = 1.0           # first backoff in seconds, doubled per retry, with jitter
     backoff_max: float = 60.0           # backoff cap in seconds (a server's Retry-After is honoured up to 600 s)
     max_tokens_param: str = "auto"      # auto | max_tokens | max_completion_tokens (auto: the latter for api.openai.com)
     disable_thinking: bool = False      # send chat_template_kwargs {"enable_thinking": false} (vLLM, SGLang: Qwen3 etc.)
-    json_mode: str = "auto"             # auto | on | off: response_format json_object for annotate/score (auto: probe once)
-    reask: int = 3                      # re-ask a reply that is not an answer (unparseable, empty, cut, refusal) N times
+    json_mode: str = "auto"             # auto | on | off: response_format json_object for annotate/refine/score/restyle (auto: probe once)
+    reask: int = 3                      # re-ask a reply that is no answer (unparseable, empty, cut, junk) N times; never a refusal of y_T
     retry_failed: bool = False          # ask again what failed, with reask + 1 more re-asks (distill: the rows in <out>/failures.jsonl)
     seed: int = 0                       # seeds of the sampled calls (distill: also pool sampling and candidate choice)
 
@@ -71,6 +71,14 @@ ANSWER_STAGES = ("generate", "candidates")  # a model's own answer to the prompt
 
 def _split(csv):
     return [x.strip() for x in csv.split(",") if x.strip()]
+
+
+def candidate_key_env(cfg, url):
+    """The env var whose key goes to a candidate URL: --candidate-api-key-env when given; else the teacher's for
+    the teacher's own URL, and none for any other URL (often another provider: the teacher's key is not theirs)."""
+    if cfg.candidate_api_key_env:
+        return cfg.candidate_api_key_env
+    return cfg.api_key_env if chat_url(url) == chat_url(cfg.teacher_url) else ""
 
 
 def cache_key(body):
@@ -97,7 +105,7 @@ class Asker:
         if len(urls) not in (1, len(models)):
             raise ValueError(f"candidate_urls has {len(urls)} URLs for {len(models)} candidate_models: give one URL, "
                              "or one per model")
-        clients = {u: client(u, cfg.candidate_api_key_env or cfg.api_key_env) for u in set(urls)}
+        clients = {u: client(u, candidate_key_env(cfg, u)) for u in set(urls)}
         self.candidates = [(m, clients[urls[k % len(urls)]]) for k, m in enumerate(models)]
         self.clients = [self.teacher, *clients.values()]
         self.stats = {s: {"sent": 0, "replies": 0, "cache_hits": 0, "reasks": 0, "recovered": 0, "failures": {},
@@ -210,6 +218,8 @@ class Asker:
             if not answer:
                 raise ParseError("refusal", "a refusal with no text", final=True)
             return answer, True
+        if stage in ANSWER_STAGES and problem == "length" and is_refusal(text):
+            return text, True  # a refusal cut short is still one: another sample would only be a chance to comply
         if problem:
             raise ParseError(problem, "cut at the token limit" if problem == "length" else "")
         if stage in ANSWER_STAGES:

@@ -1,51 +1,50 @@
-"""batches.py -- training data: preference rows -> tokenized Examples -> packed Batches.
+"""batches.py -- training data: preference rows -> tokenized pairs (pair_cache.py) -> epoch order -> packed Batches.
 
     examples, stats = load_pairs("pairs.jsonl", tokenizer, max_len)   # rows read and checked by formats.py
     for step_pairs in epoch_batches(examples, batch_size, seed, epoch):
         batch = collate([examples[i] for i in step_pairs], pad_id, use_lm=True, with_margins=True)
 
-Every sequence is tokenized and cut as model.py scores it (render_prompt, answer_ids, fit). A Batch packs the
-chosen, rejected and teacher-answer rows of a micro-batch into bins (several sequences per row; position ids restart
-for each, so attention stays block-diagonal), which leaves almost no padding. DataStats and the cut counts say what
-was dropped and cut, with a warning when many sequences lose most of their prompt.
+Every sequence is tokenized and cut as model.py scores it (render_prompt, answer_ids, fit), once per data file when
+load_pairs gets a cache_dir (pair_cache.py: flat token arrays on disk, memory-mapped by every process), else in
+memory; either way `examples` is a pair_cache.PairStore, a sequence of Examples read on demand. A Batch packs the
+chosen, rejected and teacher-answer rows of a micro-batch into bins (several sequences per row, attention kept
+within each), which leaves almost no padding; with layout="shared" a pair's prompt is computed once for all its
+answers. DataStats and the cut counts say what was dropped and cut, with a warning when many sequences lose most of
+their prompt.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from formats import DataError, parse_row, read_source_rows, source_problem
+import pair_cache
+from formats import DataError, source_problem
 from loss import LEARNS_TIES, NEEDS_MARGINS, PAIRWISE_KINDS
-from model import CutCounts, answer_ids, encode, fit, layout_cost, render_prompt
+from model import CutCounts, layout_cost
+from pair_cache import CUTS, Example, PairStore  # noqa: F401  Example: the row type, defined with its store
 
 MOST_PROMPT_LOST_WARN = 0.10  # warn when more than this share of sequences keep under half of their prompt
-
-
-@dataclass
-class Example:
-    prompt: tuple  # (prompt ids of the chosen row, of the rejected row): cut to fit each row
-    chosen: list  # answer token ids, eos included unless the answer's end was cut
-    rejected: list
-    margin: float | None
-    teacher: tuple | None  # (prompt ids, teacher answer ids): the LM target
-    prompt_len: int = 0  # tokens of the whole rendered prompt, before cutting
-    cuts: tuple = (None, None, None)  # fit()'s cut kind of the chosen, rejected and teacher-answer sequence
+TIES = f"margin 0 (style-equivalence pair; only --loss={'/'.join(LEARNS_TIES)} learns it)"  # loss.py says who
 
 
 ROW_KINDS = {"reward": "chosen/rejected sequences", "teacher": "teacher-answer sequences"}
 
 
-def count_cuts(examples, teacher):
+def count_cuts(examples: PairStore, teacher):
     """The cuts of the sequences a run uses: both reward rows of every pair, and the teacher-answer rows only
-    when the LM term trains on them (teacher=True; never in eval splits)."""
+    when the LM term trains on them (teacher=True; never in eval splits). Counted as CutCounts.add counts."""
     cuts = {"reward": CutCounts(), **({"teacher": CutCounts()} if teacher else {})}
-    for ex in examples:
-        cuts["reward"].add(ex.cuts[0], len(ex.prompt[0]), ex.prompt_len)
-        cuts["reward"].add(ex.cuts[1], len(ex.prompt[1]), ex.prompt_len)
-        if teacher and ex.teacher is not None:
-            cuts["teacher"].add(ex.cuts[2], len(ex.teacher[0]), ex.prompt_len)
+    prompt_len = examples.column("prompt_len")
+    for kind, row in (("reward", "chosen"), ("reward", "rejected")) + ((("teacher", "teacher"),) if teacher else ()):
+        kept, cut = examples.column("kept_" + row), examples.column("cut_" + row)
+        present = kept >= 0  # a pair without a teacher answer has no teacher row
+        counts = cuts[kind]
+        counts.sequences += int(present.sum())
+        for code, name in enumerate(CUTS):
+            setattr(counts, name or "whole", getattr(counts, name or "whole") + int((cut[present] == code).sum()))
+        counts.most_prompt_lost += int((kept[present] < prompt_len[present] / 2).sum())
     return cuts
 
 
@@ -76,26 +75,6 @@ class DataStats:
         return f"{name}: {self.rows} rows, {self.kept} kept; dropped: {drops}" + cuts
 
 
-def tokenize_example(tokenizer, parsed, max_len, stats):
-    messages, chosen, rejected, margin, teacher = parsed
-    prompt = encode(tokenizer, render_prompt(tokenizer, messages))
-    chosen_ids, rejected_ids = answer_ids(tokenizer, chosen), answer_ids(tokenizer, rejected)
-    if chosen_ids == rejected_ids:
-        stats.drop("chosen == rejected")
-        return None
-    p_c, chosen_ids, chosen_cut = fit(prompt, chosen_ids, max_len)
-    p_r, rejected_ids, rejected_cut = fit(prompt, rejected_ids, max_len)
-    if p_c + chosen_ids == p_r + rejected_ids:
-        stats.drop("identical after cutting to max_len")
-        return None
-    teacher_pair, teacher_cut = None, None
-    if teacher and teacher.strip():
-        p_t, teacher_ids, teacher_cut = fit(prompt, answer_ids(tokenizer, teacher), max_len)
-        teacher_pair = (p_t, teacher_ids)
-    return Example(prompt=(p_c, p_r), chosen=chosen_ids, rejected=rejected_ids, margin=margin,
-                   teacher=teacher_pair, prompt_len=len(prompt), cuts=(chosen_cut, rejected_cut, teacher_cut))
-
-
 def check_data_file(option, path):
     """A one-line error when --option=path is not a data source (before anything loads)."""
     problem = source_problem(path)
@@ -103,38 +82,33 @@ def check_data_file(option, path):
         raise DataError(f"--{option}={problem}")
 
 
-def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teacher=False, keep_ties=True, keys=None):
-    """Data source(s) -> tokenized Examples and the DataStats of what was dropped and cut (teacher: count the
-    teacher-answer rows too, for a run that trains on them; keep_ties=False drops margin-0 pairs; keys: columns
-    to rename, see formats.column_keys)."""
-    stats, examples = DataStats(), []
-    for path in paths.split(","):
-        try:
-            rows = list(read_source_rows(path, keys))
-        except ValueError as e:
-            raise DataError(str(e)) from None
-        for line_no, row in rows:
-            stats.rows += 1
-            parsed = parse_row(row, f"{path}:{line_no}")
-            if need_margin and parsed[3] is None:
-                raise DataError(margin_needed(f"{path}:{line_no}", row))
-            if parsed[3] == 0 and not keep_ties:  # "equally good": only a loss of loss.LEARNS_TIES learns it
-                stats.drop(f"margin 0 (style-equivalence pair; only --loss={'/'.join(LEARNS_TIES)} learns it)")
-                continue
-            example = tokenize_example(tokenizer, parsed, max_len, stats)
-            if example is not None:
-                examples.append(example)
+def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teacher=False, keep_ties=True, keys=None,
+               cache_dir=None):
+    """Data source(s), comma-separated -> (PairStore of the usable pairs, DataStats of what was dropped and cut).
+    teacher: count the teacher-answer rows too, for a run that trains on them; keep_ties=False drops margin-0 pairs;
+    keys: columns to rename (formats.column_keys); cache_dir: tokenize once into it and map (pair_cache.load)."""
+    examples, counts = pair_cache.load(paths.split(","), tokenizer, max_len, cache_dir, keys)
+    stats = DataStats(rows=counts.rows, dropped=dict(counts.dropped))
+    margins = examples.column("margin")
+    if need_margin and np.isnan(margins).any():
+        first = int(np.flatnonzero(np.isnan(margins))[0])
+        file, line = (int(examples.column(c)[first]) for c in ("file", "line"))
+        raise DataError(margin_needed(f"{examples.meta['paths'][file]}:{line}",
+                                      bool(examples.column("teacher_field")[first])))
+    if not keep_ties and (margins == 0).any():  # "equally good": only a loss of loss.LEARNS_TIES learns it
+        stats.dropped[TIES] = int((margins == 0).sum())
+        examples = examples.take(np.flatnonzero(margins != 0))
     stats.kept = len(examples)
-    if not examples:
+    if not len(examples):
         raise DataError(f"{paths}: no usable pairs ({stats.summary(name)})")
     stats.cuts = count_cuts(examples, teacher)
     return examples, stats
 
 
-def margin_needed(where, row):
+def margin_needed(where, has_teacher_response):
     """The error for a label-only pair under a loss of loss.NEEDS_MARGINS, naming a loss that needs no margins."""
     fix = "--loss=" + next(k for k in PAIRWISE_KINDS if k not in NEEDS_MARGINS)
-    fix += "" if "teacher_response" in row else " --lm-weight=0 (no teacher_response either)"
+    fix += "" if has_teacher_response else " --lm-weight=0 (no teacher_response either)"
     return (f"{where}: this loss needs a preference strength: give chosen_score and rejected_score, or margin; for "
             f"label-only pairs train with {fix}")
 
@@ -298,19 +272,42 @@ def lay_out(groups, lengths, bins, n_pairs, pad_id, shared):
                  as_tensor(sequences) if shared else None, as_tensor(branches) if shared else None)
 
 
+def sort_lengths(examples):
+    """Tokens of each pair's chosen row plus its rejected answer: what epoch_batches groups pairs by."""
+    if isinstance(examples, PairStore):
+        return examples.column("kept_chosen") + examples.column("chosen") + examples.column("rejected")
+    return np.array([len(ex.prompt[0]) + len(ex.chosen) + len(ex.rejected) for ex in examples], dtype=np.int64)
+
+
+@dataclass
+class EpochBatches:
+    """One epoch's batches: batch k is order[b * size:(b + 1) * size] with b = batch_order[k] (index arrays)."""
+    order: np.ndarray
+    size: int
+    batch_order: np.ndarray
+
+    def __len__(self):
+        return len(self.batch_order)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(len(self))[k]]
+        b = int(self.batch_order[k])
+        return self.order[b * self.size:(b + 1) * self.size]
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+
 def epoch_batches(examples, batch_size, seed, epoch):
-    """Deterministic order of one epoch: shuffle, group by length within windows, shuffle the groups."""
-    rng = random.Random(seed * 1000003 + epoch)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    window = batch_size * 32
-    batches = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lambda i: len(examples[i].prompt[0]) + len(examples[i].chosen)
-                       + len(examples[i].rejected))
-        batches.extend(chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)
-    return batches
+    """Deterministic order of one epoch (numpy arrays: a few bytes per pair): shuffle, sort by length within windows
+    of 32 batches (so that a batch packs tightly), shuffle the batches."""
+    lengths = sort_lengths(examples)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    window = np.arange(len(order)) // (batch_size * 32)
+    order = order[np.lexsort((lengths[order], window))]  # by window, then by length (stable)
+    return EpochBatches(order, batch_size, rng.permutation(-(-len(order) // batch_size)))
 
 
 def to_device(batch, device):

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 
 from asker import Asker, AskerConfig, RowFailure
 from cli import Progress
+from files import atomic_file, folder_lock
 from formats import canonical, column_keys, load_distill_rows, read_source_rows, write_jsonl
 from protocol import (RESTYLE_STYLES, TEMPLATE_VERSION, annotate_prompt, parse_annotation, parse_refinement,
                       parse_restyle, parse_score, prompt_messages, refine_prompt, render_question, restyle_prompt,
@@ -55,7 +56,7 @@ class DistillConfig(AskerConfig):
     prompt_key: str = ""                # column holding the prompt ("" = prompt; OpenRLHF's --prompt_key)
     chosen_key: str = ""                # column holding the chosen answer ("" = chosen)
     rejected_key: str = ""              # column holding the rejected answer ("" = rejected)
-    out: str = "out/distill"            # output dir: train.jsonl, annotated.jsonl, failures.jsonl, summary.json
+    out: str = "out/distill"            # output dir: train.jsonl, annotated.jsonl, failures.jsonl, summary.json; one run at a time
     gen_temperature: float = 0.7        # y_T and candidate answers
     gen_top_p: float = 0.8              # nucleus sampling for y_T and candidate answers
     gen_max_tokens: int = 1024          # reply length cap for y_T and candidate answers
@@ -161,11 +162,11 @@ class Run:
         """Refine y_l towards y_T, then score y_w* in the same conversation, anchored on s(y_l), and filter:
         (diagnosis, y_w*, s(y_w*)), or a dropped row."""
         cfg, asker = self.cfg, self.asker
-        nonce, refine_text = refine_prompt(question, teacher_answer, rejected)
+        nonce, refine_text = refine_prompt(question, teacher_answer, rejected, asker.json_mode)
         messages = [{"role": "user", "content": refine_text}]
         (diagnosis, refined), refine_reply = asker.ask("refine", asker.teacher, asker.body(
-            cfg.teacher_model, messages, cfg.refine_temperature, cfg.refine_max_tokens, purpose=f"{rid}:refine"),
-            parse_refinement, nonce)
+            cfg.teacher_model, messages, cfg.refine_temperature, cfg.refine_max_tokens, purpose=f"{rid}:refine",
+            json_mode=asker.json_mode), parse_refinement, nonce, asker.json_mode, rejected)
         messages = messages + [{"role": "assistant", "content": refine_reply},
                                {"role": "user", "content": score_prompt(nonce, rejected_score, asker.json_mode)}]
         refined_score = asker.ask("score", asker.teacher, asker.body(
@@ -283,11 +284,11 @@ class Run:
         return pairs
 
     def restyle_answer(self, rid, which, question, answer, style):
-        nonce, text = restyle_prompt(question, answer, style)
-        cfg = self.cfg
-        body = self.asker.body(cfg.teacher_model, [{"role": "user", "content": text}], cfg.restyle_temperature,
-                               cfg.refine_max_tokens, purpose=f"{rid}:restyle:{which}")
-        return self.asker.ask("restyle", self.asker.teacher, body, parse_restyle, nonce, order=which)[0]
+        cfg, asker = self.cfg, self.asker
+        nonce, text = restyle_prompt(question, answer, style, asker.json_mode)
+        body = asker.body(cfg.teacher_model, [{"role": "user", "content": text}], cfg.restyle_temperature,
+                          cfg.refine_max_tokens, purpose=f"{rid}:restyle:{which}", json_mode=asker.json_mode)
+        return asker.ask("restyle", asker.teacher, body, parse_restyle, nonce, asker.json_mode, answer, order=which)[0]
 
 
 # ---------------------------------------------------------------------------- the report
@@ -440,6 +441,10 @@ def _say_start(cfg, run, rows):
           f"retries {cfg.max_retries} (backoff {cfg.backoff_base}s..{cfg.backoff_max}s), "
           f"token estimates: {token_estimator_name()}, cache {run.asker.cache.path} "
           f"({len(run.asker.cache.entries)} entries)", file=sys.stderr)
+    keyless = sorted({client.url for _, client in run.asker.candidates if not client.api_key})
+    if keyless and not cfg.candidate_api_key_env:
+        print(f"[distill] candidate URL(s) {', '.join(keyless)} get no API key (the teacher's goes to the teacher's "
+              "URL only): pass --candidate-api-key-env=VAR to send one", file=sys.stderr)
 
 
 def _run_rows(run, rows):
@@ -473,14 +478,19 @@ def _run_rows(run, rows):
 
 
 def distill(cfg):
-    """Run the whole pipeline for `cfg` (a DistillConfig); write the outputs to cfg.out; return the summary."""
+    """Run the whole pipeline for `cfg` (a DistillConfig); write the outputs to cfg.out; return the summary. One run
+    at a time per cfg.out: another process's run there is a files.FolderBusy (a ValueError) naming its PID."""
     _check_config(cfg)
     rows = load_distill_rows(cfg.data, cfg.limit, cfg.shard, column_keys(cfg))
+    with folder_lock(cfg.out, "distill"):  # two runs on one folder would send every request twice
+        return _distill_rows(cfg, rows)
+
+
+def _distill_rows(cfg, rows):
     retried = _failed_before(cfg) if cfg.retry_failed else None
     if retried is not None:
         print(f"[distill] --retry-failed: the {len(retried)} failed row(s) of {cfg.out}/failures.jsonl again, with "
               f"{cfg.reask + 1} more re-asks each; the other rows come from the cache", file=sys.stderr)
-    os.makedirs(cfg.out, exist_ok=True)
     run, t0 = Run(cfg), time.time()
     _say_start(cfg, run, rows)
     results = _run_rows(run, rows)
@@ -492,7 +502,7 @@ def distill(cfg):
                                                                           if t["provenance"]["source"] == "refined")}
     for name, items in outputs.items():
         write_jsonl(os.path.join(cfg.out, name + ".jsonl"), items)
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+    with atomic_file(os.path.join(cfg.out, "summary.json")) as f:
         json.dump(summary, f, indent=2)
     print_report(summary)
     report.distill_report(cfg.out, summary, outputs["train"])  # <out>/report.html: the run in pictures

@@ -330,9 +330,12 @@ def bon_command(argv):
     if not cfg.data:
         raise UsageError("rmd.py bon needs --data=rows.jsonl ({prompt, responses: [...]})")
     check_data_file("data", cfg.data)
+    rows = read_located_rows(cfg.data)
+    if not rows:  # nothing scored is no result: a script that checks the exit code must hear of it
+        raise DataError(f"{cfg.data} has no rows (the file is empty or blank); best-of-N needs rows "
+                        "{prompt, responses: [...]}")
     model = load_model("bon", cfg)
     cuts = CutCounts()
-    rows = read_located_rows(cfg.data)
     scored = best_of_n(model, rows, cfg.batch_size, cfg.max_len, cuts)
     quality = pick_quality(rows, scored)
     out = cfg.out or default_out("bon", cfg.data, ".scored.jsonl")

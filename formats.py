@@ -11,6 +11,7 @@ A prompt is a string (an HH-style "\n\nHuman: ... \n\nAssistant:" dialogue becom
 Every error names `file:line` and what to do. Standard library only (pyarrow for Parquet when asked).
 """
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -165,11 +166,12 @@ def rename_columns(row, keys, where):
     return row
 
 
-def read_source_rows(path, keys=None):
-    """Yield (line_no, obj) for each row of a data file: JSONL (.jsonl, .jsonl.gz: one object per non-blank line),
-    one JSON array (line_no = the line its element starts on), Parquet or a Hub dataset `hf:owner/name[:split]`
-    (line_no = the row number). UTF-8 with or without a BOM, LF or CRLF. Anything else, or a row that is not a JSON
-    object, is a `file:line` ValueError. `keys` ({field: column}, see column_keys) renames columns."""
+def read_source_rows(path, keys=None, raw=False):
+    """Yield (line_no, obj) for each row of a data file: JSONL (.jsonl, .jsonl.gz: one object per non-blank line,
+    always), one JSON array (another name, e.g. .json, starting with '['; line_no = the line its element starts on),
+    Parquet or a Hub dataset `hf:owner/name[:split]` (line_no = the row number). UTF-8 with or without a BOM, LF or CRLF. Anything else, or a row that is not a JSON
+    object, is a `file:line` ValueError. `keys` ({field: column}, see column_keys) renames columns. JSONL is
+    streamed; raw=True yields its lines as text, for jsonl_row to parse elsewhere (pair_cache's worker processes)."""
     problem = source_problem(path)  # a folder, a missing file, a bad Hub spec: one check, one message everywhere
     if problem:
         raise ValueError(problem)
@@ -178,24 +180,38 @@ def read_source_rows(path, keys=None):
     elif path.endswith(".parquet"):
         numbered = _parquet_rows(path)
     else:
-        lines = list(_lines(path))
-        first = next((t.lstrip() for _, t in lines if t.strip()), "")
-        numbered = _json_array_rows(path, lines) if first.startswith("[") else _jsonl_rows(path, lines)
+        lines, head = _lines(path), []  # JSONL is streamed: a large file is never held whole
+        for item in lines:
+            head.append(item)
+            if item[1].strip():
+                break
+        first, lines = (head[-1][1].lstrip() if head else ""), itertools.chain(head, lines)
+        if first.startswith("[") and not path.endswith((".jsonl", ".jsonl.gz")):  # .jsonl: always JSONL
+            numbered = _json_array_rows(path, list(lines))
+        else:
+            for line_no, line in lines:
+                if line.strip():
+                    yield (line_no, line) if raw else (line_no, jsonl_row(path, line_no, line, keys))
+            return
     for line_no, obj in numbered:
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-        yield line_no, rename_columns(obj, keys, f"{path}:{line_no}") if keys else obj
+        yield line_no, checked_row(path, line_no, obj, keys)
 
 
-def _jsonl_rows(path, lines):
-    for line_no, line in lines:
-        if line.strip():
-            try:
-                yield line_no, json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            except RecursionError:
-                raise ValueError(f"{path}:{line_no}: JSON nested too deeply") from None
+def jsonl_row(path, line_no, line, keys=None):
+    """One JSONL line -> its row, checked and renamed as read_source_rows does."""
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}:{line_no}: JSON nested too deeply") from None
+    return checked_row(path, line_no, obj, keys)
+
+
+def checked_row(path, line_no, obj, keys):
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+    return rename_columns(obj, keys, f"{path}:{line_no}") if keys else obj
 
 
 HH_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
@@ -385,6 +401,9 @@ def as_messages(prompt, where):
 
 
 def number(row, key, where):
+    if key not in row:
+        raise DataError(f"{where}: missing field '{key}' (a score needs its pair: give chosen_score and "
+                        "rejected_score, or margin)")
     value = row[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DataError(f"{where}: field '{key}' must be a finite number, got {value!r}")

@@ -330,10 +330,10 @@ def train_report(out):
 
 STAGE_HEADERS = ("stage", "sent", "cached", "re-asks", "recovered", "refusals", "prompt tokens", "completion tokens",
                  "request s", "span s", "cost $", "failures")
-STAGE_NOTE = ("sent: HTTP requests sent (retries included); cached: answered from the cache; refusals: replies that "
-              "decline (at generate they are the teacher's answer y_T, kept); request s: the seconds its requests took, "
-              "summed (requests run in parallel: the sum exceeds the wall time); span s: first to last request of the "
-              "stage (the rows' stages interleave: spans overlap).")
+STAGE_NOTE = ("sent: HTTP requests sent (retries included); cached: answered from the cache; refusals: replies "
+              "that decline (at generate they are the teacher's answer y_T, kept); request s: the seconds its "
+              "requests took, summed (requests run in parallel: the sum exceeds the wall time); span s: first to last "
+              "request of the stage (the rows' stages interleave: spans overlap).")
 
 
 def stage_rows(summary):

@@ -128,7 +128,7 @@ def say_what_distill_wrote(cfg, summary, demo):
 
 def train_command(argv):
     from demo import tiny_lm
-    from train import TrainConfig, train
+    from train import TrainConfig, out_lock
     demo = not any(a.replace("_", "-").startswith(("--data", "--dataset", "--train-file", "-h", "--help"))
                    for a in argv)
     cfg = parse_overrides(TrainConfig(**builtin.DEMO_TRAIN) if demo else TrainConfig(), argv, "python rmd.py train",
@@ -140,14 +140,11 @@ def train_command(argv):
     bon = os.path.join(os.path.dirname(cfg.data), "builtin", "bon.jsonl")
     # --model=tiny / tiny-scratch: the demo's students, which the library does not know by name
     backbone = tiny_lm.load_tiny if cfg.model in tiny_lm.TINY_NAMES else None
-    baseline = builtin.start_demo_baseline(cfg) if demo and os.path.exists(bon) and cfg.max_steps else None
     try:
-        metrics = train(cfg, on_step=builtin.take_back_cores(baseline), backbone=backbone)
+        with out_lock(cfg):  # before the demo's baseline starts: a second run on --out stops here
+            metrics, baseline = train_beside_baseline(cfg, backbone, demo and os.path.exists(bon) and cfg.max_steps)
     except OSError as e:
         raise SystemExit(f"error: {e}") from None
-    finally:
-        if baseline and baseline[0].poll() is None and sys.exc_info()[0] is not None:
-            baseline[0].terminate()  # the demo failed or was interrupted: its baseline goes too
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks
         return metrics
     model = os.path.join(cfg.out, "model")
@@ -156,6 +153,20 @@ def train_command(argv):
         print(f"next: python rmd.py bon --model={model} --data={bon}   (best-of-N against the true quality)")
     print(f"next: python rmd.py eval --model={model} --data=PAIRS.jsonl | python rmd.py serve --model={model}")
     return metrics
+
+
+def train_beside_baseline(cfg, backbone, with_baseline):
+    """train(cfg), with the demo's label-distillation baseline training beside it when asked -> (metrics, baseline)."""
+    from train import check_fresh_out, train
+    baseline = None
+    if with_baseline:
+        check_fresh_out(cfg)  # train() would refuse it: before the baseline starts
+        baseline = builtin.start_demo_baseline(cfg)
+    try:
+        return train(cfg, on_step=builtin.take_back_cores(baseline), backbone=backbone), baseline
+    finally:
+        if baseline and baseline[0].poll() is None and sys.exc_info()[0] is not None:
+            baseline[0].terminate()  # the demo failed or was interrupted: its baseline goes too
 
 
 COMMANDS = ("distill", "train", "eval", "bon", "serve", "teacher-sim")

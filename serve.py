@@ -13,6 +13,7 @@ In Python: `url, shutdown = serve.start_server(model.load_reward_model(path))`.
 """
 from __future__ import annotations
 
+import io
 import json
 import queue
 import re
@@ -123,6 +124,30 @@ class Scorer:
     def close(self):
         self.jobs.put(None)
 
+class DeadlineReader(io.RawIOBase):
+    """A connection's reads: each waits at most idle_timeout, and while a deadline is set (a request line and its
+    headers are being read), none goes past it. Per-read timeouts alone let a client that drips a byte now and then
+    hold its connection, and its slot, for ever."""
+
+    def __init__(self, sock, idle_timeout):
+        self.sock, self.idle_timeout, self.deadline = sock, idle_timeout, None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        timeout = self.idle_timeout
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise TimeoutError("the request line and headers took too long")
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.idle_timeout)  # what the writes of the reply get
+
+
 class RewardHandler(BaseHTTPRequestHandler):
     """One HTTP connection; the settings and the scorer are the server's (RewardServer)."""
     protocol_version = "HTTP/1.1"
@@ -131,7 +156,26 @@ class RewardHandler(BaseHTTPRequestHandler):
     def timeout(self):  # socket timeout for every read: a half-sent request cannot hold a thread for good
         return self.server.idle_timeout
 
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # the socket stays open; reads go through the deadline instead
+        self.reader = DeadlineReader(self.connection, self.server.idle_timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self):
+        # from when the connection is ready for a request (just opened, or the last reply sent) to its last header
+        self.reader.deadline = time.monotonic() + self.server.head_timeout
+        super().handle_one_request()
+
+    def parse_request(self):
+        try:
+            return super().parse_request()  # reads the headers
+        finally:
+            self.reader.deadline = None  # the body has read_body's deadline
+
     def reply(self, status, payload, headers=()):
+        if self.request_version == "HTTP/0.9":  # a garbage request line: the reply still gets a status line
+            self.request_version, self.close_connection = "HTTP/1.0", True
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -178,6 +222,8 @@ class RewardHandler(BaseHTTPRequestHandler):
         """The declared body length, or an error reply (then the body is never read)."""
         if self.headers.get("Transfer-Encoding"):
             return None, (411, "chunked bodies are not accepted; send a Content-Length header")
+        if len(self.headers.get_all("Content-Length") or []) > 1:  # which one frames the body is ambiguous
+            return None, (400, "more than one Content-Length header")
         value = self.headers.get("Content-Length")
         if value is None:
             return None, (411, "a Content-Length header is required")
@@ -238,10 +284,11 @@ class RewardServer(ThreadingHTTPServer):
     settings the handler reads."""
     daemon_threads = True
 
-    def __init__(self, address, scorer, max_items, max_body, max_len, idle_timeout, max_connections):
+    def __init__(self, address, scorer, max_items, max_body, max_len, idle_timeout, max_connections, head_timeout):
+        self.request_queue_size = max_connections  # the listen backlog (the default 5 drops bursts of connections)
         super().__init__(address, RewardHandler)
         self.scorer, self.model, self.max_items, self.max_body = scorer, scorer.model, max_items, max_body
-        self.max_len, self.idle_timeout = max_len, idle_timeout
+        self.max_len, self.idle_timeout, self.head_timeout = max_len, idle_timeout, head_timeout
         self.slots = threading.BoundedSemaphore(max_connections)
 
     def process_request(self, request, client_address):
@@ -249,7 +296,7 @@ class RewardServer(ThreadingHTTPServer):
             try:
                 request.settimeout(1.0)
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Content-Length: 40\r\nConnection: close\r\n\r\n"
+                                b"Content-Length: 40\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
                                 b'{"error": "too many connections, retry"}')
             except OSError:
                 pass
@@ -268,14 +315,16 @@ class RewardServer(ThreadingHTTPServer):
 
 
 def start_server(model, host="127.0.0.1", port=0, batch_size=32, max_items=256, max_body=8 << 20, max_len=0,
-                 idle_timeout=30.0, max_connections=64):
-    """Serve in a background thread -> (url, shutdown function). A connection silent for idle_timeout seconds
-    is closed, a request body must arrive within idle_timeout per read and 4 x idle_timeout in all, and at most
-    max_connections are served at once (more get a 503 and are closed)."""
+                 idle_timeout=30.0, max_connections=64, head_timeout=10.0):
+    """Serve in a background thread -> (url, shutdown function). A request's line and headers must be in within
+    head_timeout seconds of the connection being ready for it (opened, or the last reply sent), or the connection
+    is closed; its body within idle_timeout per read and 4 x idle_timeout in all. At most max_connections are served
+    at once (more get a 503 and are closed; as many again wait in the listen backlog)."""
     scorer = Scorer(model, batch_size)
     max_len = max_len or model.max_len
     try:
-        server = RewardServer((host, port), scorer, max_items, max_body, max_len, idle_timeout, max_connections)
+        server = RewardServer((host, port), scorer, max_items, max_body, max_len, idle_timeout, max_connections,
+                              head_timeout)
     except OSError:
         scorer.close()
         raise
@@ -299,8 +348,9 @@ class ServeConfig:
     max_items: int = 256  # sequences per request (more: 413)
     max_body_mb: float = 8.0  # request body size limit in MiB (more: 413)
     max_len: int = 0  # tokens per sequence (0 = the model's training max_len)
-    idle_timeout: float = 30.0  # seconds a connection may stay silent (mid-request or between requests)
-    max_connections: int = 64  # connections served at once; more get 503
+    idle_timeout: float = 30.0  # seconds one read may wait mid-request (a body must also arrive within 4x this)
+    head_timeout: float = 10.0  # seconds from a connection being ready for a request (opened, or the last reply sent) to its last header: idle or dripping clients are cut off
+    max_connections: int = 64  # connections served at once (and the listen backlog); more get 503
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
 
 
@@ -311,7 +361,7 @@ def serve_command(argv):
     try:
         url, shutdown = start_server(model, cfg.host, cfg.port, cfg.batch_size, cfg.max_items,
                                      int(cfg.max_body_mb * (1 << 20)), cfg.max_len, cfg.idle_timeout,
-                                     cfg.max_connections)
+                                     cfg.max_connections, cfg.head_timeout)
     except OSError as e:
         raise UsageError(f"cannot serve on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
     print(f"reward server at {url}/get_reward (OpenRLHF --remote_rm_url) and {url}/score", file=sys.stderr)

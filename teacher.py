@@ -352,8 +352,10 @@ def _json_line(line):
 
 
 def _is_entry(line):
+    """A line of a cache written before the header: an object whose key is a request_key (64 hex digits)."""
     entry = _json_line(line)
-    return isinstance(entry, dict) and isinstance(entry.get("key"), str)
+    key = entry.get("key") if isinstance(entry, dict) else None
+    return isinstance(key, str) and len(key) == 64 and all(c in "0123456789abcdef" for c in key)
 
 
 CACHE_HEADER = {"rmd_request_cache": 1}  # the first line of every cache file: only such a file is ever cut or appended

@@ -3,10 +3,11 @@
     import train
     train.train(train.TrainConfig(data="pairs.jsonl", eval_data="test.jsonl", model="path/to/hf-model"))
 
-`python rmd.py train --key=value ...` fills TrainConfig from the command line (rmd.py) and calls train(). One step
-takes --batch-size pairs in a deterministic order (batches.epoch_batches), split over processes and micro-batches;
-each micro-batch is one packed forward pass (batches.collate) of the chosen, rejected and teacher-answer rows, and
-step_loss is its loss: the pairwise loss + --lm-weight x the LM loss on the teacher answers (loss.py). The run
+`python rmd.py train --key=value ...` fills TrainConfig from the command line (rmd.py) and calls train(). The data
+files are tokenized once into --token-cache and mapped by every process (pair_cache.py). One step takes --batch-size
+pairs in a deterministic order (batches.epoch_batches), split over processes and micro-batches; each micro-batch is
+one packed forward pass (batches.collate) of the chosen, rejected and teacher-answer rows, a pair's prompt computed
+once for all of them where that pays (--share-prompts), and step_loss is its loss: the pairwise loss + --lm-weight x the LM loss on the teacher answers (loss.py). The run
 evaluates pair accuracy on the --eval-data splits, logs one line per --log-interval steps (and log.jsonl),
 checkpoints for --resume (distributed.py) and saves the reward model (model.save_reward_model) with eval.json and
 report.html (report.py). --gradient-checkpointing is model.checkpoint_activations, --lora-r is lora.py (the
@@ -24,14 +25,16 @@ import random
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import distributed
+import files
 import lora
 import report
 import recipe
-from batches import (DataStats, check_data_file, collate, count_cuts, cut_warnings, epoch_batches, load_pairs,
-                     to_device)
+from batches import (DataStats, PairStore, check_data_file, collate, count_cuts, cut_warnings, epoch_batches,
+                     load_pairs, to_device)
 from evaluation import fit_text, margin_fit
 from cli import Progress
 from formats import UsageError, column_keys
@@ -52,7 +55,9 @@ class TrainConfig:
     chosen_key: str = ""  # column holding the chosen answer ("" = chosen)
     rejected_key: str = ""  # column holding the rejected answer ("" = rejected)
     holdout: int = 0  # also hold out the last N usable pairs of --data as the eval split "heldout"
-    out: str = "out/train"  # where the model, checkpoints, log.jsonl and eval.json go
+    # where the model, checkpoints, log.jsonl and eval.json go; one run at a time; a folder with an earlier run in it
+    # is refused without --resume
+    out: str = "out/train"
     model: str = ""  # the student: an HF folder, a Hub id, a .gguf file, or (rmd.py only) the demo's "tiny"
     layers: int = 0  # keep only the first N transformer layers of the backbone (0 = all)
     head: str = "mlp"  # value head: "mlp" (dropout, Linear(H,1024), ReLU, Linear(1024,1)) or "linear"
@@ -61,9 +66,12 @@ class TrainConfig:
     lm_weight: float = recipe.RECIPE.lm_weight  # lambda of the LM term on the teacher answers (0 = off); the recipe's
     max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
     # a pair's prompt computed once, its chosen, rejected and teacher answers each attending to it and to themselves
-    # (same rewards, losses and gradients): auto (per micro-batch, where it costs less by batches.layout_cost: not
+    # (same rewards, losses and gradients): auto (per micro-batch, where it costs less by model.layout_cost: not
     # for short prompts), on, off (every row with its own copy of the prompt)
     share_prompts: str = "auto"
+    # tokenize each data file once into this folder and map it in every process and rerun (pair_cache.py: keyed by
+    # the file's contents, the tokenizer, --max-len and the cutting rule); "off" = tokenize in memory every run
+    token_cache: str = "out/token_cache"
     batch_size: int = recipe.RECIPE.batch_size  # pairs per optimizer step, over all processes and micro-batches
     micro_batch: int = 0  # pairs per forward pass per process (0 = batch_size / processes)
     # peak learning rate (AdamW); 0 = the recipe's rule by the backbone's size (recipe.py): 0.001 below 10M parameters, 5e-05 below 1000M parameters, 1e-05 above
@@ -81,9 +89,9 @@ class TrainConfig:
     compile: str = "auto"  # torch.compile the forward: auto (on for CUDA, off on CPU), on, off
     log_interval: int = 10  # steps per log line
     eval_interval: int = 0  # evaluate every N steps (0 = only at the end)
-    save_interval: int = 0  # checkpoint every N steps (0 = only at the end)
+    save_interval: int = 0  # checkpoint every N steps (0 = only at the end); the previous copy stays as ckpt.old
     eval_batch: int = 32  # pairs per forward pass at evaluation
-    resume: bool = False  # continue from <out>/ckpt
+    resume: bool = False  # continue from <out>/ckpt (the newest whole copy; the folder may have been moved or copied)
     # shard parameters, gradients and optimizer state over processes with FSDP2 fully_shard: each transformer layer
     # and the root; for models too big for one GPU; needs torchrun (a single process trains unsharded)
     fsdp: bool = False
@@ -158,7 +166,8 @@ def check_model(name):
 
 
 RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
-                     "compile", "fsdp", "report_to", "gradient_checkpointing", "share_prompts"}
+                     "compile", "fsdp", "report_to", "gradient_checkpointing", "share_prompts",
+                     "token_cache", "out"}  # a run folder may be moved or copied, and resumed where it is now
 
 
 def check_resume(cfg):
@@ -243,10 +252,10 @@ def pair_accuracy(model, examples, batch_pairs, device, autocast, rewards_out=No
             rewards_out += zip(rewards[:batch.n_pairs].tolist(), rewards[batch.n_pairs:].tolist())
     model.train(was_training)
     accuracy = sum(m > 0 for m in reward_margins) / len(examples)
-    teacher_margins = [ex.margin for ex in examples]
-    if any(m is None for m in teacher_margins):
+    teacher_margins = examples.column("margin")  # NaN: the pair has none
+    if np.isnan(teacher_margins).any():
         return accuracy, None
-    return accuracy, margin_fit(reward_margins, teacher_margins)
+    return accuracy, margin_fit(reward_margins, teacher_margins.tolist())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,7 +273,7 @@ class TrainRun:
     device: str
     autocast: torch.autocast
     sharded: bool  # FSDP2
-    examples: list
+    examples: PairStore
     stats: DataStats
     eval_sets: dict  # split -> Examples
     eval_stats: dict  # split -> DataStats
@@ -277,6 +286,7 @@ class TrainRun:
     tracker: object = None  # --report-to's experiment tracker (rank 0), see open_tracker
     layout: str = "separate"  # batches.collate's layout (--share-prompts)
     key_cost: float = 0.0  # model.attention_key_cost: the weight of attention in layout="auto"'s cost rule
+    epoch_order: tuple = (None, None)  # (epoch, its batches.epoch_batches)
 
 
 def build_model(cfg, device, log, backbone=None):
@@ -300,13 +310,15 @@ def build_model(cfg, device, log, backbone=None):
 
 def load_data(cfg, tokenizer, log):
     """--data, --eval-data and --holdout -> (train examples, their DataStats, eval splits, their DataStats)."""
+    cache = None if cfg.token_cache == "off" else cfg.token_cache
     examples, stats = load_pairs(cfg.data, tokenizer, cfg.max_len, need_margin=cfg.loss in NEEDS_MARGINS,
-                                 name="train", keep_ties=cfg.loss in LEARNS_TIES, keys=column_keys(cfg))
+                                 name="train", keep_ties=cfg.loss in LEARNS_TIES, keys=column_keys(cfg),
+                                 cache_dir=cache)
     eval_sets, eval_stats = {}, {}
     for spec in filter(None, cfg.eval_data.split(",")):
         name, _, path = spec.rpartition("=")
-        eval_sets[name or "eval"], eval_stats[name or "eval"] = load_pairs(path, tokenizer, cfg.max_len,
-                                                                           name=name or "eval", keys=column_keys(cfg))
+        eval_sets[name or "eval"], eval_stats[name or "eval"] = load_pairs(
+            path, tokenizer, cfg.max_len, name=name or "eval", keys=column_keys(cfg), cache_dir=cache)
     if cfg.holdout:
         if cfg.holdout >= len(examples):
             raise UsageError(f"--holdout {cfg.holdout} leaves no training pairs ({len(examples)} usable)")
@@ -318,7 +330,7 @@ def load_data(cfg, tokenizer, log):
         log(data_stats.summary(name))
         for line in cut_warnings(name, data_stats.cuts, cfg.max_len):
             log(line)
-    if cfg.use_lm and not any(ex.teacher for ex in examples):
+    if cfg.use_lm and not (examples.column("teacher") >= 0).any():
         raise UsageError(f"--lm-weight={cfg.lm_weight} needs teacher answers, but no row of {cfg.data} has a "
                          "'teacher_response': pass --lm-weight=0 (or train on what `rmd.py distill` writes)")
     return examples, stats, eval_sets, eval_stats
@@ -424,8 +436,47 @@ def train(cfg: TrainConfig, stop_after: int = 0, on_step=None, backbone=None):
     on_step(step, numbers) is called after every optimizer step, on every process, with that step's numbers:
     seconds (from data to optimizer step), pair_loss, lm_loss, correct, pairs, tokens (computed, padding not
     included) and slots (incl. padding) of this process, shared_pairs (prompt computed once) and separate_pairs
-    (--share-prompts asked, but the pair's rows were cut to different prompts) -- for a benchmark or a caller."""
+    (--share-prompts asked, but the pair's rows were cut to different prompts) -- for a benchmark or a caller.
+    One run at a time per cfg.out: another process's run there is a files.FolderBusy naming its PID."""
     validate(cfg, backbone)
+    with out_lock(cfg):
+        check_fresh_out(cfg)
+        return run_training(cfg, stop_after, on_step, backbone)
+
+
+def out_lock(cfg):
+    """The lock on cfg.out (files.folder_lock), taken by rank 0 only: the other processes of a torchrun run are
+    the same run; a second run's rank 0 fails, and torchrun stops its other processes."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return contextlib.nullcontext()
+    return files.folder_lock(cfg.out, "train")
+
+
+def earlier_run(out):
+    """What of an earlier run `out` holds (log.jsonl records, checkpoint copies), in words, or None."""
+    found = []
+    log = os.path.join(out, "log.jsonl")
+    if os.path.exists(log) and os.path.getsize(log):
+        with open(log) as f:
+            found.append(f"log.jsonl with {sum(1 for line in f if line.strip())} records")
+    copies = [os.path.basename(c) for c in distributed.checkpoint_copies(os.path.join(out, "ckpt"))
+              if os.path.isdir(c)]  # a file of that name is no checkpoint: the first save replaces it
+    if copies:
+        found.append(f"checkpoint {', '.join(copies)}")
+    return " and ".join(found) or None
+
+
+def check_fresh_out(cfg):
+    """Without --resume, --out must hold no earlier run: its log.jsonl would get a second history and its
+    checkpoint would be overwritten. One line naming --resume and a fresh --out."""
+    found = None if cfg.resume else earlier_run(cfg.out)
+    if found:
+        raise UsageError(f"{cfg.out} holds an earlier run ({found}): pass --resume to continue it (a finished run is "
+                         f"evaluated again), or give a fresh --out for a new run (or delete {cfg.out})")
+
+
+def run_training(cfg, stop_after, on_step, backbone):
+    """train() once the output folder is this run's."""
     run = set_up(cfg, backbone)
     step = resume(cfg, run) if cfg.resume else 0
     wrap(cfg, run)
@@ -473,7 +524,9 @@ def train_step(cfg, run, step):
     """One optimizer step on this process's share of the step's pairs -> the step's numbers (see train)."""
     t0 = time.perf_counter()
     epoch, index = divmod(step, run.steps_per_epoch)
-    step_examples = [run.examples[i] for i in epoch_batches(run.examples, cfg.batch_size, cfg.seed, epoch)[index]]
+    if run.epoch_order[0] != epoch:  # once per epoch: a few bytes per pair
+        run.epoch_order = (epoch, epoch_batches(run.examples, cfg.batch_size, cfg.seed, epoch))
+    step_examples = [run.examples[i] for i in run.epoch_order[1][index]]
     lm_tokens = sum(len(ex.teacher[1]) for ex in step_examples if ex.teacher) if cfg.use_lm else 0
     mine = step_examples[run.rank * run.micro * run.accum:(run.rank + 1) * run.micro * run.accum]
     for group in run.optimizer.param_groups:

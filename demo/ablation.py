@@ -43,6 +43,7 @@ if not __package__:  # run as a file: the repository's modules are importable on
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,7 +103,8 @@ def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed,
         if args.report:
             return None
         cmd = [sys.executable, os.path.join(ROOT, "rmd.py"), "train", *arm_options(pairs_file, loss, lm_weight,
-                                                                                     eval_data, out_dir, args, seed, model)]
+                                                                                     eval_data, out_dir, args, seed, model),
+               *resume_or_start_again(out_dir)]
         t0 = time.time()
         with open(os.path.join(os.path.dirname(out_dir), f"{os.path.basename(out_dir)}.log"), "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -112,6 +114,16 @@ def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed,
         print(f"  arm {name:<10} seed {seed}: {time.time() - t0:.0f}s", flush=True)
     with open(os.path.join(out_dir, "eval.json")) as f:
         return json.load(f)
+
+
+def resume_or_start_again(out_dir):
+    """A run killed before its eval.json: ["--resume"] when it left a whole checkpoint (the ablation saves one, at
+    the end), else its folder goes and it starts again: [] (`rmd.py train` refuses an earlier run without --resume)."""
+    import distributed
+    if distributed.checkpoint_dir(os.path.join(out_dir, "ckpt")):
+        return ["--resume"]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return []
 
 
 def arm_options(pairs_file, loss, lm_weight, eval_data, out_dir, args, seed, model):

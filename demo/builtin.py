@@ -29,16 +29,18 @@ def distill_builtin(cfg):
     and run distill.distill on the world's prompts against it -> distill's summary."""
     import distill
     from demo import sim, sim_server
+    from files import folder_lock
     world = sim.WorldConfig(seed=cfg.seed)
-    paths = sim.write_builtin_data(os.path.join(cfg.out, "builtin"), world)
-    url, shutdown = sim_server.start_server(world)
-    print(f"no --teacher-url: using the built-in simulated teacher at {url} (sim.py) on the built-in prompts "
-          f"({paths['distill']}); held-out eval splits in {os.path.dirname(paths['normal'])}", file=sys.stderr)
-    try:
-        return distill.distill(dataclasses.replace(cfg, teacher_url=url, teacher_model=sim.TEACHER_MODEL,
-                                                   data=paths["distill"]))
-    finally:
-        shutdown()
+    with folder_lock(cfg.out, "distill"):  # the built-in data too is written by one run at a time
+        paths = sim.write_builtin_data(os.path.join(cfg.out, "builtin"), world)
+        url, shutdown = sim_server.start_server(world)
+        print(f"no --teacher-url: using the built-in simulated teacher at {url} (sim.py) on the built-in prompts "
+              f"({paths['distill']}); held-out eval splits in {os.path.dirname(paths['normal'])}", file=sys.stderr)
+        try:
+            return distill.distill(dataclasses.replace(cfg, teacher_url=url, teacher_model=sim.TEACHER_MODEL,
+                                                       data=paths["distill"]))
+        finally:
+            shutdown()
 
 
 def start_demo_baseline(cfg):
@@ -50,8 +52,7 @@ def start_demo_baseline(cfg):
     annotated = os.path.join(os.path.dirname(cfg.data), "annotated.jsonl")
     if not os.path.exists(annotated):
         return None
-    base = dataclasses.replace(cfg, data=annotated, loss="bt", lm_weight=0.0, out=cfg.out.rstrip("/") + "-label",
-                               resume=False)
+    base = dataclasses.replace(cfg, data=annotated, loss="bt", lm_weight=0.0, out=cfg.out.rstrip("/") + "-label")
     cores = os.cpu_count() or 1
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
         import torch

@@ -83,6 +83,9 @@ class WorldConfig:
     # 0.05 is an assumption of the same size as refine_miss_rate, not a measured figure.
     restyle_drift_rate: float = 0.05  # P(the rewrite also changes the answer's value: a margin-0 pair that lies)
     http_error_rate: float = 0.0  # P(the first try of a request gets HTTP 429/500): exercises the client's retries
+    # Flaws of real teachers that the pipeline must handle (off by default: the demo's numbers stay as measured).
+    refusal_rate: float = 0.0     # P(the teacher declines a prompt instead of answering: its refusal is its y_T)
+    commentary_rate: float = 0.0  # P(a refine/restyle reply wraps the answer in a lead-in line and a trailing note)
 
     def skill_list(self):
         skills = [float(s) for s in self.skills.split(",")]

@@ -31,6 +31,10 @@ from demo.sim import CANDIDATE_MODELS, TEACHER_MODEL, WORLD_STYLE, WorldConfig, 
 from formats import message_text
 from protocol import (PROBE_REPLY, annotate_reply, read_request, refine_reply, restyle_reply, score_reply)
 
+# What real teachers say instead of an answer, or around one (seen from llama.cpp models: tests/fixtures).
+REFUSAL = "I'm sorry, but I can't help with that request."
+LEAD_IN, NOTE = "The modified answer, with the problems fixed, would be:", "Note: I kept the original wording."
+
 
 # -----------------------------------------------------------------------------
 # replies
@@ -60,7 +64,7 @@ def reply_for(body, cfg):
                 fields["preferred"]
         else:
             diagnosis, refined = sim.teacher_refine(task, fields["non_preferred"], cfg, rng)
-        return refine_reply(fields["nonce"], diagnosis, refined)
+        return refine_reply(fields["nonce"], diagnosis, _commented(refined, cfg, format_rng), fields["json_mode"])
     if stage == "score":
         anchor = fields["rejected_score"]
         if task is None:
@@ -70,7 +74,14 @@ def reply_for(body, cfg):
         return score_reply(s, fields["json_mode"])
     answer = fields["answer"]  # restyle
     restyled = answer if task is None else sim.teacher_restyle(task, answer, WORLD_STYLE[fields["style"]], cfg, rng)
-    return restyle_reply(fields["nonce"], restyled)
+    return restyle_reply(fields["nonce"], _commented(restyled, cfg, format_rng), fields["json_mode"])
+
+
+def _commented(answer, cfg, rng):
+    """The answer as a teacher may hand it back: now and then (cfg.commentary_rate) inside its own comments."""
+    if cfg.commentary_rate and rng.random() < cfg.commentary_rate:
+        return f"{LEAD_IN}\n{answer}\n\n{NOTE}"
+    return answer
 
 
 def _annotate(task, fields, cfg, rng, format_rng):
@@ -89,6 +100,8 @@ def _generate(body, fields, cfg, rng):
     model = body.get("model", TEACHER_MODEL)
     if model in CANDIDATE_MODELS:
         return sim.candidate_answer(task, CANDIDATE_MODELS.index(model), cfg, rng)[0]
+    if cfg.refusal_rate and random.Random(f"{cfg.seed}:refuse:{fields['question']}").random() < cfg.refusal_rate:
+        return REFUSAL  # decided per prompt, as a real teacher's policy is: a new sample refuses again
     return sim.teacher_generate(task, cfg, rng)
 
 

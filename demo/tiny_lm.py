@@ -199,7 +199,7 @@ def build(path, key, sequences, config, pad_id, settings, log, probe):
         json.dump({"tokenizer": "bytes"}, f)
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
         json.dump(info, f, indent=1)
-    files.fsync_tree(tmp)
+    files.fsync_tree(tmp)  # on the disk before the rename: a power cut cannot leave a renamed, empty folder
     shutil.rmtree(path, ignore_errors=True)  # a folder without pretrain.json is an interrupted build's
     files.replace(tmp, path)
     if info["knowledge"]:

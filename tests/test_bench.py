@@ -54,8 +54,11 @@ def test_padding_section(hh_sample):
 @needs_smollm2
 @pytest.mark.skipif(not have("trl"), reason="needs TRL (requirements-bench.txt)")
 def test_train_section_against_trl(hh_sample):
-    rows = table_rows(run("tools.bench", "--only", "train", "--data", hh_sample, *SMALL), "train")
-    assert [r.split()[0] for r in rows] == ["rmd", "trl"]
+    for lm_weight in ("0", "0.1"):
+        rows = table_rows(run("tools.bench", "--only", "train", "--data", hh_sample, "--lm-weight", lm_weight,
+                              *SMALL), "train")
+        assert [r.split()[:2] for r in rows][:2] == [["rmd", "shared"], ["rmd", "unshared"]]
+        assert rows[2].split()[0] == "trl" and len(rows) == 3
 
 
 @needs_smollm2
@@ -98,10 +101,26 @@ def test_gpu_script_cpu_path():
     rows = [r for r in table_rows(out, "bench_gpu") if not r.startswith("total")]  # the table, not the time line
     variants = [re.split(r"\s{2,}", r.strip())[1] for r in rows]  # columns are 2+ spaces apart; a variant has one
     trl = ["TRL/LM off"] if have("trl") else []
-    assert variants == ["eager/LM fused", "eager/LM naive", "eager/LM off"] + trl
+    assert variants == ["eager/LM fused", "eager/LM naive", "eager/LM off", "shared/LM fused", "shared/LM off"] + trl
+    speed = {v: float(re.split(r"\s{2,}", r.strip())[-1]) for v, r in zip(variants, rows)}
+    assert speed["shared/LM fused"] > 0 and speed["shared/LM off"] > 0
 
 
 def test_gradckpt_section_measures_both_variants():
     rows = table_rows(run("tools.bench", "--only", "gradckpt", "--layers", "2", "--max-len", "64", "--batch", "1",
                           "--steps", "1"), "gradckpt")
     assert [r.split()[0] for r in rows] == ["off", "on", "on"]  # off, on, on / off
+
+
+@needs_smollm2
+def test_data_section_builds_and_reruns(hh_sample):
+    rows = table_rows(run("tools.bench", "--only", "data", "--data", hh_sample, "--pairs", "300", "--small-pairs", "100",
+                          "--workers", "1", "--max-len", "64"), "data")
+    assert [int(r.split()[0]) for r in rows] == [100, 300]  # the small file, then the big one
+
+
+@needs_smollm2
+def test_profile_section(hh_sample):
+    rows = table_rows(run("tools.bench", "--only", "profile", "--data", hh_sample, "--max-len", "64", "--batch", "2"),
+                      "profile")
+    assert [" ".join(r.split()[:2]) for r in rows] == ["rmd shared", "rmd unshared", "trl layout"]

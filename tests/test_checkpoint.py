@@ -1,16 +1,21 @@
 """Issue 10, section 4: every kill point of save_checkpoint's temp-dir/swap/remove sequence is recoverable, and a
-resumed run's log.jsonl has each step once. Issue 21, section 4: the files and folders are fsynced around the
-renames, a damaged newest copy (a crash of the machine) falls back to the older whole one, and a file named
-ckpt.tmp does not break a save."""
+resumed run's log.jsonl has each step once. Issue 21: the files and folders are fsynced around the renames, a
+damaged newest copy (a crash of the machine) falls back to the older whole one, a file named ckpt.tmp does not break
+a save; one train at a time per --out, none into an earlier run without --resume, and --resume in a moved folder."""
+import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import distributed
 import train
-from conftest import easy_rows, log_losses, record_fsyncs, synced_around, train_cfg, train_tiny, write_jsonl
+from conftest import (ROOT, easy_rows, log_losses, record_fsyncs, synced_around, train_cfg, train_tiny,
+                      write_jsonl)
 from formats import UsageError
 
 
@@ -141,6 +146,12 @@ def test_a_file_named_ckpt_tmp_does_not_break_the_first_save(tmp_path):
     (tmp_path / "ckpt.tmp").write_text("not a folder")  # used to fail: FileExistsError in os.makedirs
     distributed.save_checkpoint(ckpt, *model_and_optimizer(0), {"step": 1})
     assert distributed.checkpoint_dir(ckpt) == ckpt and sorted(os.listdir(tmp_path)) == ["ckpt"]
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(8))
+    cfg = train_cfg(tmp_path / "run", data, max_steps=1, batch_size=4, max_len=64)
+    os.makedirs(cfg.out)
+    open(os.path.join(cfg.out, "ckpt.tmp"), "w").close()  # in a fresh --out: no earlier run, and the save works
+    train_tiny(cfg)
+    assert distributed.checkpoint_dir(os.path.join(cfg.out, "ckpt")) == os.path.join(cfg.out, "ckpt")
 
 
 def test_save_checkpoint_fsyncs_the_files_and_folders_around_the_renames(tmp_path, monkeypatch):
@@ -175,3 +186,65 @@ def test_no_whole_copy_is_an_error_that_names_the_damage(tmp_path):
         train_tiny(train.TrainConfig(**{**vars(cfg), "resume": True}))
     message = str(e.value)
     assert "no whole checkpoint" in message and "state.json is damaged" in message and "\n" not in message
+
+
+PAUSED_TRAIN = """
+import json, os, sys, time
+sys.path.insert(0, {root!r})
+import train
+from demo import tiny_lm
+def wait_for_go(step, numbers):  # the run holds its --out until the test says go
+    while not os.path.exists({go!r}):
+        time.sleep(0.01)
+train.train(train.TrainConfig(**json.loads(sys.argv[1])), on_step=wait_for_go, backbone=tiny_lm.load_tiny)
+"""
+
+
+def test_a_second_train_on_one_out_is_refused_while_the_first_goes_on(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
+    cfg = train_cfg(tmp_path, data, max_steps=3, batch_size=4, max_len=64)
+    go = str(tmp_path / "go")
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_TRAIN.format(root=ROOT, go=go), json.dumps(vars(cfg))],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lock = os.path.join(cfg.out, "rmd.lock")
+    try:
+        while first.poll() is None and not (os.path.exists(lock) and f'"pid": {first.pid}' in open(lock).read()):
+            time.sleep(0.01)
+        with pytest.raises(ValueError) as e:  # files.FolderBusy; `rmd.py train` says it as one `error:` line
+            train_tiny(cfg)
+        assert first.poll() is None  # refused while the first is at work
+        assert str(e.value).startswith(f"{cfg.out} is in use by another run (PID {first.pid}, rmd train started")
+        open(go, "w").close()
+        output, _ = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, output[-2000:]
+    assert [s for s, *_ in log_losses(cfg.out)] == [1, 2, 3]  # one history, the first's
+
+
+def test_train_without_resume_refuses_a_folder_with_an_earlier_run(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
+    cfg = train_cfg(tmp_path, data, max_steps=3, batch_size=4, max_len=64)
+    train_tiny(cfg, stop_after=2)
+    log = open(os.path.join(cfg.out, "log.jsonl")).read()
+    with pytest.raises(UsageError) as e:  # used to append a second history to log.jsonl
+        train_tiny(cfg)
+    message = str(e.value)
+    assert message.startswith(f"{cfg.out} holds an earlier run (log.jsonl with 2 records and checkpoint ckpt)")
+    assert "--resume" in message and "fresh --out" in message and "\n" not in message
+    assert open(os.path.join(cfg.out, "log.jsonl")).read() == log
+    train_tiny(train.TrainConfig(**{**vars(cfg), "resume": True}))
+    assert [s for s, *_ in log_losses(cfg.out)] == [1, 2, 3]
+
+
+def test_resume_continues_a_run_folder_that_was_moved(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
+    cfg = train_cfg(tmp_path, data, max_steps=4, batch_size=4, max_len=64)
+    train_tiny(cfg, stop_after=2)
+    moved = str(tmp_path / "elsewhere")
+    shutil.move(cfg.out, moved)  # used to stop: "--resume with a config that differs ... --out"
+    train_tiny(train.TrainConfig(**{**vars(cfg), "out": moved, "resume": True}))
+    assert [s for s, *_ in log_losses(moved)] == [1, 2, 3, 4]
+    assert json.load(open(os.path.join(moved, "eval.json")))["step"] == 4

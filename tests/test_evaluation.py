@@ -354,6 +354,17 @@ def test_bon_scores_picks_against_true_quality_and_eval_writes_under_out(tmp_pat
     assert json.load(open(tmp_path / "out" / "eval" / "p.json"))["pairs"] == 3
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_bon_on_an_empty_file_is_an_error(tmp_path, model, text):
+    folder = str(tmp_path / "m")
+    save_reward_model(model, folder)
+    (tmp_path / "empty.jsonl").write_text(text)
+    with pytest.raises(SystemExit) as e:  # used to exit 0 with an empty result
+        rmd.main(["bon", f"--model={folder}", f"--data={tmp_path / 'empty.jsonl'}", f"--out={tmp_path / 's.jsonl'}"])
+    assert str(e.value.code).startswith(f"error: {tmp_path / 'empty.jsonl'} has no rows")  # exit status 1
+    assert not os.path.exists(tmp_path / "s.jsonl")
+
+
 def test_one_role_rule_in_eval_and_serve(tmp_path, model):
     wizard = [{"role": "wizard", "content": "hi"}, {"role": "user", "content": "q"}]
     with pytest.raises(formats.DataError, match=r"w.jsonl:1: prompt\[0\] has role 'wizard'"):

@@ -149,3 +149,17 @@ def test_train_and_eval_read_a_hub_dataset_end_to_end(tmp_path):
     assert evaluation.default_out("eval", f"hf:{folder}:test", ".json").startswith(os.path.join("out", "eval", ""))
     assert evaluation.default_out("eval", "hf:trl-lib/ultrafeedback_binarized:test", ".json") == \
         os.path.join("out", "eval", "trl-lib_ultrafeedback_binarized_test.json")
+
+
+def test_a_jsonl_file_is_read_as_jsonl_even_when_its_first_line_is_an_array(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"}]\n{"prompt": "q"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:1: expected a JSON object, got list"):
+        list(formats.read_source_rows(str(path)))  # used to be read as one JSON array (then line 2 was "text after")
+    one_row = tmp_path / "one.jsonl"
+    one_row.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"}]\n')
+    with pytest.raises(ValueError, match="expected a JSON object"):  # not silently one row of an array
+        list(formats.read_source_rows(str(one_row)))
+    array = tmp_path / "rows.json"
+    array.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"},\n {"prompt": "q"}]\n')
+    assert [n for n, _ in formats.read_source_rows(str(array))] == [1, 2]  # .json: an array

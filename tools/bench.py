@@ -42,7 +42,7 @@ from batches import Example, collate, epoch_batches, load_pairs
 from cli import one_line_errors, parse_overrides
 from demo import tiny_lm
 from loss import linear_cross_entropy, pairwise_loss
-from model import ByteTokenizer, RewardModel, checkpoint_activations, load_backbone
+from model import ByteTokenizer, RewardModel, attention_key_cost, checkpoint_activations, load_backbone
 from tools import bench_teacher
 from tools.bench_teacher import print_table, proc_kib
 
@@ -241,45 +241,58 @@ def ms(seconds):
 # ----------------------------------------------------------------------------- section "train" (vs TRL)
 
 class Turns:
-    """Two threads take turns step by step: each calls handoff(me) at the end of every step and waits until the
-    other has done a step (or finished), so the two tools never run at once and both see the same machine load."""
+    """Threads take turns step by step, in a ring: each calls handoff(me) at the end of every step and waits until
+    the others have done a step (or finished), so the tools never run at once and all see the same machine load.
+    handoff also records the resident-memory peak a step added (VmHWM after clear_refs at the start of the turn)."""
 
     def __init__(self, names):
-        self.names, self.turn, self.done = names, None, set()
+        self.names, self.turn, self.done = list(names), None, set()
         self.cond = threading.Condition()
+        self.peaks, self.base = {n: [] for n in names}, None
+        self.stepped = {n: threading.Event() for n in names}  # a tool's first step is done (or it ended)
 
-    def other(self, me):
-        return next(n for n in self.names if n != me)
+    def next(self, me):
+        ring = self.names[self.names.index(me) + 1:] + self.names[:self.names.index(me) + 1]
+        return next(n for n in ring if n not in self.done or n == me)
 
     def handoff(self, me):
+        self.stepped[me].set()
         with self.cond:
-            self.turn = self.other(me)
+            if self.base is not None:
+                self.peaks[me].append((proc_kib("/proc/self/status", "VmHWM") - self.base) / 1024)
+            self.turn = self.next(me)
             self.cond.notify_all()
-            self.cond.wait_for(lambda: self.turn == me or self.other(me) in self.done)
+            self.cond.wait_for(lambda: self.turn == me)
+            self.base = proc_kib("/proc/self/status", "VmRSS")
+            rss_peak_reset()
 
     def finish(self, me):
+        self.stepped[me].set()
         with self.cond:
             self.done.add(me)
+            if len(self.done) < len(self.names) and (self.turn in (me, None) or self.turn in self.done):
+                self.turn = self.next(me)
             self.cond.notify_all()
 
 
-def run_rmd_train(args, folder, out, turns):
-    """`rmd.py train` with BT loss, LM term off, linear head, no dropout: per-step (seconds, real tokens, slots)
-    as train.train's on_step reports them (each step timed by rmd from data to optimizer step); after each step
-    the turn passes to TRL."""
-    cfg = train.TrainConfig(data=args.data, out=out, model=folder, head="linear", dropout=0.0, loss="bt",
-                            lm_weight=0.0, max_len=args.max_len, batch_size=args.batch, lr=1e-5, warmup=0.0,
-                            max_steps=args.warmup + args.steps, log_interval=1, device="cpu", compile="off")
+def run_rmd_train(args, folder, out, turns, name, data, share):
+    """`rmd.py train` with BT loss, --lm-weight, linear head, no dropout, --share-prompts=share: per-step (seconds,
+    tokens computed, slots, pairs) as train.train's on_step reports them (each step timed by rmd from data to
+    optimizer step); after each step the turn passes on."""
+    cfg = train.TrainConfig(data=data, out=out, model=folder, head="linear", dropout=0.0, loss="bt",
+                            lm_weight=args.lm_weight, max_len=args.max_len, batch_size=args.batch, lr=1e-5,
+                            warmup=0.0, max_steps=args.warmup + args.steps, log_interval=1, device="cpu",
+                            compile="off", share_prompts=share, token_cache="off")
     steps = []
 
     def on_step(step, numbers):
-        steps.append((numbers["seconds"], numbers["tokens"], numbers["slots"]))
-        turns.handoff("rmd")
+        steps.append((numbers["seconds"], numbers["tokens"], numbers["slots"], numbers["pairs"]))
+        turns.handoff(name)
     train.train(cfg, on_step=on_step)
     return steps
 
 
-def run_trl_train(args, folder, out, pairs, turns):
+def run_trl_train(args, folder, out, turns, pairs):
     """TRL's RewardTrainer on the same pairs, already tokenized exactly as rmd tokenizes them (so both see the same
     token ids; TRL would otherwise drop over-long pairs instead of cutting them). Per-step (seconds, real tokens,
     slots), each step timed from the end of the previous one, so TRL's data loader and callbacks count."""
@@ -306,7 +319,7 @@ def run_trl_train(args, folder, out, pairs, turns):
 
         def on_step_end(self, *a, **k):
             tokens = trainer._total_train_tokens  # TRL's own count: attention_mask.sum() of the batches
-            self.steps.append((time.perf_counter() - self.last, tokens - self.tokens))
+            self.steps.append((time.perf_counter() - self.last, tokens - self.tokens, args.batch))
             self.tokens = tokens
             turns.handoff("trl")
             self.last = time.perf_counter()
@@ -323,19 +336,38 @@ def run_trl_train(args, folder, out, pairs, turns):
         return batch
     trainer.data_collator = counting_collator
     trainer.train()
-    return [(s, t, n) for (s, t), n in zip(timer.steps, slots)]
+    return [(s, t, n, p) for (s, t, p), n in zip(timer.steps, slots)]
 
 
 def summarize_steps(steps, warmup):
-    """Per-step (seconds, tokens, slots) of every run -> (tokens/s, median ms/step, padding, steps) after warm-up."""
+    """Per-step (seconds, tokens, slots, pairs) of every run -> (pairs/s, tokens/s, median ms/step, padding, tokens
+    per pair, steps) after warm-up."""
     timed = [s for run in steps for s in run[warmup:]]
-    seconds, tokens, slots = (sum(s[i] for s in timed) for i in range(3))
-    return tokens / seconds, statistics.median(s[0] for s in timed), 1 - tokens / slots, len(timed)
+    seconds, tokens, slots, pairs = (sum(s[i] for s in timed) for i in range(4))
+    return (pairs / seconds, tokens / seconds, statistics.median(s[0] for s in timed), 1 - tokens / slots,
+            tokens / pairs, len(timed))
+
+
+def lm_data(args, folder):
+    """--lm-weight > 0 needs teacher answers, which the HH pairs lack: a temporary copy whose chosen answer stands in
+    for y_T (only its length matters here)."""
+    import gzip
+    from formats import split_pair
+    path = os.path.join(folder, "hh-with-teacher.jsonl")
+    opener = gzip.open if args.data.endswith(".gz") else open
+    with opener(args.data, "rt") as f, open(path, "w") as out:
+        for line in f:
+            if line.strip():
+                prompt, chosen, rejected = split_pair(json.loads(line))
+                out.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                                      "teacher_response": chosen}) + "\n")
+    return path
 
 
 def bench_train(args):
-    """rmd.py train (BT loss, LM term off) vs TRL's RewardTrainer: same backbone, pairs, batch, max length, steps.
-    Both run in this process, in two threads that take turns step by step (class Turns)."""
+    """rmd.py train with prompts shared and not (--share-prompts on/off) vs TRL's RewardTrainer: same backbone,
+    pairs, batch, max length, steps; BT loss, --lm-weight (TRL has no LM term: with it on, rmd does more work).
+    All run in this process, in threads that take turns step by step (class Turns)."""
     try:
         import trl
     except ImportError:
@@ -347,22 +379,25 @@ def bench_train(args):
     batches = epoch_batches(examples, args.batch, 1337, 0)[:steps]  # the pairs `rmd.py train` will take
     pairs = [examples[i] for b in batches for i in b]
     work = tempfile.mkdtemp(prefix="rmd-bench-train-")
-    runs, errors = {"rmd": [], "trl": []}, []
-    turns = Turns(("rmd", "trl"))
+    data = lm_data(args, work) if args.lm_weight > 0 else args.data
+    tools = {"rmd shared": (run_rmd_train, "rmd shared", data, "on"),
+             "rmd unshared": (run_rmd_train, "rmd unshared", data, "off"), "trl": (run_trl_train, pairs)}
+    runs, errors = {tool: [] for tool in tools}, []
+    turns = Turns(tools)
 
     def run(tool, fn, *fn_args):
         try:
-            runs[tool].append(fn(args, folder, os.path.join(work, tool), *fn_args, turns))
+            runs[tool].append(fn(args, folder, os.path.join(work, tool.replace(" ", "-")), turns, *fn_args))
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             errors.append(e)
         finally:
             turns.finish(tool)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # rmd's log lines
-            threads = [threading.Thread(target=run, args=("rmd", run_rmd_train)),
-                       threading.Thread(target=run, args=("trl", run_trl_train, pairs))]
-            for t in threads:
-                t.start()
+            threads = [threading.Thread(target=run, args=(tool, *spec)) for tool, spec in tools.items()]
+            for tool, t in zip(tools, threads):  # one at a time until its first step: loading models is not
+                t.start()                        # thread-safe (transformers' meta-device init is global)
+                turns.stepped[tool].wait()
             for t in threads:
                 t.join()
     finally:
@@ -370,13 +405,20 @@ def bench_train(args):
     if errors:
         raise errors[0]
     result = {tool: summarize_steps(run, args.warmup) for tool, run in runs.items()}
-    rows = [[tool, f"{tps:.0f}", ms(step), f"{100 * pad:.1f}", n, f"{tps / result['trl'][0]:.2f}"]
-            for tool, (tps, step, pad, n) in result.items()]
-    print_table(f"train: rmd.py train vs TRL {trl.__version__} RewardTrainer; SmolLM2-135M cut to {args.layers} "
-                f"layers, fp32, BT loss, LM term off, {args.batch} pairs/step, max_len {args.max_len}, "
-                f"{args.steps} timed steps after {args.warmup} warm-up (same pairs; the tools take turns step by "
-                "step); tokens = real (non-pad) tokens",
-                ["tool", "tokens/s", "ms/step (median)", "padding %", "steps", "speed vs TRL"], rows)
+    prompt_share = sum(len(ex.prompt[0]) + len(ex.prompt[1]) for ex in pairs) / sum(
+        len(ex.prompt[0]) + len(ex.chosen) + len(ex.prompt[1]) + len(ex.rejected) for ex in pairs)
+    lm = f"on (lm_weight {args.lm_weight}, teacher answer = chosen; TRL has none)" if args.lm_weight > 0 else "off"
+    rows = [[tool, f"{pps:.2f}", f"{tps:.0f}", f"{per_pair:.0f}", ms(step), f"{100 * pad:.1f}",
+             f"{max(turns.peaks[tool][max(0, args.warmup - 1):] or [float('nan')]):.0f}", n,
+             f"{pps / result['trl'][0]:.2f}", f"{pps / result['rmd unshared'][0]:.2f}"]
+            for tool, (pps, tps, step, pad, per_pair, n) in result.items()]
+    print_table(f"train: rmd.py train, prompts shared / unshared, vs TRL {trl.__version__} RewardTrainer; SmolLM2-135M "
+                f"cut to {args.layers} layers, fp32, BT loss, LM term {lm}, {args.batch} pairs/step, max_len "
+                f"{args.max_len}, {args.steps} timed steps after {args.warmup} warm-up (same pairs; the tools take "
+                f"turns step by step); prompts are {100 * prompt_share:.0f}% of these pairs' unshared reward-row "
+                "tokens; tokens = computed, padding not included; peak = MiB of resident memory a step added",
+                ["tool", "pairs/s", "tokens/s", "tokens/pair", "ms/step (median)", "padding %", "peak MiB", "steps",
+                 "pairs/s vs TRL", "vs unshared"], rows)
 
 
 # ----------------------------------------------------------------------------- section "lm-train" (vs official layout)
@@ -600,8 +642,183 @@ def bench_gradckpt(args):
                 ["gradient checkpointing", "peak MiB added", "ms/step"], rows)
 
 
+# ----------------------------------------------------------------------------- section "profile" (one step each)
+
+OP_GROUPS = (("attention", ("attention", "sdpa", "softmax")), ("matmul", ("mm", "linear", "matmul", "bmm")),
+             ("embedding", ("embedding",)), ("optimizer", ("adam", "_foreach")))
+
+
+def op_group(name):
+    return next((group for group, keys in OP_GROUPS if any(k in name.lower() for k in keys)), "other")
+
+
+def trl_layout_step(model, examples):
+    """What TRL's RewardTrainer computes for a batch: chosen and rejected rows padded to the longest in the batch,
+    attention mask, reward at the last real token (a sequence classifier), -log σ(Δr), backward."""
+    rows = [ex.prompt[0] + ex.chosen for ex in examples] + [ex.prompt[1] + ex.rejected for ex in examples]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), model.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    rewards = model.rewards(ids, mask)
+    F.logsigmoid(rewards[:len(examples)] - rewards[len(examples):]).neg().mean().backward()
+    return sum(map(len, rows)), ids.numel(), ids.shape
+
+
+def bench_profile(args):
+    """torch.profiler on one training step (forward, backward, AdamW) of rmd's packed layout, shared and unshared,
+    and of TRL's padded layout (trl_layout_step: what RewardTrainer computes, without its Trainer loop), same pairs:
+    CPU time by kind of operator. Why removing padding buys less than the padding share: see the table's title."""
+    from torch.profiler import ProfilerActivity, profile
+    folder = smollm2_folder(args.layers)
+    lm, tokenizer = load_backbone(folder)
+    examples = hh_examples(args, tokenizer, args.max_len)
+    batch = [examples[i] for i in epoch_batches(examples, args.batch, 1337, 0)[0]]
+    model = RewardModel(lm, tokenizer, "linear", 0.0).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    cfg = train.TrainConfig(loss="bt", lm_weight=0.0)
+    key_cost = attention_key_cost(lm)
+
+    def rmd_step(layout):
+        b = collate(batch, model.pad_id, False, False, layout, key_cost)
+        loss, _, _, _ = train.step_loss(model, b, cfg, b.n_pairs, 1)
+        loss.backward()
+        return b.real_tokens, b.input_ids.numel(), b.input_ids.shape
+
+    steps = {"rmd shared": lambda: rmd_step("shared"), "rmd unshared": lambda: rmd_step("separate"),
+             "trl layout": lambda: trl_layout_step(model, batch)}
+    rows = []
+    for name, fn in steps.items():
+        fn()  # warm-up, the optimizer's state included
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            tokens, slots, shape = fn()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - t0
+        groups = {}
+        for event in prof.key_averages():
+            groups[op_group(event.key)] = groups.get(op_group(event.key), 0) + event.self_cpu_time_total / 1e6
+        total = sum(groups.values())
+        rows.append([name, tokens, slots, "x".join(map(str, shape)), f"{seconds:.1f}",
+                     *(f"{100 * groups.get(g, 0) / total:.0f}" for g, _ in OP_GROUPS), f"{100 * groups.get('other', 0) / total:.0f}"])
+        print(f"  profiled {name}", file=sys.stderr, flush=True)
+    print_table(f"profile: one training step (forward, backward, AdamW), BT, LM term off, {args.batch} pairs, max_len "
+                f"{args.max_len}, SmolLM2 {args.layers} layers, fp32 CPU; share of self CPU time by kind of operator "
+                "(torch.profiler). Attention with a mask is computed over whole rows (bins): packing removes the "
+                "padding's matmuls but makes longer rows, so its attention grows; the embedding's and the "
+                "optimizer's work does not shrink with the tokens",
+                ["layout", "tokens", "slots", "rows x len", "s", *(f"{g} %" for g, _ in OP_GROUPS), "other %"], rows)
+
+
+# ----------------------------------------------------------------------------- section "data" (tokenize once)
+
+def synthetic_pairs(path, pairs, source):
+    """A distill-shaped file of `pairs` rows made from the HH pairs at `source` (each row made unique, with scores and
+    a teacher answer), written once to `path` (through a temporary file)."""
+    if os.path.exists(path):
+        return path
+    import gzip
+    from formats import split_pair
+    with gzip.open(source, "rt") as f:
+        base = [split_pair(json.loads(line)) for line in f if line.strip()]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        for i in range(pairs):
+            prompt, chosen, rejected = base[i % len(base)]
+            f.write(json.dumps({"prompt": f"\n\nHuman: (case {i}){prompt}", "chosen": chosen, "rejected": rejected,
+                                "chosen_score": 8, "rejected_score": 3 + i % 4, "teacher_response": chosen + f" ({i})"})
+                    + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def data_worker(args):
+    """Runs in a fresh process: `rmd.py train` (SmolLM2, --layers, --max-len, 2 pairs/step, LM term on, 3 steps) on
+    --data-worker's file with its token cache -> JSON: the wall-clock time (time.time) at the first step's start and
+    end, and resident memory (VmRSS, RssAnon, RssFile, MiB) after the third step."""
+    cfg = train.TrainConfig(data=args.data_worker, out=tempfile.mkdtemp(prefix="rmd-bench-data-"),
+                            model=smollm2_folder(args.layers), max_len=args.max_len, batch_size=2, max_steps=3,
+                            log_interval=10**6, device="cpu", compile="off", token_cache=args.token_cache,
+                            lm_weight=0.1, loss="mse")
+    marks = {}
+
+    def on_step(step, numbers):
+        if step == 1:
+            marks["first_step_start"] = time.time() - numbers["seconds"]
+            marks["first_step_end"] = time.time()
+            marks["cpu_first_step_end"] = cpu_seconds()
+        if step == 3:
+            marks.update({k: proc_kib("/proc/self/status", k) / 1024 for k in ("VmRSS", "RssAnon", "RssFile")})
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train(cfg, on_step=on_step)
+    shutil.rmtree(cfg.out, ignore_errors=True)
+    print(json.dumps(marks))
+
+
+def cpu_seconds():
+    """User + system CPU seconds of this process and its finished children (the tokenizing workers)."""
+    import resource
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def run_data_worker(args, path, cache):
+    cmd = [sys.executable, os.path.abspath(__file__), f"--data-worker={path}", f"--token-cache={cache}",
+           f"--layers={args.layers}", f"--max-len={args.max_len}"]
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench.py: data worker failed:\n{out.stderr[-3000:]}")
+    marks = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**marks, "first_step_start": marks["first_step_start"] - t0, "first_step_end": marks["first_step_end"] - t0}
+
+
+def bench_data(args):
+    """Tokenize once (pair_cache.py): build time, pairs/s and size of the cache of a synthetic distill-shaped file of
+    --pairs rows (SmolLM2 tokenizer, --max-len), then `rmd.py train` on it twice in fresh processes (the first maps
+    the cache built here, the rerun likewise): seconds to the first step and resident memory, beside the same for a
+    --small-pairs file. Files and caches live in the temp dir (the big file is kept for the next run)."""
+    import pair_cache
+    folder = smollm2_folder(args.layers)
+    _, tokenizer = load_backbone(folder)
+    rows = []
+    for pairs in (args.small_pairs, args.pairs):
+        path = synthetic_pairs(os.path.join(tempfile.gettempdir(), f"rmd-bench-pairs-{pairs}.jsonl"), pairs, args.data)
+        cache = tempfile.mkdtemp(prefix="rmd-bench-cache-")
+        try:
+            t0, cpu0 = time.perf_counter(), cpu_seconds()
+            store, _ = pair_cache.load([path], tokenizer, args.max_len, cache, workers=args.workers, log=lambda *a: None)
+            build, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+            size = sum(os.path.getsize(os.path.join(store.folder, f)) for f in os.listdir(store.folder))
+            runs = [run_data_worker(args, path, cache) for _ in range(2)]
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        rerun = runs[1]
+        rows.append([pairs, len(store), f"{build:.1f}", f"{len(store) / build:.0f}", f"{cpu:.0f}",
+                     f"{len(store) / cpu:.0f}", f"{size / 2**20:.0f}", f"{rerun['first_step_start']:.1f}",
+                     f"{rerun['first_step_end']:.1f}", f"{rerun['cpu_first_step_end']:.1f}", f"{rerun['VmRSS']:.0f}",
+                     f"{rerun['RssAnon']:.0f}", f"{rerun['RssFile']:.0f}"])
+        print(f"  done {pairs} pairs", file=sys.stderr, flush=True)
+    rss = [float(r[10]) for r in rows]
+    print_table(f"data: tokenize once into a memory-mapped cache (pair_cache.py), synthetic distill-shaped rows from "
+                f"HH (prompt, chosen, rejected, scores, teacher answer), SmolLM2 tokenizer, max_len {args.max_len}, "
+                f"{args.workers} worker process(es); rerun = `rmd.py train` ({args.layers} layers, 2 pairs/step, LM "
+                f"term on) in a fresh process on the built cache: seconds from process start to its first step, "
+                f"resident MiB after step 3; CPU s = user + system of the process and its workers (what the build "
+                f"costs whatever else runs on the machine); RSS {args.pairs} vs {args.small_pairs} pairs: "
+                f"{100 * (rss[1] / rss[0] - 1):+.1f}%",
+                ["pairs", "kept", "build s", "pairs/s", "build CPU s", "pairs per CPU s", "cache MiB",
+                 "rerun: first step starts s", "first step ends s", "its CPU s", "VmRSS MiB", "RssAnon MiB",
+                 "RssFile MiB"], rows)
+
+
 SECTIONS = {"lm": bench_lm, "pairwise": bench_pairwise, "train": bench_train, "lm-train": bench_lm_train,
-            "padding": bench_padding, "compile": bench_compile, "gradckpt": bench_gradckpt}
+            "padding": bench_padding, "compile": bench_compile, "gradckpt": bench_gradckpt, "data": bench_data,
+            "profile": bench_profile}
 
 
 @dataclass
@@ -623,8 +840,14 @@ class BenchConfig:
     rounds: int = 2  # compile: alternating rounds
     seed: int = 1337  # random seed
     compile_batches: int = 3  # compile: distinct batches
+    lm_weight: float = 0.0  # train: rmd's LM term (> 0: the chosen answer stands in for the teacher's)
     lm_worker: str = ""  # internal: "mode,hidden,vocab,tokens" of one lm measurement in a fresh process
     gradckpt_worker: str = ""  # internal: "on" or "off", one gradckpt measurement in a fresh process
+    pairs: int = 1000000  # data: rows of the big synthetic file (generated once into the temp dir)
+    small_pairs: int = 10000  # data: rows of the small one (the resident-memory baseline)
+    workers: int = 2  # data: processes that tokenize
+    data_worker: str = ""  # internal: a data file, one `rmd.py train` rerun measured in a fresh process
+    token_cache: str = ""  # internal: the data worker's cache folder
 
 
 def parse_args(argv):
@@ -652,6 +875,9 @@ def main(argv=None):
         return
     if args.gradckpt_worker:
         gradckpt_worker(args.gradckpt_worker, args)
+        return
+    if args.data_worker:
+        data_worker(args)
         return
     print(machine_description())
     for name in args.only or SECTIONS:

@@ -14,6 +14,10 @@ term on the teacher-answer tokens, backward, gradient clipping, fused AdamW. Var
   eager/naive      (hidden @ W.T).float() + F.cross_entropy on the same tokens
   compiled/fused   torch.compile(model) (rmd's --compile=on; the LM term stays eager by design)
   eager/LM off     pairs only: the comparison point for TRL (which has no LM term)
+  shared/...       the same with each pair's prompt computed once (batches.collate layout="shared": the prompt is
+                   3/4 of every row here), SDPA with a dense [rows, 1, slots, slots] bool mask
+  flex shared/...  the same through FlexAttention's BlockMask (attn_implementation "flex_attention"; CUDA only):
+                   the blocks no answer sees are skipped
   TRL              RewardTrainer, bf16, same pair rows, no gradient checkpointing, no eval, no logging
 MFU = model FLOPs / time / peak dense bf16 FLOPs of the card (H100/H200 SXM: 989 TFLOPS), model FLOPs per step =
 6 x non-embedding params x tokens + 6 x layers x hidden x seq x tokens (causal attention) + 6 x hidden x vocab x
@@ -182,6 +186,7 @@ class GpuBenchConfig:
     warmup: int = 2  # untimed steps first
     no_compile: bool = False  # skip the torch.compile variants
     no_trl: bool = False  # skip TRL's RewardTrainer
+    no_flex: bool = False  # skip the FlexAttention variants (CUDA only)
     peak_tflops: float = 0.0  # peak dense bf16 TFLOPS (0 = by card)
 
 
@@ -227,9 +232,13 @@ def main():
         examples = synthetic_examples(args.pairs, seq, config.vocab_size, seq)
         batch = to_device(collate(examples, 0, True, True), args.device)
         pair_batch = to_device(collate(examples, 0, False, True), args.device)
+        shared = {lm: to_device(collate(examples, 0, lm, True, layout="shared"), args.device) for lm in (True, False)}
         lm_tokens = len(batch.lm_target)
         variants = [("eager", "fused", model, batch), ("eager", "naive", model, batch),
-                    ("eager", "off", model, pair_batch)]
+                    ("eager", "off", model, pair_batch), ("shared", "fused", model, shared[True]),
+                    ("shared", "off", model, shared[False])]
+        if cuda and not args.no_flex:
+            variants += [("flex shared", "fused", model, shared[True]), ("flex shared", "off", model, shared[False])]
         if not args.no_compile:
             compiled = torch.compile(model)
             variants.insert(1, ("compiled", "fused", compiled, batch))
@@ -237,6 +246,7 @@ def main():
         results = []
         for mode, lm_variant, forward, b in variants:
             t0 = time.perf_counter()
+            lm.set_attn_implementation("flex_attention" if mode.startswith("flex") else "sdpa")
             seconds, peak = time_variant(forward, b, lm_variant, args, autocast)
             results.append((mode, lm_variant, b.real_tokens, lm_tokens if lm_variant != "off" else 0, seconds, peak))
             print(f"  seq {seq} {mode}/{lm_variant}: {1000 * seconds:.0f} ms/step ({time.perf_counter() - t0:.0f} s "
@@ -248,7 +258,7 @@ def main():
         for mode, lm_variant, tokens, lm_t, seconds, peak in results:
             flops = model_flops(config, tokens, seq, lm_t, n_params)
             mfu = f"{100 * flops / seconds / (peak_tflops * 1e12):.1f}" if peak_tflops else "n/a"
-            ref = base["off" if lm_variant == "off" else "fused"]
+            ref = base["off" if lm_variant == "off" else "fused"]  # shared and flex: vs eager unshared
             rows.append([seq, f"{mode}/{'LM ' + lm_variant if lm_variant != 'off' else 'LM off'}", tokens,
                          f"{tokens / seconds:.0f}", f"{1000 * seconds:.0f}", mfu, f"{peak:.1f}",
                          f"{ref / seconds:.2f}"])

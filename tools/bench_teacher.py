@@ -122,11 +122,12 @@ def bench_yield(args):
         print(f"  done seed={seed}: faults {r['faults']}, re-asks {r['reasks']}", file=sys.stderr, flush=True)
     print_table(f"yield: distill of sim.py's first {args.rows} rows, clean vs {100 * args.fault_rate:.0f}% faulty "
                 "replies (default --reask); identical = kept pair equal to the clean run's; differ = a re-ask "
-                "gave another valid answer; refused y_T = an injected refusal became the teacher's answer (as a refusal "
-                "must); labels changed / invented: the rejected answer or its score differs "
+                "gave another valid answer; refused y_T = an injected refusal became the teacher's answer (as "
+                "a refusal must); labels changed / invented: the rejected answer or its score differs "
                 "from the clean run's / differs with no re-ask to explain it",
                 ["fault seed", "rows", "faults", "clean kept", "faulty kept", "yield %", "clean req", "faulty req",
-                 "req ratio", "unaccounted", "identical", "differ (re-ask)", "refused y_T", "labels changed", "invented",
+                 "req ratio", "unaccounted", "identical", "differ (re-ask)", "refused y_T", "labels changed",
+                 "invented",
                  "re-asks", "failed"], rows)
 
 

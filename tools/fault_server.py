@@ -99,9 +99,10 @@ def teacher_reply(body):
         return f"Assistant 1 is {'better' if s1 > s2 else 'worse'}.\n" + annotate_reply(s1, s2)
     if stage == "refine":
         rejected = fields["non_preferred"]
-        return refine_reply(fields["nonce"], "It lacks detail.", f"{rejected} Improved with detail {_h(rejected) % 100}.")
+        modified = f"{rejected} Improved with detail {_h(rejected) % 100}."
+        return refine_reply(fields["nonce"], "It lacks detail.", modified, json_mode)
     if stage == "restyle":
-        return restyle_reply(fields["nonce"], f"In other words: {fields['answer']}")
+        return restyle_reply(fields["nonce"], f"In other words: {fields['answer']}", json_mode)
     if body.get("response_format"):
         return PROBE_REPLY
     last = message_text(fields["messages"][-1])
