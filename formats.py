@@ -17,8 +17,6 @@ import math
 import os
 import re
 
-from files import atomic_file
-
 
 class DataError(ValueError):
     """A bad data file or row: the message names file:line and what is wrong."""
@@ -455,6 +453,7 @@ def detect_format(row, where):
 def write_jsonl(path, rows):
     """Write rows as JSONL atomically (files.atomic_file: a temporary file, fsynced, renamed in, the folder fsynced):
     a crash of the process or of the machine never leaves half a file."""
+    from files import atomic_file  # here, not at the top: reading rows (model.py's companion) needs only this file
     with atomic_file(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -687,6 +687,3 @@ def open_tracker(kind, out, config):
         return Tracker(lambda record, step: wandb_run.log(scalars(record), step=step), wandb_run.finish)
     raise UsageError(f"--report-to must be one of none, tensorboard, wandb, got {kind!r}")
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# command line

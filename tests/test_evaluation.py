@@ -283,6 +283,7 @@ def post(url, payload, raw=None):
         return e.code, json.loads(e.read())
 
 
+@pytest.mark.slow
 def test_server_answers_concurrent_clients_in_both_protocols(model):
     url, shutdown = serve.start_server(model, port=0, max_items=16, max_body=1 << 16)
     try:
@@ -365,6 +366,7 @@ def test_bon_on_an_empty_file_is_an_error(tmp_path, model, text):
     assert not os.path.exists(tmp_path / "s.jsonl")
 
 
+@pytest.mark.slow
 def test_one_role_rule_in_eval_and_serve(tmp_path, model):
     wizard = [{"role": "wizard", "content": "hi"}, {"role": "user", "content": "q"}]
     with pytest.raises(formats.DataError, match=r"w.jsonl:1: prompt\[0\] has role 'wizard'"):

@@ -44,6 +44,7 @@ def test_hub_dataset_without_the_datasets_package_names_it(monkeypatch):
         list(formats.read_source_rows("hf:trl-lib/ultrafeedback_binarized"))
 
 
+@pytest.mark.slow
 def test_hub_dataset_offline_is_one_line_that_says_so(tmp_path):
     pytest.importorskip("datasets")
     code = "import formats\ntry:\n    list(formats.read_source_rows('hf:nobody-rmd/no-such-set:test'))\n" \
@@ -134,6 +135,7 @@ def test_a_data_source_is_checked_before_anything_loads(tmp_path):
               "(pip install datasets)")
 
 
+@pytest.mark.slow
 def test_train_and_eval_read_a_hub_dataset_end_to_end(tmp_path):
     pytest.importorskip("datasets")
     import evaluation

@@ -204,6 +204,7 @@ def test_function_local_imports_and_attribute_access_count():
     assert "torch.distributed" in imports_of("import torch\ntorch.distributed.barrier()\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["demo.ablation", "demo.sim_server", "demo.tiny_lm", "tools.bench",
                                     "tools.bench_gpu", "tools.bench_teacher"])
 def test_demo_and_tools_run_as_modules_and_say_so_when_run_as_files(module):

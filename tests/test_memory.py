@@ -60,6 +60,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_train_with_gradient_checkpointing_matches_a_plain_run(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     runs = []
@@ -115,6 +116,7 @@ def test_lora_is_saved_merged_and_loads_without_peft(tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(path, "adapter_config.json"))
 
 
+@pytest.mark.slow
 @needs_peft
 def test_lora_training_moves_only_low_rank_deltas_and_resumes(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(24))

@@ -117,6 +117,7 @@ def test_worker_processes_build_the_same_cache(tmp_path, monkeypatch):
     assert as_tuples(parallel) == as_tuples(pair_cache.load([path], chatml_tokenizer(), 64)[0])
 
 
+@pytest.mark.slow
 def test_training_reads_only_the_pairs_of_its_steps(tmp_path, monkeypatch):
     """No per-pair Python objects for the whole set: the epoch order is numpy arrays, and Examples are read for the
     pairs a step trains on."""

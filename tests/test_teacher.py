@@ -260,6 +260,7 @@ def test_the_servers_retype_no_tag_or_header():
             assert literal not in text, f"{path} re-types the protocol's {literal!r}: import it from protocol.py"
 
 
+@pytest.mark.slow
 def test_the_teacher_side_imports_no_torch_and_the_client_stands_alone():
     """distill.py, asker.py, protocol.py and teacher.py run without torch; teacher.py needs only the standard library,
     requests and (optionally) tiktoken, so it can be copied alone."""
@@ -275,6 +276,7 @@ def test_the_teacher_side_imports_no_torch_and_the_client_stands_alone():
     assert imported - sys.stdlib_module_names <= {"requests", "tiktoken"}, imported - sys.stdlib_module_names
 
 
+@pytest.mark.slow
 def test_teacher_py_copied_alone_posts_and_caches(tmp_path):
     """teacher.py in a folder of its own (no other rmd module importable) runs its docstring's example."""
     import shutil
@@ -872,6 +874,7 @@ def wait_for_lock(out, proc):
     raise AssertionError(f"exited with {proc.returncode} before taking the lock")
 
 
+@pytest.mark.slow
 def test_a_second_distill_on_one_out_is_refused_while_the_first_goes_on(tmp_path):
     import subprocess
     rows = [{"id": f"r{i}", "prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(12)]
@@ -897,17 +900,34 @@ def test_a_second_distill_on_one_out_is_refused_while_the_first_goes_on(tmp_path
     assert len((tmp_path / "out" / "train.jsonl").read_text().splitlines()) >= 12
 
 
-def test_rate_limit_is_respected(tmp_path):
-    limiter = teacher.RateLimiter(rpm=600)  # 10/s with a 10 s burst: 100 at once, then 10/s
-    t0 = time.time()
-    for _ in range(105):
+class FakeClock:
+    """A clock that moves only when the code under test sleeps: waits are counted exactly, not timed."""
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def test_rate_limit_is_respected():
+    clock = FakeClock()
+    limiter = teacher.RateLimiter(rpm=600, clock=clock, sleep=clock.sleep)  # 10/s, 10 s burst: 100 at once
+    for _ in range(100):
         limiter.acquire(1)
-    assert 0.4 < time.time() - t0 < 1.0
-    limiter = teacher.RateLimiter(tpm=60000)  # 1000 tokens/s, 10000 burst
-    t0 = time.time()
+    assert clock.now == 0.0
+    for _ in range(5):  # then one per 0.1 s
+        limiter.acquire(1)
+    assert clock.now == pytest.approx(0.5)
+    clock = FakeClock()
+    limiter = teacher.RateLimiter(tpm=60000, clock=clock, sleep=clock.sleep)  # 1000 tokens/s, 10000 burst
     for tokens in (10000, 500, 500):
         limiter.acquire(tokens)
-    assert 0.8 < time.time() - t0 < 1.4
+    assert clock.now == pytest.approx(1.0)
+    limiter.acquire(20000)  # more than the burst: waits for a full bucket, then borrows ahead
+    assert clock.now == pytest.approx(11.0)
 
 
 def test_throughput_keeps_the_workers_busy(tmp_path):
