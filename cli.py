@@ -25,6 +25,7 @@ import time
 import tokenize
 from dataclasses import asdict, fields
 
+from files import FolderBusy
 from formats import DataError, UsageError
 
 
@@ -163,10 +164,11 @@ def _convert(key, value, kind):
 @contextlib.contextmanager
 def one_line_errors():
     """Around a command's entry point: a UsageError or DataError (a mistake of the person running it, said in one
-    line) becomes `error: <line>` on stderr and exit status 1; any other exception is a bug and keeps its traceback."""
+    line) or a FolderBusy (another run in its output folder) becomes `error: <line>` on stderr and exit status 1;
+    any other exception is a bug and keeps its traceback."""
     try:
         yield
-    except (UsageError, DataError) as e:
+    except (UsageError, DataError, FolderBusy) as e:
         raise SystemExit(f"error: {e}") from None
 
 

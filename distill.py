@@ -15,13 +15,19 @@ adds the cache (exactly once), the counts, the parse and the re-asks of a reply 
 stages (answers, judge, refine_and_score, restyled_pairs) ask what METHOD.md asks; distill() runs the rows and
 writes the outputs.
 
+The stage order pays only for rows that can be kept: annotation first (a tie or a label disagreement drops the
+row), then y_T, refine and score. A teacher's refusal to a prompt is its answer y_T (provenance.teacher_refused,
+counted, never re-asked); junk (empty, cut, numbers alone, degenerate) is re-sampled.
+
 Outputs in cfg.out, rows in input order: train.jsonl ({id, prompt, chosen: y_w*, rejected: y_l, chosen_score,
 rejected_score, teacher_response: y_T, provenance}), annotated.jsonl (the original pair as the teacher labelled it,
-for label-distillation baselines), failures.jsonl (one line per row that did not make it: id, line, stage, reason,
-raw reply, attempts, every reply of a re-asked stage; `dropped` marks filter decisions as opposed to errors),
-summary.json (the per-stage table), cache.jsonl (teacher.Cache: a killed run re-run with the same command sends no
-finished request twice and writes the same output), report.html (report.py: the stage table, position bias,
-filters, the Δs histogram and the y_l -> y_w* edits as word diffs). --retry-failed runs the same rows again with
+for label-distillation baselines; a row dropped by annotation has no teacher_response: none was asked for),
+failures.jsonl (one line per row that did not make it: id, line, stage, reason, raw reply, attempts, every reply of
+a re-asked stage; `dropped` marks filter decisions as opposed to errors), summary.json (the per-stage table with
+request seconds and span, refusals, cost per kept pair, the word edits y_l -> y_w*), cache.jsonl (teacher.Cache: a
+killed run re-run with the same command sends no finished request twice and writes the same output; each reply
+is kept with its row, stage, order and re-ask number, for auditing), report.html (report.py: the stage table,
+position bias, filters, the Δs histogram and the y_l -> y_w* edits as word diffs). --retry-failed runs the same rows again with
 more re-asks: the rows that finished come from the cache, only the failed ones send requests; shards (--shard k/n,
 each with its own --out) merge by ordering rows on provenance.line.
 """

@@ -411,7 +411,7 @@ def pair_view(row):
     diagnosis = (row.get("provenance") or {}).get("diagnosis")
     old, new = str(row.get("rejected", "")), str(row.get("chosen", ""))
     return (f'<div class="pair"><b>{esc(row.get("id", ""))}</b> · s(y_l) {esc(fmt(row.get("rejected_score")))} → '
-            f's(y_w*) {esc(fmt(row.get("chosen_score")))} · {word_edits(old, new)} word edits to y_l\'s '
+            f's(y_w*) {esc(fmt(row.get("chosen_score")))} · word edits: {word_edits(old, new)} to y_l\'s '
             f'{len(old.split())} words (added words count)<br><b>prompt</b>: <span class="diff">{esc(prompt_text(row.get("prompt", "")))}</span><br>'
             + (f"<b>diagnosis</b>: {esc(diagnosis)}<br>" if diagnosis else "") +
             f'<b>y_l → y_w*</b>: <div class="diff">{word_diff(old, new)}</div></div>')

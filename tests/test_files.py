@@ -66,3 +66,11 @@ def test_atomic_file_keeps_the_old_file_when_the_block_fails(tmp_path):
             f.write("half of the new")
             raise RuntimeError("killed")
     assert path.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["a.json"]
+
+
+def test_the_command_line_says_a_busy_folder_in_one_line():
+    import cli
+    with pytest.raises(SystemExit) as e:
+        with cli.one_line_errors():
+            raise files.FolderBusy("out/train is in use by another run (PID 1, rmd train started x)")
+    assert str(e.value.code) == "error: out/train is in use by another run (PID 1, rmd train started x)"

@@ -20,7 +20,6 @@ import teacher
 from asker import cache_key
 from conftest import ROOT
 from formats import UsageError
-from tools.fault_server import EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep, status
 from protocol import ParseError, parse_annotation, parse_refinement, parse_score, tagged
 from tools.fault_server import (EMPTY_CHOICES, NOT_JSON, REFUSAL, FaultServer, drip, quality, raw, reply, sleep,
                                status)
