@@ -723,7 +723,7 @@ def synthetic_pairs(path, pairs, source):
         return path
     import gzip
     from formats import split_pair
-    with gzip.open(source, "rt") as f:
+    with (gzip.open if source.endswith(".gz") else open)(source, "rt") as f:
         base = [split_pair(json.loads(line)) for line in f if line.strip()]
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -767,10 +767,10 @@ def cpu_seconds():
 
 
 def run_data_worker(args, path, cache):
-    cmd = [sys.executable, os.path.abspath(__file__), f"--data-worker={path}", f"--token-cache={cache}",
+    cmd = [sys.executable, "-m", "tools.bench", f"--data-worker={path}", f"--token-cache={cache}",
            f"--layers={args.layers}", f"--max-len={args.max_len}"]
     t0 = time.time()
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"bench.py: data worker failed:\n{out.stderr[-3000:]}")
     marks = json.loads(out.stdout.strip().splitlines()[-1])
@@ -779,8 +779,8 @@ def run_data_worker(args, path, cache):
 
 def bench_data(args):
     """Tokenize once (pair_cache.py): build time, pairs/s and size of the cache of a synthetic distill-shaped file of
-    --pairs rows (SmolLM2 tokenizer, --max-len), then `rmd.py train` on it twice in fresh processes (the first maps
-    the cache built here, the rerun likewise): seconds to the first step and resident memory, beside the same for a
+    --pairs rows (SmolLM2 tokenizer, --max-len), then `rmd.py train` on it in a fresh process (a rerun: it maps
+    the cache built here): seconds to the first step and resident memory, beside the same for a
     --small-pairs file. Files and caches live in the temp dir (the big file is kept for the next run)."""
     import pair_cache
     folder = smollm2_folder(args.layers)
@@ -794,15 +794,14 @@ def bench_data(args):
             store, _ = pair_cache.load([path], tokenizer, args.max_len, cache, workers=args.workers, log=lambda *a: None)
             build, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
             size = sum(os.path.getsize(os.path.join(store.folder, f)) for f in os.listdir(store.folder))
-            runs = [run_data_worker(args, path, cache) for _ in range(2)]
+            rerun = run_data_worker(args, path, cache)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
-        rerun = runs[1]
         rows.append([pairs, len(store), f"{build:.1f}", f"{len(store) / build:.0f}", f"{cpu:.0f}",
                      f"{len(store) / cpu:.0f}", f"{size / 2**20:.0f}", f"{rerun['first_step_start']:.1f}",
                      f"{rerun['first_step_end']:.1f}", f"{rerun['cpu_first_step_end']:.1f}", f"{rerun['VmRSS']:.0f}",
                      f"{rerun['RssAnon']:.0f}", f"{rerun['RssFile']:.0f}"])
-        print(f"  done {pairs} pairs", file=sys.stderr, flush=True)
+        print(f"  done {pairs} pairs: {rows[-1]}", file=sys.stderr, flush=True)
     rss = [float(r[10]) for r in rows]
     print_table(f"data: tokenize once into a memory-mapped cache (pair_cache.py), synthetic distill-shaped rows from "
                 f"HH (prompt, chosen, rejected, scores, teacher answer), SmolLM2 tokenizer, max_len {args.max_len}, "
