@@ -1,12 +1,11 @@
 """asker.py: asking a teacher LLM for an answer -- a request sent exactly once, its reply parsed, a reply that is
 no answer re-asked with what was wrong -- counted per stage. distill.py's stages ask through it.
 
-Its own file because it is the piece to copy, with teacher.py (HTTP client, cache) and protocol.py (parsers), to
-ask a teacher your own questions without the RM-Distiller pipeline around it:
+Its own file because it is the piece to copy, with teacher.py (HTTP client, cache), protocol.py (parsers) and
+formats.py (protocol's message helpers), to ask a teacher your own questions without the RM-Distiller pipeline:
 
-    from asker import Asker
-    from distill import DistillConfig   # the settings (or any object with its fields): URL, model, limits, --reask
-    asker = Asker(DistillConfig(teacher_url=..., teacher_model=..., out="out/x"), stages=("judge",))
+    from asker import Asker, AskerConfig   # AskerConfig: URL, model, limits, cache, re-asks (DistillConfig extends it)
+    asker = Asker(AskerConfig(teacher_url=..., teacher_model=..., out="out/x"), stages=("judge",))
     body = asker.body(asker.cfg.teacher_model, [{"role": "user", "content": question}], 0.0, 512)
     value, text = asker.ask("judge", asker.teacher, body, my_parser)   # my_parser raises ParseError: re-asked
 
@@ -19,12 +18,39 @@ import os
 import re
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from protocol import (PROBE_TEXT, REASK_LENGTH_NOTE, REASK_TEMPLATE, TEMPLATE_VERSION, ParseError, check_answer,
                       is_refusal, strip_reasoning)
 from teacher import (RETRY_STATUS, Cache, Client, FatalError, RateLimiter, Reply, TransportError, bounded, chat_url,
                      reply_problem, request_key)
+
+
+@dataclass
+class AskerConfig:
+    """How to ask a teacher: where it is, its limits, the cache, the re-asks. Asker reads these fields only;
+    distill.DistillConfig extends it with the pipeline's own."""
+    out: str = "out/ask"                # where the request cache goes by default: <out>/cache.jsonl
+    cache: str = ""                     # request cache (a file it did not write is refused, untouched); "" = <out>/cache.jsonl
+    teacher_url: str = ""               # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
+    teacher_model: str = ""             # the `model` field sent to the teacher
+    api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key (the key itself is never stored)
+    candidate_urls: str = ""            # comma-separated, for bare prompts; "" = teacher_url; one URL serves all models
+    candidate_models: str = ""          # comma-separated candidate models; two are drawn per prompt (seeded)
+    candidate_api_key_env: str = ""     # env var of the key for --candidate-urls; "" = the teacher's key only where a candidate URL is --teacher-url, no key elsewhere
+    workers: int = 8                    # most requests in flight at once
+    rpm: int = 0                        # requests per minute limit, 0 = unlimited
+    tpm: int = 0                        # tokens per minute limit (prompt estimate + max tokens), 0 = unlimited
+    timeout: float = 300.0              # seconds per HTTP request, whole reply (a slow local teacher: max tokens / tokens/s)
+    max_retries: int = 5                # retries on 429, 5xx, connection errors, broken bodies (a timeout: once)
+    backoff_base: float = 1.0           # first backoff in seconds, doubled per retry, with jitter
+    backoff_max: float = 60.0           # backoff cap in seconds (a server's Retry-After is honoured up to 600 s)
+    max_tokens_param: str = "auto"      # auto | max_tokens | max_completion_tokens (auto: the latter for api.openai.com)
+    disable_thinking: bool = False      # send chat_template_kwargs {"enable_thinking": false} (vLLM, SGLang: Qwen3 etc.)
+    json_mode: str = "auto"             # auto | on | off: response_format json_object for annotate/refine/score/restyle (auto: probe once)
+    reask: int = 3                      # re-ask a reply that is no answer (unparseable, empty, cut, junk) N times; never a refusal of y_T
+    retry_failed: bool = False          # ask again what failed, with reask + 1 more re-asks (distill: the rows in <out>/failures.jsonl)
+    seed: int = 0                       # seeds of the sampled calls (distill: also pool sampling and candidate choice)
 
 
 class RowFailure(Exception):

@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 import pair_cache
-from formats import DataError, missing_margin, source_problem
+from formats import DataError, source_problem
+from loss import LEARNS_TIES, NEEDS_MARGINS, PAIRWISE_KINDS
 from model import CutCounts, layout_cost
 from pair_cache import CUTS, Example, PairStore  # noqa: F401  Example: the row type, defined with its store
 
 MOST_PROMPT_LOST_WARN = 0.10  # warn when more than this share of sequences keep under half of their prompt
-TIES = "margin 0 (style-equivalence pair; only --loss=mse learns it)"
+TIES = f"margin 0 (style-equivalence pair; only --loss={'/'.join(LEARNS_TIES)} learns it)"  # loss.py says who
 
 
 ROW_KINDS = {"reward": "chosen/rejected sequences", "teacher": "teacher-answer sequences"}
@@ -92,9 +93,9 @@ def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teache
     if need_margin and np.isnan(margins).any():
         first = int(np.flatnonzero(np.isnan(margins))[0])
         file, line = (int(examples.column(c)[first]) for c in ("file", "line"))
-        raise DataError(missing_margin(f"{examples.meta['paths'][file]}:{line}",
-                                       bool(examples.column("teacher_field")[first])))
-    if not keep_ties and (margins == 0).any():  # "equally good": only a margin loss (mse) can learn it
+        raise DataError(margin_needed(f"{examples.meta['paths'][file]}:{line}",
+                                      bool(examples.column("teacher_field")[first])))
+    if not keep_ties and (margins == 0).any():  # "equally good": only a loss of loss.LEARNS_TIES learns it
         stats.dropped[TIES] = int((margins == 0).sum())
         examples = examples.take(np.flatnonzero(margins != 0))
     stats.kept = len(examples)
@@ -102,6 +103,14 @@ def load_pairs(paths, tokenizer, max_len, need_margin=False, name="data", teache
         raise DataError(f"{paths}: no usable pairs ({stats.summary(name)})")
     stats.cuts = count_cuts(examples, teacher)
     return examples, stats
+
+
+def margin_needed(where, has_teacher_response):
+    """The error for a label-only pair under a loss of loss.NEEDS_MARGINS, naming a loss that needs no margins."""
+    fix = "--loss=" + next(k for k in PAIRWISE_KINDS if k not in NEEDS_MARGINS)
+    fix += "" if has_teacher_response else " --lm-weight=0 (no teacher_response either)"
+    return (f"{where}: this loss needs a preference strength: give chosen_score and rejected_score, or margin; for "
+            f"label-only pairs train with {fix}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

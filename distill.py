@@ -41,10 +41,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from asker import Asker, RowFailure
+from asker import Asker, AskerConfig, RowFailure
 from cli import Progress
 from files import atomic_file, folder_lock
-from formats import canonical, column_keys, load_rows, read_jsonl_rows, write_jsonl
+from formats import canonical, column_keys, load_distill_rows, read_source_rows, write_jsonl
 from protocol import (RESTYLE_STYLES, TEMPLATE_VERSION, annotate_prompt, parse_annotation, parse_refinement,
                       parse_restyle, parse_score, prompt_messages, refine_prompt, render_question, restyle_prompt,
                       score_prompt)
@@ -55,29 +55,14 @@ from teacher import FatalError, bounded, token_estimator_name
 # ---------------------------------------------------------------------------- config
 
 @dataclass
-class DistillConfig:
+class DistillConfig(AskerConfig):
+    """The teacher pipeline's options: how to ask the teacher (asker.AskerConfig's, listed first in --help)
+    and what to ask and keep."""
     data: str = ""                      # input JSONL: {prompt, chosen, rejected} | {prompt, responses: [...]} | {prompt}
     prompt_key: str = ""                # column holding the prompt ("" = prompt; OpenRLHF's --prompt_key)
     chosen_key: str = ""                # column holding the chosen answer ("" = chosen)
     rejected_key: str = ""              # column holding the rejected answer ("" = rejected)
     out: str = "out/distill"            # output dir: train.jsonl, annotated.jsonl, failures.jsonl, summary.json; one run at a time
-    cache: str = ""                     # request cache (a file it did not write is refused, untouched); "" = <out>/cache.jsonl
-    teacher_url: str = ""               # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
-    teacher_model: str = ""             # the `model` field sent to the teacher
-    api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key (the key itself is never stored)
-    candidate_urls: str = ""            # comma-separated, for bare prompts; "" = teacher_url; one URL serves all models
-    candidate_models: str = ""          # comma-separated candidate models; two are drawn per prompt (seeded)
-    candidate_api_key_env: str = ""     # env var of the key for --candidate-urls; "" = the teacher's key only where a candidate URL is --teacher-url, no key elsewhere
-    workers: int = 8                    # most requests in flight at once
-    rpm: int = 0                        # requests per minute limit, 0 = unlimited
-    tpm: int = 0                        # tokens per minute limit (prompt estimate + max tokens), 0 = unlimited
-    timeout: float = 300.0              # seconds per HTTP request, whole reply (a slow local teacher: max tokens / tokens/s)
-    max_retries: int = 5                # retries on 429, 5xx, connection errors, broken bodies (a timeout: once)
-    backoff_base: float = 1.0           # first backoff in seconds, doubled per retry, with jitter
-    backoff_max: float = 60.0           # backoff cap in seconds (a server's Retry-After is honoured up to 600 s)
-    max_tokens_param: str = "auto"      # auto | max_tokens | max_completion_tokens (auto: the latter for api.openai.com)
-    disable_thinking: bool = False      # send chat_template_kwargs {"enable_thinking": false} (vLLM, SGLang: Qwen3 etc.)
-    json_mode: str = "auto"             # auto | on | off: response_format json_object for annotate/refine/score/restyle (auto: probe once)
     gen_temperature: float = 0.7        # y_T and candidate answers
     gen_top_p: float = 0.8              # nucleus sampling for y_T and candidate answers
     gen_max_tokens: int = 1024          # reply length cap for y_T and candidate answers
@@ -91,10 +76,7 @@ class DistillConfig:
     restyle_temperature: float = 0.0    # restyle is greedy: a faithful rewrite, not a sample
     original_pairs: bool = True         # train.jsonl also gets each kept row's annotated pair (source "original")
     tie_policy: str = "drop"            # drop | reask (once, asking to avoid equal scores)
-    reask: int = 3                      # re-ask a reply that is no answer (unparseable, empty, cut, junk) N times; never a refusal of y_T
-    retry_failed: bool = False          # ask the failed rows of <out>/failures.jsonl again (the rest from the cache)
     keep_label_disagreements: bool = False  # keep pairs whose input label the teacher contradicts
-    seed: int = 0                       # pool sampling, candidate choice, sampled-call seeds
     limit: int = 0                      # process only the first N rows, 0 = all
     shard: str = ""                     # "k/n": only rows with index % n == k (rows are independent)
     price_prompt: float = 0.0           # USD per 1M prompt tokens, for the cost estimate
@@ -435,7 +417,7 @@ def _failed_before(cfg):
         if not os.path.exists(path):
             raise ValueError(f"--retry-failed: {path} does not exist; run distill without --retry-failed first "
                              "(the same command, with the same --out)")
-    return {f["id"] for _, f in read_jsonl_rows(failures) if not f["dropped"]}
+    return {f["id"] for _, f in read_source_rows(failures) if not f["dropped"]}
 
 
 def _check_config(cfg):
@@ -505,7 +487,7 @@ def distill(cfg):
     """Run the whole pipeline for `cfg` (a DistillConfig); write the outputs to cfg.out; return the summary. One run
     at a time per cfg.out: another process's run there is a files.FolderBusy (a ValueError) naming its PID."""
     _check_config(cfg)
-    rows = load_rows(cfg.data, cfg.limit, cfg.shard, column_keys(cfg))
+    rows = load_distill_rows(cfg.data, cfg.limit, cfg.shard, column_keys(cfg))
     with folder_lock(cfg.out, "distill"):  # two runs on one folder would send every request twice
         return _distill_rows(cfg, rows)
 

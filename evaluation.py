@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 from batches import check_data_file, cut_warnings
 from cli import parse_overrides
-from formats import DataError, UsageError, answer_of, as_messages, column_keys, detect_format, parse_row, read_rows
+from formats import (DataError, UsageError, answer_of, as_messages, column_keys, detect_format, parse_row,
+                     read_located_rows)
 from model import CUT_KINDS, CutCounts, load_reward_model, pick_device
 
 
@@ -105,7 +106,7 @@ def evaluate_pairs(model, rows, fmt, batch_size, padding_side, max_len):
         for key in ("prompt", "chosen", "rejected") if fmt == "rewardbench" else ("chosen", "rejected"):
             if key not in row:
                 raise DataError(f"{where}: missing field '{key}'")
-        messages, c, r, margin, _ = parse_row(row, where, False)
+        messages, c, r, margin, _ = parse_row(row, where)
         prompts.append(messages), chosen.append(c), rejected.append(r), margins.append(margin)
         subsets.append(str(row.get("subset", "")))
     cuts = CutCounts()
@@ -181,7 +182,7 @@ def cut_report(cuts, max_len):
 
 def evaluate_file(model, path, fmt="auto", batch_size=32, padding_side="right", max_len=0, keys=None):
     """Benchmark file -> (metrics dict, per-item rewards: pairs give (chosen, rejected) lists, RM-Bench a flat list)."""
-    rows = read_rows(path, keys)
+    rows = read_located_rows(path, keys)
     if not rows:
         raise DataError(f"{path}: no rows")
     max_len = max_len or getattr(model, "max_len", 0)
@@ -195,7 +196,7 @@ def evaluate_file(model, path, fmt="auto", batch_size=32, padding_side="right", 
     return result, (chosen, rejected)
 
 
-def table(result):
+def results_table(result):
     """The metrics as a small text table (percent)."""
     pct = lambda x: f"{100 * x:6.2f}"  # noqa: E731
     lines = []
@@ -265,7 +266,7 @@ def eval_command(argv):
     result, _ = evaluate_file(model, cfg.data, cfg.format, cfg.batch_size, cfg.padding_side, cfg.max_len,
                               column_keys(cfg))
     result = {"model": cfg.model, "data": cfg.data, **result}
-    print(table(result))
+    print(results_table(result))
     out = cfg.out or default_out("eval", cfg.data, ".json")
     write_file(out, json.dumps(result, indent=2) + "\n")
     print(f"results: {out}", file=sys.stderr)
@@ -329,7 +330,7 @@ def bon_command(argv):
     if not cfg.data:
         raise UsageError("rmd.py bon needs --data=rows.jsonl ({prompt, responses: [...]})")
     check_data_file("data", cfg.data)
-    rows = read_rows(cfg.data)
+    rows = read_located_rows(cfg.data)
     if not rows:  # nothing scored is no result: a script that checks the exit code must hear of it
         raise DataError(f"{cfg.data} has no rows (the file is empty or blank); best-of-N needs rows "
                         "{prompt, responses: [...]}")

@@ -17,8 +17,6 @@ import math
 import os
 import re
 
-from files import atomic_file
-
 
 class DataError(ValueError):
     """A bad data file or row: the message names file:line and what is wrong."""
@@ -32,7 +30,7 @@ class UsageError(ValueError):
 
 def _lines(path):
     """(line_no, text) of a UTF-8 file (.gz by suffix): a BOM is dropped and CRLF read as LF; a byte that
-    is not UTF-8 is a ValueError naming the file and line (a folder or a missing file: read_jsonl_rows)."""
+    is not UTF-8 is a ValueError naming the file and line (a folder or a missing file: read_source_rows)."""
     import gzip  # only for .gz files
     try:
         with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
@@ -166,11 +164,10 @@ def rename_columns(row, keys, where):
     return row
 
 
-def read_jsonl_rows(path, keys=None, raw=False):
+def read_source_rows(path, keys=None, raw=False):
     """Yield (line_no, obj) for each row of a data file: JSONL (.jsonl, .jsonl.gz: one object per non-blank line,
     always), one JSON array (another name, e.g. .json, starting with '['; line_no = the line its element starts on),
-    Parquet or a Hub dataset `hf:owner/name[:split]`
-    (line_no = the row number). UTF-8 with or without a BOM, LF or CRLF. Anything else, or a row that is not a JSON
+    Parquet or a Hub dataset `hf:owner/name[:split]` (line_no = the row number). UTF-8 with or without a BOM, LF or CRLF. Anything else, or a row that is not a JSON
     object, is a `file:line` ValueError. `keys` ({field: column}, see column_keys) renames columns. JSONL is
     streamed; raw=True yields its lines as text, for jsonl_row to parse elsewhere (pair_cache's worker processes)."""
     problem = source_problem(path)  # a folder, a missing file, a bad Hub spec: one check, one message everywhere
@@ -199,7 +196,7 @@ def read_jsonl_rows(path, keys=None, raw=False):
 
 
 def jsonl_row(path, line_no, line, keys=None):
-    """One JSONL line -> its row, checked and renamed as read_jsonl_rows does."""
+    """One JSONL line -> its row, checked and renamed as read_source_rows does."""
     try:
         obj = json.loads(line)
     except ValueError as e:
@@ -353,10 +350,10 @@ def _check_row(row):
     return None
 
 
-def load_rows(path, limit=0, shard="", keys=None):
+def load_distill_rows(path, limit=0, shard="", keys=None):
     """Validated rows in input order, each with `id`, `line` and `kind` (pair|pool|prompt); all errors at once."""
     rows, errors, seen = [], [], {}
-    for line_no, row in read_jsonl_rows(path, keys):
+    for line_no, row in read_source_rows(path, keys):
         where = f"{path}:{line_no}"
         row, problem = _normalize_row(row)
         problem = problem or _check_row(row)
@@ -411,15 +408,8 @@ def number(row, key, where):
     return float(value)
 
 
-def missing_margin(where, has_teacher_response):
-    """The error of a row without a preference strength under a loss that needs one."""
-    fix = "--loss=bt" if has_teacher_response else "--loss=bt --lm-weight=0 (no teacher_response either)"
-    return (f"{where}: this loss needs a preference strength: give chosen_score and rejected_score, or margin; for "
-            f"label-only pairs train with {fix}")
-
-
-def parse_row(row, where, need_margin):
-    """One JSONL object -> (messages, chosen, rejected, margin, teacher_response)."""
+def parse_row(row, where):
+    """One JSONL object -> (messages, chosen, rejected, margin or None, teacher_response)."""
     try:
         prompt, chosen, rejected = split_pair(row)
     except ValueError as e:
@@ -430,18 +420,16 @@ def parse_row(row, where, need_margin):
         margin = number(row, "margin", where)
     elif "chosen_score" in row or "rejected_score" in row:
         margin = number(row, "chosen_score", where) - number(row, "rejected_score", where)
-    if need_margin and margin is None:
-        raise DataError(missing_margin(where, "teacher_response" in row))
     teacher = row.get("teacher_response")
     if teacher is not None and not isinstance(teacher, str):
         raise DataError(f"{where}: field 'teacher_response' must be a string")
     return messages, chosen, rejected, margin, teacher
 
 
-def read_rows(path, keys=None):
-    """Any data source read_jsonl_rows reads (RM-Bench ships one JSON array) -> [(file:line, row)]."""
+def read_located_rows(path, keys=None):
+    """Any data source read_source_rows reads (RM-Bench ships one JSON array) -> [(file:line, row)]."""
     try:
-        return [(f"{path}:{n}", row) for n, row in read_jsonl_rows(path, keys)]
+        return [(f"{path}:{n}", row) for n, row in read_source_rows(path, keys)]
     except ValueError as e:
         raise DataError(str(e)) from None
 
@@ -465,6 +453,7 @@ def detect_format(row, where):
 def write_jsonl(path, rows):
     """Write rows as JSONL atomically (files.atomic_file: a temporary file, fsynced, renamed in, the folder fsynced):
     a crash of the process or of the machine never leaves half a file."""
+    from files import atomic_file  # here, not at the top: reading rows (model.py's companion) needs only this file
     with atomic_file(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 PAIRWISE_KINDS = ("mse", "bt-margin", "bt")
+# What each kind needs from the data, declared here once (train.py and batches.py read it; a new kind is added here):
+NEEDS_MARGINS = ("mse", "bt-margin")  # a preference strength Δs per pair; "bt" refuses margins
+LEARNS_TIES = ("mse",)  # a margin-0 pair ("equally good"): (Δr - 0)² pulls Δr to 0; -log σ(Δr) would pick a side
 
 
 # ----------------------------------------------------------------------------- pairwise loss
@@ -30,7 +33,7 @@ def _check_pairwise(chosen_rewards, rejected_rewards, margins, kind):
     if kind not in PAIRWISE_KINDS:
         raise ValueError(f"pairwise_loss: kind={kind!r} is not one of {PAIRWISE_KINDS}")
     named = {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}
-    if kind == "bt":
+    if kind not in NEEDS_MARGINS:
         # Silently ignoring margins would hide a mix-up between "bt" and "bt-margin".
         if margins is not None:
             raise ValueError("pairwise_loss: kind='bt' does not use margins; pass margins=None, "

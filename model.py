@@ -69,7 +69,8 @@ def answer_ids(tokenizer, answer):
     return encode(tokenizer, render_answer(tokenizer, answer)) + [tokenizer.eos_token_id]
 
 
-# answers) and every command (train, eval, bon, serve's prompt/response form), in fit():
+# How a sequence longer than max_len is cut: one rule for training (chosen, rejected and teacher-answer rows) and
+# every command (train, eval, bon, serve's prompt/response form), in fit():
 #  1. the prompt loses tokens from its start, down to its floor: its last min(len, max(32, max_len // 4),
 #     max_len // 2) tokens (32 tokens hold the last words of the question plus any chat template's assistant
 #     header; a quarter of the budget keeps more of it for long --max-len; half the budget at most leaves the rest
@@ -400,10 +401,6 @@ class RewardModel(nn.Module):
             out += zip([i for chunk in rows for i in chunk], rewards.tolist())
         self.train(was_training)
         return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# saving and loading (safetensors only)
 
 
 # ----------------------------------------------------------------------------------------------------------------

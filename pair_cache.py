@@ -36,7 +36,7 @@ import numpy as np
 import files
 import formats
 import model
-from formats import DataError, parse_row, read_jsonl_rows
+from formats import DataError, parse_row, read_source_rows
 
 CHUNK = 2048  # rows per tokenizer batch call (and per worker task)
 PARALLEL_BYTES = 64 << 20  # files at least this large are tokenized in worker processes
@@ -95,7 +95,7 @@ def tokenize_chunk(rows, tokenizer, max_len, path, file=0, keys=None):
         rows = [(line, formats.jsonl_row(path, line, row, keys) if isinstance(row, str) else row) for line, row in rows]
     except ValueError as e:
         raise DataError(str(e)) from None
-    parsed = [(line, parse_row(row, f"{path}:{line}", False), "teacher_response" in row) for line, row in rows]
+    parsed = [(line, parse_row(row, f"{path}:{line}"), "teacher_response" in row) for line, row in rows]
     texts = [model.render_prompt(tokenizer, p[0]) for _, p, _ in parsed]
     for part in (1, 2, 4):  # chosen, rejected, teacher answers
         texts += [model.render_answer(tokenizer, p[part]) for _, p, _ in parsed if part < 4 or has_teacher(p)]
@@ -177,7 +177,7 @@ def chunks(path, keys):
     worker that tokenizes a chunk parses it: formats.jsonl_row)."""
     chunk = []
     try:
-        for item in read_jsonl_rows(path, keys, raw=True):
+        for item in read_source_rows(path, keys, raw=True):
             chunk.append(item)
             if len(chunk) == CHUNK:
                 yield chunk
@@ -250,7 +250,7 @@ RULES = (model.encode, model.render_prompt, model.render_answer, model.prompt_fl
          Sink.add)
 
 
-def cache_key(paths, tokenizer, max_len, keys):
+def token_cache_key(paths, tokenizer, max_len, keys):
     """The folder name of the cache of data files (see the module docstring for what it covers)."""
     h = hashlib.sha256()
     with open(formats.__file__, "rb") as f:
@@ -296,7 +296,7 @@ def load(paths, tokenizer, max_len, cache_dir=None, keys=None, workers=None, log
     if cache_dir is None or any(p.startswith(formats.HUB_PREFIX) for p in paths):
         arrays, counts, meta = build(paths, tokenizer, max_len, keys, None, 1)
         return PairStore(arrays, meta, None), counts
-    folder = os.path.join(cache_dir, cache_key(paths, tokenizer, max_len, keys))
+    folder = os.path.join(cache_dir, token_cache_key(paths, tokenizer, max_len, keys))
     if not os.path.exists(os.path.join(folder, "meta.json")):
         with build_lock(folder, log):
             if not os.path.exists(os.path.join(folder, "meta.json")):

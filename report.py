@@ -149,7 +149,7 @@ def bin_label(low, high, step=None):
     return f"[{fmt(low)}, {fmt(high)})"
 
 
-def table(headers, rows):
+def html_table(headers, rows):
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{esc(fmt(c) if isinstance(c, (int, float)) else c)}</td>" for c in row)
                    + "</tr>" for row in rows)
@@ -306,7 +306,7 @@ def final_table(final):
     rows = [(split, final.get("eval_pairs", {}).get(split, ""), acc, (fits.get(split) or {}).get("pearson"),
              (fits.get(split) or {}).get("mse")) for split, acc in final["accuracy"].items()]
     return (f"<h2>Final evaluation (step {esc(final['step'])})</h2>" +
-            table(["split", "pairs", "accuracy", "margin fit: pearson", "margin fit: mse"], rows))
+            html_table(["split", "pairs", "accuracy", "margin fit: pearson", "margin fit: mse"], rows))
 
 
 def train_report(out):
@@ -316,7 +316,7 @@ def train_report(out):
     evals = last_per_step(read_jsonl(os.path.join(out, "eval_log.jsonl")))
     final = read_json(os.path.join(out, "eval.json"))
     rewards = read_json(os.path.join(out, "eval_rewards.json")) or {}
-    head = table(["model", "data", "loss", "lm weight", "steps logged", "last step"],
+    head = html_table(["model", "data", "loss", "lm weight", "steps logged", "last step"],
                  [(config.get("model", "?"), config.get("data", "?"), config.get("loss", "?"),
                    config.get("lm_weight", "?"), len(log), log[-1]["step"] if log else 0)])
     sections = [head, "<h2>Training</h2>", '<div class="charts">', *train_charts(log, config.get("lm_weight", 0.0)),
@@ -349,7 +349,7 @@ def stage_rows(summary):
 
 
 def stage_table(summary):
-    return table(STAGE_HEADERS, stage_rows(summary)) + note(STAGE_NOTE)
+    return html_table(STAGE_HEADERS, stage_rows(summary)) + note(STAGE_NOTE)
 
 
 def bias_text(bias):
@@ -398,7 +398,7 @@ def filter_table(summary):
     if any(restyle.values()):
         rows += [("restyle: rows", restyle.get("rows", 0)), ("restyle: extra pairs", restyle.get("pairs", 0)),
                  ("restyle: unchanged", restyle.get("unchanged", 0)), ("restyle: failed", restyle.get("failed", 0))]
-    return table(["count", "value"], rows)
+    return html_table(["count", "value"], rows)
 
 
 def prompt_text(prompt):
@@ -423,7 +423,7 @@ def distill_report(out, summary, train_rows, sample=12):
     margins = [r["chosen_score"] - r["rejected_score"] for r in refined
                if isinstance(r.get("chosen_score"), (int, float)) and isinstance(r.get("rejected_score"), (int, float))]
     min_delta = (summary.get("config") or {}).get("min_delta")
-    sections = [table(["teacher", "url", "template", "JSON mode", "wall s"],
+    sections = [html_table(["teacher", "url", "template", "JSON mode", "wall s"],
                       [(summary.get("teacher_model", ""), summary.get("teacher_url", ""),
                         summary.get("template_version", ""), str(summary.get("json_mode")),
                         summary.get("wall_s", 0.0))]),

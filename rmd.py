@@ -75,7 +75,7 @@ def distill_command(argv):
                          "--teacher-url=http://127.0.0.1:8000/v1 --teacher-model=sim-teacher")
     try:
         if cfg.teacher_url:
-            rows = distill.load_rows(cfg.data, cfg.limit, cfg.shard, column_keys(cfg)) if cfg.data else []
+            rows = distill.load_distill_rows(cfg.data, cfg.limit, cfg.shard, column_keys(cfg)) if cfg.data else []
             check_bare_prompts(cfg, rows)
             summary = distill.distill(cfg)
         else:

@@ -97,16 +97,17 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 class RateLimiter:
     """Token buckets for requests/min and tokens/min (0 = unlimited), each holding 10 seconds' worth."""
 
-    def __init__(self, rpm=0, tpm=0):
+    def __init__(self, rpm=0, tpm=0, clock=time.monotonic, sleep=time.sleep):
         self.rates = [r / 60.0 for r in (rpm, tpm)]
         self.caps = [max(1.0, r * 10) for r in self.rates]
-        self.level, self.t, self.lock = list(self.caps), time.monotonic(), threading.Lock()
+        self.clock, self.sleep = clock, sleep  # injectable: a test runs the buckets on a clock of its own
+        self.level, self.t, self.lock = list(self.caps), clock(), threading.Lock()
 
     def acquire(self, tokens):
         need = [1.0, float(tokens)]
         while True:
             with self.lock:
-                now = time.monotonic()
+                now = self.clock()
                 for k in (0, 1):
                     self.level[k] = min(self.caps[k], self.level[k] + (now - self.t) * self.rates[k])
                 self.t = now
@@ -117,7 +118,7 @@ class RateLimiter:
                         if self.rates[k]:
                             self.level[k] -= need[k]  # may go negative: a big request borrows ahead
                     return
-            time.sleep(min(wait, 1.0))
+            self.sleep(min(wait, 1.0))
 
 
 def chat_url(url):
@@ -193,7 +194,7 @@ class Client:
 
     def _wait_for_pause(self):
         while (wait := self.paused_until - time.time()) > 0:
-            time.sleep(min(wait, 1.0))
+            self.sleep(min(wait, 1.0))
 
     def post(self, body, retry_status=RETRY_STATUS, final=None, timing=None):
         """POST one chat completion -> (Reply, HTTP attempts), retrying what a retry can fix. Raises TransportError

@@ -38,7 +38,7 @@ from batches import (DataStats, PairStore, check_data_file, collate, count_cuts,
 from evaluation import fit_text, margin_fit
 from cli import Progress
 from formats import UsageError, column_keys
-from loss import PAIRWISE_KINDS, linear_cross_entropy, pairwise_loss
+from loss import LEARNS_TIES, NEEDS_MARGINS, PAIRWISE_KINDS, linear_cross_entropy, pairwise_loss
 from model import (RewardModel, attention_key_cost, checkpoint_activations, cut_layers, is_hub_id, load_backbone,
                    pick_device, save_reward_model)
 
@@ -100,6 +100,11 @@ class TrainConfig:
     lora_r: int = 0  # LoRA rank on the backbone's linear layers (needs peft; 0 = full fine-tune); saved merged
     lora_alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r)
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
+
+    @property
+    def use_lm(self):
+        """--lm-weight > 0: the teacher-answer rows are packed into every micro-batch (derived, not an option)."""
+        return self.lm_weight > 0
 
 
 def validate(cfg: TrainConfig, backbone=None):
@@ -212,20 +217,20 @@ def peak_lr(cfg, model, log):
     return lr
 
 
-def step_loss(model, batch, cfg, pairs_in_step, lm_tokens_in_step, lm_loss=linear_cross_entropy):
-    """Loss of one micro-batch -> (loss to backpropagate, pairwise loss, LM loss, correct pairs). loss = pairwise loss
-    + cfg.lm_weight x LM loss on the teacher-answer tokens, each part scaled so that the sum over a step's
-    micro-batches and processes is the step's mean. lm_loss(hidden, weight, targets): the fused kernel of loss.py
-    (a benchmark passes a naive one to compare)."""
+def step_loss(model, batch, kind, lm_weight, pairs_in_step, lm_tokens_in_step, lm_loss=linear_cross_entropy):
+    """Loss of one micro-batch -> (loss to backpropagate, pairwise loss, LM loss, correct pairs). loss = the pairwise
+    loss of `kind` (loss.PAIRWISE_KINDS) + lm_weight x the LM loss on the teacher-answer tokens, each part scaled so
+    that the sum over a step's micro-batches and processes is the step's mean (pairs_in_step, lm_tokens_in_step: the
+    step's totals). lm_loss(hidden, weight, targets): the fused kernel of loss.py (a benchmark passes a naive one)."""
     rewards, lm_hidden = model(batch)
     chosen, rejected = rewards[:batch.n_pairs], rewards[batch.n_pairs:]
-    pair = pairwise_loss(chosen, rejected, batch.margins, kind=cfg.loss) * (batch.n_pairs / pairs_in_step)
+    pair = pairwise_loss(chosen, rejected, batch.margins, kind=kind) * (batch.n_pairs / pairs_in_step)
     lm = torch.zeros((), device=rewards.device)
-    if cfg.lm_weight > 0 and len(batch.lm_target):
+    if lm_weight > 0 and len(batch.lm_target):
         weight = getattr(model, "module", model).lm.get_output_embeddings().weight  # model may be DDP-wrapped
         lm = lm_loss(lm_hidden, weight, batch.lm_target) * (len(batch.lm_target) / lm_tokens_in_step)
     correct = (chosen.detach() > rejected.detach()).sum()
-    return pair + cfg.lm_weight * lm, pair, lm, correct
+    return pair + lm_weight * lm, pair, lm, correct
 
 
 @torch.no_grad()
@@ -258,7 +263,7 @@ def pair_accuracy(model, examples, batch_pairs, device, autocast, rewards_out=No
 
 
 @dataclass
-class Run:
+class TrainRun:
     """What the loop needs besides the config: the model (and its DDP / compiled wrapper), where it runs, the data."""
     model: RewardModel
     forward_model: torch.nn.Module  # the model as the forward pass calls it: DDP-wrapped and/or compiled
@@ -268,7 +273,6 @@ class Run:
     device: str
     autocast: torch.autocast
     sharded: bool  # FSDP2
-    use_lm: bool  # --lm-weight > 0: the teacher-answer rows are packed into every micro-batch
     examples: PairStore
     stats: DataStats
     eval_sets: dict  # split -> Examples
@@ -304,11 +308,12 @@ def build_model(cfg, device, log, backbone=None):
     return model
 
 
-def load_data(cfg, tokenizer, use_lm, log):
+def load_data(cfg, tokenizer, log):
     """--data, --eval-data and --holdout -> (train examples, their DataStats, eval splits, their DataStats)."""
     cache = None if cfg.token_cache == "off" else cfg.token_cache
-    examples, stats = load_pairs(cfg.data, tokenizer, cfg.max_len, need_margin=cfg.loss != "bt", name="train",
-                                 keep_ties=cfg.loss == "mse", keys=column_keys(cfg), cache_dir=cache)
+    examples, stats = load_pairs(cfg.data, tokenizer, cfg.max_len, need_margin=cfg.loss in NEEDS_MARGINS,
+                                 name="train", keep_ties=cfg.loss in LEARNS_TIES, keys=column_keys(cfg),
+                                 cache_dir=cache)
     eval_sets, eval_stats = {}, {}
     for spec in filter(None, cfg.eval_data.split(",")):
         name, _, path = spec.rpartition("=")
@@ -320,12 +325,12 @@ def load_data(cfg, tokenizer, use_lm, log):
         examples, eval_sets["heldout"] = examples[:-cfg.holdout], examples[-cfg.holdout:]
         eval_stats["heldout"] = DataStats(cfg.holdout, cfg.holdout, cuts=count_cuts(eval_sets["heldout"], False))
         log(f"holding out the last {cfg.holdout} pairs of --data as eval split 'heldout'")
-    stats.cuts = count_cuts(examples, use_lm)  # only the rows this run trains on
+    stats.cuts = count_cuts(examples, cfg.use_lm)  # only the rows this run trains on
     for name, data_stats in {"train": stats, **eval_stats}.items():
         log(data_stats.summary(name))
         for line in cut_warnings(name, data_stats.cuts, cfg.max_len):
             log(line)
-    if use_lm and not (examples.column("teacher") >= 0).any():
+    if cfg.use_lm and not (examples.column("teacher") >= 0).any():
         raise UsageError(f"--lm-weight={cfg.lm_weight} needs teacher answers, but no row of {cfg.data} has a "
                          "'teacher_response': pass --lm-weight=0 (or train on what `rmd.py distill` writes)")
     return examples, stats, eval_sets, eval_stats
@@ -362,15 +367,14 @@ def build_optimizer(model, cfg, lr, cuda, sharded):
 
 
 def set_up(cfg, backbone=None):
-    """Everything before the first step: processes, model, data, sharding, optimizer, wrappers -> Run."""
+    """Everything before the first step: processes, model, data, sharding, optimizer, wrappers -> TrainRun."""
     rank, world, device = distributed.setup_distributed(cfg.device)
     log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
     tracker = open_tracker(cfg.report_to, cfg.out, dataclasses.asdict(cfg)) if rank == 0 else None  # errors first
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_model(cfg, device, log, backbone)
-    use_lm = cfg.lm_weight > 0
-    examples, stats, eval_sets, eval_stats = load_data(cfg, model.tokenizer, use_lm, log)
+    examples, stats, eval_sets, eval_stats = load_data(cfg, model.tokenizer, log)
     micro, accum, steps_per_epoch, total = plan_steps(cfg, len(examples), world, log)
     cuda = "cuda" in str(device)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32")
@@ -382,8 +386,10 @@ def set_up(cfg, backbone=None):
     lr = peak_lr(cfg, model, log)
     optimizer = build_optimizer(model, cfg, lr, cuda, sharded)
     layout = {"auto": "auto", "on": "shared", "off": "separate"}[cfg.share_prompts]
-    return Run(model, model, optimizer, rank, world, device, autocast, sharded, use_lm, examples, stats, eval_sets,
-               eval_stats, micro, accum, steps_per_epoch, total, log, lr, tracker, layout, attention_key_cost(model.lm))
+    return TrainRun(model=model, forward_model=model, optimizer=optimizer, rank=rank, world=world, device=device,
+                    autocast=autocast, sharded=sharded, examples=examples, stats=stats, eval_sets=eval_sets,
+                    eval_stats=eval_stats, micro=micro, accum=accum, steps_per_epoch=steps_per_epoch, total=total,
+                    log=log, lr=lr, tracker=tracker, layout=layout, key_cost=attention_key_cost(model.lm))
 
 
 def resume(cfg, run):
@@ -412,7 +418,7 @@ def wrap(cfg, run):
     cuda = "cuda" in str(run.device)
     if run.world > 1 and not run.sharded:
         run.forward_model = distributed.data_parallel(run.model, run.device, cuda,
-                                                      find_unused_parameters=not run.use_lm)
+                                                      find_unused_parameters=not cfg.use_lm)
     if cfg.compile == "on" or (cfg.compile == "auto" and cuda):
         run.forward_model = torch.compile(run.forward_model)
 
@@ -509,7 +515,7 @@ def run_training(cfg, stop_after, on_step, backbone):
                                             {"step": step, "config": dataclasses.asdict(cfg)}, full)
         if step == stop_after:
             return {}
-    metrics = finish(cfg, run, step, log_file)
+    metrics = final_evaluation(cfg, run, step, log_file)
     distributed.finish()
     return metrics
 
@@ -521,20 +527,21 @@ def train_step(cfg, run, step):
     if run.epoch_order[0] != epoch:  # once per epoch: a few bytes per pair
         run.epoch_order = (epoch, epoch_batches(run.examples, cfg.batch_size, cfg.seed, epoch))
     step_examples = [run.examples[i] for i in run.epoch_order[1][index]]
-    lm_tokens = sum(len(ex.teacher[1]) for ex in step_examples if ex.teacher) if run.use_lm else 0
+    lm_tokens = sum(len(ex.teacher[1]) for ex in step_examples if ex.teacher) if cfg.use_lm else 0
     mine = step_examples[run.rank * run.micro * run.accum:(run.rank + 1) * run.micro * run.accum]
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, run.total, run.lr, cfg)
     totals = torch.zeros(4, dtype=torch.float64, device=run.device)  # pair loss, lm loss, correct, pairs
     tokens = slots = shared = separate = 0
     for k in range(run.accum):
-        batch = to_device(collate(mine[k * run.micro:(k + 1) * run.micro], run.model.pad_id, run.use_lm,
-                                  cfg.loss != "bt", run.layout, run.key_cost), run.device)
+        batch = to_device(collate(mine[k * run.micro:(k + 1) * run.micro], run.model.pad_id, cfg.use_lm,
+                                  cfg.loss in NEEDS_MARGINS, run.layout, run.key_cost), run.device)
         sync = run.world == 1 or k == run.accum - 1
         no_sync = not sync and hasattr(run.forward_model, "no_sync")
         with run.forward_model.no_sync() if no_sync else contextlib.nullcontext():
             with run.autocast:
-                loss, pair, lm, correct = step_loss(run.forward_model, batch, cfg, cfg.batch_size, max(1, lm_tokens))
+                loss, pair, lm, correct = step_loss(run.forward_model, batch, cfg.loss, cfg.lm_weight, cfg.batch_size,
+                                                    max(1, lm_tokens))
             loss.mul(run.world).backward()  # DDP averages over processes; we want the sum
         # kept on the device: one host sync per step (at the all-reduce / tolist), not per micro-batch
         totals += torch.stack([pair.detach().double(), lm.detach().double(), correct.double(),
@@ -567,7 +574,7 @@ def eval_text(metrics, fits):
     return ", ".join(f"{k} {v:.4f}" + (f" ({fit_text(fits[k])})" if k in fits else "") for k, v in metrics.items())
 
 
-def finish(cfg, run, step, log_file):
+def final_evaluation(cfg, run, step, log_file):
     """The final evaluation; rank 0 saves the reward model and eval.json and says where everything is."""
     eval_rewards = {}
     metrics, fits = evaluate_splits(cfg, run, eval_rewards)
@@ -680,6 +687,3 @@ def open_tracker(kind, out, config):
         return Tracker(lambda record, step: wandb_run.log(scalars(record), step=step), wandb_run.finish)
     raise UsageError(f"--report-to must be one of none, tensorboard, wandb, got {kind!r}")
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# command line

@@ -135,17 +135,17 @@ def arm_options(pairs_file, loss, lm_weight, eval_data, out_dir, args, seed, mod
             "--log-interval=50", f"--layers={args.layers if model == args.student else 0}"]
 
 
-def best_of_n(model_dir, bon_path, max_len):
+def best_of_n_correct(model_dir, bon_path, max_len):
     """Share of correct answers among the candidates the RM picks (rmd.py bon's own scoring path)."""
     import evaluation
-    from formats import read_rows
+    from formats import read_located_rows
     from model import load_reward_model
-    rows = read_rows(bon_path)
+    rows = read_located_rows(bon_path)
     scored = evaluation.best_of_n(load_reward_model(model_dir), rows, batch_size=64, max_len=max_len)
     return evaluation.pick_quality(rows, scored)["picked"]["correct"]
 
 
-def fmt(values):
+def mean_sd(values):
     values = [100 * v for v in values]
     if len(values) == 1:
         return f"{values[0]:.1f}"
@@ -280,7 +280,7 @@ def train_arms(args, worlds, seeds, arms, lm_weight, students):
         arm, seed, out = job[0], job[6], job[5]
         if res is None:
             continue
-        bon = best_of_n(os.path.join(out, "model"), worlds[seed]["paths"]["bon"], args.max_len)
+        bon = best_of_n_correct(os.path.join(out, "model"), worlds[seed]["paths"]["bon"], args.max_len)
         results.setdefault(arm, []).append({"seed": seed, **res["accuracy"], "valid": valid_accuracy(res["accuracy"]),
                                             "bon": bon})
     return results
@@ -331,12 +331,13 @@ def table_lines(args, worlds, seeds, arms, results, refs, lm_weight, sweep, swee
         name = f"**{arm}. {label}**" if arm == DEFAULT_ARM else f"{arm}. {label}"
         shown = "scratch" if student == "scratch" else os.path.basename(args.student.rstrip("/"))  # which student
         lines.append(f"| {name} | {pairs} | {loss} | {lm_weight if lm else 0:g} | {shown} | "
-                     f"{fmt([r['normal'] for r in rs])} | {fmt([r['hard'] for r in rs])} | "
-                     f"{fmt([r['bon'] for r in rs])} | {valid_halves(rs)} |")
-    lines.append(f"| teacher as judge (both orders) | - | - | - | - | {fmt([r['normal'] for r in refs['teacher']])} | "
-                 f"{fmt([r['hard'] for r in refs['teacher']])} | - | - |")
-    lines.append(f"| random pick / oracle pick | - | - | - | - | - | - | {fmt([r['bon'] for r in refs['random']])} / "
-                 f"{fmt([r['bon'] for r in refs['oracle']])} | - |")
+                     f"{mean_sd([r['normal'] for r in rs])} | {mean_sd([r['hard'] for r in rs])} | "
+                     f"{mean_sd([r['bon'] for r in rs])} | {valid_halves(rs)} |")
+    lines.append(f"| teacher as judge (both orders) | - | - | - | - | "
+                 f"{mean_sd([r['normal'] for r in refs['teacher']])} | {mean_sd([r['hard'] for r in refs['teacher']])} "
+                 "| - | - |")
+    lines.append(f"| random pick / oracle pick | - | - | - | - | - | - | "
+                 f"{mean_sd([r['bon'] for r in refs['random']])} / {mean_sd([r['bon'] for r in refs['oracle']])} | - |")
     counts = "; ".join(f"seed {s}: {worlds[s]['counts']['refined']} refined, {worlds[s]['counts']['full']} full, "
                        f"{worlds[s]['counts']['mixed']} mixed, {worlds[s]['counts']['original']} original pairs, "
                        f"from {worlds[s]['summary']['rows']} prompts" for s in seeds)
@@ -367,8 +368,8 @@ def verdict(results, arm, baseline):
 
 def valid_halves(rows):
     if not all("valid_normal" in r for r in rows):
-        return fmt([r["valid"] for r in rows]) + " (whole split)"
-    return f"{fmt([r['valid_normal'] for r in rows])} / {fmt([r['valid_hard'] for r in rows])}"
+        return mean_sd([r["valid"] for r in rows]) + " (whole split)"
+    return f"{mean_sd([r['valid_normal'] for r in rows])} / {mean_sd([r['valid_hard'] for r in rows])}"
 
 
 def split_valid(path):

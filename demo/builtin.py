@@ -97,9 +97,9 @@ def finish_demo_baseline(started):
 def explain_demo(cfg, metrics, bon_path, baseline=None):
     """The demo's last lines: what its numbers mean, next to label distillation's, and best-of-N of both models."""
     import evaluation
-    from formats import read_rows
+    from formats import read_located_rows
     from model import load_reward_model
-    rows = read_rows(bon_path)
+    rows = read_located_rows(bon_path)
     n = len(rows[0][1]["responses"])
     runs = [("rmd (this run)", metrics, os.path.join(cfg.out, "model"))] + \
         ([("label distillation", *baseline)] if baseline else [])

@@ -68,7 +68,7 @@ def weight_shape(config):
     return shape
 
 
-def cache_key(sequences, config, settings):
+def weights_key(sequences, config, settings):
     """Hash of what determines the pretrained weights: the token sequences, the architecture (weight_shape) and the
     pretraining settings."""
     digest = hashlib.sha256(json.dumps([sequences, weight_shape(config), settings], sort_keys=True).encode())
@@ -84,7 +84,8 @@ def batches(sequences, batch_size, rng):
             yield [sequences[i] for i in order[k:k + batch_size]]
 
 
-def collate(seqs, pad_id):
+def pad_batch(seqs, pad_id):
+    """Token-id sequences -> (ids, attention mask), right-padded to the longest."""
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -116,7 +117,7 @@ def pretrain(lm, sequences, pad_id, settings=SETTINGS, log=print):
         scale = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / (steps - warm)))
         for g in opt.param_groups:
             g["lr"] = settings["lr"] * scale
-        loss = lm_loss(lm, *collate(seqs, pad_id))
+        loss = lm_loss(lm, *pad_batch(seqs, pad_id))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
@@ -133,7 +134,7 @@ def answer_logprobs(lm, prompts, answers, pad_id, batch_size=128):
     out = []
     for k in range(0, len(prompts), batch_size):
         seqs = [p + a for p, a in zip(prompts[k:k + batch_size], answers[k:k + batch_size])]
-        ids, mask = collate(seqs, pad_id)
+        ids, mask = pad_batch(seqs, pad_id)
         logp = torch.log_softmax(lm(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
         for row, (p, a) in enumerate(zip(prompts[k:k + batch_size], answers[k:k + batch_size])):
             positions = torch.arange(len(p) - 1, len(p) + len(a) - 1)
@@ -144,7 +145,7 @@ def answer_logprobs(lm, prompts, answers, pad_id, batch_size=128):
 def pretrained(sequences, config, pad_id, settings=SETTINGS, log=print, probe=None):
     """Path of the HF folder of `config`'s model pretrained on `sequences`; built once, then reused.
     probe(lm) -> dict of what the model knows, saved in the folder's pretrain.json and printed."""
-    key = cache_key(sequences, config, settings)
+    key = weights_key(sequences, config, settings)
     if shipped_key() == key:
         return SHIPPED
     path = os.path.join(CACHE, key)

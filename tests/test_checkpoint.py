@@ -14,7 +14,8 @@ import torch
 
 import distributed
 import train
-from conftest import ROOT, easy_rows, log_losses, record_fsyncs, synced_around, train_cfg, train_tiny, write_jsonl
+from conftest import (ROOT, easy_rows, log_losses, record_fsyncs, synced_around, train_cfg, train_tiny,
+                      write_jsonl)
 from formats import UsageError
 
 
@@ -86,6 +87,7 @@ def test_no_whole_copy_is_no_checkpoint(tmp_path):
     assert distributed.checkpoint_dir(ckpt) is None
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_between_the_renames_logs_each_step_once(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     cfg = train_cfg(tmp_path, data, max_steps=5, lm_weight=0.5, epochs=3, batch_size=4, max_len=64)
@@ -140,6 +142,7 @@ def test_a_damaged_newest_copy_falls_back_to_the_older_whole_one(tmp_path, damag
     assert distributed.checkpoint_problem(ckpt + ".old") is None and distributed.checkpoint_dir(ckpt) == ckpt
 
 
+@pytest.mark.slow
 def test_a_file_named_ckpt_tmp_does_not_break_the_first_save(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     (tmp_path / "ckpt.tmp").write_text("not a folder")  # used to fail: FileExistsError in os.makedirs
@@ -163,6 +166,7 @@ def test_save_checkpoint_fsyncs_the_files_and_folders_around_the_renames(tmp_pat
     assert str(tmp_path) in after  # the folder that holds the renamed copy
 
 
+@pytest.mark.slow
 def test_resume_from_a_damaged_newest_checkpoint_warns_and_continues_from_the_older_copy(tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     cfg = train_cfg(tmp_path, data, max_steps=5, epochs=3, batch_size=4, max_len=64, save_interval=1)
@@ -176,6 +180,7 @@ def test_resume_from_a_damaged_newest_checkpoint_warns_and_continues_from_the_ol
     assert [s for s, *_ in log_losses(cfg.out)] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_no_whole_copy_is_an_error_that_names_the_damage(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     cfg = train_cfg(tmp_path, data, max_steps=5, epochs=3, batch_size=4, max_len=64)
@@ -199,6 +204,7 @@ train.train(train.TrainConfig(**json.loads(sys.argv[1])), on_step=wait_for_go, b
 """
 
 
+@pytest.mark.slow
 def test_a_second_train_on_one_out_is_refused_while_the_first_goes_on(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     cfg = train_cfg(tmp_path, data, max_steps=3, batch_size=4, max_len=64)
@@ -223,6 +229,7 @@ def test_a_second_train_on_one_out_is_refused_while_the_first_goes_on(tmp_path):
     assert [s for s, *_ in log_losses(cfg.out)] == [1, 2, 3]  # one history, the first's
 
 
+@pytest.mark.slow
 def test_train_without_resume_refuses_a_folder_with_an_earlier_run(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     cfg = train_cfg(tmp_path, data, max_steps=3, batch_size=4, max_len=64)
@@ -238,6 +245,7 @@ def test_train_without_resume_refuses_a_folder_with_an_earlier_run(tmp_path):
     assert [s for s, *_ in log_losses(cfg.out)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_continues_a_run_folder_that_was_moved(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     cfg = train_cfg(tmp_path, data, max_steps=4, batch_size=4, max_len=64)

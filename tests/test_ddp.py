@@ -39,6 +39,7 @@ def run(command, timeout=600):
     assert proc.returncode == 0, out[-2000:] + err[-3000:]
 
 
+@pytest.mark.slow
 def test_a_timed_out_run_leaves_no_process_behind(tmp_path):
     marker = tmp_path / "child.pid"
     with pytest.raises(pytest.fail.Exception, match="no result after 1 s"):
@@ -60,6 +61,7 @@ needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None and not os.
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_two_process_ddp_matches_one_process(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(32))
@@ -75,6 +77,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert os.path.exists(tmp_path / "two" / "model" / "model.safetensors")
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_two_process_fsdp_matches_one_process(tmp_path):
     from model import load_reward_model
@@ -95,6 +98,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     assert rewards_fsdp == pytest.approx(rewards_one, rel=1e-2, abs=1e-2)
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_fsdp_resumes_from_an_unsharded_checkpoint(tmp_path):
     """A 1-process checkpoint at step 2, continued sharded, logs the 1-process steps 3 and 4 (same file format)."""
@@ -112,6 +116,7 @@ def test_fsdp_resumes_from_an_unsharded_checkpoint(tmp_path):
         assert pair_2 == pytest.approx(pair_1, rel=1e-3) and lm_2 == pytest.approx(lm_1, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_distill_shards_merge_into_a_single_run(tmp_path):
     from demo import sim, sim_server
     from distill import DistillConfig, distill as run_distill

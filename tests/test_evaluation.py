@@ -65,7 +65,7 @@ def test_pairs_with_margins_report_the_margin_fit(tmp_path, number_rewards):
             for c, r, cs, rs in (("2", "1", 7, 5), ("1", "1", 6, 5), ("0", "1", 5, 5), ("5", "2", 9, 8))]
     result, _ = evaluation.evaluate_file(number_rewards, write_jsonl(tmp_path / "m.jsonl", rows))
     assert result["margin_fit"] == {"pairs": 4, "pearson": pytest.approx(2 / 17.5 ** 0.5), "mse": pytest.approx(1.75)}
-    assert "margin fit: pearson 0.478, mse 1.7500" in evaluation.table(result)
+    assert "margin fit: pearson 0.478, mse 1.7500" in evaluation.results_table(result)
     plain, _ = evaluation.evaluate_file(number_rewards, write_jsonl(tmp_path / "p.jsonl",
                                                                     [{"prompt": "p", "chosen": "1", "rejected": "0"}]))
     assert "margin_fit" not in plain  # no scores, no fit
@@ -84,7 +84,7 @@ def test_eval_and_bon_count_cuts_as_training_does(tmp_path, model, capsys):
     assert (cuts["sequences"], cuts["whole"], cuts["prompt_left"], cuts["prompt_min"], cuts["answer_end"]) == \
         (6, 3, 1, 1, 1)
     assert len(result["warnings"]) == 1 and "2 of 6 chosen/rejected sequences (33%)" in result["warnings"][0]
-    assert "cut to --max-len=64: 6 sequences: 3 whole" in evaluation.table(result)
+    assert "cut to --max-len=64: 6 sequences: 3 whole" in evaluation.results_table(result)
     folder = str(tmp_path / "m")
     save_reward_model(tiny_model(max_len=64), folder)  # the same weights, saved with max_len 64: bon cuts as above
     bon = write_jsonl(tmp_path / "bon.jsonl", [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]]}
@@ -112,7 +112,7 @@ def test_reward_bench_sections_use_the_leaderboard_weights(tmp_path, number_rewa
     assert result["sections"]["Reasoning"] == pytest.approx(164 / (984 + 164))
     assert set(result["sections"]) == {"Chat", "Reasoning"} and result["unweighted_subsets"] == ["anthropic_hhh"]
     assert result["score"] == pytest.approx((result["sections"]["Chat"] + result["sections"]["Reasoning"]) / 2)
-    assert "Chat" in evaluation.table(result)
+    assert "Chat" in evaluation.results_table(result)
 
 
 def test_rm_bench_easy_normal_hard_follow_the_style_matrix(tmp_path, number_rewards):
@@ -283,6 +283,7 @@ def post(url, payload, raw=None):
         return e.code, json.loads(e.read())
 
 
+@pytest.mark.slow
 def test_server_answers_concurrent_clients_in_both_protocols(model):
     url, shutdown = serve.start_server(model, port=0, max_items=16, max_body=1 << 16)
     try:
@@ -365,6 +366,7 @@ def test_bon_on_an_empty_file_is_an_error(tmp_path, model, text):
     assert not os.path.exists(tmp_path / "s.jsonl")
 
 
+@pytest.mark.slow
 def test_one_role_rule_in_eval_and_serve(tmp_path, model):
     wizard = [{"role": "wizard", "content": "hi"}, {"role": "user", "content": "q"}]
     with pytest.raises(formats.DataError, match=r"w.jsonl:1: prompt\[0\] has role 'wizard'"):

@@ -29,6 +29,7 @@ def hold_lock(folder):
     return proc
 
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_naming_the_first_and_gets_the_folder_after_a_kill_9(tmp_path):
     holder = hold_lock(tmp_path / "out")
     try:
@@ -46,6 +47,7 @@ def test_a_second_process_is_refused_naming_the_first_and_gets_the_folder_after_
             assert json.load(f)["pid"] == os.getpid()
 
 
+@pytest.mark.slow
 def test_the_lock_is_reentrant_in_a_process_and_released_at_the_end_of_the_block(tmp_path):
     folder = str(tmp_path / "out")
     with files.folder_lock(folder, "train"):

@@ -25,9 +25,9 @@ def test_hub_dataset_rows_come_through_datasets_with_their_split(tmp_path):
     train = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(4)]
     test = [{"prompt": "t", "chosen": "yes", "rejected": "no"}]  # splits share one schema (datasets requires it)
     folder = parquet_dataset(tmp_path / "ds", {"train": train, "test": test})
-    assert list(formats.read_jsonl_rows(f"hf:{folder}")) == list(enumerate(train, 1))  # split defaults to train
-    assert [r["prompt"] for r in formats.load_rows(f"hf:{folder}:test")] == ["t"]  # distill's reader
-    assert formats.read_rows(f"hf:{folder}:test")[0][0] == f"hf:{folder}:test:1"  # eval's reader: where = spec:row
+    assert list(formats.read_source_rows(f"hf:{folder}")) == list(enumerate(train, 1))  # split defaults to train
+    assert [r["prompt"] for r in formats.load_distill_rows(f"hf:{folder}:test")] == ["t"]  # distill's reader
+    assert formats.read_located_rows(f"hf:{folder}:test")[0][0] == f"hf:{folder}:test:1"  # eval's reader: where = spec:row
 
 
 def test_hub_spec_names_owner_name_config_and_split():
@@ -41,12 +41,13 @@ def test_hub_spec_names_owner_name_config_and_split():
 def test_hub_dataset_without_the_datasets_package_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(ValueError, match=r"needs the datasets package \(pip install datasets\)"):
-        list(formats.read_jsonl_rows("hf:trl-lib/ultrafeedback_binarized"))
+        list(formats.read_source_rows("hf:trl-lib/ultrafeedback_binarized"))
 
 
+@pytest.mark.slow
 def test_hub_dataset_offline_is_one_line_that_says_so(tmp_path):
     pytest.importorskip("datasets")
-    code = "import formats\ntry:\n    list(formats.read_jsonl_rows('hf:nobody-rmd/no-such-set:test'))\n" \
+    code = "import formats\ntry:\n    list(formats.read_source_rows('hf:nobody-rmd/no-such-set:test'))\n" \
            "except ValueError as e:\n    print('ERR', e)\n"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -114,13 +115,13 @@ def test_column_keys_rename_the_data_columns_in_every_reader(tmp_path):
         prompt_key, chosen_key, rejected_key = "question", "good", "bad"
     keys = formats.column_keys(Cfg)
     assert keys == {"prompt": "question", "chosen": "good", "rejected": "bad"}
-    row = formats.load_rows(path, keys=keys)[0]
+    row = formats.load_distill_rows(path, keys=keys)[0]
     assert (row["prompt"], row["chosen"], row["rejected"]) == ("q", "yes", "no") and "good" not in row
-    assert formats.read_rows(path, keys)[0][1]["chosen"] == "yes"
+    assert formats.read_located_rows(path, keys)[0][1]["chosen"] == "yes"
     examples, stats = batches.load_pairs(path, model.ByteTokenizer(), 64, keys=keys)
     assert stats.kept == 1
     with pytest.raises(ValueError, match=r"d.jsonl:1: missing field 'answer' \(--chosen-key=answer\)"):
-        formats.load_rows(path, keys={"chosen": "answer"})
+        formats.load_distill_rows(path, keys={"chosen": "answer"})
     assert formats.column_keys(type("C", (), {"prompt_key": "", "chosen_key": "chosen", "rejected_key": ""})) == {}
 
 
@@ -134,6 +135,7 @@ def test_a_data_source_is_checked_before_anything_loads(tmp_path):
               "(pip install datasets)")
 
 
+@pytest.mark.slow
 def test_train_and_eval_read_a_hub_dataset_end_to_end(tmp_path):
     pytest.importorskip("datasets")
     import evaluation
@@ -155,11 +157,11 @@ def test_a_jsonl_file_is_read_as_jsonl_even_when_its_first_line_is_an_array(tmp_
     path = tmp_path / "rows.jsonl"
     path.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"}]\n{"prompt": "q"}\n')
     with pytest.raises(ValueError, match=r"rows.jsonl:1: expected a JSON object, got list"):
-        list(formats.read_jsonl_rows(str(path)))  # used to be read as one JSON array (then line 2 was "text after")
+        list(formats.read_source_rows(str(path)))  # used to be read as one JSON array (then line 2 was "text after")
     one_row = tmp_path / "one.jsonl"
     one_row.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"}]\n')
     with pytest.raises(ValueError, match="expected a JSON object"):  # not silently one row of an array
-        list(formats.read_jsonl_rows(str(one_row)))
+        list(formats.read_source_rows(str(one_row)))
     array = tmp_path / "rows.json"
     array.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"},\n {"prompt": "q"}]\n')
-    assert [n for n, _ in formats.read_jsonl_rows(str(array))] == [1, 2]  # .json: an array
+    assert [n for n, _ in formats.read_source_rows(str(array))] == [1, 2]  # .json: an array

@@ -204,6 +204,7 @@ def test_function_local_imports_and_attribute_access_count():
     assert "torch.distributed" in imports_of("import torch\ntorch.distributed.barrier()\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["demo.ablation", "demo.sim_server", "demo.tiny_lm", "tools.bench",
                                     "tools.bench_gpu", "tools.bench_teacher"])
 def test_demo_and_tools_run_as_modules_and_say_so_when_run_as_files(module):
@@ -247,3 +248,51 @@ def test_the_library_raises_and_only_entry_points_exit():
     assert not any(exits.values()), {m: sorted(w for _, w in e) for m, e in exits.items() if e}
     assert exits_in("def f():\n    raise SystemExit('error: x')\n") == ["f"]
     assert exits_in("if __name__ == '__main__':\n    raise SystemExit(main())\n") == []
+
+
+def loss_kind_literals(source, kinds):
+    """(line, literal) of every string constant in `source` that is a loss kind (docstrings excluded)."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and node.value in kinds and id(node) not in docstrings]
+
+
+def test_what_each_loss_kind_needs_is_read_from_loss_py():
+    """train, batches and formats compare no loss-kind names: what a kind needs (margins, ties) is declared next to
+    the losses (loss.NEEDS_MARGINS, loss.LEARNS_TIES), so a new kind is added in one place."""
+    import loss
+    assert set(loss.NEEDS_MARGINS) | set(loss.LEARNS_TIES) <= set(loss.PAIRWISE_KINDS)
+    for module in ("train", "batches", "formats"):
+        with open(os.path.join(ROOT, module + ".py"), encoding="utf-8") as f:
+            assert loss_kind_literals(f.read(), loss.PAIRWISE_KINDS) == [], module
+    assert loss_kind_literals('def f(cfg):\n    return cfg.loss != "bt"\n', loss.PAIRWISE_KINDS) == [(2, "bt")]
+
+
+def top_level_names(graph=None):
+    """{name: [modules]} of every top-level function and class of the repository's modules."""
+    names = {}
+    for module in graph or repo_graph():
+        path = os.path.join(ROOT, *module.split(".")) + (os.sep + "__init__.py" if module in FOLDERS else ".py")
+        with open(path, encoding="utf-8") as f:
+            for node in ast.parse(f.read()).body:
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    names.setdefault(node.name, []).append(module)
+    return names
+
+
+# The same function under the same name, kept twice on purpose: teacher.py is copied alone, so it cannot import it.
+SAME_THING_TWICE = {"canonical": ["formats", "teacher"]}
+
+
+def test_one_meaning_per_name():
+    """A name the library defines means one thing: no two library modules define it (a reader who finds `Run` or
+    `collate` knows which one is meant), and the names that once meant two things are defined once in the house."""
+    names = top_level_names()
+    twice = {name: modules for name, modules in names.items()
+             if len([m for m in modules if is_library(m)]) > 1 and SAME_THING_TWICE.get(name) != modules}
+    assert not twice, twice
+    for name in ("Run", "collate", "cache_key", "table", "best_of_n", "finish", "fmt"):
+        assert len(names.get(name, [])) <= 1, (name, names[name])

@@ -26,9 +26,8 @@ def packed_batch(model, tmp_path, n=6):
 
 
 def loss_and_grads(model, batch):
-    cfg = train.TrainConfig(loss="mse", lm_weight=0.5)  # the batch carries margins (collate(..., True, True))
-    model.zero_grad(set_to_none=True)
-    loss, _, _, _ = train.step_loss(model, batch, cfg, batch.n_pairs, len(batch.lm_target))
+    model.zero_grad(set_to_none=True)  # mse: the batch carries margins (collate(..., True, True))
+    loss, _, _, _ = train.step_loss(model, batch, "mse", 0.5, batch.n_pairs, len(batch.lm_target))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -61,6 +60,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_train_with_gradient_checkpointing_matches_a_plain_run(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(16))
     runs = []
@@ -116,6 +116,7 @@ def test_lora_is_saved_merged_and_loads_without_peft(tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(path, "adapter_config.json"))
 
 
+@pytest.mark.slow
 @needs_peft
 def test_lora_training_moves_only_low_rank_deltas_and_resumes(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(24))

@@ -97,7 +97,7 @@ def test_one_process_builds_while_the_others_wait(tmp_path, monkeypatch):
 def test_an_interrupted_build_is_not_used(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows(4))
     cache = tmp_path / "c"
-    key = pair_cache.cache_key([path], ByteTokenizer(), 64, None)
+    key = pair_cache.token_cache_key([path], ByteTokenizer(), 64, None)
     os.makedirs(cache / key)
     (cache / key / "tokens.bin").write_bytes(b"\x00\x01")  # the files of a build killed before meta.json
     store, _ = pair_cache.load([path], ByteTokenizer(), 64, str(cache))
@@ -117,6 +117,7 @@ def test_worker_processes_build_the_same_cache(tmp_path, monkeypatch):
     assert as_tuples(parallel) == as_tuples(pair_cache.load([path], chatml_tokenizer(), 64)[0])
 
 
+@pytest.mark.slow
 def test_training_reads_only_the_pairs_of_its_steps(tmp_path, monkeypatch):
     """No per-pair Python objects for the whole set: the epoch order is numpy arrays, and Examples are read for the
     pairs a step trains on."""

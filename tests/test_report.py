@@ -91,6 +91,7 @@ def test_histogram_on_a_grid_labels_each_bar_with_its_value():
 
 # ------------------------------------------------------------------------------------------------ train page
 
+@pytest.mark.slow
 def test_train_report_has_the_charts_and_the_numbers(train_run, capsys):
     cfg, metrics = train_run
     page = page_of(cfg.out)
@@ -112,6 +113,7 @@ def test_train_report_has_the_charts_and_the_numbers(train_run, capsys):
     assert "loss" in page and len(re.findall(r"pair loss step \d+:", page)) == 6
 
 
+@pytest.mark.slow
 def test_train_prints_the_report_path(tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(8))
     cfg = train_cfg(tmp_path, data, max_steps=0, lm_weight=0.0)  # no eval split, no step: the page still works
@@ -121,6 +123,7 @@ def test_train_prints_the_report_path(tmp_path, capsys):
     assert "No training step was logged" in page and "No evaluation split" in page and "No per-pair rewards" in page
 
 
+@pytest.mark.slow
 def test_resumed_run_report_has_each_step_once(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(24))
     test = write_jsonl(tmp_path / "test.jsonl", easy_rows(6, seed=1))
@@ -137,6 +140,7 @@ def test_resumed_run_report_has_each_step_once(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ distill page
 
+@pytest.mark.slow
 def test_distill_report_shows_stages_bias_filters_margins_and_edits(distill_run):
     out, summary = distill_run
     page = page_of(out)
@@ -157,6 +161,7 @@ def test_distill_report_shows_stages_bias_filters_margins_and_edits(distill_run)
     assert report.word_diff(first["rejected"], first["chosen"]) in page
 
 
+@pytest.mark.slow
 def test_distill_prints_the_report_path(distill_run, capsys):
     out, summary = distill_run
     cfg = distill.DistillConfig(out=out, data="x.jsonl")
@@ -180,6 +185,7 @@ def browser_problems(path):
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no headless browser: apt-get install chromium")
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_the_browser_check_catches_a_script_error(tmp_path):
     bad = tmp_path / "bad.html"
@@ -188,6 +194,7 @@ def test_the_browser_check_catches_a_script_error(tmp_path):
     assert errors and "undefined_function" in errors[0]
 
 
+@pytest.mark.slow
 @needs_chromium
 @pytest.mark.parametrize("which", ["train", "distill"])
 def test_each_page_renders_in_a_headless_browser(which, train_run, distill_run):
@@ -214,6 +221,7 @@ def test_report_to_a_missing_package_is_a_one_line_error(monkeypatch, tmp_path):
         train.validate(train_cfg(tmp_path, data, report_to="mlflow"))
 
 
+@pytest.mark.slow
 def test_report_to_tensorboard_writes_event_files_tensorboard_reads_back(tmp_path):
     """The real package: the event file under <out>/tensorboard holds log.jsonl's numbers, step by step."""
     pytest.importorskip("tensorboard")
@@ -230,6 +238,7 @@ def test_report_to_tensorboard_writes_event_files_tensorboard_reads_back(tmp_pat
         assert logged == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in records]
 
 
+@pytest.mark.slow
 def test_report_to_tensorboard_logs_the_log_jsonl_scalars(monkeypatch, tmp_path):
     logged = []
 

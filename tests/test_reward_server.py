@@ -75,6 +75,7 @@ def post(address, body, method="POST", path="/score"):
     return r.status, (json.loads(data) if data else None), r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length,status", [("-1", 400), ("abc", 400), ("1_000", 400), ("+5", 400), (None, 411)])
 def test_bad_content_length_is_answered_without_reading_the_body(serve, length, status):
     address = serve(idle_timeout=60)  # if the server waited for the body, recv below would wait 30 s and fail
@@ -83,18 +84,21 @@ def test_bad_content_length_is_answered_without_reading_the_body(serve, length, 
     assert got == status and "error" in body
 
 
+@pytest.mark.slow
 def test_chunked_bodies_are_refused(serve):
     address = serve(idle_timeout=60)
     got, body, _ = raw_request(address, b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n")
     assert got == 411
 
 
+@pytest.mark.slow
 def test_an_oversized_body_is_refused_before_reading(serve):
     address = serve(idle_timeout=60, max_body=1000)
     got, body, _ = raw_request(address, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n{")
     assert got == 413
 
 
+@pytest.mark.slow
 def test_a_half_sent_request_is_dropped_after_the_idle_timeout(serve):
     address = serve(idle_timeout=0.3)
     s = raw_request(address, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Len", read=False)
@@ -106,6 +110,7 @@ def test_a_half_sent_request_is_dropped_after_the_idle_timeout(serve):
     assert post(address, {"prompt": "p", "response": "abc"})[:2] == (200, {"rewards": [4.0]})
 
 
+@pytest.mark.slow
 def test_connection_threads_are_bounded(serve):
     address = serve(idle_timeout=60, max_connections=2)
     idle = [raw_request(address, b"GET /hea", read=False) for _ in range(2)]
@@ -127,6 +132,7 @@ def test_connection_threads_are_bounded(serve):
     assert status == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("raw", [b'{"prompt": "p", "response": "\\ud800"}', b'{"query": ["\\udfff x"]}',
                                  b"[" * 200_000 + b"]" * 200_000,
                                  b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"\xff\xfe{}"])
@@ -137,6 +143,7 @@ def test_unencodable_or_deeply_nested_json_gets_a_400(serve, raw):
     assert post(address, {"prompt": "p", "response": "ab"})[:2] == (200, {"rewards": [3.0]})  # still serving
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS", "FOO"])
 def test_other_methods_get_a_json_405(serve, method):
     address = serve()
@@ -145,12 +152,14 @@ def test_other_methods_get_a_json_405(serve, method):
     assert r.getheader("Content-Type") == "application/json"
 
 
+@pytest.mark.slow
 def test_a_malformed_request_line_gets_json(serve):
     address = serve()
     status, body, _ = raw_request(address, b"GET / x HTTP/1.1\r\n\r\n")
     assert status == 400 and "error" in body
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line", [b"HELLO\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
                                   b"GET\r\n\r\n", b"POST /score\r\n\r\n"])
 def test_a_garbage_request_line_gets_an_http_error_with_a_status_line(serve, line):
@@ -165,6 +174,7 @@ def test_a_garbage_request_line_gets_an_http_error_with_a_status_line(serve, lin
     assert "error" in json.loads(response.partition(b"\r\n\r\n")[2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lengths", [(b"5", b"5"), (b"2", b"40")])
 def test_two_content_length_headers_are_refused(serve, lengths):
     address = serve(idle_timeout=60)
@@ -173,6 +183,7 @@ def test_two_content_length_headers_are_refused(serve, lengths):
     assert status == 400 and "more than one Content-Length" in body["error"]  # used to take the first
 
 
+@pytest.mark.slow
 def test_the_listen_backlog_holds_as_many_connections_as_are_served(serve):
     """Connections that arrive while the server is busy wait in the backlog; with the default 5 the rest had
     their SYNs dropped (a 1 s retry, and resets under load). The server here never accepts: all must still connect."""
@@ -186,6 +197,7 @@ def test_the_listen_backlog_holds_as_many_connections_as_are_served(serve):
         server.server_close()
 
 
+@pytest.mark.slow
 def test_header_drippers_cannot_starve_a_normal_client_beyond_the_head_deadline(serve):
     """64 connections drip their headers a byte at a time (one byte per connection every `drip` seconds, far
     inside the idle timeout), taking every connection slot. Each is cut off at the head deadline, so a normal

@@ -53,15 +53,15 @@ def test_row_forms_parse_to_the_same_example(tmp_path):
 def test_implicit_prompt_splits_at_the_last_assistant_turn():
     chosen = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Help me\n\nAssistant: Sure, here is how"
     rejected = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Help me\n\nAssistant: Sure, no"
-    messages, c, r, margin, teacher = formats.parse_row({"chosen": chosen, "rejected": rejected}, "x:1", False)
+    messages, c, r, margin, teacher = formats.parse_row({"chosen": chosen, "rejected": rejected}, "x:1")
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert (c, r) == (" Sure, here is how", " Sure, no")
 
 
 def test_margin_from_scores_or_field():
     row = {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 7.5, "rejected_score": 3}
-    assert formats.parse_row(row, "x:1", True)[3] == 4.5
-    assert formats.parse_row({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2}, "x:1", True)[3] == 2.0
+    assert formats.parse_row(row, "x:1")[3] == 4.5
+    assert formats.parse_row({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2}, "x:1")[3] == 2.0
 
 
 @pytest.mark.parametrize("line, message", [
@@ -269,6 +269,7 @@ def test_collate_packs_with_little_padding(tmp_path):
 # ------------------------------------------------------------------------------------------------ training
 
 
+@pytest.mark.slow
 def test_train_shows_progress_with_elapsed_time_and_eta_from_the_first_step(tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(24))
     train_tiny(train_cfg(tmp_path, data, max_steps=4, log_interval=2, lm_weight=0.0, loss="bt"))
@@ -280,6 +281,7 @@ def test_train_shows_progress_with_elapsed_time_and_eta_from_the_first_step(tmp_
     assert all(" elapsed, ETA " in s for s in steps) and steps[-1].endswith("ETA 0:00")
 
 
+@pytest.mark.slow
 def test_training_learns_an_easy_preference_and_saves_a_loadable_model(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(160))
     test = write_jsonl(tmp_path / "test.jsonl", easy_rows(40, seed=1))
@@ -309,6 +311,7 @@ def test_training_learns_an_easy_preference_and_saves_a_loadable_model(tmp_path)
     torch.testing.assert_close(torch.tensor(rewards), direct[:4], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_max_steps_zero_evaluates_the_untrained_model_only(tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(12))
     rows = easy_rows(6, seed=1)
@@ -341,6 +344,7 @@ def test_max_steps_zero_evaluates_the_untrained_model_only(tmp_path, capsys):
     assert train.TrainConfig().max_steps == -1  # the default runs the epochs
 
 
+@pytest.mark.slow
 def test_cut_backbone_with_lm_term_warns(tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
     tok = chatml_tokenizer()
@@ -357,6 +361,7 @@ def test_cut_backbone_with_lm_term_warns(tmp_path, capsys):
     assert "warning: --layers" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", easy_rows(48))
     straight = train_cfg(tmp_path / "a", data, max_steps=8, lm_weight=0.5, epochs=3)
@@ -370,6 +375,7 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path):
         assert step_a == step_b and abs(pair_a - pair_b) < 1e-6 and abs(lm_a - lm_b) < 1e-6
 
 
+@pytest.mark.slow
 def test_cli_without_data_says_what_to_pass(tmp_path):
     run = subprocess.run([sys.executable, os.path.join(ROOT, "rmd.py"), "train"], cwd=tmp_path, capture_output=True,
                          text=True)
@@ -400,11 +406,12 @@ def test_example_files_in_data_are_read_by_train_and_distill():
     for name, need_margin in (("pairs", False), ("distilled", True), ("hh_style", False)):
         examples, stats = batches.load_pairs(os.path.join(ROOT, "data", f"{name}.jsonl"), tok, 512, need_margin)
         assert stats.kept == stats.rows > 0
-    kinds = {name: {r["kind"] for r in formats.load_rows(os.path.join(ROOT, "data", f"{name}.jsonl"))}
+    kinds = {name: {r["kind"] for r in formats.load_distill_rows(os.path.join(ROOT, "data", f"{name}.jsonl"))}
              for name in ("pairs", "pools", "prompts", "hh_style")}
     assert kinds == {"pairs": {"pair"}, "pools": {"pool"}, "prompts": {"prompt"}, "hh_style": {"pair"}}
 
 
+@pytest.mark.slow
 def test_demo_commands_run_on_the_embedded_default(tmp_path):
     """README's main job, shortened: distill against the built-in simulated teacher, then train on its output."""
     run = subprocess.run([sys.executable, os.path.join(ROOT, "rmd.py"), "distill", "--limit=60", "--progress=false"],
@@ -553,6 +560,7 @@ def test_ordinary_mistakes_are_one_line_errors_in_every_command(tmp_path):
         assert expected in one_line_error(argv), argv
 
 
+@pytest.mark.slow
 def test_distill_turns_teacher_http_errors_into_one_line(tmp_path):
     from demo import sim, sim_server
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6"}])
@@ -574,6 +582,7 @@ def test_distill_turns_teacher_http_errors_into_one_line(tmp_path):
     assert run.returncode == 1 and run.stderr == "error: nope.jsonl: no such file\n"
 
 
+@pytest.mark.slow
 def test_distill_that_keeps_nothing_fails_and_says_why(tmp_path):
     from demo import sim, sim_server
     data = write_jsonl(tmp_path / "outside.jsonl",  # questions the simulated teacher cannot judge or refine
@@ -595,6 +604,7 @@ def data_readme_commands():
     return [shlex.split(x)[2:] for x in lines if "teacher-sim" not in x]
 
 
+@pytest.mark.slow
 def test_every_data_example_runs_as_its_readme_line_says(tmp_path, monkeypatch):
     """data/README.md's commands, shortened (1 step, outputs in tmp), against the in-process simulated teacher."""
     from demo import sim, sim_server
@@ -617,6 +627,7 @@ def test_every_data_example_runs_as_its_readme_line_says(tmp_path, monkeypatch):
         shutdown()
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_config_stops_before_writing(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", easy_rows(8))
     cfg = train_cfg(tmp_path / "r", data, max_steps=2, batch_size=4)
@@ -688,6 +699,7 @@ def test_original_pairs_of_train_jsonl_load_with_their_order_debiased_margin(tmp
     assert [ex.margin for ex in examples] == [3.5, 5.0] and stats.kept == 2 and not stats.dropped
 
 
+@pytest.mark.slow
 def test_the_demos_students_load_through_rmd_py_or_a_loader_not_by_name_in_the_library(tmp_path):
     """'tiny' and 'tiny-scratch' are the demo's (demo/tiny_lm.py): the library does not know them by name. From
     Python, train.train(cfg) says how to get them; train.train(cfg, backbone=load_tiny) trains one."""

@@ -122,6 +122,7 @@ def test_judge_biases_near_the_cited_figures():
 
 # ------------------------------------------------------------------------------- replies through the real parsers
 
+@pytest.mark.slow
 @pytest.mark.parametrize("json_mode", [False, True])
 def test_annotate_reply_parses(server, json_mode):
     question = "What is the capital of Australia?"
@@ -132,6 +133,7 @@ def test_annotate_reply_parses(server, json_mode):
     assert reply["usage"]["prompt_tokens"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("json_mode", [False, True])
 def test_refine_and_score_replies_parse(server, json_mode):
     question, rejected = "Reverse the word 'lamp'.", "Reversed: pmla."
@@ -147,6 +149,7 @@ def test_refine_and_score_replies_parse(server, json_mode):
     assert score >= 6.5
 
 
+@pytest.mark.slow
 def test_generate_teacher_and_candidates(server):
     messages = [{"role": "user", "content": "What is 6 + 7?"}]
     assert chat(server, messages)["choices"][0]["message"]["content"] in (
@@ -157,11 +160,13 @@ def test_generate_teacher_and_candidates(server):
     assert sim.parse_answer(sim.task_from_prompt("What is 6 + 7?"), text) is not None
 
 
+@pytest.mark.slow
 def test_replies_are_deterministic(server):
     body = [{"role": "user", "content": protocol.annotate_prompt("What is 2 + 2?", "4", "5")}]
     assert chat(server, body) == chat(server, body)
 
 
+@pytest.mark.slow
 def test_malformed_replies_fail_the_parser():
     url, shutdown = sim_server.start_server(sim.WorldConfig(malformed_rate=1.0), port=0)
     try:
@@ -174,6 +179,7 @@ def test_malformed_replies_fail_the_parser():
 
 # ---------------------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_distill_end_to_end_with_retries(tmp_path):
     cfg = sim.WorldConfig(n_distill=40, http_error_rate=0.2)
     paths = sim.write_builtin_data(str(tmp_path / "data"), cfg)
@@ -227,6 +233,7 @@ def test_distill_end_to_end_with_retries(tmp_path):
     assert better >= 0.9 * len(rows)  # the rest: tasks on which the teacher itself is wrong (teacher_skill)
 
 
+@pytest.mark.slow
 def test_ablation_smoke(tmp_path):
     from demo import ablation
     results = ablation.main(["--seeds=0", f"--arms=a,{ablation.DEFAULT_ARM}", "--steps=2", "--sweep=0.1",
@@ -248,6 +255,7 @@ def test_lm_weight_sweep_takes_the_smallest_weight_within_one_standard_error():
     assert ablation.pick_lm_weight({1.0: 0.70, 0.1: 0.70}, 400) == 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("json_mode", ["off", "on"])
 def test_distill_keeps_refusals_as_answers_and_cuts_commentary(tmp_path, json_mode):
     """Issue 19 through the real protocol: a teacher that refuses some prompts (its refusal is y_T: kept, counted,

@@ -259,6 +259,7 @@ def test_the_servers_retype_no_tag_or_header():
             assert literal not in text, f"{path} re-types the protocol's {literal!r}: import it from protocol.py"
 
 
+@pytest.mark.slow
 def test_the_teacher_side_imports_no_torch_and_the_client_stands_alone():
     """distill.py, asker.py, protocol.py and teacher.py run without torch; teacher.py needs only the standard library,
     requests and (optionally) tiktoken, so it can be copied alone."""
@@ -274,6 +275,7 @@ def test_the_teacher_side_imports_no_torch_and_the_client_stands_alone():
     assert imported - sys.stdlib_module_names <= {"requests", "tiktoken"}, imported - sys.stdlib_module_names
 
 
+@pytest.mark.slow
 def test_teacher_py_copied_alone_posts_and_caches(tmp_path):
     """teacher.py in a folder of its own (no other rmd module importable) runs its docstring's example."""
     import shutil
@@ -370,24 +372,24 @@ def test_input_files_from_other_tools_are_read(tmp_path):
     """A BOM and CRLF are accepted; a non-UTF-8 byte, a folder, a missing or empty file are file:line errors."""
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n\r\n{"prompt": "b"}\r\n')
-    assert [(r["line"], r["prompt"]) for r in formats.load_rows(str(path))] == [(1, "a"), (3, "b")]
+    assert [(r["line"], r["prompt"]) for r in formats.load_distill_rows(str(path))] == [(1, "a"), (3, "b")]
     path.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"in.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
-        formats.load_rows(str(path))
+        formats.load_distill_rows(str(path))
     for text in ("", "\n  \n\t\n"):
         path.write_text(text)
         with pytest.raises(ValueError, match=r"in.jsonl: no rows"):
-            formats.load_rows(str(path))
+            formats.load_distill_rows(str(path))
     with pytest.raises(ValueError, match=r"is a folder"):
-        formats.load_rows(str(tmp_path))
+        formats.load_distill_rows(str(tmp_path))
     with pytest.raises(ValueError, match=r"nope.jsonl: no such file"):
-        formats.load_rows(str(tmp_path / "nope.jsonl"))
+        formats.load_distill_rows(str(tmp_path / "nope.jsonl"))
     array = tmp_path / "in.json"  # one JSON array: each element's line is its file:line
     array.write_text('[\n  {"prompt": "a"},\n  {"prompt": "b",\n   "id": 7}\n]\n')
-    assert [(r["line"], r["id"]) for r in formats.load_rows(str(array))][1] == (3, "7")
+    assert [(r["line"], r["id"]) for r in formats.load_distill_rows(str(array))][1] == (3, "7")
     array.write_text('[\n  {"prompt": "a"},\n  {"prompt": 5}\n]')
     with pytest.raises(ValueError, match=r"in.json:3: field 'prompt' must be"):
-        formats.load_rows(str(array))
+        formats.load_distill_rows(str(array))
 
 
 def test_unknown_chat_role_is_rejected_with_file_line(tmp_path):
@@ -395,18 +397,18 @@ def test_unknown_chat_role_is_rejected_with_file_line(tmp_path):
     path.write_text(json.dumps({"prompt": [{"role": "wizard", "content": "hi"}, {"role": "user", "content": "x"}],
                                 "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(ValueError, match=r"in.jsonl:1: prompt\[0\] has role 'wizard'; a role is one of system, "):
-        formats.load_rows(str(path))
+        formats.load_distill_rows(str(path))
 
 
 def test_bad_rows_get_file_line_errors(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text('{"prompt": "ok", "chosen": "a", "rejected": "b"}\n\n{"prompt": 5}\n{not json\n')
     with pytest.raises(ValueError, match=r"in.jsonl:4: not valid JSON"):
-        formats.load_rows(str(path))
+        formats.load_distill_rows(str(path))
     path.write_text('{"prompt": "ok", "chosen": "a"}\n{"prompt": [{"role": "user"}]}\n{"id": 1, "prompt": "x"}\n'
                     '{"id": 1, "prompt": "y"}\n{"prompt": "p", "responses": ["one"]}\n')
     with pytest.raises(ValueError) as e:
-        formats.load_rows(str(path))
+        formats.load_distill_rows(str(path))
     for line in (1, 2, 4, 5):
         assert f"in.jsonl:{line}:" in str(e.value)
 
@@ -422,9 +424,9 @@ def test_distill_train_and_eval_say_the_same_about_the_same_bad_pair(tmp_path, r
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(ValueError) as distill_error:
-        formats.load_rows(str(path))
+        formats.load_distill_rows(str(path))
     with pytest.raises(formats.DataError) as train_error:
-        formats.parse_row(row, f"{path}:1", False)
+        formats.parse_row(row, f"{path}:1")
     assert f"{path}:1: {message}" in str(distill_error.value) and str(train_error.value) == f"{path}:1: {message}"
     if row.get("chosen") == 5:
         with pytest.raises(formats.DataError, match="field 'chosen' must be a string or a message list"):
@@ -434,9 +436,9 @@ def test_distill_train_and_eval_say_the_same_about_the_same_bad_pair(tmp_path, r
 def test_row_ids_are_stable_and_shards_partition(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"p{i % 5}"}) + "\n" for i in range(10)))
-    loaded = formats.load_rows(str(path))
+    loaded = formats.load_distill_rows(str(path))
     assert len({r["id"] for r in loaded}) == 10 and loaded[0]["id"] == formats.row_id({"prompt": "p0"})
-    shards = [formats.load_rows(str(path), shard=f"{k}/3") for k in range(3)]
+    shards = [formats.load_distill_rows(str(path), shard=f"{k}/3") for k in range(3)]
     assert sorted(r["line"] for s in shards for r in s) == list(range(1, 11))
 
 
@@ -871,6 +873,7 @@ def wait_for_lock(out, proc):
     raise AssertionError(f"exited with {proc.returncode} before taking the lock")
 
 
+@pytest.mark.slow
 def test_a_second_distill_on_one_out_is_refused_while_the_first_goes_on(tmp_path):
     import subprocess
     rows = [{"id": f"r{i}", "prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(12)]
@@ -896,17 +899,34 @@ def test_a_second_distill_on_one_out_is_refused_while_the_first_goes_on(tmp_path
     assert len((tmp_path / "out" / "train.jsonl").read_text().splitlines()) >= 12
 
 
-def test_rate_limit_is_respected(tmp_path):
-    limiter = teacher.RateLimiter(rpm=600)  # 10/s with a 10 s burst: 100 at once, then 10/s
-    t0 = time.time()
-    for _ in range(105):
+class FakeClock:
+    """A clock that moves only when the code under test sleeps: waits are counted exactly, not timed."""
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def test_rate_limit_is_respected():
+    clock = FakeClock()
+    limiter = teacher.RateLimiter(rpm=600, clock=clock, sleep=clock.sleep)  # 10/s, 10 s burst: 100 at once
+    for _ in range(100):
         limiter.acquire(1)
-    assert 0.4 < time.time() - t0 < 1.0
-    limiter = teacher.RateLimiter(tpm=60000)  # 1000 tokens/s, 10000 burst
-    t0 = time.time()
+    assert clock.now == 0.0
+    for _ in range(5):  # then one per 0.1 s
+        limiter.acquire(1)
+    assert clock.now == pytest.approx(0.5)
+    clock = FakeClock()
+    limiter = teacher.RateLimiter(tpm=60000, clock=clock, sleep=clock.sleep)  # 1000 tokens/s, 10000 burst
     for tokens in (10000, 500, 500):
         limiter.acquire(tokens)
-    assert 0.8 < time.time() - t0 < 1.4
+    assert clock.now == pytest.approx(1.0)
+    limiter.acquire(20000)  # more than the burst: waits for a full bucket, then borrows ahead
+    assert clock.now == pytest.approx(11.0)
 
 
 def test_throughput_keeps_the_workers_busy(tmp_path):
@@ -973,9 +993,9 @@ def test_parquet_rows_or_a_one_line_error_naming_pyarrow(tmp_path, monkeypatch):
     else:
         pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"prompt": "a", "chosen": "x", "rejected": "y"}] * 2),
                                     path)
-        assert [(r["line"], r["kind"]) for r in formats.load_rows(path)] == [(1, "pair"), (2, "pair")]
+        assert [(r["line"], r["kind"]) for r in formats.load_distill_rows(path)] == [(1, "pair"), (2, "pair")]
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ValueError, match=r"^[^\n]*in.parquet: reading Parquet needs the pyarrow package "
                                          r"\(pip install pyarrow\)$"):
-        formats.load_rows(path)
+        formats.load_distill_rows(path)

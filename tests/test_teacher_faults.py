@@ -291,6 +291,7 @@ def test_a_stage_using_ask_with_a_parser_gets_reasks_for_free(tmp_path):
     assert server.bodies[1]["messages"][1:][0] == {"role": "assistant", "content": "no marker here"}
 
 
+@pytest.mark.slow
 def test_the_simulated_teacher_with_http_errors_still_gets_json_mode(tmp_path):
     """issue 10: teacher-sim --http-error-rate made the probe's first 500 switch the whole run to text mode."""
     from demo import sim, sim_server

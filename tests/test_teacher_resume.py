@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from asker import cache_key
@@ -30,6 +32,7 @@ def cache_keys(path):
     return keys
 
 
+@pytest.mark.slow
 def test_kill_and_resume_sends_nothing_twice_and_gives_identical_output(tmp_path):
     rows = [{"prompt": f"question {i}", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"}
             for i in range(40)]

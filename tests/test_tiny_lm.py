@@ -22,7 +22,7 @@ def test_shipped_tiny_student_is_the_one_the_code_would_build():
     from demo import sim
     tok = ByteTokenizer()
     sequences = tiny_lm.world_sequences(tok, sim.world_corpus(sim.WorldConfig()))
-    assert tiny_lm.cache_key(sequences, tiny_lm.tiny_config(tok, 1024), tiny_lm.SETTINGS) == tiny_lm.shipped_key()
+    assert tiny_lm.weights_key(sequences, tiny_lm.tiny_config(tok, 1024), tiny_lm.SETTINGS) == tiny_lm.shipped_key()
     info = json.load(open(os.path.join(tiny_lm.SHIPPED, "pretrain.json")))
     assert info["knowledge"]["correct_beats_wrong_same_style"]["all"] >= 0.9
     lm, tokenizer = tiny_lm.load_tiny("tiny", 0, 256)
@@ -33,18 +33,18 @@ def test_the_key_covers_what_determines_the_weights_and_no_version_string():
     """A new transformers release adds or renames config fields and stamps its version: the key must not move (the
     shipped student stays valid); a change of shape, numerics or settings must move it."""
     _, sequences, config, settings = tiny_world()
-    key = tiny_lm.cache_key(sequences, config, settings)
+    key = tiny_lm.weights_key(sequences, config, settings)
     relabelled = tiny_lm.tiny_config(ByteTokenizer(), 1024)
     relabelled.transformers_version = "99.0.0"
     relabelled.use_cache = not relabelled.use_cache
     relabelled.architectures = ["SomethingElse"]
     relabelled.some_new_field_of_a_later_release = 1
-    assert tiny_lm.cache_key(sequences, relabelled, settings) == key
+    assert tiny_lm.weights_key(sequences, relabelled, settings) == key
     wider = tiny_lm.tiny_config(ByteTokenizer(), 1024)
     wider.hidden_size = 256
-    assert tiny_lm.cache_key(sequences, wider, settings) != key
-    assert tiny_lm.cache_key(sequences, config, dict(settings, lr=1e-4)) != key
-    assert tiny_lm.cache_key(sequences[:1], config, settings) != key
+    assert tiny_lm.weights_key(sequences, wider, settings) != key
+    assert tiny_lm.weights_key(sequences, config, dict(settings, lr=1e-4)) != key
+    assert tiny_lm.weights_key(sequences[:1], config, settings) != key
 
 
 def test_tiny_pretraining_is_cached_by_what_determines_it(tmp_path, monkeypatch):

@@ -454,7 +454,7 @@ def rmd_lm_step(model, examples, cfg):
     """rmd's step (as in train.train): chosen, rejected and teacher rows packed; fused LM term on answer tokens only."""
     batch = collate(examples, model.pad_id, True, False)
     lm_tokens = sum(len(ex.teacher[1]) for ex in examples)
-    loss, _, _, _ = train.step_loss(model, batch, cfg, len(examples), lm_tokens)
+    loss, _, _, _ = train.step_loss(model, batch, cfg.loss, cfg.lm_weight, len(examples), lm_tokens)
     loss.backward()
     return batch.real_tokens
 
@@ -558,7 +558,7 @@ def bench_compile(args):
         variants = {"eager": model, "compiled": compiled}
 
         def step(forward, batch):
-            loss, _, _, _ = train.step_loss(forward, batch, cfg, batch.n_pairs, 1)
+            loss, _, _, _ = train.step_loss(forward, batch, cfg.loss, cfg.lm_weight, batch.n_pairs, 1)
             loss.backward()
             model.zero_grad(set_to_none=True)
 

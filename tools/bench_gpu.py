@@ -86,9 +86,9 @@ def naive_lm_loss(hidden, weight, labels):
 def step(model, optimizer, batch, lm, lm_weight, autocast):
     """One training step of rmd: train.step_loss (mse + lm_weight x the LM term; lm "naive" swaps in the naive LM
     loss, "off" sets lm_weight 0), backward, clipping, AdamW."""
-    cfg = train.TrainConfig(loss="mse", lm_weight=0.0 if lm == "off" else lm_weight)
     with autocast:
-        loss, _, _, _ = train.step_loss(model, batch, cfg, batch.n_pairs, max(1, len(batch.lm_target)),
+        loss, _, _, _ = train.step_loss(model, batch, "mse", 0.0 if lm == "off" else lm_weight, batch.n_pairs,
+                                        max(1, len(batch.lm_target)),
                                         **({"lm_loss": naive_lm_loss} if lm == "naive" else {}))
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
