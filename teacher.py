@@ -194,7 +194,7 @@ class Client:
 
     def _wait_for_pause(self):
         while (wait := self.paused_until - time.time()) > 0:
-            self.sleep(min(wait, 1.0))
+            time.sleep(min(wait, 1.0))
 
     def post(self, body, retry_status=RETRY_STATUS, final=None, timing=None):
         """POST one chat completion -> (Reply, HTTP attempts), retrying what a retry can fix. Raises TransportError
