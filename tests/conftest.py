@@ -1,15 +1,21 @@
 """Shared test set-up: the repository root and tests/ on sys.path (so tests import rmd's modules, demo/ and tools/,
 and each other's helpers), and the builders more than one test file uses (`from conftest import tiny_model, ...`):
 row files, a tiny random reward model, an in-memory ChatML tokenizer, a small training config and its run, a
-recorder of fsyncs and renames."""
+recorder of fsyncs and renames, an in-process `rmd.py` run that must end in one error line, and a distill run of a
+few rows against a fault_server.py teacher (run_rows, with FAST settings, a clean PAIR, ASKS requests per re-asked
+reply)."""
 import json
 import os
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, "tests")):
     if path not in sys.path:
         sys.path.insert(0, path)
+
+import distill  # noqa: E402  (after the path: the repository's own module)
 
 
 def write_jsonl(path, rows):
@@ -100,3 +106,36 @@ def synced_around(events, src, dst):
     """(paths fsynced before the rename src -> dst, paths fsynced after it)."""
     swap = events.index(("replace", str(src), str(dst)))
     return ({e[1] for e in events[:swap] if e[0] == "fsync"}, {e[1] for e in events[swap:] if e[0] == "fsync"})
+
+
+def one_line_error(argv):
+    """Run rmd.main in-process; the message of the SystemExit it must raise (an 'error: ...' line)."""
+    import rmd
+    with pytest.raises(SystemExit) as e:
+        rmd.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+# restyle off: these tests count the requests of the paper's five stages; test_restyle_* turn it on
+FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=0.5, max_retries=3, json_mode="off", progress=False,
+            restyle=False, original_pairs=False)
+
+
+ASKS = 1 + distill.DistillConfig().reask  # a complete reply that is no answer: the first ask and its re-asks
+
+
+def run_rows(server, rows, tmp_path, **overrides):
+    """distill.distill over `rows` against `server` (FAST, 4 workers) -> (summary, train, annotated, failures)."""
+    data = tmp_path / "in.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = distill.DistillConfig(data=str(data), out=str(tmp_path / "out"), teacher_url=server.url,
+                                teacher_model="teacher", **{"workers": 4, **FAST, **overrides})
+    summary = distill.distill(cfg)
+    read = lambda name: [json.loads(x) for x in (tmp_path / "out" / name).read_text().splitlines()]  # noqa: E731
+    return summary, read("train.jsonl"), read("annotated.jsonl"), read("failures.jsonl")
+
+
+PAIR = {"id": "r1", "prompt": "What is 2+2?", "chosen": "good: 4", "rejected": "bad: 5"}

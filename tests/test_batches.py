@@ -1,6 +1,8 @@
 """batches.py's layouts: prefix-shared pairs (a pair's prompt computed once, its answers each attending to it and to
 themselves) against the plain layout (every row with its own copy of the prompt) -- rewards, losses and every
 gradient equal within fp32 tolerances; the attention mask; the per-batch choice; prompt sharing at scoring time.
+Then load_pairs' cutting counts and warnings, its dropped rows (identical after cutting, margin-0 ties), and
+collate's packing.
 
 Tolerances (fp32, CPU): only the order of floating-point sums differs between the layouts (other bins, other row
 lengths), so rewards and losses agree to atol 1e-5 and gradients to atol 1e-5 + rtol 1e-4."""
@@ -8,9 +10,10 @@ import pytest
 import torch
 
 import batches
+import formats
 import train
-from conftest import chatml_tokenizer, tiny_model, write_jsonl
-from model import RewardModel, attention_key_cost, prefix_sharing_mask
+from conftest import chatml_tokenizer, easy_rows, tiny_model, write_jsonl
+from model import CUT_KINDS, ByteTokenizer, RewardModel, attention_key_cost, prefix_sharing_mask
 
 
 def smollm2_shaped(seed=0, layers=2):
@@ -142,3 +145,89 @@ def test_scoring_shares_a_prompt_among_its_answers(tmp_path, monkeypatch):
                                padding_side=side)
         torch.testing.assert_close(torch.tensor(together), torch.tensor(alone), atol=1e-5, rtol=0)
     assert shared_rows and all(len(chunk) > 1 for chunk in shared_rows)
+
+
+def test_cut_counts_add_up_and_count_only_the_rows_a_run_uses(tmp_path):
+    long_prompt = "x " * 100 + "the question?"
+    rows = [{"prompt": "q", "chosen": "fine", "rejected": "bad", "teacher_response": "fine too"},  # nothing cut
+            {"prompt": long_prompt, "chosen": "fine", "rejected": "bad", "teacher_response": "t " * 80},
+            {"prompt": long_prompt, "chosen": "a " * 80, "rejected": "b", "teacher_response": "t"},
+            {"prompt": "q", "chosen": "a " * 80, "rejected": "b " * 80},  # no teacher answer
+            {"prompt": "q", "chosen": "same", "rejected": "same", "teacher_response": "t " * 80}]  # dropped
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    _, stats = batches.load_pairs(path, ByteTokenizer(), 64, teacher=True)
+    assert stats.rows == 5 and stats.kept == 4 and stats.dropped == {"chosen == rejected": 1}
+    reward, teacher = stats.cuts["reward"], stats.cuts["teacher"]
+    assert (reward.sequences, reward.whole, reward.prompt_left, reward.prompt_min, reward.answer_end) == (8, 2, 3, 1, 2)
+    assert (teacher.sequences, teacher.whole, teacher.prompt_left, teacher.prompt_min) == (3, 1, 1, 1)
+    for counts in (reward, teacher):
+        assert counts.whole + sum(getattr(counts, k) for k in CUT_KINDS) == counts.sequences
+        assert counts.most_prompt_lost <= counts.sequences
+    assert reward.sequences == 2 * stats.kept and teacher.sequences <= stats.kept
+    assert reward.most_prompt_lost == 4 and teacher.most_prompt_lost == 2  # the long prompt keeps < half
+    _, eval_stats = batches.load_pairs(path, ByteTokenizer(), 64)  # an eval split, or --lm-weight=0
+    assert set(eval_stats.cuts) == {"reward"} and eval_stats.cuts["reward"] == reward
+    summary = stats.summary("train")
+    assert "8 chosen/rejected sequences: 2 whole, 3 prompt cut from the left, 1 prompt cut to its floor" \
+        in summary and "3 teacher-answer sequences" in summary
+    warnings = batches.cut_warnings("train", stats.cuts, 64)
+    assert len(warnings) == 2 and "--max-len=64" in warnings[0]
+    assert "4 of 8 chosen/rejected sequences (50%)" in warnings[0] and "2 of 3 teacher-answer" in warnings[1]
+    _, short = batches.load_pairs(write_jsonl(tmp_path / "s.jsonl", rows[:1] * 10 + rows[1:2]), ByteTokenizer(), 64)
+    assert short.cuts["reward"].most_prompt_lost == 2 and not batches.cut_warnings("x", short.cuts, 64)  # 2 of 22
+
+
+def test_over_long_rows_are_cut_and_counted(tmp_path):
+    long_prompt = "x" * 300 + " the question?"
+    rows = [{"prompt": long_prompt, "chosen": "good answer", "rejected": "bad"},
+            {"prompt": "p", "chosen": "A " + "y" * 100, "rejected": "B " + "y" * 100},
+            {"prompt": "q", "chosen": "same", "rejected": "same"}]
+    examples, stats = batches.load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), ByteTokenizer(), 64)
+    assert stats.rows == 3 and stats.kept == 2 and stats.dropped == {"chosen == rejected": 1}
+    first = examples[0]
+    tok = ByteTokenizer()
+    for prompt, answer in ((first.prompt[0], first.chosen), (first.prompt[1], first.rejected)):
+        assert len(prompt) + len(answer) <= 64
+        assert answer[-1] == tok.eos_token_id
+        assert tok.decode(prompt).endswith("the question?\n\nAssistant:")  # the end of the prompt survives
+    second = examples[1]
+    assert tok.decode(second.prompt[0] + second.chosen) == "\n\nHuman: p\n\nAssistant: A " + "y" * 39
+    cuts = stats.cuts["reward"]
+    assert (cuts.prompt_left, cuts.answer_end, cuts.whole) == (2, 2, 0)
+    assert "dropped: chosen == rejected: 1" in stats.summary("train")
+
+
+def test_rows_identical_after_cutting_are_dropped_and_counted(tmp_path):
+    rows = [{"prompt": "p", "chosen": "z" * 100 + "A", "rejected": "z" * 100 + "B"}]
+    with pytest.raises(formats.DataError, match="identical after cutting"):
+        batches.load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), ByteTokenizer(), 32)
+
+
+def test_collate_packs_with_little_padding(tmp_path):
+    model = tiny_model()
+    examples, _ = batches.load_pairs(write_jsonl(tmp_path / "d.jsonl", easy_rows(32)), model.tokenizer, 256)
+    batch = batches.collate(examples, model.pad_id, True, True)
+    assert batch.real_tokens / batch.input_ids.numel() > 0.9
+    longest = max(len(ex.prompt[0]) + len(ex.chosen) for ex in examples)
+    assert longest <= batch.input_ids.shape[1] <= 2 * longest  # attention never costs more than 4x padding's
+
+
+def test_margin_zero_pairs_need_the_mse_loss(tmp_path):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 5, "rejected_score": 5},
+            {"prompt": "p", "chosen": "a", "rejected": "c", "chosen_score": 7, "rejected_score": 2}]
+    path = write_jsonl(tmp_path / "eq.jsonl", rows)
+    examples, stats = batches.load_pairs(path, ByteTokenizer(), 64, need_margin=True, keep_ties=False)
+    assert len(examples) == 1 and list(stats.dropped.values()) == [1]
+    examples, _ = batches.load_pairs(path, ByteTokenizer(), 64, need_margin=True, keep_ties=True)
+    assert [ex.margin for ex in examples] == [0.0, 5.0]
+
+
+def test_original_pairs_of_train_jsonl_load_with_their_order_debiased_margin(tmp_path):
+    provenance = {"source": "original", "annotate_scores": {"a_first": {"a": 8, "b": 3}, "b_first": {"a": 7, "b": 5}}}
+    rows = [{"id": "r1:original", "prompt": "p", "chosen": "good", "rejected": "bad", "chosen_score": 7.5,
+             "rejected_score": 4.0, "teacher_response": "t", "provenance": provenance},
+            {"id": "r1", "prompt": "p", "chosen": "good, fixed", "rejected": "bad", "chosen_score": 9,
+             "rejected_score": 4.0, "teacher_response": "t", "provenance": {"source": "refined"}}]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)  # a kept row's original and refined pairs
+    examples, stats = batches.load_pairs(path, ByteTokenizer(), 64, need_margin=True, teacher=True, keep_ties=False)
+    assert [ex.margin for ex in examples] == [3.5, 5.0] and stats.kept == 2 and not stats.dropped

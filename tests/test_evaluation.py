@@ -1,5 +1,5 @@
-"""evaluation.py and serve.py: benchmark metrics, batch/padding invariance, standard export, best-of-N and the
-reward server."""
+"""evaluation.py and serve.py: benchmark metrics, the margin fit, batch/padding invariance, standard export,
+best-of-N and the reward server."""
 import json
 import os
 import threading
@@ -381,3 +381,12 @@ def test_one_role_rule_in_eval_and_serve(tmp_path, model):
         assert e.value.code == 405 and "POST" in json.loads(e.value.read())["error"]
     finally:
         shutdown()
+
+
+def test_margin_fit_matches_a_hand_computation():
+    # dr = 1 2 3, ds = 1 3 2: means 2 and 2; cov = (-1)(-1) + 0 + 0 = 1; var = 2 and 2 -> r = 1/2
+    # mse = (0^2 + 1^2 + 1^2) / 3 = 2/3
+    fit = evaluation.margin_fit([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
+    assert fit["pairs"] == 3 and fit["pearson"] == pytest.approx(0.5) and fit["mse"] == pytest.approx(2 / 3)
+    # a constant side has no correlation; mse = ((1-2)^2 + (1-5)^2) / 2 = 8.5
+    assert evaluation.margin_fit([1.0, 1.0], [2.0, 5.0]) == {"pairs": 2, "pearson": None, "mse": pytest.approx(8.5)}

@@ -12,7 +12,7 @@ import distill
 import teacher
 from asker import Asker, cache_key
 from protocol import ParseError, check_answer, is_refusal, parse_annotation, parse_score, strip_reasoning, tagged
-from test_teacher import FAST, PAIR, run_rows
+from conftest import FAST, PAIR, run_rows
 from tools import fault_server
 from tools.fault_server import REFUSAL, FaultServer, reply, status, yield_comparison
 
