@@ -177,7 +177,7 @@ def options_markdown():
     import contextlib
     import io
     parts = ["# rmd's options", "", "Every command's `--help`, as printed. Generated: `python rmd.py options > OPTIONS.md` "
-             "(tests/test_rmd.py fails when this file is stale).", ""]
+             "(tests/test_cli.py fails when this file is stale).", ""]
     for command in COMMANDS:
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
