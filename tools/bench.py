@@ -677,12 +677,11 @@ def bench_profile(args):
     batch = [examples[i] for i in epoch_batches(examples, args.batch, 1337, 0)[0]]
     model = RewardModel(lm, tokenizer, "linear", 0.0).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    cfg = train.TrainConfig(loss="bt", lm_weight=0.0)
     key_cost = attention_key_cost(lm)
 
     def rmd_step(layout):
         b = collate(batch, model.pad_id, False, False, layout, key_cost)
-        loss, _, _, _ = train.step_loss(model, b, cfg, b.n_pairs, 1)
+        loss, _, _, _ = train.step_loss(model, b, "bt", 0.0, b.n_pairs, 1)
         loss.backward()
         return b.real_tokens, b.input_ids.numel(), b.input_ids.shape
 
