@@ -4,6 +4,8 @@
         f.write(...)                                 # after a power cut the file is the old one or the new one
     with folder_lock("out/train", "train"):          # a second run on the folder: FolderBusy naming the first's PID
         ...
+    with build_lock("out/cache/key", on_wait):       # one process builds a cached artefact; the others wait for it
+        ...
 
 A rename alone is not enough after a power cut: the file's data and the folder entry reach the disk in no set
 order, so the renamed file can come back empty or partial. fsync the file before the rename and the folder after it.
@@ -92,6 +94,33 @@ def _holder(f):
         return json.loads(f.read() or "{}")
     except ValueError:
         return {}
+
+
+@contextlib.contextmanager
+def build_lock(path, on_wait):
+    """Hold <path>.lock exclusively while `path` is built (fcntl.flock: released when the process exits, kill -9
+    included). A process that finds another building calls on_wait(that builder's PID or '?'), then blocks until
+    the build is done: exactly one process builds, the others reuse what it built."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if fcntl is None:
+        print(f"warning: no fcntl on this platform: nothing stops two processes building {path} at once", flush=True)
+        yield
+        return
+    with open(path + ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            on_wait(f.read().strip() or "?")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

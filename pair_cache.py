@@ -20,7 +20,6 @@ the same arrays are built in memory (small files, tests, Hub datasets).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import inspect
 import json
@@ -261,28 +260,6 @@ def token_cache_key(paths, tokenizer, max_len, keys):
     return h.hexdigest()[:20]
 
 
-@contextlib.contextmanager
-def build_lock(path, log):
-    """Hold <path>.lock exclusively (fcntl.flock: released when the process exits, kill -9 included); a process that
-    finds it held says whose build it waits for, then blocks until it is done."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            log(f"[pair_cache] process {f.read().strip() or '?'} is tokenizing into {path}; waiting for it")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def load(paths, tokenizer, max_len, cache_dir=None, keys=None, workers=None, log=None):
     """Data files -> (PairStore of their tokenized pairs, Counts). cache_dir: build the cache once and map it (local
     files; with a Hub dataset among them, built in memory); None: build in memory. workers: processes that
@@ -298,7 +275,9 @@ def load(paths, tokenizer, max_len, cache_dir=None, keys=None, workers=None, log
         return PairStore(arrays, meta, None), counts
     folder = os.path.join(cache_dir, token_cache_key(paths, tokenizer, max_len, keys))
     if not os.path.exists(os.path.join(folder, "meta.json")):
-        with build_lock(folder, log):
+        def waiting(pid):
+            log(f"[pair_cache] process {pid} is tokenizing into {folder}; waiting for it")
+        with files.build_lock(folder, waiting):
             if not os.path.exists(os.path.join(folder, "meta.json")):
                 write(folder, paths, tokenizer, max_len, keys, workers, log)
     with open(os.path.join(folder, "meta.json")) as f:

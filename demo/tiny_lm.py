@@ -15,9 +15,7 @@ and the settings below. Needs torch and transformers.
 if not __package__:  # run as a file: the repository's modules are importable only from its root
     raise SystemExit("error: run it from the repository root as a module: python -m demo.tiny_lm")
 
-import contextlib
 import copy
-import fcntl
 import functools
 import hashlib
 import json
@@ -151,33 +149,13 @@ def pretrained(sequences, config, pad_id, settings=SETTINGS, log=print, probe=No
     path = os.path.join(CACHE, key)
     if os.path.exists(os.path.join(path, "pretrain.json")):
         return path
-    with build_lock(path, log):  # exactly one process builds it; the others wait here, then reuse it
+    def waiting(pid):
+        log(f"[tiny_lm] another process (pid {pid}) is pretraining {path}; waiting for it to finish, then using its "
+            "model")
+    with files.build_lock(path, waiting):  # exactly one process builds it; the others wait here, then reuse it
         if not os.path.exists(os.path.join(path, "pretrain.json")):
             build(path, key, sequences, config, pad_id, settings, log, probe)
     return path
-
-
-@contextlib.contextmanager
-def build_lock(path, log):
-    """Hold <path>.lock exclusively (fcntl.flock: released when the process exits, kill -9 included). A second
-    process that wants the same model says whose build it waits for, then blocks until it is done."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            log(f"[tiny_lm] another process (pid {f.read().strip() or '?'}) is pretraining {path}; waiting for it "
-                "to finish, then using its model")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def build(path, key, sequences, config, pad_id, settings, log, probe):
