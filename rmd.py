@@ -176,8 +176,8 @@ def options_markdown():
     """OPTIONS.md: every command's --help exactly as it prints (`python rmd.py options > OPTIONS.md`)."""
     import contextlib
     import io
-    parts = ["# rmd's options", "", "Every command's `--help`, as printed. Generated: `python rmd.py options > OPTIONS.md` "
-             "(tests/test_cli.py fails when this file is stale).", ""]
+    parts = ["# rmd's options", "", "Every command's `--help`, as printed. Generated: "
+             "`python rmd.py options > OPTIONS.md` (tests/test_cli.py fails when this file is stale).", ""]
     for command in COMMANDS:
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):

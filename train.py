@@ -7,11 +7,12 @@
 files are tokenized once into --token-cache and mapped by every process (pair_cache.py). One step takes --batch-size
 pairs in a deterministic order (batches.epoch_batches), split over processes and micro-batches; each micro-batch is
 one packed forward pass (batches.collate) of the chosen, rejected and teacher-answer rows, a pair's prompt computed
-once for all of them where that pays (--share-prompts), and step_loss is its loss: the pairwise loss + --lm-weight x the LM loss on the teacher answers (loss.py). The run
-evaluates pair accuracy on the --eval-data splits, logs one line per --log-interval steps (and log.jsonl),
-checkpoints for --resume (distributed.py) and saves the reward model (model.save_reward_model) with eval.json and
-report.html (report.py). --gradient-checkpointing is model.checkpoint_activations, --lora-r is lora.py (the
-adapters are merged before saving), --report-to's trackers (tensorboard, wandb) are at the end of this file.
+once for all of them where that pays (--share-prompts), and step_loss is its loss: the pairwise loss + --lm-weight x
+the LM loss on the teacher answers (loss.py). The run evaluates pair accuracy on the --eval-data splits, logs one line
+per --log-interval steps (and log.jsonl), checkpoints for --resume (distributed.py) and saves the reward model
+(model.save_reward_model) with eval.json and report.html (report.py). --gradient-checkpointing is
+model.checkpoint_activations, --lora-r is lora.py (the adapters are merged before saving), --report-to's trackers
+(tensorboard, wandb) are at the end of this file.
 """
 from __future__ import annotations
 
@@ -74,14 +75,17 @@ class TrainConfig:
     token_cache: str = "out/token_cache"
     batch_size: int = recipe.RECIPE.batch_size  # pairs per optimizer step, over all processes and micro-batches
     micro_batch: int = 0  # pairs per forward pass per process (0 = batch_size / processes)
-    # peak learning rate (AdamW); 0 = the recipe's rule by the backbone's size (recipe.py): 0.001 below 10M parameters, 5e-05 below 1000M parameters, 1e-05 above
+    # peak learning rate (AdamW); 0 = the recipe's rule by the backbone's size (recipe.py): 0.001 below 10M
+    # parameters, 5e-05 below 1000M parameters, 1e-05 above
     lr: float = 0.0
     min_lr: float = 0.0  # the cosine schedule decays to this
     weight_decay: float = 0.0  # AdamW weight decay (matrices only)
     warmup: float = 0.03  # fraction of steps with linear warm-up
     epochs: int = recipe.RECIPE.epochs  # passes over the data (at least; see --min-steps)
-    min_steps: int = recipe.RECIPE.min_steps  # ...and at least this many optimizer steps: a small data set gets more passes
-    max_steps: int = -1  # -1 = max(--epochs passes, --min-steps); 0 = evaluate only (step-0 baseline); N = exactly N steps
+    # ...and at least this many optimizer steps: a small data set gets more passes
+    min_steps: int = recipe.RECIPE.min_steps
+    # -1 = max(--epochs passes, --min-steps); 0 = evaluate only (step-0 baseline); N = exactly N steps
+    max_steps: int = -1
     grad_clip: float = 1.0  # gradient-norm clipping (0 = off)
     seed: int = 1337  # model init, dropout and data order
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
@@ -241,10 +245,9 @@ def pair_accuracy(model, examples, batch_pairs, device, autocast, rewards_out=No
     the model's)."""
     was_training = model.training
     model.eval()
-    reward_margins = []
+    reward_margins, key_cost = [], attention_key_cost(model.lm)
     for k in range(0, len(examples), batch_pairs):
-        batch = to_device(collate(examples[k:k + batch_pairs], model.pad_id, False, False, layout,
-                                  attention_key_cost(model.lm)), device)
+        batch = to_device(collate(examples[k:k + batch_pairs], model.pad_id, False, False, layout, key_cost), device)
         with autocast:
             rewards, _ = model(batch)
         reward_margins += (rewards[:batch.n_pairs] - rewards[batch.n_pairs:]).tolist()

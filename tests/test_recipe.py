@@ -1,8 +1,6 @@
 """recipe.py: the recommended recipe is defined once, and distill's and train's defaults, the demo, the ablation's
 default arm and the README all run or say exactly it."""
-import dataclasses
 import os
-import re
 
 import cli
 import distill
