@@ -9,7 +9,9 @@ its chosen, rejected and teacher answers, all cut by model.fit; uint16 when the 
 .bin per pair column (COLUMNS) and meta.json (the dtypes, how many rows were read and why some were dropped). The key
 covers what decides the contents: the file's bytes (sha256), the tokenizer, max_len, the column renames and the
 source of the parsing, rendering and cutting rules (formats.py, model.py's tokenization functions, this builder), so
-an edited file or rule gets a new folder and never a stale one. One process builds it (in a temporary folder, then
+an edited file or rule gets a new folder and never a stale one. A file's sha256 is remembered under
+<cache_dir>/file_digests/ with its stamp (device, inode, size, mtime and ctime: every write moves the ctime, and no
+call sets it back), so a rerun reads the file again only after it was written to (remembered_digest). One process builds it (in a temporary folder, then
 one rename, under an flock on <key>.lock): the other DDP ranks and concurrent runs wait, then map the same files;
 reruns and --resume map it at once. Building streams the file in chunks of CHUNK rows through the fast tokenizer's
 batch call, in `workers` processes when the file is large, so memory stays bounded; a training run keeps only a
@@ -28,6 +30,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -234,6 +237,40 @@ def file_digest(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+DIGESTS = "file_digests"  # <cache_dir>/file_digests/: each data file's sha256 and the stamp it was taken at
+RACY_NS = 2 * 10**9  # a file changed less than this long ago is not recorded (its next change could keep the stamp)
+clock = time.time_ns  # the wall clock of the racy rule (tests set it)
+
+
+def file_stamp(path):
+    """What every write to a file changes: device, inode, size, mtime and ctime (ns). A write that keeps the size
+    and sets the mtime back still moves the ctime, which no call sets back."""
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def remembered_digest(path, cache_dir):
+    """file_digest(path), hashed only when the file's stamp (file_stamp) differs from the one recorded beside the
+    digest under <cache_dir>/file_digests/ (so that a rerun does not read the whole file). The record is written
+    only when the file's ctime is RACY_NS old: a write within the same tick of the kernel's coarse clock could
+    otherwise keep the stamp (git's "racy clean" problem)."""
+    record = os.path.join(cache_dir, DIGESTS, hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:20])
+    stamp = file_stamp(path)
+    with contextlib.suppress(OSError, ValueError):
+        with open(record) as f:
+            known = json.load(f)
+        if known["stamp"] == stamp:
+            return known["sha256"]
+    digest = file_digest(path)
+    if file_stamp(path) == stamp and clock() - stamp[4] >= RACY_NS:
+        os.makedirs(os.path.dirname(record), exist_ok=True)
+        tmp = f"{record}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"path": os.path.realpath(path), "stamp": stamp, "sha256": digest}, f)
+        os.replace(tmp, record)  # concurrent ranks write the same record: one whole file wins
+    return digest
+
+
 def tokenizer_fingerprint(tokenizer):
     """What decides a tokenizer's ids and rendering: its vocabulary and rules (the fast tokenizer's JSON), its chat
     template and eos id."""
@@ -249,12 +286,14 @@ RULES = (model.encode, model.render_prompt, model.render_answer, model.prompt_fl
          Sink.add)
 
 
-def token_cache_key(paths, tokenizer, max_len, keys):
-    """The folder name of the cache of data files (see the module docstring for what it covers)."""
+def token_cache_key(paths, tokenizer, max_len, keys, cache_dir=None):
+    """The folder name of the cache of data files (see the module docstring for what it covers). cache_dir: the
+    files' digests are remembered there (remembered_digest)."""
     h = hashlib.sha256()
     with open(formats.__file__, "rb") as f:
         h.update(f.read())
-    for part in [*map(file_digest, paths), tokenizer_fingerprint(tokenizer), json.dumps([max_len, keys or {}]),
+    digests = [remembered_digest(p, cache_dir) if cache_dir else file_digest(p) for p in paths]
+    for part in [*digests, tokenizer_fingerprint(tokenizer), json.dumps([max_len, keys or {}]),
                  *(inspect.getsource(rule) for rule in RULES)]:
         h.update(part.encode())
     return h.hexdigest()[:20]
@@ -273,26 +312,33 @@ def load(paths, tokenizer, max_len, cache_dir=None, keys=None, workers=None, log
     if cache_dir is None or any(p.startswith(formats.HUB_PREFIX) for p in paths):
         arrays, counts, meta = build(paths, tokenizer, max_len, keys, None, 1)
         return PairStore(arrays, meta, None), counts
-    folder = os.path.join(cache_dir, token_cache_key(paths, tokenizer, max_len, keys))
+    stamps = [file_stamp(p) for p in paths]  # before hashing: write() checks that the files kept them
+    folder = os.path.join(cache_dir, token_cache_key(paths, tokenizer, max_len, keys, cache_dir))
     if not os.path.exists(os.path.join(folder, "meta.json")):
         def waiting(pid):
             log(f"[pair_cache] process {pid} is tokenizing into {folder}; waiting for it")
         with files.build_lock(folder, waiting):
             if not os.path.exists(os.path.join(folder, "meta.json")):
-                write(folder, paths, tokenizer, max_len, keys, workers, log)
+                write(folder, paths, tokenizer, max_len, keys, workers, log, stamps)
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
     return PairStore(None, meta, folder), Counts(meta["rows"], meta["dropped"])
 
 
-def write(folder, paths, tokenizer, max_len, keys, workers, log):
-    """Build the cache of `paths` into `folder` (a temporary folder, then one rename)."""
+def write(folder, paths, tokenizer, max_len, keys, workers, log, stamps):
+    """Build the cache of `paths` into `folder` (a temporary folder, then one rename). stamps: the files' stamps
+    (file_stamp) when their digests were taken: a file written to since then is refused, so that the folder holds
+    the tokens of the contents its key names."""
     tmp = f"{folder}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     log(f"[pair_cache] tokenizing {','.join(paths)} once into {folder}")
     try:
         _, _, meta = build(paths, tokenizer, max_len, keys, tmp, workers)
+        for path, stamp in zip(paths, stamps):
+            if file_stamp(path) != stamp:
+                raise DataError(f"{path} was written to while it was being tokenized; run again once it is "
+                                "complete")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -130,3 +130,54 @@ def test_training_reads_only_the_pairs_of_its_steps(tmp_path, monkeypatch):
     order = batches.epoch_batches(batches.load_pairs(data, ByteTokenizer(), 64)[0], 4, 3, 0)
     assert isinstance(order[0], np.ndarray) and len(order) == 50
     assert sorted(np.concatenate(list(order)).tolist()) == list(range(200))
+
+
+def edit_in_place(path, old, new):
+    """Replace bytes of a file in place, keeping its size and its mtime (what a stamp of size + mtime misses),
+    after the kernel's coarse clock has ticked past its ctime (so that the write moves the ctime)."""
+    st = os.stat(path)
+    while os.stat(path).st_ctime_ns == st.st_ctime_ns:  # touching the metadata moves the ctime once the tick passed
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    data = open(path, "rb").read()
+    assert len(old) == len(new) and old in data
+    with open(path, "r+b") as f:
+        f.write(data.replace(old, new, 1))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_a_rerun_hashes_the_file_only_when_its_stamp_changed(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", rows(8))
+    hashed = []
+    real_digest = pair_cache.file_digest
+    monkeypatch.setattr(pair_cache, "file_digest", lambda p: hashed.append(p) or real_digest(p))
+    ctime = os.stat(path).st_ctime_ns
+    monkeypatch.setattr(pair_cache, "clock", lambda: ctime + pair_cache.RACY_NS - 1)  # just written: racy
+    cache = str(tmp_path / "cache")
+    for _ in range(2):
+        pair_cache.load([path], ByteTokenizer(), 64, cache)
+    assert len(hashed) == 2  # a file that may still change within its ctime's tick is not remembered
+    monkeypatch.setattr(pair_cache, "clock", lambda: ctime + pair_cache.RACY_NS)
+    for _ in range(3):  # reruns, --resume, the other ranks: the remembered digest
+        first, _ = pair_cache.load([path], ByteTokenizer(), 64, cache)
+    assert len(hashed) == 3
+    edit_in_place(path, b"Say", b"Yes")
+    monkeypatch.setattr(pair_cache, "clock", lambda: os.stat(path).st_ctime_ns + pair_cache.RACY_NS)
+    edited, _ = pair_cache.load([path], ByteTokenizer(), 64, cache)
+    assert len(hashed) == 4 and as_tuples(edited) == as_tuples(pair_cache.load([path], ByteTokenizer(), 64)[0])
+    assert as_tuples(edited) != as_tuples(first)
+
+
+def test_a_file_written_to_while_it_is_tokenized_is_refused(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", rows(8))
+    real_build = pair_cache.build
+
+    def build_while_appending(*args):
+        out = real_build(*args)
+        with open(path, "a") as f:
+            f.write('{"prompt": "p", "chosen": "late", "rejected": "row"}\n')
+        return out
+    monkeypatch.setattr(pair_cache, "build", build_while_appending)
+    with pytest.raises(pair_cache.DataError, match=r"d.jsonl was written to while it was being tokenized; run again"):
+        pair_cache.load([path], ByteTokenizer(), 64, str(tmp_path / "cache"))
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != pair_cache.DIGESTS] == []
