@@ -6,18 +6,21 @@
 
 A data file's cache is a folder <cache_dir>/<key>/: tokens.bin (each pair's prompt as kept by its longest row, then
 its chosen, rejected and teacher answers, all cut by model.fit; uint16 when the vocabulary fits, else int32), one
-.bin per pair column (COLUMNS) and meta.json (the dtypes, how many rows were read and why some were dropped). The key
-covers what decides the contents: the file's bytes (sha256), the tokenizer, max_len, the column renames and the
+.bin per pair column (COLUMNS) and meta.json (the dtypes, how many rows were read and why some were dropped). The
+key covers what decides the contents: the file's bytes (sha256), the tokenizer, max_len, the column renames and the
 source of the parsing, rendering and cutting rules (formats.py, model.py's tokenization functions, this builder), so
 an edited file or rule gets a new folder and never a stale one. A file's sha256 is remembered under
 <cache_dir>/file_digests/ with its stamp (device, inode, size, mtime and ctime: every write moves the ctime, and no
-call sets it back), so a rerun reads the file again only after it was written to (remembered_digest). One process builds it (in a temporary folder, then
-one rename, under an flock on <key>.lock): the other DDP ranks and concurrent runs wait, then map the same files;
-reruns and --resume map it at once. Building streams the file in chunks of CHUNK rows through the fast tokenizer's
-batch call, in `workers` processes when the file is large, so memory stays bounded; a training run keeps only a
-few numbers per pair in memory (store.column reads a whole column with a plain read, not the map, for the epoch
-order), and the map's pages are the kernel's page cache, shared by every rank on the machine. With cache_dir=None
-the same arrays are built in memory (small files, tests, Hub datasets).
+call sets it back), so a rerun reads the file again only after it was written to (remembered_digest). One process
+builds it (in a temporary folder, then one rename, under an flock on <key>.lock): the other DDP ranks and concurrent
+runs wait, then map the same files; reruns and --resume map it at once. Building streams the file in chunks of CHUNK
+rows through the fast tokenizer's batch call, in `workers` processes when the file is large, so memory stays
+bounded. The rendered prompt and each rendered answer are tokenized on their own, as model.RewardModel.pieces scores
+them (a sequence is ids(prompt) + ids(answer) + eos, never the ids of the joined text), so each distinct prompt and
+answer of a chunk is tokenized once however many pairs share it (encode_distinct); a training run keeps only a few
+numbers per pair in memory (store.column reads a whole column with a plain read, not the map, for the epoch order),
+and the map's pages are the kernel's page cache, shared by every rank on the machine. With cache_dir=None the same
+arrays are built in memory (small files, tests, Hub datasets).
 """
 from __future__ import annotations
 
@@ -90,6 +93,27 @@ def encode_batch(tokenizer, texts):
     return [model.encode(tokenizer, text) for text in texts]
 
 
+def encode_distinct(tokenizer, texts):
+    """encode_batch of texts, each distinct text tokenized once (several pairs of one prompt, a repeated answer) ->
+    the ids of every text, in order (a repeated text's ids are one list: read it, never change it)."""
+    index = {}
+    for text in texts:
+        index.setdefault(text, len(index))
+    ids = encode_batch(tokenizer, list(index))
+    return [ids[index[text]] for text in texts]
+
+
+def render_prompts(tokenizer, prompts):
+    """model.render_prompt of each prompt (a message list), rendered once per distinct prompt."""
+    rendered, out = {}, []
+    for messages in prompts:
+        key = tuple((m["role"], m["content"]) for m in messages)
+        if key not in rendered:
+            rendered[key] = model.render_prompt(tokenizer, messages)
+        out.append(rendered[key])
+    return out
+
+
 def tokenize_chunk(rows, tokenizer, max_len, path, file=0, keys=None):
     """[(line_no, row or its JSONL text)] -> (tokens: list of ids, {column: list}, {reason: dropped rows}), each kept
     pair cut by model.fit as every command cuts it. A bad row raises DataError naming path:line."""
@@ -98,10 +122,10 @@ def tokenize_chunk(rows, tokenizer, max_len, path, file=0, keys=None):
     except ValueError as e:
         raise DataError(str(e)) from None
     parsed = [(line, parse_row(row, f"{path}:{line}"), "teacher_response" in row) for line, row in rows]
-    texts = [model.render_prompt(tokenizer, p[0]) for _, p, _ in parsed]
+    texts = render_prompts(tokenizer, [p[0] for _, p, _ in parsed])
     for part in (1, 2, 4):  # chosen, rejected, teacher answers
         texts += [model.render_answer(tokenizer, p[part]) for _, p, _ in parsed if part < 4 or has_teacher(p)]
-    ids, n = encode_batch(tokenizer, texts), len(parsed)
+    ids, n = encode_distinct(tokenizer, texts), len(parsed)
     eos = [tokenizer.eos_token_id]
     teacher_ids = iter(ids[3 * n:])
     tokens, columns, dropped = [], {name: [] for name in COLUMNS}, {}
@@ -282,8 +306,8 @@ def tokenizer_fingerprint(tokenizer):
                                       tokenizer.eos_token_id]).encode()).hexdigest()
 
 
-RULES = (model.encode, model.render_prompt, model.render_answer, model.prompt_floor, model.fit, tokenize_chunk,
-         Sink.add)
+RULES = (model.encode, model.render_prompt, model.render_answer, model.prompt_floor, model.fit, encode_batch,
+         encode_distinct, render_prompts, tokenize_chunk, Sink.add)
 
 
 def token_cache_key(paths, tokenizer, max_len, keys, cache_dir=None):

