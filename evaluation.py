@@ -14,7 +14,9 @@ It prints a table and writes the numbers as JSON (default: under out/eval/, neve
 the scored rows under out/bon/; rows with a `true_quality` list also get the picks scored against it. Every reward
 is read at the last real token of a sequence tokenized and cut exactly as in training (model.render_prompt /
 render_answer + eos, model.fit: the prompt's end is always kept, then the answer's beginning); the cuts are counted
-in the results. Answers to the same prompt share one copy of it where that costs less (RewardModel.piece_rewards);
+in the results. Pairs and RewardBench files are tokenized once into --token-cache (pair_cache.py: the cache train
+maps) and scored EVAL_BLOCK pairs at a time, so memory does not grow with the file (RM-Bench's few thousand rows are
+read whole). Answers to the same prompt share one copy of it where that costs less (RewardModel.piece_rewards);
 sequences are sorted by length before batching, so little padding is computed, and results do not depend on
 --batch-size or --padding-side. The HTTP reward server is serve.py.
 
@@ -30,10 +32,13 @@ import re
 import sys
 from dataclasses import dataclass
 
-from batches import check_data_file, cut_warnings
+import numpy as np
+
+import pair_cache
+from batches import check_data_file, count_cuts, cut_warnings
 from cli import parse_overrides
-from formats import (DataError, UsageError, answer_of, as_messages, column_keys, detect_format, parse_row,
-                     read_located_rows)
+from formats import (DataError, UsageError, answer_of, as_messages, column_keys, detect_format, read_located_rows,
+                     read_source_rows)
 from model import CUT_KINDS, CutCounts, load_reward_model, pick_device
 
 
@@ -55,6 +60,7 @@ SUBSET_MAPPING = {
     "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
 }
 RM_BENCH_DOMAINS = ("chat", "math", "code", "safety")  # styles in each row: concise, detailed, detailed+markdown
+EVAL_BLOCK = 4096  # pairs scored per model.piece_rewards call: memory stays bounded, the results do not depend on it
 
 
 @dataclass
@@ -70,6 +76,10 @@ class EvalConfig:
     padding_side: str = "right"  # right or left: the results do not depend on it
     max_len: int = 0  # tokens per sequence (0 = the model's training max_len)
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    # pairs and RewardBench files: tokenize once into this folder and map it, as train does (pair_cache.py: keyed by
+    # the file's contents, the tokenizer, --max-len and the cutting rule), so memory does not grow with the file;
+    # "off" = tokenize in memory every run
+    token_cache: str = "out/token_cache"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,14 +90,13 @@ def margin_fit(reward_margins, teacher_margins):
     """How well the student's Δr = r(chosen) − r(rejected) follows the teacher's Δs on held-out pairs: the Pearson
     correlation (None when either side is constant) and the mean squared error of Δr − Δs (what --loss=mse
     minimises; on another scale under the bt losses, where only the correlation compares)."""
-    n = len(reward_margins)
-    mean_r, mean_s = sum(reward_margins) / n, sum(teacher_margins) / n
-    cov = sum((r - mean_r) * (s - mean_s) for r, s in zip(reward_margins, teacher_margins, strict=True))
-    var_r = sum((r - mean_r) ** 2 for r in reward_margins)
-    var_s = sum((s - mean_s) ** 2 for s in teacher_margins)
-    pearson = cov / math.sqrt(var_r * var_s) if var_r > 0 and var_s > 0 else None
-    mse = sum((r - s) ** 2 for r, s in zip(reward_margins, teacher_margins)) / n
-    return {"pairs": n, "pearson": pearson, "mse": mse}
+    r, s = np.asarray(reward_margins, dtype=np.float64), np.asarray(teacher_margins, dtype=np.float64)
+    if r.shape != s.shape:
+        raise ValueError(f"margin_fit: {len(r)} reward margins but {len(s)} teacher margins")
+    dr, ds = r - r.mean(), s - s.mean()
+    var_r, var_s = float(dr @ dr), float(ds @ ds)
+    pearson = float(dr @ ds) / math.sqrt(var_r * var_s) if var_r > 0 and var_s > 0 else None
+    return {"pairs": len(r), "pearson": pearson, "mse": float(np.mean((r - s) ** 2))}
 
 
 def fit_text(fit):
@@ -96,37 +105,62 @@ def fit_text(fit):
 
 
 def accuracy_of(chosen, rejected):
-    return sum(c > r for c, r in zip(chosen, rejected)) / max(1, len(chosen))
+    """Share of pairs with r(chosen) > r(rejected) (arrays; a tie is wrong)."""
+    return float(np.mean(chosen > rejected)) if len(chosen) else 0.0
 
 
-def evaluate_pairs(model, rows, fmt, batch_size, padding_side, max_len):
-    """pairs / RewardBench rows -> metrics dict. Each row's prompt and answers are parsed as in training."""
-    prompts, chosen, rejected, subsets, margins = [], [], [], [], []
-    for where, row in rows:
-        for key in ("prompt", "chosen", "rejected") if fmt == "rewardbench" else ("chosen", "rejected"):
-            if key not in row:
-                raise DataError(f"{where}: missing field '{key}'")
-        messages, c, r, margin, _ = parse_row(row, where)
-        prompts.append(messages), chosen.append(c), rejected.append(r), margins.append(margin)
-        subsets.append(str(row.get("subset", "")))
-    cuts = CutCounts()
-    rewards = model.score(prompts + prompts, chosen + rejected, batch_size, max_len, padding_side, cuts)
-    r_chosen, r_rejected = rewards[:len(prompts)], rewards[len(prompts):]
-    result = {"format": fmt, "pairs": len(prompts), "accuracy": accuracy_of(r_chosen, r_rejected),
-              "ties": sum(c == r for c, r in zip(r_chosen, r_rejected)), **cut_report(cuts, max_len)}
-    if all(m is not None for m in margins):  # pairs with chosen_score/rejected_score or margin
-        result["margin_fit"] = margin_fit([c - r for c, r in zip(r_chosen, r_rejected)], margins)
+def evaluate_pairs(model, path, fmt, batch_size, padding_side, max_len, keys=None, cache_dir=None):
+    """pairs / RewardBench rows -> (metrics dict, r(chosen), r(rejected) as arrays). The rows are read, tokenized
+    and cut as in training (pair_cache.load: into cache_dir once and mapped, or in memory when None) and scored
+    EVAL_BLOCK pairs at a time, so memory does not grow with the file."""
+    store, _ = pair_cache.load([path], model.tokenizer, max_len, cache_dir, keys, keep_dropped=True)
+    subsets = reward_bench_subsets(path, keys) if fmt == "rewardbench" else None
+    r_chosen, r_rejected = pair_rewards(model, store, batch_size, padding_side)
+    margins = store.column("margin")
+    result = {"format": fmt, "pairs": len(store), "accuracy": accuracy_of(r_chosen, r_rejected),
+              "ties": int((r_chosen == r_rejected).sum()), **cut_report(count_cuts(store, False)["reward"], max_len)}
+    if not np.isnan(margins).any():  # pairs with chosen_score/rejected_score or margin
+        result["margin_fit"] = margin_fit(r_chosen - r_rejected, margins)
     if fmt == "rewardbench":
         per_subset = {}
         for name in sorted(set(subsets)):
-            idx = [i for i, s in enumerate(subsets) if s == name]
-            per_subset[name] = {"accuracy": accuracy_of([r_chosen[i] for i in idx], [r_rejected[i] for i in idx]),
-                                "n": len(idx)}
+            idx = np.array(subsets) == name
+            per_subset[name] = {"accuracy": accuracy_of(r_chosen[idx], r_rejected[idx]), "n": int(idx.sum())}
         result["subsets"] = per_subset
         result["sections"] = reward_bench_sections({k: v["accuracy"] for k, v in per_subset.items()})
         result["score"] = sum(result["sections"].values()) / len(result["sections"]) if result["sections"] else None
         result["unweighted_subsets"] = sorted(set(per_subset) - set(EXAMPLE_COUNTS))  # e.g. prior sets: not scored
     return result, r_chosen, r_rejected
+
+
+def pair_rewards(model, store, batch_size, padding_side):
+    """r(chosen) and r(rejected) of every row of a pair_cache.PairStore, as float arrays, EVAL_BLOCK rows per
+    model.piece_rewards call (a row's two answers share its prompt where that costs less). A row whose two sequences
+    are the same (pair_cache.DROPS) gets one reward for both: a tie, whatever the float noise of its batches."""
+    chosen, rejected = np.zeros(len(store)), np.zeros(len(store))
+    for start in range(0, len(store), EVAL_BLOCK):
+        block = list(store[start:start + EVAL_BLOCK])
+        pieces = [(ex.prompt[0], ex.chosen) for ex in block] + [(ex.prompt[1], ex.rejected) for ex in block]
+        rewards = model.piece_rewards(pieces, batch_size, padding_side)
+        span = slice(start, start + len(block))
+        chosen[span], rejected[span] = rewards[:len(block)], rewards[len(block):]
+    same = store.column("drop") != 0
+    rejected[same] = chosen[same]
+    return chosen, rejected
+
+
+def reward_bench_subsets(path, keys):
+    """Each RewardBench row's subset, in file order (the token cache keeps none); a row without a prompt field is
+    refused (every RewardBench row has one)."""
+    subsets = []
+    try:
+        for line, row in read_source_rows(path, keys):
+            if "prompt" not in row:
+                raise DataError(f"{path}:{line}: missing field 'prompt'")
+            subsets.append(str(row.get("subset", "")))
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return subsets
 
 
 def reward_bench_sections(subset_accuracy):
@@ -180,20 +214,30 @@ def cut_report(cuts, max_len):
             "warnings": cut_warnings("eval", {"reward": cuts}, max_len)}
 
 
-def evaluate_file(model, path, fmt="auto", batch_size=32, padding_side="right", max_len=0, keys=None):
-    """Benchmark file -> (metrics dict, per-item rewards: pairs give (chosen, rejected) lists, RM-Bench a flat list)."""
-    rows = read_located_rows(path, keys)
-    if not rows:
-        raise DataError(f"{path}: no rows")
+def evaluate_file(model, path, fmt="auto", batch_size=32, padding_side="right", max_len=0, keys=None, cache_dir=None):
+    """Benchmark file -> (metrics dict, per-item rewards: pairs give (chosen, rejected) arrays, RM-Bench a flat list).
+    cache_dir: pairs and RewardBench rows are tokenized once into it and mapped (pair_cache.py); None: in memory."""
+    where, first = first_row(path, keys)
     max_len = max_len or getattr(model, "max_len", 0)
     if fmt == "auto":
-        fmt = detect_format(rows[0][1], rows[0][0])
+        fmt = detect_format(first, where)
     if fmt == "rmbench":
+        rows = read_located_rows(path, keys)
         for where, row in rows:
             detect_format(row, where)
         return evaluate_rm_bench(model, rows, batch_size, padding_side, max_len)
-    result, chosen, rejected = evaluate_pairs(model, rows, fmt, batch_size, padding_side, max_len)
+    result, chosen, rejected = evaluate_pairs(model, path, fmt, batch_size, padding_side, max_len, keys, cache_dir)
     return result, (chosen, rejected)
+
+
+def first_row(path, keys):
+    """(file:line, row) of a data file's first row; DataError when it has none."""
+    try:
+        for line, row in read_source_rows(path, keys):
+            return f"{path}:{line}", row
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    raise DataError(f"{path}: no rows")
 
 
 def results_table(result):
@@ -264,7 +308,7 @@ def eval_command(argv):
     check_data_file("data", cfg.data)
     model = load_model("eval", cfg)
     result, _ = evaluate_file(model, cfg.data, cfg.format, cfg.batch_size, cfg.padding_side, cfg.max_len,
-                              column_keys(cfg))
+                              column_keys(cfg), None if cfg.token_cache == "off" else cfg.token_cache)
     result = {"model": cfg.model, "data": cfg.data, **result}
     print(results_table(result))
     out = cfg.out or default_out("eval", cfg.data, ".json")

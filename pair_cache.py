@@ -6,21 +6,23 @@
 
 A data file's cache is a folder <cache_dir>/<key>/: tokens.bin (each pair's prompt as kept by its longest row, then
 its chosen, rejected and teacher answers, all cut by model.fit; uint16 when the vocabulary fits, else int32), one
-.bin per pair column (COLUMNS) and meta.json (the dtypes, how many rows were read and why some were dropped). The
-key covers what decides the contents: the file's bytes (sha256), the tokenizer, max_len, the column renames and the
-source of the parsing, rendering and cutting rules (formats.py, model.py's tokenization functions, this builder), so
-an edited file or rule gets a new folder and never a stale one. A file's sha256 is remembered under
-<cache_dir>/file_digests/ with its stamp (device, inode, size, mtime and ctime: every write moves the ctime, and no
-call sets it back), so a rerun reads the file again only after it was written to (remembered_digest). One process
-builds it (in a temporary folder, then one rename, under an flock on <key>.lock): the other DDP ranks and concurrent
-runs wait, then map the same files; reruns and --resume map it at once. Building streams the file in chunks of CHUNK
-rows through the fast tokenizer's batch call, in `workers` processes when the file is large, so memory stays
-bounded. The rendered prompt and each rendered answer are tokenized on their own, as model.RewardModel.pieces scores
-them (a sequence is ids(prompt) + ids(answer) + eos, never the ids of the joined text), so each distinct prompt and
-answer of a chunk is tokenized once however many pairs share it (encode_distinct); a training run keeps only a few
-numbers per pair in memory (store.column reads a whole column with a plain read, not the map, for the epoch order),
-and the map's pages are the kernel's page cache, shared by every rank on the machine. With cache_dir=None the same
-arrays are built in memory (small files, tests, Hub datasets).
+.bin per pair column (COLUMNS) and meta.json (the dtypes, how many rows were read and why some were dropped). Every
+row is stored in file order; one that is no pair (DROPS: its two sequences are the same) is marked in the column
+drop, and load leaves it out unless keep_dropped (eval scores it as a tie). The key covers what decides the
+contents: the file's bytes (sha256), the tokenizer, max_len, the column renames and the source of the parsing,
+rendering and cutting rules (formats.py, model.py's tokenization functions, this builder), so an edited file or rule
+gets a new folder and never a stale one. A file's sha256 is remembered under <cache_dir>/file_digests/ with its
+stamp (device, inode, size, mtime and ctime: every write moves the ctime, and no call sets it back), so a rerun
+reads the file again only after it was written to (remembered_digest). One process builds it (in a temporary folder,
+then one rename, under an flock on <key>.lock): the other DDP ranks and concurrent runs wait, then map the same
+files; reruns and --resume map it at once. Building streams the file in chunks of CHUNK rows through the fast
+tokenizer's batch call, in `workers` processes when the file is large, so memory stays bounded. The rendered prompt
+and each rendered answer are tokenized on their own, as model.RewardModel.pieces scores them (a sequence is
+ids(prompt) + ids(answer) + eos, never the ids of the joined text), so each distinct prompt and answer of a chunk is
+tokenized once however many pairs share it (encode_distinct); a training run keeps only a few numbers per pair in
+memory (store.column reads a whole column with a plain read, not the map, for the epoch order), and the map's pages
+are the kernel's page cache, shared by every rank on the machine. With cache_dir=None the same arrays are built in
+memory (small files, tests, Hub datasets).
 """
 from __future__ import annotations
 
@@ -57,7 +59,9 @@ COLUMNS = {  # one value per kept pair
     "file": "<i2",  # which of the data files it came from (meta.json's "paths")
     "line": "<i8",  # the row's line in that file (for error messages)
     "teacher_field": "<i1",  # 1 when the row has a teacher_response field (the missing-margin error's advice)
+    "drop": "<i1",  # 0: a pair; k: no pair, for the reason DROPS[k - 1] (training leaves it out; eval: a tie)
 }
+DROPS = ("chosen == rejected", "identical after cutting to max_len")  # rows whose two sequences are the same
 
 
 @dataclass
@@ -115,8 +119,9 @@ def render_prompts(tokenizer, prompts):
 
 
 def tokenize_chunk(rows, tokenizer, max_len, path, file=0, keys=None):
-    """[(line_no, row or its JSONL text)] -> (tokens: list of ids, {column: list}, {reason: dropped rows}), each kept
-    pair cut by model.fit as every command cuts it. A bad row raises DataError naming path:line."""
+    """[(line_no, row or its JSONL text)] -> (tokens: list of ids, {column: list}, {reason: dropped rows}), each
+    row's sequences cut by model.fit as every command cuts them; a row that is no pair (DROPS) is stored too, marked
+    in the drop column. A bad row raises DataError naming path:line."""
     try:
         rows = [(line, formats.jsonl_row(path, line, row, keys) if isinstance(row, str) else row) for line, row in rows]
     except ValueError as e:
@@ -132,14 +137,13 @@ def tokenize_chunk(rows, tokenizer, max_len, path, file=0, keys=None):
     for k, (line, p, teacher_field) in enumerate(parsed):
         prompt, chosen, rejected = ids[k], ids[n + k] + eos, ids[2 * n + k] + eos
         teacher = next(teacher_ids) + eos if has_teacher(p) else None
-        if chosen == rejected:
-            dropped["chosen == rejected"] = dropped.get("chosen == rejected", 0) + 1
-            continue
+        drop = DROPS[0] if chosen == rejected else None
         p_c, chosen, cut_c = model.fit(prompt, chosen, max_len)
         p_r, rejected, cut_r = model.fit(prompt, rejected, max_len)
-        if p_c + chosen == p_r + rejected:
-            dropped["identical after cutting to max_len"] = dropped.get("identical after cutting to max_len", 0) + 1
-            continue
+        if drop is None and p_c + chosen == p_r + rejected:
+            drop = DROPS[1]
+        if drop is not None:
+            dropped[drop] = dropped.get(drop, 0) + 1
         p_t, cut_t = [], None
         if teacher is not None:
             p_t, teacher, cut_t = model.fit(prompt, teacher, max_len)
@@ -148,8 +152,8 @@ def tokenize_chunk(rows, tokenizer, max_len, path, file=0, keys=None):
                "kept_teacher": len(p_t) if teacher is not None else -1, "chosen": len(chosen),
                "rejected": len(rejected), "teacher": len(teacher) if teacher is not None else -1,
                "prompt_len": len(prompt), "cut_chosen": CUTS.index(cut_c), "cut_rejected": CUTS.index(cut_r),
-               "cut_teacher": CUTS.index(cut_t), "margin": math.nan if p[3] is None else p[3], "file": file, "line": line,
-               "teacher_field": int(teacher_field)}
+               "cut_teacher": CUTS.index(cut_t), "margin": math.nan if p[3] is None else p[3], "file": file,
+               "line": line, "teacher_field": int(teacher_field), "drop": 0 if drop is None else 1 + DROPS.index(drop)}
         for name, value in row.items():
             columns[name].append(value)
         tokens += prompt[len(prompt) - kept:] + chosen + rejected + (teacher or [])
@@ -242,7 +246,7 @@ def build(paths, tokenizer, max_len, keys, folder, workers):
             pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers, _one_thread))
             results = pool.imap(_work, tasks)
         for tokens, columns, dropped in results:
-            counts.rows += len(columns["start"]) + sum(dropped.values())
+            counts.rows += len(columns["start"])
             for reason, n in dropped.items():
                 counts.dropped[reason] = counts.dropped.get(reason, 0) + n
             sink.add(tokens, columns)
@@ -323,10 +327,11 @@ def token_cache_key(paths, tokenizer, max_len, keys, cache_dir=None):
     return h.hexdigest()[:20]
 
 
-def load(paths, tokenizer, max_len, cache_dir=None, keys=None, workers=None, log=None):
+def load(paths, tokenizer, max_len, cache_dir=None, keys=None, workers=None, log=None, keep_dropped=False):
     """Data files -> (PairStore of their tokenized pairs, Counts). cache_dir: build the cache once and map it (local
     files; with a Hub dataset among them, built in memory); None: build in memory. workers: processes that
-    tokenize large files (default: the usable cores)."""
+    tokenize large files (default: the usable cores). keep_dropped: every row in file order, the rows that are no
+    pair (DROPS, marked in the column "drop") included."""
     log = log or (lambda *a: print(*a, file=sys.stderr, flush=True))
     workers = workers or len(os.sched_getaffinity(0))
     for path in paths:
@@ -335,7 +340,7 @@ def load(paths, tokenizer, max_len, cache_dir=None, keys=None, workers=None, log
             raise DataError(problem)
     if cache_dir is None or any(p.startswith(formats.HUB_PREFIX) for p in paths):
         arrays, counts, meta = build(paths, tokenizer, max_len, keys, None, 1)
-        return PairStore(arrays, meta, None), counts
+        return pairs_only(PairStore(arrays, meta, None), keep_dropped), counts
     stamps = [file_stamp(p) for p in paths]  # before hashing: write() checks that the files kept them
     folder = os.path.join(cache_dir, token_cache_key(paths, tokenizer, max_len, keys, cache_dir))
     if not os.path.exists(os.path.join(folder, "meta.json")):
@@ -346,7 +351,14 @@ def load(paths, tokenizer, max_len, cache_dir=None, keys=None, workers=None, log
                 write(folder, paths, tokenizer, max_len, keys, workers, log, stamps)
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
-    return PairStore(None, meta, folder), Counts(meta["rows"], meta["dropped"])
+    return pairs_only(PairStore(None, meta, folder), keep_dropped), Counts(meta["rows"], meta["dropped"])
+
+
+def pairs_only(store, keep_dropped):
+    """The store without its rows that are no pair (unless keep_dropped)."""
+    if keep_dropped or not any(store.meta["dropped"].values()):
+        return store
+    return store.take(np.flatnonzero(store.column("drop") == 0))
 
 
 def write(folder, paths, tokenizer, max_len, keys, workers, log, stamps):

@@ -6,6 +6,7 @@ import threading
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,10 +14,12 @@ import batches
 import conftest
 import evaluation
 import formats
+import pair_cache
 import rmd
 import serve
 from conftest import chatml_tokenizer, write_jsonl
-from model import RewardModel, answer_ids, encode, load_backbone, load_reward_model, render_prompt, save_reward_model
+from model import (ByteTokenizer, RewardModel, answer_ids, encode, load_backbone, load_reward_model, render_prompt,
+                   save_reward_model)
 
 
 def tiny_model(head="linear", seed=0, max_len=128):
@@ -36,8 +39,13 @@ def model():
 def number_rewards():
     """Rewards read off the answers: answer "3" gets reward 3.0, so each metric can be computed by hand."""
     class NumberModel:
+        tokenizer, max_len = ByteTokenizer(), 64
+
         def score(self, prompts, answers, batch_size=32, max_len=None, padding_side="right", cuts=None):
             return [float(a) for a in answers]
+
+        def piece_rewards(self, pieces, batch_size=32, padding_side="right"):  # (prompt ids, " 3" + eos)
+            return [float(self.tokenizer.decode(answer)) for _, answer in pieces]
     return NumberModel()
 
 
@@ -132,6 +140,32 @@ def test_rm_bench_easy_normal_hard_follow_the_style_matrix(tmp_path, number_rewa
     assert result["overall"]["average"] == pytest.approx((2 / 3 + 1) / 2)
 
 
+def test_eval_maps_the_token_cache_and_scores_it_in_blocks(tmp_path, model, monkeypatch):
+    """A pairs file is tokenized once into the token cache train uses (never read whole into Python lists) and scored
+    EVAL_BLOCK pairs at a time, with the rewards model.score gives each row; a row whose two sequences are the same
+    (equal answers, or equal after cutting) is a tie."""
+    rows = pairs(10) + [{"prompt": "p", "chosen": "same", "rejected": "same"},
+                        {"prompt": "q", "chosen": "x " * 100 + "a", "rejected": "x " * 100 + "b"}]
+    path, cache = write_jsonl(tmp_path / "p.jsonl", rows), str(tmp_path / "cache")
+    monkeypatch.setattr(evaluation, "EVAL_BLOCK", 5)
+    monkeypatch.setattr(evaluation, "read_located_rows", lambda *a: pytest.fail("every row read into a list"))
+    calls = []
+    real_piece_rewards = model.piece_rewards
+    monkeypatch.setattr(model, "piece_rewards", lambda pieces, *a: calls.append(len(pieces)) or
+                        real_piece_rewards(pieces, *a))
+    result, (chosen, rejected) = evaluation.evaluate_file(model, path, max_len=64, cache_dir=cache)
+    assert calls == [10, 10, 4] and result["pairs"] == 12
+    answers = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    reference = torch.tensor(model.score([r["prompt"] for r in rows] * 2, answers, max_len=64), dtype=torch.float64)
+    torch.testing.assert_close(torch.tensor(np.concatenate([chosen, rejected])), reference, atol=1e-4, rtol=0)
+    assert chosen[10] == rejected[10] and chosen[11] == rejected[11] and result["ties"] >= 2
+    builds = []
+    monkeypatch.setattr(pair_cache, "build", lambda *a: builds.append(a) or pytest.fail("built again"))
+    again, _ = evaluation.evaluate_file(model, path, max_len=64, cache_dir=cache)
+    examples, _ = batches.load_pairs(path, model.tokenizer, 64, cache_dir=cache)  # train maps the same folder
+    assert again == result and builds == [] and len(examples) == 10
+
+
 def test_results_do_not_depend_on_batch_size_or_padding_side(tmp_path, model):
     rb = [dict(r, subset=s) for r, s in zip(pairs(12, 1), ["alpacaeval-easy", "llmbar-natural", "donotanswer"] * 4)]
     rm = [{"prompt": r["prompt"], "chosen": [r["chosen"], r["chosen"] * 2, "# " + r["chosen"]],
@@ -143,7 +177,8 @@ def test_results_do_not_depend_on_batch_size_or_padding_side(tmp_path, model):
         for batch_size, side in ((32, "right"), (32, "left")):
             result, rewards = evaluation.evaluate_file(model, path, batch_size=batch_size, padding_side=side)
             assert result == reference
-            torch.testing.assert_close(torch.tensor(rewards), torch.tensor(ref_rewards), atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(np.array(rewards)), torch.tensor(np.array(ref_rewards)), atol=1e-4,
+                                       rtol=0)
     # the naive twin: each sequence alone through the plain backbone (no padding, no mask, no sorting), the value
     # head read at its last token
     rows = pairs(6)
@@ -163,13 +198,15 @@ def test_eval_command_prints_a_table_and_writes_json(tmp_path, model, capsys):
     folder = str(tmp_path / "model")
     save_reward_model(model, folder)
     data, out = write_jsonl(tmp_path / "p.jsonl", pairs(8)), str(tmp_path / "r.json")
-    rmd.main(["eval", "--model", folder, "--data", data, "--out", out, "--batch-size=3"])
+    rmd.main(["eval", "--model", folder, "--data", data, "--out", out, "--batch-size=3",
+              f"--token-cache={tmp_path / 'cache'}"])
     saved = json.load(open(out))
     assert saved["pairs"] == 8 and 0 <= saved["accuracy"] <= 1
     assert "all pairs" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="missing field 'rejected'"):
         rmd.main(["eval", "--model", folder, "--data", write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p",
-                                                                                             "chosen": "a"}])])
+                                                                                             "chosen": "a"}]),
+                  "--token-cache=off"])
 
 
 # ------------------------------------------------------------------------------------------------ export
