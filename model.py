@@ -356,14 +356,30 @@ class RewardModel(nn.Module):
         return p, a
 
     def text_tokens(self, text, max_len=None):
-        """An already formatted full text (prompt + response) -> ids + eos, keeping the text's end when it is over
-        max_len; trailing pad/eos text is dropped first (OpenRLHF's queries carry it)."""
+        """An already formatted full text (prompt + response) -> (ids + eos, where the answer starts in them or None
+        when the text has no assistant turn), keeping the text's end when it is over max_len; trailing pad/eos text
+        is dropped first (OpenRLHF's queries carry it). The answer starts after the last generation prompt (what
+        render_prompt writes before an answer); the likelihood term needs it."""
         tok = self.tokenizer
         if not isinstance(tok, ByteTokenizer):
             for special in (tok.pad_token, tok.eos_token):
                 while special and text.endswith(special):
                     text = text[:-len(special)]
-        return encode(tok, text)[-((max_len or self.max_len) - 1):] + [tok.eos_token_id]
+        sentinel = "\x00"
+        marker = render_prompt(tok, [{"role": "user", "content": sentinel}]).split(sentinel)[-1]
+        at = text.rfind(marker)
+        at = None if at < 0 else at + len(marker)
+        if isinstance(tok, ByteTokenizer):
+            ids = tok.encode(text)
+            start = None if at is None else len(text[:at].encode("utf-8"))
+        else:
+            encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+            start = None if at is None else next((i for i, (begin, _) in enumerate(offsets) if begin >= at), len(ids))
+        keep = (max_len or self.max_len) - 1
+        if start is not None:  # the first answer token kept needs one before it to predict it
+            start = max(1, start - max(0, len(ids) - keep))
+        return ids[-keep:] + [tok.eos_token_id], start
 
     @torch.no_grad()
     def sequence_rewards(self, sequences, batch_size=32, padding_side="right", answer_starts=None):
