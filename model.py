@@ -314,6 +314,7 @@ class RewardModel(nn.Module):
         return rewards + self.likelihood_weight * self.answer_loglik(hidden, answer_index, answer_target,
                                                                      answer_row, len(rewards))
 
+    @torch.compiler.disable  # a loop as long as the batch's answers: eager, not a graph recompiled per length
     @torch.no_grad()
     def answer_loglik(self, hidden, index, target, row, n_rows):
         """Sum of log p(token) over each sequence's answer tokens, from the LM head on the positions that predict
