@@ -24,10 +24,14 @@ arm, trained through rmd.py. The student is the built-in tiny model after LM pre
     o  n without LM regularization
     p  n with the from-scratch tiny student
     q  n without the restyle ability (refined pairs + the kept rows' original pairs only)
+    r  n + the likelihood term: reward = value head + w x the student's log-likelihood of the answer (w learned)
+    s  f + the likelihood term (label distillation with LM regularization and the likelihood term)
 
 Every choice of recipe (pair sets, loss, steps) and the LM weight (a sweep of the default arm) is made on the `valid`
-split (training tasks, fresh answers; its normal-like and hard-like halves are reported apart), never on
-normal/hard/best-of-N. Also: the teacher's own accuracy as a judge, and best-of-N (N candidates per held-out prompt,
+split (tasks of its own, asked neither in distill nor in the test splits, so memorising the teacher's mistakes does
+not look good there: sim.select_tasks; its normal-like and hard-like halves are reported apart), never on
+normal/hard/mirror/best-of-N. mirror is the style trap the other way round (a correct fancy answer against a wrong
+plain one). Also: the teacher's own accuracy as a judge, and best-of-N (N candidates per held-out prompt,
 each arm's RM picks one, scored by the true quality of what it picks; rmd.py bon's scoring path) standing in for the
 paper's RL result.
 
@@ -75,7 +79,10 @@ ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
     "o": ("mixed", "bt", False, "tiny", "n without LM reg (no generation)"),
     "p": ("mixed", "bt", True, "scratch", "n with the from-scratch student"),
     "q": ("refined_original", "bt", True, "tiny", "n without restyle (refined + kept rows' original pairs)"),
+    "r": ("mixed", "bt", True, "tiny", "n + the likelihood term (reward + w x the student's log p(answer))"),
+    "s": ("original", "bt", True, "tiny", "f + the likelihood term (label distillation, LM reg, likelihood)"),
 }
+ARM_OPTIONS = {"r": ["--likelihood"], "s": ["--likelihood"]}  # `rmd.py train` options of an arm beyond the above
 DEFAULT_ARM = "n"  # the recipe (recipe.RECIPE): tests/test_recipe.py checks that this arm runs exactly it
 DEFAULT_ARMS = "a,e,j,n,o,p,q"  # n and what removing each part of it costs; the others on request (--arms)
 PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "crossed", "equivalent"),  # train.jsonl rows
@@ -105,7 +112,7 @@ def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed,
             return None
         cmd = [sys.executable, os.path.join(ROOT, "rmd.py"), "train", *arm_options(pairs_file, loss, lm_weight,
                                                                                      eval_data, out_dir, args, seed, model),
-               *resume_or_start_again(out_dir)]
+               *ARM_OPTIONS.get(name, []), *resume_or_start_again(out_dir)]
         t0 = time.time()
         with open(os.path.join(os.path.dirname(out_dir), f"{os.path.basename(out_dir)}.log"), "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -224,7 +231,7 @@ def distill_world(args, seed):
           f"pairs ({counts['full']} with the restyled and style-equivalence pairs, {counts['mixed']} with the "
           f"kept rows' original pairs too), {counts['original']} labelled original pairs", flush=True)
     paths.update(split_valid(paths["valid"]))
-    eval_data = ",".join(f"{s}={paths[s]}" for s in ("normal", "hard", "valid_normal", "valid_hard"))
+    eval_data = ",".join(f"{s}={paths[s]}" for s in ("normal", "hard", "mirror", "valid_normal", "valid_hard"))
     return dict(world=world, paths=paths, files=files, eval_data=eval_data, dir=seed_dir, counts=counts,
                 summary=summary)
 
@@ -293,7 +300,7 @@ def references(worlds, seeds):
     for seed in seeds:
         wd = worlds[seed]
         acc = {s: sim.teacher_judge_accuracy([json.loads(line) for line in open(wd["paths"][s])], wd["world"])
-               for s in ("normal", "hard")}
+               for s in ("normal", "hard", "mirror")}
         bon_rows = [json.loads(line) for line in open(wd["paths"]["bon"])]
         refs["teacher"].append({"seed": seed, **acc})
         refs["random"].append({"seed": seed, "bon": statistics.mean(
@@ -322,8 +329,8 @@ def table_lines(args, worlds, seeds, arms, results, refs, lm_weight, sweep, swee
              ", ".join(f"{w:g} -> {100 * sweep_result[w]:.1f}" for w in sweep if w in sweep_result) +
              f"). Accuracy % on held-out truth-labelled pairs ({world0.n_eval} per split and seed); BoN = % of "
              f"best-of-{world0.bon_n} picks that are correct ({world0.n_bon} prompts per seed). Mean ± std over seeds.",
-             "", "| arm | pairs | loss | LM reg | student | normal | hard | BoN | valid: normal-like / hard-like half |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", "| arm | pairs | loss | LM reg | student | normal | hard | mirror | BoN | valid: normal-like / hard-like "
+             "half |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         pairs, loss, lm, student, label = ARMS[arm]
         rs = results.get(arm)
@@ -333,11 +340,12 @@ def table_lines(args, worlds, seeds, arms, results, refs, lm_weight, sweep, swee
         shown = "scratch" if student == "scratch" else os.path.basename(args.student.rstrip("/"))  # which student
         lines.append(f"| {name} | {pairs} | {loss} | {lm_weight if lm else 0:g} | {shown} | "
                      f"{mean_sd([r['normal'] for r in rs])} | {mean_sd([r['hard'] for r in rs])} | "
+                     f"{mean_sd([r['mirror'] for r in rs])} | "
                      f"{mean_sd([r['bon'] for r in rs])} | {valid_halves(rs)} |")
     lines.append(f"| teacher as judge (both orders) | - | - | - | - | "
                  f"{mean_sd([r['normal'] for r in refs['teacher']])} | {mean_sd([r['hard'] for r in refs['teacher']])} "
-                 "| - | - |")
-    lines.append(f"| random pick / oracle pick | - | - | - | - | - | - | "
+                 f"| {mean_sd([r['mirror'] for r in refs['teacher']])} | - | - |")
+    lines.append(f"| random pick / oracle pick | - | - | - | - | - | - | - | "
                  f"{mean_sd([r['bon'] for r in refs['random']])} / {mean_sd([r['bon'] for r in refs['oracle']])} | - |")
     counts = "; ".join(f"seed {s}: {worlds[s]['counts']['refined']} refined, {worlds[s]['counts']['full']} full, "
                        f"{worlds[s]['counts']['mixed']} mixed, {worlds[s]['counts']['original']} original pairs, "
@@ -353,12 +361,12 @@ def table_lines(args, worlds, seeds, arms, results, refs, lm_weight, sweep, swee
 
 
 def verdict(results, arm, baseline):
-    """The bar, spelled out: `arm` within one std of `baseline` or better on normal and BoN, and 20 points better on
-    hard (std: the baseline's std over seeds; one seed: no std, a plain comparison)."""
+    """The bar, spelled out: `arm` within one std of `baseline` or better on normal, mirror and BoN, and 20 points
+    better on hard (std: the baseline's std over seeds; one seed: no std, a plain comparison)."""
     if arm not in results or baseline not in results:
         return ""
     parts = []
-    for split in ("normal", "hard", "bon"):
+    for split in ("normal", "hard", "mirror", "bon"):
         x, y = ([100 * r[split] for r in results[k]] for k in (arm, baseline))
         diff = statistics.mean(x) - statistics.mean(y)
         std = statistics.stdev(y) if len(y) > 1 else 0.0

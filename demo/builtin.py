@@ -20,8 +20,9 @@ DEMO_OUT = "out/distill"  # where `python rmd.py distill` writes when run on the
 DEMO_DISTILL = dict(out=DEMO_OUT, workers=16)
 # `python rmd.py train` with no --data: the built-in tiny student on the demo distill output, sized for a CPU; the
 # loss, LM weight, steps and lr are train's defaults, i.e. the recipe (recipe.py), as a user's run gets them
-DEMO_TRAIN = dict(data=f"{DEMO_OUT}/train.jsonl", eval_data=f"normal={DEMO_OUT}/builtin/normal.jsonl,"
-                  f"hard={DEMO_OUT}/builtin/hard.jsonl", model="tiny", max_len=256, log_interval=50)
+DEMO_TRAIN = dict(data=f"{DEMO_OUT}/train.jsonl", eval_data=",".join(f"{split}={DEMO_OUT}/builtin/{split}.jsonl" for
+                                                                     split in ("normal", "hard", "mirror")),
+                  model="tiny", max_len=256, log_interval=50)
 
 
 def distill_builtin(cfg):
@@ -110,6 +111,8 @@ def explain_demo(cfg, metrics, bon_path, baseline=None):
               "a correct and a wrong answer from the natural candidate pool"),
              ("hard", [m["hard"] for _, m, _ in runs],
               "a correct plain answer against a wrong, fancier one (style trap)"),
+             ("mirror", [m["mirror"] for _, m, _ in runs],
+              "a correct fancy answer against a wrong, plainer one (the trap the other way round)"),
              (f"best-of-{n}", [b["picked"]["correct"] for b in bon],
               f"share of correct picks among {n} candidates for {bon[0]['rows']} prompts (random pick "
               f"{100 * bon[0]['random']['correct']:.1f}%, oracle {100 * bon[0]['oracle']['correct']:.1f}%)")]
