@@ -110,9 +110,11 @@ def test_gradckpt_section_measures_both_variants():
 
 @needs_smollm2
 def test_data_section_builds_and_reruns(hh_sample):
-    rows = table_rows(run("tools.bench", "--only", "data", "--data", hh_sample, "--pairs", "300", "--small-pairs", "100",
-                          "--workers", "1", "--max-len", "64"), "data")
-    assert [int(r.split()[0]) for r in rows] == [100, 300]  # the small file, then the big one
+    out = run("tools.bench", "--only", "data", "--data", hh_sample, "--pairs", "300", "--small-pairs", "100",
+              "--eval-pairs", "200", "--workers", "1", "--max-len", "64")
+    assert [int(r.split()[0]) for r in table_rows(out, "data")] == [100, 300]  # the small file, then the big one
+    evals = table_rows(out, "data: `rmd.py eval`")
+    assert [r.split()[:2] for r in evals] == [["100", "100"], ["200", "200"]]  # every pair scored
 
 
 @needs_smollm2

@@ -755,6 +755,26 @@ def data_worker(args):
     print(json.dumps(marks))
 
 
+def eval_worker(args):
+    """Runs in a fresh process: evaluation.evaluate_file on --eval-worker's pairs file, mapping the token cache at
+    --token-cache (built beforehand), scored by a tiny random student that reads SmolLM2's token ids (1 layer, hidden
+    32: what is measured is the data's memory, not the model's) -> JSON: resident memory (MiB) after scoring and
+    the seconds it took."""
+    import evaluation
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(args.layers))
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=args.max_len))
+    model = RewardModel(lm, tokenizer, "linear", 0.0, args.max_len).eval()
+    t0 = time.perf_counter()
+    result, _ = evaluation.evaluate_file(model, args.eval_worker, max_len=args.max_len, cache_dir=args.token_cache)
+    print(json.dumps({"pairs": result["pairs"], "seconds": time.perf_counter() - t0,
+                      **{k: proc_kib("/proc/self/status", k) / 1024
+                         for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}}))
+
+
 def cpu_seconds():
     """User + system CPU seconds of this process and its finished children (the tokenizing workers)."""
     import resource
@@ -762,8 +782,8 @@ def cpu_seconds():
                                                    resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def run_data_worker(args, path, cache):
-    cmd = [sys.executable, "-m", "tools.bench", f"--data-worker={path}", f"--token-cache={cache}",
+def run_data_worker(args, path, cache, worker="data-worker"):
+    cmd = [sys.executable, "-m", "tools.bench", f"--{worker}={path}", f"--token-cache={cache}",
            f"--layers={args.layers}", f"--max-len={args.max_len}"]
     # a fixed mmap threshold: else glibc keeps a step's freed activations resident, and RSS after step 3 says more
     # about which pairs those steps drew than about the data (see gradckpt)
@@ -773,14 +793,41 @@ def run_data_worker(args, path, cache):
     if out.returncode != 0:
         raise RuntimeError(f"bench.py: data worker failed:\n{out.stderr[-3000:]}")
     marks = json.loads(out.stdout.strip().splitlines()[-1])
+    if worker != "data-worker":
+        return marks
     return {**marks, "first_step_start": marks["first_step_start"] - t0, "first_step_end": marks["first_step_end"] - t0}
+
+
+def bench_eval_memory(args, tokenizer):
+    """`rmd.py eval`'s memory on --small-pairs vs --eval-pairs pairs (evaluation.evaluate_file in a fresh process
+    mapping the token cache built here), as one table."""
+    import pair_cache
+    rows = []
+    for pairs in (args.small_pairs, args.eval_pairs):
+        path = synthetic_pairs(os.path.join(tempfile.gettempdir(), f"rmd-bench-pairs-{pairs}.jsonl"), pairs, args.data)
+        cache = tempfile.mkdtemp(prefix="rmd-bench-cache-")
+        try:
+            pair_cache.load([path], tokenizer, args.max_len, cache, workers=args.workers, log=lambda *a: None)
+            marks = run_data_worker(args, path, cache, "eval-worker")
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        rows.append([pairs, marks["pairs"], f"{marks['seconds']:.0f}", *(f"{marks[k]:.0f}" for k in
+                                                                        ("VmRSS", "RssAnon", "RssFile", "VmHWM"))])
+        print(f"  done eval {pairs} pairs: {rows[-1]}", file=sys.stderr, flush=True)
+    anon = [float(r[4]) for r in rows]
+    print_table(f"data: `rmd.py eval` on pairs files (evaluation.evaluate_file in a fresh process, mapping the token "
+                f"cache; a tiny random student with SmolLM2's vocabulary, so the data's memory is what grows), "
+                f"max_len {args.max_len}; resident MiB after scoring; RssAnon {args.eval_pairs} vs "
+                f"{args.small_pairs} pairs: {100 * (anon[1] / anon[0] - 1):+.1f}%",
+                ["pairs", "scored", "eval s", "VmRSS MiB", "RssAnon MiB", "RssFile MiB", "VmHWM MiB"], rows)
 
 
 def bench_data(args):
     """Tokenize once (pair_cache.py): build time, pairs/s and size of the cache of a synthetic distill-shaped file of
     --pairs rows (SmolLM2 tokenizer, --max-len), then `rmd.py train` on it in a fresh process (a rerun: it maps
     the cache built here): seconds to the first step and resident memory, beside the same for a
-    --small-pairs file. Files and caches live in the temp dir (the big file is kept for the next run)."""
+    --small-pairs file; then `rmd.py eval`'s memory on --small-pairs vs --eval-pairs pairs (bench_eval_memory). Files
+    and caches live in the temp dir (the big files are kept for the next run)."""
     import pair_cache
     folder = smollm2_folder(args.layers)
     _, tokenizer = load_backbone(folder)
@@ -812,6 +859,8 @@ def bench_data(args):
                 ["pairs", "kept", "build s", "pairs/s", "build CPU s", "pairs per CPU s", "cache MiB",
                  "rerun: first step starts s", "first step ends s", "its CPU s", "VmRSS MiB", "RssAnon MiB",
                  "RssFile MiB"], rows)
+    if args.eval_pairs:
+        bench_eval_memory(args, tokenizer)
 
 
 SECTIONS = {"lm": bench_lm, "pairwise": bench_pairwise, "train": bench_train, "lm-train": bench_lm_train,
@@ -845,6 +894,8 @@ class BenchConfig:
     small_pairs: int = 10000  # data: rows of the small one (the resident-memory baseline)
     workers: int = 2  # data: processes that tokenize
     data_worker: str = ""  # internal: a data file, one `rmd.py train` rerun measured in a fresh process
+    eval_pairs: int = 200000  # data: rows of the file eval's memory is measured on, beside --small-pairs (0: skip)
+    eval_worker: str = ""  # internal: a data file, one evaluation.evaluate_file measured in a fresh process
     token_cache: str = ""  # internal: the data worker's cache folder
 
 
@@ -876,6 +927,9 @@ def main(argv=None):
         return
     if args.data_worker:
         data_worker(args)
+        return
+    if args.eval_worker:
+        eval_worker(args)
         return
     print(machine_description())
     for name in args.only or SECTIONS:
