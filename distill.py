@@ -446,7 +446,7 @@ def _say_start(cfg, run, rows):
           f"rpm {cfg.rpm or 'unlimited'}, tpm {cfg.tpm or 'unlimited'}, timeout {cfg.timeout}s, "
           f"retries {cfg.max_retries} (backoff {cfg.backoff_base}s..{cfg.backoff_max}s), "
           f"token estimates: {token_estimator_name()}, cache {run.asker.cache.path} "
-          f"({len(run.asker.cache.entries)} entries)", file=sys.stderr)
+          f"({len(run.asker.cache)} entries)", file=sys.stderr)
     keyless = sorted({client.url for _, client in run.asker.candidates if not client.api_key})
     if keyless and not cfg.candidate_api_key_env:
         print(f"[distill] candidate URL(s) {', '.join(keyless)} get no API key (the teacher's goes to the teacher's "
