@@ -420,9 +420,7 @@ class Cache:
                     break
                 key = _entry_key(line)
                 if not headed and not _is_request_key(key):
-                    raise ValueError(f"{self.path} is not a request cache (no {canonical(CACHE_HEADER)} first line, "
-                                     "and not every line is a cache entry); it is left untouched: point the cache at "
-                                     "another file (distill: --cache)")
+                    raise self._not_a_cache("not every line is a cache entry")
                 if key is None:
                     self.skipped += 1
                 else:
@@ -430,12 +428,14 @@ class Cache:
                 end += len(line)
         if not headed:
             if end == 0:  # no complete line: nothing shows the cache wrote it
-                raise ValueError(f"{self.path} is not a request cache (no {canonical(CACHE_HEADER)} first line, and "
-                                 "no complete cache entry); it is left untouched: point the cache at another file "
-                                 "(distill: --cache)")
+                raise self._not_a_cache("no complete cache entry")
             print(f"[distill] {self.path}: a request cache without a header line (an earlier rmd): every line is a "
                   "cache entry, so it is used as one", file=sys.stderr)
         return end
+
+    def _not_a_cache(self, why):
+        return ValueError(f"{self.path} is not a request cache (no {canonical(CACHE_HEADER)} first line, and {why}); "
+                          "it is left untouched: point the cache at another file (distill: --cache)")
 
     def _index(self, key, offset, length):
         if length >= 1 << 32:
@@ -452,6 +452,11 @@ class Cache:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        folder = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:  # the new name on disk too: a power cut must not take the file with the lines fsynced into it
+            os.fsync(folder)
+        finally:
+            os.close(folder)
         return len(header)
 
     def __len__(self):

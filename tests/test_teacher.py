@@ -201,8 +201,9 @@ def test_a_torn_last_entry_is_cut_and_only_it_is_sent_again(tmp_path):
     cache, sent = teacher.Cache(str(path)), []
     assert len(cache) == 4
     for n in range(5):
-        entry, cached = cache.fetch(f"k{n}", lambda n=n: sent.append(n) or {"reply": f"réponse {n} ✓ " + "日本" * n})
-        assert entry == {"key": f"k{n}", "reply": f"réponse {n} ✓ " + "日本" * n} and cached == (n != 4)
+        answer = {"reply": f"réponse {n} ✓ " + "日本" * n}
+        entry, cached = cache.fetch(f"k{n}", lambda n=n, answer=answer: sent.append(n) or answer)
+        assert entry == {"key": f"k{n}", **answer} and cached == (n != 4)
     cache.close()
     assert sent == [4] and path.read_bytes() == whole
 

@@ -251,7 +251,8 @@ class TeacherBenchConfig:
 def parse_args(argv):
     """The command line -> TeacherBenchConfig, its comma-separated lists as lists (None when not given)."""
     cfg = parse_overrides(TeacherBenchConfig(), argv, "python -m tools.bench_teacher", "Times distill's teacher "
-                          "client against a loopback server, and counts what a flaky teacher costs; one table per section.")
+                          "client against a loopback server, counts what a flaky teacher costs, and measures the "
+                          "request cache; one table per section.")
     only = [x for x in cfg.only.split(",") if x] or None
     unknown = [x for x in only or [] if x not in SECTIONS]
     if unknown:
