@@ -1,5 +1,6 @@
 """teacher.py: the HTTP client under injected faults (retries, Retry-After, fatal errors, hostile bodies, content
-parts), the request cache (its header, a torn line or write, a file it did not write, replies kept on disk, group
+parts), the request cache (its header, a torn line or write, a file it did not write, replies kept on disk, exactly once
+across threads, group
 commit), the rate limiter, and the import rules (the teacher side imports no torch; teacher.py stands alone)."""
 import json
 import os
@@ -294,7 +295,7 @@ def test_writers_share_fsyncs_and_none_returns_before_its_line_is_synced(tmp_pat
     def store(i):
         cache.fetch(f"k{i}", lambda: {"reply": "r"})
         returned[i] = max(synced)
-    give_up = time.monotonic() + 10  # a bound on the wait (for a cache that syncs under its lock), not a timing
+    give_up = time.monotonic() + 30  # a bound on the wait (for a cache that syncs under its lock), not a timing
     monkeypatch.setattr(teacher.os, "fsync", slow_fsync)
     threads = [threading.Thread(target=store, args=(i,)) for i in range(n)]
     for t in threads:
@@ -306,3 +307,27 @@ def test_writers_share_fsyncs_and_none_returns_before_its_line_is_synced(tmp_pat
     ends = {json.loads(line)["key"]: sum(map(len, lines[:k + 1])) for k, line in enumerate(lines) if k}
     assert len(synced) <= 2 + 1  # at most two for the eight lines (one if all wrote before the first), one at close
     assert all(returned[i] >= ends[f"k{i}"] for i in range(n))
+
+
+def test_threads_asking_for_one_key_send_it_once(tmp_path):
+    """Exactly once within a process: threads asking for a key that is in flight wait for its entry (read back
+    from the file) instead of sending it again."""
+    import threading
+    cache, sent, results, start = teacher.Cache(str(tmp_path / "cache.jsonl")), [], [], threading.Barrier(8)
+
+    def send():
+        sent.append(1)
+        time.sleep(0.05)  # (not a bound on anything: it lets the other threads find the key in flight)
+        return {"reply": "once"}
+
+    def ask():
+        start.wait()
+        results.append(cache.fetch("k", send))
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cache.close()
+    assert sent == [1] and sorted(cached for _, cached in results) == [False] + [True] * 7
+    assert all(entry == {"key": "k", "reply": "once"} for entry, _ in results)
