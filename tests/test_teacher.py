@@ -1,7 +1,7 @@
 """teacher.py: the HTTP client under injected faults (retries, Retry-After, fatal errors, hostile bodies, content
-parts), the request cache (its header, a torn line or write, a file it did not write, replies kept on disk, exactly once
-across threads, group
-commit), the rate limiter, and the import rules (the teacher side imports no torch; teacher.py stands alone)."""
+parts), the request cache (its header, a torn line or write, a file it did not write, replies kept on disk, exactly
+once across threads, group commit), the rate limiter, and the import rules (the teacher side imports no torch;
+teacher.py stands alone)."""
 import json
 import os
 import sys
