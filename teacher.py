@@ -170,7 +170,9 @@ class Client:
     """One OpenAI-compatible endpoint: bounded concurrency, rate limits, retries with backoff and jitter."""
 
     def __init__(self, url, api_key="", workers=8, limiter=None, timeout=120.0, max_retries=5,
-                 backoff_base=1.0, backoff_max=60.0, max_tokens_param="auto", slots=None):
+                 backoff_base=1.0, backoff_max=60.0, max_tokens_param="auto", slots=None, clock=time.monotonic,
+                 sleep=time.sleep):
+        self.clock, self.sleep = clock, sleep  # for the pauses and backoff: a test drives them without waiting
         self.url, self.api_key, self.timeout = chat_url(url), api_key, timeout
         self.max_retries, self.backoff_base, self.backoff_max = max_retries, backoff_base, backoff_max
         self.slots = slots or threading.BoundedSemaphore(workers)  # share one across clients for one bound
@@ -193,8 +195,12 @@ class Client:
         return body
 
     def _wait_for_pause(self):
-        while (wait := self.paused_until - time.time()) > 0:
-            time.sleep(min(wait, 1.0))
+        while (wait := self.paused_until - self.clock()) > 0:
+            self.sleep(min(wait, 1.0))
+
+    def _pause(self, wait):
+        """The server said when to come back (Retry-After): every request of this client waits until then."""
+        self.paused_until = max(self.paused_until, self.clock() + min(wait, 600.0))
 
     def post(self, body, retry_status=RETRY_STATUS, final=None, timing=None):
         """POST one chat completion -> (Reply, HTTP attempts), retrying what a retry can fix. Raises TransportError
@@ -231,6 +237,8 @@ class Client:
                     r = self._session().post(self.url, json=self._body(body), headers=headers, timeout=self.timeout,
                                              stream=True)
                     text = redact(_read_body(r, time.monotonic() + self.timeout), self.api_key)
+                    if r.status_code in retry_status and (wait := retry_after_seconds(r.headers.get("Retry-After"))):
+                        self._pause(wait)  # before this request gives up its slot: no queued one slips out first
                 finally:
                     with self.count_lock:
                         self.in_flight -= 1
@@ -261,12 +269,11 @@ class Client:
         raise _Retry(f"http_{r.status_code}", raw, retry_after_seconds(r.headers.get("Retry-After")))
 
     def _back_off(self, attempt, wait):
-        if wait is not None:  # the server said when: everyone waits, not just this request
-            wait = min(wait, 600.0)
-            self.paused_until = max(self.paused_until, time.time() + wait)
-        else:
+        """Sleep before another try: as long as Retry-After said (the pause already holds everyone), else
+        exponential backoff with jitter."""
+        if wait is None:
             wait = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-        time.sleep(wait)
+        self.sleep(min(wait, 600.0))
 
 
 class _Retry(Exception):

@@ -43,19 +43,20 @@ from cli import one_line_errors, parse_overrides
 from demo import tiny_lm
 from loss import linear_cross_entropy, pairwise_loss
 from model import ByteTokenizer, RewardModel, attention_key_cost, checkpoint_activations, load_backbone
-from tools import bench_teacher
-from tools.bench_teacher import print_table, proc_kib
+from tools import common
+from tools.bench_gpu import naive_lm_loss
+from tools.common import print_table, proc_kib
 
 
 def machine_description():
-    """bench_teacher's machine line with torch's threads and the versions of torch, transformers and TRL."""
+    """common's machine line with torch's threads and the versions of torch, transformers and TRL."""
     versions = [f"torch threads {torch.get_num_threads()}", f"torch {torch.__version__}"]
     for package in ("transformers", "trl"):
         try:
             versions.append(f"{package} {__import__(package).__version__}")
         except ImportError:
             versions.append(f"{package} not installed")
-    return bench_teacher.machine_description(versions)
+    return common.machine_description(versions)
 
 
 def median_seconds(fn, reps):
@@ -68,10 +69,6 @@ def median_seconds(fn, reps):
 
 
 # ----------------------------------------------------------------------------- section "lm"
-
-def naive_lm_loss(hidden, weight, labels):
-    return F.cross_entropy((hidden @ weight.T).float(), labels)
-
 
 def lm_inputs(hidden_size, vocab_size, n_tokens):
     torch.manual_seed(0)

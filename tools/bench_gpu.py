@@ -43,6 +43,7 @@ import train
 from batches import Example, collate, to_device
 from cli import one_line_errors, parse_overrides
 from model import RewardModel
+from tools.common import print_table
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
@@ -262,22 +263,16 @@ def main():
             rows.append([seq, f"{mode}/{'LM ' + lm_variant if lm_variant != 'off' else 'LM off'}", tokens,
                          f"{tokens / seconds:.0f}", f"{1000 * seconds:.0f}", mfu, f"{peak:.1f}",
                          f"{ref / seconds:.2f}"])
-    print_table(args, n_params, cuda, card, rows)
+    print_step_table(args, n_params, cuda, card, rows)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 
-def print_table(args, n_params, cuda, card, rows):
-    title = (f"bench_gpu: rmd training step, {'tiny Qwen2' if args.tiny else 'Qwen2.5-0.5B-shaped'} "
-             f"({n_params / 1e6:.1f}M params, random weights), {'bf16 autocast' if cuda else 'fp32'}, {args.pairs} pairs + {args.pairs} "
-             f"teacher rows/step, median of {args.steps} steps after {args.warmup} warm-up, on {card}; "
-             f"speed vs = vs eager with the same LM setting (TRL: vs eager/LM off)")
-    cells = [["seq", "variant", "tokens/step", "tokens/s", "ms/step", "MFU %", "peak GiB", "speed vs eager"]] + rows
-    widths = [max(len(str(r[i])) for r in cells) for i in range(len(cells[0]))]
-    print(f"\n## {title}")
-    for i, row in enumerate(cells):
-        print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+def print_step_table(args, n_params, cuda, card, rows):
+    print_table(f"bench_gpu: rmd training step, {'tiny Qwen2' if args.tiny else 'Qwen2.5-0.5B-shaped'} "
+                f"({n_params / 1e6:.1f}M params, random weights), {'bf16 autocast' if cuda else 'fp32'}, {args.pairs} "
+                f"pairs + {args.pairs} teacher rows/step, median of {args.steps} steps after {args.warmup} warm-up, on "
+                f"{card}; speed vs = vs eager with the same LM setting (TRL: vs eager/LM off)",
+                ["seq", "variant", "tokens/step", "tokens/s", "ms/step", "MFU %", "peak GiB", "speed vs eager"], rows)
 
 
 if __name__ == "__main__":
