@@ -5,6 +5,7 @@ teacher.py stands alone)."""
 import json
 import os
 import sys
+import time
 
 import pytest
 
