@@ -387,7 +387,7 @@ class Cache:
     HTTP errors and timeouts are not kept; the next run retries them.
 
     The replies stay on disk: memory holds an index, key digest -> where its line is (about 120 bytes per entry),
-    built by streaming the file once on open; an entry is read back (os.pread) when asked for. Each line is written
+    built by streaming the file once on open; an entry is read back from the file when asked for. Each line is written
     whole with one system call before put() returns (a kill -9 loses nothing written) and fsynced before put()
     returns too, one fsync for every line written while the last one ran (group commit): a power cut loses at most
     the lines whose put() had not returned, and those requests are sent again on the rerun.
@@ -406,10 +406,10 @@ class Cache:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         size = os.path.getsize(path) if os.path.exists(path) else 0
         self.end = self._scan() if size else self._write_header()  # where the next line goes
-        self.fd = os.open(path, os.O_RDWR)
+        self.file = open(path, "r+b", buffering=0)  # unbuffered: a write is one system call; reads and writes seek
         if size > self.end:  # a run killed mid-write: cut the torn line so appends start clean
             print(f"[distill] {path}: dropping a torn last line ({size - self.end} bytes)", file=sys.stderr)
-            os.ftruncate(self.fd, self.end)
+            self.file.truncate(self.end)
         if self.skipped:
             print(f"[distill] {path}: skipped {self.skipped} unreadable line(s)", file=sys.stderr)
 
@@ -474,9 +474,10 @@ class Cache:
         at = self.index.get(_digest(key))
         if at is None:
             return None
-        if self.fd is None:
+        if self.file.closed:
             raise ValueError(f"the request cache {self.path} is closed (the run is stopping)")
-        return os.pread(self.fd, at & 0xFFFFFFFF, at >> 32)
+        self.file.seek(at >> 32)
+        return self.file.read(at & 0xFFFFFFFF)
 
     def _entry(self, key, line):
         """`line` as the entry stored under `key`; None when it is another key's (their digests are equal)."""
@@ -519,7 +520,7 @@ class Cache:
         """Append `entry` (a dict with its "key") and index it; returns once its line is fsynced."""
         line = (canonical(entry) + "\n").encode()
         with self.lock:
-            if self.fd is None:  # the run was interrupted while this request finished
+            if self.file.closed:  # the run was interrupted while this request finished
                 return
             self._write(line)
             self._index(entry["key"], self.end, len(line))
@@ -530,26 +531,26 @@ class Cache:
     def _write(self, line):
         """`line` at the end of the file (hold self.lock); a failed write (disk full) leaves no half line behind."""
         try:
+            self.file.seek(self.end)
             done = 0
             while done < len(line):
-                done += os.pwrite(self.fd, memoryview(line)[done:], self.end + done)
+                done += self.file.write(memoryview(line)[done:])
         except OSError:
-            os.ftruncate(self.fd, self.end)
+            self.file.truncate(self.end)
             raise
 
     def _sync(self, upto):
         """fsync the file at least up to byte `upto`. Called outside self.lock, so writers never queue behind an
         fsync; threads that wrote while one ran share the next (group commit)."""
         with self.sync_lock:
-            if self.fd is None or self.synced >= upto:  # closed (close() fsyncs), or another thread's fsync covered it
+            if self.file.closed or self.synced >= upto:  # closed (close() fsyncs), or another's fsync covered it
                 return
             end = self.end  # every line up to here was written before this fsync starts
-            os.fsync(self.fd)
+            os.fsync(self.file.fileno())
             self.synced = end
 
     def close(self):
         with self.lock, self.sync_lock:
-            if self.fd is not None:
-                os.fsync(self.fd)
-                os.close(self.fd)
-                self.fd = None
+            if not self.file.closed:
+                os.fsync(self.file.fileno())
+                self.file.close()

@@ -212,21 +212,25 @@ def test_a_torn_last_entry_is_cut_and_only_it_is_sent_again(tmp_path):
     assert sent == [4] and path.read_bytes() == whole
 
 
-def test_a_write_that_fails_midway_leaves_no_half_line(tmp_path, monkeypatch):
+def test_a_write_that_fails_midway_leaves_no_half_line(tmp_path):
     """A disk that fills up in the middle of a line: put() raises (the request is not stored, the next run sends
     it), the half line is cut at once, and the lines written after it, and before, are whole and served."""
     path = tmp_path / "cache.jsonl"
     cache = teacher.Cache(str(path))
     cache.fetch("k1", lambda: {"reply": "one"})
-    pwrite = os.pwrite
+    file = cache.file
 
-    def disk_full(fd, data, offset):
-        pwrite(fd, bytes(data[:7]), offset)
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(teacher.os, "pwrite", disk_full)
+    class DiskFull:
+        def __getattr__(self, name):
+            return getattr(file, name)
+
+        def write(self, data):
+            file.write(data[:7])
+            raise OSError(28, "No space left on device")
+    cache.file = DiskFull()
     with pytest.raises(OSError, match="No space"):
         cache.fetch("k2", lambda: {"reply": "two"})
-    monkeypatch.undo()
+    cache.file = file
     assert cache.fetch("k3", lambda: {"reply": "three"}) == ({"key": "k3", "reply": "three"}, False)
     assert cache.fetch("k2", lambda: {"reply": "two, sent again"})[0]["reply"] == "two, sent again"
     cache.close()
