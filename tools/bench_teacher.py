@@ -132,8 +132,9 @@ elif mode == "distill":  # distill of them against the simulated teacher served 
            "cache_mib": os.path.getsize(os.path.join(work, "out", "cache.jsonl")) / 2**20}
     stop()
 else:  # "fetch": n requests' replies stored by `threads` threads; "loopback": each posted to a loopback server first
-    import teacher
+    import socketserver, teacher
     from tools.fault_server import FaultServer
+    socketserver.StreamRequestHandler.disable_nagle_algorithm = True  # else each reply waits ~40 ms (delayed ACK)
     cache = teacher.Cache(os.path.join(work, f"{mode}.jsonl"))
     canned = {"content": "word " * 400, "finish_reason": "stop", "usage": {"prompt_tokens": 600}}  # distill-sized
     with FaultServer() as server:
@@ -170,37 +171,42 @@ def cache_worker(root, mode, n, work, threads):
 def bench_cache(args):
     """teacher.Cache here vs --baseline's (a checkout of an earlier rmd, e.g. `git worktree add /tmp/rmd-main main`),
     each in fresh processes: (1) distill of --cache-rows rows of the simulated world against its teacher in the same
-    process, then the same command again (every request from the cache): wall time and peak RSS; (2) requests/s of
-    --cache-threads threads storing --cache-requests replies, with no server (the cache's own ceiling: fsync and
-    locking) and against a loopback server that answers at once."""
+    process, then the same command again (every request from the cache): wall time and peak RSS (--cache-rows 0: not
+    measured); (2) requests/s of --cache-threads threads storing --cache-requests replies, with no server (the
+    cache's own ceiling: fsync and locking) and against a loopback server that answers at once; the checkouts take
+    turns, so both see the same load."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     roots = [("this checkout", here)] + ([("baseline", os.path.abspath(args.baseline))] if args.baseline else [])
-    data = tempfile.mkdtemp(prefix="rmd-bench-cache-")
+    work = tempfile.mkdtemp(prefix="rmd-bench-cache-")
     runs, rates = [], []
     try:
-        cache_worker(here, "data", args.cache_rows, data, 1)
-        for name, root in roots:
-            work = tempfile.mkdtemp(prefix="rmd-bench-cache-", dir=data)
-            shutil.copy(os.path.join(data, "distill.jsonl"), work)
+        if args.cache_rows:
+            cache_worker(here, "data", args.cache_rows, work, 1)
+        for name, root in roots if args.cache_rows else []:
             first, again = (cache_worker(root, "distill", args.cache_rows, work, 16) for _ in range(2))
+            shutil.rmtree(os.path.join(work, "out"))
             runs.append([name, args.cache_rows, first["sent"], first["kept"], f"{first['cache_mib']:.0f}",
                          f"{first['wall_s']:.1f}", f"{first['peak_rss_mib']:.0f}", again["cache_hits"],
                          f"{again['wall_s']:.1f}", f"{again['peak_rss_mib']:.0f}"])
+            print(f"  done distill: {runs[-1]}", file=sys.stderr, flush=True)
+        for threads in args.cache_threads:
             for mode in ("fetch", "loopback"):
-                r = cache_worker(root, mode, args.cache_requests, work, args.cache_threads)
-                rates.append([name, mode, args.cache_requests, args.cache_threads,
-                              f"{args.cache_requests / r['wall_s']:.0f}"])
-            shutil.rmtree(work, ignore_errors=True)
-            print(f"  done {name}", file=sys.stderr, flush=True)
+                for name, root in roots:
+                    r = cache_worker(root, mode, args.cache_requests, work, threads)
+                    rates.append([name, mode, args.cache_requests, threads, f"{args.cache_requests / r['wall_s']:.0f}"])
+                    os.remove(os.path.join(work, f"{mode}.jsonl"))
+            print(f"  done threads={threads}", file=sys.stderr, flush=True)
     finally:
-        shutil.rmtree(data, ignore_errors=True)
-    print_table(f"cache: distill of the simulated world's first {args.cache_rows} rows against its teacher in the same "
-                "process (16 workers), then the same command again (every request from the cache); fresh process "
-                "each", ["teacher.Cache", "rows", "requests", "kept", "cache MiB", "wall s", "peak RSS MiB",
-                         "rerun: cached", "rerun wall s", "rerun peak RSS MiB"], runs)
+        shutil.rmtree(work, ignore_errors=True)
+    if runs:
+        print_table(f"cache: distill of the simulated world's first {args.cache_rows} rows against its teacher in the "
+                    "same process (16 workers), then the same command again (every request from the cache); fresh "
+                    "process each", ["teacher.Cache", "rows", "requests", "kept", "cache MiB", "wall s",
+                                     "peak RSS MiB", "rerun: cached", "rerun wall s", "rerun peak RSS MiB"], runs)
     print_table("cache: requests/s of threads storing distill-sized replies (fetch: no server, the cache alone; "
                 "loopback: each posted first to a loopback server that answers at once)",
                 ["teacher.Cache", "send", "requests", "threads", "req/s"], rates)
+
 
 SECTIONS = {"teacher": bench_teacher, "yield": bench_yield, "cache": bench_cache}
 
@@ -215,8 +221,8 @@ class TeacherBenchConfig:
     fault_seeds: str = ""  # yield: fault seeds, comma-separated (default 0,1,2)
     baseline: str = ""  # cache: a checkout of another rmd to compare with (e.g. git worktree add /tmp/rmd-main main)
     cache_rows: int = 50000  # cache: distill rows of the simulated world
-    cache_requests: int = 20000  # cache: requests stored per requests/s measurement
-    cache_threads: int = 16  # cache: threads storing them
+    cache_requests: int = 5000  # cache: requests stored per requests/s measurement
+    cache_threads: str = ""  # cache: thread counts storing them, comma-separated (default 1,8,16)
 
 
 def parse_args(argv):
@@ -231,7 +237,8 @@ def parse_args(argv):
     try:
         ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
         return types.SimpleNamespace(**{**asdict(cfg), "only": only, "workers": ints(cfg.workers),
-                                        "fault_seeds": ints(cfg.fault_seeds)})
+                                        "fault_seeds": ints(cfg.fault_seeds),
+                                        "cache_threads": ints(cfg.cache_threads) or [1, 8, 16]})
     except ValueError as e:
         raise SystemExit(f"error: a comma-separated list of numbers expected: {e}") from None
 
