@@ -5,7 +5,8 @@ options, what the demo runs and what the ablation's default arm runs (ablation a
 RESULTS.md). Every one of those reads the values below; tests/test_recipe.py fails if a copy drifts.
 
     distill: refine y_l into y_w* and keep (y_w* > y_l); restyle y_w* and y_l into one other style (restyled, crossed
-             and margin-0 style-equivalence pairs); add each kept row's teacher-labelled original pair.
+             and margin-0 style-equivalence pairs), the teacher checking that each rewrite kept the content; add each
+             kept row's teacher-labelled original pair.
     train:   Bradley-Terry loss on every pair of train.jsonl with a strict preference (margin-0 pairs are dropped by
              bt), + 0.1 x the LM loss on the teacher's answers y_T; batches of 16 pairs; at least 400 optimizer steps
              and at least one pass over the data; the peak learning rate by the backbone's size (lr_for).
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Recipe:
     restyle: bool = True  # distill: the restyle stage (restyled, crossed, style-equivalence pairs)
+    restyle_check: bool = True  # distill: the teacher checks each rewrite; one that changed the content gives no pair
     original_pairs: bool = True  # distill: each kept row's teacher-labelled input pair goes to train.jsonl too
     loss: str = "bt"  # train: the pairwise loss (Bradley-Terry; beat mse and bt-margin on valid)
     lm_weight: float = 0.1  # train: weight of the LM term on the teacher answers (0.1 vs 1.0 by the one-SE rule)

@@ -22,7 +22,8 @@ def test_train_defaults_are_the_recipe():
 
 def test_distill_defaults_write_the_recipes_pair_sets():
     cfg = distill.DistillConfig()
-    assert (cfg.restyle, cfg.original_pairs) == (RECIPE.restyle, RECIPE.original_pairs)
+    assert (cfg.restyle, cfg.restyle_check, cfg.original_pairs) == (RECIPE.restyle, RECIPE.restyle_check,
+                                                                    RECIPE.original_pairs)
     pairs = ablation.ARMS[ablation.DEFAULT_ARM][0]
     written = {"refined"} | ({"restyled", "crossed", "equivalent"} if RECIPE.restyle else set()) | (
         {"original"} if RECIPE.original_pairs else set())
