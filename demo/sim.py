@@ -396,15 +396,14 @@ def teacher_restyle(task, answer, target, cfg, rng):
 
 
 def teacher_check(task, original, rewritten, cfg, rng):
-    """Does `rewritten` keep `original`'s content? The teacher compares the two answers' values (parse_answer); a text
-    it cannot read as a world answer (task None: a question outside the world) has the same content only if the texts
-    are equal but for whitespace. The verdict is wrong with P = check_error_rate, whichever way."""
-    parsed = [parse_answer(task, text) if task else None for text in (original, rewritten)]
-    if None in parsed:
-        same = " ".join(original.split()) == " ".join(rewritten.split())
-    else:
-        same = parsed[0][0] == parsed[1][0]
-    return same != (rng.random() < cfg.check_error_rate)
+    """Does `rewritten` keep `original`'s content? The teacher compares the two answers' values (parse_answer,
+    whitespace ignored). A text in none of the world's templates reads as a terse answer whose value is all of it,
+    so it keeps the content only if it is the same text but for whitespace; so does any text when the question is
+    outside the world (task None). The verdict is wrong with P = check_error_rate, either way."""
+    def content(text):
+        parsed = parse_answer(task, text) if task else None
+        return " ".join((parsed[0] if parsed else text).split())
+    return (content(original) == content(rewritten)) != (rng.random() < cfg.check_error_rate)
 
 
 def teacher_rescore(task, anchor_score, rejected, refined, cfg, rng):
