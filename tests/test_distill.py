@@ -79,6 +79,9 @@ def test_a_rewrite_the_teacher_says_changed_the_content_gives_no_pair(tmp_path, 
         ("crossed", chosen_s, refined["rejected"]), ("equivalent", chosen_s, refined["chosen"])}
     assert summary["restyle"] == {"rows": 1, "pairs": 2, "unchanged": 0, "failed": 0, "checked": 2, "changed": 1}
     assert summary["stages"]["restyle_check"]["sent"] == 2  # in the per-stage table, with its tokens and cost
+    page = open(tmp_path / "out" / "report.html").read()
+    assert "<td>restyle_check</td><td>2</td>" in page
+    assert "<td>restyle check: content changed (not used)</td><td>1</td>" in page
 
 
 def test_no_restyle_check_is_asked_when_it_is_off_or_the_rewrite_changed_nothing(tmp_path):

@@ -256,6 +256,8 @@ def test_distill_end_to_end_with_retries(tmp_path):
     same = sum(sim.true_quality(sim.task_from_prompt(r["prompt"]), r["chosen"]) ==
                sim.true_quality(sim.task_from_prompt(r["prompt"]), r["rejected"]) for r in by_source["equivalent"])
     assert same >= 0.8 * len(by_source["equivalent"])  # restyle_drift_rate 0.05 changes a few
+    checked = summary["restyle"]["checked"]  # every rewrite that changed anything was checked; a few said changed
+    assert summary["stages"]["restyle_check"]["replies"] == checked > 0 and 0 < summary["restyle"]["changed"] < checked
     rows, better = by_source["refined"], 0
     for row in rows:
         task = sim.task_from_prompt(row["prompt"])
