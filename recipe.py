@@ -27,6 +27,8 @@ class Recipe:
     batch_size: int = 16  # train: pairs per optimizer step
     min_steps: int = 400  # train: at least this many optimizer steps (a small data set gets several passes)
     epochs: int = 1  # train: and at least this many passes over the data
+    # train: reward = value head + w x the student's log-likelihood of the answer (model.RewardModel), w learned
+    likelihood: bool = False
 
 
 RECIPE = Recipe()

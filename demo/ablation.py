@@ -24,6 +24,8 @@ arm, trained through rmd.py. The student is the built-in tiny model after LM pre
     o  n without LM regularization
     p  n with the from-scratch tiny student
     q  n without the restyle ability (refined pairs + the kept rows' original pairs only)
+    r  n + the likelihood term: reward = value head + w x the student's log-likelihood of the answer (w learned)
+    s  f + the likelihood term (label distillation with LM regularization and the likelihood term)
 
 Every choice of recipe (pair sets, loss, steps) and the LM weight (a sweep of the default arm) is made on the `valid`
 split (training tasks, fresh answers; its normal-like and hard-like halves are reported apart), never on
@@ -75,7 +77,10 @@ ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
     "o": ("mixed", "bt", False, "tiny", "n without LM reg (no generation)"),
     "p": ("mixed", "bt", True, "scratch", "n with the from-scratch student"),
     "q": ("refined_original", "bt", True, "tiny", "n without restyle (refined + kept rows' original pairs)"),
+    "r": ("mixed", "bt", True, "tiny", "n + the likelihood term (reward + w x the student's log p(answer))"),
+    "s": ("original", "bt", True, "tiny", "f + the likelihood term (label distillation, LM reg, likelihood)"),
 }
+ARM_OPTIONS = {"r": ["--likelihood"], "s": ["--likelihood"]}  # `rmd.py train` options of an arm beyond the above
 DEFAULT_ARM = "n"  # the recipe (recipe.RECIPE): tests/test_recipe.py checks that this arm runs exactly it
 DEFAULT_ARMS = "a,e,j,n,o,p,q"  # n and what removing each part of it costs; the others on request (--arms)
 PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "crossed", "equivalent"),  # train.jsonl rows
@@ -105,7 +110,7 @@ def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed,
             return None
         cmd = [sys.executable, os.path.join(ROOT, "rmd.py"), "train", *arm_options(pairs_file, loss, lm_weight,
                                                                                      eval_data, out_dir, args, seed, model),
-               *resume_or_start_again(out_dir)]
+               *ARM_OPTIONS.get(name, []), *resume_or_start_again(out_dir)]
         t0 = time.time()
         with open(os.path.join(os.path.dirname(out_dir), f"{os.path.basename(out_dir)}.log"), "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
