@@ -118,8 +118,8 @@ class Scorer:
                 total += len(job["sequences"])
             try:
                 sequences = [s for j in jobs for s in j["sequences"]]
-                rewards = self.model.sequence_rewards([ids for ids, _ in sequences], self.batch_size, "right",
-                                                      [start for _, start in sequences] if self.model.likelihood else None)
+                starts = [start for _, start in sequences] if self.model.likelihood else None
+                rewards = self.model.sequence_rewards([ids for ids, _ in sequences], self.batch_size, "right", starts)
                 k = 0
                 for job in jobs:
                     job["rewards"] = rewards[k:k + len(job["sequences"])]

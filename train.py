@@ -641,7 +641,8 @@ def log_line(window, step, total, optimizer, world, log, log_file, timing="", li
     log(f"step {step}/{total} | pair {record['pair_loss']:.4f} | lm {record['lm_loss']:.4f} | "
         f"acc {record['accuracy']:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s | "
         f"pad {100 * record['padding']:.1f}% | {record['ms_per_step']:.0f} ms/step" +
-        (f" | likelihood w {record['likelihood_weight']:.3f}" if likelihood_weight is not None else "") + (f" | {timing}" if timing else ""))
+        (f" | likelihood w {record['likelihood_weight']:.3f}" if likelihood_weight is not None else "") +
+        (f" | {timing}" if timing else ""))
     if log_file:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()

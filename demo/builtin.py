@@ -46,9 +46,9 @@ def distill_builtin(cfg):
 
 def start_demo_baseline(cfg):
     """Label distillation on the same teacher's labels (the original pairs as annotated, bt, no LM term, no likelihood
-    term: ablation.py's arm a) with the same student, steps and evaluation: what the demo's numbers are to be compared with. It trains in
-    its own process beside the demo's run (half the cores each), logging to <out>-label.log. -> (process, its config)
-    or None when distill wrote no annotated pairs."""
+    term: ablation.py's arm a) with the same student, steps and evaluation: what the demo's numbers are to be
+    compared with. It trains in its own process beside the demo's run (half the cores each), logging to
+    <out>-label.log. -> (process, its config) or None when distill wrote no annotated pairs."""
     import subprocess
     annotated = os.path.join(os.path.dirname(cfg.data), "annotated.jsonl")
     if not os.path.exists(annotated):
