@@ -250,6 +250,8 @@ def answer_positions(spans, flat_ids, device):
     slot `before` (the slot just before it, or the last slot of a shared prompt), each later one at the slot before."""
     index, target, row = [], [], []
     for k, (start, end, before) in enumerate(spans):
+        if end <= start:  # no answer token left (cut away): nothing to add
+            continue
         index += [before] + list(range(start, end - 1))
         target += flat_ids[start:end].tolist()
         row += [k] * (end - start)
@@ -314,6 +316,7 @@ class RewardModel(nn.Module):
         return rewards + self.likelihood_weight * self.answer_loglik(hidden, answer_index, answer_target,
                                                                      answer_row, len(rewards))
 
+    @torch.compiler.disable  # a loop as long as the batch's answers: eager, not a graph recompiled per length
     @torch.no_grad()
     def answer_loglik(self, hidden, index, target, row, n_rows):
         """Sum of log p(token) over each sequence's answer tokens, from the LM head on the positions that predict
@@ -334,12 +337,12 @@ class RewardModel(nn.Module):
         width = input_ids.shape[1]
         positions = torch.arange(width, device=input_ids.device)
         last = (attention_mask * positions).argmax(-1) + width * torch.arange(len(input_ids), device=input_ids.device)
-        answers = None
+        answers = (None, None, None)
         if answer_starts is not None:  # the answer's tokens: from its start to the row's last real token
             first = attention_mask.argmax(-1) + width * torch.arange(len(input_ids), device=input_ids.device)
-            answers = answer_positions([(int(f) + s, int(e) + 1, int(f) + s - 1) for f, s, e in zip(first, answer_starts, last)],
-                                       input_ids.flatten(), input_ids.device)
-        return self.reward(hidden.flatten(0, 1), last, *(answers or (None, None, None)))
+            spans = [(int(f) + s, int(e) + 1, int(f) + s - 1) for f, s, e in zip(first, answer_starts, last)]
+            answers = answer_positions(spans, input_ids.flatten(), input_ids.device)
+        return self.reward(hidden.flatten(0, 1), last, *answers)
 
     def tokens(self, prompt, answer, max_len=None, cuts=None):
         """(prompt, answer) -> token ids exactly as training builds them: rendered prompt + answer + eos, cut by
@@ -356,19 +359,35 @@ class RewardModel(nn.Module):
         return p, a
 
     def text_tokens(self, text, max_len=None):
-        """An already formatted full text (prompt + response) -> ids + eos, keeping the text's end when it is over
-        max_len; trailing pad/eos text is dropped first (OpenRLHF's queries carry it)."""
+        """An already formatted full text (prompt + response) -> (ids + eos, where the answer starts in them or None
+        when the text has no assistant turn), keeping the text's end when it is over max_len; trailing pad/eos text
+        is dropped first (OpenRLHF's queries carry it). The answer starts after the last generation prompt (what
+        render_prompt writes before an answer); the likelihood term needs it."""
         tok = self.tokenizer
         if not isinstance(tok, ByteTokenizer):
             for special in (tok.pad_token, tok.eos_token):
                 while special and text.endswith(special):
                     text = text[:-len(special)]
-        return encode(tok, text)[-((max_len or self.max_len) - 1):] + [tok.eos_token_id]
+        sentinel = "\x00"
+        marker = render_prompt(tok, [{"role": "user", "content": sentinel}]).split(sentinel)[-1]
+        at = text.rfind(marker)
+        at = None if at < 0 else at + len(marker)
+        if isinstance(tok, ByteTokenizer):
+            ids = tok.encode(text)
+            start = None if at is None else len(text[:at].encode("utf-8"))
+        else:
+            encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+            start = None if at is None else next((i for i, (begin, _) in enumerate(offsets) if begin >= at), len(ids))
+        keep = (max_len or self.max_len) - 1
+        if start is not None:  # the first answer token kept needs one before it to predict it
+            start = max(1, start - max(0, len(ids) - keep))
+        return ids[-keep:] + [tok.eos_token_id], start
 
     @torch.no_grad()
     def sequence_rewards(self, sequences, batch_size=32, padding_side="right", answer_starts=None):
         """Rewards of token-id sequences, in input order; batched by length so little padding is computed.
-        answer_starts: where each sequence's answer starts (needed with likelihood on; see text_answer_start)."""
+        answer_starts: where each sequence's answer starts (needed with likelihood on; see text_tokens)."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device

@@ -311,6 +311,10 @@ def build_model(cfg, device, log, backbone=None):
             "head on a cut backbone starts worse than uniform (SmolLM2-135M, 4 of 30 layers: 19.4 nats per "
             "teacher-answer token, 4.0 uncut, 10.8 uniform), so the LM term relearns language modelling rather "
             "than keeping it; consider --lm-weight=0 or more layers")
+    if cfg.head == "linear" and cfg.likelihood:
+        log("warning: --head=linear with the likelihood term (--likelihood, the recipe's): the saved model loads with "
+            "load_reward_model but is no AutoModelForSequenceClassification checkpoint, which cannot add the "
+            "likelihood; add --likelihood=false for that export")
     model = RewardModel(lm, tokenizer, cfg.head, cfg.dropout, cfg.max_len, cfg.likelihood).to(device)
     if cfg.lora_r:  # LoRA adapters on the backbone's linear layers; value head and LM head stay fully trained
         trainable, total = lora.add_adapters(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
@@ -515,7 +519,7 @@ def run_training(cfg, stop_after, on_step, backbone):
         show_progress(cfg, run, progress, step, numbers)
         if step % cfg.log_interval == 0 or step == run.total:
             record = log_line(window, step, run.total, run.optimizer, run.world, run.log, log_file,
-                              progress[0].timing(step - progress[1]))
+                              progress[0].timing(step - progress[1]), getattr(run.model, "likelihood_weight", None))
             if run.tracker:
                 run.tracker.log(record, step)
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < run.total and run.eval_sets:
@@ -623,17 +627,22 @@ def show_progress(cfg, run, progress, step, numbers):
                      final=clock.tty and (step % cfg.log_interval == 0 or step == run.total))
 
 
-def log_line(window, step, total, optimizer, world, log, log_file, timing=""):
-    """One line per interval: step, loss parts, accuracy, lr, tokens/s, padding %, ms/step, elapsed time and ETA;
-    then reset the window."""
+def log_line(window, step, total, optimizer, world, log, log_file, timing="", likelihood_weight=None):
+    """One line per interval: step, loss parts, accuracy, lr, tokens/s, padding %, ms/step (the likelihood term's
+    weight when there is one), elapsed time and ETA; then reset the window."""
     steps = window["steps"]
     record = {"step": step, "pair_loss": window["pair"] / steps, "lm_loss": window["lm"] / steps,
               "accuracy": window["correct"] / max(1, window["pairs"]), "lr": optimizer.param_groups[0]["lr"],
               "tokens_per_s": window["tokens"] * world / window["time"],
               "padding": 1 - window["tokens"] / max(1, window["slots"]), "ms_per_step": 1000 * window["time"] / steps}
+    if likelihood_weight is not None:  # how much the student's own likelihood counts by now (FSDP: rank 0's shard)
+        local = likelihood_weight.to_local() if hasattr(likelihood_weight, "to_local") else likelihood_weight
+        record["likelihood_weight"] = local.detach().float().sum().item()
     log(f"step {step}/{total} | pair {record['pair_loss']:.4f} | lm {record['lm_loss']:.4f} | "
         f"acc {record['accuracy']:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s | "
-        f"pad {100 * record['padding']:.1f}% | {record['ms_per_step']:.0f} ms/step" + (f" | {timing}" if timing else ""))
+        f"pad {100 * record['padding']:.1f}% | {record['ms_per_step']:.0f} ms/step" +
+        (f" | likelihood w {record['likelihood_weight']:.3f}" if likelihood_weight is not None else "") +
+        (f" | {timing}" if timing else ""))
     if log_file:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()

@@ -266,6 +266,25 @@ def test_distill_end_to_end_with_retries(tmp_path):
     assert better >= 0.9 * len(rows)  # the rest: tasks on which the teacher itself is wrong (teacher_skill)
 
 
+def test_the_mirror_split_is_the_style_trap_the_other_way_round():
+    cfg = sim.WorldConfig(n_eval=100)
+    for row in sim.eval_pairs(cfg, "mirror"):
+        task = sim.task_from_prompt(row["prompt"])
+        assert sim.true_quality(task, row["chosen"]) == 1.0 > sim.true_quality(task, row["rejected"])
+        assert sim.parse_answer(task, row["chosen"])[1] in ("padded", "markdown")
+        assert sim.parse_answer(task, row["rejected"])[1] in ("terse", "plain")
+
+
+def test_valid_asks_tasks_of_its_own_and_the_test_tasks_stay_as_they_were():
+    cfg = sim.WorldConfig(n_eval=200)
+    distill, test, select = (set(t.prompt for t in group) for group in sim.task_groups(cfg))
+    assert select and not select & distill and not select & test and not distill & test
+    assert {r["prompt"] for r in sim.eval_pairs(cfg, "valid")} <= select
+    assert {r["prompt"] for r in sim.distill_rows(cfg)} <= distill
+    # the select tasks come out of the distill tasks: the test tasks are those drawn without them
+    assert test == {t.prompt for t in sim.split_tasks(sim.WorldConfig(select_frac=0.0))[1]}
+
+
 @pytest.mark.slow
 def test_ablation_smoke(tmp_path):
     from demo import ablation
@@ -274,7 +293,7 @@ def test_ablation_smoke(tmp_path):
     assert set(results) == {"a", ablation.DEFAULT_ARM}
     saved = json.load(open(tmp_path / "results.json"))
     assert saved["default_arm"] == ablation.DEFAULT_ARM
-    assert set(saved["arms"][ablation.DEFAULT_ARM][0]) >= {"seed", "normal", "hard", "bon", "valid_normal",
+    assert set(saved["arms"][ablation.DEFAULT_ARM][0]) >= {"seed", "normal", "hard", "mirror", "bon", "valid_normal",
                                                           "valid_hard", "valid"}
     for rows in results.values():
         assert all(0.0 <= rows[0][k] <= 1.0 for k in ("normal", "hard", "bon"))
