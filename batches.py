@@ -153,8 +153,9 @@ def pack_tightly(lengths, target_padding=0.05):
 class Group:
     """One packed sequence: a prompt written once, then answers that each see that prompt and themselves only.
     An empty prompt makes it one plain sequence (answers[0] then holds prompt + answer). roles[k]: ("chosen" |
-    "rejected" | "teacher", example index) of answers[k]; lm_starts[k]: where a teacher answer's LM target starts
-    in answers[k] (0 when it follows the shared prompt directly)."""
+    "rejected" | "teacher", example index) of answers[k]; lm_starts[k]: where the answer itself starts in
+    answers[k] (0 when it follows the shared prompt directly): a teacher answer's LM target, a reward row's
+    likelihood (model.RewardModel.reward)."""
     prompt: list
     answers: list
     roles: list
@@ -172,15 +173,15 @@ def pair_groups(examples, use_lm, share):
     for e, ex in enumerate(examples):
         teacher = ex.teacher if use_lm and ex.teacher is not None else None
         if share and ex.prompt[0] == ex.prompt[1]:
-            group = Group(ex.prompt[0], [ex.chosen, ex.rejected], [("chosen", e), ("rejected", e)], [None, None])
+            group = Group(ex.prompt[0], [ex.chosen, ex.rejected], [("chosen", e), ("rejected", e)], [0, 0])
             if teacher is not None and teacher[0] == ex.prompt[0]:
                 group.answers.append(teacher[1]), group.roles.append(("teacher", e)), group.lm_starts.append(0)
                 teacher = None
             groups.append(group)
         else:
             fell_back += share
-            groups += [Group([], [ex.prompt[0] + ex.chosen], [("chosen", e)], [None]),
-                       Group([], [ex.prompt[1] + ex.rejected], [("rejected", e)], [None])]
+            groups += [Group([], [ex.prompt[0] + ex.chosen], [("chosen", e)], [len(ex.prompt[0])]),
+                       Group([], [ex.prompt[1] + ex.rejected], [("rejected", e)], [len(ex.prompt[1])])]
         if teacher is not None:
             alone.append(Group([], [teacher[0] + teacher[1]], [("teacher", e)], [len(teacher[0])]))
     return groups + alone, fell_back
@@ -198,6 +199,9 @@ class Batch:
     last: torch.Tensor  # flat index of each reward row's last token: chosen rows, then rejected rows
     lm_index: torch.Tensor  # flat indices of positions that predict a teacher-answer token
     lm_target: torch.Tensor  # the teacher-answer tokens they predict
+    answer_index: torch.Tensor  # flat indices of positions that predict a chosen or rejected answer's token
+    answer_target: torch.Tensor  # the answer tokens they predict
+    answer_row: torch.Tensor  # which reward row (as in `last`) each belongs to
     margins: torch.Tensor | None
     n_pairs: int
     real_tokens: int  # tokens computed (a shared prompt counts once), padding not included
@@ -241,6 +245,7 @@ def lay_out(groups, lengths, bins, n_pairs, pad_id, shared):
     bin_len = max(sum(lengths[i] for i in b) for b in bins)
     ids, positions, sequences, branches = [], [], [], []
     last, lm_index, lm_target = [0] * (2 * n_pairs), [], []
+    answer_index, answer_target, answer_row = [], [], []
     for b, members in enumerate(bins):
         row_ids, row_pos, row_seq, row_branch = [], [], [], []
         for n, i in enumerate(members, 1):
@@ -251,12 +256,17 @@ def lay_out(groups, lengths, bins, n_pairs, pad_id, shared):
             row_branch += [0] * len(group.prompt)
             for k, (answer, (role, e), start) in enumerate(zip(group.answers, group.roles, group.lm_starts), 1):
                 flat = b * bin_len + len(row_ids)
+                predictors = ([prompt_end if start == 0 else flat + start - 1] +
+                              list(range(flat + start, flat + len(answer) - 1))) if len(answer) > start else []
                 if role == "teacher":
-                    lm_index += ([prompt_end] if start == 0 else []) + list(range(flat + max(start, 1) - 1,
-                                                                                  flat + len(answer) - 1))
+                    lm_index += predictors
                     lm_target += answer[start:]
                 else:  # chosen row of example e first, rejected rows after all chosen rows
-                    last[e + (n_pairs if role == "rejected" else 0)] = flat + len(answer) - 1
+                    reward_row = e + (n_pairs if role == "rejected" else 0)
+                    last[reward_row] = flat + len(answer) - 1
+                    answer_index += predictors
+                    answer_target += answer[start:]
+                    answer_row += [reward_row] * (len(answer) - start)
                 row_ids += answer
                 row_pos += range(len(group.prompt), len(group.prompt) + len(answer))
                 row_seq += [n] * len(answer)
@@ -267,8 +277,8 @@ def lay_out(groups, lengths, bins, n_pairs, pad_id, shared):
         sequences.append(row_seq + [len(members) + 1] * pad)
         branches.append(row_branch + [0] * pad)
     as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long)  # noqa: E731
-    return Batch(as_tensor(ids), as_tensor(positions), torch.tensor(last), torch.tensor(lm_index, dtype=torch.long),
-                 torch.tensor(lm_target, dtype=torch.long), None, n_pairs, sum(lengths),
+    return Batch(as_tensor(ids), as_tensor(positions), torch.tensor(last), as_tensor(lm_index), as_tensor(lm_target),
+                 as_tensor(answer_index), as_tensor(answer_target), as_tensor(answer_row), None, n_pairs, sum(lengths),
                  as_tensor(sequences) if shared else None, as_tensor(branches) if shared else None)
 
 

@@ -244,12 +244,41 @@ def prefix_sharing_mask(sequence_ids, branch_ids, implementation, dtype=torch.fl
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-class RewardModel(nn.Module):
-    """A causal LM whose backbone also feeds a value head; reward = value head(hidden state of the last token)."""
+def answer_positions(spans, flat_ids, device):
+    """Answers laid out in flat token slots -> (answer_index, answer_target, answer_row) for RewardModel.reward.
+    spans[k] = (start, end, before) of sequence k's answer: its tokens flat_ids[start:end], the first one predicted at
+    slot `before` (the slot just before it, or the last slot of a shared prompt), each later one at the slot before."""
+    index, target, row = [], [], []
+    for k, (start, end, before) in enumerate(spans):
+        if end <= start:  # no answer token left (cut away): nothing to add
+            continue
+        index += [before] + list(range(start, end - 1))
+        target += flat_ids[start:end].tolist()
+        row += [k] * (end - start)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return as_tensor(index), as_tensor(target), as_tensor(row)
 
-    def __init__(self, lm, tokenizer, head="mlp", dropout=0.1, max_len=1024):
+
+LIKELIHOOD_KEY = "likelihood_weight"  # its name in value_head.safetensors
+LIKELIHOOD_CHUNK = 1024  # answer tokens per LM-head product when the likelihood term is read (bounds its memory)
+
+
+class RewardModel(nn.Module):
+    """A causal LM whose backbone also feeds a value head; reward = value head(hidden state of the last token).
+
+    With likelihood=True the reward also reads the student's own knowledge: reward = value head + w x log p(answer |
+    prompt), the sum of the log-probabilities its LM head gives the answer's tokens (eos included). The
+    log-likelihood is a feature, not trained through (no gradient into the LM by it; the LM term keeps the LM head a
+    language model); w is one learned scalar (likelihood_weight, from 0), so the teacher's pairs decide how much the
+    student's knowledge counts, and the value head, which sees the answer's style, learns what likelihood says about
+    style rather than content (a longer answer is less likely whatever it says)."""
+
+    def __init__(self, lm, tokenizer, head="mlp", dropout=0.1, max_len=1024, likelihood=False):
         super().__init__()
         self.lm, self.tokenizer, self.head_kind, self.dropout = lm, tokenizer, head, dropout
+        self.likelihood = likelihood
+        if likelihood:
+            self.likelihood_weight = nn.Parameter(torch.zeros(1))  # 1-d: FSDP2 shards parameters along dim 0
         self.max_len = max_len  # tokens per scored sequence unless a call says otherwise (saved in rmd.json)
         hidden = lm.config.hidden_size
         if head == "mlp":
@@ -271,17 +300,49 @@ class RewardModel(nn.Module):
             mask = prefix_sharing_mask(batch.sequence_ids, batch.branch_ids, self.lm.config._attn_implementation,
                                        self.lm.dtype)
         hidden = self.hidden(batch.input_ids, batch.position_ids, mask).flatten(0, 1)
-        rewards = self.value_head(hidden[batch.last]).squeeze(-1).float()
-        return rewards, hidden[batch.lm_index]
+        return self.reward(hidden, batch.last, batch.answer_index, batch.answer_target, batch.answer_row), \
+            hidden[batch.lm_index]
 
-    def rewards(self, input_ids, attention_mask):
-        """Padded batch (either padding side) -> reward at each row's last real token."""
+    def reward(self, hidden, last, answer_index=None, answer_target=None, answer_row=None):
+        """Flat hidden states [slots, H] -> the reward of each sequence: the value head at its last token (flat
+        index `last`), plus with likelihood on w x the log-likelihood of its answer tokens (answer_target, predicted
+        at the flat positions answer_index, of sequence answer_row)."""
+        rewards = self.value_head(hidden[last]).squeeze(-1).float()
+        if not self.likelihood:
+            return rewards
+        if answer_index is None:
+            raise ValueError("this reward model's reward includes the answer's likelihood: it needs to know where each "
+                             "answer starts (score prompt and answer apart)")
+        return rewards + self.likelihood_weight * self.answer_loglik(hidden, answer_index, answer_target,
+                                                                     answer_row, len(rewards))
+
+    @torch.compiler.disable  # a loop as long as the batch's answers: eager, not a graph recompiled per length
+    @torch.no_grad()
+    def answer_loglik(self, hidden, index, target, row, n_rows):
+        """Sum of log p(token) over each sequence's answer tokens, from the LM head on the positions that predict
+        them, LIKELIHOOD_CHUNK tokens at a time; no gradient."""
+        head, out = self.lm.get_output_embeddings(), torch.zeros(n_rows, device=hidden.device)
+        for k in range(0, len(index), LIKELIHOOD_CHUNK):
+            logp = head(hidden[index[k:k + LIKELIHOOD_CHUNK]]).float().log_softmax(-1)
+            out.index_add_(0, row[k:k + LIKELIHOOD_CHUNK],
+                           logp.gather(-1, target[k:k + LIKELIHOOD_CHUNK, None]).squeeze(-1))
+        return out
+
+    def rewards(self, input_ids, attention_mask, answer_starts=None):
+        """Padded batch (either padding side) -> reward at each row's last real token. answer_starts: where each
+        row's answer starts, counted in its real tokens (needed with likelihood on)."""
         attention_mask = attention_mask.long()
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.hidden(input_ids, position_ids, attention_mask)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        last = (attention_mask * positions).argmax(-1)
-        return self.value_head(hidden[torch.arange(len(last)), last]).squeeze(-1).float()
+        width = input_ids.shape[1]
+        positions = torch.arange(width, device=input_ids.device)
+        last = (attention_mask * positions).argmax(-1) + width * torch.arange(len(input_ids), device=input_ids.device)
+        answers = (None, None, None)
+        if answer_starts is not None:  # the answer's tokens: from its start to the row's last real token
+            first = attention_mask.argmax(-1) + width * torch.arange(len(input_ids), device=input_ids.device)
+            spans = [(int(f) + s, int(e) + 1, int(f) + s - 1) for f, s, e in zip(first, answer_starts, last)]
+            answers = answer_positions(spans, input_ids.flatten(), input_ids.device)
+        return self.reward(hidden.flatten(0, 1), last, *answers)
 
     def tokens(self, prompt, answer, max_len=None, cuts=None):
         """(prompt, answer) -> token ids exactly as training builds them: rendered prompt + answer + eos, cut by
@@ -298,18 +359,35 @@ class RewardModel(nn.Module):
         return p, a
 
     def text_tokens(self, text, max_len=None):
-        """An already formatted full text (prompt + response) -> ids + eos, keeping the text's end when it is over
-        max_len; trailing pad/eos text is dropped first (OpenRLHF's queries carry it)."""
+        """An already formatted full text (prompt + response) -> (ids + eos, where the answer starts in them or None
+        when the text has no assistant turn), keeping the text's end when it is over max_len; trailing pad/eos text
+        is dropped first (OpenRLHF's queries carry it). The answer starts after the last generation prompt (what
+        render_prompt writes before an answer); the likelihood term needs it."""
         tok = self.tokenizer
         if not isinstance(tok, ByteTokenizer):
             for special in (tok.pad_token, tok.eos_token):
                 while special and text.endswith(special):
                     text = text[:-len(special)]
-        return encode(tok, text)[-((max_len or self.max_len) - 1):] + [tok.eos_token_id]
+        sentinel = "\x00"
+        marker = render_prompt(tok, [{"role": "user", "content": sentinel}]).split(sentinel)[-1]
+        at = text.rfind(marker)
+        at = None if at < 0 else at + len(marker)
+        if isinstance(tok, ByteTokenizer):
+            ids = tok.encode(text)
+            start = None if at is None else len(text[:at].encode("utf-8"))
+        else:
+            encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+            start = None if at is None else next((i for i, (begin, _) in enumerate(offsets) if begin >= at), len(ids))
+        keep = (max_len or self.max_len) - 1
+        if start is not None:  # the first answer token kept needs one before it to predict it
+            start = max(1, start - max(0, len(ids) - keep))
+        return ids[-keep:] + [tok.eos_token_id], start
 
     @torch.no_grad()
-    def sequence_rewards(self, sequences, batch_size=32, padding_side="right"):
-        """Rewards of token-id sequences, in input order; batched by length so little padding is computed."""
+    def sequence_rewards(self, sequences, batch_size=32, padding_side="right", answer_starts=None):
+        """Rewards of token-id sequences, in input order; batched by length so little padding is computed.
+        answer_starts: where each sequence's answer starts (needed with likelihood on; see text_tokens)."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -324,7 +402,8 @@ class RewardModel(nn.Module):
                 span = slice(width - len(sequences[i]), width) if padding_side == "left" else \
                     slice(0, len(sequences[i]))
                 ids[row, span], mask[row, span] = torch.tensor(sequences[i]), 1
-            for i, reward in zip(chunk, self.rewards(ids.to(device), mask.to(device)).tolist()):
+            starts = None if answer_starts is None else [answer_starts[i] for i in chunk]
+            for i, reward in zip(chunk, self.rewards(ids.to(device), mask.to(device), starts).tolist()):
                 out[i] = reward
         self.train(was_training)
         return out
@@ -356,7 +435,7 @@ class RewardModel(nn.Module):
                     alone += chunk
         out = [0.0] * len(pieces)
         for i, reward in zip(alone, self.sequence_rewards([pieces[i][0] + pieces[i][1] for i in alone], batch_size,
-                                                          padding_side)):
+                                                          padding_side, [len(pieces[i][0]) for i in alone])):
             out[i] = reward
         for i, reward in self.shared_rewards(pieces, shared, batch_size, padding_side):
             out[i] = reward
@@ -379,7 +458,7 @@ class RewardModel(nn.Module):
             width = max(map(row_len, rows))
             ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
             positions, sequence_ids, branch_ids = torch.zeros_like(ids), torch.full_like(ids, 2), torch.zeros_like(ids)
-            last = []
+            last, spans = [], []
             for r, chunk in enumerate(rows):
                 prompt = pieces[chunk[0]][0]
                 start = width - row_len(chunk) if padding_side == "left" else 0
@@ -389,6 +468,8 @@ class RewardModel(nn.Module):
                 cursor = start + len(prompt)
                 for branch, i in enumerate(chunk, 1):
                     answer = pieces[i][1]
+                    spans.append((r * width + cursor, r * width + cursor + len(answer),
+                                  r * width + start + len(prompt) - 1))  # its first token: from the prompt's end
                     ids[r, cursor:cursor + len(answer)] = torch.tensor(answer)
                     positions[r, cursor:cursor + len(answer)] = torch.arange(len(prompt), len(prompt) + len(answer))
                     branch_ids[r, cursor:cursor + len(answer)] = branch
@@ -397,7 +478,8 @@ class RewardModel(nn.Module):
             mask = prefix_sharing_mask(sequence_ids.to(device), branch_ids.to(device),
                                        self.lm.config._attn_implementation, self.lm.dtype)
             hidden = self.hidden(ids.to(device), positions.to(device), mask).flatten(0, 1)
-            rewards = self.value_head(hidden[torch.tensor(last, device=device)]).squeeze(-1).float()
+            answers = answer_positions(spans, ids.flatten(), device) if self.likelihood else (None, None, None)
+            rewards = self.reward(hidden, torch.tensor(last, device=device), *answers)
             out += zip([i for chunk in rows for i in chunk], rewards.tolist())
         self.train(was_training)
         return out
@@ -425,7 +507,8 @@ def export_pad_id(tokenizer, vocab_rows):
 
 
 def save_reward_model(model: RewardModel, path, weights=None):
-    """Safetensors folder for load_reward_model. With the linear head it is also a standard HF sequence classifier:
+    """Safetensors folder for load_reward_model. With the linear head (and no likelihood term, which a sequence
+    classifier cannot add) it is also a standard HF sequence classifier:
     AutoModelForSequenceClassification.from_pretrained(path) gives the same rewards (the value head is `score.weight`
     in model.safetensors; the config's pad_token_id never occurs in real text, see export_pad_id; feed it what rmd
     feeds: rendered prompt + answer + eos). The LM head stays in the folder for load_reward_model (HF warns that it
@@ -444,9 +527,11 @@ def save_reward_model(model: RewardModel, path, weights=None):
     model.lm.save_pretrained(path, safe_serialization=True, state_dict=lm_weights)
     weights = model.state_dict() if weights is None else weights
     head = {k[11:]: v.detach().contiguous().cpu() for k, v in weights.items() if k.startswith("value_head.")}
+    if model.likelihood:  # the likelihood term's weight travels with the head
+        head[LIKELIHOOD_KEY] = weights["likelihood_weight"].detach().reshape(1).contiguous().cpu()
     save_file(head, os.path.join(path, "value_head.safetensors"))
     tokenizer, hf_export = model.tokenizer, None
-    if model.head_kind == "linear":
+    if model.head_kind == "linear" and not model.likelihood:  # a sequence classifier cannot add the likelihood
         pad = export_pad_id(tokenizer, model.lm.get_input_embeddings().weight.shape[0])
         arch = type(model.lm).__name__.replace("ForCausalLM", "ForSequenceClassification")
         import transformers
@@ -473,7 +558,7 @@ def save_reward_model(model: RewardModel, path, weights=None):
                 tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
     if not isinstance(tokenizer, ByteTokenizer):
         tokenizer.save_pretrained(path)
-    meta = {"head": model.head_kind, "dropout": model.dropout, "max_len": model.max_len,
+    meta = {"head": model.head_kind, "dropout": model.dropout, "max_len": model.max_len, "likelihood": model.likelihood,
             "tokenizer": "bytes" if isinstance(model.tokenizer, ByteTokenizer) else "hf", "format": "rmd-1",
             "hf_sequence_classification": hf_export}
     with open(os.path.join(path, "rmd.json"), "w") as f:
@@ -491,6 +576,10 @@ def load_reward_model(path, device="cpu") -> RewardModel:
         meta = json.load(f)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = ByteTokenizer() if meta["tokenizer"] == "bytes" else AutoTokenizer.from_pretrained(path)
-    model = RewardModel(lm, tokenizer, head=meta["head"], dropout=meta["dropout"], max_len=meta["max_len"])
-    model.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
+    model = RewardModel(lm, tokenizer, head=meta["head"], dropout=meta["dropout"], max_len=meta["max_len"],
+                        likelihood=meta.get("likelihood", False))
+    head = load_file(os.path.join(path, "value_head.safetensors"))
+    if model.likelihood:
+        model.likelihood_weight.data.copy_(head.pop(LIKELIHOOD_KEY))
+    model.value_head.load_state_dict(head)
     return model.to(device).eval()

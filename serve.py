@@ -6,7 +6,7 @@ POST /get_reward (also / and /score) takes either
     prompt + response); it is tokenized as it is, trailing pad/eos text stripped and one eos id appended, as
     OpenRLHF's own serve_rm does (RewardModel.text_tokens). `prompts` and `labels` are accepted and not needed.
   - the plain form: {"prompt": p, "response": r} or {"prompts": [...], "responses": [...]} -> {"rewards": [...]};
-    prompts are strings or message lists and are rendered and cut as in training (RewardModel.tokens).
+    prompts are strings or message lists and are rendered and cut as in training (RewardModel.pieces).
 Concurrent requests are micro-batched by one worker thread that owns the model. GET /health says it is up.
 
 In Python: `url, shutdown = serve.start_server(model.load_reward_model(path))`.
@@ -35,7 +35,8 @@ class BadRequest(ValueError):
 
 
 def request_sequences(model, body, max_items, max_len):
-    """A parsed JSON request -> (token sequences, OpenRLHF form?). Raises BadRequest with the reason."""
+    """A parsed JSON request -> ([(token ids, where the answer starts in them)], OpenRLHF form?). Raises BadRequest
+    with the reason."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
 
@@ -54,7 +55,12 @@ def request_sequences(model, body, max_items, max_len):
     if "query" in body:
         queries = strings("query")
         check_count(len(queries))
-        return [model.text_tokens(q, max_len) for q in queries], True
+        sequences = [model.text_tokens(q, max_len) for q in queries]
+        if model.likelihood and (missing := [i for i, (_, start) in enumerate(sequences) if start is None]):
+            raise BadRequest(f"query {missing[0]}: no assistant turn found (this reward model reads the answer's "
+                             "likelihood, so it needs to know where the answer starts); send the chat-formatted "
+                             "prompt and response, or the plain form {\"prompt\", \"response\"}")
+        return sequences, True
     if "response" in body and "prompt" in body:
         prompts, responses = [body["prompt"]], [body["response"]]
     elif "responses" in body and "prompts" in body:
@@ -70,7 +76,8 @@ def request_sequences(model, body, max_items, max_len):
         if not isinstance(r, str):
             raise BadRequest(f"response {i} must be a string")
         try:
-            sequences.append(model.tokens(p, r, max_len))
+            prompt_ids, answer = model.pieces(p, r, max_len)
+            sequences.append((prompt_ids + answer, len(prompt_ids)))
         except DataError as e:
             raise BadRequest(f"prompt {i}: {str(e).split(': ', 1)[-1]}") from None
     return sequences, False
@@ -110,7 +117,9 @@ class Scorer:
                 jobs.append(job)
                 total += len(job["sequences"])
             try:
-                rewards = self.model.sequence_rewards([s for j in jobs for s in j["sequences"]], self.batch_size)
+                sequences = [s for j in jobs for s in j["sequences"]]
+                starts = [start for _, start in sequences] if self.model.likelihood else None
+                rewards = self.model.sequence_rewards([ids for ids, _ in sequences], self.batch_size, "right", starts)
                 k = 0
                 for job in jobs:
                     job["rewards"] = rewards[k:k + len(job["sequences"])]

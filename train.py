@@ -63,6 +63,9 @@ class TrainConfig:
     layers: int = 0  # keep only the first N transformer layers of the backbone (0 = all)
     head: str = "mlp"  # value head: "mlp" (dropout, Linear(H,1024), ReLU, Linear(1024,1)) or "linear"
     dropout: float = 0.1  # value-head dropout
+    # reward = value head + w x the student's own log-likelihood of the answer (its LM head; no gradient through it),
+    # w one learned weight (from 0, its own learning rate LIKELIHOOD_LR): the student's knowledge in the reward
+    likelihood: bool = recipe.RECIPE.likelihood
     loss: str = recipe.RECIPE.loss  # pairwise loss: bt (the recipe), bt-margin, mse (margin regression)
     lm_weight: float = recipe.RECIPE.lm_weight  # lambda of the LM term on the teacher answers (0 = off); the recipe's
     max_len: int = 1024  # tokens per sequence; longer ones keep the prompt's end, then the answer's start (see fit)
@@ -168,6 +171,10 @@ def check_model(name):
         raise UsageError(f"--model={name}: no such folder or file (and not a Hugging Face id like "
                          f"Qwen/Qwen2.5-0.5B-Instruct){demo}")
 
+
+# Peak rate of the likelihood term's one weight (--likelihood): its scale is nats of the answer's log-likelihood, not
+# the backbone's, so it does not follow --lr (at 5e-5 it could move only ~0.02 in 400 steps)
+LIKELIHOOD_LR = 1e-2
 
 RESUME_MAY_CHANGE = {"resume", "eval_data", "eval_batch", "log_interval", "eval_interval", "save_interval", "device",
                      "compile", "fsdp", "report_to", "gradient_checkpointing", "share_prompts",
@@ -304,7 +311,11 @@ def build_model(cfg, device, log, backbone=None):
             "head on a cut backbone starts worse than uniform (SmolLM2-135M, 4 of 30 layers: 19.4 nats per "
             "teacher-answer token, 4.0 uncut, 10.8 uniform), so the LM term relearns language modelling rather "
             "than keeping it; consider --lm-weight=0 or more layers")
-    model = RewardModel(lm, tokenizer, cfg.head, cfg.dropout, cfg.max_len).to(device)
+    if cfg.head == "linear" and cfg.likelihood:
+        log("warning: --head=linear with the likelihood term (--likelihood, the recipe's): the saved model loads with "
+            "load_reward_model but is no AutoModelForSequenceClassification checkpoint, which cannot add the "
+            "likelihood; add --likelihood=false for that export")
+    model = RewardModel(lm, tokenizer, cfg.head, cfg.dropout, cfg.max_len, cfg.likelihood).to(device)
     if cfg.lora_r:  # LoRA adapters on the backbone's linear layers; value head and LM head stay fully trained
         trainable, total = lora.add_adapters(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         log(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}: training {trainable:,} of {total:,} parameters")
@@ -361,11 +372,15 @@ def plan_steps(cfg, pairs, world, log):
 
 
 def build_optimizer(model, cfg, lr, cuda, sharded):
-    """AdamW over the trained parameters (LoRA freezes the backbone's); weight decay on matrices only."""
-    decay = [p for p in model.parameters() if p.dim() >= 2 and p.requires_grad]
-    no_decay = [p for p in model.parameters() if p.dim() < 2 and p.requires_grad]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
+    """AdamW over the trained parameters (LoRA freezes the backbone's); weight decay on matrices only. Each group's
+    peak rate is its "peak" (lr_at schedules it): lr, and LIKELIHOOD_LR for the likelihood term's one weight."""
+    own = getattr(model, "likelihood_weight", None)
+    trained = [p for p in model.parameters() if p.requires_grad and p is not own]
+    groups = [{"params": [p for p in trained if p.dim() >= 2], "weight_decay": cfg.weight_decay, "peak": lr},
+              {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0, "peak": lr}]
+    if own is not None:
+        groups.append({"params": [own], "weight_decay": 0.0, "lr": LIKELIHOOD_LR, "peak": LIKELIHOOD_LR})
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95),
                              fused=True if not sharded else (cuda or None))  # fused: 4x faster step on CPU too
 
 
@@ -504,7 +519,7 @@ def run_training(cfg, stop_after, on_step, backbone):
         show_progress(cfg, run, progress, step, numbers)
         if step % cfg.log_interval == 0 or step == run.total:
             record = log_line(window, step, run.total, run.optimizer, run.world, run.log, log_file,
-                              progress[0].timing(step - progress[1]))
+                              progress[0].timing(step - progress[1]), getattr(run.model, "likelihood_weight", None))
             if run.tracker:
                 run.tracker.log(record, step)
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < run.total and run.eval_sets:
@@ -533,7 +548,7 @@ def train_step(cfg, run, step):
     lm_tokens = sum(len(ex.teacher[1]) for ex in step_examples if ex.teacher) if cfg.use_lm else 0
     mine = step_examples[run.rank * run.micro * run.accum:(run.rank + 1) * run.micro * run.accum]
     for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(step, run.total, run.lr, cfg)
+        group["lr"] = lr_at(step, run.total, group.get("peak", run.lr), cfg)  # no "peak": an older checkpoint
     totals = torch.zeros(4, dtype=torch.float64, device=run.device)  # pair loss, lm loss, correct, pairs
     tokens = slots = shared = separate = 0
     for k in range(run.accum):
@@ -612,17 +627,22 @@ def show_progress(cfg, run, progress, step, numbers):
                      final=clock.tty and (step % cfg.log_interval == 0 or step == run.total))
 
 
-def log_line(window, step, total, optimizer, world, log, log_file, timing=""):
-    """One line per interval: step, loss parts, accuracy, lr, tokens/s, padding %, ms/step, elapsed time and ETA;
-    then reset the window."""
+def log_line(window, step, total, optimizer, world, log, log_file, timing="", likelihood_weight=None):
+    """One line per interval: step, loss parts, accuracy, lr, tokens/s, padding %, ms/step (the likelihood term's
+    weight when there is one), elapsed time and ETA; then reset the window."""
     steps = window["steps"]
     record = {"step": step, "pair_loss": window["pair"] / steps, "lm_loss": window["lm"] / steps,
               "accuracy": window["correct"] / max(1, window["pairs"]), "lr": optimizer.param_groups[0]["lr"],
               "tokens_per_s": window["tokens"] * world / window["time"],
               "padding": 1 - window["tokens"] / max(1, window["slots"]), "ms_per_step": 1000 * window["time"] / steps}
+    if likelihood_weight is not None:  # how much the student's own likelihood counts by now (FSDP: rank 0's shard)
+        local = likelihood_weight.to_local() if hasattr(likelihood_weight, "to_local") else likelihood_weight
+        record["likelihood_weight"] = local.detach().float().sum().item()
     log(f"step {step}/{total} | pair {record['pair_loss']:.4f} | lm {record['lm_loss']:.4f} | "
         f"acc {record['accuracy']:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s | "
-        f"pad {100 * record['padding']:.1f}% | {record['ms_per_step']:.0f} ms/step" + (f" | {timing}" if timing else ""))
+        f"pad {100 * record['padding']:.1f}% | {record['ms_per_step']:.0f} ms/step" +
+        (f" | likelihood w {record['likelihood_weight']:.3f}" if likelihood_weight is not None else "") +
+        (f" | {timing}" if timing else ""))
     if log_file:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()

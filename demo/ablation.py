@@ -20,14 +20,21 @@ arm, trained through rmd.py. The student is the built-in tiny model after LM pre
     l  a with the from-scratch tiny student
     m  h + the original pairs of the kept rows (train.jsonl's 'original' rows: the teacher-labelled input pair of
        every row whose y_l refine had to fix; rows refine left unchanged differ in style only and give none)
-    n  rmd's default recipe    m with bt (= j + those original pairs)
+    n  rmd's default recipe    m with bt (= j + those original pairs) + the likelihood term
     o  n without LM regularization
     p  n with the from-scratch tiny student
     q  n without the restyle ability (refined pairs + the kept rows' original pairs only)
+    r  n without the likelihood term (the previous recipe)
+    s  f + the likelihood term (label distillation with LM regularization and the likelihood term)
+
+n, o, p, q and s add the likelihood term to the reward: + w x the student's own log-likelihood of the answer (its
+LM head; w learned; model.RewardModel); the other arms do not.
 
 Every choice of recipe (pair sets, loss, steps) and the LM weight (a sweep of the default arm) is made on the `valid`
-split (training tasks, fresh answers; its normal-like and hard-like halves are reported apart), never on
-normal/hard/best-of-N. Also: the teacher's own accuracy as a judge, and best-of-N (N candidates per held-out prompt,
+split (tasks of its own, asked neither in distill nor in the test splits, so memorising the teacher's mistakes does
+not look good there: sim.select_tasks; its normal-like and hard-like halves are reported apart), never on
+normal/hard/mirror/best-of-N. mirror is the style trap the other way round (a correct fancy answer against a wrong
+plain one). Also: the teacher's own accuracy as a judge, and best-of-N (N candidates per held-out prompt,
 each arm's RM picks one, scored by the true quality of what it picks; rmd.py bon's scoring path) standing in for the
 paper's RL result.
 
@@ -71,13 +78,18 @@ ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
     "l": ("original", "bt", False, "scratch", "a with the from-scratch student"),
     "m": ("mixed", "mse", True, "tiny", "h + the kept rows' original pairs"),
     "n": ("mixed", RECIPE.loss, RECIPE.lm_weight > 0, "tiny",
-          "rmd's recipe (recipe.py): j + the kept rows' original pairs"),
+          "rmd's recipe (recipe.py): j + the kept rows' original pairs + the likelihood term"),
     "o": ("mixed", "bt", False, "tiny", "n without LM reg (no generation)"),
     "p": ("mixed", "bt", True, "scratch", "n with the from-scratch student"),
     "q": ("refined_original", "bt", True, "tiny", "n without restyle (refined + kept rows' original pairs)"),
+    "r": ("mixed", "bt", True, "tiny", "n without the likelihood term (the previous recipe)"),
+    "s": ("original", "bt", True, "tiny", "f + the likelihood term (label distillation, LM reg, likelihood)"),
 }
+# the arms whose reward adds w x the student's log-likelihood of the answer (`rmd.py train --likelihood`): the
+# recipe's and what removing another part of it costs; every other arm runs without it
+LIKELIHOOD_ARMS = {"o", "p", "q", "s"} | ({"n"} if RECIPE.likelihood else set())
 DEFAULT_ARM = "n"  # the recipe (recipe.RECIPE): tests/test_recipe.py checks that this arm runs exactly it
-DEFAULT_ARMS = "a,e,j,n,o,p,q"  # n and what removing each part of it costs; the others on request (--arms)
+DEFAULT_ARMS = "a,e,j,n,o,p,q,r"  # n and what removing each part of it costs; the others on request (--arms)
 PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "crossed", "equivalent"),  # train.jsonl rows
                 "mixed": ("refined", "restyled", "crossed", "equivalent", "original"),
                 "refined_original": ("refined", "original")}
@@ -98,13 +110,13 @@ def run_distill(world, data_paths, out_dir, workers):
     return summary
 
 
-def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed, model):
+def train_arm(name, pairs_file, loss, lm_weight, likelihood, eval_data, out_dir, args, seed, model):
     """One training run through `rmd.py train` in a subprocess; returns its eval.json."""
     if not os.path.exists(os.path.join(out_dir, "eval.json")):
         if args.report:
             return None
-        cmd = [sys.executable, os.path.join(ROOT, "rmd.py"), "train", *arm_options(pairs_file, loss, lm_weight,
-                                                                                     eval_data, out_dir, args, seed, model),
+        cmd = [sys.executable, os.path.join(ROOT, "rmd.py"), "train",
+               *arm_options(pairs_file, loss, lm_weight, likelihood, eval_data, out_dir, args, seed, model),
                *resume_or_start_again(out_dir)]
         t0 = time.time()
         with open(os.path.join(os.path.dirname(out_dir), f"{os.path.basename(out_dir)}.log"), "w") as log:
@@ -127,11 +139,12 @@ def resume_or_start_again(out_dir):
     return []
 
 
-def arm_options(pairs_file, loss, lm_weight, eval_data, out_dir, args, seed, model):
-    """`rmd.py train`'s options for one arm: the arm's pairs, loss and LM weight, everything else the recipe's
-    unless --steps, --batch-size or --lr say otherwise (-1 / 0 are train's own "the recipe's")."""
+def arm_options(pairs_file, loss, lm_weight, likelihood, eval_data, out_dir, args, seed, model):
+    """`rmd.py train`'s options for one arm: the arm's pairs, loss, LM weight and likelihood term, everything else the
+    recipe's unless --steps, --batch-size or --lr say otherwise (-1 / 0 are train's own "the recipe's")."""
     return [f"--data={pairs_file}", f"--eval-data={eval_data}", f"--out={out_dir}", f"--model={model}",
-            f"--loss={loss}", f"--lm-weight={lm_weight}", f"--max-steps={args.steps}",
+            f"--loss={loss}", f"--lm-weight={lm_weight}", f"--likelihood={str(likelihood).lower()}",
+            f"--max-steps={args.steps}",
             f"--batch-size={args.batch_size}", f"--lr={args.lr}", f"--seed={seed}", f"--max-len={args.max_len}",
             "--log-interval=50", f"--layers={args.layers if model == args.student else 0}"]
 
@@ -224,7 +237,7 @@ def distill_world(args, seed):
           f"pairs ({counts['full']} with the restyled and style-equivalence pairs, {counts['mixed']} with the "
           f"kept rows' original pairs too), {counts['original']} labelled original pairs", flush=True)
     paths.update(split_valid(paths["valid"]))
-    eval_data = ",".join(f"{s}={paths[s]}" for s in ("normal", "hard", "valid_normal", "valid_hard"))
+    eval_data = ",".join(f"{s}={paths[s]}" for s in ("normal", "hard", "mirror", "valid_normal", "valid_hard"))
     return dict(world=world, paths=paths, files=files, eval_data=eval_data, dir=seed_dir, counts=counts,
                 summary=summary)
 
@@ -234,7 +247,7 @@ def sweep_lm_weight(args, first, seed, sweep, students, single):
     -> (the chosen weight, {weight: valid accuracy})."""
     pairs0, loss0, _, student0, _ = ARMS[DEFAULT_ARM]
     sweep_result = {}
-    jobs = [(f"sweep-{w:g}", first["files"][pairs0], loss0, w, first["eval_data"],
+    jobs = [(f"sweep-{w:g}", first["files"][pairs0], loss0, w, DEFAULT_ARM in LIKELIHOOD_ARMS, first["eval_data"],
              os.path.join(first["dir"], f"sweep_{DEFAULT_ARM}_lm{w:g}"), seed, students[student0]) for w in sweep]
     for job, res in zip(jobs, _run_parallel([] if single else jobs, args)):
         if res is not None:
@@ -275,10 +288,11 @@ def train_arms(args, worlds, seeds, arms, lm_weight, students):
             w = lm_weight if lm else 0.0
             swept = arm == DEFAULT_ARM and seed == seeds[0]  # the sweep's run at the chosen weight is this one
             out = os.path.join(wd["dir"], f"sweep_{arm}_lm{w:g}" if swept else f"arm_{arm}")
-            jobs.append((arm, wd["files"][pairs], loss, w, wd["eval_data"], out, seed, students[student]))
+            jobs.append((arm, wd["files"][pairs], loss, w, arm in LIKELIHOOD_ARMS, wd["eval_data"], out, seed,
+                         students[student]))
     results = {}
     for job, res in zip(jobs, _run_parallel(jobs, args)):
-        arm, seed, out = job[0], job[6], job[5]
+        arm, seed, out = job[0], job[7], job[6]
         if res is None:
             continue
         bon = best_of_n_correct(os.path.join(out, "model"), worlds[seed]["paths"]["bon"], args.max_len)
@@ -293,7 +307,7 @@ def references(worlds, seeds):
     for seed in seeds:
         wd = worlds[seed]
         acc = {s: sim.teacher_judge_accuracy([json.loads(line) for line in open(wd["paths"][s])], wd["world"])
-               for s in ("normal", "hard")}
+               for s in ("normal", "hard", "mirror")}
         bon_rows = [json.loads(line) for line in open(wd["paths"]["bon"])]
         refs["teacher"].append({"seed": seed, **acc})
         refs["random"].append({"seed": seed, "bon": statistics.mean(
@@ -322,8 +336,8 @@ def table_lines(args, worlds, seeds, arms, results, refs, lm_weight, sweep, swee
              ", ".join(f"{w:g} -> {100 * sweep_result[w]:.1f}" for w in sweep if w in sweep_result) +
              f"). Accuracy % on held-out truth-labelled pairs ({world0.n_eval} per split and seed); BoN = % of "
              f"best-of-{world0.bon_n} picks that are correct ({world0.n_bon} prompts per seed). Mean ± std over seeds.",
-             "", "| arm | pairs | loss | LM reg | student | normal | hard | BoN | valid: normal-like / hard-like half |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", "| arm | pairs | loss | LM reg | student | normal | hard | mirror | BoN | valid: normal-like / hard-like "
+             "half |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         pairs, loss, lm, student, label = ARMS[arm]
         rs = results.get(arm)
@@ -333,11 +347,12 @@ def table_lines(args, worlds, seeds, arms, results, refs, lm_weight, sweep, swee
         shown = "scratch" if student == "scratch" else os.path.basename(args.student.rstrip("/"))  # which student
         lines.append(f"| {name} | {pairs} | {loss} | {lm_weight if lm else 0:g} | {shown} | "
                      f"{mean_sd([r['normal'] for r in rs])} | {mean_sd([r['hard'] for r in rs])} | "
+                     f"{mean_sd([r['mirror'] for r in rs])} | "
                      f"{mean_sd([r['bon'] for r in rs])} | {valid_halves(rs)} |")
     lines.append(f"| teacher as judge (both orders) | - | - | - | - | "
                  f"{mean_sd([r['normal'] for r in refs['teacher']])} | {mean_sd([r['hard'] for r in refs['teacher']])} "
-                 "| - | - |")
-    lines.append(f"| random pick / oracle pick | - | - | - | - | - | - | "
+                 f"| {mean_sd([r['mirror'] for r in refs['teacher']])} | - | - |")
+    lines.append(f"| random pick / oracle pick | - | - | - | - | - | - | - | "
                  f"{mean_sd([r['bon'] for r in refs['random']])} / {mean_sd([r['bon'] for r in refs['oracle']])} | - |")
     counts = "; ".join(f"seed {s}: {worlds[s]['counts']['refined']} refined, {worlds[s]['counts']['full']} full, "
                        f"{worlds[s]['counts']['mixed']} mixed, {worlds[s]['counts']['original']} original pairs, "
@@ -353,12 +368,12 @@ def table_lines(args, worlds, seeds, arms, results, refs, lm_weight, sweep, swee
 
 
 def verdict(results, arm, baseline):
-    """The bar, spelled out: `arm` within one std of `baseline` or better on normal and BoN, and 20 points better on
-    hard (std: the baseline's std over seeds; one seed: no std, a plain comparison)."""
+    """The bar, spelled out: `arm` within one std of `baseline` or better on normal, mirror and BoN, and 20 points
+    better on hard (std: the baseline's std over seeds; one seed: no std, a plain comparison)."""
     if arm not in results or baseline not in results:
         return ""
     parts = []
-    for split in ("normal", "hard", "bon"):
+    for split in ("normal", "hard", "mirror", "bon"):
         x, y = ([100 * r[split] for r in results[k]] for k in (arm, baseline))
         diff = statistics.mean(x) - statistics.mean(y)
         std = statistics.stdev(y) if len(y) > 1 else 0.0
@@ -415,8 +430,8 @@ def _run_parallel(jobs, args):
     """Run training jobs `args.jobs` at a time; results in job order."""
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = [pool.submit(train_arm, name, data, loss, w, ev, out, args, seed, model)
-                   for name, data, loss, w, ev, out, seed, model in jobs]
+        futures = [pool.submit(train_arm, name, data, loss, w, likelihood, ev, out, args, seed, model)
+                   for name, data, loss, w, likelihood, ev, out, seed, model in jobs]
         return [f.result() for f in futures]
 
 

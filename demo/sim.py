@@ -22,7 +22,9 @@ The world (all of it seeded by WorldConfig.seed; every default is documented in 
   length and markdown correlate with correctness without causing it;
 - teacher: writes correct answers (generate); judges pairs with position bias, verbosity bias, score noise and
   now and then a malformed reply (annotate); fixes only the wrong value in the weaker answer, keeping its wording
-  (refine); re-scores anchored on the stated earlier score (score).
+  (refine); re-scores anchored on the stated earlier score (score); rewrites an answer in another style, now and
+  then changing its value (restyle); says whether a rewrite kept the original's value, now and then wrongly
+  (restyle_check).
 """
 import dataclasses
 import functools
@@ -50,6 +52,10 @@ class WorldConfig:
     # unseen tasks. Capital facts are never held out (no student can know a fact it never saw): they are trained on
     # and appear in valid
     heldout_frac: float = 0.3
+    # share of the remaining add/upper/reverse/count tasks kept out of the distill set for the `valid` split, the one
+    # split settings are chosen on: tasks of its own, never asked in distill nor in the test splits, so that a recipe
+    # that memorises the teacher's mistakes on the distill tasks does not look good there
+    select_frac: float = 0.15
     max_operand: int = 9        # add: operands 0..max_operand
     # candidate models: skill = P(correct); each writes its own style with P = style_purity, else a random one.
     # Better models write longer and fancier answers, as in real preference data (Singhal et al. 2023,
@@ -82,6 +88,10 @@ class WorldConfig:
     # and then (e.g. Krishna et al. 2020, "Reformulating Unsupervised Style Transfer as Paraphrase Generation").
     # 0.05 is an assumption of the same size as refine_miss_rate, not a measured figure.
     restyle_drift_rate: float = 0.05  # P(the rewrite also changes the answer's value: a margin-0 pair that lies)
+    # Restyle check: asked whether a rewrite keeps its original's content, the teacher compares the two answers' values
+    # and gives the wrong verdict with this probability, either way. An assumption of the size of the other flaws, not
+    # a measured figure: comparing two short answers is easier than judging which one is right.
+    check_error_rate: float = 0.05  # P(the restyle check's verdict on a rewrite is wrong); assumption
     http_error_rate: float = 0.0  # P(the first try of a request gets HTTP 429/500): exercises the client's retries
     # Flaws of real teachers that the pipeline must handle (off by default: the demo's numbers stay as measured).
     refusal_rate: float = 0.0     # P(the teacher declines a prompt instead of answering: its refusal is its y_T)
@@ -172,17 +182,32 @@ def all_tasks(cfg):
 
 
 def split_tasks(cfg):
-    """(distill tasks, held-out tasks): a fixed share of each family except capital is held out."""
-    rng = random.Random(f"split-{cfg.seed}")
-    train, heldout = [], []
+    """(distill tasks, held-out tasks): a fixed share of each family except capital is held out for the test splits
+    (normal, hard, mirror, best-of-N); see select_tasks for the valid split's."""
+    train, heldout, _ = task_groups(cfg)
+    return train, heldout
+
+
+def select_tasks(cfg):
+    """The valid split's tasks: held out from distill and from the test splits alike."""
+    return task_groups(cfg)[2]
+
+
+def task_groups(cfg):
+    """(distill, test, select) tasks. The test tasks are drawn first, with the draws they always had; the select
+    tasks come out of the rest by a draw of their own, so the test splits ask what they asked before."""
+    rng, pick = random.Random(f"split-{cfg.seed}"), random.Random(f"select-{cfg.seed}")
+    train, heldout, select = [], [], []
     for t in all_tasks(cfg):
         if t.family != "capital" and rng.random() < cfg.heldout_frac:
             heldout.append(t)
+        elif t.family != "capital" and pick.random() < cfg.select_frac:
+            select.append(t)
         else:
             train.append(t)
     if cfg.heldout_frac <= 0:
         heldout = list(train)
-    return train, heldout
+    return train, heldout, select or list(train)
 
 
 _PROMPT_RES = [(fam, re.compile(re.escape(spec["prompt"]).replace(r"\{a\}", r"(?P<a>\d+)")
@@ -389,6 +414,17 @@ def teacher_restyle(task, answer, target, cfg, rng):
     return render(task, value, target, rng.randrange(4))
 
 
+def teacher_check(task, original, rewritten, cfg, rng):
+    """Does `rewritten` keep `original`'s content? The teacher compares the two answers' values (parse_answer,
+    whitespace ignored). A text in none of the world's templates reads as a terse answer whose value is all of it,
+    so it keeps the content only if it is the same text but for whitespace; so does any text when the question is
+    outside the world (task None). The verdict is wrong with P = check_error_rate, either way."""
+    def content(text):
+        parsed = parse_answer(task, text) if task else None
+        return " ".join((parsed[0] if parsed else text).split())
+    return (content(original) == content(rewritten)) != (rng.random() < cfg.check_error_rate)
+
+
 def teacher_rescore(task, anchor_score, rejected, refined, cfg, rng):
     """The refined answer's score, anchored on the stated score of the answer it was made from."""
     believed = _believed_task(task, cfg)
@@ -413,18 +449,25 @@ def distill_rows(cfg):
             for i, t in enumerate(rng.choice(tasks) for _ in range(cfg.n_distill))]
 
 
+EVAL_SPLITS = ("normal", "hard", "mirror", "valid")
+
+
 def eval_pairs(cfg, split):
     """Truth-labelled pairs {prompt, chosen, rejected}. normal: one right and one wrong answer from the natural
-    candidate pool; hard: a right terse/plain answer against a wrong, longer, fancier one (RM-Bench's hard).
-    valid: half of each, on the distill tasks with fresh answers, for choosing settings without the test splits."""
-    train_tasks, heldout = split_tasks(cfg)
+    candidate pool; hard: a right terse/plain answer against a wrong, longer, fancier one (RM-Bench's hard);
+    mirror: the trap the other way round, a right padded/markdown answer against a wrong terse/plain one (a reward
+    model that learned "plain is right" fails it). valid: half normal-like, half hard-like, on tasks of its own
+    (select_tasks), for choosing settings without the test splits."""
+    tasks = select_tasks(cfg) if split == "valid" else split_tasks(cfg)[1]
     rng, rows = random.Random(f"eval-{split}-{cfg.seed}"), []
     while len(rows) < cfg.n_eval:
         kind = split if split != "valid" else ("normal", "hard")[len(rows) % 2]
-        task = rng.choice(train_tasks if split == "valid" else heldout)
-        if kind == "hard":
-            chosen = render(task, task.answer, rng.choice(("terse", "plain")), rng.randrange(4))
-            rejected = render(task, wrong_value(task, rng), rng.choice(("padded", "markdown")), rng.randrange(4))
+        task = rng.choice(tasks)
+        if kind in ("hard", "mirror"):
+            plain, fancy = ("terse", "plain"), ("padded", "markdown")
+            right, wrong = (plain, fancy) if kind == "hard" else (fancy, plain)
+            chosen = render(task, task.answer, rng.choice(right), rng.randrange(4))
+            rejected = render(task, wrong_value(task, rng), rng.choice(wrong), rng.randrange(4))
         else:
             a, b = _pool_pair(task, cfg, rng)
             qa, qb = true_quality(task, a), true_quality(task, b)
@@ -449,11 +492,11 @@ def bon_rows(cfg):
 
 
 def write_builtin_data(out_dir, cfg=None):
-    """Write distill input, eval splits (normal, hard, valid) and the best-of-N set; returns {name: path}."""
+    """Write distill input, eval splits (EVAL_SPLITS) and the best-of-N set; returns {name: path}."""
     cfg = cfg or WorldConfig()
-    paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("distill", "normal", "hard", "valid", "bon")}
+    paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("distill", *EVAL_SPLITS, "bon")}
     write_jsonl(paths["distill"], distill_rows(cfg))
-    for split in ("normal", "hard", "valid"):
+    for split in EVAL_SPLITS:
         write_jsonl(paths[split], eval_pairs(cfg, split))
     write_jsonl(paths["bon"], bon_rows(cfg))
     with open(os.path.join(out_dir, "world.json"), "w") as f:

@@ -40,14 +40,18 @@ def easy_rows(n, seed=0):
     return rows
 
 
-def tiny_model(seed=0, head="mlp", max_len=256):
-    """The built-in tiny student with random weights (tiny-scratch) and a value head, in train mode."""
+def tiny_model(seed=0, head="mlp", max_len=256, likelihood=False):
+    """The built-in tiny student with random weights (tiny-scratch) and a value head, in train mode; with likelihood,
+    the likelihood term at a weight of 0.3 (not its initial 0, so that it shows in the rewards)."""
     import torch
     from demo import tiny_lm
     from model import RewardModel
     torch.manual_seed(seed)
     lm, tok = tiny_lm.load_tiny("tiny-scratch", 0, max_len)
-    return RewardModel(lm, tok, head=head, dropout=0.0, max_len=max_len)
+    model = RewardModel(lm, tok, head=head, dropout=0.0, max_len=max_len, likelihood=likelihood)
+    if likelihood:
+        model.likelihood_weight.data.fill_(0.3)
+    return model
 
 
 def chatml_tokenizer(pad="<|endoftext|>", words="the question? good bad answer x y"):

@@ -330,6 +330,30 @@ def test_server_answers_concurrent_clients_in_both_protocols(model):
         shutdown()
 
 
+@pytest.mark.parametrize("tokenizer", ["bytes", "chatml"])
+def test_served_rewards_read_the_likelihood_term_in_both_protocols(tokenizer):
+    from test_batches import smollm2_shaped
+    model = conftest.tiny_model(likelihood=True) if tokenizer == "bytes" else smollm2_shaped()
+    if tokenizer == "chatml":
+        model.likelihood, model.likelihood_weight = True, torch.nn.Parameter(torch.full((1,), 0.3))
+    model.eval()
+    items = pairs(6)
+    prompts, answers = [r["prompt"] for r in items], [r["chosen"] for r in items]
+    expected = model.score(prompts, answers)
+    texts = [render_prompt(model.tokenizer, formats.as_messages(p, "")) +
+             (" " if tokenizer == "bytes" else "") + a.strip() for p, a in zip(prompts, answers)]
+    for body in ({"prompts": prompts, "responses": answers}, {"query": texts}):
+        sequences, _ = serve.request_sequences(model, body, 16, model.max_len)
+        scorer = serve.Scorer(model)
+        try:
+            torch.testing.assert_close(torch.tensor(scorer.score(sequences)), torch.tensor(expected), atol=1e-4,
+                                       rtol=1e-4, msg=str(list(body)))
+        finally:
+            scorer.close()
+    with pytest.raises(serve.BadRequest, match="no assistant turn"):
+        serve.request_sequences(model, {"query": ["just some text"]}, 16, model.max_len)
+
+
 def test_bon_scores_picks_against_true_quality_and_eval_writes_under_out(tmp_path, model, monkeypatch, capsys):
     folder = str(tmp_path / "m")
     save_reward_model(model, folder)

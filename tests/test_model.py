@@ -111,6 +111,71 @@ def test_packed_lm_term_equals_full_logits_cross_entropy(tmp_path):
     assert batch.n_pairs == 5 and len(batch.lm_target) == count
 
 
+def plain_likelihood_reward(model, prompt, answer):
+    """The reference: value head at the last token + w x sum of log p(answer token), full logits of one sequence."""
+    ids = torch.tensor([prompt + answer])
+    hidden = model.lm.model(input_ids=ids).last_hidden_state
+    logp = model.lm(input_ids=ids).logits[0].float().log_softmax(-1)
+    loglik = sum(logp[len(prompt) - 1 + j, token] for j, token in enumerate(answer))
+    return model.value_head(hidden[0, -1]).squeeze(-1) + model.likelihood_weight[0] * loglik
+
+
+def test_the_likelihood_term_is_read_alike_by_every_reward_path(tmp_path):
+    model = tiny_model(likelihood=True).eval()
+    rows = easy_rows(6)
+    examples, _ = batches.load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), model.tokenizer, 256)
+    pieces = [(ex.prompt[0], ex.chosen) for ex in examples] + [(ex.prompt[1], ex.rejected) for ex in examples]
+    with torch.no_grad():
+        reference = torch.stack([plain_likelihood_reward(model, p, a) for p, a in pieces])
+        paths = {layout: model(batches.collate(examples, model.pad_id, False, False, layout))[0]
+                 for layout in ("separate", "shared")}
+        for side in ("right", "left"):
+            paths[side] = torch.tensor(model.sequence_rewards([p + a for p, a in pieces], 4, side,
+                                                              [len(p) for p, _ in pieces]))
+        paths["scored, prompts shared"] = torch.tensor(model.piece_rewards(pieces, 32))
+        paths["score()"] = torch.tensor(model.score([r["prompt"] for r in rows] * 2,
+                                                    [r["chosen"] for r in rows] + [r["rejected"] for r in rows]))
+    assert reference.std() > 1.0  # the likelihood shows: answers differ by nats
+    for name, rewards in paths.items():
+        torch.testing.assert_close(rewards, reference, atol=1e-4, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="where each answer starts"):
+        model.sequence_rewards([p + a for p, a in pieces])
+
+
+def test_the_likelihood_term_trains_its_weight_and_sends_no_gradient_into_the_lm(tmp_path):
+    examples, _ = batches.load_pairs(write_jsonl(tmp_path / "d.jsonl", easy_rows(6)), ByteTokenizer(), 256)
+    batch = batches.collate(examples, 256, False, False, "shared")
+    grads = {}
+    for likelihood in (False, True):
+        model = tiny_model(likelihood=likelihood)
+        rewards, _ = model(batch)
+        (rewards[:6] - rewards[6:]).sum().backward()
+        grads[likelihood] = {n: p.grad for n, p in model.named_parameters() if n != "likelihood_weight"}
+    for name, grad in grads[False].items():  # the same weights: the likelihood adds nothing to the LM's gradient
+        torch.testing.assert_close(grads[True][name], grad, atol=0, rtol=0, msg=name)
+    chosen_minus_rejected = sum(plain_likelihood_reward(model, ex.prompt[0], ex.chosen).item() -
+                                plain_likelihood_reward(model, ex.prompt[1], ex.rejected).item() for ex in examples)
+    value_part = sum((model.value_head(model.lm.model(input_ids=torch.tensor([ex.prompt[0] + ex.chosen]))
+                                       .last_hidden_state[0, -1]) -
+                      model.value_head(model.lm.model(input_ids=torch.tensor([ex.prompt[1] + ex.rejected]))
+                                       .last_hidden_state[0, -1])).item() for ex in examples)
+    # d(sum of reward gaps)/dw = the sum of log-likelihood gaps = (gaps - value-head gaps) / w
+    torch.testing.assert_close(model.likelihood_weight.grad[0].item(), (chosen_minus_rejected - value_part) / 0.3,
+                               atol=1e-3, rtol=1e-4)
+
+
+def test_the_likelihood_weight_is_saved_and_loaded_with_the_head(tmp_path):
+    from model import load_reward_model, save_reward_model
+    model = tiny_model(head="linear", likelihood=True).eval()
+    save_reward_model(model, tmp_path / "rm")
+    loaded = load_reward_model(str(tmp_path / "rm"))
+    prompts, answers = ["What is 2 + 3?"] * 2, ["5", "It is 6."]
+    assert loaded.likelihood and loaded.likelihood_weight.item() == pytest.approx(0.3)
+    assert loaded.score(prompts, answers) == pytest.approx(model.score(prompts, answers), abs=1e-5)
+    meta = __import__("json").loads((tmp_path / "rm" / "rmd.json").read_text())
+    assert meta["likelihood"] and meta["hf_sequence_classification"] is None  # a classifier cannot add it
+
+
 def test_a_hub_model_id_is_passed_to_transformers_and_offline_is_one_line(monkeypatch):
     import transformers
     asked = []

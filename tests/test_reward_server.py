@@ -15,12 +15,15 @@ from serve import start_server
 
 
 class FakeModel:
-    max_len = 64
+    max_len, likelihood = 64, False
 
-    def tokens(self, prompt, answer, max_len=None, cuts=None):  # RewardModel.tokens' signature
-        return list(range(len(answer) % 50 + 1))
+    def pieces(self, prompt, answer, max_len=None, cuts=None):  # RewardModel.pieces' signature
+        return [0], list(range(len(answer) % 50))
 
-    def sequence_rewards(self, sequences, batch_size=32, padding_side="right"):
+    def text_tokens(self, text, max_len=None):
+        return list(range(len(text) % 50 + 1)), None
+
+    def sequence_rewards(self, sequences, batch_size=32, padding_side="right", answer_starts=None):
         return [float(len(s)) for s in sequences]
 
 

@@ -124,6 +124,25 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path):
         assert step_a == step_b and abs(pair_a - pair_b) < 1e-6 and abs(lm_a - lm_b) < 1e-6
 
 
+@pytest.mark.slow
+def test_the_likelihood_weight_learns_at_its_own_rate_and_resumes(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", easy_rows(48))
+    straight = train_cfg(tmp_path / "a", data, max_steps=8, lr=1e-5, likelihood=True, warmup=0)
+    train_tiny(straight)
+    first = train_cfg(tmp_path / "b", data, max_steps=8, lr=1e-5, likelihood=True, warmup=0)
+    train_tiny(first, stop_after=3)
+    train_tiny(train.TrainConfig(**{**vars(first), "resume": True}))
+    read = lambda out: [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]  # noqa: E731
+    a, b = read(straight.out), read(first.out)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        assert abs(ra["pair_loss"] - rb["pair_loss"]) < 1e-6 and ra["likelihood_weight"] == rb["likelihood_weight"]
+    # Adam moves the weight ~its rate per step: train.LIKELIHOOD_LR, not --lr=1e-5
+    assert abs(a[0]["likelihood_weight"]) > 0.5 * train.LIKELIHOOD_LR
+    assert load_reward_model(os.path.join(straight.out, "model")).likelihood_weight.item() == \
+        pytest.approx(a[-1]["likelihood_weight"])
+
+
 def test_one_list_of_loss_kinds_for_the_check_and_the_help(tmp_path):
     """--loss is checked against loss.PAIRWISE_KINDS, and --help names every kind in it."""
     help_text = cli.field_comments(train.TrainConfig)["loss"]
