@@ -386,7 +386,7 @@ class Cache:
     and their re-asks instead of paying again. A content over REPLY_MAX_CHARS is kept as a prefix and its length.
     HTTP errors and timeouts are not kept; the next run retries them.
 
-    The replies stay on disk: memory holds an index, key digest -> where its line is (about 120 bytes per entry),
+    The replies stay on disk: memory holds an index, key digest -> where its line is (about 100 bytes per entry),
     built by streaming the file once on open; an entry is read back from the file when asked for. Each line is written
     whole with one system call before put() returns (a kill -9 loses nothing written) and fsynced before put()
     returns too, one fsync for every line written while the last one ran (group commit): a power cut loses at most
@@ -459,11 +459,12 @@ class Cache:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        folder = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-        try:  # the new name on disk too: a power cut must not take the file with the lines fsynced into it
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        if os.name == "posix":  # the new name on disk too, so a power cut keeps the file (Windows can't fsync a folder)
+            folder = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
         return len(header)
 
     def __len__(self):
