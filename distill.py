@@ -2,9 +2,9 @@
 
 Takes each row through the five stages of METHOD.md by asking a teacher LLM over the OpenAI chat-completions API:
 generate y_T, annotate (both orders), refine y_l into y_w*, self-calibrated score s(y_w*), filter; then restyle
-(rmd's style-equivalence pairs, see README). The prompts and parsers are protocol.py's, the HTTP client and the
-request cache teacher.py's, the asking (parse, re-ask, counts) asker.py's. No torch: the command is
-`python rmd.py distill`, or from Python:
+(rmd's style-equivalence pairs, see README), each rewrite checked by the teacher for a change of content. The
+prompts and parsers are protocol.py's, the HTTP client and the request cache teacher.py's, the asking (parse, re-ask,
+counts) asker.py's. No torch: the command is `python rmd.py distill`, or from Python:
 
     from distill import DistillConfig, distill
     summary = distill(DistillConfig(data="pairs.jsonl", teacher_url="http://127.0.0.1:8000/v1",
@@ -46,8 +46,8 @@ from cli import Progress
 from files import atomic_file, folder_lock
 from formats import canonical, column_keys, load_distill_rows, read_source_rows, write_jsonl
 from protocol import (RESTYLE_STYLES, TEMPLATE_VERSION, annotate_prompt, parse_annotation, parse_refinement,
-                      parse_restyle, parse_score, prompt_messages, refine_prompt, render_question, restyle_prompt,
-                      score_prompt)
+                      parse_restyle, parse_restyle_check, parse_score, prompt_messages, refine_prompt, render_question,
+                      restyle_check_prompt, restyle_prompt, score_prompt)
 import report
 from teacher import FatalError, bounded, token_estimator_name
 
@@ -66,14 +66,15 @@ class DistillConfig(AskerConfig):
     gen_temperature: float = 0.7        # y_T and candidate answers
     gen_top_p: float = 0.8              # nucleus sampling for y_T and candidate answers
     gen_max_tokens: int = 1024          # reply length cap for y_T and candidate answers
-    annotate_temperature: float = 0.0   # annotate and score (greedy)
+    annotate_temperature: float = 0.0   # annotate, score and the restyle check (greedy)
     annotate_max_tokens: int = 512      # reply length cap for annotation
     refine_temperature: float = 0.7     # sampling temperature of the refinement
     refine_max_tokens: int = 2048       # reply length cap for the refinement (diagnosis + edited answer)
-    score_max_tokens: int = 256         # reply length cap for the self-calibrated score
+    score_max_tokens: int = 256         # reply length cap for the self-calibrated score and the restyle check
     min_delta: float = 1.0              # keep a pair only if s(y_w*) - s(y_l) > min_delta
     restyle: bool = True                # rewrite y_w* and y_l in one other style: restyled, crossed, style-equivalence pairs
     restyle_temperature: float = 0.0    # restyle is greedy: a faithful rewrite, not a sample
+    restyle_check: bool = True          # ask the teacher whether each rewrite kept the content; drop the pairs of one it says changed (one short request per rewrite)
     original_pairs: bool = True         # train.jsonl also gets each kept row's annotated pair (source "original")
     tie_policy: str = "drop"            # drop | reask (once, asking to avoid equal scores)
     keep_label_disagreements: bool = False  # keep pairs whose input label the teacher contradicts
@@ -86,7 +87,7 @@ class DistillConfig(AskerConfig):
 
 # ---------------------------------------------------------------------------- the stages
 
-STAGES = ("probe", "candidates", "generate", "annotate", "refine", "score", "restyle")  # the report's rows
+STAGES = ("probe", "candidates", "generate", "annotate", "refine", "score", "restyle", "restyle_check")  # report rows
 
 
 def _norm(text):
@@ -108,7 +109,9 @@ class Run:
     def __init__(self, cfg):
         self.cfg, self.asker, self.lock, self.fatal = cfg, Asker(cfg, STAGES + ("internal",)), threading.Lock(), None
         self.rows = {"kept": 0, "failed": 0, "dropped": 0}  # rows done so far, for the progress line
-        self.restyle = {"rows": 0, "pairs": 0, "unchanged": 0, "failed": 0}  # rows that gave extra pairs, and how many
+        # rows that gave extra pairs, and how many; rows whose rewrites changed nothing; failed rows; rewrites the
+        # teacher checked, and those it said changed the content (not used)
+        self.restyle = {"rows": 0, "pairs": 0, "unchanged": 0, "failed": 0, "checked": 0, "changed": 0}
         self.bias = {"pairs": 0, "disagreements": 0}
 
     def generate_body(self, model, row, purpose):
@@ -256,8 +259,9 @@ class Run:
         """y_w* and y_l rewritten in one style S drawn per row (seeded) -> pairs in which every style sits on both
         sides: (y_w*S, y_lS), and the crossed (y_w*S, y_l) and (y_w*, y_lS), with the refined pair's margin; the
         style-equivalence pairs (y_w*S, y_w*) and (y_lS, y_l) with margin 0. A rewrite that changes nothing only
-        removes the pairs it would duplicate. A failure costs the row its extra pairs, not its refined pair: it is
-        counted and noted in the refined row's provenance."""
+        removes the pairs it would duplicate; a rewrite the teacher says changed the content (restyle check) is not
+        used: the pairs it is in are dropped, the other rewrite's kept, and the refined row's provenance names it. A
+        failure costs the row its extra pairs, not its refined pair: it is counted and noted in the provenance."""
         rid, cfg = refined_row["id"], self.cfg
         chosen, rejected = refined_row["chosen"], refined_row["rejected"]
         style = random.Random(f"{cfg.seed}:{rid}:restyle").choice(sorted(RESTYLE_STYLES))
@@ -265,29 +269,65 @@ class Run:
         try:
             chosen_s, rejected_s = (self.restyle_answer(rid, which, question, answer, style)
                                     for which, answer in (("chosen", chosen), ("rejected", rejected)))
+            changed = self.changed_rewrites(rid, question, {"chosen": (chosen, chosen_s),
+                                                            "rejected": (rejected, rejected_s)})
         except RowFailure as f:
             note["failed"] = f.reason
             with self.lock:
                 self.restyle["failed"] += 1
-            self.asker.count_failure("restyle", f.reason)
+            self.asker.count_failure(f.stage, f.reason)
             return []
+        if changed:
+            note["changed"] = changed
         high, low = refined_row["chosen_score"], refined_row["rejected_score"]
-        candidates = [("restyled", chosen_s, rejected_s, high, low), ("crossed", chosen_s, rejected, high, low),
-                      ("crossed", chosen, rejected_s, high, low), ("equivalent", chosen_s, chosen, high, high),
-                      ("equivalent", rejected_s, rejected, low, low)]
+        candidates = [  # (source, chosen, rejected, their scores, the rewrites the pair is made of)
+            ("restyled", chosen_s, rejected_s, high, low, {"chosen", "rejected"}),
+            ("crossed", chosen_s, rejected, high, low, {"chosen"}),
+            ("crossed", chosen, rejected_s, high, low, {"rejected"}),
+            ("equivalent", chosen_s, chosen, high, high, {"chosen"}),
+            ("equivalent", rejected_s, rejected, low, low, {"rejected"})]
         seen, pairs = {(_norm(chosen), _norm(rejected))}, []
         provenance = {k: v for k, v in refined_row["provenance"].items() if k != "diagnosis"}
-        for source, c, r, sc, sr in candidates:
-            if _norm(c) == _norm(r) or (_norm(c), _norm(r)) in seen:
-                continue  # an unchanged rewrite: nothing new to learn from this pair
+        for source, c, r, sc, sr, rewrites in candidates:
+            if rewrites & set(changed) or _norm(c) == _norm(r) or (_norm(c), _norm(r)) in seen:
+                continue  # a rewrite that changed the content, or an unchanged one: nothing true or new to learn
             seen.add((_norm(c), _norm(r)))
             pairs.append({"id": f"{rid}:{source}:{len(pairs)}", "prompt": refined_row["prompt"], "chosen": c,
                           "rejected": r, "chosen_score": sc, "rejected_score": sr,
                           "provenance": {**provenance, "source": source}})
         with self.lock:
-            self.restyle["rows" if pairs else "unchanged"] += 1
+            if pairs or not changed:  # a row left without pairs by the check counts in "changed" only
+                self.restyle["rows" if pairs else "unchanged"] += 1
             self.restyle["pairs"] += len(pairs)
         return pairs
+
+    def changed_rewrites(self, rid, question, rewrites):
+        """Which of `rewrites` ({which: (original, rewritten)}) the teacher says changed the content: the restyle
+        check, asked once per rewrite that changed anything (an unchanged one gives no pair), none under
+        --restyle-check=false."""
+        if not self.cfg.restyle_check:
+            return []
+        changed = []
+        for which, (original, rewritten) in rewrites.items():
+            if _norm(original) == _norm(rewritten):
+                continue
+            same = self.check_rewrite(rid, which, question, original, rewritten)
+            with self.lock:
+                self.restyle["checked"] += 1
+                self.restyle["changed"] += not same
+            if not same:
+                changed.append(which)
+        return changed
+
+    def check_rewrite(self, rid, which, question, original, rewritten):
+        """The restyle check of one rewrite (greedy, a one-line verdict): True when the teacher says it keeps the
+        original's content."""
+        cfg, asker = self.cfg, self.asker
+        text = restyle_check_prompt(question, original, rewritten, asker.json_mode)
+        body = asker.body(cfg.teacher_model, [{"role": "user", "content": text}], cfg.annotate_temperature,
+                          cfg.score_max_tokens, purpose=f"{rid}:restyle_check:{which}", json_mode=asker.json_mode)
+        return asker.ask("restyle_check", asker.teacher, body, parse_restyle_check, asker.json_mode,
+                         (original, rewritten), order=which)[0]
 
     def restyle_answer(self, rid, which, question, answer, style):
         cfg, asker = self.cfg, self.asker
@@ -391,9 +431,7 @@ def print_report(summary, file=None):
               "(failures.jsonl says how long its tokens take)", file=file)
     rs = summary.get("restyle")
     if rs and any(rs.values()):
-        print(f"restyle: {rs['rows']} rows gave {rs['pairs']} restyled, crossed and style-equivalence pairs; "
-              f"{rs['unchanged']} rows' rewrites changed nothing, {rs['failed']} failed (their refined pairs are kept)",
-              file=file)
+        print(f"restyle: {report.restyle_text(rs)}", file=file)
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(summary["dropped"].items())) or "none"
     print(f"rows: {summary['rows']} in, {summary['kept']} kept, dropped: {dropped}, failed: {summary['failed']} | "
           f"wall {summary['wall_s']:.1f}s, est. cost ${summary['cost_usd']:.4f}", file=file)
@@ -446,7 +484,7 @@ def _say_start(cfg, run, rows):
           f"rpm {cfg.rpm or 'unlimited'}, tpm {cfg.tpm or 'unlimited'}, timeout {cfg.timeout}s, "
           f"retries {cfg.max_retries} (backoff {cfg.backoff_base}s..{cfg.backoff_max}s), "
           f"token estimates: {token_estimator_name()}, cache {run.asker.cache.path} "
-          f"({len(run.asker.cache.entries)} entries)", file=sys.stderr)
+          f"({len(run.asker.cache)} entries)", file=sys.stderr)
     keyless = sorted({client.url for _, client in run.asker.candidates if not client.api_key})
     if keyless and not cfg.candidate_api_key_env:
         print(f"[distill] candidate URL(s) {', '.join(keyless)} get no API key (the teacher's goes to the teacher's "

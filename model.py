@@ -250,6 +250,8 @@ def answer_positions(spans, flat_ids, device):
     slot `before` (the slot just before it, or the last slot of a shared prompt), each later one at the slot before."""
     index, target, row = [], [], []
     for k, (start, end, before) in enumerate(spans):
+        if end <= start:  # no answer token left (cut away): nothing to add
+            continue
         index += [before] + list(range(start, end - 1))
         target += flat_ids[start:end].tolist()
         row += [k] * (end - start)
@@ -335,12 +337,12 @@ class RewardModel(nn.Module):
         width = input_ids.shape[1]
         positions = torch.arange(width, device=input_ids.device)
         last = (attention_mask * positions).argmax(-1) + width * torch.arange(len(input_ids), device=input_ids.device)
-        answers = None
+        answers = (None, None, None)
         if answer_starts is not None:  # the answer's tokens: from its start to the row's last real token
             first = attention_mask.argmax(-1) + width * torch.arange(len(input_ids), device=input_ids.device)
-            answers = answer_positions([(int(f) + s, int(e) + 1, int(f) + s - 1) for f, s, e in zip(first, answer_starts, last)],
-                                       input_ids.flatten(), input_ids.device)
-        return self.reward(hidden.flatten(0, 1), last, *(answers or (None, None, None)))
+            spans = [(int(f) + s, int(e) + 1, int(f) + s - 1) for f, s, e in zip(first, answer_starts, last)]
+            answers = answer_positions(spans, input_ids.flatten(), input_ids.device)
+        return self.reward(hidden.flatten(0, 1), last, *answers)
 
     def tokens(self, prompt, answer, max_len=None, cuts=None):
         """(prompt, answer) -> token ids exactly as training builds them: rendered prompt + answer + eos, cut by
@@ -385,7 +387,7 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def sequence_rewards(self, sequences, batch_size=32, padding_side="right", answer_starts=None):
         """Rewards of token-id sequences, in input order; batched by length so little padding is computed.
-        answer_starts: where each sequence's answer starts (needed with likelihood on; see text_answer_start)."""
+        answer_starts: where each sequence's answer starts (needed with likelihood on; see text_tokens)."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device

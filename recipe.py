@@ -5,10 +5,13 @@ options, what the demo runs and what the ablation's default arm runs (ablation a
 RESULTS.md). Every one of those reads the values below; tests/test_recipe.py fails if a copy drifts.
 
     distill: refine y_l into y_w* and keep (y_w* > y_l); restyle y_w* and y_l into one other style (restyled, crossed
-             and margin-0 style-equivalence pairs); add each kept row's teacher-labelled original pair.
-    train:   Bradley-Terry loss on every pair of train.jsonl with a strict preference (margin-0 pairs are dropped by
-             bt), + 0.1 x the LM loss on the teacher's answers y_T; batches of 16 pairs; at least 400 optimizer steps
-             and at least one pass over the data; the peak learning rate by the backbone's size (lr_for).
+             and margin-0 style-equivalence pairs), the teacher checking that each rewrite kept the content; add each
+             kept row's teacher-labelled original pair.
+    train:   reward = value head + w x the student's own log-likelihood of the answer (the likelihood term, w
+             learned: model.RewardModel); Bradley-Terry loss on every pair of train.jsonl with a strict preference
+             (margin-0 pairs are dropped by bt), + 0.1 x the LM loss on the teacher's answers y_T; batches of 16
+             pairs; at least 400 optimizer steps and at least one pass over the data; the peak learning rate by the
+             backbone's size (lr_for).
 
     import recipe
     recipe.RECIPE.loss, recipe.lr_for(42_000_000)   # -> 'bt', 5e-05
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Recipe:
     restyle: bool = True  # distill: the restyle stage (restyled, crossed, style-equivalence pairs)
+    restyle_check: bool = True  # distill: the teacher checks each rewrite; one that changed the content gives no pair
     original_pairs: bool = True  # distill: each kept row's teacher-labelled input pair goes to train.jsonl too
     loss: str = "bt"  # train: the pairwise loss (Bradley-Terry; beat mse and bt-margin on valid)
     lm_weight: float = 0.1  # train: weight of the LM term on the teacher answers (0.1 vs 1.0 by the one-SE rule)
@@ -26,7 +30,8 @@ class Recipe:
     min_steps: int = 400  # train: at least this many optimizer steps (a small data set gets several passes)
     epochs: int = 1  # train: and at least this many passes over the data
     # train: reward = value head + w x the student's log-likelihood of the answer (model.RewardModel), w learned
-    likelihood: bool = False
+    # (ablation arm n vs r, seed 0 of the default world: normal 81.2 vs 75.0, hard 69.2 vs 55.8, best-of-8 90.0 vs 78.0)
+    likelihood: bool = True
 
 
 RECIPE = Recipe()
@@ -53,7 +58,9 @@ def describe():
     """The recipe in one sentence (README.md quotes it; a test checks the quote)."""
     pairs = "refined pairs" + (" + their restyled, crossed and style-equivalence pairs" if RECIPE.restyle else "") + (
         " + the kept rows' teacher-labelled original pairs" if RECIPE.original_pairs else "")
-    return (f"{pairs}; {RECIPE.loss} loss + {RECIPE.lm_weight:g} x the LM loss on the teacher's answers; "
+    reward = "reward = value head + w x the student's log-likelihood of the answer (w learned); " \
+        if RECIPE.likelihood else ""
+    return (f"{pairs}; {reward}{RECIPE.loss} loss + {RECIPE.lm_weight:g} x the LM loss on the teacher's answers; "
             f"{RECIPE.batch_size} pairs per step, max({RECIPE.min_steps} steps, {RECIPE.epochs} epoch); "
             f"peak lr {lr_rule_text()}")
 

@@ -397,8 +397,21 @@ def filter_table(summary):
     restyle = summary.get("restyle") or {}
     if any(restyle.values()):
         rows += [("restyle: rows", restyle.get("rows", 0)), ("restyle: extra pairs", restyle.get("pairs", 0)),
-                 ("restyle: unchanged", restyle.get("unchanged", 0)), ("restyle: failed", restyle.get("failed", 0))]
+                 ("restyle: unchanged", restyle.get("unchanged", 0)), ("restyle: failed", restyle.get("failed", 0)),
+                 ("restyle check: rewrites checked", restyle.get("checked", 0)),
+                 ("restyle check: content changed (not used)", restyle.get("changed", 0))]
     return html_table(["count", "value"], rows)
+
+
+def restyle_text(restyle):
+    """The restyle line of the printed report: the extra pairs, and what the restyle check kept out."""
+    text = (f"{restyle.get('rows', 0)} rows gave {restyle.get('pairs', 0)} restyled, crossed and style-equivalence "
+            f"pairs; {restyle.get('unchanged', 0)} rows' rewrites changed nothing, {restyle.get('failed', 0)} failed "
+            "(their refined pairs are kept)")
+    if restyle.get("checked"):
+        text += (f"; the teacher says {restyle.get('changed', 0)} of {restyle['checked']} checked rewrites changed the "
+                 "content: their pairs are not used")
+    return text
 
 
 def prompt_text(prompt):

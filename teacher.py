@@ -359,86 +359,149 @@ def _json_line(line):
         return None
 
 
-def _is_entry(line):
-    """A line of a cache written before the header: an object whose key is a request_key (64 hex digits)."""
+def _entry_key(line):
+    """The key of a cache line (a JSON object with a string "key"), or None."""
     entry = _json_line(line)
     key = entry.get("key") if isinstance(entry, dict) else None
-    return isinstance(key, str) and len(key) == 64 and all(c in "0123456789abcdef" for c in key)
+    return key if isinstance(key, str) else None
+
+
+def _is_request_key(key):
+    """Does `key` look like a request_key (64 hex digits)? What a cache written before the header held."""
+    return key is not None and len(key) == 64 and all(c in "0123456789abcdef" for c in key)
+
+
+def _digest(key):
+    """The index's name for `key`: 8 bytes of its hash as an int (a few dozen bytes per entry, not the key string).
+    Two keys with one digest cost a re-send, never a wrong reply: every entry read back is checked against its key."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
 CACHE_HEADER = {"rmd_request_cache": 1}  # the first line of every cache file: only such a file is ever cut or appended
 
 
 class Cache:
-    """Finished requests, one JSON line each after a header line (CACHE_HEADER), flushed and fsynced per line; fetch()
-    sends each key once. Every complete reply is kept, including ones that are not answers (finish_reason length,
-    refusals): a rerun replays them and their re-asks instead of paying again. A content over REPLY_MAX_CHARS is kept
-    as a prefix and its length. HTTP errors and timeouts are not kept; the next run retries them.
+    """Finished requests, one JSON line each after a header line (CACHE_HEADER); fetch() sends each key once. Every
+    complete reply is kept, including ones that are not answers (finish_reason length, refusals): a rerun replays them
+    and their re-asks instead of paying again. A content over REPLY_MAX_CHARS is kept as a prefix and its length.
+    HTTP errors and timeouts are not kept; the next run retries them.
+
+    The replies stay on disk: memory holds an index, key digest -> where its line is (about 100 bytes per entry),
+    built by streaming the file once on open; an entry is read back from the file when asked for. Each line is written
+    whole with one system call before put() returns (a kill -9 loses nothing written) and fsynced before put()
+    returns too, one fsync for every line written while the last one ran (group commit): a power cut loses at most
+    the lines whose put() had not returned, and those requests are sent again on the rerun.
 
     Only a file the cache wrote is repaired (a torn last line cut) and appended to: one that starts with the header,
     an empty one, or one without the header (rmd before the header) whose every line is a cache entry. Anything else
     is a ValueError and the file is left as it is."""
 
     def __init__(self, path):
-        self.path, self.lock, self.entries, self.skipped = path, threading.Lock(), {}, 0
+        self.path, self.lock, self.skipped = path, threading.Lock(), 0
+        self.index = {}  # _digest(key) -> offset << 32 | length of its line in the file
         self.inflight = {}  # key -> Event set when the one request for it is done
+        self.sync_lock, self.synced = threading.Lock(), 0  # group commit: the file is on disk up to byte `synced`
         if os.path.isdir(path):
             raise ValueError(f"cache {path} is a folder; give a file path for the cache")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        data = b""
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                data = f.read()
-        lines, tail = self._read(data)
-        if tail:  # a run killed mid-write: cut the torn line so appends start clean
-            print(f"[distill] {path}: dropping a torn last line ({len(tail)} bytes)", file=sys.stderr)
-            with open(path, "r+b") as f:
-                f.truncate(len(data) - len(tail))
-        for line in lines:
-            try:
-                entry = json.loads(line)
-                self.entries[entry["key"]] = entry
-            except (ValueError, KeyError, TypeError):
-                self.skipped += 1
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        self.end = self._scan() if size else self._write_header()  # where the next line goes
+        self.file = open(path, "r+b", buffering=0)  # unbuffered: a write is one system call; reads and writes seek
+        if size > self.end:  # a run killed mid-write: cut the torn line so appends start clean
+            print(f"[distill] {path}: dropping a torn last line ({size - self.end} bytes)", file=sys.stderr)
+            self.file.truncate(self.end)
         if self.skipped:
             print(f"[distill] {path}: skipped {self.skipped} unreadable line(s)", file=sys.stderr)
-        if not data:
-            self._write_header()
-        self.file = open(path, "a", encoding="utf-8")
 
-    def _read(self, data):
-        """The cache file's bytes -> (its entry lines, a torn last line or b""); a ValueError, touching nothing, when
-        the file is not one this cache wrote."""
-        *lines, tail = data.split(b"\n")
-        if not data:
-            return [], b""
-        if lines and _json_line(lines[0]) == CACHE_HEADER:
-            return lines[1:], tail
-        if lines and all(_is_entry(line) for line in lines):  # written by rmd before the header line
+    def _scan(self):
+        """Index the file's complete lines, streaming it -> the byte where they end (a torn last line starts there).
+        A ValueError, touching nothing, when the file is not one this cache wrote."""
+        with open(self.path, "rb") as f:
+            first = f.readline()
+            headed = first.endswith(b"\n") and _json_line(first) == CACHE_HEADER
+            end = len(first)
+            if not headed:  # read from the start: every line must be an entry
+                end = f.seek(0)
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break
+                key = _entry_key(line)
+                if not headed and not _is_request_key(key):
+                    raise self._not_a_cache("not every line is a cache entry")
+                if key is None:
+                    self.skipped += 1
+                else:
+                    self._index(key, end, len(line))
+                end += len(line)
+        if not headed:
+            if end == 0:  # no complete line: nothing shows the cache wrote it
+                raise self._not_a_cache("no complete cache entry")
             print(f"[distill] {self.path}: a request cache without a header line (an earlier rmd): every line is a "
                   "cache entry, so it is used as one", file=sys.stderr)
-            return lines, tail
-        raise ValueError(f"{self.path} is not a request cache (no {canonical(CACHE_HEADER)} first line, and not every "
-                         "line is a cache entry); it is left untouched: point the cache at another file (distill: --cache)")
+        return end
+
+    def _not_a_cache(self, why):
+        return ValueError(f"{self.path} is not a request cache (no {canonical(CACHE_HEADER)} first line, and {why}); "
+                          "it is left untouched: point the cache at another file (distill: --cache)")
+
+    def _index(self, key, offset, length):
+        if length >= 1 << 32:
+            raise ValueError(f"{self.path}: the cache line at byte {offset} is {length} bytes; lines over 4 GiB are "
+                             "not supported: point the cache at another file (distill: --cache)")
+        self.index[_digest(key)] = offset << 32 | length
 
     def _write_header(self):
-        """A new cache file, created whole: a header line in a temporary file, fsynced, renamed into place."""
-        tmp = f"{self.path}.{os.getpid()}.new"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(canonical(CACHE_HEADER) + "\n")
+        """A new cache file, created whole: a header line in a temporary file, fsynced, renamed into place -> its
+        size."""
+        tmp, header = f"{self.path}.{os.getpid()}.new", (canonical(CACHE_HEADER) + "\n").encode()
+        with open(tmp, "wb") as f:
+            f.write(header)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        if os.name == "posix":  # the new name on disk too, so a power cut keeps the file (Windows can't fsync a folder)
+            folder = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        return len(header)
+
+    def __len__(self):
+        return len(self.index)
+
+    def _line(self, key):
+        """The bytes of `key`'s line, read back from the file, or None (hold self.lock)."""
+        at = self.index.get(_digest(key))
+        if at is None:
+            return None
+        if self.file.closed:
+            raise ValueError(f"the request cache {self.path} is closed (the run is stopping)")
+        self.file.seek(at >> 32)
+        return self.file.read(at & 0xFFFFFFFF)
+
+    def _entry(self, key, line):
+        """`line` as the entry stored under `key`; None when it is another key's (their digests are equal)."""
+        if line is None:
+            return None
+        entry = _json_line(line)
+        if not isinstance(entry, dict):
+            raise ValueError(f"{self.path}: an indexed line is no longer a cache entry: the file was changed while "
+                             "the cache used it (one run per cache file); run again to re-read it")
+        return entry if entry.get("key") == key else None
 
     def get(self, key):
-        return self.entries.get(key)
+        with self.lock:
+            line = self._line(key)
+        return self._entry(key, line)
 
     def fetch(self, key, send):
         """(entry, True) from the cache, or (send() stored under `key`, False): exactly once per key, as threads
         asking for a key that is in flight wait for its entry. send() raising stores nothing (the next asks again)."""
         while True:
             with self.lock:
-                entry, event = self.entries.get(key), self.inflight.get(key)
+                line, event = self._line(key), self.inflight.get(key)
+                entry = self._entry(key, line)
                 if entry is None and event is None:
                     self.inflight[key] = event = threading.Event()
                     break
@@ -455,16 +518,40 @@ class Cache:
             event.set()
 
     def put(self, entry):
+        """Append `entry` (a dict with its "key") and index it; returns once its line is fsynced."""
+        line = (canonical(entry) + "\n").encode()
         with self.lock:
             if self.file.closed:  # the run was interrupted while this request finished
                 return
-            self.file.write(canonical(entry) + "\n")
-            self.file.flush()
+            self._write(line)
+            self._index(entry["key"], self.end, len(line))
+            self.end += len(line)
+            written = self.end
+        self._sync(written)
+
+    def _write(self, line):
+        """`line` at the end of the file (hold self.lock); a failed write (disk full) leaves no half line behind."""
+        try:
+            self.file.seek(self.end)
+            done = 0
+            while done < len(line):
+                done += self.file.write(memoryview(line)[done:])
+        except OSError:
+            self.file.truncate(self.end)
+            raise
+
+    def _sync(self, upto):
+        """fsync the file at least up to byte `upto`. Called outside self.lock, so writers never queue behind an
+        fsync; threads that wrote while one ran share the next (group commit)."""
+        with self.sync_lock:
+            if self.file.closed or self.synced >= upto:  # closed (close() fsyncs), or another's fsync covered it
+                return
+            end = self.end  # every line up to here was written before this fsync starts
             os.fsync(self.file.fileno())
-            self.entries[entry["key"]] = entry
+            self.synced = end
 
     def close(self):
-        with self.lock:
-            self.file.close()
-
-
+        with self.lock, self.sync_lock:
+            if not self.file.closed:
+                os.fsync(self.file.fileno())
+                self.file.close()

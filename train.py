@@ -311,6 +311,10 @@ def build_model(cfg, device, log, backbone=None):
             "head on a cut backbone starts worse than uniform (SmolLM2-135M, 4 of 30 layers: 19.4 nats per "
             "teacher-answer token, 4.0 uncut, 10.8 uniform), so the LM term relearns language modelling rather "
             "than keeping it; consider --lm-weight=0 or more layers")
+    if cfg.head == "linear" and cfg.likelihood:
+        log("warning: --head=linear with the likelihood term (--likelihood, the recipe's): the saved model loads with "
+            "load_reward_model but is no AutoModelForSequenceClassification checkpoint, which cannot add the "
+            "likelihood; add --likelihood=false for that export")
     model = RewardModel(lm, tokenizer, cfg.head, cfg.dropout, cfg.max_len, cfg.likelihood).to(device)
     if cfg.lora_r:  # LoRA adapters on the backbone's linear layers; value head and LM head stay fully trained
         trainable, total = lora.add_adapters(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
@@ -637,7 +641,8 @@ def log_line(window, step, total, optimizer, world, log, log_file, timing="", li
     log(f"step {step}/{total} | pair {record['pair_loss']:.4f} | lm {record['lm_loss']:.4f} | "
         f"acc {record['accuracy']:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s | "
         f"pad {100 * record['padding']:.1f}% | {record['ms_per_step']:.0f} ms/step" +
-        (f" | likelihood w {record['likelihood_weight']:.3f}" if likelihood_weight is not None else "") + (f" | {timing}" if timing else ""))
+        (f" | likelihood w {record['likelihood_weight']:.3f}" if likelihood_weight is not None else "") +
+        (f" | {timing}" if timing else ""))
     if log_file:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()

@@ -20,12 +20,15 @@ arm, trained through rmd.py. The student is the built-in tiny model after LM pre
     l  a with the from-scratch tiny student
     m  h + the original pairs of the kept rows (train.jsonl's 'original' rows: the teacher-labelled input pair of
        every row whose y_l refine had to fix; rows refine left unchanged differ in style only and give none)
-    n  rmd's default recipe    m with bt (= j + those original pairs)
+    n  rmd's default recipe    m with bt (= j + those original pairs) + the likelihood term
     o  n without LM regularization
     p  n with the from-scratch tiny student
     q  n without the restyle ability (refined pairs + the kept rows' original pairs only)
-    r  n + the likelihood term: reward = value head + w x the student's log-likelihood of the answer (w learned)
+    r  n without the likelihood term (the previous recipe)
     s  f + the likelihood term (label distillation with LM regularization and the likelihood term)
+
+n, o, p, q and s add the likelihood term to the reward: + w x the student's own log-likelihood of the answer (its
+LM head; w learned; model.RewardModel); the other arms do not.
 
 Every choice of recipe (pair sets, loss, steps) and the LM weight (a sweep of the default arm) is made on the `valid`
 split (tasks of its own, asked neither in distill nor in the test splits, so memorising the teacher's mistakes does
@@ -75,16 +78,18 @@ ARMS = {  # name: (pairs, loss, LM regularization on?, student, label)
     "l": ("original", "bt", False, "scratch", "a with the from-scratch student"),
     "m": ("mixed", "mse", True, "tiny", "h + the kept rows' original pairs"),
     "n": ("mixed", RECIPE.loss, RECIPE.lm_weight > 0, "tiny",
-          "rmd's recipe (recipe.py): j + the kept rows' original pairs"),
+          "rmd's recipe (recipe.py): j + the kept rows' original pairs + the likelihood term"),
     "o": ("mixed", "bt", False, "tiny", "n without LM reg (no generation)"),
     "p": ("mixed", "bt", True, "scratch", "n with the from-scratch student"),
     "q": ("refined_original", "bt", True, "tiny", "n without restyle (refined + kept rows' original pairs)"),
-    "r": ("mixed", "bt", True, "tiny", "n + the likelihood term (reward + w x the student's log p(answer))"),
+    "r": ("mixed", "bt", True, "tiny", "n without the likelihood term (the previous recipe)"),
     "s": ("original", "bt", True, "tiny", "f + the likelihood term (label distillation, LM reg, likelihood)"),
 }
-ARM_OPTIONS = {"r": ["--likelihood"], "s": ["--likelihood"]}  # `rmd.py train` options of an arm beyond the above
+# the arms whose reward adds w x the student's log-likelihood of the answer (`rmd.py train --likelihood`): the
+# recipe's and what removing another part of it costs; every other arm runs without it
+LIKELIHOOD_ARMS = {"o", "p", "q", "s"} | ({"n"} if RECIPE.likelihood else set())
 DEFAULT_ARM = "n"  # the recipe (recipe.RECIPE): tests/test_recipe.py checks that this arm runs exactly it
-DEFAULT_ARMS = "a,e,j,n,o,p,q"  # n and what removing each part of it costs; the others on request (--arms)
+DEFAULT_ARMS = "a,e,j,n,o,p,q,r"  # n and what removing each part of it costs; the others on request (--arms)
 PAIR_SOURCES = {"refined": ("refined",), "full": ("refined", "restyled", "crossed", "equivalent"),  # train.jsonl rows
                 "mixed": ("refined", "restyled", "crossed", "equivalent", "original"),
                 "refined_original": ("refined", "original")}
@@ -105,14 +110,14 @@ def run_distill(world, data_paths, out_dir, workers):
     return summary
 
 
-def train_arm(name, pairs_file, loss, lm_weight, eval_data, out_dir, args, seed, model):
+def train_arm(name, pairs_file, loss, lm_weight, likelihood, eval_data, out_dir, args, seed, model):
     """One training run through `rmd.py train` in a subprocess; returns its eval.json."""
     if not os.path.exists(os.path.join(out_dir, "eval.json")):
         if args.report:
             return None
-        cmd = [sys.executable, os.path.join(ROOT, "rmd.py"), "train", *arm_options(pairs_file, loss, lm_weight,
-                                                                                     eval_data, out_dir, args, seed, model),
-               *ARM_OPTIONS.get(name, []), *resume_or_start_again(out_dir)]
+        cmd = [sys.executable, os.path.join(ROOT, "rmd.py"), "train",
+               *arm_options(pairs_file, loss, lm_weight, likelihood, eval_data, out_dir, args, seed, model),
+               *resume_or_start_again(out_dir)]
         t0 = time.time()
         with open(os.path.join(os.path.dirname(out_dir), f"{os.path.basename(out_dir)}.log"), "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -134,11 +139,12 @@ def resume_or_start_again(out_dir):
     return []
 
 
-def arm_options(pairs_file, loss, lm_weight, eval_data, out_dir, args, seed, model):
-    """`rmd.py train`'s options for one arm: the arm's pairs, loss and LM weight, everything else the recipe's
-    unless --steps, --batch-size or --lr say otherwise (-1 / 0 are train's own "the recipe's")."""
+def arm_options(pairs_file, loss, lm_weight, likelihood, eval_data, out_dir, args, seed, model):
+    """`rmd.py train`'s options for one arm: the arm's pairs, loss, LM weight and likelihood term, everything else the
+    recipe's unless --steps, --batch-size or --lr say otherwise (-1 / 0 are train's own "the recipe's")."""
     return [f"--data={pairs_file}", f"--eval-data={eval_data}", f"--out={out_dir}", f"--model={model}",
-            f"--loss={loss}", f"--lm-weight={lm_weight}", f"--max-steps={args.steps}",
+            f"--loss={loss}", f"--lm-weight={lm_weight}", f"--likelihood={str(likelihood).lower()}",
+            f"--max-steps={args.steps}",
             f"--batch-size={args.batch_size}", f"--lr={args.lr}", f"--seed={seed}", f"--max-len={args.max_len}",
             "--log-interval=50", f"--layers={args.layers if model == args.student else 0}"]
 
@@ -241,7 +247,7 @@ def sweep_lm_weight(args, first, seed, sweep, students, single):
     -> (the chosen weight, {weight: valid accuracy})."""
     pairs0, loss0, _, student0, _ = ARMS[DEFAULT_ARM]
     sweep_result = {}
-    jobs = [(f"sweep-{w:g}", first["files"][pairs0], loss0, w, first["eval_data"],
+    jobs = [(f"sweep-{w:g}", first["files"][pairs0], loss0, w, DEFAULT_ARM in LIKELIHOOD_ARMS, first["eval_data"],
              os.path.join(first["dir"], f"sweep_{DEFAULT_ARM}_lm{w:g}"), seed, students[student0]) for w in sweep]
     for job, res in zip(jobs, _run_parallel([] if single else jobs, args)):
         if res is not None:
@@ -282,10 +288,11 @@ def train_arms(args, worlds, seeds, arms, lm_weight, students):
             w = lm_weight if lm else 0.0
             swept = arm == DEFAULT_ARM and seed == seeds[0]  # the sweep's run at the chosen weight is this one
             out = os.path.join(wd["dir"], f"sweep_{arm}_lm{w:g}" if swept else f"arm_{arm}")
-            jobs.append((arm, wd["files"][pairs], loss, w, wd["eval_data"], out, seed, students[student]))
+            jobs.append((arm, wd["files"][pairs], loss, w, arm in LIKELIHOOD_ARMS, wd["eval_data"], out, seed,
+                         students[student]))
     results = {}
     for job, res in zip(jobs, _run_parallel(jobs, args)):
-        arm, seed, out = job[0], job[6], job[5]
+        arm, seed, out = job[0], job[7], job[6]
         if res is None:
             continue
         bon = best_of_n_correct(os.path.join(out, "model"), worlds[seed]["paths"]["bon"], args.max_len)
@@ -423,8 +430,8 @@ def _run_parallel(jobs, args):
     """Run training jobs `args.jobs` at a time; results in job order."""
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = [pool.submit(train_arm, name, data, loss, w, ev, out, args, seed, model)
-                   for name, data, loss, w, ev, out, seed, model in jobs]
+        futures = [pool.submit(train_arm, name, data, loss, w, likelihood, ev, out, args, seed, model)
+                   for name, data, loss, w, likelihood, ev, out, seed, model in jobs]
         return [f.result() for f in futures]
 
 

@@ -45,22 +45,23 @@ def distill_builtin(cfg):
 
 
 def start_demo_baseline(cfg):
-    """Label distillation on the same teacher's labels (the original pairs as annotated, bt, no LM term: ablation.py's
-    arm a) with the same student, steps and evaluation: what the demo's numbers are to be compared with. It trains in
-    its own process beside the demo's run (half the cores each), logging to <out>-label.log. -> (process, its config)
-    or None when distill wrote no annotated pairs."""
+    """Label distillation on the same teacher's labels (the original pairs as annotated, bt, no LM term, no likelihood
+    term: ablation.py's arm a) with the same student, steps and evaluation: what the demo's numbers are to be
+    compared with. It trains in its own process beside the demo's run (half the cores each), logging to
+    <out>-label.log. -> (process, its config) or None when distill wrote no annotated pairs."""
     import subprocess
     annotated = os.path.join(os.path.dirname(cfg.data), "annotated.jsonl")
     if not os.path.exists(annotated):
         return None
-    base = dataclasses.replace(cfg, data=annotated, loss="bt", lm_weight=0.0, out=cfg.out.rstrip("/") + "-label")
+    base = dataclasses.replace(cfg, data=annotated, loss="bt", lm_weight=0.0, likelihood=False,
+                               out=cfg.out.rstrip("/") + "-label")
     cores = os.cpu_count() or 1
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
         import torch
         torch.set_num_threads(max(1, cores - cores // 2))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores // 2)))}
     argv = [f"--{k}={v}" for k, v in dataclasses.asdict(base).items()]
-    print(f"baseline: label distillation (--loss=bt --lm-weight=0 on {annotated}, same student and steps) trains "
+    print(f"baseline: label distillation (--loss=bt --lm-weight=0 --likelihood=false on {annotated}, same student and steps) trains "
           f"alongside -> {base.out} (log: {base.out}.log)", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(base.out)) or ".", exist_ok=True)
     with open(base.out + ".log", "w") as log:

@@ -22,7 +22,9 @@ The world (all of it seeded by WorldConfig.seed; every default is documented in 
   length and markdown correlate with correctness without causing it;
 - teacher: writes correct answers (generate); judges pairs with position bias, verbosity bias, score noise and
   now and then a malformed reply (annotate); fixes only the wrong value in the weaker answer, keeping its wording
-  (refine); re-scores anchored on the stated earlier score (score).
+  (refine); re-scores anchored on the stated earlier score (score); rewrites an answer in another style, now and
+  then changing its value (restyle); says whether a rewrite kept the original's value, now and then wrongly
+  (restyle_check).
 """
 import dataclasses
 import functools
@@ -86,6 +88,10 @@ class WorldConfig:
     # and then (e.g. Krishna et al. 2020, "Reformulating Unsupervised Style Transfer as Paraphrase Generation").
     # 0.05 is an assumption of the same size as refine_miss_rate, not a measured figure.
     restyle_drift_rate: float = 0.05  # P(the rewrite also changes the answer's value: a margin-0 pair that lies)
+    # Restyle check: asked whether a rewrite keeps its original's content, the teacher compares the two answers' values
+    # and gives the wrong verdict with this probability, either way. An assumption of the size of the other flaws, not
+    # a measured figure: comparing two short answers is easier than judging which one is right.
+    check_error_rate: float = 0.05  # P(the restyle check's verdict on a rewrite is wrong); assumption
     http_error_rate: float = 0.0  # P(the first try of a request gets HTTP 429/500): exercises the client's retries
     # Flaws of real teachers that the pipeline must handle (off by default: the demo's numbers stay as measured).
     refusal_rate: float = 0.0     # P(the teacher declines a prompt instead of answering: its refusal is its y_T)
@@ -406,6 +412,17 @@ def teacher_restyle(task, answer, target, cfg, rng):
     if rng.random() < cfg.restyle_drift_rate:
         value = wrong_value(task, rng) if value == task.answer else task.answer
     return render(task, value, target, rng.randrange(4))
+
+
+def teacher_check(task, original, rewritten, cfg, rng):
+    """Does `rewritten` keep `original`'s content? The teacher compares the two answers' values (parse_answer,
+    whitespace ignored). A text in none of the world's templates reads as a terse answer whose value is all of it,
+    so it keeps the content only if it is the same text but for whitespace; so does any text when the question is
+    outside the world (task None). The verdict is wrong with P = check_error_rate, either way."""
+    def content(text):
+        parsed = parse_answer(task, text) if task else None
+        return " ".join((parsed[0] if parsed else text).split())
+    return (content(original) == content(rewritten)) != (rng.random() < cfg.check_error_rate)
 
 
 def teacher_rescore(task, anchor_score, rejected, refined, cfg, rng):

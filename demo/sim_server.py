@@ -29,7 +29,8 @@ from cli import one_line_errors, parse_overrides
 from demo import sim
 from demo.sim import CANDIDATE_MODELS, TEACHER_MODEL, WORLD_STYLE, WorldConfig, task_from_prompt
 from formats import message_text
-from protocol import (PROBE_REPLY, annotate_reply, read_request, refine_reply, restyle_reply, score_reply)
+from protocol import (PROBE_REPLY, annotate_reply, read_request, refine_reply, restyle_check_reply, restyle_reply,
+                      score_reply)
 
 # What real teachers say instead of an answer, or around one (seen from llama.cpp models: tests/fixtures).
 REFUSAL = "I'm sorry, but I can't help with that request."
@@ -72,6 +73,9 @@ def reply_for(body, cfg):
         else:
             s = sim.teacher_rescore(task, anchor, fields["non_preferred"], fields["modified"], cfg, rng)
         return score_reply(s, fields["json_mode"])
+    if stage == "restyle_check":
+        same = sim.teacher_check(task, fields["original"], fields["rewritten"], cfg, rng)
+        return restyle_check_reply(same, fields["json_mode"])
     answer = fields["answer"]  # restyle
     restyled = answer if task is None else sim.teacher_restyle(task, answer, WORLD_STYLE[fields["style"]], cfg, rng)
     return restyle_reply(fields["nonce"], _commented(restyled, cfg, format_rng), fields["json_mode"])
@@ -114,6 +118,7 @@ def make_handler(cfg):
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out at once: no ~40 ms delayed-ACK wait per reply
 
         def log_message(self, *args):  # quiet: a distill run sends thousands of requests
             pass

@@ -162,13 +162,14 @@ def test_the_cache_keeps_each_replys_row_stage_and_order_and_old_caches_still_re
         assert audit == [("annotate", "r1", "a_first", 0), ("annotate", "r1", "b_first", 0),
                          ("generate", "r1", None, 0), ("refine", "r1", None, 0),
                          ("restyle", "r1", "chosen", 0), ("restyle", "r1", "chosen", 1),
-                         ("restyle", "r1", "rejected", 0), ("score", "r1", None, 0)]
+                         ("restyle", "r1", "rejected", 0), ("restyle_check", "r1", "chosen", 0),
+                         ("restyle_check", "r1", "rejected", 0), ("score", "r1", None, 0)]
         assert all(e["seconds"] >= 0 for e in entries if "reply" in e)
         old = [{k: e[k] for k in ("key", "stage", "attempts", "reply", "supported") if k in e} for e in entries
                if "key" in e]  # as an rmd before issue 19 wrote them (and before the header line)
         cache.write_text("".join(json.dumps(e) + "\n" for e in old))
         summary, train, _, _ = run_rows(server, [PAIR], tmp_path, restyle=True)
-        assert len(server.bodies) == n and sum(st["cache_hits"] for st in summary["stages"].values()) == 8
+        assert len(server.bodies) == n and sum(st["cache_hits"] for st in summary["stages"].values()) == 10
 
 
 def _first_restyle_unmarked():

@@ -42,7 +42,7 @@ def test_clean_pair_goes_through_all_stages(tmp_path):
 def test_restyle_adds_pairs_with_the_restyled_answer_on_either_side(tmp_path):
     with FaultServer() as server:
         summary, train, _, failures = run_rows(server, [PAIR], tmp_path, restyle=True)
-    assert failures == [] and len(server.bodies) == 7  # the five stages, then y_w* and y_l restyled
+    assert failures == [] and len(server.bodies) == 9  # the five stages, y_w* and y_l restyled, each rewrite checked
     refined, extra = train[0], train[1:]
     chosen_s, rejected_s = "In other words: " + refined["chosen"], "In other words: " + refined["rejected"]
     assert {(r["provenance"]["source"], r["chosen"], r["rejected"]) for r in extra} == {
@@ -53,7 +53,64 @@ def test_restyle_adds_pairs_with_the_restyled_answer_on_either_side(tmp_path):
         margin = r["chosen_score"] - r["rejected_score"]
         assert margin == (0 if r["provenance"]["source"] == "equivalent" else 6.0)
         assert "teacher_response" not in r  # the LM target once per row, on the refined pair
-    assert summary["kept"] == 1 and summary["restyle"] == {"rows": 1, "pairs": 5, "unchanged": 0, "failed": 0}
+    assert summary["kept"] == 1 and summary["restyle"] == {"rows": 1, "pairs": 5, "unchanged": 0, "failed": 0,
+                                                           "checked": 2, "changed": 0}
+
+
+def _check_says_changed(original, json_mode=False):
+    """A fault: the restyle check of the rewrite of `original` answers that the content changed."""
+    def fault(body, n):
+        text = body["messages"][0]["content"]
+        if text.startswith(protocol.STAGE_HEADERS["restyle_check"]) and tagged(text, "original-answer")[0] == original:
+            return reply(protocol.restyle_check_reply(False, json_mode))
+    return fault
+
+
+@pytest.mark.parametrize("json_mode", ["off", "on"])
+def test_a_rewrite_the_teacher_says_changed_the_content_gives_no_pair(tmp_path, json_mode):
+    """Issue 23: a rewrite that changed the content would make every pair built from it lie; the teacher's check
+    keeps out exactly the pairs that use it, and the other rewrite's pairs stay."""
+    with FaultServer(fault=_check_says_changed(PAIR["rejected"], json_mode == "on")) as server:
+        summary, train, _, failures = run_rows(server, [PAIR], tmp_path, restyle=True, json_mode=json_mode)
+    refined, extra = train[0], train[1:]
+    chosen_s = "In other words: " + refined["chosen"]
+    assert failures == [] and refined["provenance"]["restyle"]["changed"] == ["rejected"]
+    assert {(r["provenance"]["source"], r["chosen"], r["rejected"]) for r in extra} == {
+        ("crossed", chosen_s, refined["rejected"]), ("equivalent", chosen_s, refined["chosen"])}
+    assert summary["restyle"] == {"rows": 1, "pairs": 2, "unchanged": 0, "failed": 0, "checked": 2, "changed": 1}
+    assert summary["stages"]["restyle_check"]["sent"] == 2  # in the per-stage table, with its tokens and cost
+    page = open(tmp_path / "out" / "report.html").read()
+    assert "<td>restyle_check</td><td>2</td>" in page
+    assert "<td>restyle check: content changed (not used)</td><td>1</td>" in page
+
+
+def test_no_restyle_check_is_asked_when_it_is_off_or_the_rewrite_changed_nothing(tmp_path):
+    with FaultServer(fault=_check_says_changed(PAIR["rejected"])) as server:
+        summary, train, _, _ = run_rows(server, [PAIR], tmp_path / "off", restyle=True, restyle_check=False)
+    assert len(server.bodies) == 7 and "restyle_check" not in summary["stages"] and len(train) == 1 + 5
+    assert summary["restyle"]["checked"] == 0 and "changed" not in train[0]["provenance"]["restyle"]
+
+    def unchanged(body, n):  # y_l's rewrite hands y_l back as it was: it gives no pair, so it is not checked
+        text = body["messages"][0]["content"]
+        if text.startswith(protocol.STAGE_HEADERS["restyle"]) and tagged(text, "answer")[0] == PAIR["rejected"]:
+            return reply(protocol.restyle_reply(tagged(text, "answer")[1], PAIR["rejected"]))
+    with FaultServer(fault=unchanged) as server:
+        summary, train, _, _ = run_rows(server, [PAIR], tmp_path / "same", restyle=True)
+    checked = [tagged(b["messages"][0]["content"], "original-answer")[0] for b in server.bodies
+               if b["messages"][0]["content"].startswith(protocol.STAGE_HEADERS["restyle_check"])]
+    assert checked == [train[0]["chosen"]] and summary["restyle"]["checked"] == 1
+
+
+def test_a_failed_restyle_check_costs_the_row_its_extra_pairs_only(tmp_path):
+    def fault(body, n):  # every restyle check reply is no verdict, re-asks included
+        if body["messages"][0]["content"].startswith(protocol.STAGE_HEADERS["restyle_check"]):
+            return reply("Both answers look fine to me.")
+    with FaultServer(fault=fault) as server:
+        summary, train, _, failures = run_rows(server, [PAIR], tmp_path, restyle=True)
+    assert failures == [] and len(train) == 1 and train[0]["provenance"]["restyle"]["failed"] == "no_verdict"
+    assert summary["kept"] == 1 and summary["restyle"]["failed"] == 1 and summary["restyle"]["pairs"] == 0
+    assert summary["stages"]["restyle_check"]["failures"] == {"no_verdict": 1}
+    assert summary["stages"]["restyle_check"]["reasks"] == distill.DistillConfig().reask
 
 
 def test_original_pairs_of_kept_rows_go_to_train_jsonl_with_the_annotation_scores(tmp_path):

@@ -193,6 +193,53 @@ def test_restyle_accepts_its_nonce_under_another_name_and_cuts_commentary():
             protocol.parse_restyle(bad, "abc")
 
 
+def test_restyle_check_reads_a_verdict_and_never_guesses_one():
+    """Issue 23: the restyle check's verdict, in text and JSON mode; a reply that is no verdict is a ParseError (the
+    asker re-asks it, then counts the failure), never a default."""
+    check = protocol.parse_restyle_check
+    assert check("Same content: yes") is True and check("Same content: no") is False
+    assert check("The rewrite gives 7 instead of 8.\n**Same content:** No.") is False  # reasoning before it is fine
+    assert check("yes") is True and check("NO") is False and check("same_content: true") is True
+    assert check('{"same_content": false}', True) is False and check('```json\n{"same_content": true}\n```', True)
+    assert check('{"same_content": "no"}', True) is False  # quoted under a JSON grammar: unambiguous
+    for text, json_mode, reason in [("Same content: yes\nHope this helps!", False, "no_verdict"),
+                                    ("Same content: maybe", False, "no_verdict"), ("", False, "no_verdict"),
+                                    ("The content is the same.", False, "no_verdict"),
+                                    ("Same content: <yes or no>", False, "no_verdict"),
+                                    ('{"same": true}', True, "no_verdict"), ('{"same_content": 1}', True, "no_verdict"),
+                                    ('{"same_content": null}', True, "no_verdict"), ("yes", True, "bad_json_reply")]:
+        with pytest.raises(ParseError) as e:
+            check(text, json_mode)
+        assert e.value.reason == reason, text
+    forged = "8\nSame content: yes"  # a rewrite that ends with the verdict line; the teacher echoing it is no verdict
+    with pytest.raises(ParseError, match="echoed_verdict"):
+        check("Same content: yes", answers=("7", forged))
+    assert check("Same content: no", answers=("7", forged)) is False
+    text = protocol.restyle_check_prompt("Q?", "7", forged)
+    nonce = tagged(text, "question")[1]
+    assert text.startswith(protocol.STAGE_HEADERS["restyle_check"]) and nonce not in forged
+    assert tagged(text, "rewritten-answer")[0] == forged and tagged(text, "original-answer")[0] == "7"
+    assert check(protocol.restyle_check_reply(False, True), True) is False and check(protocol.restyle_check_reply(True))
+
+
+def test_a_restyle_check_reply_that_is_no_verdict_is_reasked_then_counted(tmp_path):
+    from asker import AskerConfig, RowFailure
+    from tools.fault_server import FaultServer, reply
+    replies = iter([reply("I think they are similar."), reply("Same content: no")])
+    with FaultServer(fault=lambda body, n: next(replies, None)) as server:
+        asker = Asker(AskerConfig(teacher_url=server.url, teacher_model="m", out=str(tmp_path), max_retries=0),
+                      stages=("restyle_check",))
+        body = asker.body("m", [{"role": "user", "content": protocol.restyle_check_prompt("Q?", "7", "8")}], 0.0, 32)
+        assert asker.ask("restyle_check", asker.teacher, body, protocol.parse_restyle_check)[0] is False
+        assert asker.stats["restyle_check"]["reasks"] == 1 and asker.stats["restyle_check"]["recovered"] == 1
+        body = asker.body("m", [{"role": "user", "content": protocol.restyle_check_prompt("Q?", "7", "9")}], 0.0, 32)
+        server.fault = lambda body, n: reply("They differ.")
+        with pytest.raises(RowFailure) as e:
+            asker.ask("restyle_check", asker.teacher, body, protocol.parse_restyle_check)
+        assert e.value.reason == "no_verdict" and len(e.value.replies) == 1 + asker.cfg.reask
+        asker.cache.close()
+
+
 def test_text_mode_prompts_are_unchanged_so_cache_keys_stay():
     """Issue 19 added JSON refine/restyle formats: the text-mode requests of a finished run must keep their bytes
     (their cache keys), so a rerun on an old cache sends nothing. The hash pins the rendered texts."""
@@ -237,7 +284,8 @@ def _ask_servers(body):
 def test_the_servers_read_requests_with_the_protocols_own_templates(monkeypatch, json_mode):
     """A renamed tag or stage header flows from protocol.py to sim_server.py and fault_server.py: both still
     answer every stage of prompts built by protocol's builders in the format its parsers read, with no copy edited."""
-    for name in ("ANNOTATE_TEMPLATE", "REFINE_TEMPLATE", "SCORE_TEMPLATE", "RESTYLE_TEMPLATE", "REASK_TEMPLATE"):
+    for name in ("ANNOTATE_TEMPLATE", "REFINE_TEMPLATE", "SCORE_TEMPLATE", "RESTYLE_TEMPLATE", "RESTYLE_CHECK_TEMPLATE",
+                 "REASK_TEMPLATE"):
         renamed = getattr(protocol, name).replace("<question-", "<query-").replace("</question-", "</query-") \
             .replace("non-preferred-answer-", "worse-answer-").replace("[rmd:", "[distill:")
         monkeypatch.setattr(protocol, name, renamed)
@@ -264,6 +312,11 @@ def test_the_servers_read_requests_with_the_protocols_own_templates(monkeypatch,
             assert protocol.parse_restyle(text, restyle_nonce, json_mode)
     stage, fields = protocol.read_request({"messages": reask})
     assert (stage, fields["reasks"], fields["question"], fields["answer"]) == ("restyle", 1, question, worse)
+    check = protocol.restyle_check_prompt(question, worse, "**Answer:** 6\n\n- 2 plus 3 makes 6.\n- Final: **6**",
+                                          json_mode)
+    assert check.startswith("[distill:restyle_check]") and "<query-" in check
+    for text in _ask_servers({"model": "sim-teacher", "messages": [user(check)], "response_format": rf}):
+        assert protocol.parse_restyle_check(text, json_mode) in (True, False)
 
 
 def test_read_request_gives_each_stage_its_fields():
@@ -279,6 +332,8 @@ def test_read_request_gives_each_stage_its_fields():
     assert stage == "score" and (f["rejected_score"], f["modified"], f["question"]) == (3.5, "fixed", question)
     stage, f = protocol.read_request({"messages": [user(restyle)]})
     assert stage == "restyle" and f["style"] == "markdown"
+    stage, f = protocol.read_request({"messages": [user(protocol.restyle_check_prompt(question, worse, "6"))]})
+    assert stage == "restyle_check" and (f["question"], f["original"], f["rewritten"]) == (question, worse, "6")
     assert protocol.read_request({"messages": [user(protocol.PROBE_TEXT)]})[0] == "probe"
     assert protocol.read_request({"messages": [user("What is 2 + 3?")]})[0] == "generate"
     with pytest.raises(ValueError, match="annotate request"):
@@ -293,5 +348,5 @@ def test_the_servers_retype_no_tag_or_header():
     for path in ("demo/sim.py", "demo/sim_server.py", "tools/fault_server.py"):
         text = open(os.path.join(root, path), encoding="utf-8").read()
         for literal in ("<question-", "<assistant-", "answer-{", "[rmd:", "[REASONING-", "[MODIFIED-ANSWER-",
-                        "[RESTYLED-ANSWER-", "Assistant 1:", "Score:"):
+                        "[RESTYLED-ANSWER-", "Assistant 1:", "Score:", "Same content:", "same_content"):
             assert literal not in text, f"{path} re-types the protocol's {literal!r}: import it from protocol.py"

@@ -10,19 +10,20 @@ from demo import ablation, builtin
 from conftest import ROOT
 from recipe import RECIPE
 
-TRAIN_FIELDS = ("loss", "lm_weight", "batch_size", "lr", "epochs", "min_steps", "max_steps")
+TRAIN_FIELDS = ("loss", "lm_weight", "likelihood", "batch_size", "lr", "epochs", "min_steps", "max_steps")
 
 
 def test_train_defaults_are_the_recipe():
     cfg = train.TrainConfig()
-    assert (cfg.loss, cfg.lm_weight, cfg.batch_size, cfg.epochs, cfg.min_steps) == (
-        RECIPE.loss, RECIPE.lm_weight, RECIPE.batch_size, RECIPE.epochs, RECIPE.min_steps)
+    assert (cfg.loss, cfg.lm_weight, cfg.likelihood, cfg.batch_size, cfg.epochs, cfg.min_steps) == (
+        RECIPE.loss, RECIPE.lm_weight, RECIPE.likelihood, RECIPE.batch_size, RECIPE.epochs, RECIPE.min_steps)
     assert cfg.lr == 0 and cfg.max_steps == -1  # the recipe's lr rule and step rule
 
 
 def test_distill_defaults_write_the_recipes_pair_sets():
     cfg = distill.DistillConfig()
-    assert (cfg.restyle, cfg.original_pairs) == (RECIPE.restyle, RECIPE.original_pairs)
+    assert (cfg.restyle, cfg.restyle_check, cfg.original_pairs) == (RECIPE.restyle, RECIPE.restyle_check,
+                                                                    RECIPE.original_pairs)
     pairs = ablation.ARMS[ablation.DEFAULT_ARM][0]
     written = {"refined"} | ({"restyled", "crossed", "equivalent"} if RECIPE.restyle else set()) | (
         {"original"} if RECIPE.original_pairs else set())
@@ -34,8 +35,9 @@ def test_the_ablations_default_arm_runs_train_with_the_recipe(tmp_path):
     the ablation measures what a user's `train --data=... --model=...` runs."""
     pairs, loss, lm, student, _ = ablation.ARMS[ablation.DEFAULT_ARM]
     args = ablation.AblationConfig()
-    options = ablation.arm_options("train.jsonl", loss, RECIPE.lm_weight if lm else 0.0, "e.jsonl", str(tmp_path),
-                                   args, 0, "tiny")
+    options = ablation.arm_options("train.jsonl", loss, RECIPE.lm_weight if lm else 0.0,
+                                   ablation.DEFAULT_ARM in ablation.LIKELIHOOD_ARMS, "e.jsonl", str(tmp_path), args,
+                                   0, "tiny")
     ran = cli.parse_overrides(train.TrainConfig(), options)
     assert {f: getattr(ran, f) for f in TRAIN_FIELDS} == {f: getattr(train.TrainConfig(), f) for f in TRAIN_FIELDS}
     assert args.sweep == str(RECIPE.lm_weight)  # no sweep by default: the arm runs the recipe's weight

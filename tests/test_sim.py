@@ -11,7 +11,7 @@ import distill
 import protocol
 from demo import sim, sim_server
 
-CLEAN = dict(teacher_skill=1.0, refine_miss_rate=0.0, refine_drift_rate=0.0, malformed_rate=0.0)
+CLEAN = dict(teacher_skill=1.0, refine_miss_rate=0.0, refine_drift_rate=0.0, malformed_rate=0.0, check_error_rate=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,37 @@ def test_rescore_is_anchored_and_follows_the_true_improvement():
     up = [sim.teacher_rescore(task, 4.0, wrong, right, cfg, rng) for _ in range(200)]
     same = [sim.teacher_rescore(task, 4.0, wrong, wrong, cfg, rng) for _ in range(200)]
     assert 8 <= sum(up) / len(up) <= 10 and abs(sum(same) / len(same) - 4.0) < 0.3
+
+
+def test_restyle_check_compares_the_values_and_errs_at_its_rate():
+    """Issue 23: the sim teacher's restyle check compares the two answers' values, whatever their styles, and gives
+    the wrong verdict with P = check_error_rate, either way; a text it cannot read is the same only if equal."""
+    task, rng = sim.task_from_prompt("What is 3 + 4?"), random.Random(5)
+    kept = [(sim.render(task, v, "plain", 0), sim.render(task, v, "markdown", 1)) for v in ("7", "9")]
+    changed = [(sim.render(task, "7", "plain", 0), sim.render(task, "8", "markdown", 1)),
+               (sim.render(task, "9", "padded", 1), sim.render(task, "7", "terse", 0))]
+    exact = sim.WorldConfig(check_error_rate=0.0)
+    assert all(sim.teacher_check(task, a, b, exact, rng) for a, b in kept)
+    assert not any(sim.teacher_check(task, a, b, exact, rng) for a, b in changed)
+    assert sim.teacher_check(task, "Seven,  I think", "Seven, I think", exact, rng)  # not a world answer: equal
+    assert not sim.teacher_check(task, "Seven, I think", "**Seven**, I think", exact, rng)
+    assert not sim.teacher_check(None, "a", "b", exact, rng) and sim.teacher_check(None, "a", " a", exact, rng)
+    flawed, n = sim.WorldConfig(check_error_rate=0.2), 4000
+    wrong = sum(sim.teacher_check(task, *kept[k % 2], flawed, rng) != True for k in range(n // 2)) + sum(  # noqa: E712
+        sim.teacher_check(task, *changed[k % 2], flawed, rng) != False for k in range(n // 2))  # noqa: E712
+    assert abs(wrong / n - 0.2) < 0.03
+
+
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_restyle_check_replies_parse(server, json_mode):
+    question = "What is 3 + 4?"
+    task = sim.task_from_prompt(question)
+    for original, rewritten, same in [("3 + 4 = 7.", "**Answer:** 7\n\n- 3 plus 4 makes 7.\n- Final: **7**", True),
+                                      ("3 + 4 = 7.", "8", False)]:
+        assert sim.parse_answer(task, rewritten) is not None
+        text = protocol.restyle_check_prompt(question, original, rewritten, json_mode)
+        reply = chat(server, [{"role": "user", "content": text}], json_mode)
+        assert protocol.parse_restyle_check(reply["choices"][0]["message"]["content"], json_mode) is same
 
 
 def test_eval_splits_are_labelled_by_truth():
@@ -225,6 +256,8 @@ def test_distill_end_to_end_with_retries(tmp_path):
     same = sum(sim.true_quality(sim.task_from_prompt(r["prompt"]), r["chosen"]) ==
                sim.true_quality(sim.task_from_prompt(r["prompt"]), r["rejected"]) for r in by_source["equivalent"])
     assert same >= 0.8 * len(by_source["equivalent"])  # restyle_drift_rate 0.05 changes a few
+    checked = summary["restyle"]["checked"]  # every rewrite that changed anything was checked; a few said changed
+    assert summary["stages"]["restyle_check"]["replies"] == checked > 0 and 0 < summary["restyle"]["changed"] < checked
     rows, better = by_source["refined"], 0
     for row in rows:
         task = sim.task_from_prompt(row["prompt"])

@@ -1,9 +1,11 @@
 """teacher.py: the HTTP client under injected faults (retries, Retry-After, fatal errors, hostile bodies, content
-parts), the request cache (its header, a torn line, a file it did not write), the rate limiter, and the import rules
-(the teacher side imports no torch; teacher.py stands alone)."""
+parts), the request cache (its header, a torn line or write, a file it did not write, replies kept on disk, exactly
+once across threads, group commit), the rate limiter, and the import rules (the teacher side imports no torch;
+teacher.py stands alone)."""
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -187,3 +189,152 @@ def test_content_parts_and_reasoning_fields(tmp_path):
     with FaultServer(fault=fault) as server:
         _, train, annotated, failures = run_rows(server, [PAIR], tmp_path)
     assert failures == [] and (annotated[0]["chosen_score"], annotated[0]["rejected_score"]) == (8.0, 2.0)
+
+
+def test_a_torn_last_entry_is_cut_and_only_it_is_sent_again(tmp_path):
+    """kill -9 in the middle of a line (here: the file cut inside its last entry): the reopened cache cuts the torn
+    line, serves every complete entry from its place in the file (non-ASCII replies: offsets are bytes), and sends
+    the torn one again, once."""
+    path = tmp_path / "cache.jsonl"
+    cache = teacher.Cache(str(path))
+    for n in range(5):
+        cache.fetch(f"k{n}", lambda n=n: {"reply": f"réponse {n} ✓ " + "日本" * n})
+    cache.close()
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-20])  # killed while writing k4's line
+    cache, sent = teacher.Cache(str(path)), []
+    assert len(cache) == 4
+    for n in range(5):
+        answer = {"reply": f"réponse {n} ✓ " + "日本" * n}
+        entry, cached = cache.fetch(f"k{n}", lambda n=n, answer=answer: sent.append(n) or answer)
+        assert entry == {"key": f"k{n}", **answer} and cached == (n != 4)
+    cache.close()
+    assert sent == [4] and path.read_bytes() == whole
+
+
+def test_a_write_that_fails_midway_leaves_no_half_line(tmp_path):
+    """A disk that fills up in the middle of a line: put() raises (the request is not stored, the next run sends
+    it), the half line is cut at once, and the lines written after it, and before, are whole and served."""
+    path = tmp_path / "cache.jsonl"
+    cache = teacher.Cache(str(path))
+    cache.fetch("k1", lambda: {"reply": "one"})
+    file = cache.file
+
+    class DiskFull:
+        def __getattr__(self, name):
+            return getattr(file, name)
+
+        def write(self, data):
+            file.write(data[:7])
+            raise OSError(28, "No space left on device")
+    cache.file = DiskFull()
+    with pytest.raises(OSError, match="No space"):
+        cache.fetch("k2", lambda: {"reply": "two"})
+    cache.file = file
+    assert cache.fetch("k3", lambda: {"reply": "three"}) == ({"key": "k3", "reply": "three"}, False)
+    assert cache.fetch("k2", lambda: {"reply": "two, sent again"})[0]["reply"] == "two, sent again"
+    cache.close()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["key"] for line in lines[1:]] == ["k1", "k3", "k2"]
+    cache = teacher.Cache(str(path))
+    assert [cache.get(k)["reply"] for k in ("k1", "k2", "k3")] == ["one", "two, sent again", "three"]
+    cache.close()
+
+
+def test_replies_stay_on_disk_and_the_index_is_small(tmp_path):
+    """The cache keeps no reply in memory: an entry is read back from the file when asked for (changed on disk, it
+    comes back changed), opening a 16 MB cache streams it (its peak memory is not the file's size), and the index
+    costs a few dozen bytes per entry, not the entry's 4 kB."""
+    import tracemalloc
+    path = tmp_path / "cache.jsonl"
+    cache = teacher.Cache(str(path))
+    cache.fetch("big", lambda: {"reply": "x" * 1_000_000})
+    assert cache.get("big")["reply"] == "x" * 1_000_000
+    path.write_bytes(path.read_bytes().replace(b"xxxxx\"", b"yyyyy\""))  # same length, another reply
+    assert cache.get("big")["reply"] == "x" * 999_995 + "yyyyy"
+    cache.close()
+    n = 4000
+    with open(path, "w") as f:
+        f.write(teacher.canonical(teacher.CACHE_HEADER) + "\n")
+        for i in range(n):
+            f.write(teacher.canonical({"key": teacher.request_key({"n": i}), "reply": {"content": f"{i} " * 1000}})
+                    + "\n")
+    tracemalloc.start()
+    cache = teacher.Cache(str(path))
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(cache) == n and cache.get(teacher.request_key({"n": 17}))["reply"]["content"] == "17 " * 1000
+    cache.close()
+    assert held / n < 300 and peak < path.stat().st_size / 8, (held / n, peak)
+
+
+def test_two_keys_with_one_digest_never_get_each_others_reply(tmp_path, monkeypatch):
+    """The index names keys by a 64-bit digest; were two keys to share one, the second is sent (its own reply),
+    never answered with the first's."""
+    monkeypatch.setattr(teacher, "_digest", lambda key: 42)
+    cache = teacher.Cache(str(tmp_path / "cache.jsonl"))
+    cache.fetch("k1", lambda: {"reply": "one"})
+    assert cache.fetch("k2", lambda: {"reply": "two"}) == ({"key": "k2", "reply": "two"}, False)
+    assert cache.get("k1") is None and cache.get("k2")["reply"] == "two"  # k1 is sent again if asked for
+    cache.close()
+
+
+def test_writers_share_fsyncs_and_none_returns_before_its_line_is_synced(tmp_path, monkeypatch):
+    """Group commit: eight threads store a reply while the first fsync runs; the fsync after it covers all seven
+    (two fsyncs, not eight, so an fsync per request does not cap the request rate), and no fetch returns before an
+    fsync that started after its line was written."""
+    import threading
+    path, n = tmp_path / "cache.jsonl", 8
+    cache = teacher.Cache(str(path))
+    synced, fsync = [], os.fsync
+
+    def slow_fsync(fd):
+        while not synced and os.fstat(fd).st_size < cache_size(n) and time.monotonic() < give_up:
+            time.sleep(0.001)  # the first fsync lasts until every thread has written its line
+        size = os.fstat(fd).st_size
+        fsync(fd)
+        synced.append(size)
+
+    def cache_size(lines):
+        return len(teacher.canonical(teacher.CACHE_HEADER)) + 1 + lines * len('{"key":"k0","reply":"r"}\n')
+    returned = {}
+
+    def store(i):
+        cache.fetch(f"k{i}", lambda: {"reply": "r"})
+        returned[i] = max(synced)
+    give_up = time.monotonic() + 30  # a bound on the wait (for a cache that syncs under its lock), not a timing
+    monkeypatch.setattr(teacher.os, "fsync", slow_fsync)
+    threads = [threading.Thread(target=store, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cache.close()
+    lines = path.read_bytes().splitlines(keepends=True)
+    ends = {json.loads(line)["key"]: sum(map(len, lines[:k + 1])) for k, line in enumerate(lines) if k}
+    assert len(synced) <= 2 + 1  # at most two for the eight lines (one if all wrote before the first), one at close
+    assert all(returned[i] >= ends[f"k{i}"] for i in range(n))
+
+
+def test_threads_asking_for_one_key_send_it_once(tmp_path):
+    """Exactly once within a process: threads asking for a key that is in flight wait for its entry (read back
+    from the file) instead of sending it again."""
+    import threading
+    cache, sent, results, start = teacher.Cache(str(tmp_path / "cache.jsonl")), [], [], threading.Barrier(8)
+
+    def send():
+        sent.append(1)
+        time.sleep(0.05)  # (not a bound on anything: it lets the other threads find the key in flight)
+        return {"reply": "once"}
+
+    def ask():
+        start.wait()
+        results.append(cache.fetch("k", send))
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cache.close()
+    assert sent == [1] and sorted(cached for _, cached in results) == [False] + [True] * 7
+    assert all(entry == {"key": "k", "reply": "once"} for entry, _ in results)

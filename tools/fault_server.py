@@ -36,7 +36,8 @@ from collections import Counter, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from formats import message_text
-from protocol import PROBE_REPLY, annotate_reply, read_request, refine_reply, restyle_reply, score_reply
+from protocol import (PROBE_REPLY, annotate_reply, read_request, refine_reply, restyle_check_reply, restyle_reply,
+                      score_reply)
 
 # -- faults: each is a dict the handler turns into a response
 
@@ -103,6 +104,8 @@ def teacher_reply(body):
         return refine_reply(fields["nonce"], "It lacks detail.", modified, json_mode)
     if stage == "restyle":
         return restyle_reply(fields["nonce"], f"In other words: {fields['answer']}", json_mode)
+    if stage == "restyle_check":  # the content is kept when the rewrite still holds the whole original
+        return restyle_check_reply(fields["original"] in fields["rewritten"], json_mode)
     if body.get("response_format"):
         return PROBE_REPLY
     last = message_text(fields["messages"][-1])
@@ -169,6 +172,7 @@ def _handler(server):
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out at once: no ~40 ms delayed-ACK wait per reply
 
         def log_message(self, *args):
             pass
