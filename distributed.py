@@ -43,7 +43,7 @@ def shard(model, bf16):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
-    for layer in model.lm.model.layers:
+    for layer in [*model.lm.model.layers, *(model.reference.model.layers if model.likelihood else [])]:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model

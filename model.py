@@ -16,6 +16,7 @@ pick_device, the one --device check. Needs torch, transformers and safetensors.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -266,19 +267,24 @@ LIKELIHOOD_CHUNK = 1024  # answer tokens per LM-head product when the likelihood
 class RewardModel(nn.Module):
     """A causal LM whose backbone also feeds a value head; reward = value head(hidden state of the last token).
 
-    With likelihood=True the reward also reads the student's own knowledge: reward = value head + w x log p(answer |
-    prompt), the sum of the log-probabilities its LM head gives the answer's tokens (eos included). The
-    log-likelihood is a feature, not trained through (no gradient into the LM by it; the LM term keeps the LM head a
-    language model); w is one learned scalar (likelihood_weight, from 0), so the teacher's pairs decide how much the
-    student's knowledge counts, and the value head, which sees the answer's style, learns what likelihood says about
-    style rather than content (a longer answer is less likely whatever it says)."""
+    With likelihood=True the reward also reads what the student knew before any preference data: reward = value
+    head + w x log p_ref(answer | prompt), the sum of the log-probabilities the reference LM gives the answer's tokens
+    (eos included). The reference is a frozen copy of the student as it was given (`reference`; by default a copy of
+    `lm` made here), because training the reward moves the backbone away from what it knew (measured in the
+    simulated world: the trained student's own likelihood fell from 100% to 42% on natural pairs). w is one learned
+    scalar (likelihood_weight, from 0), so the teacher's pairs decide how much that knowledge counts, and the value
+    head, which sees the answer's style, learns what the likelihood says about style rather than content (a longer
+    answer is less likely whatever it says). Cost: one more forward pass of the frozen copy (no backward, no optimizer
+    state) and its weights in memory and in the saved folder."""
 
-    def __init__(self, lm, tokenizer, head="mlp", dropout=0.1, max_len=1024, likelihood=False):
+    def __init__(self, lm, tokenizer, head="mlp", dropout=0.1, max_len=1024, likelihood=False, reference=None):
         super().__init__()
         self.lm, self.tokenizer, self.head_kind, self.dropout = lm, tokenizer, head, dropout
         self.likelihood = likelihood
         if likelihood:
             self.likelihood_weight = nn.Parameter(torch.zeros(1))  # 1-d: FSDP2 shards parameters along dim 0
+            self.reference = copy.deepcopy(lm) if reference is None else reference
+            self.reference.requires_grad_(False).eval()
         self.max_len = max_len  # tokens per scored sequence unless a call says otherwise (saved in rmd.json)
         hidden = lm.config.hidden_size
         if head == "mlp":
@@ -287,6 +293,12 @@ class RewardModel(nn.Module):
         else:
             self.value_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, 1, bias=False))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.likelihood:
+            self.reference.eval()  # frozen: no dropout either
+        return self
 
     def hidden(self, input_ids, position_ids=None, attention_mask=None):
         return self.lm.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
@@ -300,28 +312,32 @@ class RewardModel(nn.Module):
             mask = prefix_sharing_mask(batch.sequence_ids, batch.branch_ids, self.lm.config._attn_implementation,
                                        self.lm.dtype)
         hidden = self.hidden(batch.input_ids, batch.position_ids, mask).flatten(0, 1)
-        return self.reward(hidden, batch.last, batch.answer_index, batch.answer_target, batch.answer_row), \
+        answers = (batch.answer_index, batch.answer_target, batch.answer_row)
+        return self.reward(hidden, batch.last, answers, (batch.input_ids, batch.position_ids, mask)), \
             hidden[batch.lm_index]
 
-    def reward(self, hidden, last, answer_index=None, answer_target=None, answer_row=None):
+    def reward(self, hidden, last, answers=None, inputs=None):
         """Flat hidden states [slots, H] -> the reward of each sequence: the value head at its last token (flat
-        index `last`), plus with likelihood on w x the log-likelihood of its answer tokens (answer_target, predicted
-        at the flat positions answer_index, of sequence answer_row)."""
+        index `last`), plus with likelihood on w x the reference LM's log-likelihood of its answer tokens. answers:
+        (answer_target's flat predicting positions, answer_target, the sequence each belongs to); inputs: the pass's
+        (input_ids, position_ids, attention mask), which the reference reads again."""
         rewards = self.value_head(hidden[last]).squeeze(-1).float()
         if not self.likelihood:
             return rewards
-        if answer_index is None:
+        if answers is None or answers[0] is None:
             raise ValueError("this reward model's reward includes the answer's likelihood: it needs to know where each "
                              "answer starts (score prompt and answer apart)")
-        return rewards + self.likelihood_weight * self.answer_loglik(hidden, answer_index, answer_target,
-                                                                     answer_row, len(rewards))
+        return rewards + self.likelihood_weight * self.answer_loglik(inputs, *answers, len(rewards))
 
     @torch.compiler.disable  # a loop as long as the batch's answers: eager, not a graph recompiled per length
     @torch.no_grad()
-    def answer_loglik(self, hidden, index, target, row, n_rows):
-        """Sum of log p(token) over each sequence's answer tokens, from the LM head on the positions that predict
-        them, LIKELIHOOD_CHUNK tokens at a time; no gradient."""
-        head, out = self.lm.get_output_embeddings(), torch.zeros(n_rows, device=hidden.device)
+    def answer_loglik(self, inputs, index, target, row, n_rows):
+        """Sum of log p_ref(token) over each sequence's answer tokens: the reference LM's forward pass on the same
+        inputs, its LM head on the positions that predict them, LIKELIHOOD_CHUNK tokens at a time; no gradient."""
+        input_ids, position_ids, mask = inputs
+        hidden = self.reference.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                                      use_cache=False).last_hidden_state.flatten(0, 1)
+        head, out = self.reference.get_output_embeddings(), torch.zeros(n_rows, device=hidden.device)
         for k in range(0, len(index), LIKELIHOOD_CHUNK):
             logp = head(hidden[index[k:k + LIKELIHOOD_CHUNK]]).float().log_softmax(-1)
             out.index_add_(0, row[k:k + LIKELIHOOD_CHUNK],
@@ -337,12 +353,12 @@ class RewardModel(nn.Module):
         width = input_ids.shape[1]
         positions = torch.arange(width, device=input_ids.device)
         last = (attention_mask * positions).argmax(-1) + width * torch.arange(len(input_ids), device=input_ids.device)
-        answers = (None, None, None)
+        answers = None
         if answer_starts is not None:  # the answer's tokens: from its start to the row's last real token
             first = attention_mask.argmax(-1) + width * torch.arange(len(input_ids), device=input_ids.device)
             spans = [(int(f) + s, int(e) + 1, int(f) + s - 1) for f, s, e in zip(first, answer_starts, last)]
             answers = answer_positions(spans, input_ids.flatten(), input_ids.device)
-        return self.reward(hidden.flatten(0, 1), last, *answers)
+        return self.reward(hidden.flatten(0, 1), last, answers, (input_ids, position_ids, attention_mask))
 
     def tokens(self, prompt, answer, max_len=None, cuts=None):
         """(prompt, answer) -> token ids exactly as training builds them: rendered prompt + answer + eos, cut by
@@ -478,8 +494,9 @@ class RewardModel(nn.Module):
             mask = prefix_sharing_mask(sequence_ids.to(device), branch_ids.to(device),
                                        self.lm.config._attn_implementation, self.lm.dtype)
             hidden = self.hidden(ids.to(device), positions.to(device), mask).flatten(0, 1)
-            answers = answer_positions(spans, ids.flatten(), device) if self.likelihood else (None, None, None)
-            rewards = self.reward(hidden, torch.tensor(last, device=device), *answers)
+            answers = answer_positions(spans, ids.flatten(), device) if self.likelihood else None
+            rewards = self.reward(hidden, torch.tensor(last, device=device), answers,
+                                  (ids.to(device), positions.to(device), mask))
             out += zip([i for chunk in rows for i in chunk], rewards.tolist())
         self.train(was_training)
         return out
@@ -513,7 +530,6 @@ def save_reward_model(model: RewardModel, path, weights=None):
     in model.safetensors; the config's pad_token_id never occurs in real text, see export_pad_id; feed it what rmd
     feeds: rendered prompt + answer + eos). The LM head stays in the folder for load_reward_model (HF warns that it
     is unused)."""
-    import copy
     from safetensors.torch import load_file, save_file
     os.makedirs(path, exist_ok=True)
     quantizer = getattr(model.lm, "hf_quantizer", None)
@@ -527,8 +543,9 @@ def save_reward_model(model: RewardModel, path, weights=None):
     model.lm.save_pretrained(path, safe_serialization=True, state_dict=lm_weights)
     weights = model.state_dict() if weights is None else weights
     head = {k[11:]: v.detach().contiguous().cpu() for k, v in weights.items() if k.startswith("value_head.")}
-    if model.likelihood:  # the likelihood term's weight travels with the head
+    if model.likelihood:  # the likelihood term's weight travels with the head, its frozen reference LM beside it
         head[LIKELIHOOD_KEY] = weights["likelihood_weight"].detach().reshape(1).contiguous().cpu()
+        save_file(reference_weights(weights), os.path.join(path, REFERENCE_FILE), metadata={"format": "pt"})
     save_file(head, os.path.join(path, "value_head.safetensors"))
     tokenizer, hf_export = model.tokenizer, None
     if model.head_kind == "linear" and not model.likelihood:  # a sequence classifier cannot add the likelihood
@@ -565,6 +582,32 @@ def save_reward_model(model: RewardModel, path, weights=None):
         json.dump(meta, f, indent=2)
 
 
+REFERENCE_FILE = "reference.safetensors"  # the likelihood term's frozen reference LM, in a reward-model folder
+
+
+def reference_weights(weights):
+    """The reference LM's tensors of a RewardModel state dict, each storage once (a tied LM head is its embedding)."""
+    out, seen = {}, set()
+    for name, tensor in weights.items():
+        if name.startswith("reference.") and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[name[len("reference."):]] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def load_reference(reference, path):
+    """reference_weights' file into `reference` (the trained LM's architecture); a tied weight comes with its twin.
+    Anything else missing or left over is an error: a reward depends on every one of them."""
+    from safetensors.torch import load_file
+    missing, unexpected = reference.load_state_dict(load_file(path), strict=False)
+    loaded = {p.data_ptr() for n, p in reference.named_parameters() if n not in missing}
+    untied = [n for n, p in reference.named_parameters(remove_duplicate=False) if n in missing and
+              p.data_ptr() not in loaded]
+    if untied or unexpected:
+        raise ValueError(f"{path}: not the reference LM of this reward model (missing {untied[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+
+
 def load_reward_model(path, device="cpu") -> RewardModel:
     """A reward-model folder written by `rmd.py train` -> RewardModel (eval mode) with .score(prompts, answers)."""
     from safetensors.torch import load_file
@@ -577,9 +620,10 @@ def load_reward_model(path, device="cpu") -> RewardModel:
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = ByteTokenizer() if meta["tokenizer"] == "bytes" else AutoTokenizer.from_pretrained(path)
     model = RewardModel(lm, tokenizer, head=meta["head"], dropout=meta["dropout"], max_len=meta["max_len"],
-                        likelihood=meta.get("likelihood", False))
+                        likelihood=meta.get("likelihood", False))  # its reference: a copy of lm, loaded below
     head = load_file(os.path.join(path, "value_head.safetensors"))
     if model.likelihood:
         model.likelihood_weight.data.copy_(head.pop(LIKELIHOOD_KEY))
+        load_reference(model.reference, os.path.join(path, REFERENCE_FILE))
     model.value_head.load_state_dict(head)
     return model.to(device).eval()

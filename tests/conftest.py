@@ -42,16 +42,28 @@ def easy_rows(n, seed=0):
 
 def tiny_model(seed=0, head="mlp", max_len=256, likelihood=False):
     """The built-in tiny student with random weights (tiny-scratch) and a value head, in train mode; with likelihood,
-    the likelihood term at a weight of 0.3 (not its initial 0, so that it shows in the rewards)."""
+    as with_likelihood makes it."""
     import torch
     from demo import tiny_lm
     from model import RewardModel
     torch.manual_seed(seed)
     lm, tok = tiny_lm.load_tiny("tiny-scratch", 0, max_len)
-    model = RewardModel(lm, tok, head=head, dropout=0.0, max_len=max_len, likelihood=likelihood)
-    if likelihood:
-        model.likelihood_weight.data.fill_(0.3)
-    return model
+    return with_likelihood(RewardModel(lm, tok, head=head, dropout=0.0, max_len=max_len)) if likelihood else \
+        RewardModel(lm, tok, head=head, dropout=0.0, max_len=max_len)
+
+
+def with_likelihood(model):
+    """`model` with the likelihood term at a weight of 0.3 (not its initial 0, so that it shows in the rewards) and
+    a trained LM that differs from its frozen reference, as after training."""
+    import torch
+    from model import RewardModel
+    out = RewardModel(model.lm, model.tokenizer, model.head_kind, model.dropout, model.max_len, likelihood=True)
+    out.value_head.load_state_dict(model.value_head.state_dict())
+    with torch.no_grad():
+        out.likelihood_weight.fill_(0.3)
+        for p in out.lm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return out
 
 
 def chatml_tokenizer(pad="<|endoftext|>", words="the question? good bad answer x y"):

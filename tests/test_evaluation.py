@@ -370,10 +370,7 @@ def test_server_answers_concurrent_clients_in_both_protocols(model):
 @pytest.mark.parametrize("tokenizer", ["bytes", "chatml"])
 def test_served_rewards_read_the_likelihood_term_in_both_protocols(tokenizer):
     from test_batches import smollm2_shaped
-    model = conftest.tiny_model(likelihood=True) if tokenizer == "bytes" else smollm2_shaped()
-    if tokenizer == "chatml":
-        model.likelihood, model.likelihood_weight = True, torch.nn.Parameter(torch.full((1,), 0.3))
-    model.eval()
+    model = conftest.with_likelihood(conftest.tiny_model() if tokenizer == "bytes" else smollm2_shaped()).eval()
     items = pairs(6)
     prompts, answers = [r["prompt"] for r in items], [r["chosen"] for r in items]
     expected = model.score(prompts, answers)

@@ -8,7 +8,7 @@ import batches
 import formats
 import loss
 import train
-from conftest import chatml_tokenizer, easy_rows, tiny_model, write_jsonl
+from conftest import chatml_tokenizer, easy_rows, tiny_model, with_likelihood, write_jsonl
 from formats import UsageError
 from model import ByteTokenizer, answer_ids, encode, fit, load_backbone, prompt_floor, render_prompt
 
@@ -112,10 +112,11 @@ def test_packed_lm_term_equals_full_logits_cross_entropy(tmp_path):
 
 
 def plain_likelihood_reward(model, prompt, answer):
-    """The reference: value head at the last token + w x sum of log p(answer token), full logits of one sequence."""
+    """The reference: value head at the last token + w x sum of log p_ref(answer token), full logits of one sequence
+    from the frozen reference LM."""
     ids = torch.tensor([prompt + answer])
     hidden = model.lm.model(input_ids=ids).last_hidden_state
-    logp = model.lm(input_ids=ids).logits[0].float().log_softmax(-1)
+    logp = model.reference(input_ids=ids).logits[0].float().log_softmax(-1)
     loglik = sum(logp[len(prompt) - 1 + j, token] for j, token in enumerate(answer))
     return model.value_head(hidden[0, -1]).squeeze(-1) + model.likelihood_weight[0] * loglik
 
@@ -145,22 +146,26 @@ def test_the_likelihood_term_is_read_alike_by_every_reward_path(tmp_path):
 def test_the_likelihood_term_trains_its_weight_and_sends_no_gradient_into_the_lm(tmp_path):
     examples, _ = batches.load_pairs(write_jsonl(tmp_path / "d.jsonl", easy_rows(6)), ByteTokenizer(), 256)
     batch = batches.collate(examples, 256, False, False, "shared")
+    plain = tiny_model()
+    model = with_likelihood(plain)  # the same LM and value head, plus the term and its frozen reference
     grads = {}
-    for likelihood in (False, True):
-        model = tiny_model(likelihood=likelihood)
-        rewards, _ = model(batch)
+    for name, m in (("plain", plain), ("likelihood", model)):
+        m.zero_grad(set_to_none=True)
+        rewards, _ = m(batch)
         (rewards[:6] - rewards[6:]).sum().backward()
-        grads[likelihood] = {n: p.grad for n, p in model.named_parameters() if n != "likelihood_weight"}
-    for name, grad in grads[False].items():  # the same weights: the likelihood adds nothing to the LM's gradient
-        torch.testing.assert_close(grads[True][name], grad, atol=0, rtol=0, msg=name)
-    chosen_minus_rejected = sum(plain_likelihood_reward(model, ex.prompt[0], ex.chosen).item() -
-                                plain_likelihood_reward(model, ex.prompt[1], ex.rejected).item() for ex in examples)
-    value_part = sum((model.value_head(model.lm.model(input_ids=torch.tensor([ex.prompt[0] + ex.chosen]))
-                                       .last_hidden_state[0, -1]) -
-                      model.value_head(model.lm.model(input_ids=torch.tensor([ex.prompt[1] + ex.rejected]))
-                                       .last_hidden_state[0, -1])).item() for ex in examples)
-    # d(sum of reward gaps)/dw = the sum of log-likelihood gaps = (gaps - value-head gaps) / w
-    torch.testing.assert_close(model.likelihood_weight.grad[0].item(), (chosen_minus_rejected - value_part) / 0.3,
+        grads[name] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    assert set(grads["likelihood"]) == set(grads["plain"]) | {"likelihood_weight"}  # nothing of the reference
+    for name, grad in grads["plain"].items():  # the likelihood adds nothing to the LM's gradient
+        torch.testing.assert_close(grads["likelihood"][name], grad, atol=0, rtol=0, msg=name)
+    gaps = sum(plain_likelihood_reward(model, ex.prompt[0], ex.chosen).item() -
+               plain_likelihood_reward(model, ex.prompt[1], ex.rejected).item() for ex in examples)
+    with torch.no_grad():
+        value_gaps = sum((plain.value_head(plain.lm.model(input_ids=torch.tensor([ex.prompt[0] + ex.chosen]))
+                                           .last_hidden_state[0, -1]) -
+                          plain.value_head(plain.lm.model(input_ids=torch.tensor([ex.prompt[1] + ex.rejected]))
+                                           .last_hidden_state[0, -1])).item() for ex in examples)
+    # d(sum of reward gaps)/dw = the sum of the reference's log-likelihood gaps = (gaps - value-head gaps) / w
+    torch.testing.assert_close(grads["likelihood"]["likelihood_weight"][0].item(), (gaps - value_gaps) / 0.3,
                                atol=1e-3, rtol=1e-4)
 
 
