@@ -454,17 +454,23 @@ def parse_annotation(text, json_mode=False, answers=()):
     return s1, s2
 
 
+def _json_field(text, key, check, answers, missing, echoed):
+    """check(the JSON reply's `key`); ParseError(missing) when the object lacks it, ParseError(echoed) when the reply
+    is copied from one of `answers`."""
+    obj = _json_object(text)
+    if key not in obj:
+        raise ParseError(missing, f"JSON reply lacks {key}")
+    value = check(obj[key])
+    if _echoed(text, answers):
+        raise ParseError(echoed, "the JSON reply is copied from an answer")
+    return value
+
+
 def parse_score(text, json_mode=False, answers=()):
     """s(y_w*) from a score reply: last line 'Score: <n>' (or the bare number). With `answers` (y_l, y_w*), a
     score copied verbatim from one of them (JSON object or final line) is a failure."""
     if json_mode:
-        obj = _json_object(text)
-        if "score" not in obj:
-            raise ParseError("no_score", "JSON reply lacks score")
-        score = check_score(obj["score"])
-        if _echoed(text, answers):
-            raise ParseError("echoed_scores", "the JSON reply is copied from an answer")
-        return score
+        return _json_field(text, "score", check_score, answers, "no_score", "echoed_scores")
     (line,) = _last_lines(text, 1)
     score = _anchored(line, "score")
     if score is None:
@@ -496,13 +502,7 @@ def parse_restyle_check(text, json_mode=False, answers=()):
     (markdown around it allowed) or the bare word. With `answers` (the original and the rewrite), a verdict copied
     verbatim from one of them is a failure."""
     if json_mode:
-        obj = _json_object(text)
-        if "same_content" not in obj:
-            raise ParseError("no_verdict", "JSON reply lacks same_content")
-        verdict = _verdict(obj["same_content"])
-        if _echoed(text, answers):
-            raise ParseError("echoed_verdict", "the JSON reply is copied from an answer")
-        return verdict
+        return _json_field(text, "same_content", _verdict, answers, "no_verdict", "echoed_verdict")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     m = re.fullmatch(_DECOR + r"(same[ _]content" + _DECOR + r":)?" + _DECOR + r"(yes|no|true|false)[*_`.!\s]*",
                      lines[-1] if lines else "", re.I)
