@@ -50,10 +50,9 @@ def test_training_learns_an_easy_preference_and_saves_a_loadable_model(tmp_path)
     model = load_reward_model(os.path.join(cfg.out, "model"))
     rows = easy_rows(4, seed=2)
     rewards = model.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
-    trained = tiny_model()
-    distributed.load_checkpoint(os.path.join(cfg.out, "ckpt"), trained, torch.optim.AdamW(
-        [{"params": [p for p in trained.parameters() if p.dim() >= 2]},
-         {"params": [p for p in trained.parameters() if p.dim() < 2]}]))
+    trained = tiny_model(likelihood=cfg.likelihood)  # the recipe's reward model: the likelihood term too
+    distributed.load_checkpoint(os.path.join(cfg.out, "ckpt"), trained,
+                                train.build_optimizer(trained, cfg, 1e-3, cuda=False, sharded=False))
     examples, _ = batches.load_pairs(write_jsonl(tmp_path / "s.jsonl", rows), trained.tokenizer, 128)
     with torch.no_grad():
         direct, _ = trained.eval()(batches.collate(examples, trained.pad_id, False, False))
