@@ -63,8 +63,8 @@ class TrainConfig:
     layers: int = 0  # keep only the first N transformer layers of the backbone (0 = all)
     head: str = "mlp"  # value head: "mlp" (dropout, Linear(H,1024), ReLU, Linear(1024,1)) or "linear"
     dropout: float = 0.1  # value-head dropout
-    # reward = value head + w x the student's own log-likelihood of the answer (its LM head; no gradient through it),
-    # w one learned weight (from 0, its own learning rate LIKELIHOOD_LR): the student's knowledge in the reward
+    # reward = value head + w x the answer's log-likelihood under a frozen copy of the student as given (what it
+    # knew before training), w one learned weight (from 0, its own rate LIKELIHOOD_LR); costs one more forward pass
     likelihood: bool = recipe.RECIPE.likelihood
     loss: str = recipe.RECIPE.loss  # pairwise loss: bt (the recipe), bt-margin, mse (margin regression)
     lm_weight: float = recipe.RECIPE.lm_weight  # lambda of the LM term on the teacher answers (0 = off); the recipe's
@@ -635,7 +635,7 @@ def log_line(window, step, total, optimizer, world, log, log_file, timing="", li
               "accuracy": window["correct"] / max(1, window["pairs"]), "lr": optimizer.param_groups[0]["lr"],
               "tokens_per_s": window["tokens"] * world / window["time"],
               "padding": 1 - window["tokens"] / max(1, window["slots"]), "ms_per_step": 1000 * window["time"] / steps}
-    if likelihood_weight is not None:  # how much the student's own likelihood counts by now (FSDP: rank 0's shard)
+    if likelihood_weight is not None:  # how much the frozen copy's likelihood counts by now (FSDP: rank 0's shard)
         local = likelihood_weight.to_local() if hasattr(likelihood_weight, "to_local") else likelihood_weight
         record["likelihood_weight"] = local.detach().float().sum().item()
     log(f"step {step}/{total} | pair {record['pair_loss']:.4f} | lm {record['lm_loss']:.4f} | "
