@@ -275,8 +275,9 @@ class Turns:
 def run_rmd_train(args, folder, out, turns, name, data, share):
     """`rmd.py train` with BT loss, --lm-weight, linear head, no dropout, --share-prompts=share: per-step (seconds,
     tokens computed, slots, pairs) as train.train's on_step reports them (each step timed by rmd from data to
-    optimizer step); after each step the turn passes on."""
-    cfg = train.TrainConfig(data=data, out=out, model=folder, head="linear", dropout=0.0, loss="bt",
+    optimizer step); after each step the turn passes on. Without the likelihood term, so that the step is TRL's
+    (the term adds a forward pass of the frozen copy, which TRL has no counterpart of)."""
+    cfg = train.TrainConfig(data=data, out=out, model=folder, head="linear", dropout=0.0, loss="bt", likelihood=False,
                             lm_weight=args.lm_weight, max_len=args.max_len, batch_size=args.batch, lr=1e-5,
                             warmup=0.0, max_steps=args.warmup + args.steps, log_interval=1, device="cpu",
                             compile="off", share_prompts=share, token_cache="off")
