@@ -22,7 +22,7 @@ import torch
 import pair_cache
 from formats import DataError, source_problem
 from loss import LEARNS_TIES, NEEDS_MARGINS, PAIRWISE_KINDS
-from model import CutCounts, layout_cost
+from model import CutCounts, layout_cost, predicting_slots
 from pair_cache import CUTS, Example, PairStore  # noqa: F401  Example: the row type, defined with its store
 
 MOST_PROMPT_LOST_WARN = 0.10  # warn when more than this share of sequences keep under half of their prompt
@@ -256,8 +256,8 @@ def lay_out(groups, lengths, bins, n_pairs, pad_id, shared):
             row_branch += [0] * len(group.prompt)
             for k, (answer, (role, e), start) in enumerate(zip(group.answers, group.roles, group.lm_starts), 1):
                 flat = b * bin_len + len(row_ids)
-                predictors = ([prompt_end if start == 0 else flat + start - 1] +
-                              list(range(flat + start, flat + len(answer) - 1))) if len(answer) > start else []
+                predictors = predicting_slots(flat + start, flat + len(answer),
+                                              prompt_end if start == 0 else flat + start - 1)
                 if role == "teacher":
                     lm_index += predictors
                     lm_target += answer[start:]

@@ -17,6 +17,7 @@ pick_device, the one --device check. Needs torch, transformers and safetensors.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -245,15 +246,19 @@ def prefix_sharing_mask(sequence_ids, branch_ids, implementation, dtype=torch.fl
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+def predicting_slots(start, end, before):
+    """The flat slots that predict the tokens in slots start..end-1: `before` for the first (the slot just before it,
+    or the last slot of a shared prompt), then each token's predecessor; none for an empty span."""
+    return [before] + list(range(start, end - 1)) if end > start else []
+
+
 def answer_positions(spans, flat_ids, device):
     """Answers laid out in flat token slots -> (answer_index, answer_target, answer_row) for RewardModel.reward.
     spans[k] = (start, end, before) of sequence k's answer: its tokens flat_ids[start:end], the first one predicted at
     slot `before` (the slot just before it, or the last slot of a shared prompt), each later one at the slot before."""
     index, target, row = [], [], []
-    for k, (start, end, before) in enumerate(spans):
-        if end <= start:  # no answer token left (cut away): nothing to add
-            continue
-        index += [before] + list(range(start, end - 1))
+    for k, (start, end, before) in enumerate(spans):  # an answer cut away adds nothing
+        index += predicting_slots(start, end, before)
         target += flat_ids[start:end].tolist()
         row += [k] * (end - start)
     as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
@@ -374,6 +379,13 @@ class RewardModel(nn.Module):
             cuts.add(kind, len(p), len(prompt_ids))
         return p, a
 
+    @functools.cached_property
+    def answer_marker(self):
+        """What render_prompt writes after the last message's content, right before an answer (a chat template's
+        end of turn and assistant header, or rmd's "\\n\\nAssistant:"): found once per model."""
+        sentinel = "\x00"
+        return render_prompt(self.tokenizer, [{"role": "user", "content": sentinel}]).split(sentinel)[-1]
+
     def text_tokens(self, text, max_len=None):
         """An already formatted full text (prompt + response) -> (ids + eos, where the answer starts in them or None
         when the text has no assistant turn), keeping the text's end when it is over max_len; trailing pad/eos text
@@ -384,10 +396,8 @@ class RewardModel(nn.Module):
             for special in (tok.pad_token, tok.eos_token):
                 while special and text.endswith(special):
                     text = text[:-len(special)]
-        sentinel = "\x00"
-        marker = render_prompt(tok, [{"role": "user", "content": sentinel}]).split(sentinel)[-1]
-        at = text.rfind(marker)
-        at = None if at < 0 else at + len(marker)
+        at = text.rfind(self.answer_marker)
+        at = None if at < 0 else at + len(self.answer_marker)
         if isinstance(tok, ByteTokenizer):
             ids = tok.encode(text)
             start = None if at is None else len(text[:at].encode("utf-8"))
